@@ -1,0 +1,257 @@
+#!/usr/bin/env python3
+"""Recall@N of a trained checkpoint, or of the raw frozen backbone, on a database and queries.
+
+    python eval_trained.py --model_path trained_models/trained_effnet_lite0_seed42.pth \\
+        --train_csv data/train.csv --test_csv data/test.csv
+    python eval_trained.py --baseline --model effnet_lite0 --train_csv data/train.csv --test_csv data/test.csv
+
+Protocol (DESIGN.md §7): the --train_csv (or --db_csv) images are the database, the
+--test_csv images the queries; a query is correct at N if one of its top-N database images
+(exact search on normalised descriptors) lies within --pos_threshold_m. Prints a table, and
+optionally writes JSON, per-query predictions and a picture of retrievals.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import pandas as pd
+
+import trainable_vpr as vpr
+
+
+@dataclass
+class EvalReport:
+    """One evaluated variant: the recall result plus its per-condition breakdown."""
+
+    name: str
+    result: vpr.RecallResult
+    by_condition: dict[str, dict[int, float]] = field(default_factory=dict)
+
+    def as_dict(self) -> dict[str, Any]:
+        out = self.result.as_dict()
+        if self.by_condition:
+            out["by_condition"] = {c: {f"recall@{n}": r for n, r in rec.items()} for c, rec in self.by_condition.items()}
+        return out
+
+
+@dataclass
+class Descriptors:
+    """Database and query descriptors of one variant (raw, PCA-whitened or trained)."""
+
+    database: np.ndarray
+    queries: np.ndarray
+
+
+def add_eval_data_args(parser: argparse.ArgumentParser) -> None:
+    """The data flags evaluation shares with training (same cache, same images)."""
+    group = parser.add_argument_group("data")
+    group.add_argument("--train_csv", "--db_csv", dest="train_csv", required=True, help="poses CSV of the database images")
+    group.add_argument("--test_csv", required=True, help="poses CSV of the query images")
+    group.add_argument("--camera_id", default=None, help="keep only this camera's rows")
+    group.add_argument("--image_root", default=None, help="folder that relative image paths resolve against")
+    group.add_argument("--pos_threshold_m", type=float, default=None,
+                       help="a retrieval is correct within this many metres (default: the checkpoint's, else 25)")
+    group.add_argument("--recall_at", type=int, nargs="+", default=[1, 5, 10], help="the N of Recall@N")
+    system = parser.add_argument_group("system")
+    system.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
+    system.add_argument("--batch_size", type=int, default=32, help="images per extraction batch")
+    system.add_argument("--num_workers", type=int, default=2, help="image-decoding worker processes")
+    system.add_argument("--cache_dir", default=".cache/features", help="feature cache folder (shared with training)")
+    system.add_argument("--no_cache", action="store_true", help="bypass the feature cache")
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    what = parser.add_argument_group("what to evaluate")
+    what.add_argument("--model_path", help="a trained checkpoint (its backbone and settings come from it)")
+    what.add_argument("--baseline", action="store_true", help="evaluate the raw frozen backbone given by --model")
+    what.add_argument("--model", default=None, help=f"backbone for --baseline: {', '.join(vpr.BACKBONES)} or timm:ARCH")
+    what.add_argument("--weights", default=None, help="backbone weights FILE or 'random' (default: pretrained)")
+    what.add_argument("--image_size", type=int, default=0, help="input side (0: the backbone's or checkpoint's)")
+    what.add_argument("--pca_whiten", type=int, default=0, metavar="DIM",
+                      help="with --baseline: PCA-whiten the raw features to DIM dims, fitted on the database")
+    add_eval_data_args(parser)
+    out = parser.add_argument_group("outputs")
+    out.add_argument("--output_json", help="write the results as JSON here")
+    out.add_argument("--save_predictions", metavar="CSV", help="write each query's top-N retrievals here")
+    out.add_argument("--visualize", type=int, default=0, metavar="K", help="draw K queries with their top-5 retrievals")
+    out.add_argument("--plots_dir", default="plots", help="folder of the --visualize picture")
+    vpr.add_debug_flag(parser)
+    args = parser.parse_args(argv)
+    if bool(args.model_path) == bool(args.baseline):
+        parser.error("give either --model_path CKPT or --baseline --model NAME")
+    if args.baseline and not args.model:
+        parser.error("--baseline needs --model NAME")
+    if any(n <= 0 for n in args.recall_at):
+        parser.error("--recall_at values must be positive")
+    return args
+
+
+# ---------------------------------------------------------------------------------------------
+# Pieces shared with run_experiment.py
+# ---------------------------------------------------------------------------------------------
+def load_eval_tables(args: Any) -> tuple[vpr.PlaceTable, vpr.PlaceTable]:
+    database = vpr.load_poses(args.train_csv, args.image_root, args.camera_id)
+    queries = vpr.load_poses(args.test_csv, args.image_root, args.camera_id)
+    vpr.check_same_coord_kind(database, queries)
+    return database, queries
+
+
+def evaluate_variant(name: str, descriptors: Descriptors, database: vpr.PlaceTable, queries: vpr.PlaceTable,
+                     pos_threshold_m: float, recall_at: Sequence[int]) -> EvalReport:
+    result = vpr.evaluate_retrieval(descriptors.database, database.xyz, descriptors.queries, queries.xyz,
+                                    pos_threshold_m, recall_at)
+    return EvalReport(name, result, vpr.recall_by_group(result, queries.conditions, recall_at))
+
+
+def pca_whitened(raw: Descriptors, dim: int) -> Descriptors:
+    project = vpr.fit_pca_whitening(raw.database, dim)
+    return Descriptors(project(raw.database), project(raw.queries))
+
+
+def format_report(report: EvalReport, recall_at: Sequence[int]) -> str:
+    res = report.result
+    lines = [f"{report.name}: {res.num_queries} queries, {res.num_queries_without_positive} without a database image "
+             f"within {res.pos_threshold_m:g} m (counted as misses)"]
+    header = f"  {'queries':<12}" + "".join(f"{'R@' + str(n):>8}" for n in recall_at)
+    lines.append(header)
+    lines.append(f"  {'all':<12}" + "".join(f"{res.recalls[n]:>8.3f}" for n in recall_at))
+    for condition, rec in report.by_condition.items():
+        lines.append(f"  {condition:<12}" + "".join(f"{rec[n]:>8.3f}" for n in recall_at))
+    return "\n".join(lines)
+
+
+def predictions_frame(report: EvalReport, database: vpr.PlaceTable, queries: vpr.PlaceTable) -> pd.DataFrame:
+    """One row per (query, rank): the retrieved database image, its distance, correct or not."""
+    res = report.result
+    q_count, k = res.top_indices.shape
+    q_index = np.repeat(np.arange(q_count), k)
+    db_index = res.top_indices.ravel()
+    frame = pd.DataFrame({
+        "query_index": q_index,
+        "query_image": np.asarray(queries.paths)[q_index],
+        "rank": np.tile(np.arange(1, k + 1), q_count),
+        "db_index": db_index,
+        "db_image": np.asarray(database.paths)[db_index],
+        "distance_m": res.top_distances_m.ravel().round(2),
+        "similarity": res.top_scores.ravel().round(5),
+        "correct": res.correct.ravel(),
+        "query_has_positive": np.repeat(res.has_positive, k),
+    })
+    if queries.conditions is not None:
+        frame.insert(2, "condition", queries.conditions[q_index])
+    return frame
+
+
+def write_outputs(args: Any, report: EvalReport, database: vpr.PlaceTable, queries: vpr.PlaceTable,
+                  settings: dict[str, Any]) -> None:
+    """JSON, predictions CSV and retrieval picture, each only when asked for, each atomically."""
+    if args.output_json:
+        payload = {**report.as_dict(), "settings": settings}
+        vpr.atomic_write(args.output_json, lambda p: p.write_text(json.dumps(payload, indent=2)))
+        print(f"wrote {args.output_json}")
+    if args.save_predictions:
+        frame = predictions_frame(report, database, queries)
+        vpr.atomic_write(args.save_predictions, lambda p: frame.to_csv(p, index=False))
+        print(f"wrote {args.save_predictions}")
+    if args.visualize > 0:
+        path = Path(args.plots_dir) / f"{vpr.safe_name(report.name)}_retrievals.png"
+        draw_retrievals(report, database, queries, args.visualize, path)
+        print(f"wrote {path}")
+
+
+def draw_retrievals(report: EvalReport, database: vpr.PlaceTable, queries: vpr.PlaceTable, count: int,
+                    path: Path, top: int = 5) -> None:
+    """A grid: each row a query and its top retrievals framed green (within the threshold) or red."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from PIL import Image
+
+    res = report.result
+    rows = np.linspace(0, res.num_queries - 1, num=min(count, res.num_queries)).round().astype(int)
+    top = min(top, res.top_indices.shape[1])
+    fig, axes = plt.subplots(len(rows), top + 1, figsize=(2.2 * (top + 1), 2.6 * len(rows)), squeeze=False)
+    for r, q in enumerate(rows):
+        cells = [(queries.paths[q], "query" + (f" ({queries.conditions[q]})" if queries.conditions is not None else ""), "black")]
+        for rank in range(top):
+            ok = res.correct[q, rank]
+            cells.append((database.paths[res.top_indices[q, rank]], f"#{rank + 1}  {res.top_distances_m[q, rank]:.0f} m",
+                          "tab:green" if ok else "tab:red"))
+        for c, (image_path, title, colour) in enumerate(cells):
+            ax = axes[r, c]
+            with Image.open(image_path) as image:
+                ax.imshow(image.convert("RGB"))
+            ax.set_title(title, fontsize=9, color=colour)
+            ax.set_xticks([])
+            ax.set_yticks([])
+            for spine in ax.spines.values():
+                spine.set_edgecolor(colour)
+                spine.set_linewidth(4 if c else 1)
+    fig.suptitle(f"{report.name}: queries and top-{top} retrievals (green: within {res.pos_threshold_m:g} m)")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    vpr.atomic_write(path, lambda p: fig.savefig(p, dpi=80, format="png"))
+    plt.close(fig)
+
+
+# ---------------------------------------------------------------------------------------------
+# This script's own steps
+# ---------------------------------------------------------------------------------------------
+def backbone_for(args: argparse.Namespace, checkpoint: dict | None) -> vpr.Backbone:
+    """The backbone to evaluate: the checkpoint's (checked against --model) or --model's."""
+    if checkpoint is None:
+        return vpr.create_backbone(args.model, args.weights, args.image_size)
+    saved = checkpoint["backbone"]
+    if args.model and args.model != saved["name"]:
+        raise vpr.VPRError(f"checkpoint {args.model_path} was trained on backbone {saved['name']}, not --model {args.model}; "
+                           f"drop --model or give a checkpoint of {args.model}")
+    weights = args.weights or checkpoint["config"].get("weights")
+    backbone = vpr.create_backbone(saved["name"], weights, args.image_size or saved["image_size"])
+    if backbone.info.weights != saved["weights"]:
+        raise vpr.VPRError(f"checkpoint {args.model_path} was trained on {saved['name']} weights {saved['weights']}, "
+                           f"but the weights found now are {backbone.info.weights}; pass the same --weights")
+    in_dim = checkpoint["head_config"]["in_dim"]
+    if backbone.info.feature_dim != in_dim:
+        raise vpr.VPRError(f"checkpoint {args.model_path}: its head takes {in_dim}-dim features, "
+                           f"the backbone gives {backbone.info.feature_dim}")
+    return backbone
+
+
+def descriptors_for(args: argparse.Namespace, checkpoint: dict | None, backbone: vpr.Backbone,
+                    database: vpr.PlaceTable, queries: vpr.PlaceTable) -> tuple[str, Descriptors]:
+    options = vpr.extraction_options(args)
+    raw = Descriptors(vpr.extract_features(backbone, database, options, "database"),
+                      vpr.extract_features(backbone, queries, options, "queries"))
+    if checkpoint is not None:
+        head = vpr.head_from_checkpoint(checkpoint)
+        return f"trained_{backbone.info.name}", Descriptors(vpr.embed(head, raw.database), vpr.embed(head, raw.queries))
+    if args.pca_whiten:
+        return f"pca_whitened_{backbone.info.name}", pca_whitened(raw, args.pca_whiten)
+    return f"raw_{backbone.info.name}", raw
+
+
+def main(argv: Sequence[str] | None = None) -> EvalReport:
+    args = parse_args(argv)
+    checkpoint = vpr.load_checkpoint(args.model_path) if args.model_path else None
+    threshold = args.pos_threshold_m or (checkpoint["config"]["pos_threshold_m"] if checkpoint else 25.0)
+    database, queries = load_eval_tables(args)
+    backbone = backbone_for(args, checkpoint)
+    name, descriptors = descriptors_for(args, checkpoint, backbone, database, queries)
+    report = evaluate_variant(name, descriptors, database, queries, threshold, args.recall_at)
+    print(format_report(report, args.recall_at))
+    settings = {"variant": name, "model": backbone.info.name, "weights": backbone.info.weights,
+                "checkpoint": args.model_path, "db_csv": args.train_csv, "test_csv": args.test_csv,
+                "camera_id": args.camera_id, "pos_threshold_m": threshold, "recall_at": args.recall_at}
+    write_outputs(args, report, database, queries, settings)
+    return report
+
+
+if __name__ == "__main__":
+    vpr.run_cli(main)

@@ -1,0 +1,119 @@
+#!/usr/bin/env python3
+"""Baseline -> training -> evaluation for one or many backbones, side by side.
+
+    python run_experiment.py --train_csv data/train.csv --val_csv data/val.csv \\
+        --test_csv data/test.csv --models effnet_lite0 effnet_lite2 --epochs 15
+    python run_experiment.py --demo        # the built-in synthetic route, no download
+
+For each backbone: the raw frozen features, PCA-whitened frozen features (fitted on the
+database) and a trained head are evaluated on the same cached features (each image goes
+through each backbone once), with the protocol of eval_trained.py. Prints a comparison table
+and writes logs/experiment_{timestamp}.csv.
+"""
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+from typing import Sequence
+
+import pandas as pd
+
+import eval_trained
+import train_vpr
+import trainable_vpr as vpr
+
+DEMO_DIR = Path("demo_data")
+DEMO_EPOCHS = 10
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    exp = parser.add_argument_group("experiment")
+    exp.add_argument("--demo", action="store_true",
+                     help=f"generate the built-in synthetic route under {DEMO_DIR}/ and run on it with effnet_lite0")
+    exp.add_argument("--test_csv", help="poses CSV of the final queries")
+    exp.add_argument("--db_csv", help="database of the final evaluation (default: --train_csv)")
+    exp.add_argument("--models", "--model", dest="models", nargs="+", default=["dinov2_b"],
+                     help=f"backbones to compare: {', '.join(vpr.BACKBONES)} or timm:ARCH")
+    exp.add_argument("--recall_at", type=int, nargs="+", default=[1, 5, 10], help="the N of Recall@N")
+    vpr.add_config_args(parser, skip=("model",), optional=("train_csv", "val_csv"))
+    vpr.add_debug_flag(parser)
+    args = parser.parse_args(argv)
+    if args.demo:
+        use_demo_data(args, parser)
+    missing = [f"--{name}" for name in ("train_csv", "val_csv", "test_csv") if not getattr(args, name)]
+    if missing:
+        parser.error(f"missing {', '.join(missing)} (or use --demo)")
+    if sorted(set(args.recall_at)) != sorted(args.recall_at) or 1 not in args.recall_at:
+        parser.error("--recall_at must list distinct values including 1")
+    return args
+
+
+def use_demo_data(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
+    """Point the experiment at the generated demo route (generated once, then reused)."""
+    import demo_data
+
+    dataset = demo_data.generate_demo_dataset(DEMO_DIR)
+    args.train_csv, args.val_csv, args.test_csv = str(dataset.train_csv), str(dataset.val_csv), str(dataset.test_csv)
+    if args.models == parser.get_default("models"):
+        args.models = ["effnet_lite0"]
+    if args.epochs == parser.get_default("epochs"):
+        args.epochs = DEMO_EPOCHS
+
+
+def compare_backbone(model: str, args: argparse.Namespace) -> list[eval_trained.EvalReport]:
+    """Raw, PCA-whitened and trained descriptors of one backbone on the final queries."""
+    config = vpr.config_from_args(args, model=model)
+    vpr.validate_train_config(config)
+    eval_args = argparse.Namespace(**{**vars(args), "train_csv": args.db_csv or args.train_csv})
+    database, queries = eval_trained.load_eval_tables(eval_args)
+    backbone = vpr.create_backbone(model, config.weights, config.image_size)
+    options = vpr.extraction_options(config)
+    raw = eval_trained.Descriptors(vpr.extract_features(backbone, database, options, "database"),
+                                   vpr.extract_features(backbone, queries, options, "queries"))
+    variants = {"raw": raw, "pca_whitened": eval_trained.pca_whitened(raw, config.projection_dim)}
+
+    print(f"\n=== {model}: training ({config.epochs} epochs)", flush=True)
+    trained = train_vpr.train(config)
+    head = vpr.head_from_checkpoint(vpr.load_checkpoint(trained.checkpoint))
+    variants["trained"] = eval_trained.Descriptors(vpr.embed(head, raw.database), vpr.embed(head, raw.queries))
+
+    reports = []
+    for variant, descriptors in variants.items():
+        report = eval_trained.evaluate_variant(f"{model} {variant}", descriptors, database, queries,
+                                               config.pos_threshold_m, args.recall_at)
+        print(eval_trained.format_report(report, args.recall_at), flush=True)
+        reports.append(report)
+    return reports
+
+
+def comparison_table(reports_by_model: dict[str, list[eval_trained.EvalReport]], recall_at: Sequence[int]) -> pd.DataFrame:
+    """model x variant x Recall@N, plus the change in R@1 against the raw backbone."""
+    rows = []
+    for model, reports in reports_by_model.items():
+        raw_r1 = reports[0].result.recalls[1]
+        for variant, report in zip(vpr.EXPERIMENT_VARIANTS, reports):
+            row = {"model": model, "variant": variant}
+            row.update({f"recall@{n}": round(report.result.recalls[n], 4) for n in recall_at})
+            row["delta_r1_vs_raw"] = round(report.result.recalls[1] - raw_r1, 4)
+            rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def main(argv: Sequence[str] | None = None) -> pd.DataFrame:
+    args = parse_args(argv)
+    log_dir = vpr.check_writable_dir(args.log_dir, "--log_dir")
+    reports_by_model = {model: compare_backbone(model, args) for model in args.models}
+    table = comparison_table(reports_by_model, args.recall_at)
+    path = log_dir / f"experiment_{time.strftime('%Y%m%d_%H%M%S')}.csv"
+    vpr.atomic_write(path, lambda p: table.to_csv(p, index=False))
+    print(f"\nqueries {args.test_csv} against database {args.db_csv or args.train_csv}, "
+          f"correct within {args.pos_threshold_m:g} m")
+    print(table.to_string(index=False))
+    print(f"wrote {path}")
+    return table
+
+
+if __name__ == "__main__":
+    vpr.run_cli(main)
