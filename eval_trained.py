@@ -138,7 +138,7 @@ def predictions_frame(report: EvalReport, database: vpr.PlaceTable, queries: vpr
         "rank": np.tile(np.arange(1, k + 1), q_count),
         "db_index": db_index,
         "db_image": np.asarray(database.paths)[db_index],
-        "distance_m": res.top_distances_m.ravel().round(2),
+        "distance_m": res.top_distances_m.ravel(),  # unrounded: `correct` is decided on this value
         "similarity": res.top_scores.ravel().round(5),
         "correct": res.correct.ravel(),
         "query_has_positive": np.repeat(res.has_positive, k),

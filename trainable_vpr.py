@@ -98,6 +98,9 @@ def atomic_write(path: str | Path, write: Callable[[Path], None]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600 files; give the usual permissions
     try:
         write(Path(tmp))
         os.replace(tmp, path)
@@ -759,7 +762,37 @@ class ProjectionHead(nn.Module):
         return F.normalize(self.net(features), dim=-1)
 
 
-HEADS = ("projection",)
+class ResidualHead(nn.Module):
+    """A linear map that starts as PCA-whitening of the frozen features, plus a residual MLP
+    (LayerNorm -> Linear -> GELU -> Dropout -> Linear, last layer zero-initialised) that learns
+    a correction; L2-normalised output. At initialisation it IS the PCA-whitening baseline,
+    so training starts from the strongest frozen-feature baseline instead of destroying it."""
+
+    def __init__(self, in_dim: int, projection_dim: int = 256, hidden_dim: int = 512, dropout: float = 0.1):
+        super().__init__()
+        self.base = nn.Linear(in_dim, projection_dim)
+        self.residual = nn.Sequential(
+            nn.LayerNorm(projection_dim), nn.Linear(projection_dim, hidden_dim), nn.GELU(),
+            nn.Dropout(dropout), nn.Linear(hidden_dim, projection_dim),
+        )
+        nn.init.zeros_(self.residual[-1].weight)
+        nn.init.zeros_(self.residual[-1].bias)
+
+    @torch.no_grad()
+    def init_pca_whitening(self, features: np.ndarray) -> None:
+        """Set the linear map to PCA-whitening fitted on these (training) features."""
+        weight, bias = pca_whitening_matrix(features, self.base.out_features)
+        self.base.weight.zero_()
+        self.base.bias.zero_()
+        self.base.weight[: len(weight)] = torch.from_numpy(weight)
+        self.base.bias[: len(weight)] = torch.from_numpy(bias)
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        base = self.base(F.normalize(features, dim=-1))
+        return F.normalize(base + self.residual(base), dim=-1)
+
+
+HEADS = ("projection", "residual")
 
 
 def build_head(head_config: dict[str, Any]) -> nn.Module:
@@ -767,6 +800,8 @@ def build_head(head_config: dict[str, Any]) -> nn.Module:
     kind = head_config["type"]
     if kind == "projection":
         return ProjectionHead(head_config["in_dim"], head_config["projection_dim"], head_config["dropout"])
+    if kind == "residual":
+        return ResidualHead(head_config["in_dim"], head_config["projection_dim"], head_config["hidden_dim"], head_config["dropout"])
     raise VPRError(f"--head {kind}: unknown head; choose one of {', '.join(HEADS)}")
 
 
@@ -784,6 +819,19 @@ def batch_pair_masks(xyz: torch.Tensor, pos_threshold_m: float, neg_threshold_m:
     dist = torch.cdist(xyz, xyz)
     eye = torch.eye(len(xyz), dtype=torch.bool, device=xyz.device)
     return (dist <= pos_threshold_m) & ~eye, dist > neg_threshold_m
+
+
+def select_positives_by_feature(pos_mask: torch.Tensor, frozen: torch.Tensor, top_k: int) -> torch.Tensor:
+    """Keep, per anchor, only its top_k GPS positives most similar in frozen-feature space.
+
+    GPS is a weak label (a phone within 25 m may face another way); as in NetVLAD training,
+    the frozen features pick which GPS neighbours really show the same place."""
+    frozen = F.normalize(frozen, dim=-1)
+    sim = (frozen @ frozen.T).masked_fill(~pos_mask, float("-inf"))
+    k = min(top_k, sim.shape[1])
+    top = sim.topk(k, dim=1).indices
+    keep = torch.zeros_like(pos_mask).scatter_(1, top, True)
+    return keep & pos_mask
 
 
 def batch_triplets(
@@ -1023,6 +1071,10 @@ def evaluate_retrieval(
     index.add(db)
     k = min(max(recall_at), len(db))
     scores, top = index.search(l2_normalise(q_desc), k)
+    # faiss keeps the right set under exact ties but may list tied items in any order; make
+    # the order deterministic (lower database index first) so R@1 cannot depend on k.
+    order = np.lexsort((top, -scores), axis=1)
+    top, scores = np.take_along_axis(top, order, axis=1), np.take_along_axis(scores, order, axis=1)
     dist = np.linalg.norm(db_xyz[top] - q_xyz[:, None, :], axis=2)
     correct = dist <= pos_threshold_m
     has_positive = nearest_distance_m(db_xyz, q_xyz) <= pos_threshold_m
@@ -1040,14 +1092,25 @@ def recall_by_group(result: RecallResult, groups: np.ndarray | None, recall_at: 
     return {str(g): recall_at_n(result.correct[groups == g], recall_at) for g in sorted(set(groups.tolist()))}
 
 
+def pca_whitening_matrix(features: np.ndarray, dim: int) -> tuple[np.ndarray, np.ndarray]:
+    """(W, b) such that l2_normalise(features) @ W.T + b is PCA-whitened (sklearn PCA, fitted on
+    the L2-normalised features); at most min(dim, N, D) rows."""
+    from sklearn.decomposition import PCA
+
+    # N centred points span at most N - 1 dimensions; whitening a (near) zero-variance axis
+    # would blow it up and collapse every descriptor onto it, so such axes are dropped.
+    dim = max(1, min(dim, features.shape[0] - 1, features.shape[1]))
+    pca = PCA(n_components=dim, whiten=True, random_state=0).fit(l2_normalise(features))
+    keep = pca.explained_variance_ > 1e-6 * pca.explained_variance_[0]
+    weight = (pca.components_[keep] / np.sqrt(pca.explained_variance_[keep])[:, None]).astype(np.float32)
+    return weight, (-pca.mean_ @ weight.T).astype(np.float32)
+
+
 def fit_pca_whitening(db_features: np.ndarray, dim: int) -> Callable[[np.ndarray], np.ndarray]:
     """The classic frozen-feature baseline: PCA fitted on the database, whitened, L2-normalised.
     Returns the projection to apply to database and queries alike."""
-    from sklearn.decomposition import PCA
-
-    dim = min(dim, db_features.shape[0], db_features.shape[1])
-    pca = PCA(n_components=dim, whiten=True, random_state=0).fit(l2_normalise(db_features))
-    return lambda feats: l2_normalise(pca.transform(l2_normalise(feats)))
+    weight, bias = pca_whitening_matrix(db_features, dim)
+    return lambda feats: l2_normalise(l2_normalise(feats) @ weight.T + bias)
 
 
 # ============================================================================================
@@ -1070,8 +1133,9 @@ class TrainConfig:
     model: str = _flag("dinov2_b", f"backbone: {', '.join(BACKBONES)} or timm:ARCH", "model")
     weights: str | None = _flag(None, "backbone weights: a local state-dict FILE, or 'random' (default: pretrained)", "model")
     image_size: int = _flag(0, "square input side in pixels (0: the backbone's default)", "model")
-    head: str = _flag("projection", f"head: {', '.join(HEADS)}", "model")
+    head: str = _flag("projection", f"head: {', '.join(HEADS)} (residual starts as PCA-whitening)", "model")
     projection_dim: int = _flag(256, "output descriptor dimension", "model")
+    hidden_dim: int = _flag(512, "hidden width of the residual head's MLP", "model")
     dropout: float = _flag(0.1, "dropout in the head", "model")
     # training
     epochs: int = _flag(15, "training epochs")
@@ -1087,6 +1151,11 @@ class TrainConfig:
     triplet_weight: float = _flag(0.3, "weight of the triplet loss")
     contrastive_weight: float = _flag(1.0, "weight of the multi-positive InfoNCE loss")
     hard_neg_ratio: float = _flag(0.5, "share of hard negatives (far in metres, near in embedding space)")
+    positive_selection: str = _flag("gps", "gps: every image within pos_threshold_m is a positive; feature: only "
+                                    "the positive_top_k GPS positives most similar in frozen features (NetVLAD style)")
+    positive_top_k: int = _flag(2, "with --positive_selection feature: positives kept per anchor in a batch")
+    lr_schedule: str = _flag("constant", "constant or cosine (decay to 0 over the run)")
+    early_stopping_patience: int = _flag(0, "stop after this many validations without a better R@1 (0: never)")
     # system and outputs
     device: str = _flag("auto", "auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps", "system")
     num_workers: int = _flag(2, "image-decoding worker processes", "system")
@@ -1137,6 +1206,14 @@ def validate_train_config(config: TrainConfig) -> None:
         raise VPRError(f"--hard_neg_ratio {config.hard_neg_ratio:g}: must be between 0 and 1")
     if not 0.0 <= config.dropout < 1.0:
         raise VPRError(f"--dropout {config.dropout:g}: must be in [0, 1)")
+    if config.positive_selection not in ("gps", "feature"):
+        raise VPRError(f"--positive_selection {config.positive_selection}: choose gps or feature")
+    if config.positive_top_k < 1:
+        raise VPRError(f"--positive_top_k {config.positive_top_k}: must be at least 1")
+    if config.lr_schedule not in ("constant", "cosine"):
+        raise VPRError(f"--lr_schedule {config.lr_schedule}: choose constant or cosine")
+    if config.early_stopping_patience < 0:
+        raise VPRError(f"--early_stopping_patience {config.early_stopping_patience}: must be 0 (off) or more")
     if config.head not in HEADS:
         raise VPRError(f"--head {config.head}: unknown head; choose one of {', '.join(HEADS)}")
     _spec_for(config.model)

@@ -1,0 +1,731 @@
+"""Plot and summarise training logs (DESIGN.md §6).
+
+    python analyze_metrics.py logs/RUN.csv        # one run: plots/RUN_plots.png + printed summary
+    python analyze_metrics.py logs/               # every run: per-run figures, plots/comparison.png,
+                                                  #   plots/runs_summary.csv (joined with training_summary.csv)
+    python analyze_metrics.py logs/experiment_20250101_120000.csv   # plots/<stem>_bars.png
+
+A run log has one row per event (batch / epoch / validation) with the columns LOG_COLUMNS.
+A run still being written, or stopped mid-epoch, is plotted as far as it goes; a partially
+written last line is left out. Recalls are fractions in the CSV files and shown in percent.
+"""
+from __future__ import annotations
+
+import argparse
+import fnmatch
+import io
+import math
+import sys
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Sequence
+
+import matplotlib
+
+matplotlib.use("Agg")  # headless: figures are only written to files
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+from matplotlib.axes import Axes  # noqa: E402
+from matplotlib.figure import Figure  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
+
+from trainable_vpr import (  # noqa: E402
+    EXPERIMENT_COLUMNS,
+    EXPERIMENT_VARIANTS,
+    LOG_COLUMNS,
+    SUMMARY_RESULT_COLUMNS,
+    VPRError,
+    add_debug_flag,
+    atomic_write,
+    check_writable_dir,
+    run_cli,
+)
+
+TRAINING_SUMMARY_NAME = "training_summary.csv"
+EXPERIMENT_PATTERN = "experiment_*.csv"
+DEFAULT_SMOOTH = 50
+FIGURE_DPI = 110
+RECALL_COLUMNS = ["val_r1", "val_r5", "val_r10"]
+EXPERIMENT_RECALLS = ["recall@1", "recall@5", "recall@10"]
+VARIANT_LABELS = {"raw": "raw", "pca_whitened": "PCA-whitened", "trained": "trained"}
+LOSS_COLORS = {"train": "C0", "triplet": "C1", "contrastive": "C2", "val": "C3"}
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        description="Plot and summarise VPR training logs, folders of runs and experiment CSVs.")
+    parser.add_argument("path", help="a run log (logs/RUN.csv), an experiment CSV, or a folder of them (logs/)")
+    parser.add_argument("--output_dir", default="plots",
+                        help="where figures and runs_summary.csv are written (default: %(default)s)")
+    parser.add_argument(
+        "--smooth", type=int, default=None, metavar="N",
+        help=f"moving-average window for batch losses (default: {DEFAULT_SMOOTH}, smaller when there are few batches)",
+    )
+    parser.add_argument("--runs", default=None, metavar="PATTERN",
+                        help="glob on log file names choosing the runs in a folder, e.g. 'dinov2_b_*' (default: all)")
+    add_debug_flag(parser)
+    args = parser.parse_args(argv)
+    if args.smooth is not None and args.smooth < 1:
+        raise VPRError(f"--smooth {args.smooth}: the window must be at least 1 batch")
+    return args
+
+
+# ============================================================================================
+# Finding the inputs
+# ============================================================================================
+@dataclass
+class Inputs:
+    """What one command line asks for: run logs, experiment CSVs and the folder's training summary."""
+
+    run_logs: list[Path]
+    experiment_csvs: list[Path]
+    training_summary: Path | None
+    is_folder: bool
+
+
+def find_inputs(path: Path, runs_pattern: str | None) -> Inputs:
+    if path.is_dir():
+        return find_inputs_in_folder(path, runs_pattern)
+    if not path.is_file():
+        raise VPRError(f"{path}: no such file or folder; give a run log (logs/RUN.csv), an experiment CSV "
+                       f"or a folder of them")
+    if runs_pattern is not None:
+        raise VPRError(f"--runs {runs_pattern!r} chooses runs in a folder; give the folder ({path.parent}/) "
+                       f"instead of {path}")
+    if path.name == TRAINING_SUMMARY_NAME:
+        raise VPRError(f"{path}: this is the summary of all runs, not a run log; give its folder ({path.parent}/) "
+                       f"to compare the runs")
+    header = csv_header(path)
+    if is_experiment_header(header):
+        return Inputs([], [path], None, is_folder=False)
+    missing = [c for c in LOG_COLUMNS if c not in header]
+    if missing:
+        shown = ", ".join(missing[:4]) + (", ..." if len(missing) > 4 else "")
+        raise VPRError(
+            f"{path}: not a run log (missing columns {shown}) nor an experiment CSV; "
+            f"give a log written by train_vpr.py (logs/RUN.csv) or a logs/ folder"
+        )
+    return Inputs([path], [], None, is_folder=False)
+
+
+def find_inputs_in_folder(folder: Path, runs_pattern: str | None) -> Inputs:
+    csv_files = sorted(folder.glob("*.csv"))
+    if not csv_files:
+        raise VPRError(f"{folder}: no CSV files in this folder; give the logs/ folder that train_vpr.py writes, "
+                       f"or one log file")
+    summary = folder / TRAINING_SUMMARY_NAME
+    is_experiment_name = [fnmatch.fnmatch(p.name, EXPERIMENT_PATTERN) for p in csv_files]
+    experiments = [p for p, named in zip(csv_files, is_experiment_name)
+                   if named and is_experiment_header(csv_header(p, quiet=True))]
+    run_logs = [p for p, named in zip(csv_files, is_experiment_name)
+                if not named and p.name != TRAINING_SUMMARY_NAME and set(LOG_COLUMNS) <= set(csv_header(p, quiet=True))]
+    if runs_pattern is not None:
+        chosen = [p for p in run_logs if fnmatch.fnmatch(p.name, runs_pattern) or fnmatch.fnmatch(p.stem, runs_pattern)]
+        if not chosen:
+            available = ", ".join(p.name for p in run_logs) or "none"
+            raise VPRError(f"{folder}: no run log matches --runs {runs_pattern!r}; run logs there: {available}")
+        run_logs = chosen
+    if not run_logs and not experiments:
+        raise VPRError(
+            f"{folder}: no run logs among its {len(csv_files)} CSV file(s) (a run log has the columns "
+            f"{', '.join(LOG_COLUMNS[:4])}, ...); give the logs/ folder that train_vpr.py writes"
+        )
+    return Inputs(run_logs, experiments, summary if summary.is_file() else None, is_folder=True)
+
+
+def csv_header(path: Path, quiet: bool = False) -> list[str]:
+    """The column names on a CSV's first line ([] for an unreadable file when quiet)."""
+    try:
+        with open(path, encoding="utf-8") as handle:
+            first_line = handle.readline()
+    except (OSError, UnicodeDecodeError):
+        if quiet:
+            return []
+        raise VPRError(f"{path}: not a readable text CSV; give a run log written by train_vpr.py") from None
+    if not first_line.strip():
+        if quiet:
+            return []
+        raise VPRError(f"{path}: the file is empty; give a run log that train_vpr.py has started writing")
+    return [name.strip() for name in first_line.rstrip("\r\n").split(",")]
+
+
+def is_experiment_header(header: Sequence[str]) -> bool:
+    return {"model", "variant", *EXPERIMENT_RECALLS} <= set(header)
+
+
+# ============================================================================================
+# Reading CSV files (tolerant of a file still being written)
+# ============================================================================================
+def read_csv_text(path: Path) -> pd.DataFrame:
+    """Read a CSV that another process may still be appending to.
+
+    A last line without its newline and with fewer cells than the header was cut off while
+    being written: it is left out. Anything else that does not parse is an error.
+    """
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise VPRError(f"{path}: not a readable text CSV; give a CSV written by train_vpr.py") from None
+    except OSError as exc:
+        raise VPRError(f"{path}: cannot be read ({exc.strerror})") from None
+    lines = text.splitlines(keepends=True)
+    if not lines or not lines[0].strip():
+        raise VPRError(f"{path}: the file is empty; give a CSV with a header row")
+    width = lines[0].count(",")
+    if len(lines) > 1 and not lines[-1].endswith("\n") and lines[-1].count(",") < width:
+        text = "".join(lines[:-1])  # a partially written last line
+    try:
+        return pd.read_csv(io.StringIO(text), skipinitialspace=True)
+    except pd.errors.ParserError as exc:
+        problem = str(exc).splitlines()[0].strip()
+        raise VPRError(f"{path}: not a readable CSV ({problem}); fix or remove the broken line") from None
+
+
+@dataclass
+class RunLog:
+    """A run log split by event; epochs holds the epoch and validation rows joined on epoch."""
+
+    run_id: str
+    path: Path
+    batches: pd.DataFrame
+    epochs: pd.DataFrame
+
+
+def read_run_log(path: Path) -> RunLog:
+    frame = read_csv_text(path)
+    missing = [c for c in LOG_COLUMNS if c not in frame.columns]
+    if missing:
+        raise VPRError(f"{path}: not a run log (missing columns {', '.join(missing)}); "
+                       f"give a log written by train_vpr.py")
+    numeric = [c for c in LOG_COLUMNS if c not in ("timestamp", "event")]
+    frame[numeric] = frame[numeric].apply(pd.to_numeric, errors="coerce")
+    event = frame["event"].astype(str).str.strip()
+    batches = frame[event == "batch"].reset_index(drop=True)
+    epoch_rows = frame[(event == "epoch") & frame["epoch"].notna()]
+    validation_rows = frame[(event == "validation") & frame["epoch"].notna()]
+    if batches.empty and epoch_rows.empty and validation_rows.empty:
+        raise VPRError(f"{path}: no batch, epoch or validation rows yet; run it again once training has logged a batch")
+    epochs = pd.merge(
+        epoch_rows[["epoch", "avg_train_loss", "avg_triplet_loss", "avg_contrastive_loss", "epoch_time"]]
+        .drop_duplicates("epoch", keep="last"),
+        validation_rows[["epoch", "val_loss", *RECALL_COLUMNS, "val_time"]].drop_duplicates("epoch", keep="last"),
+        on="epoch", how="outer",
+    ).sort_values("epoch", ignore_index=True)
+    epochs["epoch"] = epochs["epoch"].astype(int)
+    epochs["completed"] = epochs["epoch"].isin(epoch_rows["epoch"])
+    return RunLog(run_id=path.stem, path=path, batches=batches, epochs=epochs)
+
+
+def read_training_summary(path: Path | None) -> pd.DataFrame | None:
+    """The configuration of every run in training_summary.csv (last row per run_id), or None."""
+    if path is None:
+        return None
+    table = read_csv_text(path)
+    if "run_id" not in table.columns:
+        raise VPRError(f"{path}: no run_id column; it should be the training_summary.csv that train_vpr.py appends to")
+    table["run_id"] = table["run_id"].astype(str)
+    return table.drop_duplicates("run_id", keep="last")
+
+
+def read_experiment_csv(path: Path) -> pd.DataFrame:
+    table = read_csv_text(path)
+    missing = [c for c in ["model", "variant", *EXPERIMENT_RECALLS] if c not in table.columns]
+    if missing:
+        raise VPRError(f"{path}: not an experiment CSV (missing columns {', '.join(missing)}); "
+                       f"expected {', '.join(EXPERIMENT_COLUMNS)}")
+    table[EXPERIMENT_RECALLS] = table[EXPERIMENT_RECALLS].apply(pd.to_numeric, errors="coerce")
+    table["model"] = table["model"].astype(str)
+    table["variant"] = table["variant"].astype(str).str.strip()
+    if table.empty:
+        raise VPRError(f"{path}: the experiment CSV has a header but no rows")
+    return table
+
+
+# ============================================================================================
+# Summaries
+# ============================================================================================
+@dataclass
+class RunSummary:
+    """One run as read from its log; names match training_summary.csv where the meaning does."""
+
+    run_id: str
+    epochs_run: int               # completed epochs (an epoch row was logged)
+    batches_logged: int
+    unfinished_epoch: bool        # batches logged after the last completed epoch
+    best_epoch: int | None        # highest val R@1 (earliest on ties)
+    best_val_r1: float | None
+    best_val_r5: float | None     # R@5 and R@10 at the best epoch
+    best_val_r10: float | None
+    untrained_val_r1: float | None        # epoch 0: train_vpr.py validates the head before training
+    final_train_loss: float | None        # averages of the last completed epoch
+    final_triplet_loss: float | None
+    final_contrastive_loss: float | None
+    final_val_loss: float | None          # of the last validation (empty when it could not be computed)
+    last_batch_loss: float | None
+    train_time_s: float           # epoch_time of completed epochs + batch_time of an unfinished one
+    val_time_s: float
+    total_time_s: float
+    log_file: str
+
+
+def summarize_run(log: RunLog) -> RunSummary:
+    completed = log.epochs[log.epochs["completed"]]
+    validated = log.epochs.dropna(subset=["val_r1"])
+    best = validated.loc[validated["val_r1"].idxmax()] if not validated.empty else None
+    untrained = validated[validated["epoch"] == 0]
+    last_epoch = completed.iloc[-1] if not completed.empty else None
+    last_validation = validated.iloc[-1] if not validated.empty else None
+    unfinished = unfinished_batches(log)
+    train_time = float(completed["epoch_time"].sum() + unfinished["batch_time"].sum())
+    val_time = float(log.epochs["val_time"].sum())
+    return RunSummary(
+        run_id=log.run_id,
+        epochs_run=len(completed),
+        batches_logged=len(log.batches),
+        unfinished_epoch=not unfinished.empty,
+        best_epoch=None if best is None else int(best["epoch"]),
+        best_val_r1=value_or_none(best, "val_r1"),
+        best_val_r5=value_or_none(best, "val_r5"),
+        best_val_r10=value_or_none(best, "val_r10"),
+        untrained_val_r1=None if untrained.empty else float(untrained["val_r1"].iloc[0]),
+        final_train_loss=value_or_none(last_epoch, "avg_train_loss"),
+        final_triplet_loss=value_or_none(last_epoch, "avg_triplet_loss"),
+        final_contrastive_loss=value_or_none(last_epoch, "avg_contrastive_loss"),
+        final_val_loss=value_or_none(last_validation, "val_loss"),
+        last_batch_loss=None if log.batches.empty else value_or_none(log.batches.iloc[-1], "train_loss"),
+        train_time_s=round(train_time, 3),
+        val_time_s=round(val_time, 3),
+        total_time_s=round(train_time + val_time, 3),
+        log_file=str(log.path),
+    )
+
+
+def unfinished_batches(log: RunLog) -> pd.DataFrame:
+    """Batch rows logged after the last completed epoch (a run in progress or stopped mid-epoch)."""
+    completed = log.epochs.loc[log.epochs["completed"], "epoch"]
+    if completed.empty:
+        return log.batches
+    return log.batches[log.batches["epoch"] > completed.max()]
+
+
+def value_or_none(row: pd.Series | None, column: str) -> float | None:
+    if row is None or pd.isna(row[column]):
+        return None
+    return float(row[column])
+
+
+def runs_summary_table(summaries: list[RunSummary], training_summary: pd.DataFrame | None) -> pd.DataFrame:
+    """One row per run: run_id, the configuration from training_summary.csv, then what the log says.
+
+    Results computed from the log replace training_summary's own (same names); its wall_time_s
+    and checkpoint come last. Runs missing from training_summary.csv get empty configuration cells.
+    """
+    table = pd.DataFrame([asdict(s) for s in summaries])
+    if training_summary is None:
+        return table
+    extra_columns = [c for c in training_summary.columns if c not in table.columns]
+    joined = table.merge(training_summary[["run_id", *extra_columns]], on="run_id", how="left")
+    joined[extra_columns] = joined[extra_columns].convert_dtypes()  # seed stays 42, not 42.0, next to empty cells
+    config = [c for c in extra_columns if c not in SUMMARY_RESULT_COLUMNS]
+    trailing = [c for c in extra_columns if c in SUMMARY_RESULT_COLUMNS]
+    return joined[["run_id", *config, *[c for c in table.columns if c != "run_id"], *trailing]]
+
+
+def recall_scale(values: pd.Series | pd.DataFrame) -> float:
+    """100 to show recalls in percent: they are fractions (DESIGN.md §7); values > 1 are percent already."""
+    return 1.0 if np.any(np.asarray(values, dtype=float) > 1.0) else 100.0
+
+
+def format_duration(seconds: float) -> str:
+    if not math.isfinite(seconds):
+        return "-"
+    if seconds < 60:
+        return f"{seconds:.1f}s"
+    minutes, secs = divmod(int(round(seconds)), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}h {minutes:02d}m {secs:02d}s" if hours else f"{minutes}m {secs:02d}s"
+
+
+def format_number(value: float | None, digits: int = 4) -> str:
+    return "-" if value is None else f"{value:.{digits}g}"
+
+
+def run_summary_lines(summary: RunSummary, scale: float) -> list[str]:
+    """The summary of one run as text lines (printed, and shown in the run's figure)."""
+    if summary.best_epoch is None:
+        best = "no validation yet"
+    else:
+        recalls = " / ".join(f"{v * scale:.1f}" for v in (summary.best_val_r1, summary.best_val_r5,
+                                                           summary.best_val_r10) if v is not None)
+        best = f"{recalls} % at epoch {summary.best_epoch}"
+    epochs = f"{summary.epochs_run} completed, {summary.batches_logged} batches logged"
+    if summary.unfinished_epoch:
+        epochs += f"; epoch {summary.epochs_run + 1} unfinished"
+    if summary.final_train_loss is None:
+        final = f"no completed epoch yet; last batch loss {format_number(summary.last_batch_loss)}"
+    else:
+        final = (f"train {format_number(summary.final_train_loss)} "
+                 f"(triplet {format_number(summary.final_triplet_loss)}, "
+                 f"contrastive {format_number(summary.final_contrastive_loss)})")
+    lines = [
+        f"run                {summary.run_id}",
+        f"epochs             {epochs}",
+        f"best val R@1/5/10  {best}",
+        f"final losses       {final}",
+        f"final val loss     {format_number(summary.final_val_loss)}",
+        f"total time         {format_duration(summary.total_time_s)} (train {format_duration(summary.train_time_s)}, "
+        f"validation {format_duration(summary.val_time_s)})",
+    ]
+    if summary.untrained_val_r1 is not None:
+        lines.insert(3, f"before training    val R@1 {summary.untrained_val_r1 * scale:.1f} % (epoch 0, untrained head)")
+    return lines
+
+
+def printable_runs_table(table: pd.DataFrame) -> tuple[str, str]:
+    """The runs table for the terminal, and the settings shared by all runs (shown once, not per row).
+
+    The configuration columns shown are those that differ between runs (model and seed are in the run id).
+    """
+    config = [c for c in table.columns if c not in {"run_id", "model", "seed", *RunSummary.__dataclass_fields__,
+                                                     *SUMMARY_RESULT_COLUMNS}]
+    shared = [c for c in config if len(table) > 1 and table[c].notna().any() and table[c].nunique() == 1]
+    scale = recall_scale(table[["best_val_r1", "best_val_r5", "best_val_r10"]])
+    differing = [c for c in config if c not in shared]
+    printable = table[["run_id", *differing]].astype(object).fillna("-")  # configuration as written in the CSV
+    printable["epochs_run"] = [f"{n}+" if unfinished else str(n)
+                               for n, unfinished in zip(table["epochs_run"], table["unfinished_epoch"])]
+    printable["best_epoch"] = [str(int(e)) if pd.notna(e) else "-" for e in table["best_epoch"]]
+    for n in (1, 5, 10):
+        printable[f"R@{n} %"] = (table[f"best_val_r{n}"] * scale).round(1)
+    printable["train_loss"] = table["final_train_loss"]
+    printable["val_loss"] = table["final_val_loss"]
+    printable["time"] = table["total_time_s"].map(format_duration)
+    text = printable.to_string(index=False, float_format=lambda v: f"{v:.4g}", na_rep="-")
+    shared_line = ", ".join(f"{c}={table[c].dropna().iloc[0]}" for c in shared)
+    return text, shared_line
+
+
+# ============================================================================================
+# Figures
+# ============================================================================================
+def save_figure(fig: Figure, path: Path) -> Path:
+    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=FIGURE_DPI))
+    plt.close(fig)
+    return path
+
+
+def smoothing_window(num_batches: int, requested: int | None) -> int:
+    """The user's window, else DEFAULT_SMOOTH, shrunk to a fifth of the batches for short logs."""
+    if requested is not None:
+        return max(1, min(requested, num_batches))
+    return max(1, min(DEFAULT_SMOOTH, num_batches // 5))
+
+
+def batch_positions(batches: pd.DataFrame, last_epoch_unfinished: bool) -> np.ndarray:
+    """x of each batch in epochs: the last batch of epoch e sits at e, aligned with the epoch's row.
+
+    An unfinished last epoch is spaced like the longest epoch before it, so it shows how far it got.
+    """
+    if batches.empty:
+        return np.zeros(0)
+    epoch = batches["epoch"].ffill().fillna(1).to_numpy()
+    index_in_epoch = batches.groupby(epoch).cumcount().to_numpy() + 1
+    batches_per_epoch = pd.Series(epoch).value_counts()
+    if last_epoch_unfinished and len(batches_per_epoch) > 1:
+        last = epoch[-1]
+        batches_per_epoch[last] = max(batches_per_epoch[last], batches_per_epoch.drop(last).max())
+    return epoch - 1 + index_in_epoch / batches_per_epoch[epoch].to_numpy()
+
+
+def plot_run(log: RunLog, summary: RunSummary, output_dir: Path, smooth: int | None) -> Path:
+    fig, axes = plt.subplots(3, 2, figsize=(15, 13), layout="constrained")
+    (ax_loss, ax_parts), (ax_epoch, ax_recall), (ax_time, ax_text) = axes
+    x = batch_positions(log.batches, summary.unfinished_epoch)
+    window = smoothing_window(len(log.batches), smooth)
+    scale = recall_scale(log.epochs[RECALL_COLUMNS])
+
+    plot_batch_loss(ax_loss, x, log.batches, window)
+    plot_loss_parts(ax_parts, x, log.batches, log.epochs, window)
+    plot_epoch_losses(ax_epoch, log.epochs)
+    plot_validation_recall(ax_recall, log.epochs, summary, scale)
+    plot_epoch_times(ax_time, log.epochs, unfinished_batches(log), summary)
+    show_text_panel(ax_text, "Summary", run_summary_lines(summary, scale))
+
+    # one x range for all panels; epoch 0 is train_vpr.py's validation of the untrained head
+    left = -0.5 if (log.epochs["epoch"] <= 0).any() else 0.0
+    right = max([1.0, *x[-1:], *log.epochs["epoch"], summary.epochs_run + summary.unfinished_epoch]) + 0.5
+    for ax in (ax_loss, ax_parts, ax_epoch, ax_recall, ax_time):
+        ax.set_xlim(left, right)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.set_xlabel("epoch")
+    fig.suptitle(f"Training run {summary.run_id}", fontsize=15, fontweight="bold")
+    return save_figure(fig, output_dir / f"{summary.run_id}_plots.png")
+
+
+def show_no_data(ax: Axes, title: str, message: str) -> None:
+    ax.set_title(title)
+    ax.text(0.5, 0.5, message, ha="center", va="center", transform=ax.transAxes, color="0.4", fontsize=11)
+    ax.set_yticks([])
+
+
+def batches_text(count: int) -> str:
+    return f"{count} batch" if count == 1 else f"{count} batches"
+
+
+def smoothed(values: pd.Series, window: int) -> pd.Series:
+    """Centred moving average (NaN cells skipped), so a curve is not shifted behind its data."""
+    return values.rolling(window, center=True, min_periods=1).mean()
+
+
+def plot_batch_loss(ax: Axes, x: np.ndarray, batches: pd.DataFrame, window: int) -> None:
+    title = "Batch loss (weighted triplet + contrastive)"
+    if batches["train_loss"].notna().sum() == 0:
+        show_no_data(ax, title, "no batches logged yet")
+        return
+    ax.plot(x, batches["train_loss"], color=LOSS_COLORS["train"], alpha=0.25, linewidth=0.8, label="per batch")
+    ax.plot(x, smoothed(batches["train_loss"], window), color=LOSS_COLORS["train"], linewidth=2,
+            label=f"moving average ({batches_text(window)})")
+    ax.set_title(title)
+    ax.set_ylabel("loss")
+    ax.grid(alpha=0.3)
+    ax.legend(loc="upper right")
+
+
+def plot_loss_parts(ax: Axes, x: np.ndarray, batches: pd.DataFrame, epochs: pd.DataFrame, window: int) -> None:
+    """Contrastive (left axis) and triplet (right axis) parts: per batch, smoothed, epoch averages.
+
+    The two parts live on different scales, so each gets its own y axis in its own colour.
+    """
+    title = "Loss parts (unweighted): per batch, moving average, epoch average"
+    parts = [("contrastive", "contrastive_loss", "avg_contrastive_loss"),
+             ("triplet", "triplet_loss", "avg_triplet_loss")]
+    parts = [p for p in parts if batches[p[1]].notna().any() or epochs[p[2]].notna().any()]
+    if not parts:
+        show_no_data(ax, title, "no batches logged yet")
+        return
+    handles = []
+    for axis, (name, batch_column, epoch_column) in zip([ax, ax.twinx()], parts):
+        color = LOSS_COLORS[name]
+        axis.plot(x, batches[batch_column], color=color, alpha=0.2, linewidth=0.8)
+        handles += axis.plot(x, smoothed(batches[batch_column], window), color=color, linewidth=2,
+                             label=f"{name} (moving average, {batches_text(window)})")
+        averages = epochs.dropna(subset=[epoch_column])
+        if not averages.empty:
+            handles += axis.plot(averages["epoch"] - 0.5, averages[epoch_column], color=color, marker="o", markersize=5,
+                                 markeredgecolor="black", linestyle="none", label=f"{name} (epoch average, mid-epoch)")
+        axis.set_ylabel(f"{name} loss", color=color)
+        axis.tick_params(axis="y", colors=color)
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(handles=handles, loc="upper right", fontsize="small")
+
+
+def plot_epoch_losses(ax: Axes, epochs: pd.DataFrame) -> None:
+    title = "Loss per epoch: training average vs validation"
+    curves = [
+        ("avg_train_loss", "train (epoch average)", LOSS_COLORS["train"], "o"),
+        ("val_loss", "validation", LOSS_COLORS["val"], "s"),
+    ]
+    drawn = False
+    for column, label, color, marker in curves:
+        rows = epochs.dropna(subset=[column])
+        if not rows.empty:
+            ax.plot(rows["epoch"], rows[column], marker=marker, color=color, label=label)
+            drawn = True
+    if not drawn:
+        show_no_data(ax, title, "no completed epoch yet")
+        return
+    ax.set_title(title)
+    ax.set_ylabel("loss")
+    ax.grid(alpha=0.3)
+    ax.legend(loc="best")
+
+
+def plot_validation_recall(ax: Axes, epochs: pd.DataFrame, summary: RunSummary, scale: float) -> None:
+    title = "Validation recall"
+    rows = epochs.dropna(subset=["val_r1"])
+    if rows.empty:
+        show_no_data(ax, title, "no validation yet")
+        return
+    for column, label, marker in zip(RECALL_COLUMNS, ("R@1", "R@5", "R@10"), ("o", "s", "^")):
+        ax.plot(rows["epoch"], rows[column] * scale, marker=marker, label=label)
+    untrained = rows[rows["epoch"] == 0]
+    if not untrained.empty:
+        ax.axhline(untrained["val_r1"].iloc[0] * scale, color="C0", linestyle="--", linewidth=1, alpha=0.6,
+                   label=f"R@1 of the untrained head (epoch 0): {untrained['val_r1'].iloc[0] * scale:.1f}%")
+    best_r1 = summary.best_val_r1 * scale
+    ax.axvline(summary.best_epoch, color="0.5", linestyle=":", linewidth=1.2)
+    ax.plot([summary.best_epoch], [best_r1], marker="*", markersize=18, color="gold", markeredgecolor="black",
+            linestyle="none", label=f"best R@1 {best_r1:.1f}% (epoch {summary.best_epoch})", zorder=5)
+    ax.set_title(title)
+    ax.set_ylabel("recall (%)")
+    ax.grid(alpha=0.3)
+    ax.legend(loc="best")
+
+
+def plot_epoch_times(ax: Axes, epochs: pd.DataFrame, unfinished: pd.DataFrame, summary: RunSummary) -> None:
+    title = "Time per epoch"
+    train = epochs["epoch_time"].fillna(0).to_numpy()
+    validation = epochs["val_time"].fillna(0).to_numpy()
+    partial = float(unfinished["batch_time"].sum()) if not unfinished.empty else 0.0
+    peak = max([*(train + validation), partial, 0.0])
+    if peak == 0.0:
+        show_no_data(ax, title, "no epoch times logged yet")
+        return
+    unit, divisor = ("minutes", 60.0) if peak > 300 else ("seconds", 1.0)
+    if len(epochs):
+        ax.bar(epochs["epoch"], train / divisor, color="C0", label="training")
+        ax.bar(epochs["epoch"], validation / divisor, bottom=train / divisor, color="C1", label="validation")
+    if partial > 0:
+        ax.bar([summary.epochs_run + 1], [partial / divisor], color="C0", alpha=0.35, hatch="//", edgecolor="C0",
+               label="unfinished epoch (batches so far)")
+    ax.set_title(f"{title} (total {format_duration(summary.total_time_s)})")
+    ax.set_ylabel(unit)
+    ax.set_ylim(0, peak / divisor * 1.3)  # headroom for the legend above the bars
+    ax.grid(axis="y", alpha=0.3)
+    ax.legend(loc="upper center", ncols=3, fontsize="small")
+
+
+def show_text_panel(ax: Axes, title: str, lines: list[str]) -> None:
+    ax.axis("off")
+    ax.set_title(title)
+    ax.text(0.02, 0.95, "\n".join(lines), transform=ax.transAxes, va="top", ha="left", family="monospace",
+            fontsize=10, linespacing=1.6, wrap=True)
+
+
+def plot_comparison(logs: list[RunLog], summaries: list[RunSummary], output_dir: Path) -> Path:
+    """Validation R@1 per epoch for every run, and each run's best R@1 as a bar."""
+    scale = recall_scale(pd.concat([log.epochs["val_r1"] for log in logs]))
+    palette = plt.get_cmap("tab10" if len(summaries) <= 10 else "tab20").colors
+    colors = {s.run_id: palette[i % len(palette)] for i, s in enumerate(summaries)}
+    height = max(5.5, 2.5 + 0.35 * len(logs))
+    fig, (ax_curves, ax_bars) = plt.subplots(1, 2, figsize=(16, height), layout="constrained",
+                                             gridspec_kw={"width_ratios": [3, 2]})
+    for log, summary in zip(logs, summaries):
+        rows = log.epochs.dropna(subset=["val_r1"])
+        label = log.run_id + (" (unfinished)" if summary.unfinished_epoch else "")
+        ax_curves.plot(rows["epoch"], rows["val_r1"] * scale, marker="o", markersize=4, color=colors[log.run_id],
+                       label=label)
+    ax_curves.set_title("Validation R@1 per epoch")
+    ax_curves.set_xlabel("epoch")
+    ax_curves.set_ylabel("R@1 (%)")
+    ax_curves.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax_curves.grid(alpha=0.3)
+    if len(logs) <= 6:
+        ax_curves.legend(loc="lower right", fontsize="small")
+    else:  # many runs: below the curves, not over them
+        ax_curves.legend(loc="upper center", bbox_to_anchor=(0.5, -0.12), ncols=2, fontsize="small")
+
+    ranked = sorted(summaries, key=lambda s: -1.0 if s.best_val_r1 is None else s.best_val_r1)
+    names = [s.run_id for s in ranked]
+    best = [0.0 if s.best_val_r1 is None else s.best_val_r1 * scale for s in ranked]
+    bars = ax_bars.barh(names, best, color=[colors[n] for n in names])
+    ax_bars.bar_label(bars, labels=[bar_text(s, scale) for s in ranked], padding=3, fontsize="small")
+    ax_bars.set_xlim(0, max([*best, 1.0]) * 1.3)
+    ax_bars.set_title("Best validation R@1 per run (best run on top)")
+    ax_bars.set_xlabel("R@1 (%)")
+    ax_bars.grid(axis="x", alpha=0.3)
+    fig.suptitle(f"Comparison of {len(logs)} run(s)", fontsize=14, fontweight="bold")
+    return save_figure(fig, output_dir / "comparison.png")
+
+
+def bar_text(summary: RunSummary, scale: float) -> str:
+    if summary.best_val_r1 is None:
+        return "no validation yet"
+    unfinished = ", unfinished" if summary.unfinished_epoch else ""
+    return f"{summary.best_val_r1 * scale:.1f}% (epoch {summary.best_epoch}{unfinished})"
+
+
+def plot_experiment_bars(table: pd.DataFrame, path: Path, output_dir: Path) -> Path:
+    """Raw / PCA-whitened / trained recall per model, one panel per R@N."""
+    models = list(dict.fromkeys(table["model"]))
+    variants = [v for v in EXPERIMENT_VARIANTS if v in set(table["variant"])]
+    variants += [v for v in dict.fromkeys(table["variant"]) if v not in variants]
+    scale = recall_scale(table[EXPERIMENT_RECALLS])
+    width = 0.8 / len(variants)
+    centers = np.arange(len(models))
+    fig, axes = plt.subplots(1, 3, figsize=(max(13, 3.2 * len(models) + 4), 5.5), sharey=True, layout="constrained")
+    for ax, column in zip(axes, EXPERIMENT_RECALLS):
+        values = table.pivot_table(index="model", columns="variant", values=column, aggfunc="last")
+        for i, variant in enumerate(variants):
+            heights = values.reindex(index=models, columns=variants)[variant].to_numpy() * scale
+            bars = ax.bar(centers + (i - (len(variants) - 1) / 2) * width, np.nan_to_num(heights), width,
+                          color=f"C{i}", label=VARIANT_LABELS.get(variant, variant))
+            ax.bar_label(bars, labels=["" if np.isnan(h) else f"{h:.1f}" for h in heights], fontsize=8, padding=2)
+        ax.set_title(column.replace("recall", "Recall"))
+        ax.set_xticks(centers, models, rotation=20 if len(models) > 3 else 0)
+        ax.set_xlabel("model")
+        ax.grid(axis="y", alpha=0.3)
+    axes[0].set_ylabel("recall (%)")
+    top = np.nanmax(table[EXPERIMENT_RECALLS].to_numpy(dtype=float)) * scale
+    axes[0].set_ylim(0, (top if np.isfinite(top) and top > 0 else 100.0) * 1.12)
+    fig.legend(*axes[0].get_legend_handles_labels(), loc="outside lower center", ncols=len(variants))
+    fig.suptitle(f"Recall per model: raw vs PCA-whitened vs trained descriptors ({path.name})",
+                 fontsize=13, fontweight="bold")
+    return save_figure(fig, output_dir / f"{path.stem}_bars.png")
+
+
+def experiment_table_text(table: pd.DataFrame) -> str:
+    scale = recall_scale(table[EXPERIMENT_RECALLS])
+    shown = table[["model", "variant", *EXPERIMENT_RECALLS]].copy()
+    shown[EXPERIMENT_RECALLS] = shown[EXPERIMENT_RECALLS] * scale
+    if "delta_r1_vs_raw" in table.columns:
+        shown["delta_r1_vs_raw"] = pd.to_numeric(table["delta_r1_vs_raw"], errors="coerce") * scale
+    return shown.to_string(index=False, float_format=lambda v: f"{v:.1f}", na_rep="-")
+
+
+# ============================================================================================
+# main
+# ============================================================================================
+def main(argv: Sequence[str] | None = None) -> None:
+    args = parse_args(argv)
+    inputs = find_inputs(Path(args.path), args.runs)
+    output_dir = check_writable_dir(args.output_dir, "--output_dir")
+
+    # 1. every run: read its log, summarise it, draw its figure
+    logs: list[RunLog] = []
+    summaries: list[RunSummary] = []
+    for log_path in inputs.run_logs:
+        try:
+            log = read_run_log(log_path)
+        except VPRError as exc:
+            if not inputs.is_folder:
+                raise
+            print(f"warning: skipped {exc}", file=sys.stderr)  # one bad log does not stop the comparison
+            continue
+        summary = summarize_run(log)
+        figure = plot_run(log, summary, output_dir, args.smooth)
+        logs.append(log)
+        summaries.append(summary)
+        if inputs.is_folder:
+            print(f"{summary.run_id}: {figure}")
+        else:
+            print("\n".join(run_summary_lines(summary, recall_scale(log.epochs[RECALL_COLUMNS]))))
+            print(f"figure             {figure}")
+    if inputs.is_folder and inputs.run_logs and not logs:
+        raise VPRError(f"{args.path}: none of its {len(inputs.run_logs)} run log(s) could be read "
+                       f"(see the warnings above)")
+
+    # 2. a folder: compare the runs and write the table, with their configuration where known
+    if inputs.is_folder and logs:
+        comparison = plot_comparison(logs, summaries, output_dir)
+        table = runs_summary_table(summaries, read_training_summary(inputs.training_summary))
+        table_path = output_dir / "runs_summary.csv"
+        atomic_write(table_path, lambda tmp: table.to_csv(tmp, index=False))
+        text, shared = printable_runs_table(table)
+        print(f"\n{len(table)} run(s); epochs_run: completed epochs (+ = one unfinished); recalls at the best epoch")
+        if shared:
+            print(f"same for all runs: {shared}")
+        print(text)
+        print(f"\ncomparison figure {comparison}\nsummary table     {table_path}")
+
+    # 3. experiment CSVs: raw / PCA-whitened / trained recall per model
+    for experiment_path in inputs.experiment_csvs:
+        table = read_experiment_csv(experiment_path)
+        figure = plot_experiment_bars(table, experiment_path, output_dir)
+        print(f"\nexperiment {experiment_path} (recall in %)\n{experiment_table_text(table)}\nfigure {figure}")
+
+
+if __name__ == "__main__":
+    run_cli(main)
