@@ -71,7 +71,17 @@ def load_training_data(config: vpr.TrainConfig) -> TrainingData:
 
 
 def head_config_for(config: vpr.TrainConfig, in_dim: int) -> dict:
-    return {"type": config.head, "in_dim": in_dim, "projection_dim": config.projection_dim, "dropout": config.dropout}
+    return {"type": config.head, "in_dim": in_dim, "projection_dim": config.projection_dim,
+            "hidden_dim": config.hidden_dim, "dropout": config.dropout}
+
+
+def initial_head(config: vpr.TrainConfig, data: TrainingData) -> torch.nn.Module:
+    """A fresh head; the residual head starts as PCA-whitening of the training features."""
+    torch.manual_seed(config.seed)
+    head = vpr.build_head(head_config_for(config, data.train_features.shape[1]))
+    if isinstance(head, vpr.ResidualHead):
+        head.init_pca_whitening(data.train_features)
+    return head
 
 
 def epoch_batches(config: vpr.TrainConfig, head: torch.nn.Module, data: TrainingData, place_of: np.ndarray,
@@ -89,12 +99,14 @@ def epoch_batches(config: vpr.TrainConfig, head: torch.nn.Module, data: Training
 
 def batch_loss(head: torch.nn.Module, loss_fn: vpr.HybridLoss, features: np.ndarray, xyz: np.ndarray,
                batch: np.ndarray, config: vpr.TrainConfig, generator: torch.Generator) -> vpr.LossParts:
-    embeddings = head(torch.from_numpy(features[batch]))
+    frozen = torch.from_numpy(features[batch])
     pos_mask, neg_mask = vpr.batch_pair_masks(torch.from_numpy(xyz[batch]), config.pos_threshold_m, config.neg_threshold_m)
-    return loss_fn(embeddings, pos_mask, neg_mask, generator)
+    if config.positive_selection == "feature":
+        pos_mask = vpr.select_positives_by_feature(pos_mask, frozen, config.positive_top_k)
+    return loss_fn(head(frozen), pos_mask, neg_mask, generator)
 
 
-def train_one_epoch(epoch: int, head, optimizer, loss_fn, data: TrainingData, batches: list[np.ndarray],
+def train_one_epoch(epoch: int, head, optimizer, scheduler, loss_fn, data: TrainingData, batches: list[np.ndarray],
                     config: vpr.TrainConfig, generator: torch.Generator, logger: vpr.CsvLogger) -> dict[str, float]:
     head.train()
     sums = np.zeros(3)
@@ -105,6 +117,7 @@ def train_one_epoch(epoch: int, head, optimizer, loss_fn, data: TrainingData, ba
         optimizer.zero_grad(set_to_none=True)
         parts.total.backward()
         optimizer.step()
+        scheduler.step()
         values = np.array([parts.total.item(), parts.triplet.item(), parts.contrastive.item()])
         sums += values
         logger.log("batch", epoch=epoch, batch=number, train_loss=values[0], triplet_loss=values[1],
@@ -138,6 +151,13 @@ def validate(epoch: int, head, loss_fn, data: TrainingData, config: vpr.TrainCon
     logger.log("validation", epoch=epoch, val_loss=val_loss, val_r1=result.recalls[1], val_r5=result.recalls[5],
                val_r10=result.recalls[10], val_time=time.perf_counter() - start)
     return result
+
+
+def lr_scheduler(optimizer: torch.optim.Optimizer, config: vpr.TrainConfig, batches_per_epoch: int):
+    """Constant, or cosine decay to 0 over all the run's steps."""
+    if config.lr_schedule == "cosine":
+        return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(1, config.epochs * batches_per_epoch))
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
 
 
 def check_trainable(data: TrainingData, config: vpr.TrainConfig) -> np.ndarray:
@@ -174,9 +194,9 @@ def train(config: vpr.TrainConfig) -> TrainResult:
     data = load_training_data(config)
     place_of = check_trainable(data, config)
 
-    torch.manual_seed(config.seed)
-    head = vpr.build_head(head_config_for(config, data.train_features.shape[1]))
+    head = initial_head(config, data)
     optimizer = torch.optim.AdamW(head.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    scheduler = lr_scheduler(optimizer, config, math.ceil(len(data.train) / config.batch_size))
     loss_fn = vpr.HybridLoss(config.triplet_margin, config.contrastive_temperature, config.triplet_weight,
                              config.contrastive_weight, config.hard_neg_ratio)
     rng = np.random.default_rng(config.seed)
@@ -187,13 +207,20 @@ def train(config: vpr.TrainConfig) -> TrainResult:
     checkpoint = vpr.checkpoint_path(config.output_dir, config.model, config.seed)
     print(f"run {run_id}: {len(data.train)} train / {len(data.val)} val images, "
           f"{len(np.unique(place_of))} places, log {logger.path}", flush=True)
-    best_recall, best_epoch = {1: -1.0, 5: 0.0, 10: 0.0}, 0
+    # Epoch 0 validates the untrained head: with --head residual that is PCA-whitening, so the
+    # best checkpoint is never worse on validation than the strongest frozen baseline.
+    result = validate(0, head, loss_fn, data, config, logger)
+    best_recall, best_epoch, stale, epoch = result.recalls, 0, 0, 0
+    vpr.save_checkpoint(checkpoint, checkpoint_payload(head, config, data, best_recall, 0, run_id))
+    print(f"epoch 0 (untrained head)  val R@1 {result.recalls[1]:.3f} R@5 {result.recalls[5]:.3f} "
+          f"R@10 {result.recalls[10]:.3f}", flush=True)
     try:
         for epoch in range(1, config.epochs + 1):
             batches = epoch_batches(config, head, data, place_of, rng)
-            averages = train_one_epoch(epoch, head, optimizer, loss_fn, data, batches, config, generator, logger)
+            averages = train_one_epoch(epoch, head, optimizer, scheduler, loss_fn, data, batches, config, generator, logger)
             result = validate(epoch, head, loss_fn, data, config, logger)
             improved = result.recalls[1] > best_recall[1]
+            stale = 0 if improved else stale + 1
             if improved:
                 best_recall, best_epoch = result.recalls, epoch
                 vpr.save_checkpoint(checkpoint, checkpoint_payload(head, config, data, best_recall, epoch, run_id))
@@ -201,10 +228,13 @@ def train(config: vpr.TrainConfig) -> TrainResult:
                   f"(triplet {averages['avg_triplet_loss']:.4f}, contrastive {averages['avg_contrastive_loss']:.4f})  "
                   f"val R@1 {result.recalls[1]:.3f} R@5 {result.recalls[5]:.3f} R@10 {result.recalls[10]:.3f}"
                   f"{'  * best, saved' if improved else ''}", flush=True)
+            if config.early_stopping_patience and stale >= config.early_stopping_patience:
+                print(f"early stop: no better val R@1 for {stale} epochs", flush=True)
+                break
     finally:
         logger.close()
 
-    result = TrainResult(run_id, best_recall, best_epoch, config.epochs, time.perf_counter() - started, checkpoint, logger.path)
+    result = TrainResult(run_id, best_recall, best_epoch, epoch, time.perf_counter() - started, checkpoint, logger.path)
     vpr.append_summary_row(log_dir / "training_summary.csv", summary_row(config, result))
     return result
 
