@@ -1133,7 +1133,7 @@ class TrainConfig:
     model: str = _flag("dinov2_b", f"backbone: {', '.join(BACKBONES)} or timm:ARCH", "model")
     weights: str | None = _flag(None, "backbone weights: a local state-dict FILE, or 'random' (default: pretrained)", "model")
     image_size: int = _flag(0, "square input side in pixels (0: the backbone's default)", "model")
-    head: str = _flag("projection", f"head: {', '.join(HEADS)} (residual starts as PCA-whitening)", "model")
+    head: str = _flag("projection", "projection (the seed head) or residual (starts as PCA-whitening)", "model", choices=HEADS)
     projection_dim: int = _flag(256, "output descriptor dimension", "model")
     hidden_dim: int = _flag(512, "hidden width of the residual head's MLP", "model")
     dropout: float = _flag(0.1, "dropout in the head", "model")
@@ -1152,9 +1152,10 @@ class TrainConfig:
     contrastive_weight: float = _flag(1.0, "weight of the multi-positive InfoNCE loss")
     hard_neg_ratio: float = _flag(0.5, "share of hard negatives (far in metres, near in embedding space)")
     positive_selection: str = _flag("gps", "gps: every image within pos_threshold_m is a positive; feature: only "
-                                    "the positive_top_k GPS positives most similar in frozen features (NetVLAD style)")
+                                    "the positive_top_k GPS positives most similar in frozen features (NetVLAD style)",
+                                    choices=("gps", "feature"))
     positive_top_k: int = _flag(2, "with --positive_selection feature: positives kept per anchor in a batch")
-    lr_schedule: str = _flag("constant", "constant or cosine (decay to 0 over the run)")
+    lr_schedule: str = _flag("constant", "constant or cosine (decay to 0 over the run)", choices=("constant", "cosine"))
     early_stopping_patience: int = _flag(0, "stop after this many validations without a better R@1 (0: never)")
     # system and outputs
     device: str = _flag("auto", "auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps", "system")
@@ -1180,8 +1181,8 @@ def add_config_args(parser: argparse.ArgumentParser, cls: type = TrainConfig, sk
             continue
         kind = {"int": int, "float": float}.get(str(f.type).split(" ")[0], str)
         required = meta.get("required", False) and f.name not in optional
-        group.add_argument(flag, type=kind, default=f.default, required=required,
-                           help=meta["help"] + ("" if required else " (default: %(default)s)"))
+        group.add_argument(flag, type=kind, default=f.default, required=required, choices=meta.get("choices"),
+                           help=meta["help"])
 
 
 def config_from_args(args: argparse.Namespace, cls: type = TrainConfig, **overrides: Any) -> Any:
