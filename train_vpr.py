@@ -63,6 +63,11 @@ def load_training_data(config: vpr.TrainConfig) -> TrainingData:
     train = vpr.load_poses(config.train_csv, config.image_root, config.camera_id)
     val = vpr.load_poses(config.val_csv, config.image_root, config.camera_id)
     vpr.check_same_coord_kind(train, val)
+    if not vpr.has_positive_pair(train.xyz, config.pos_threshold_m):  # before the long extraction
+        raise vpr.VPRError(
+            f"{config.train_csv}: no two images lie within --pos_threshold_m {config.pos_threshold_m:g} m of each other; "
+            "there are no positives to learn from (raise the threshold or check the positions)"
+        )
     backbone = vpr.create_backbone(config.model, config.weights, config.image_size)
     options = vpr.extraction_options(config)
     train_features = vpr.extract_features(backbone, train, options, "train")
@@ -160,17 +165,6 @@ def lr_scheduler(optimizer: torch.optim.Optimizer, config: vpr.TrainConfig, batc
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
 
 
-def check_trainable(data: TrainingData, config: vpr.TrainConfig) -> np.ndarray:
-    """Places of the training images; stops early if no image has a positive."""
-    place_of = vpr.cluster_places(data.train.xyz, config.pos_threshold_m)
-    if np.bincount(place_of).max() < 2:
-        raise vpr.VPRError(
-            f"{config.train_csv}: no two images lie within --pos_threshold_m {config.pos_threshold_m:g} m of each other; "
-            "there are no positives to learn from (raise the threshold or check the positions)"
-        )
-    return place_of
-
-
 def checkpoint_payload(head, config: vpr.TrainConfig, data: TrainingData, recall: dict[int, float], epoch: int,
                        run_id: str) -> dict:
     return {
@@ -192,7 +186,7 @@ def train(config: vpr.TrainConfig) -> TrainResult:
     log_dir = vpr.check_writable_dir(config.log_dir, "--log_dir")
     vpr.check_writable_dir(config.output_dir, "--output_dir")
     data = load_training_data(config)
-    place_of = check_trainable(data, config)
+    place_of = vpr.cluster_places(data.train.xyz, config.pos_threshold_m)
 
     head = initial_head(config, data)
     optimizer = torch.optim.AdamW(head.parameters(), lr=config.lr, weight_decay=config.weight_decay)

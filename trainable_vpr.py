@@ -103,6 +103,8 @@ def atomic_write(path: str | Path, write: Callable[[Path], None]) -> None:
     os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600 files; give the usual permissions
     try:
         write(Path(tmp))
+        with open(tmp, "rb") as handle:  # on disk before the rename: a power cut leaves old or new
+            os.fsync(handle.fileno())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -230,13 +232,18 @@ def read_csv_table(path: str | Path, what: str = "CSV") -> pd.DataFrame:
     return frame
 
 
+def _file_line(frame: pd.DataFrame, row: int) -> int:
+    """The CSV line of a row (header = line 1), also after rows were filtered out."""
+    return int(frame.index[row]) + 2
+
+
 def _numeric_column(frame: pd.DataFrame, column: str, path: Path) -> np.ndarray:
     values = pd.to_numeric(frame[column], errors="coerce")
     bad = np.flatnonzero(values.isna().to_numpy())
     if bad.size:
         row = int(bad[0])
         raise VPRError(
-            f"{path}: row {row + 2}, column '{column}': '{frame[column].iloc[row]}' is not a number "
+            f"{path}: row {_file_line(frame, row)}, column '{column}': '{frame[column].iloc[row]}' is not a number "
             f"({bad.size} such row(s)); fix or remove those rows"
         )
     return values.to_numpy(dtype=np.float64)
@@ -249,7 +256,7 @@ def _positions_from_frame(frame: pd.DataFrame, path: Path) -> tuple[np.ndarray, 
         for name, values, limit in (("latitude", lat, 90.0), ("longitude", lon, 180.0)):
             bad = np.flatnonzero(np.abs(values) > limit)
             if bad.size:
-                raise VPRError(f"{path}: row {bad[0] + 2}: {name} {values[bad[0]]} is outside ±{limit:g} degrees")
+                raise VPRError(f"{path}: row {_file_line(frame, bad[0])}: {name} {values[bad[0]]} is outside ±{limit:g} degrees")
         return latlon_to_xyz(lat, lon), "latlon"
     metric = _find_column_pair(frame.columns, METRIC_COLUMNS)
     if metric:
@@ -288,7 +295,7 @@ def load_poses(
         present = sorted(frame[camera_col].astype(str).unique())
         if camera_id not in present:
             raise VPRError(f"{path}: no rows for --camera_id {camera_id}; cameras present: {', '.join(present)}")
-        frame = frame[frame[camera_col].astype(str) == camera_id].reset_index(drop=True)
+        frame = frame[frame[camera_col].astype(str) == camera_id]  # keeps the file's row numbers for messages
 
     xyz, coord_kind = _positions_from_frame(frame, path)
     root = Path(image_root) if image_root else path.parent
@@ -296,12 +303,12 @@ def load_poses(
     duplicated = pd.Series(paths).duplicated()
     if duplicated.any():
         row = int(np.flatnonzero(duplicated.to_numpy())[0])
-        raise VPRError(f"{path}: row {row + 2}: image {frame[image_col].iloc[row]} is listed twice; remove duplicate rows")
+        raise VPRError(f"{path}: row {_file_line(frame, row)}: image {frame[image_col].iloc[row]} is listed twice; remove duplicate rows")
     if check_images:
         for row, image in enumerate(paths):
             if not os.path.isfile(image):
                 raise VPRError(
-                    f"{path}: row {row + 2}: image file {image} not found "
+                    f"{path}: row {_file_line(frame, row)}: image file {image} not found "
                     f"(relative paths resolve against {'--image_root' if image_root else 'the CSV folder'} {root})"
                 )
 
@@ -310,7 +317,7 @@ def load_poses(
         return None if col is None else frame[col].astype(str).to_numpy()
 
     return PlaceTable(
-        source=str(path), paths=paths, xyz=xyz, coord_kind=coord_kind, frame=frame,
+        source=str(path), paths=paths, xyz=xyz, coord_kind=coord_kind, frame=frame.reset_index(drop=True),
         cameras=optional(CAMERA_COLUMNS), labels=optional(LABEL_COLUMNS),
         conditions=optional(CONDITION_COLUMNS),
     )
@@ -547,7 +554,7 @@ def create_backbone(
     info = BackboneInfo(
         name=name, arch=spec.arch, weights=weights_id, image_size=size,
         mean=tuple(float(v) for v in data_cfg["mean"]), std=tuple(float(v) for v in data_cfg["std"]),
-        interpolation="bicubic", feature_dim=int(model.num_features),
+        interpolation="bicubic", feature_dim=int(getattr(model, "head_hidden_size", None) or model.num_features),
     )
     return Backbone(model=model, info=info)
 
@@ -615,7 +622,7 @@ class FeatureCache:
                 array = np.load(shard, mmap_mode="r")
                 if array.shape[0] != len(keys):
                     raise ValueError("row count differs from key count")
-            except (OSError, ValueError):
+            except (OSError, ValueError, EOFError):
                 # A shard cut short (disk full, kill -9 mid-write): drop it, it is rebuilt.
                 keys_path.unlink(missing_ok=True)
                 shard.unlink(missing_ok=True)
@@ -880,7 +887,9 @@ class HybridLoss(nn.Module):
         self.triplet = losses.TripletMarginLoss(
             margin=triplet_margin, distance=distances.LpDistance(normalize_embeddings=True), reducer=reducers.MeanReducer()
         )
-        self.contrastive = losses.SupConLoss(temperature=temperature)
+        # Per-anchor losses, averaged below over the anchors that have positives (pml's default
+        # reducer would also drop anchors whose loss is exactly 0).
+        self.contrastive = losses.SupConLoss(temperature=temperature, reducer=reducers.DoNothingReducer())
         self.triplet_weight, self.contrastive_weight = triplet_weight, contrastive_weight
         self.hard_neg_ratio = hard_neg_ratio
 
@@ -891,7 +900,11 @@ class HybridLoss(nn.Module):
         a2, n = torch.nonzero(neg_mask, as_tuple=True)
         zero = embeddings.sum() * 0.0  # keeps the graph when a part has nothing to learn from
         triplet = self.triplet(embeddings, indices_tuple=triplets) if triplets[0].numel() else zero
-        contrastive = self.contrastive(embeddings, indices_tuple=(a1, p, a2, n)) if a1.numel() and a2.numel() else zero
+        if a1.numel() and a2.numel():
+            per_anchor = self.contrastive(embeddings, indices_tuple=(a1, p, a2, n))["loss"]["losses"]
+            contrastive = per_anchor[pos_mask.any(dim=1)].mean()
+        else:
+            contrastive = zero
         total = self.triplet_weight * triplet + self.contrastive_weight * contrastive
         return LossParts(total=total, triplet=triplet, contrastive=contrastive)
 
@@ -908,6 +921,16 @@ def neighbours_within(ref_xyz: np.ndarray, query_xyz: np.ndarray, radius_m: floa
     return list(found)
 
 
+def has_positive_pair(xyz: np.ndarray, radius_m: float) -> bool:
+    """Whether any two images lie within radius_m of each other (KD-tree, 2 nearest)."""
+    from sklearn.neighbors import NearestNeighbors
+
+    if len(xyz) < 2:
+        return False
+    dist, _ = NearestNeighbors(n_neighbors=2, algorithm="kd_tree").fit(xyz).kneighbors(xyz)
+    return bool((dist[:, 1] <= radius_m).any())
+
+
 def nearest_distance_m(ref_xyz: np.ndarray, query_xyz: np.ndarray) -> np.ndarray:
     """Distance in metres from each query to its nearest reference point (KD-tree)."""
     from sklearn.neighbors import NearestNeighbors
@@ -920,10 +943,19 @@ def cluster_places(xyz: np.ndarray, radius_m: float) -> np.ndarray:
     """Group images into places: cubic cells of side radius_m / sqrt(3), so any two images of
     a place lie within radius_m of each other (all mutual positives). Linear time; labels are
     0..P-1 in order of first appearance."""
-    cell = np.floor(xyz / (radius_m / math.sqrt(3.0))).astype(np.int64)
-    _, first, inverse = np.unique(cell, axis=0, return_index=True, return_inverse=True)
-    order = np.argsort(np.argsort(first))  # relabel by first appearance
-    return order[inverse.reshape(-1)]
+    side = radius_m / math.sqrt(3.0)
+    best, best_grouped = None, -1
+    # A grid can split a close pair along a cell edge; of two grids offset by half a cell, keep
+    # the one that leaves more images in places of two or more.
+    for offset in (0.0, 0.5):
+        cell = np.floor(xyz / side + offset).astype(np.int64)
+        _, first, inverse = np.unique(cell, axis=0, return_index=True, return_inverse=True)
+        labels = np.argsort(np.argsort(first))[inverse.reshape(-1)]  # relabel by first appearance
+        counts = np.bincount(labels)
+        grouped = int(counts[counts >= 2].sum())
+        if grouped > best_grouped:
+            best, best_grouped = labels, grouped
+    return best
 
 
 def mine_hard_negatives(embeddings: np.ndarray, xyz: np.ndarray, neg_threshold_m: float, k: int = 10) -> np.ndarray:
@@ -1319,7 +1351,7 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - which exception depends on how the file is broken
-        text = str(exc)
+        text = str(exc) or type(exc).__name__
         if "Weights only load failed" in text or "Unsupported global" in text:
             raise VPRError(f"checkpoint {path}: refused, it holds Python objects that could run code (not a checkpoint of this suite)") from None
         raise VPRError(f"checkpoint {path}: truncated or not a PyTorch checkpoint ({text.splitlines()[0][:120]}); retrain or restore the file") from None

@@ -1,0 +1,116 @@
+"""Shared fixtures of the test suite: the repository on sys.path, tiny synthetic data sets
+(poses CSV + small JPEGs written into tmp_path) and the path of the real data, with a skip
+marker for machines that do not have it."""
+from __future__ import annotations
+
+import csv
+import os
+import sys
+from pathlib import Path
+from typing import Iterable, Sequence
+
+import numpy as np
+import pytest
+
+# One intra-op thread: the tensors here are tiny, and on a busy 2-core machine torch's thread
+# pool turns a 2 ms forward pass into a 1 s one. Subprocesses inherit the variable.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+import torch  # noqa: E402
+
+torch.set_num_threads(1)
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+# Real data (DESIGN.md / ../shared/data/README.md): referenced, never copied.
+SHARED = REPO.parent / "shared" / "data"
+requires_shared = pytest.mark.skipif(not SHARED.is_dir(), reason=f"real test data not available: {SHARED}")
+
+# A tiny timm architecture with random weights: builds in milliseconds, no download.
+TINY_MODEL = "timm:test_efficientnet"
+TINY_SIZE = 32
+
+
+def write_jpeg(path: Path, seed: int, size: int = 24) -> Path:
+    """A small JPEG of a random colour with some noise (distinct per seed)."""
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    base = rng.integers(0, 256, size=3)
+    pixels = np.clip(base + rng.normal(0, 25, size=(size, size, 3)), 0, 255).astype(np.uint8)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(pixels).save(path, format="JPEG", quality=90)
+    return path
+
+
+def write_csv(path: Path, header: Sequence[str], rows: Iterable[Sequence[object]]) -> Path:
+    """A CSV with exactly these cells (for malformed inputs)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(header)
+        writer.writerows(rows)
+    return path
+
+
+def write_poses(
+    folder: Path,
+    positions: Sequence[Sequence[float]] | np.ndarray,
+    *,
+    name: str = "poses.csv",
+    columns: Sequence[str] = ("image_path", "easting", "northing"),
+    cameras: Sequence[str] | None = None,
+    image_dir: str = "images",
+    prefix: str | None = None,
+    seed: int = 0,
+    images: bool = True,
+) -> Path:
+    """Write folder/name, one row per position, with image paths relative to `folder`
+    (image_dir/{prefix}{i:03d}.jpg) and, unless images=False, the JPEGs themselves.
+
+    columns: (image column, first coordinate, second coordinate[, camera column]); the
+    camera column is used only when `cameras` is given.
+    """
+    folder = Path(folder)
+    prefix = prefix if prefix is not None else Path(name).stem + "_"
+    header = list(columns[:3]) + ([columns[3] if len(columns) > 3 else "camera_id"] if cameras is not None else [])
+    rows = []
+    for i, pos in enumerate(positions):
+        rel = f"{image_dir}/{prefix}{i:03d}.jpg"
+        if images:
+            write_jpeg(folder / rel, seed=seed * 100_003 + i)
+        row = [rel, repr(float(pos[0])), repr(float(pos[1]))]
+        if cameras is not None:
+            row.append(cameras[i])
+        rows.append(row)
+    return write_csv(folder / name, header, rows)
+
+
+def place_positions(n_places: int, per_place: int, spacing_m: float = 300.0, jitter_m: float = 2.0,
+                    seed: int = 0) -> np.ndarray:
+    """Metric positions of n_places places on a line, at least spacing_m apart, per_place
+    images each within jitter_m (< 7 m) of the place centre, all inside one cluster_places
+    cell for pos_threshold_m 25.
+    Row order: place by place."""
+    rng = np.random.default_rng(seed)
+    cell = 25.0 / np.sqrt(3.0)  # cluster_places' cell side for pos_threshold_m 25
+    step = int(np.ceil(spacing_m / cell))
+    # centres in the middle of cells, so that the jitter never crosses a cell boundary
+    centres = np.stack([(70 + np.arange(n_places) * step + 0.5) * cell, np.full(n_places, 140.5 * cell)], axis=1)
+    offsets = rng.uniform(-jitter_m, jitter_m, size=(n_places, per_place, 2))
+    return (centres[:, None, :] + offsets).reshape(-1, 2)
+
+
+@pytest.fixture
+def poses_csv(tmp_path):
+    """write_poses bound to this test's tmp_path: poses_csv(positions, **options) -> CSV path."""
+    return lambda positions, **options: write_poses(tmp_path, positions, **options)
+
+
+@pytest.fixture(scope="session")
+def tiny_backbone():
+    """The tiny random-weight backbone shared by cache and training tests."""
+    import trainable_vpr as vpr
+
+    return vpr.create_backbone(TINY_MODEL, weights="random", image_size=TINY_SIZE)

@@ -1,0 +1,212 @@
+"""The feature cache (DESIGN.md §1): each image through the backbone once per configuration,
+invalidated per image, other configurations in other folders, broken shards rebuilt."""
+from __future__ import annotations
+
+import json
+import os
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import TINY_MODEL, TINY_SIZE, write_jpeg, write_poses
+import trainable_vpr as vpr
+
+N = 10
+
+
+@pytest.fixture
+def table(tmp_path):
+    csv = write_poses(tmp_path / "data", [(i * 30.0, 0.0) for i in range(N)])
+    return vpr.load_poses(csv)
+
+
+def _options(tmp_path, **kwargs):
+    values = dict(batch_size=4, num_workers=0, device="cpu", cache_dir=str(tmp_path / "cache"))
+    values.update(kwargs)
+    return vpr.ExtractionOptions(**values)
+
+
+@pytest.fixture
+def spy(monkeypatch):
+    """Records the image paths that go through the backbone."""
+    seen: list[str] = []
+    original = vpr._iterate_descriptors
+
+    def wrapper(backbone, paths, options, desc):
+        seen.extend(paths)
+        yield from original(backbone, paths, options, desc)
+
+    monkeypatch.setattr(vpr, "_iterate_descriptors", wrapper)
+    return seen
+
+
+def _counts(out: str) -> tuple[int, int, int]:
+    match = re.search(r"(\d+)/(\d+) from cache, extracting (\d+)", out)
+    assert match, out
+    return tuple(int(g) for g in match.groups())
+
+
+def test_second_call_reads_everything_from_cache(tmp_path, table, tiny_backbone, spy, capsys):
+    first = vpr.extract_features(tiny_backbone, table, _options(tmp_path), "train")
+    assert _counts(capsys.readouterr().out) == (0, N, N)
+    assert first.shape == (N, tiny_backbone.info.feature_dim) and first.dtype == np.float32
+    assert np.isfinite(first).all() and len({row.tobytes() for row in first}) == N
+    assert len(spy) == N
+    spy.clear()
+    second = vpr.extract_features(tiny_backbone, table, _options(tmp_path), "train")
+    assert f"{N}/{N} from cache" in capsys.readouterr().out
+    assert spy == []  # nothing went through the backbone
+    np.testing.assert_array_equal(first, second)
+
+
+def test_cached_features_equal_direct_backbone_output(tmp_path, table, tiny_backbone):
+    feats = vpr.extract_features(tiny_backbone, table, _options(tmp_path))
+    dataset = vpr._ImageDataset(table.paths[:3], tiny_backbone.info)
+    images = torch.stack([dataset[i][0] for i in range(3)])
+    with torch.no_grad():
+        direct = vpr.backbone_descriptor(tiny_backbone.model, images).numpy()
+    np.testing.assert_allclose(feats[:3], direct, rtol=1e-4, atol=1e-5)
+
+
+def test_touching_an_image_re_extracts_only_that_image(tmp_path, table, tiny_backbone, spy, capsys):
+    first = vpr.extract_features(tiny_backbone, table, _options(tmp_path))
+    capsys.readouterr()
+    spy.clear()
+    touched = table.paths[3]
+    stat = os.stat(touched)
+    os.utime(touched, ns=(stat.st_atime_ns, stat.st_mtime_ns + 5_000_000_000))
+    second = vpr.extract_features(tiny_backbone, table, _options(tmp_path))
+    assert _counts(capsys.readouterr().out) == (N - 1, N, 1)
+    assert spy == [touched]
+    np.testing.assert_allclose(second, first, rtol=1e-5, atol=1e-6)
+
+
+def test_changed_content_gives_new_features(tmp_path, table, tiny_backbone, spy, capsys):
+    first = vpr.extract_features(tiny_backbone, table, _options(tmp_path))
+    capsys.readouterr()
+    spy.clear()
+    write_jpeg(Path(table.paths[7]), seed=12345, size=40)  # another picture
+    second = vpr.extract_features(tiny_backbone, table, _options(tmp_path))
+    assert _counts(capsys.readouterr().out) == (N - 1, N, 1)
+    assert spy == [table.paths[7]]
+    others = [i for i in range(N) if i != 7]
+    np.testing.assert_array_equal(second[others], first[others])
+    assert not np.allclose(second[7], first[7], atol=1e-4)
+
+
+def test_other_image_size_or_weights_use_another_folder(tmp_path, table, tiny_backbone, capsys):
+    cache_dir = tmp_path / "cache"
+    base = vpr.FeatureCache(cache_dir, tiny_backbone.info).dir
+    assert vpr.FeatureCache(cache_dir, tiny_backbone.info).dir == base  # stable key
+    bigger = vpr.create_backbone(TINY_MODEL, weights="random", image_size=TINY_SIZE + 16)
+    assert vpr.FeatureCache(cache_dir, bigger.info).dir != base
+    weights_file = tmp_path / "w.pth"
+    torch.save(tiny_backbone.model.state_dict(), weights_file)
+    from_file = vpr.create_backbone(TINY_MODEL, weights=str(weights_file), image_size=TINY_SIZE)
+    assert from_file.info.weights != tiny_backbone.info.weights
+    assert vpr.FeatureCache(cache_dir, from_file.info).dir != base
+
+    a = vpr.extract_features(tiny_backbone, table, _options(tmp_path))
+    capsys.readouterr()
+    b = vpr.extract_features(bigger, table, _options(tmp_path))
+    assert _counts(capsys.readouterr().out) == (0, N, N)
+    assert not np.allclose(a, b)
+    c = vpr.extract_features(from_file, table, _options(tmp_path))
+    assert _counts(capsys.readouterr().out) == (0, N, N)
+    np.testing.assert_allclose(a, c, rtol=1e-5, atol=1e-6)  # same tensors, separate entries
+    assert len([d for d in cache_dir.iterdir() if d.is_dir()]) == 3
+
+
+def _shards(tmp_path):
+    return sorted((tmp_path / "cache").glob("*/shard-*.npy"))
+
+
+def test_truncated_shard_is_detected_and_rebuilt(tmp_path, table, tiny_backbone, spy, capsys):
+    first = vpr.extract_features(tiny_backbone, table, _options(tmp_path))
+    (shard,) = _shards(tmp_path)
+    data = shard.read_bytes()
+    shard.write_bytes(data[: len(data) // 2])
+    capsys.readouterr()
+    spy.clear()
+    second = vpr.extract_features(tiny_backbone, table, _options(tmp_path))
+    assert _counts(capsys.readouterr().out) == (0, N, N)
+    assert sorted(spy) == sorted(table.paths)
+    np.testing.assert_allclose(second, first, rtol=1e-5, atol=1e-6)
+    assert not shard.exists()  # the broken shard is gone, a whole one replaces it
+    (new_shard,) = _shards(tmp_path)
+    assert np.load(new_shard).shape == (N, first.shape[1])
+
+
+def test_only_the_broken_shard_is_rebuilt(tmp_path, table, tiny_backbone, spy, capsys):
+    options = _options(tmp_path, chunk_size=4)
+    first = vpr.extract_features(tiny_backbone, table, options)
+    shards = _shards(tmp_path)
+    assert len(shards) == 3  # 4 + 4 + 2 images
+    victim = shards[0]
+    victim_keys = json.loads(victim.with_name(victim.name.replace(".npy", ".keys.json")).read_text())
+    data = victim.read_bytes()
+    victim.write_bytes(data[:-8])
+    capsys.readouterr()
+    spy.clear()
+    second = vpr.extract_features(tiny_backbone, table, options)
+    assert _counts(capsys.readouterr().out) == (N - len(victim_keys), N, len(victim_keys))
+    assert len(spy) == len(victim_keys)
+    np.testing.assert_allclose(second, first, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("damage", ["empty_shard", "empty_keys", "header_only"])
+def test_other_broken_shards_are_rebuilt(tmp_path, table, tiny_backbone, capsys, damage):
+    """A zero-length file is what a power cut leaves after a rename whose data never reached
+    the disk (no fsync); it must be rebuilt like a truncated one, not crash."""
+    first = vpr.extract_features(tiny_backbone, table, _options(tmp_path))
+    (shard,) = _shards(tmp_path)
+    if damage == "empty_shard":
+        shard.write_bytes(b"")
+    elif damage == "empty_keys":
+        shard.with_name(shard.name.replace(".npy", ".keys.json")).write_text("")
+    else:
+        shard.write_bytes(shard.read_bytes()[:60])
+    capsys.readouterr()
+    second = vpr.extract_features(tiny_backbone, table, _options(tmp_path))
+    assert _counts(capsys.readouterr().out) == (0, N, N)
+    np.testing.assert_allclose(second, first, rtol=1e-5, atol=1e-6)
+
+
+def test_no_cache_gives_the_same_features(tmp_path, table, tiny_backbone, capsys):
+    cached = vpr.extract_features(tiny_backbone, table, _options(tmp_path))
+    capsys.readouterr()
+    direct = vpr.extract_features(tiny_backbone, table, _options(tmp_path, cache_dir=None))
+    out = capsys.readouterr().out
+    assert f"{N} extracted (cache disabled)" in out and "from cache" not in out
+    assert direct.shape == cached.shape and direct.dtype == np.float32
+    np.testing.assert_allclose(direct, cached, rtol=1e-5, atol=1e-6)
+
+
+def test_extraction_options_follow_no_cache_flag():
+    config = vpr.TrainConfig(train_csv="a", val_csv="b", cache_dir="somewhere", no_cache=True, batch_size=8, num_workers=0)
+    assert vpr.extraction_options(config).cache_dir is None
+    config.no_cache = False
+    options = vpr.extraction_options(config)
+    assert (options.cache_dir, options.batch_size, options.num_workers) == ("somewhere", 8, 0)
+
+
+def test_unreadable_image_names_the_file(tmp_path, table, tiny_backbone):
+    bad = table.paths[5]
+    with open(bad, "wb") as handle:
+        handle.write(b"not a jpeg at all")
+    with pytest.raises(vpr.VPRError, match=re.escape(bad)):
+        vpr.extract_features(tiny_backbone, table, _options(tmp_path))
+
+
+@pytest.mark.parametrize("arch", ["test_efficientnet", "test_vit", "test_mambaout"])
+def test_backbone_info_feature_dim_is_the_descriptor_length(arch):
+    """BackboneInfo.feature_dim (cache key, checkpoint 'backbone' field) must be the length of
+    the global descriptor that backbone_descriptor() returns."""
+    backbone = vpr.create_backbone(f"timm:{arch}", weights="random", image_size=TINY_SIZE)
+    with torch.no_grad():
+        out = vpr.backbone_descriptor(backbone.model, torch.zeros(1, 3, TINY_SIZE, TINY_SIZE))
+    assert out.shape == (1, backbone.info.feature_dim)
+    assert all(not p.requires_grad for p in backbone.model.parameters()) and not backbone.model.training
