@@ -53,7 +53,7 @@ def parse_args(argv: Sequence[str] | None) -> vpr.TrainConfig:
     )
     vpr.add_config_args(parser)
     vpr.add_debug_flag(parser)
-    config = vpr.config_from_args(parser.parse_args(argv))
+    config = vpr.config_from_args(vpr.parse_with_recipe(parser, argv))
     vpr.validate_train_config(config)
     return config
 

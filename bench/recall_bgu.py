@@ -1,0 +1,106 @@
+#!/usr/bin/env python3
+"""Does training beat the frozen backbone? Raw vs PCA-whitened vs seed recipe vs default recipe.
+
+    .venv/bin/python bench/recall_bgu.py                 # effnet_lite0, seeds 1 2 3
+    .venv/bin/python bench/recall_bgu.py --seeds 1 --epochs 5   # a quick look
+
+On ../shared/data/bgu_campus: train on train.csv (phone A), choose the epoch on val.csv
+(phone B, another day), report on test.csv and queries.csv (phone B, day and night) at 25 m
+and 10 m, with the day / night breakdown. Trained rows are mean ± standard deviation over the
+seeds. Nothing is tuned on test.csv. Writes bench/results/recall_bgu.csv.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+import eval_trained  # noqa: E402
+import train_vpr  # noqa: E402
+import trainable_vpr as vpr  # noqa: E402
+
+DATA = REPO.parent / "shared" / "data" / "bgu_campus"
+SPLITS = ("train", "val", "test", "queries")
+THRESHOLDS_M = (25.0, 10.0)
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--data", type=Path, default=DATA, help="folder with train/val/test/queries CSVs")
+    parser.add_argument("--model", default="effnet_lite0")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
+    parser.add_argument("--epochs", type=int, default=15)
+    parser.add_argument("--cache_dir", default=str(REPO / ".cache" / "features"))
+    parser.add_argument("--out_dir", type=Path, default=REPO / "bench" / "results")
+    return parser.parse_args()
+
+
+def recall_rows(name: str, seed: int | None, desc: dict[str, np.ndarray], tables: dict[str, vpr.PlaceTable]) -> list[dict]:
+    """R@1/5/10 of one variant on test and queries at each threshold, overall and per condition."""
+    rows = []
+    for split in ("test", "queries"):
+        for threshold in THRESHOLDS_M:
+            report = eval_trained.evaluate_variant(
+                name, eval_trained.Descriptors(desc["train"], desc[split]), tables["train"], tables[split], threshold, (1, 5, 10))
+            groups = {"all": report.result.recalls, **report.by_condition}
+            for condition, recalls in groups.items():
+                rows.append({"variant": name, "seed": seed, "split": split, "threshold_m": threshold,
+                             "condition": condition, **{f"R@{n}": r for n, r in recalls.items()}})
+    return rows
+
+
+def trained_descriptors(recipe: str, seed: int, args: argparse.Namespace, features: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    config = vpr.recipe_config(recipe, train_csv=str(args.data / "train.csv"), val_csv=str(args.data / "val.csv"),
+                               model=args.model, seed=seed, epochs=args.epochs, cache_dir=args.cache_dir,
+                               log_dir=str(args.out_dir / "logs"), output_dir=str(args.out_dir / "models"))
+    with contextlib.redirect_stdout(io.StringIO()):
+        result = train_vpr.train(config)
+    head = vpr.head_from_checkpoint(vpr.load_checkpoint(result.checkpoint))
+    print(f"  {recipe} seed {seed}: best val R@1 {result.best_recall[1]:.3f} at epoch {result.best_epoch}", flush=True)
+    return {split: vpr.embed(head, feats) for split, feats in features.items()}
+
+
+def summary_table(rows: list[dict]) -> pd.DataFrame:
+    """R@1 as mean ± std over seeds: one row per variant, one column per split/threshold/condition."""
+    frame = pd.DataFrame(rows)
+    stats = frame.groupby(["variant", "split", "threshold_m", "condition"], sort=False)["R@1"].agg(["mean", "std"]).reset_index()
+    stats["cell"] = [f"{m:.3f}" + (f" ± {s:.3f}" if s == s and s > 0 else "") for m, s in zip(stats["mean"], stats["std"])]
+    stats["column"] = stats["split"] + " " + stats["threshold_m"].map(lambda t: f"{t:g} m") + " " + stats["condition"]
+    return stats.pivot(index="variant", columns="column", values="cell").reindex(
+        index=list(dict.fromkeys(frame["variant"])), columns=list(dict.fromkeys(stats["column"])))
+
+
+def main() -> None:
+    args = parse_args()
+    tables = {s: vpr.load_poses(args.data / f"{s}.csv") for s in SPLITS}
+    backbone = vpr.create_backbone(args.model)
+    options = vpr.ExtractionOptions(cache_dir=args.cache_dir)
+    features = {s: vpr.extract_features(backbone, t, options, s) for s, t in tables.items()}
+
+    rows = recall_rows("raw", None, features, tables)
+    project = vpr.fit_pca_whitening(features["train"], 256)
+    rows += recall_rows("pca_whitened", None, {s: project(f) for s, f in features.items()}, tables)
+    for recipe in ("seed", "default"):
+        for seed in args.seeds:
+            rows += recall_rows(f"{recipe} recipe", seed, trained_descriptors(recipe, seed, args, features), tables)
+
+    args.out_dir.mkdir(parents=True, exist_ok=True)
+    pd.DataFrame(rows).to_csv(args.out_dir / "recall_bgu.csv", index=False)
+    table = summary_table(rows)
+    print(f"\nR@1 on bgu_campus ({args.model}; database train.csv; trained rows: mean ± std over seeds {args.seeds})")
+    for split in ("test", "queries"):
+        cols = [c for c in table.columns if c.startswith(split)]
+        print("\n" + table[cols].to_string())
+    print(f"\nall rows (R@1/5/10 per seed): {args.out_dir / 'recall_bgu.csv'}")
+
+
+if __name__ == "__main__":
+    main()
