@@ -63,6 +63,8 @@ def add_eval_data_args(parser: argparse.ArgumentParser) -> None:
     system.add_argument("--num_workers", type=int, default=2, help="image-decoding worker processes")
     system.add_argument("--cache_dir", default=".cache/features", help="feature cache folder (shared with training)")
     system.add_argument("--no_cache", action="store_true", help="bypass the feature cache")
+    system.add_argument("--precision", default="fp32", choices=vpr.PRECISIONS, help="extraction precision")
+    system.add_argument("--cache_dtype", default="float32", choices=("float32", "float16"), help="feature cache storage")
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:

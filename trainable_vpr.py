@@ -600,8 +600,10 @@ class FeatureCache:
     the data set grows, and the per-image shape is free (a vector today, a map tomorrow).
     """
 
-    def __init__(self, cache_dir: str | Path, info: BackboneInfo, dtype: str = "float32"):
-        config = {"backbone": info.as_dict(), "dtype": dtype, "format": FORMAT_VERSION}
+    def __init__(self, cache_dir: str | Path, info: BackboneInfo, dtype: str = "float32", precision: str = "fp32"):
+        if dtype not in ("float32", "float16"):
+            raise VPRError(f"--cache_dtype {dtype}: choose float32 or float16")
+        config = {"backbone": info.as_dict(), "dtype": dtype, "precision": precision, "format": FORMAT_VERSION}
         digest = hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()[:16]
         safe_name = info.name.replace(":", "_").replace("/", "_")
         self.dir = Path(cache_dir) / f"{safe_name}-{digest}"
@@ -697,26 +699,85 @@ class ExtractionOptions:
     num_workers: int = 2
     device: str = "auto"
     cache_dir: str | None = ".cache/features"  # None: no cache (--no_cache)
+    precision: str = "fp32"     # fp32, bf16, fp16 or auto (see resolve_precision)
+    cache_dtype: str = "float32"  # float16 halves the cache on disk
     chunk_size: int = 1024  # images per cache shard: the most an interruption can lose
 
 
-def _iterate_descriptors(backbone: Backbone, paths: Sequence[str], options: ExtractionOptions, desc: str) -> Iterable[tuple[np.ndarray, np.ndarray]]:
+PRECISIONS = ("fp32", "bf16", "fp16", "auto")
+
+
+def _cpu_supports_bf16() -> bool:
+    checks = ("_is_amx_tile_supported", "_is_avx512_bf16_supported")
+    return any(getattr(torch.cpu, name, lambda: False)() for name in checks)
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    """The autocast precision actually used: auto picks the fastest safe one (bf16 on CUDA
+    with bf16 or on CPUs with AMX / AVX512-BF16, fp16 on older CUDA GPUs, else fp32)."""
+    if precision not in PRECISIONS:
+        raise VPRError(f"--precision {precision}: choose one of {', '.join(PRECISIONS)}")
+    cuda = device.type == "cuda"
+    bf16_ok = torch.cuda.is_bf16_supported() if cuda else device.type == "cpu" and _cpu_supports_bf16()
+    if precision == "auto":
+        return "bf16" if bf16_ok else ("fp16" if cuda else "fp32")
+    if precision == "bf16" and not bf16_ok:
+        raise VPRError(f"--precision bf16: not supported on {device.type} here; use fp32 or auto")
+    if precision == "fp16" and not cuda:
+        raise VPRError("--precision fp16: only on CUDA GPUs; use bf16 (recent CPUs), fp32 or auto")
+    return precision
+
+
+def distributed_rank_and_world() -> tuple[int, int]:
+    """(rank, world size); under torchrun, joins the process group (nccl on GPUs, gloo on CPU)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return 0, 1
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    return dist.get_rank(), world
+
+
+def _iterate_descriptors(backbone: Backbone, paths: Sequence[str], options: ExtractionOptions, desc: str,
+                         precision: str) -> Iterable[tuple[np.ndarray, np.ndarray]]:
     """Yield (row indices, descriptors) batch by batch, with a progress bar."""
     from tqdm import tqdm
 
     device = resolve_device(options.device)
     model = backbone.model.to(device)
+    memory_format = torch.channels_last if device.type == "cuda" else torch.contiguous_format
+    model = model.to(memory_format=memory_format)
+    autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
     loader = torch.utils.data.DataLoader(
         _ImageDataset(paths, backbone.info), batch_size=options.batch_size, shuffle=False,
-        num_workers=options.num_workers, persistent_workers=False,
+        num_workers=options.num_workers, persistent_workers=False, pin_memory=device.type == "cuda",
     )
-    with torch.inference_mode():
-        for images, index, errors in tqdm(loader, desc=desc, unit="batch", file=sys.stderr, dynamic_ncols=True):
+    with torch.inference_mode(), torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+        for images, index, errors in tqdm(loader, desc=desc, unit="batch", file=sys.stderr, dynamic_ncols=True,
+                                          disable=None):
             bad = [(int(i), e) for i, e in zip(index, errors) if e]
             if bad:
                 row, err = bad[0]
                 raise VPRError(f"image {paths[row]}: cannot be read as an image ({err}); fix or remove its row")
-            yield index.numpy(), backbone_descriptor(model, images.to(device)).float().cpu().numpy()
+            images = images.to(device, non_blocking=True, memory_format=memory_format)
+            yield index.numpy(), backbone_descriptor(model, images).float().cpu().numpy()
+
+
+def _extract_into_cache(backbone: Backbone, table: PlaceTable, keys: list[str], missing: list[int], cache: FeatureCache,
+                        options: ExtractionOptions, precision: str, desc: str) -> None:
+    """Extract the missing images and store them shard by shard (chunk_size images each)."""
+    pending_rows: list[int] = []
+    pending_feats: list[np.ndarray] = []
+    for rows, feats in _iterate_descriptors(backbone, [table.paths[i] for i in missing], options, desc, precision):
+        pending_rows.extend(missing[r] for r in rows)
+        pending_feats.append(feats)
+        if len(pending_rows) >= options.chunk_size:
+            cache.add([keys[i] for i in pending_rows], np.concatenate(pending_feats))
+            pending_rows, pending_feats = [], []
+    if pending_rows:
+        cache.add([keys[i] for i in pending_rows], np.concatenate(pending_feats))
 
 
 def extract_features(backbone: Backbone, table: PlaceTable, options: ExtractionOptions, label: str = "") -> np.ndarray:
@@ -724,30 +785,35 @@ def extract_features(backbone: Backbone, table: PlaceTable, options: ExtractionO
 
     Each image goes through the backbone once per configuration: later calls (epochs,
     validation, evaluation, later runs) read the cache. Prints how many came from it.
+    Under torchrun, each rank extracts its share of the missing images into the shared cache
+    (shards are separate files, so ranks never write the same file), then all read it.
     """
     name = f"{backbone.info.name} {label}".strip()
+    rank, world = distributed_rank_and_world()
+    precision = resolve_precision(options.precision, resolve_device(options.device))
     if options.cache_dir is None:
+        if world > 1:
+            raise VPRError("--no_cache cannot be combined with torchrun: the ranks share their work through the cache")
         out: np.ndarray | None = None
-        for rows, feats in _iterate_descriptors(backbone, table.paths, options, f"extract {name}"):
+        for rows, feats in _iterate_descriptors(backbone, table.paths, options, f"extract {name}", precision):
             out = np.empty((len(table), *feats.shape[1:]), np.float32) if out is None else out
             out[rows] = feats
         print(f"features [{name}]: {len(table)} extracted (cache disabled)", flush=True)
         return out
-    cache = FeatureCache(options.cache_dir, backbone.info)
+    cache = FeatureCache(options.cache_dir, backbone.info, options.cache_dtype, precision)
     keys = [image_fingerprint(p) for p in table.paths]
     missing = [i for i, k in enumerate(keys) if k not in cache]
-    print(f"features [{name}]: {len(keys) - len(missing)}/{len(keys)} from cache, extracting {len(missing)}", flush=True)
+    if rank == 0:
+        print(f"features [{name}]: {len(keys) - len(missing)}/{len(keys)} from cache, extracting {len(missing)}"
+              + (f" over {world} processes" if world > 1 and missing else ""), flush=True)
     if missing:
-        pending_rows: list[int] = []
-        pending_feats: list[np.ndarray] = []
-        for rows, feats in _iterate_descriptors(backbone, [table.paths[i] for i in missing], options, f"extract {name}"):
-            pending_rows.extend(missing[r] for r in rows)
-            pending_feats.append(feats)
-            if len(pending_rows) >= options.chunk_size:
-                cache.add([keys[i] for i in pending_rows], np.concatenate(pending_feats))
-                pending_rows, pending_feats = [], []
-        if pending_rows:
-            cache.add([keys[i] for i in pending_rows], np.concatenate(pending_feats))
+        _extract_into_cache(backbone, table, keys, missing[rank::world], cache, options, precision,
+                            f"extract {name}" + (f" [rank {rank}]" if world > 1 else ""))
+    if world > 1:
+        import torch.distributed as dist
+
+        dist.barrier()
+        cache = FeatureCache(options.cache_dir, backbone.info, options.cache_dtype, precision)  # every rank's shards
     return cache.get(keys)
 
 
@@ -1194,6 +1260,10 @@ class TrainConfig:
     num_workers: int = _flag(2, "image-decoding worker processes", "system")
     cache_dir: str = _flag(".cache/features", "feature cache folder", "system")
     no_cache: bool = _flag(False, "bypass the feature cache (extract every image every time)", "system")
+    precision: str = _flag("fp32", "extraction precision: fp32, bf16 (CUDA, recent CPUs), fp16 (CUDA) or auto "
+                           "(the fastest safe one)", "system", choices=PRECISIONS)
+    cache_dtype: str = _flag("float32", "feature cache storage: float32 or float16 (half the disk)", "system",
+                             choices=("float32", "float16"))
     log_dir: str = _flag("logs", "folder of run logs and training_summary.csv", "system")
     output_dir: str = _flag("trained_models", "folder of checkpoints", "system")
 
@@ -1286,6 +1356,7 @@ def extraction_options(config: Any) -> ExtractionOptions:
     return ExtractionOptions(
         batch_size=config.batch_size, num_workers=config.num_workers, device=config.device,
         cache_dir=None if config.no_cache else config.cache_dir,
+        precision=getattr(config, "precision", "fp32"), cache_dtype=getattr(config, "cache_dtype", "float32"),
     )
 
 

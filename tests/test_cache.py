@@ -35,9 +35,9 @@ def spy(monkeypatch):
     seen: list[str] = []
     original = vpr._iterate_descriptors
 
-    def wrapper(backbone, paths, options, desc):
+    def wrapper(backbone, paths, options, desc, *rest):
         seen.extend(paths)
-        yield from original(backbone, paths, options, desc)
+        yield from original(backbone, paths, options, desc, *rest)
 
     monkeypatch.setattr(vpr, "_iterate_descriptors", wrapper)
     return seen
