@@ -1,0 +1,178 @@
+#!/usr/bin/env python3
+"""What the feature cache buys: an epoch on cached features against an epoch that runs the
+frozen backbone on every training image.
+
+    .venv/bin/python bench/bench_training.py                 # 256 images of bgu_campus train.csv
+    .venv/bin/python bench/bench_training.py --num_images 0  # all 849
+
+The no-cache epoch must extract every training image again: its extra cost is one
+extract_features(..., cache_dir=None) over the training images (decode, resize, normalise,
+forward; effnet_lite0, batch 32, num_workers as train_vpr's default). The cached epoch is
+train_vpr's own epoch on cached features: epoch_batches (embed with the current head, mine hard
+negatives, build place batches) + train_one_epoch (forward, hybrid loss, AdamW step, CSV log
+rows), with the default configuration (DESIGN.md §4) and the same images. Validation is
+measured separately (it is the same with and without the cache once features exist).
+
+Reported (medians over repeats, extraction and epochs alternating so load bursts hit both):
+  extract_s / cached_epoch_s   how many cached epochs one no-cache epoch's extraction costs
+                               (target >= 50)
+  (extract_s + cached_epoch_s) / cached_epoch_s   the full no-cache epoch over the cached one
+  head training throughput     samples/s of train_one_epoch on cached features
+
+--malloc_fix applies the proposed fix of bench_extraction.py (faster extraction, so a lower ratio).
+
+Writes bench/results/training.csv (training_malloc_fix.csv with --malloc_fix).
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import math
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+BENCH = Path(__file__).resolve().parent
+REPO = BENCH.parent
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(BENCH))
+
+import train_vpr  # noqa: E402
+import trainable_vpr as vpr  # noqa: E402
+from bench_extraction import apply_malloc_fix  # noqa: E402
+
+DATA = REPO.parent / "shared" / "data" / "bgu_campus"
+OUT_DIR = REPO / "bench" / "results"
+
+
+def quiet():
+    stack = contextlib.ExitStack()
+    stack.enter_context(contextlib.redirect_stdout(io.StringIO()))
+    stack.enter_context(contextlib.redirect_stderr(io.StringIO()))
+    return stack
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--data", type=Path, default=DATA)
+    parser.add_argument("--num_images", type=int, default=256, help="first N training rows (0: all)")
+    parser.add_argument("--model", default="effnet_lite0")
+    parser.add_argument("--repeats", type=int, default=3, help="no-cache extractions (medians)")
+    parser.add_argument("--epochs", type=int, default=5, help="cached epochs per repeat")
+    parser.add_argument("--num_workers", type=int, default=vpr.TrainConfig.num_workers)
+    parser.add_argument("--malloc_fix", action="store_true",
+                        help="mallopt: no mmap/munmap of large blocks (the proposed extraction fix, see bench_extraction.py)")
+    parser.add_argument("--out_dir", type=Path, default=OUT_DIR)
+    args = parser.parse_args()
+    malloc_fix = apply_malloc_fix() if args.malloc_fix else False
+
+    with tempfile.TemporaryDirectory(prefix="bench_training_") as tmp:
+        tmp = Path(tmp)
+        config = vpr.TrainConfig(train_csv=str(args.data / "train.csv"), val_csv=str(args.data / "val.csv"),
+                                 model=args.model, device="cpu", num_workers=args.num_workers,
+                                 cache_dir=str(tmp / "cache"), log_dir=str(tmp / "logs"), output_dir=str(tmp / "models"))
+        vpr.validate_train_config(config)
+        vpr.set_determinism(config.seed)
+        train = vpr.load_poses(config.train_csv)
+        val = vpr.load_poses(config.val_csv)
+        if args.num_images:
+            train = train.subset(np.arange(min(args.num_images, len(train))))
+        n = len(train)
+        backbone = vpr.create_backbone(config.model)
+        cached = vpr.extraction_options(config)
+        no_cache = vpr.ExtractionOptions(batch_size=config.batch_size, num_workers=config.num_workers,
+                                         device=config.device, cache_dir=None)
+        with quiet():
+            vpr.extract_features(backbone, train.subset(np.arange(min(n, 32))), no_cache)  # warm-up
+            train_features = vpr.extract_features(backbone, train, cached, "train")   # fills the cache
+            val_features = vpr.extract_features(backbone, val, cached, "val")
+        data = train_vpr.TrainingData(backbone.info, train, val, train_features, val_features)
+        place_of = vpr.cluster_places(train.xyz, config.pos_threshold_m)
+        head = train_vpr.initial_head(config, data)
+        optimizer = torch.optim.AdamW(head.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+        scheduler = train_vpr.lr_scheduler(optimizer, config, math.ceil(n / config.batch_size))
+        loss_fn = vpr.HybridLoss(config.triplet_margin, config.contrastive_temperature, config.triplet_weight,
+                                 config.contrastive_weight, config.hard_neg_ratio)
+        rng = np.random.default_rng(config.seed)
+        generator = torch.Generator().manual_seed(config.seed)
+        logger = vpr.CsvLogger(tmp / "logs" / "bench.csv")
+        print(f"{n} training images ({len(np.unique(place_of))} GPS places), {config.model}, head {config.head}, "
+              f"batch {config.batch_size}, num_workers {config.num_workers}, torch threads {torch.get_num_threads()}, "
+              f"malloc fix {'on' if malloc_fix else 'off'}",
+              flush=True)
+
+        def cached_epoch(epoch: int) -> tuple[float, float, float, int]:
+            start = time.perf_counter()
+            batches = train_vpr.epoch_batches(config, head, data, place_of, rng)
+            middle = time.perf_counter()
+            train_vpr.train_one_epoch(epoch, head, optimizer, scheduler, loss_fn, data, batches, config, generator, logger)
+            end = time.perf_counter()
+            return end - start, middle - start, end - middle, int(sum(len(b) for b in batches))
+
+        cached_epoch(0)  # warm-up (first backward allocates, pml imports)
+        extract_times, epoch_times, batching_times, step_times, samples, read_times, val_times = [], [], [], [], [], [], []
+        epoch = 1
+        for rep in range(args.repeats):
+            with quiet():
+                start = time.perf_counter()
+                vpr.extract_features(backbone, train, no_cache, "train")
+                extract_times.append(time.perf_counter() - start)
+                start = time.perf_counter()
+                vpr.extract_features(backbone, train, cached, "train")
+                read_times.append(time.perf_counter() - start)
+            for _ in range(args.epochs):
+                total, batching, steps, count = cached_epoch(epoch)
+                epoch += 1
+                epoch_times.append(total)
+                batching_times.append(batching)
+                step_times.append(steps)
+                samples.append(count)
+            with quiet():
+                start = time.perf_counter()
+                train_vpr.validate(epoch, head, loss_fn, data, config, logger)
+                val_times.append(time.perf_counter() - start)
+            print(f"repeat {rep + 1}/{args.repeats}: extraction {extract_times[-1]:.2f} s, cached epochs "
+                  f"{', '.join(f'{t * 1000:.0f}' for t in epoch_times[-args.epochs:])} ms", flush=True)
+        logger.close()
+
+    med = statistics.median
+    extract_s, epoch_s = med(extract_times), med(epoch_times)
+    throughput = med([c / s for c, s in zip(samples, step_times)])
+    rows = [
+        {"measure": "no-cache extraction of the training images", "seconds": extract_s, "per_image_ms": 1000 * extract_s / n},
+        {"measure": "cached epoch (epoch_batches + train_one_epoch)", "seconds": epoch_s, "per_image_ms": 1000 * epoch_s / n},
+        {"measure": "  of which epoch_batches (embed, hard negatives, batches)", "seconds": med(batching_times)},
+        {"measure": "  of which train_one_epoch", "seconds": med(step_times)},
+        {"measure": "validation (val queries vs train database, val loss)", "seconds": med(val_times)},
+        {"measure": "reading the training features from a warm cache", "seconds": med(read_times)},
+        {"measure": "ratio extraction / cached epoch", "value": extract_s / epoch_s},
+        {"measure": "ratio (extraction + cached epoch) / cached epoch", "value": (extract_s + epoch_s) / epoch_s},
+        {"measure": "head training throughput (samples/s, train_one_epoch)", "value": throughput},
+        {"measure": "epoch throughput incl. batch building (images/s)", "value": n / epoch_s},
+    ]
+    import pandas as pd
+
+    pd.set_option("display.width", 200)
+    frame = pd.DataFrame(rows)
+    frame.insert(1, "images", n)
+    frame["repeats"] = f"{args.repeats} extractions, {len(epoch_times)} epochs"
+    frame["malloc_fix"] = malloc_fix
+    args.out_dir.mkdir(parents=True, exist_ok=True)
+    name = "training_malloc_fix.csv" if malloc_fix else "training.csv"
+    frame.to_csv(args.out_dir / name, index=False)
+    print("\n" + frame.round(4).to_string(index=False))
+    ratio = extract_s / epoch_s
+    print(f"\nno-cache epoch costs {ratio:.0f}x a cached epoch in extraction alone (target >= 50: "
+          f"{'met' if ratio >= 50 else 'NOT met'}); head training {throughput:.0f} samples/s")
+    print(f"table: {args.out_dir / name}")
+
+
+if __name__ == "__main__":
+    main()
