@@ -1024,30 +1024,74 @@ def cluster_places(xyz: np.ndarray, radius_m: float) -> np.ndarray:
     return best
 
 
-def mine_hard_negatives(embeddings: np.ndarray, xyz: np.ndarray, neg_threshold_m: float, k: int = 10) -> np.ndarray:
+def mine_hard_negatives(embeddings: np.ndarray, xyz: np.ndarray, neg_threshold_m: float, k: int = 10,
+                        chunk: int = 512, max_search_k: int = 512) -> np.ndarray:
     """Per image, the k most similar images (inner product of normalised embeddings) that lie
-    beyond neg_threshold_m: far in metres, near in embedding space. N x k, -1 where fewer exist.
-    faiss searches a growing candidate list; only candidates' distances are computed."""
+    beyond neg_threshold_m: far in metres, near in embedding space. N x k, most similar first,
+    -1 where fewer exist.
+
+    faiss searches a growing candidate list for anchors in chunks of `chunk`; only candidates'
+    distances are computed. Anchors still short of k far images at `max_search_k` candidates
+    (most images near them: a campus, a courtyard) are scored against the whole data set in
+    blocks instead. Memory stays O(chunk x max_search_k + 2^18), never N x N.
+    """
     import faiss
 
     n = len(embeddings)
     emb = np.ascontiguousarray(embeddings, dtype=np.float32)
+    xyz = np.asarray(xyz, dtype=np.float64)
+    xyz = xyz - xyz.mean(axis=0) if n else xyz  # centred: metre-exact differences
     index = faiss.IndexFlatIP(emb.shape[1])
     index.add(emb)
     result = np.full((n, k), -1, dtype=np.int64)
-    todo = np.arange(n)
-    search_k = min(n, 4 * k + 16)
-    while todo.size:
-        _, cand = index.search(emb[todo], search_k)
-        dist = np.linalg.norm(xyz[cand.clip(0)] - xyz[todo][:, None, :], axis=2)
-        far = (dist > neg_threshold_m) & (cand >= 0)
-        done = (far.sum(1) >= k) | (search_k >= n)
-        for row in np.flatnonzero(done):
-            picks = cand[row][far[row]][:k]
-            result[todo[row], : len(picks)] = picks
-        todo = todo[~done]
-        search_k = min(n, search_k * 4)
+    for start in range(0, n, chunk):
+        todo = np.arange(start, min(n, start + chunk))
+        search_k = min(n, 4 * k + 16, max_search_k)
+        while todo.size:
+            scores, cand = index.search(emb[todo], search_k)
+            cand = np.take_along_axis(cand, np.lexsort((cand, -scores), axis=1), axis=1)  # ties: lower index first
+            far = (_squared_distances(xyz[todo], xyz, cand.clip(0)) > neg_threshold_m ** 2) & (cand >= 0)
+            done = (far.sum(1) >= k) | (search_k >= n)
+            for row in np.flatnonzero(done):
+                picks = cand[row][far[row]][:k]
+                result[todo[row], : len(picks)] = picks
+            todo = todo[~done]
+            if search_k >= min(n, max_search_k):
+                break
+            search_k = min(n, search_k * 4, max_search_k)
+        if todo.size:
+            result[todo] = _hard_negatives_by_blocks(emb, xyz, todo, neg_threshold_m, k)
     return result
+
+
+def _squared_distances(anchor_xyz: np.ndarray, xyz: np.ndarray, others: np.ndarray) -> np.ndarray:
+    """|anchor_xyz[i] - xyz[others[i, j]]|^2, one coordinate at a time (no M x K x 3 temporary)."""
+    total = np.zeros(others.shape, dtype=np.float64)
+    for axis in range(xyz.shape[1]):
+        diff = xyz[others, axis] - anchor_xyz[:, axis, None]
+        total += diff * diff
+    return total
+
+
+def _hard_negatives_by_blocks(emb: np.ndarray, xyz: np.ndarray, anchors: np.ndarray, neg_threshold_m: float,
+                              k: int, cells: int = 1 << 18) -> np.ndarray:
+    """Exact top-k far images of `anchors`, scanning the data set in blocks of about `cells`
+    (anchor, image) pairs at a time and keeping a running top-k; ties go to the lower index."""
+    block = max(64, cells // max(len(anchors), 1))
+    best_sim = np.full((len(anchors), k), -np.inf, dtype=np.float32)
+    best_idx = np.full((len(anchors), k), -1, dtype=np.int64)
+    for b0 in range(0, len(emb), block):
+        ids = np.arange(b0, min(len(emb), b0 + block))
+        sim = emb[anchors] @ emb[ids].T
+        sim[_squared_distances(xyz[anchors], xyz, np.broadcast_to(ids, sim.shape)) <= neg_threshold_m ** 2] = -np.inf
+        all_sim = np.concatenate([best_sim, sim], axis=1)
+        all_idx = np.concatenate([best_idx, np.broadcast_to(ids, sim.shape)], axis=1)
+        # sort by similarity descending, then index ascending (-1 placeholders sort as -inf)
+        order = np.lexsort((np.where(all_idx < 0, np.iinfo(np.int64).max, all_idx), -all_sim), axis=1)[:, :k]
+        best_sim = np.take_along_axis(all_sim, order, axis=1)
+        best_idx = np.take_along_axis(all_idx, order, axis=1)
+    best_idx[~np.isfinite(best_sim)] = -1
+    return best_idx
 
 
 def hard_negative_places(place_of: np.ndarray, hard_negatives: np.ndarray, top: int = 8) -> list[np.ndarray]:

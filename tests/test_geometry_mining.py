@@ -229,6 +229,23 @@ def test_mine_hard_negatives_matches_brute_force(n, d, k):
         assert got.tolist() == expected.tolist(), f"row {i}"
 
 
+@pytest.mark.parametrize("chunk, max_search_k", [(7, 8), (64, 32), (1000, 1)])
+def test_mine_hard_negatives_block_fallback_matches_brute_force(chunk, max_search_k):
+    """Small candidate lists force the block scan for most anchors: same answer, ties by index."""
+    rng = np.random.default_rng(11)
+    n, k = 200, 6
+    emb = _normalised(rng, n, 4)
+    emb[50] = emb[60]  # an exact tie: the lower index comes first
+    xyz = vpr.metric_to_xyz(*rng.uniform(0, 250, size=(2, n)))
+    hard = vpr.mine_hard_negatives(emb, xyz, 100.0, k=k, chunk=chunk, max_search_k=max_search_k)
+    dist, sim = _brute_dist(xyz), emb @ emb.T
+    for i in range(n):
+        far = np.flatnonzero(dist[i] > 100.0)
+        expected = far[np.lexsort((far, -sim[i, far]))][:k]
+        assert hard[i][hard[i] >= 0].tolist() == expected.tolist(), f"row {i}"
+        assert (hard[i][len(expected):] == -1).all()
+
+
 def test_mine_hard_negatives_far_candidates_are_not_the_most_similar_overall():
     """The most similar images are all near: the miner must look past them."""
     rng = np.random.default_rng(7)

@@ -100,13 +100,6 @@ def test_place_batches_memory_is_linear(place_of):
     assert peak < MINING_BUDGET, f"make_place_batches allocated {peak / MiB:.0f} MiB for {N_POSITIONS} positions"
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "mine_hard_negatives widens its faiss search up to search_k = N for every anchor without "
-    "enough far images among its candidates, for all such anchors at once, and gathers xyz[cand] "
-    "(|todo| x search_k x 3 float64): several N x N arrays when most images lie within "
-    "neg_threshold_m of each other (a campus, a courtyard). Fix: anchors in chunks of fixed size, "
-    "search_k capped, the rest scored against the database in row blocks of bounded size with "
-    "near images masked. Remove this marker once fixed."))
 def test_hard_negative_mining_memory_is_bounded_when_everything_is_near():
     # Quadratic work is unavoidable here (every pair must be looked at), so N stays small; the
     # check is that the memory stays below a single N x N float64 matrix.
