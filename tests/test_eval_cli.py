@@ -407,3 +407,26 @@ def test_raw_effnet_lite0_baseline_on_bgu_campus(real_feature_cache, tmp_path):
     assert 0.38 <= payload["recall@1"] <= 0.50  # reference 0.44
     assert payload["recall@1"] < payload["recall@5"] < payload["recall@10"]
     assert set(payload["by_condition"]) == {"day", "night"}
+
+
+def test_run_experiment_demo_end_to_end(tmp_path, monkeypatch):
+    """--demo generates the synthetic route (a short one here) and runs raw / PCA / trained on it;
+    explicit flags win over the demo's settings, defaults take the demo's."""
+    import functools
+
+    import demo_data
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(demo_data, "generate_demo_dataset",
+                        functools.partial(demo_data.generate_demo_dataset, num_places=8))
+    table = run_experiment.main(["--demo", "--models", TINY_MODEL, *TINY, "--epochs", "2", "--batch_size", "8",
+                                 "--images_per_place", "2", "--projection_dim", "16"])
+    assert sorted(p.name for p in (tmp_path / "demo_data").glob("*.csv")) == ["test.csv", "train.csv", "val.csv"]
+    assert table["variant"].tolist() == ["raw", "pca_whitened", "trained"]
+    assert table[["recall@1", "recall@5", "recall@10"]].stack().between(0, 1).all()
+    assert len(list((tmp_path / "logs").glob("experiment_*.csv"))) == 1
+    summary = pd.read_csv(tmp_path / "logs" / "training_summary.csv")
+    assert summary["epochs"].tolist() == [2]  # given explicitly
+    assert summary["lr"].tolist() == [run_experiment.DEMO_SETTINGS["lr"]]  # left at the default
+    assert summary["lr_schedule"].tolist() == ["cosine"]
+    assert (tmp_path / "trained_models" / f"trained_{vpr.safe_name(TINY_MODEL)}_seed42.pth").is_file()
