@@ -231,6 +231,7 @@ def descriptors_for(args: argparse.Namespace, checkpoint: dict | None, backbone:
     options = vpr.extraction_options(args)
     raw = Descriptors(vpr.extract_features(backbone, database, options, "database"),
                       vpr.extract_features(backbone, queries, options, "queries"))
+    vpr.release_other_ranks()  # under torchrun, rank 0 evaluates alone on the shared cache
     if checkpoint is not None:
         head = vpr.head_from_checkpoint(checkpoint)
         return f"trained_{backbone.info.name}", Descriptors(vpr.embed(head, raw.database), vpr.embed(head, raw.queries))

@@ -13,6 +13,7 @@ and writes logs/experiment_{timestamp}.csv.
 from __future__ import annotations
 
 import argparse
+import os
 import time
 from pathlib import Path
 from typing import Sequence
@@ -105,6 +106,9 @@ def comparison_table(reports_by_model: dict[str, list[eval_trained.EvalReport]],
 
 def main(argv: Sequence[str] | None = None) -> pd.DataFrame:
     args = parse_args(argv)
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise vpr.VPRError("run_experiment.py does not run under torchrun; fill the cache with "
+                           "`torchrun ... train_vpr.py` or `torchrun ... eval_trained.py`, then run it in one process")
     log_dir = vpr.check_writable_dir(args.log_dir, "--log_dir")
     reports_by_model = {model: compare_backbone(model, args) for model in args.models}
     table = comparison_table(reports_by_model, args.recall_at)

@@ -72,6 +72,7 @@ def load_training_data(config: vpr.TrainConfig) -> TrainingData:
     options = vpr.extraction_options(config)
     train_features = vpr.extract_features(backbone, train, options, "train")
     val_features = vpr.extract_features(backbone, val, options, "val")
+    vpr.release_other_ranks()  # under torchrun, rank 0 trains alone on the shared cache
     return TrainingData(backbone.info, train, val, train_features, val_features)
 
 

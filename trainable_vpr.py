@@ -728,16 +728,35 @@ def resolve_precision(precision: str, device: torch.device) -> str:
     return precision
 
 
+_ranks_released = False  # set once the other torchrun ranks have left (see release_other_ranks)
+
+
 def distributed_rank_and_world() -> tuple[int, int]:
     """(rank, world size); under torchrun, joins the process group (nccl on GPUs, gloo on CPU)."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world <= 1:
+    if world <= 1 or _ranks_released:
         return 0, 1
     import torch.distributed as dist
 
     if not dist.is_initialized():
         dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
     return dist.get_rank(), world
+
+
+def release_other_ranks() -> None:
+    """Under torchrun, once every table's features are in the cache: ranks other than 0 exit,
+    rank 0 goes on alone (training and evaluation on cached features are cheap). A no-op in a
+    single process. Call it after the last extract_features of a script."""
+    global _ranks_released
+    rank, world = distributed_rank_and_world()
+    if world > 1:
+        import torch.distributed as dist
+
+        dist.barrier()
+        dist.destroy_process_group()
+    _ranks_released = True
+    if rank != 0:
+        sys.exit(0)
 
 
 def _iterate_descriptors(backbone: Backbone, paths: Sequence[str], options: ExtractionOptions, desc: str,
@@ -785,8 +804,10 @@ def extract_features(backbone: Backbone, table: PlaceTable, options: ExtractionO
 
     Each image goes through the backbone once per configuration: later calls (epochs,
     validation, evaluation, later runs) read the cache. Prints how many came from it.
-    Under torchrun, each rank extracts its share of the missing images into the shared cache
-    (shards are separate files, so ranks never write the same file), then all read it.
+    Under torchrun (`torchrun --nproc_per_node K train_vpr.py ...`), each rank extracts its
+    share of the missing images into the shared cache: shards are separate files, so ranks never
+    write the same file, and the cache index is the union of every rank's shards (the merge).
+    After the barrier every rank reads the whole table from the cache.
     """
     name = f"{backbone.info.name} {label}".strip()
     rank, world = distributed_rank_and_world()
