@@ -20,6 +20,14 @@ anything runs: the proposed fix for the page faults that dominate CPU inference 
 forward gets its large activation buffers as fresh mmap'd pages from the kernel and returns
 them; see bench/README.md).
 
+--precisions fp32 bf16 (default: bf16 too where the CPU has it) repeats bare and pipeline under
+torch.autocast bf16, the module's --precision bf16; each pipeline is compared with the bare
+forward of its own precision.
+
+Share of the machine: the backbone's FLOPs per image (torch.utils.flop_counter, 2 per
+multiply-add) x images/s, divided by the matmul peak measured in the same run (torch.mm of
+2048 x 2048 matrices, fp32 and bf16): how much of what this CPU can do the pipeline uses.
+
 The figure of merit is pipeline images/s / bare images/s (target >= 0.8 on 2 cores). All
 variants alternate within each repeat (a burst of load from other jobs hits them alike); rates
 are medians over repeats, and ratios are taken between medians of the same run. Inside the
@@ -90,6 +98,28 @@ def apply_malloc_fix() -> bool:
     return bool(libc.mallopt(m_mmap_threshold, 1 << 30)) and bool(libc.mallopt(m_trim_threshold, 1 << 30))
 
 
+def gflops_per_image(model: torch.nn.Module, image_size: int) -> float:
+    """Forward FLOPs of one image (2 per multiply-add), counted by torch's flop counter."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    counter = FlopCounterMode(display=False)
+    with torch.inference_mode(), counter:
+        vpr.backbone_descriptor(model, torch.zeros(1, 3, image_size, image_size))
+    return counter.get_total_flops() / 1e9
+
+
+def matmul_peak_gflops(dtype: torch.dtype, n: int = 2048, repeats: int = 5) -> float:
+    """GFLOP/s of torch.mm on n x n matrices (median of repeats): the machine's practical peak."""
+    a, b = torch.randn(n, n).to(dtype), torch.randn(n, n).to(dtype)
+    torch.mm(a, b)
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        torch.mm(a, b)
+        times.append(time.perf_counter() - start)
+    return 2 * n ** 3 / statistics.median(times) / 1e9
+
+
 def page_faults() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 
@@ -101,18 +131,20 @@ def ready_batches(backbone: vpr.Backbone, table: vpr.PlaceTable, batch_size: int
     return list(images.split(batch_size))
 
 
-def bare_forward(model: torch.nn.Module, batches: list[torch.Tensor]) -> float:
+def bare_forward(model: torch.nn.Module, batches: list[torch.Tensor], precision: str = "fp32") -> float:
     start = time.perf_counter()
-    with torch.inference_mode():
+    with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
         for batch in batches:
             vpr.backbone_descriptor(model, batch)
     return time.perf_counter() - start
 
 
-def pipeline(backbone: vpr.Backbone, table: vpr.PlaceTable, batch_size: int, workers: int) -> tuple[float, float]:
+def pipeline(backbone: vpr.Backbone, table: vpr.PlaceTable, batch_size: int, workers: int,
+             precision: str = "fp32") -> tuple[float, float]:
     """(total seconds, seconds inside forward passes) of one extract_features with a fresh cache."""
     with tempfile.TemporaryDirectory(prefix="bench_extraction_") as cache_dir:
-        options = vpr.ExtractionOptions(batch_size=batch_size, num_workers=workers, device="cpu", cache_dir=cache_dir)
+        options = vpr.ExtractionOptions(batch_size=batch_size, num_workers=workers, device="cpu", cache_dir=cache_dir,
+                                        precision=precision)
         with ForwardTimer() as timer, contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
             start = time.perf_counter()
             feats = vpr.extract_features(backbone, table, options, "bench")
@@ -142,6 +174,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0: torch's default)")
     parser.add_argument("--profile", action="store_true", help="also print a cProfile of one pipeline call")
     parser.add_argument("--malloc_fix", action="store_true", help="mallopt: no mmap/munmap of large blocks (proposed fix)")
+    parser.add_argument("--precisions", nargs="+", choices=("fp32", "bf16"),
+                        default=["fp32", "bf16"] if vpr._cpu_supports_bf16() else ["fp32"])
     parser.add_argument("--out_dir", type=Path, default=OUT_DIR)
     args = parser.parse_args()
 
@@ -167,34 +201,58 @@ def main() -> None:
     faults = (page_faults() - faults) / n
     print(f"page faults per image in the bare forward: {faults:.0f} ({faults * 4 / 1024:.1f} MiB of fresh pages)", flush=True)
 
-    samples: dict[str, list[float]] = {"bare_forward": [], "bare_channels_last": []}
+    gflops = gflops_per_image(backbone.model, backbone.info.image_size)
+    peaks = {"fp32": matmul_peak_gflops(torch.float32)}
+    if "bf16" in args.precisions:
+        peaks["bf16"] = matmul_peak_gflops(torch.bfloat16)
+    print(f"{gflops:.3f} GFLOP per image; matmul peak " + ", ".join(f"{p} {v:.0f} GFLOP/s" for p, v in peaks.items()),
+          flush=True)
+
+    def bare_name(precision: str) -> str:
+        return "bare_forward" if precision == "fp32" else f"bare_forward_{precision}"
+
+    def pipeline_name(precision: str, workers: int) -> str:
+        return f"pipeline_w{workers}" if precision == "fp32" else f"pipeline_{precision}_w{workers}"
+
+    samples: dict[str, list[float]] = {"bare_channels_last": []}
     forward_in_pipeline: dict[str, list[float]] = {}
-    for w in args.workers:
-        samples[f"pipeline_w{w}"], samples[f"decode_only_w{w}"] = [], []
-        forward_in_pipeline[f"pipeline_w{w}"] = []
-    for rep in range(args.repeats):
-        samples["bare_forward"].append(bare_forward(backbone.model, batches))
-        samples["bare_channels_last"].append(bare_forward(cl_model, cl_batches))
+    precision_of: dict[str, str] = {"bare_channels_last": "fp32"}
+    for p in args.precisions:
+        samples[bare_name(p)] = []
+        precision_of[bare_name(p)] = p
         for w in args.workers:
-            total, fwd = pipeline(backbone, table, args.batch_size, w)
-            samples[f"pipeline_w{w}"].append(total)
-            forward_in_pipeline[f"pipeline_w{w}"].append(fwd)
+            samples[pipeline_name(p, w)], forward_in_pipeline[pipeline_name(p, w)] = [], []
+            precision_of[pipeline_name(p, w)] = p
+    for w in args.workers:
+        samples[f"decode_only_w{w}"] = []
+    for rep in range(args.repeats):
+        samples["bare_channels_last"].append(bare_forward(cl_model, cl_batches))
+        for p in args.precisions:
+            samples[bare_name(p)].append(bare_forward(backbone.model, batches, p))
+            for w in args.workers:
+                total, fwd = pipeline(backbone, table, args.batch_size, w, p)
+                samples[pipeline_name(p, w)].append(total)
+                forward_in_pipeline[pipeline_name(p, w)].append(fwd)
+        for w in args.workers:
             samples[f"decode_only_w{w}"].append(decode_only(backbone, table, args.batch_size, w))
         print(f"repeat {rep + 1}/{args.repeats}: " + ", ".join(f"{k} {v[-1]:.2f} s" for k, v in samples.items()), flush=True)
 
-    bare_rate = n / statistics.median(samples["bare_forward"])
     rows = []
     for name, times in samples.items():
         median = statistics.median(times)
-        row = {"variant": name, "images": n, "batch_size": args.batch_size, "threads": torch.get_num_threads(),
-               "malloc_fix": malloc_fix, "bare_page_faults_per_image": round(faults),
+        precision = precision_of.get(name, "fp32")
+        bare_median = statistics.median(samples[bare_name(precision)])
+        row = {"variant": name, "precision": precision, "images": n, "batch_size": args.batch_size,
+               "threads": torch.get_num_threads(), "malloc_fix": malloc_fix, "bare_page_faults_per_image": round(faults),
                "repeats": args.repeats, "median_s": median, "min_s": min(times), "max_s": max(times),
-               "images_per_s": n / median, "ratio_to_bare": (n / median) / bare_rate}
+               "images_per_s": n / median, "ratio_to_bare": bare_median / median}
+        if not name.startswith("decode_only"):
+            row["share_of_matmul_peak"] = gflops * n / median / peaks[precision]
         if name in forward_in_pipeline:
             fwd = statistics.median(forward_in_pipeline[name])
             row["forward_s_inside"] = fwd
             row["other_s_inside"] = median - fwd
-            row["forward_slowdown_vs_bare"] = fwd / statistics.median(samples["bare_forward"])
+            row["forward_slowdown_vs_bare"] = fwd / bare_median
         rows.append(row)
 
     import pandas as pd
@@ -204,10 +262,14 @@ def main() -> None:
     args.out_dir.mkdir(parents=True, exist_ok=True)
     frame.to_csv(args.out_dir / f"extraction{'_malloc_fix' if malloc_fix else ''}.csv", index=False)
     print("\n" + frame.round(3).to_string(index=False))
-    print("\npipeline images/s over bare forward images/s (target >= 0.8):")
-    for w in args.workers:
-        r = frame.set_index("variant").at[f"pipeline_w{w}", "ratio_to_bare"]
-        print(f"  num_workers {w}: {r:.3f}  {'met' if r >= 0.8 else 'NOT met'}")
+    print("\npipeline images/s over bare forward images/s of the same precision (target >= 0.8):")
+    by_variant = frame.set_index("variant")
+    for p in args.precisions:
+        for w in args.workers:
+            r = by_variant.at[pipeline_name(p, w), "ratio_to_bare"]
+            share = by_variant.at[pipeline_name(p, w), "share_of_matmul_peak"]
+            print(f"  {p} num_workers {w}: {r:.3f}  {'met' if r >= 0.8 else 'NOT met'}   "
+                  f"({share:.0%} of the {p} matmul peak)")
     print(f"table: {args.out_dir / ('extraction_malloc_fix.csv' if malloc_fix else 'extraction.csv')}")
 
     if args.profile:
