@@ -39,7 +39,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     exp.add_argument("--recall_at", type=int, nargs="+", default=[1, 5, 10], help="the N of Recall@N")
     vpr.add_config_args(parser, skip=("model",), optional=("train_csv", "val_csv"))
     vpr.add_debug_flag(parser)
-    args = vpr.parse_with_recipe(parser, argv)
+    args = vpr.parse_layered(parser, argv)
     if args.demo:
         use_demo_data(args, parser)
     missing = [f"--{name}" for name in ("train_csv", "val_csv", "test_csv") if not getattr(args, name)]
