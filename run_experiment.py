@@ -68,10 +68,8 @@ def compare_backbone(model: str, args: argparse.Namespace) -> list[eval_trained.
     vpr.validate_train_config(config)
     eval_args = argparse.Namespace(**{**vars(args), "train_csv": args.db_csv or args.train_csv})
     database, queries = eval_trained.load_eval_tables(eval_args)
-    backbone = vpr.create_backbone(model, config.weights, config.image_size)
-    options = vpr.extraction_options(config)
-    raw = eval_trained.Descriptors(vpr.extract_features(backbone, database, options, "database"),
-                                   vpr.extract_features(backbone, queries, options, "queries"))
+    backbone = None if database.embeddings is not None else vpr.create_backbone(model, config.weights, config.image_size)
+    raw = eval_trained.raw_descriptors(config, backbone, database, queries)
     variants = {"raw": raw, "pca_whitened": eval_trained.pca_whitened(raw, config.projection_dim)}
 
     print(f"\n=== {model}: training ({config.epochs} epochs)", flush=True)
@@ -82,7 +80,7 @@ def compare_backbone(model: str, args: argparse.Namespace) -> list[eval_trained.
     reports = []
     for variant, descriptors in variants.items():
         report = eval_trained.evaluate_variant(f"{model} {variant}", descriptors, database, queries,
-                                               config.pos_threshold_m, args.recall_at)
+                                               config.pos_threshold_m, args.recall_at, config.supervision)
         print(eval_trained.format_report(report, args.recall_at), flush=True)
         reports.append(report)
     return reports
