@@ -56,6 +56,7 @@ class TuneOptions:
     n_trials: int
     n_jobs: int
     config_file: str | None
+    sampler_seed: int
 
 
 def parse_args(argv: Sequence[str] | None) -> tuple[vpr.TrainConfig, TuneOptions]:
@@ -65,6 +66,8 @@ def parse_args(argv: Sequence[str] | None) -> tuple[vpr.TrainConfig, TuneOptions
     tune.add_argument("--study_name", default="vpr_tune", help="study name (workers with the same name and storage share it)")
     tune.add_argument("--n_trials", type=int, default=20, help="trials this invocation runs, shared by its workers")
     tune.add_argument("--n_jobs", type=int, default=1, help="local worker processes")
+    tune.add_argument("--sampler_seed", type=int, default=None,
+                      help="seed of the TPE sampler, + worker index (default: --seed); give each SLURM task its own")
     vpr.add_config_args(parser)
     vpr.add_debug_flag(parser)
     args = vpr.parse_layered(parser, argv)
@@ -73,7 +76,8 @@ def parse_args(argv: Sequence[str] | None) -> tuple[vpr.TrainConfig, TuneOptions
     config = vpr.config_from_args(args)
     vpr.validate_train_config(config)
     storage = args.storage or f"sqlite:///{Path(config.log_dir).resolve() / vpr.safe_name(args.study_name)}.db"
-    return config, TuneOptions(storage, args.study_name, args.n_trials, args.n_jobs, args.config)
+    sampler_seed = config.seed if args.sampler_seed is None else args.sampler_seed
+    return config, TuneOptions(storage, args.study_name, args.n_trials, args.n_jobs, args.config, sampler_seed)
 
 
 def require_optuna():
@@ -156,7 +160,7 @@ def objective(trial, base: vpr.TrainConfig, dimensions: list[Dimension], study_n
 
 def run_worker(base: vpr.TrainConfig, options: TuneOptions, dimensions: list[Dimension], n_trials: int, worker: int) -> int:
     """One worker process: n_trials trials of the shared study. Returns how many it ran."""
-    study = open_study(options, base.seed + worker)
+    study = open_study(options, options.sampler_seed + worker)
     before = len(study.get_trials(deepcopy=False))
     study.optimize(lambda trial: objective(trial, base, dimensions, options.study_name), n_trials=n_trials,
                    catch=(vpr.VPRError,))
@@ -201,7 +205,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     require_optuna()
     dimensions = search_space(options.config_file)
     log_dir = vpr.check_writable_dir(base.log_dir, "--log_dir")
-    study = open_study(options, base.seed, create=True)
+    study = open_study(options, options.sampler_seed, create=True)
     print(f"study {options.study_name} in {options.storage}: {options.n_trials} trials on {options.n_jobs} worker(s), "
           f"searching {', '.join(d.name for d in dimensions)}", flush=True)
     run_workers(base, options, dimensions)

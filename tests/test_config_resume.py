@@ -190,3 +190,8 @@ def test_early_stopping_is_recorded(parquets, tmp_path):
     result = train_vpr.train(config)
     final = vpr.load_checkpoint(result.final_checkpoint)
     assert result.early_stopped and final["early_stopped"] is True and result.epochs_run < 6
+
+
+def test_example_config_file_is_valid():
+    config = train_vpr.parse_args(["--config", str(REPO / "config.toml")])
+    assert config.model == "effnet_lite0" and config.neg_sampler == "hard" and config.projection_dim == 256
