@@ -188,9 +188,11 @@ def batch_loss(head: torch.nn.Module, loss_fn: vpr.HybridLoss, split: Split, bat
     if sampler is None:
         return loss_fn(embeddings, pos_mask, neg_mask, generator)
     detached = embeddings.detach()
-    triplets, arms = sampler.triplets(detached @ detached.T, pos_mask, neg_mask, generator,
-                                      [split.table.paths[i] for i in batch], split.table.labels[batch] if split.table.labels is not None else None)
-    sampler.reward(arms, vpr.triplet_losses(detached, triplets, config.triplet_margin, config.loss_distance), config.triplet_margin)
+    ids, place_labels = [split.table.paths[i] for i in batch], split.table.labels  # difficulty tables are keyed by these
+    triplets, arms = sampler.triplets(detached @ detached.T, pos_mask, neg_mask, generator, ids,
+                                      None if place_labels is None else place_labels[batch])
+    losses = vpr.triplet_losses(detached, triplets, config.triplet_margin, config.loss_distance)
+    sampler.reward(arms, losses, config.triplet_margin)
     return loss_fn(embeddings, pos_mask, neg_mask, generator, triplets)
 
 
@@ -338,7 +340,7 @@ def train(config: vpr.TrainConfig, on_validation: ValidationCallback | None = No
               TrainState())
     loss_fn = vpr.HybridLoss(config.triplet_margin, config.contrastive_temperature, config.triplet_weight,
                              config.contrastive_weight, vpr.effective_hard_neg_ratio(config), config.loss_distance)
-    columns = vpr.LOG_COLUMNS + (["ucb_stats"] if run.sampler else [])
+    columns = vpr.LOG_COLUMNS + (vpr.LOG_OPTIONAL_COLUMNS if run.sampler else [])
     best_path = vpr.checkpoint_path(config.output_dir, config.model, config.seed)
     last_path = vpr.checkpoint_path(config.output_dir, config.model, config.seed, "last")
     if config.resume:
