@@ -32,8 +32,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     exp = parser.add_argument_group("experiment")
     exp.add_argument("--demo", action="store_true",
                      help=f"generate the built-in synthetic route under {DEMO_DIR}/ and run on it with effnet_lite0")
-    exp.add_argument("--test_csv", help="poses CSV of the final queries")
-    exp.add_argument("--db_csv", help="database of the final evaluation (default: --train_csv)")
+    exp.add_argument("--test_csv", "--test_parquet", dest="test_csv", help="poses CSV or embeddings parquet of the final queries")
+    exp.add_argument("--db_csv", "--db_parquet", dest="db_csv", help="database of the final evaluation (default: --train_csv)")
     exp.add_argument("--models", "--model", dest="models", nargs="+", default=["dinov2_b"],
                      help=f"backbones to compare: {', '.join(vpr.BACKBONES)} or timm:ARCH")
     exp.add_argument("--recall_at", type=int, nargs="+", default=[1, 5, 10], help="the N of Recall@N")
@@ -106,8 +106,8 @@ def main(argv: Sequence[str] | None = None) -> pd.DataFrame:
     table = comparison_table(reports_by_model, args.recall_at)
     path = log_dir / f"experiment_{time.strftime('%Y%m%d_%H%M%S')}.csv"
     vpr.atomic_write(path, lambda p: table.to_csv(p, index=False))
-    print(f"\nqueries {args.test_csv} against database {args.db_csv or args.train_csv}, "
-          f"correct within {args.pos_threshold_m:g} m")
+    rule = "by place label" if reports_by_model[args.models[0]][0].result.by_label else f"within {args.pos_threshold_m:g} m"
+    print(f"\nqueries {args.test_csv} against database {args.db_csv or args.train_csv}, correct {rule}")
     print(table.to_string(index=False))
     print(f"wrote {path}")
     return table

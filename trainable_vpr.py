@@ -1344,11 +1344,9 @@ def group_places(xyz: np.ndarray | None, labels: np.ndarray | None, radius_m: fl
     Labels 0..P-1 in order of first appearance."""
     if labels is None:
         return cluster_places(xyz, radius_m)
-    keys = np.asarray(labels).astype(str)
-    if xyz is not None:
-        keys = np.char.add(np.char.add(keys, "\x00"), cluster_places(xyz, radius_m).astype(str))
-    _, first, inverse = np.unique(keys, return_index=True, return_inverse=True)
-    return np.argsort(np.argsort(first))[inverse.reshape(-1)]
+    if xyz is None:
+        return pd.factorize(np.asarray(labels))[0]
+    return pd.MultiIndex.from_arrays([np.asarray(labels), cluster_places(xyz, radius_m)]).factorize()[0]
 
 
 def mine_hard_negatives(embeddings: np.ndarray, xyz: np.ndarray | None, neg_threshold_m: float, k: int = 10,

@@ -191,3 +191,26 @@ def test_triplet_losses_match_pml_for_both_distances():
         pml = loss.triplet(emb, indices_tuple=triplets)
         mine = vpr.triplet_losses(emb, triplets, 0.5, distance)
         assert (mine >= 0).all() and pml.item() == pytest.approx(mine.mean().item(), abs=1e-5)
+
+
+def test_places_for_batches_follow_labels_and_cells():
+    labels = np.array(["b", "a", "b", "a", "b"])
+    assert vpr.group_places(None, labels, 25.0).tolist() == [0, 1, 0, 1, 0]
+    xyz = np.array([[0, 0, 0], [0, 0, 0], [1, 0, 0], [0, 0, 0], [500, 0, 0]], float)
+    # the third "b" is 500 m away: another place, although the same label
+    assert vpr.group_places(xyz, labels, 25.0).tolist() == [0, 1, 0, 1, 2]
+
+
+def test_run_experiment_on_parquets(tmp_path, no_images, capsys):
+    import run_experiment
+
+    train, val = _parquets(tmp_path)
+    test = write_embeddings_parquet(tmp_path / "test.parquet", n_places=6, per_place=2, seed=3)
+    table = run_experiment.main(["--train_parquet", str(train), "--val_parquet", str(val), "--test_parquet", str(test),
+                                 "--models", "emb", "--epochs", "1", "--batch_size", "8",
+                                 "--log_dir", str(tmp_path / "logs"), "--output_dir", str(tmp_path / "models")])
+    assert table.variant.tolist() == ["raw", "pca_whitened", "trained"]
+    raw = vpr.evaluate_retrieval(vpr.load_table(train).embeddings, None, vpr.load_table(test).embeddings, None, 25.0,
+                                 (1, 5, 10), vpr.load_table(train).labels, vpr.load_table(test).labels)
+    assert table.loc[0, "recall@1"] == pytest.approx(raw.recalls[1], abs=1e-4)
+    assert "correct by place label" in capsys.readouterr().out
