@@ -4,13 +4,14 @@ Every script (train_vpr.py, eval_trained.py, run_experiment.py, analyze_metrics.
 pieces from here, so that each idea has one home:
 
 1. errors and the CLI wrapper      (VPRError, run_cli)
-2. geometry and poses CSVs         (to_metric_xyz, load_poses -> PlaceTable)
+2. geometry, poses CSVs, embeddings (to_metric_xyz, load_table -> PlaceTable, export_embeddings_parquet)
 3. backbones                       (BACKBONES, create_backbone)
 4. the feature cache               (FeatureCache, extract_features)
-5. heads and losses                (ProjectionHead, HybridLoss)
-6. GPS mining                      (neighbours_within, cluster_places, mine_hard_negatives, ...)
+5. heads and losses                (ProjectionHead, ResidualHead, MLPHead, pair_relations, HybridLoss)
+5b. UCB negative sampling          (UCB1Bandit, UCBNegativeSampler)
+6. GPS and label mining            (neighbours_within, group_places, mine_hard_negatives, ...)
 7. evaluation                      (evaluate_retrieval -> RecallResult)
-8. configuration, logs, checkpoints (TrainConfig, CsvLogger, save_checkpoint, load_checkpoint)
+8. configuration, logs, checkpoints (TrainConfig, parse_layered, CsvLogger, save_checkpoint, load_checkpoint)
 
 See ../shared/DESIGN.md (the contracts) and README.md (the user's view).
 """
