@@ -66,3 +66,9 @@ def test_two_workers_share_one_sqlite_study(tmp_path):
         assert len(run_logs) == 1, t.number
     saved = json.loads((logs / "tiny_best.json").read_text())
     assert saved["best_params"] == study.best_params and saved["best_value"] == study.best_value
+
+
+def test_missing_optuna_is_one_clear_line(monkeypatch):
+    monkeypatch.setitem(__import__("sys").modules, "optuna", None)  # import optuna -> ImportError
+    with pytest.raises(vpr.VPRError, match=r"tune_vpr.py needs Optuna: pip install optuna"):
+        tune_vpr.require_optuna()
