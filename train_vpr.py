@@ -43,12 +43,18 @@ class TrainResult:
 
 @dataclass
 class Split:
-    """One side of training: its table, its frozen features, and the place labels that
-    supervise it (None: GPS positions do)."""
+    """One side of training: its table, its frozen features, the place labels that supervise
+    it (None: GPS positions do) and the places its batches are drawn from."""
 
     table: vpr.PlaceTable
     features: np.ndarray
     labels: np.ndarray | None
+    places: np.ndarray  # place of each image, for batches (group_places)
+
+    @classmethod
+    def of(cls, table: vpr.PlaceTable, features: np.ndarray, by_label: bool, pos_threshold_m: float) -> "Split":
+        labels = table.labels if by_label else None
+        return cls(table, features, labels, vpr.group_places(table.xyz, labels, pos_threshold_m))
 
     @property
     def xyz(self) -> np.ndarray | None:
@@ -118,7 +124,7 @@ def load_training_data(config: vpr.TrainConfig) -> TrainingData:
     val = vpr.load_table(config.val_csv, config.image_root, config.camera_id)
     vpr.check_same_coord_kind(train, val)
     by_label = vpr.uses_labels(config.supervision, train, val)
-    split = lambda table, features: Split(table, features, table.labels if by_label else None)  # noqa: E731
+    split = lambda table, features: Split.of(table, features, by_label, config.pos_threshold_m)  # noqa: E731
     if train.embeddings is not None:
         if train.embeddings.shape[1] != val.embeddings.shape[1]:
             raise vpr.VPRError(f"{config.val_csv}: {val.embeddings.shape[1]}-dim embeddings, but {config.train_csv} has "
@@ -160,8 +166,7 @@ def negative_sampler(config: vpr.TrainConfig) -> vpr.UCBNegativeSampler | None:
     return vpr.UCBNegativeSampler(config.ucb_bands, config.ucb_exploration_constant, config.ucb_warmup_samples, difficulty)
 
 
-def epoch_batches(config: vpr.TrainConfig, head: torch.nn.Module, split: Split, place_of: np.ndarray,
-                  rng: np.random.Generator) -> list[np.ndarray]:
+def epoch_batches(config: vpr.TrainConfig, head: torch.nn.Module, split: Split, rng: np.random.Generator) -> list[np.ndarray]:
     """This epoch's batches: places mixed with hard-negative places mined with the current head."""
     hard_places = None
     ratio = vpr.effective_hard_neg_ratio(config)
@@ -169,9 +174,9 @@ def epoch_batches(config: vpr.TrainConfig, head: torch.nn.Module, split: Split, 
         embeddings = vpr.embed(head, split.features)
         hard = vpr.mine_hard_negatives(embeddings, split.xyz, config.neg_threshold_m, labels=split.labels,
                                        pos_threshold_m=config.pos_threshold_m)
-        hard_places = vpr.hard_negative_places(place_of, hard)
+        hard_places = vpr.hard_negative_places(split.places, hard)
     num_batches = math.ceil(len(split) / config.batch_size)
-    return vpr.make_place_batches(place_of, config.batch_size, config.images_per_place, num_batches, rng,
+    return vpr.make_place_batches(split.places, config.batch_size, config.images_per_place, num_batches, rng,
                                   hard_places, ratio)
 
 
@@ -223,9 +228,8 @@ def train_one_epoch(epoch: int, head, optimizer, scheduler, loss_fn, split: Spli
 def validation_loss(head, loss_fn: vpr.HybridLoss, split: Split, config: vpr.TrainConfig) -> float:
     """The training loss on fixed batches of validation images (same batches every epoch)."""
     head.eval()
-    place_of = vpr.group_places(split.xyz, split.labels, config.pos_threshold_m)
     try:
-        batches = vpr.make_place_batches(place_of, config.batch_size, config.images_per_place,
+        batches = vpr.make_place_batches(split.places, config.batch_size, config.images_per_place,
                                          math.ceil(len(split) / config.batch_size), np.random.default_rng(config.seed))
     except vpr.VPRError:
         return float("nan")  # no validation place has two images: no loss to compute
@@ -323,6 +327,54 @@ def print_config(config: vpr.TrainConfig) -> None:
     print("config: " + " ".join(f"{k}={v}" for k, v in dataclasses.asdict(config).items()), flush=True)
 
 
+def new_run(config: vpr.TrainConfig, data: TrainingData) -> Run:
+    """A fresh head, optimizer, schedule, negative sampler and random generators."""
+    head = initial_head(config, data)
+    optimizer = torch.optim.AdamW(head.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    scheduler = lr_scheduler(optimizer, config, math.ceil(len(data.train) / config.batch_size))
+    return Run(config, data, head, optimizer, scheduler, negative_sampler(config), np.random.default_rng(config.seed),
+               torch.Generator().manual_seed(config.seed), TrainState())
+
+
+def open_log(run: Run, loss_fn: vpr.HybridLoss, log_dir: Path, best_path: Path) -> vpr.CsvLogger:
+    """Resumed: restore the run and continue its log. New: a new log, whose epoch 0 validates
+    the untrained head (with --head residual that is PCA-whitening, so the best checkpoint is
+    never worse on validation than the strongest frozen baseline)."""
+    config = run.config
+    columns = vpr.LOG_COLUMNS + (vpr.LOG_OPTIONAL_COLUMNS if run.sampler else [])
+    if config.resume:
+        run.restore(config.resume)
+        logger = vpr.CsvLogger(run.log_file, columns, continue_after_epoch=run.state.epoch)
+        print(f"run {run.run_id}: resumed after epoch {run.state.epoch} from {config.resume}, log {logger.path}", flush=True)
+        return logger
+    run.run_id = vpr.new_run_id(config.model, config.seed, log_dir)
+    logger = vpr.CsvLogger(log_dir / f"{run.run_id}.csv", columns)
+    run.log_file = logger.path
+    print(f"run {run.run_id}: {len(run.data.train)} train / {len(run.data.val)} val images, "
+          f"{len(np.unique(run.data.train.places))} places, log {logger.path}", flush=True)
+    result, val_loss = validate(0, run.head, loss_fn, run.data, config, logger)
+    run.state = TrainState(best_recall=result.recalls, best_val_loss=math.inf if math.isnan(val_loss) else val_loss)
+    vpr.save_checkpoint(best_path, run.checkpoint(0, resumable=False))
+    print(f"epoch 0 (untrained head)  val R@1 {result.recalls[1]:.3f} R@5 {result.recalls[5]:.3f} "
+          f"R@10 {result.recalls[10]:.3f}", flush=True)
+    return logger
+
+
+def record_validation(run: Run, epoch: int, result: vpr.RecallResult, val_loss: float, best_path: Path) -> bool:
+    """Update best metrics and patience; save the best checkpoint. Returns whether R@1 improved."""
+    state = run.state
+    improved = result.recalls[1] > state.best_recall[1]
+    state.stale = 0 if improved else state.stale + 1
+    if not math.isnan(val_loss):
+        state.best_val_loss = min(state.best_val_loss, val_loss)
+    if improved:
+        state.best_recall, state.best_epoch = result.recalls, epoch
+        vpr.save_checkpoint(best_path, run.checkpoint(epoch, resumable=False))
+    patience = run.config.early_stopping_patience
+    state.early_stopped = bool(patience and state.stale >= patience)
+    return improved
+
+
 def train(config: vpr.TrainConfig, on_validation: ValidationCallback | None = None) -> TrainResult:
     """The whole training job; returns where its results are."""
     started = time.perf_counter()
@@ -331,54 +383,25 @@ def train(config: vpr.TrainConfig, on_validation: ValidationCallback | None = No
     log_dir = vpr.check_writable_dir(config.log_dir, "--log_dir")
     vpr.check_writable_dir(config.output_dir, "--output_dir")
     data = load_training_data(config)
-    place_of = vpr.group_places(data.train.xyz, data.train.labels, config.pos_threshold_m)
-
-    head = initial_head(config, data)
-    optimizer = torch.optim.AdamW(head.parameters(), lr=config.lr, weight_decay=config.weight_decay)
-    run = Run(config, data, head, optimizer, lr_scheduler(optimizer, config, math.ceil(len(data.train) / config.batch_size)),
-              negative_sampler(config), np.random.default_rng(config.seed), torch.Generator().manual_seed(config.seed),
-              TrainState())
+    run = new_run(config, data)
     loss_fn = vpr.HybridLoss(config.triplet_margin, config.contrastive_temperature, config.triplet_weight,
                              config.contrastive_weight, vpr.effective_hard_neg_ratio(config), config.loss_distance)
-    columns = vpr.LOG_COLUMNS + (vpr.LOG_OPTIONAL_COLUMNS if run.sampler else [])
-    best_path = vpr.checkpoint_path(config.output_dir, config.model, config.seed)
-    last_path = vpr.checkpoint_path(config.output_dir, config.model, config.seed, "last")
-    if config.resume:
-        run.restore(config.resume)
-        logger = vpr.CsvLogger(run.log_file, columns, continue_after_epoch=run.state.epoch)
-        print(f"run {run.run_id}: resumed after epoch {run.state.epoch} from {config.resume}, log {logger.path}", flush=True)
-    else:
-        run.run_id = vpr.new_run_id(config.model, config.seed, log_dir)
-        logger = vpr.CsvLogger(log_dir / f"{run.run_id}.csv", columns)
-        run.log_file = logger.path
-        print(f"run {run.run_id}: {len(data.train)} train / {len(data.val)} val images, "
-              f"{len(np.unique(place_of))} places, log {logger.path}", flush=True)
-        # Epoch 0 validates the untrained head: with --head residual that is PCA-whitening, so the
-        # best checkpoint is never worse on validation than the strongest frozen baseline.
-        result, val_loss = validate(0, head, loss_fn, data, config, logger)
-        run.state = TrainState(best_recall=result.recalls, best_val_loss=val_loss if not math.isnan(val_loss) else math.inf)
-        vpr.save_checkpoint(best_path, run.checkpoint(0, resumable=False))
-        print(f"epoch 0 (untrained head)  val R@1 {result.recalls[1]:.3f} R@5 {result.recalls[5]:.3f} "
-              f"R@10 {result.recalls[10]:.3f}", flush=True)
+    best_path, last_path, final_path = (vpr.checkpoint_path(config.output_dir, config.model, config.seed, kind)
+                                        for kind in ("", "last", "final"))
+    logger = open_log(run, loss_fn, log_dir, best_path)
     state = run.state
     try:
         for epoch in range(state.epoch + 1, config.epochs + 1):
-            batches = epoch_batches(config, head, data.train, place_of, run.rng)
-            averages = train_one_epoch(epoch, head, optimizer, run.scheduler, loss_fn, data.train, batches, config,
+            batches = epoch_batches(config, run.head, data.train, run.rng)
+            averages = train_one_epoch(epoch, run.head, run.optimizer, run.scheduler, loss_fn, data.train, batches, config,
                                        run.generator, logger, run.sampler)
             state.epoch = epoch
             message = (f"epoch {epoch}/{config.epochs}  loss {averages['avg_train_loss']:.4f} "
                        f"(triplet {averages['avg_triplet_loss']:.4f}, contrastive {averages['avg_contrastive_loss']:.4f})")
             result = None
             if epoch % config.validate_every_n_epochs == 0 or epoch == config.epochs:
-                result, val_loss = validate(epoch, head, loss_fn, data, config, logger)
-                improved = result.recalls[1] > state.best_recall[1]
-                state.stale = 0 if improved else state.stale + 1
-                state.best_val_loss = min(state.best_val_loss, val_loss) if not math.isnan(val_loss) else state.best_val_loss
-                if improved:
-                    state.best_recall, state.best_epoch = result.recalls, epoch
-                    vpr.save_checkpoint(best_path, run.checkpoint(epoch, resumable=False))
-                state.early_stopped = bool(config.early_stopping_patience and state.stale >= config.early_stopping_patience)
+                result, val_loss = validate(epoch, run.head, loss_fn, data, config, logger)
+                improved = record_validation(run, epoch, result, val_loss, best_path)
                 message += (f"  val R@1 {result.recalls[1]:.3f} R@5 {result.recalls[5]:.3f} R@10 {result.recalls[10]:.3f}"
                             f"{'  * best, saved' if improved else ''}")
             print(message, flush=True)
@@ -392,7 +415,6 @@ def train(config: vpr.TrainConfig, on_validation: ValidationCallback | None = No
     finally:
         logger.close()
 
-    final_path = vpr.checkpoint_path(config.output_dir, config.model, config.seed, "final")
     vpr.save_checkpoint(final_path, run.checkpoint(state.epoch, resumable=True))
     result = TrainResult(run.run_id, state.best_recall, state.best_epoch, state.epoch, time.perf_counter() - started,
                          best_path, run.log_file, final_path, state.early_stopped)
