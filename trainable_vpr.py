@@ -1717,6 +1717,9 @@ def parse_layered(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -
     return parser.parse_args(argv)
 
 
+parse_with_recipe = parse_layered  # its name before the environment and file layers existed
+
+
 def _setting_value(action: argparse.Action, value: Any, where: str) -> Any:
     """A file or environment value checked against its flag's type and choices."""
     boolean = action.nargs == 0 or isinstance(action, argparse.BooleanOptionalAction)
