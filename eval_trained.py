@@ -4,11 +4,14 @@
     python eval_trained.py --model_path trained_models/trained_effnet_lite0_seed42.pth \\
         --train_csv data/train.csv --test_csv data/test.csv
     python eval_trained.py --baseline --model effnet_lite0 --train_csv data/train.csv --test_csv data/test.csv
+    python eval_trained.py --model_path CKPT --db_parquet emb/train.parquet --test_parquet emb/test.parquet
 
 Protocol (DESIGN.md §7): the --train_csv (or --db_csv) images are the database, the
 --test_csv images the queries; a query is correct at N if one of its top-N database images
-(exact search on normalised descriptors) lies within --pos_threshold_m. Prints a table, and
-optionally writes JSON, per-query predictions and a picture of retrievals.
+(exact search on normalised descriptors) lies within --pos_threshold_m, or with place labels
+has the query's label. Embeddings parquets skip the backbone. Prints a table, and optionally
+writes JSON, per-query predictions, a picture of retrievals and (--export_parquet) the raw
+backbone features as embeddings parquets.
 """
 from __future__ import annotations
 
@@ -50,8 +53,12 @@ class Descriptors:
 def add_eval_data_args(parser: argparse.ArgumentParser) -> None:
     """The data flags evaluation shares with training (same cache, same images)."""
     group = parser.add_argument_group("data")
-    group.add_argument("--train_csv", "--db_csv", dest="train_csv", required=True, help="poses CSV of the database images")
-    group.add_argument("--test_csv", required=True, help="poses CSV of the query images")
+    group.add_argument("--train_csv", "--db_csv", "--db_parquet", "--train_parquet", dest="train_csv", required=True,
+                       help="poses CSV or embeddings parquet of the database images")
+    group.add_argument("--test_csv", "--test_parquet", dest="test_csv", required=True,
+                       help="poses CSV or embeddings parquet of the query images")
+    group.add_argument("--supervision", default=None, choices=vpr.SUPERVISIONS,
+                       help="what makes a retrieval correct: gps, labels or auto (default: the checkpoint's, else auto)")
     group.add_argument("--camera_id", default=None, help="keep only this camera's rows")
     group.add_argument("--image_root", default=None, help="folder that relative image paths resolve against")
     group.add_argument("--pos_threshold_m", type=float, default=None,
@@ -83,11 +90,14 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     out.add_argument("--save_predictions", metavar="CSV", help="write each query's top-N retrievals here")
     out.add_argument("--visualize", type=int, default=0, metavar="K", help="draw K queries with their top-5 retrievals")
     out.add_argument("--plots_dir", default="plots", help="folder of the --visualize picture")
+    out.add_argument("--export_parquet", metavar="DIR", help="write the raw backbone features of the database and the "
+                     "queries as embeddings parquets DIR/{csv name}.parquet (input for --train_parquet)")
+    vpr.add_config_file_flag(parser)
     vpr.add_debug_flag(parser)
-    args = parser.parse_args(argv)
+    args = vpr.parse_layered(parser, argv)
     if bool(args.model_path) == bool(args.baseline):
         parser.error("give either --model_path CKPT or --baseline --model NAME")
-    if args.baseline and not args.model:
+    if args.baseline and not args.model and not vpr.is_parquet(args.train_csv):
         parser.error("--baseline needs --model NAME")
     if any(n <= 0 for n in args.recall_at):
         parser.error("--recall_at values must be positive")
@@ -98,16 +108,19 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 # Pieces shared with run_experiment.py
 # ---------------------------------------------------------------------------------------------
 def load_eval_tables(args: Any) -> tuple[vpr.PlaceTable, vpr.PlaceTable]:
-    database = vpr.load_poses(args.train_csv, args.image_root, args.camera_id)
-    queries = vpr.load_poses(args.test_csv, args.image_root, args.camera_id)
+    database = vpr.load_table(args.train_csv, args.image_root, args.camera_id)
+    queries = vpr.load_table(args.test_csv, args.image_root, args.camera_id)
     vpr.check_same_coord_kind(database, queries)
     return database, queries
 
 
 def evaluate_variant(name: str, descriptors: Descriptors, database: vpr.PlaceTable, queries: vpr.PlaceTable,
-                     pos_threshold_m: float, recall_at: Sequence[int]) -> EvalReport:
+                     pos_threshold_m: float, recall_at: Sequence[int], supervision: str = "auto") -> EvalReport:
+    """Recall of one variant by the rule training used: labels when supervision says so."""
+    by_label = vpr.uses_labels(supervision, database, queries)
     result = vpr.evaluate_retrieval(descriptors.database, database.xyz, descriptors.queries, queries.xyz,
-                                    pos_threshold_m, recall_at)
+                                    pos_threshold_m, recall_at, database.labels if by_label else None,
+                                    queries.labels if by_label else None)
     return EvalReport(name, result, vpr.recall_by_group(result, queries.conditions, recall_at))
 
 
@@ -118,8 +131,10 @@ def pca_whitened(raw: Descriptors, dim: int) -> Descriptors:
 
 def format_report(report: EvalReport, recall_at: Sequence[int]) -> str:
     res = report.result
+    rule = "of the query's place label" + (f" within {res.pos_threshold_m:g} m" if not np.isnan(res.top_distances_m).all() else "") \
+        if res.by_label else f"within {res.pos_threshold_m:g} m"
     lines = [f"{report.name}: {res.num_queries} queries, {res.num_queries_without_positive} without a database image "
-             f"within {res.pos_threshold_m:g} m (counted as misses)"]
+             f"{rule} (counted as misses)"]
     header = f"  {'queries':<12}" + "".join(f"{'R@' + str(n):>8}" for n in recall_at)
     lines.append(header)
     lines.append(f"  {'all':<12}" + "".join(f"{res.recalls[n]:>8.3f}" for n in recall_at))
@@ -161,6 +176,8 @@ def write_outputs(args: Any, report: EvalReport, database: vpr.PlaceTable, queri
         frame = predictions_frame(report, database, queries)
         vpr.atomic_write(args.save_predictions, lambda p: frame.to_csv(p, index=False))
         print(f"wrote {args.save_predictions}")
+    if args.visualize > 0 and database.embeddings is not None:
+        raise vpr.VPRError("--visualize needs images; embeddings parquets have none")
     if args.visualize > 0:
         path = Path(args.plots_dir) / f"{vpr.safe_name(report.name)}_retrievals.png"
         draw_retrievals(report, database, queries, args.visualize, path)
@@ -206,8 +223,17 @@ def draw_retrievals(report: EvalReport, database: vpr.PlaceTable, queries: vpr.P
 # ---------------------------------------------------------------------------------------------
 # This script's own steps
 # ---------------------------------------------------------------------------------------------
-def backbone_for(args: argparse.Namespace, checkpoint: dict | None) -> vpr.Backbone:
-    """The backbone to evaluate: the checkpoint's (checked against --model) or --model's."""
+def backbone_for(args: argparse.Namespace, checkpoint: dict | None, database: vpr.PlaceTable) -> vpr.Backbone | None:
+    """The backbone to evaluate: the checkpoint's (checked against --model) or --model's;
+    None for embeddings parquets (checked against the checkpoint's head)."""
+    trained_on_embeddings = checkpoint is not None and checkpoint["backbone"].get("arch") == vpr.EMBEDDINGS_ARCH
+    if database.embeddings is not None:
+        if checkpoint is not None:
+            vpr.check_input_dim(checkpoint["head_config"], database.embeddings.shape[1], args.train_csv)
+        return None
+    if trained_on_embeddings:
+        raise vpr.VPRError(f"checkpoint {args.model_path} was trained on precomputed embeddings "
+                           f"({checkpoint['backbone']['weights']}); evaluate it on embeddings parquets (--db_parquet, --test_parquet)")
     if checkpoint is None:
         return vpr.create_backbone(args.model, args.weights, args.image_size)
     saved = checkpoint["backbone"]
@@ -226,30 +252,58 @@ def backbone_for(args: argparse.Namespace, checkpoint: dict | None) -> vpr.Backb
     return backbone
 
 
-def descriptors_for(args: argparse.Namespace, checkpoint: dict | None, backbone: vpr.Backbone,
-                    database: vpr.PlaceTable, queries: vpr.PlaceTable) -> tuple[str, Descriptors]:
+def raw_descriptors(args: argparse.Namespace, backbone: vpr.Backbone | None, database: vpr.PlaceTable,
+                    queries: vpr.PlaceTable) -> Descriptors:
+    """The frozen descriptors: the parquets' embeddings, or the backbone's features (cache)."""
+    if backbone is None:
+        return Descriptors(database.embeddings, queries.embeddings)
     options = vpr.extraction_options(args)
     raw = Descriptors(vpr.extract_features(backbone, database, options, "database"),
                       vpr.extract_features(backbone, queries, options, "queries"))
     vpr.release_other_ranks()  # under torchrun, rank 0 evaluates alone on the shared cache
+    return raw
+
+
+def descriptors_for(args: argparse.Namespace, checkpoint: dict | None, name: str, raw: Descriptors) -> tuple[str, Descriptors]:
     if checkpoint is not None:
         head = vpr.head_from_checkpoint(checkpoint)
-        return f"trained_{backbone.info.name}", Descriptors(vpr.embed(head, raw.database), vpr.embed(head, raw.queries))
+        return f"trained_{name}", Descriptors(vpr.embed(head, raw.database), vpr.embed(head, raw.queries))
     if args.pca_whiten:
-        return f"pca_whitened_{backbone.info.name}", pca_whitened(raw, args.pca_whiten)
-    return f"raw_{backbone.info.name}", raw
+        return f"pca_whitened_{name}", pca_whitened(raw, args.pca_whiten)
+    return f"raw_{name}", raw
+
+
+def source_identity(args: argparse.Namespace, backbone: vpr.Backbone | None, checkpoint: dict | None) -> tuple[str, str]:
+    """(model name, weights identity) of the descriptors, for names and the JSON settings."""
+    if backbone is not None:
+        return backbone.info.name, backbone.info.weights
+    if checkpoint is not None:
+        return checkpoint["backbone"]["name"], checkpoint["backbone"]["weights"]
+    return args.model or "embeddings", f"embeddings:{Path(args.train_csv).name}"
+
+
+def export_parquets(folder: str, raw: Descriptors, database: vpr.PlaceTable, queries: vpr.PlaceTable) -> None:
+    """Raw features of both tables as embeddings parquets, named after their CSVs."""
+    for table, features in ((database, raw.database), (queries, raw.queries)):
+        path = vpr.export_embeddings_parquet(table, features, Path(folder) / f"{Path(table.source).stem}.parquet")
+        print(f"wrote {path} ({features.shape[0]} x {features.shape[1]})")
 
 
 def main(argv: Sequence[str] | None = None) -> EvalReport:
     args = parse_args(argv)
     checkpoint = vpr.load_checkpoint(args.model_path) if args.model_path else None
     threshold = args.pos_threshold_m or (checkpoint["config"]["pos_threshold_m"] if checkpoint else 25.0)
+    supervision = args.supervision or (checkpoint["config"].get("supervision", "gps") if checkpoint else "auto")
     database, queries = load_eval_tables(args)
-    backbone = backbone_for(args, checkpoint)
-    name, descriptors = descriptors_for(args, checkpoint, backbone, database, queries)
-    report = evaluate_variant(name, descriptors, database, queries, threshold, args.recall_at)
+    backbone = backbone_for(args, checkpoint, database)
+    raw = raw_descriptors(args, backbone, database, queries)
+    if args.export_parquet:
+        export_parquets(args.export_parquet, raw, database, queries)
+    model, weights = source_identity(args, backbone, checkpoint)
+    name, descriptors = descriptors_for(args, checkpoint, model, raw)
+    report = evaluate_variant(name, descriptors, database, queries, threshold, args.recall_at, supervision)
     print(format_report(report, args.recall_at))
-    settings = {"variant": name, "model": backbone.info.name, "weights": backbone.info.weights,
+    settings = {"variant": name, "model": model, "weights": weights, "correct_by": "label" if report.result.by_label else "distance",
                 "checkpoint": args.model_path, "db_csv": args.train_csv, "test_csv": args.test_csv,
                 "camera_id": args.camera_id, "pos_threshold_m": threshold, "recall_at": args.recall_at}
     write_outputs(args, report, database, queries, settings)

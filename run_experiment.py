@@ -36,14 +36,14 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     exp = parser.add_argument_group("experiment")
     exp.add_argument("--demo", action="store_true",
                      help=f"generate the built-in synthetic route under {DEMO_DIR}/ and run on it with effnet_lite0")
-    exp.add_argument("--test_csv", help="poses CSV of the final queries")
-    exp.add_argument("--db_csv", help="database of the final evaluation (default: --train_csv)")
+    exp.add_argument("--test_csv", "--test_parquet", dest="test_csv", help="poses CSV or embeddings parquet of the final queries")
+    exp.add_argument("--db_csv", "--db_parquet", dest="db_csv", help="database of the final evaluation (default: --train_csv)")
     exp.add_argument("--models", "--model", dest="models", nargs="+", default=["dinov2_b"],
                      help=f"backbones to compare: {', '.join(vpr.BACKBONES)} or timm:ARCH")
     exp.add_argument("--recall_at", type=int, nargs="+", default=[1, 5, 10], help="the N of Recall@N")
     vpr.add_config_args(parser, skip=("model",), optional=("train_csv", "val_csv"))
     vpr.add_debug_flag(parser)
-    args = vpr.parse_with_recipe(parser, argv)
+    args = vpr.parse_layered(parser, argv)
     if args.demo:
         use_demo_data(args, parser)
     missing = [f"--{name}" for name in ("train_csv", "val_csv", "test_csv") if not getattr(args, name)]
@@ -71,10 +71,8 @@ def compare_backbone(model: str, args: argparse.Namespace) -> list[eval_trained.
     vpr.validate_train_config(config)
     eval_args = argparse.Namespace(**{**vars(args), "train_csv": args.db_csv or args.train_csv})
     database, queries = eval_trained.load_eval_tables(eval_args)
-    backbone = vpr.create_backbone(model, config.weights, config.image_size)
-    options = vpr.extraction_options(config)
-    raw = eval_trained.Descriptors(vpr.extract_features(backbone, database, options, "database"),
-                                   vpr.extract_features(backbone, queries, options, "queries"))
+    backbone = None if database.embeddings is not None else vpr.create_backbone(model, config.weights, config.image_size)
+    raw = eval_trained.raw_descriptors(config, backbone, database, queries)
     variants = {"raw": raw, "pca_whitened": eval_trained.pca_whitened(raw, config.projection_dim)}
 
     print(f"\n=== {model}: training ({config.epochs} epochs)", flush=True)
@@ -85,7 +83,7 @@ def compare_backbone(model: str, args: argparse.Namespace) -> list[eval_trained.
     reports = []
     for variant, descriptors in variants.items():
         report = eval_trained.evaluate_variant(f"{model} {variant}", descriptors, database, queries,
-                                               config.pos_threshold_m, args.recall_at)
+                                               config.pos_threshold_m, args.recall_at, config.supervision)
         print(eval_trained.format_report(report, args.recall_at), flush=True)
         reports.append(report)
     return reports
@@ -114,8 +112,8 @@ def main(argv: Sequence[str] | None = None) -> pd.DataFrame:
     table = comparison_table(reports_by_model, args.recall_at)
     path = log_dir / f"experiment_{time.strftime('%Y%m%d_%H%M%S')}.csv"
     vpr.atomic_write(path, lambda p: table.to_csv(p, index=False))
-    print(f"\nqueries {args.test_csv} against database {args.db_csv or args.train_csv}, "
-          f"correct within {args.pos_threshold_m:g} m")
+    rule = "by place label" if reports_by_model[args.models[0]][0].result.by_label else f"within {args.pos_threshold_m:g} m"
+    print(f"\nqueries {args.test_csv} against database {args.db_csv or args.train_csv}, correct {rule}")
     print(table.to_string(index=False))
     print(f"wrote {path}")
     return table

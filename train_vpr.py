@@ -1,13 +1,16 @@
 #!/usr/bin/env python3
-"""Train a place-recognition head on a frozen backbone with GPS supervision.
+"""Train a place-recognition head on a frozen backbone with GPS or place-label supervision.
 
     python train_vpr.py --train_csv data/train.csv --val_csv data/val.csv --model effnet_lite0
+    python train_vpr.py --train_parquet emb/train.parquet --val_parquet emb/val.parquet --head mlp
+    python train_vpr.py --config config.toml --resume trained_models/trained_effnet_lite0_seed42_last.pth
 
-Steps: load the poses CSVs, extract (or read from the cache) the frozen backbone's features,
-then per epoch: mine hard negatives with the current head, build batches of several images
-per place, minimise the hybrid triplet + multi-positive InfoNCE loss, validate (val queries
-against the train database) and keep the checkpoint of the best validation Recall@1.
-Writes logs/{run}.csv, a row of logs/training_summary.csv and trained_models/trained_*.pth.
+Steps: load the poses CSVs (extract, or read from the cache, the frozen backbone's features)
+or the embeddings parquets, then per epoch: mine hard negatives with the current head, build
+batches of several images per place, minimise the hybrid triplet + multi-positive InfoNCE
+loss, validate (val queries against the train database), keep the checkpoint of the best
+validation Recall@1 and a resumable _last checkpoint. Writes logs/{run}.csv, a row of
+logs/training_summary.csv and trained_models/trained_*.pth (best, _last, _final).
 """
 from __future__ import annotations
 
@@ -17,7 +20,7 @@ import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
@@ -34,17 +37,73 @@ class TrainResult:
     wall_time_s: float
     checkpoint: Path
     log_file: Path
+    final_checkpoint: Path | None = None
+    early_stopped: bool = False
+
+
+@dataclass
+class Split:
+    """One side of training: its table, its frozen features, the place labels that supervise
+    it (None: GPS positions do) and the places its batches are drawn from."""
+
+    table: vpr.PlaceTable
+    features: np.ndarray
+    labels: np.ndarray | None
+    places: np.ndarray  # place of each image, for batches (group_places)
+
+    @classmethod
+    def of(cls, table: vpr.PlaceTable, features: np.ndarray, by_label: bool, pos_threshold_m: float) -> "Split":
+        labels = table.labels if by_label else None
+        return cls(table, features, labels, vpr.group_places(table.xyz, labels, pos_threshold_m))
+
+    @property
+    def xyz(self) -> np.ndarray | None:
+        return self.table.xyz
+
+    def __len__(self) -> int:
+        return len(self.table)
+
+    def take(self, batch: np.ndarray) -> tuple[np.ndarray | None, np.ndarray | None]:
+        """(positions, labels) of a batch, either None when not used."""
+        return (None if self.xyz is None else self.xyz[batch]), (None if self.labels is None else self.labels[batch])
 
 
 @dataclass
 class TrainingData:
-    """Cached backbone features with positions: all that training needs after extraction."""
+    """What training needs after loading: the backbone's identity (the checkpoint's
+    `backbone` field) and both splits with their features."""
 
-    backbone: vpr.BackboneInfo
-    train: vpr.PlaceTable
-    val: vpr.PlaceTable
-    train_features: np.ndarray
-    val_features: np.ndarray
+    backbone: dict[str, Any]
+    train: Split
+    val: Split
+
+
+@dataclass
+class TrainState:
+    """Where a run stands after an epoch: what --resume restores besides weights and random states."""
+
+    epoch: int = 0
+    best_recall: dict[int, float] = dataclasses.field(default_factory=dict)
+    best_epoch: int = 0
+    best_val_loss: float = math.inf
+    stale: int = 0
+    early_stopped: bool = False
+
+    def as_checkpoint(self) -> dict[str, Any]:
+        return {**dataclasses.asdict(self), "best_recall": {str(n): r for n, r in self.best_recall.items()}}
+
+    @classmethod
+    def from_checkpoint(cls, saved: dict[str, Any]) -> "TrainState":
+        return cls(**{**saved, "best_recall": {int(n): float(r) for n, r in saved["best_recall"].items()}})
+
+
+# Settings that may change when a run is resumed (more epochs, another machine); any other
+# difference would make the resumed run a different run.
+RESUMABLE_CHANGES = {"resume", "epochs", "early_stopping_patience", "save_every_n_epochs", "validate_every_n_epochs",
+                     "device", "num_workers", "cache_dir", "no_cache", "log_dir", "output_dir", "precision"}
+
+# Called after each validation with (epoch, result); it may raise to stop the run (tune_vpr.py prunes so).
+ValidationCallback = Callable[[int, vpr.RecallResult], None]
 
 
 def parse_args(argv: Sequence[str] | None) -> vpr.TrainConfig:
@@ -53,17 +112,26 @@ def parse_args(argv: Sequence[str] | None) -> vpr.TrainConfig:
     )
     vpr.add_config_args(parser)
     vpr.add_debug_flag(parser)
-    config = vpr.config_from_args(vpr.parse_with_recipe(parser, argv))
+    config = vpr.config_from_args(vpr.parse_layered(parser, argv))
     vpr.validate_train_config(config)
     return config
 
 
 def load_training_data(config: vpr.TrainConfig) -> TrainingData:
-    """Poses of both splits and their frozen-backbone features (through the cache)."""
-    train = vpr.load_poses(config.train_csv, config.image_root, config.camera_id)
-    val = vpr.load_poses(config.val_csv, config.image_root, config.camera_id)
+    """Both splits with their features: embeddings parquets as they are, poses CSVs through
+    the frozen backbone (and the cache)."""
+    train = vpr.load_table(config.train_csv, config.image_root, config.camera_id)
+    val = vpr.load_table(config.val_csv, config.image_root, config.camera_id)
     vpr.check_same_coord_kind(train, val)
-    if not vpr.has_positive_pair(train.xyz, config.pos_threshold_m):  # before the long extraction
+    by_label = vpr.uses_labels(config.supervision, train, val)
+    split = lambda table, features: Split.of(table, features, by_label, config.pos_threshold_m)  # noqa: E731
+    if train.embeddings is not None:
+        if train.embeddings.shape[1] != val.embeddings.shape[1]:
+            raise vpr.VPRError(f"{config.val_csv}: {val.embeddings.shape[1]}-dim embeddings, but {config.train_csv} has "
+                               f"{train.embeddings.shape[1]}; both must come from the same backbone")
+        backbone = vpr.embeddings_backbone(config.model, config.train_csv, train.embeddings.shape[1])
+        return TrainingData(backbone, split(train, train.embeddings), split(val, val.embeddings))
+    if not by_label and not vpr.has_positive_pair(train.xyz, config.pos_threshold_m):  # before the long extraction
         raise vpr.VPRError(
             f"{config.train_csv}: no two images lie within --pos_threshold_m {config.pos_threshold_m:g} m of each other; "
             "there are no positives to learn from (raise the threshold or check the positions)"
@@ -73,53 +141,76 @@ def load_training_data(config: vpr.TrainConfig) -> TrainingData:
     train_features = vpr.extract_features(backbone, train, options, "train")
     val_features = vpr.extract_features(backbone, val, options, "val")
     vpr.release_other_ranks()  # under torchrun, rank 0 trains alone on the shared cache
-    return TrainingData(backbone.info, train, val, train_features, val_features)
+    return TrainingData(backbone.info.as_dict(), split(train, train_features), split(val, val_features))
 
 
 def head_config_for(config: vpr.TrainConfig, in_dim: int) -> dict:
     return {"type": config.head, "in_dim": in_dim, "projection_dim": config.projection_dim,
-            "hidden_dim": config.hidden_dim, "dropout": config.dropout}
+            "hidden_dim": config.hidden_dim, "dropout": config.dropout,
+            "use_residual": config.use_residual, "use_layer_norm": config.use_layer_norm}
 
 
 def initial_head(config: vpr.TrainConfig, data: TrainingData) -> torch.nn.Module:
     """A fresh head; the residual head starts as PCA-whitening of the training features."""
     torch.manual_seed(config.seed)
-    head = vpr.build_head(head_config_for(config, data.train_features.shape[1]))
+    head = vpr.build_head(head_config_for(config, data.train.features.shape[1]))
     if isinstance(head, vpr.ResidualHead):
-        head.init_pca_whitening(data.train_features)
+        head.init_pca_whitening(data.train.features)
     return head
 
 
-def epoch_batches(config: vpr.TrainConfig, head: torch.nn.Module, data: TrainingData, place_of: np.ndarray,
-                  rng: np.random.Generator) -> list[np.ndarray]:
+def negative_sampler(config: vpr.TrainConfig) -> vpr.UCBNegativeSampler | None:
+    """The UCB sampler for --neg_sampler ucb; None: HybridLoss mixes hardest and random negatives."""
+    if config.neg_sampler != "ucb":
+        return None
+    difficulty = vpr.load_difficulty_parquet(config.difficulty_parquet) if config.difficulty_parquet else None
+    return vpr.UCBNegativeSampler(config.ucb_bands, config.ucb_exploration_constant, config.ucb_warmup_samples, difficulty)
+
+
+def epoch_batches(config: vpr.TrainConfig, head: torch.nn.Module, split: Split, rng: np.random.Generator) -> list[np.ndarray]:
     """This epoch's batches: places mixed with hard-negative places mined with the current head."""
     hard_places = None
-    if config.hard_neg_ratio > 0:
-        embeddings = vpr.embed(head, data.train_features)
-        hard = vpr.mine_hard_negatives(embeddings, data.train.xyz, config.neg_threshold_m)
-        hard_places = vpr.hard_negative_places(place_of, hard)
-    num_batches = math.ceil(len(data.train) / config.batch_size)
-    return vpr.make_place_batches(place_of, config.batch_size, config.images_per_place, num_batches, rng,
-                                  hard_places, config.hard_neg_ratio)
+    ratio = vpr.effective_hard_neg_ratio(config)
+    if ratio > 0:
+        embeddings = vpr.embed(head, split.features)
+        hard = vpr.mine_hard_negatives(embeddings, split.xyz, config.neg_threshold_m, labels=split.labels,
+                                       pos_threshold_m=config.pos_threshold_m)
+        hard_places = vpr.hard_negative_places(split.places, hard)
+    num_batches = math.ceil(len(split) / config.batch_size)
+    return vpr.make_place_batches(split.places, config.batch_size, config.images_per_place, num_batches, rng,
+                                  hard_places, ratio)
 
 
-def batch_loss(head: torch.nn.Module, loss_fn: vpr.HybridLoss, features: np.ndarray, xyz: np.ndarray,
-               batch: np.ndarray, config: vpr.TrainConfig, generator: torch.Generator) -> vpr.LossParts:
-    frozen = torch.from_numpy(features[batch])
-    pos_mask, neg_mask = vpr.batch_pair_masks(torch.from_numpy(xyz[batch]), config.pos_threshold_m, config.neg_threshold_m)
+def batch_loss(head: torch.nn.Module, loss_fn: vpr.HybridLoss, split: Split, batch: np.ndarray, config: vpr.TrainConfig,
+               generator: torch.Generator, sampler: vpr.UCBNegativeSampler | None = None) -> vpr.LossParts:
+    """The hybrid loss of one batch; with a UCB sampler, its triplets come from the bandit,
+    which is rewarded with their losses."""
+    frozen = torch.from_numpy(split.features[batch])
+    xyz, labels = split.take(batch)
+    pos_mask, neg_mask = vpr.batch_pair_masks(xyz, config.pos_threshold_m, config.neg_threshold_m, labels)
     if config.positive_selection == "feature":
         pos_mask = vpr.select_positives_by_feature(pos_mask, frozen, config.positive_top_k)
-    return loss_fn(head(frozen), pos_mask, neg_mask, generator)
+    embeddings = head(frozen)
+    if sampler is None:
+        return loss_fn(embeddings, pos_mask, neg_mask, generator)
+    detached = embeddings.detach()
+    ids, place_labels = [split.table.paths[i] for i in batch], split.table.labels  # difficulty tables are keyed by these
+    triplets, arms = sampler.triplets(detached @ detached.T, pos_mask, neg_mask, generator, ids,
+                                      None if place_labels is None else place_labels[batch])
+    losses = vpr.triplet_losses(detached, triplets, config.triplet_margin, config.loss_distance)
+    sampler.reward(arms, losses, config.triplet_margin)
+    return loss_fn(embeddings, pos_mask, neg_mask, generator, triplets)
 
 
-def train_one_epoch(epoch: int, head, optimizer, scheduler, loss_fn, data: TrainingData, batches: list[np.ndarray],
-                    config: vpr.TrainConfig, generator: torch.Generator, logger: vpr.CsvLogger) -> dict[str, float]:
+def train_one_epoch(epoch: int, head, optimizer, scheduler, loss_fn, split: Split, batches: list[np.ndarray],
+                    config: vpr.TrainConfig, generator: torch.Generator, logger: vpr.CsvLogger,
+                    sampler: vpr.UCBNegativeSampler | None) -> dict[str, float]:
     head.train()
     sums = np.zeros(3)
     start = time.perf_counter()
     for number, batch in enumerate(batches, start=1):
         tick = time.perf_counter()
-        parts = batch_loss(head, loss_fn, data.train_features, data.train.xyz, batch, config, generator)
+        parts = batch_loss(head, loss_fn, split, batch, config, generator, sampler)
         optimizer.zero_grad(set_to_none=True)
         parts.total.backward()
         optimizer.step()
@@ -129,34 +220,36 @@ def train_one_epoch(epoch: int, head, optimizer, scheduler, loss_fn, data: Train
         logger.log("batch", epoch=epoch, batch=number, train_loss=values[0], triplet_loss=values[1],
                    contrastive_loss=values[2], batch_time=time.perf_counter() - tick)
     averages = dict(zip(("avg_train_loss", "avg_triplet_loss", "avg_contrastive_loss"), sums / max(len(batches), 1)))
-    logger.log("epoch", epoch=epoch, epoch_time=time.perf_counter() - start, **averages)
+    extra = {"ucb_stats": sampler.stats()} if sampler else {}
+    logger.log("epoch", epoch=epoch, epoch_time=time.perf_counter() - start, **averages, **extra)
     return averages
 
 
 @torch.no_grad()
-def validation_loss(head, loss_fn: vpr.HybridLoss, data: TrainingData, config: vpr.TrainConfig) -> float:
+def validation_loss(head, loss_fn: vpr.HybridLoss, split: Split, config: vpr.TrainConfig) -> float:
     """The training loss on fixed batches of validation images (same batches every epoch)."""
     head.eval()
-    place_of = vpr.cluster_places(data.val.xyz, config.pos_threshold_m)
     try:
-        batches = vpr.make_place_batches(place_of, config.batch_size, config.images_per_place,
-                                         math.ceil(len(data.val) / config.batch_size), np.random.default_rng(config.seed))
+        batches = vpr.make_place_batches(split.places, config.batch_size, config.images_per_place,
+                                         math.ceil(len(split) / config.batch_size), np.random.default_rng(config.seed))
     except vpr.VPRError:
         return float("nan")  # no validation place has two images: no loss to compute
     generator = torch.Generator().manual_seed(config.seed)
-    losses = [batch_loss(head, loss_fn, data.val_features, data.val.xyz, b, config, generator).total.item() for b in batches]
+    losses = [batch_loss(head, loss_fn, split, b, config, generator).total.item() for b in batches]
     return float(np.mean(losses)) if losses else float("nan")
 
 
-def validate(epoch: int, head, loss_fn, data: TrainingData, config: vpr.TrainConfig, logger: vpr.CsvLogger) -> vpr.RecallResult:
+def validate(epoch: int, head, loss_fn, data: TrainingData, config: vpr.TrainConfig,
+             logger: vpr.CsvLogger) -> tuple[vpr.RecallResult, float]:
     """Val queries against the train database (DESIGN.md §7), plus the validation loss."""
     start = time.perf_counter()
-    val_loss = validation_loss(head, loss_fn, data, config)
-    result = vpr.evaluate_retrieval(vpr.embed(head, data.train_features), data.train.xyz,
-                                    vpr.embed(head, data.val_features), data.val.xyz, config.pos_threshold_m)
+    val_loss = validation_loss(head, loss_fn, data.val, config)
+    result = vpr.evaluate_retrieval(vpr.embed(head, data.train.features), data.train.xyz,
+                                    vpr.embed(head, data.val.features), data.val.xyz, config.pos_threshold_m,
+                                    db_labels=data.train.labels, q_labels=data.val.labels)
     logger.log("validation", epoch=epoch, val_loss=val_loss, val_r1=result.recalls[1], val_r5=result.recalls[5],
                val_r10=result.recalls[10], val_time=time.perf_counter() - start)
-    return result
+    return result, val_loss
 
 
 def lr_scheduler(optimizer: torch.optim.Optimizer, config: vpr.TrainConfig, batches_per_epoch: int):
@@ -166,70 +259,166 @@ def lr_scheduler(optimizer: torch.optim.Optimizer, config: vpr.TrainConfig, batc
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
 
 
-def checkpoint_payload(head, config: vpr.TrainConfig, data: TrainingData, recall: dict[int, float], epoch: int,
-                       run_id: str) -> dict:
-    return {
-        "model_state_dict": {k: v.detach().clone() for k, v in head.state_dict().items()},
-        "head_config": head_config_for(config, data.train_features.shape[1]),
-        "backbone": data.backbone.as_dict(),
-        "config": dataclasses.asdict(config),
-        "best_val_recall": {f"recall@{n}": r for n, r in recall.items()},
-        "epoch": epoch,
-        "epochs_completed": epoch,
-        "run_id": run_id,
-    }
+@dataclass
+class Run:
+    """The moving parts of one training run, in one place for checkpoints and resume."""
+
+    config: vpr.TrainConfig
+    data: TrainingData
+    head: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    sampler: vpr.UCBNegativeSampler | None
+    rng: np.random.Generator
+    generator: torch.Generator
+    state: TrainState
+    run_id: str = ""
+    log_file: Path = Path()
+
+    def checkpoint(self, epoch: int, resumable: bool) -> dict[str, Any]:
+        """The head at `epoch` with the run's best metrics; resumable adds optimizer,
+        scheduler, random and sampler states (the _last and _final checkpoints)."""
+        state = self.state
+        payload = {
+            "model_state_dict": {k: v.detach().clone() for k, v in self.head.state_dict().items()},
+            "head_config": head_config_for(self.config, self.data.train.features.shape[1]),
+            "backbone": self.data.backbone,
+            "config": dataclasses.asdict(self.config),
+            "best_val_recall": {f"recall@{n}": r for n, r in state.best_recall.items()},
+            "best_val_epoch": state.best_epoch,
+            "best_val_loss": state.best_val_loss,
+            "early_stopped": state.early_stopped,
+            "epoch": epoch,
+            "epochs_completed": state.epoch,
+            "run_id": self.run_id,
+            "log_file": str(self.log_file),
+        }
+        if resumable:
+            payload["resume"] = {
+                "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+                "random_states": vpr.random_states(self.rng, self.generator), "train_state": state.as_checkpoint(),
+                "sampler": self.sampler.bandit.state_dict() if self.sampler else None,
+            }
+        return payload
+
+    def restore(self, path: str) -> None:
+        """Continue the run saved in a resumable checkpoint (same settings, checked)."""
+        saved = vpr.load_checkpoint(path)
+        if "resume" not in saved:
+            raise vpr.VPRError(f"--resume {path}: not a resumable checkpoint; give the run's _last or _final checkpoint")
+        changed = [k for k, v in saved["config"].items()
+                   if k not in RESUMABLE_CHANGES and getattr(self.config, k, v) != v]
+        if changed:
+            key = changed[0]
+            raise vpr.VPRError(f"--resume {path}: the run used --{key} {saved['config'][key]}, not "
+                               f"{getattr(self.config, key)}; resume with the run's settings")
+        vpr.check_input_dim(saved["head_config"], self.data.train.features.shape[1], self.config.train_csv)
+        self.head.load_state_dict(saved["model_state_dict"])
+        self.optimizer.load_state_dict(saved["resume"]["optimizer"])
+        self.scheduler.load_state_dict(saved["resume"]["scheduler"])
+        vpr.restore_random_states(saved["resume"]["random_states"], self.rng, self.generator)
+        if self.sampler is not None:
+            self.sampler.bandit.load_state_dict(saved["resume"]["sampler"])
+        self.state = TrainState.from_checkpoint(saved["resume"]["train_state"])
+        self.run_id, self.log_file = saved["run_id"], Path(saved["log_file"])
 
 
-def train(config: vpr.TrainConfig) -> TrainResult:
-    """The whole training job; returns where its results are."""
-    started = time.perf_counter()
-    vpr.set_determinism(config.seed)
-    log_dir = vpr.check_writable_dir(config.log_dir, "--log_dir")
-    vpr.check_writable_dir(config.output_dir, "--output_dir")
-    data = load_training_data(config)
-    place_of = vpr.cluster_places(data.train.xyz, config.pos_threshold_m)
+def print_config(config: vpr.TrainConfig) -> None:
+    """The resolved configuration (flags > environment > config file > defaults), at the start."""
+    print("config: " + " ".join(f"{k}={v}" for k, v in dataclasses.asdict(config).items()), flush=True)
 
+
+def new_run(config: vpr.TrainConfig, data: TrainingData) -> Run:
+    """A fresh head, optimizer, schedule, negative sampler and random generators."""
     head = initial_head(config, data)
     optimizer = torch.optim.AdamW(head.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     scheduler = lr_scheduler(optimizer, config, math.ceil(len(data.train) / config.batch_size))
-    loss_fn = vpr.HybridLoss(config.triplet_margin, config.contrastive_temperature, config.triplet_weight,
-                             config.contrastive_weight, config.hard_neg_ratio)
-    rng = np.random.default_rng(config.seed)
-    generator = torch.Generator().manual_seed(config.seed)
+    return Run(config, data, head, optimizer, scheduler, negative_sampler(config), np.random.default_rng(config.seed),
+               torch.Generator().manual_seed(config.seed), TrainState())
 
-    run_id = vpr.new_run_id(config.model, config.seed, log_dir)
-    logger = vpr.CsvLogger(log_dir / f"{run_id}.csv")
-    checkpoint = vpr.checkpoint_path(config.output_dir, config.model, config.seed)
-    print(f"run {run_id}: {len(data.train)} train / {len(data.val)} val images, "
-          f"{len(np.unique(place_of))} places, log {logger.path}", flush=True)
-    # Epoch 0 validates the untrained head: with --head residual that is PCA-whitening, so the
-    # best checkpoint is never worse on validation than the strongest frozen baseline.
-    result = validate(0, head, loss_fn, data, config, logger)
-    best_recall, best_epoch, stale, epoch = result.recalls, 0, 0, 0
-    vpr.save_checkpoint(checkpoint, checkpoint_payload(head, config, data, best_recall, 0, run_id))
+
+def open_log(run: Run, loss_fn: vpr.HybridLoss, log_dir: Path, best_path: Path) -> vpr.CsvLogger:
+    """Resumed: restore the run and continue its log. New: a new log, whose epoch 0 validates
+    the untrained head (with --head residual that is PCA-whitening, so the best checkpoint is
+    never worse on validation than the strongest frozen baseline)."""
+    config = run.config
+    columns = vpr.LOG_COLUMNS + (vpr.LOG_OPTIONAL_COLUMNS if run.sampler else [])
+    if config.resume:
+        run.restore(config.resume)
+        logger = vpr.CsvLogger(run.log_file, columns, continue_after_epoch=run.state.epoch)
+        print(f"run {run.run_id}: resumed after epoch {run.state.epoch} from {config.resume}, log {logger.path}", flush=True)
+        return logger
+    run.run_id = vpr.new_run_id(config.model, config.seed, log_dir)
+    logger = vpr.CsvLogger(log_dir / f"{run.run_id}.csv", columns)
+    run.log_file = logger.path
+    print(f"run {run.run_id}: {len(run.data.train)} train / {len(run.data.val)} val images, "
+          f"{len(np.unique(run.data.train.places))} places, log {logger.path}", flush=True)
+    result, val_loss = validate(0, run.head, loss_fn, run.data, config, logger)
+    run.state = TrainState(best_recall=result.recalls, best_val_loss=math.inf if math.isnan(val_loss) else val_loss)
+    vpr.save_checkpoint(best_path, run.checkpoint(0, resumable=False))
     print(f"epoch 0 (untrained head)  val R@1 {result.recalls[1]:.3f} R@5 {result.recalls[5]:.3f} "
           f"R@10 {result.recalls[10]:.3f}", flush=True)
+    return logger
+
+
+def record_validation(run: Run, epoch: int, result: vpr.RecallResult, val_loss: float, best_path: Path) -> bool:
+    """Update best metrics and patience; save the best checkpoint. Returns whether R@1 improved."""
+    state = run.state
+    improved = result.recalls[1] > state.best_recall[1]
+    state.stale = 0 if improved else state.stale + 1
+    if not math.isnan(val_loss):
+        state.best_val_loss = min(state.best_val_loss, val_loss)
+    if improved:
+        state.best_recall, state.best_epoch = result.recalls, epoch
+        vpr.save_checkpoint(best_path, run.checkpoint(epoch, resumable=False))
+    patience = run.config.early_stopping_patience
+    state.early_stopped = bool(patience and state.stale >= patience)
+    return improved
+
+
+def train(config: vpr.TrainConfig, on_validation: ValidationCallback | None = None) -> TrainResult:
+    """The whole training job; returns where its results are."""
+    started = time.perf_counter()
+    vpr.set_determinism(config.seed)
+    print_config(config)
+    log_dir = vpr.check_writable_dir(config.log_dir, "--log_dir")
+    vpr.check_writable_dir(config.output_dir, "--output_dir")
+    data = load_training_data(config)
+    run = new_run(config, data)
+    loss_fn = vpr.HybridLoss(config.triplet_margin, config.contrastive_temperature, config.triplet_weight,
+                             config.contrastive_weight, vpr.effective_hard_neg_ratio(config), config.loss_distance)
+    best_path, last_path, final_path = (vpr.checkpoint_path(config.output_dir, config.model, config.seed, kind)
+                                        for kind in ("", "last", "final"))
+    logger = open_log(run, loss_fn, log_dir, best_path)
+    state = run.state
     try:
-        for epoch in range(1, config.epochs + 1):
-            batches = epoch_batches(config, head, data, place_of, rng)
-            averages = train_one_epoch(epoch, head, optimizer, scheduler, loss_fn, data, batches, config, generator, logger)
-            result = validate(epoch, head, loss_fn, data, config, logger)
-            improved = result.recalls[1] > best_recall[1]
-            stale = 0 if improved else stale + 1
-            if improved:
-                best_recall, best_epoch = result.recalls, epoch
-                vpr.save_checkpoint(checkpoint, checkpoint_payload(head, config, data, best_recall, epoch, run_id))
-            print(f"epoch {epoch}/{config.epochs}  loss {averages['avg_train_loss']:.4f} "
-                  f"(triplet {averages['avg_triplet_loss']:.4f}, contrastive {averages['avg_contrastive_loss']:.4f})  "
-                  f"val R@1 {result.recalls[1]:.3f} R@5 {result.recalls[5]:.3f} R@10 {result.recalls[10]:.3f}"
-                  f"{'  * best, saved' if improved else ''}", flush=True)
-            if config.early_stopping_patience and stale >= config.early_stopping_patience:
-                print(f"early stop: no better val R@1 for {stale} epochs", flush=True)
+        for epoch in range(state.epoch + 1, config.epochs + 1):
+            batches = epoch_batches(config, run.head, data.train, run.rng)
+            averages = train_one_epoch(epoch, run.head, run.optimizer, run.scheduler, loss_fn, data.train, batches, config,
+                                       run.generator, logger, run.sampler)
+            state.epoch = epoch
+            message = (f"epoch {epoch}/{config.epochs}  loss {averages['avg_train_loss']:.4f} "
+                       f"(triplet {averages['avg_triplet_loss']:.4f}, contrastive {averages['avg_contrastive_loss']:.4f})")
+            result = None
+            if epoch % config.validate_every_n_epochs == 0 or epoch == config.epochs:
+                result, val_loss = validate(epoch, run.head, loss_fn, data, config, logger)
+                improved = record_validation(run, epoch, result, val_loss, best_path)
+                message += (f"  val R@1 {result.recalls[1]:.3f} R@5 {result.recalls[5]:.3f} R@10 {result.recalls[10]:.3f}"
+                            f"{'  * best, saved' if improved else ''}")
+            print(message, flush=True)
+            if epoch % config.save_every_n_epochs == 0:
+                vpr.save_checkpoint(last_path, run.checkpoint(epoch, resumable=True))
+            if result is not None and on_validation is not None:
+                on_validation(epoch, result)
+            if state.early_stopped:
+                print(f"early stop: no better val R@1 for {state.stale} validations", flush=True)
                 break
     finally:
         logger.close()
 
-    result = TrainResult(run_id, best_recall, best_epoch, epoch, time.perf_counter() - started, checkpoint, logger.path)
+    vpr.save_checkpoint(final_path, run.checkpoint(state.epoch, resumable=True))
+    result = TrainResult(run.run_id, state.best_recall, state.best_epoch, state.epoch, time.perf_counter() - started,
+                         best_path, run.log_file, final_path, state.early_stopped)
     vpr.append_summary_row(log_dir / "training_summary.csv", summary_row(config, result))
     return result
 

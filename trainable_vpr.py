@@ -4,13 +4,14 @@ Every script (train_vpr.py, eval_trained.py, run_experiment.py, analyze_metrics.
 pieces from here, so that each idea has one home:
 
 1. errors and the CLI wrapper      (VPRError, run_cli)
-2. geometry and poses CSVs         (to_metric_xyz, load_poses -> PlaceTable)
+2. geometry, poses CSVs, embeddings (to_metric_xyz, load_table -> PlaceTable, export_embeddings_parquet)
 3. backbones                       (BACKBONES, create_backbone)
 4. the feature cache               (FeatureCache, extract_features)
-5. heads and losses                (ProjectionHead, HybridLoss)
-6. GPS mining                      (neighbours_within, cluster_places, mine_hard_negatives, ...)
+5. heads and losses                (ProjectionHead, ResidualHead, MLPHead, pair_relations, HybridLoss)
+5b. UCB negative sampling          (UCB1Bandit, UCBNegativeSampler)
+6. GPS and label mining            (neighbours_within, group_places, mine_hard_negatives, ...)
 7. evaluation                      (evaluate_retrieval -> RecallResult)
-8. configuration, logs, checkpoints (TrainConfig, CsvLogger, save_checkpoint, load_checkpoint)
+8. configuration, logs, checkpoints (TrainConfig, parse_layered, CsvLogger, save_checkpoint, load_checkpoint)
 
 See ../shared/DESIGN.md (the contracts) and README.md (the user's view).
 """
@@ -118,6 +119,9 @@ LOG_COLUMNS = [
     "val_loss", "val_r1", "val_r5", "val_r10", "val_time",
 ]
 LOG_EVENTS = ("batch", "epoch", "validation")
+# Written after LOG_COLUMNS only by runs that produce them (readers select columns by name):
+# ucb_stats, on `epoch` rows of --neg_sampler ucb runs: "pulls=[...]; mean_reward=[...]" per band.
+LOG_OPTIONAL_COLUMNS = ["ucb_stats"]
 SUMMARY_RESULT_COLUMNS = [
     "best_val_r1", "best_val_r5", "best_val_r10", "best_epoch", "epochs_run", "wall_time_s",
     "checkpoint", "log_file",
@@ -165,18 +169,22 @@ def haversine_m(lat1: float, lon1: float, lat2: float, lon2: float) -> float:
 class PlaceTable:
     """Images (or precomputed embeddings) with metric positions: what every script works on.
 
-    xyz: N x 3 metric coordinates (see latlon_to_xyz / metric_to_xyz);
-    coord_kind: "latlon" or "metric" (two tables are comparable only with the same kind).
+    xyz: N x 3 metric coordinates (see latlon_to_xyz / metric_to_xyz), or None for an
+    embeddings parquet that has place labels but no positions;
+    coord_kind: "latlon", "metric" or "none" (two tables are comparable only with the same kind);
+    paths: image files, or for an embeddings parquet the image ids;
+    embeddings: N x D precomputed descriptors (embeddings parquet), or None (images: extract).
     """
 
     source: str
     paths: list[str]
-    xyz: np.ndarray
+    xyz: np.ndarray | None
     coord_kind: str
     frame: pd.DataFrame  # the original rows (kept for predictions and breakdowns)
     cameras: np.ndarray | None = None
     labels: np.ndarray | None = None
     conditions: np.ndarray | None = None
+    embeddings: np.ndarray | None = None
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -185,9 +193,10 @@ class PlaceTable:
         index = np.asarray(index)
         pick = lambda a: None if a is None else a[index]  # noqa: E731
         return PlaceTable(
-            source=self.source, paths=[self.paths[i] for i in index], xyz=self.xyz[index],
+            source=self.source, paths=[self.paths[i] for i in index], xyz=pick(self.xyz),
             coord_kind=self.coord_kind, frame=self.frame.iloc[index].reset_index(drop=True),
             cameras=pick(self.cameras), labels=pick(self.labels), conditions=pick(self.conditions),
+            embeddings=pick(self.embeddings),
         )
 
 
@@ -288,15 +297,7 @@ def load_poses(
             f"{path}: no image column; expected one of {', '.join(IMAGE_COLUMNS)}"
             f"{_closest_name_hint(frame.columns, IMAGE_COLUMNS)}"
         )
-    camera_col = _find_column(frame.columns, CAMERA_COLUMNS)
-    if camera_id is not None:
-        if camera_col is None:
-            raise VPRError(f"{path}: --camera_id {camera_id} given but the CSV has no camera_id/camera column")
-        present = sorted(frame[camera_col].astype(str).unique())
-        if camera_id not in present:
-            raise VPRError(f"{path}: no rows for --camera_id {camera_id}; cameras present: {', '.join(present)}")
-        frame = frame[frame[camera_col].astype(str) == camera_id]  # keeps the file's row numbers for messages
-
+    frame = _keep_camera(frame, path, camera_id)
     xyz, coord_kind = _positions_from_frame(frame, path)
     root = Path(image_root) if image_root else path.parent
     paths = [str(p) if os.path.isabs(p) else str(root / p) for p in frame[image_col].astype(str)]
@@ -312,18 +313,117 @@ def load_poses(
                     f"(relative paths resolve against {'--image_root' if image_root else 'the CSV folder'} {root})"
                 )
 
-    def optional(aliases: Sequence[str]) -> np.ndarray | None:
-        col = _find_column(frame.columns, aliases)
-        return None if col is None else frame[col].astype(str).to_numpy()
-
     return PlaceTable(
         source=str(path), paths=paths, xyz=xyz, coord_kind=coord_kind, frame=frame.reset_index(drop=True),
-        cameras=optional(CAMERA_COLUMNS), labels=optional(LABEL_COLUMNS),
-        conditions=optional(CONDITION_COLUMNS),
+        cameras=_optional_column(frame, CAMERA_COLUMNS), labels=_label_column(frame, path),
+        conditions=_optional_column(frame, CONDITION_COLUMNS),
     )
 
 
+def _keep_camera(frame: pd.DataFrame, path: Path, camera_id: str | None) -> pd.DataFrame:
+    """The rows of --camera_id (all rows when None); keeps the file's row numbers for messages."""
+    if camera_id is None:
+        return frame
+    camera_col = _find_column(frame.columns, CAMERA_COLUMNS)
+    if camera_col is None:
+        raise VPRError(f"{path}: --camera_id {camera_id} given but the file has no camera_id/camera column")
+    present = sorted(frame[camera_col].astype(str).unique())
+    if camera_id not in present:
+        raise VPRError(f"{path}: no rows for --camera_id {camera_id}; cameras present: {', '.join(present)}")
+    return frame[frame[camera_col].astype(str) == camera_id]
+
+
+def _optional_column(frame: pd.DataFrame, aliases: Sequence[str]) -> np.ndarray | None:
+    col = _find_column(frame.columns, aliases)
+    return None if col is None else frame[col].astype(str).to_numpy()
+
+
+def _label_column(frame: pd.DataFrame, path: Path) -> np.ndarray | None:
+    """Place labels (place_id, building_id or label) as strings; an empty cell is an error."""
+    col = _find_column(frame.columns, LABEL_COLUMNS)
+    if col is None:
+        return None
+    missing = np.flatnonzero(frame[col].isna().to_numpy())
+    if missing.size:
+        raise VPRError(f"{path}: row {_file_line(frame, missing[0])}: column '{col}' is empty "
+                       f"({missing.size} such row(s)); give every row a label or drop the column")
+    return frame[col].astype(str).to_numpy()
+
+
+# Embeddings parquet (DESIGN.md §2): one row per image, an `embedding` list column plus place
+# labels and/or positions; the backbone is skipped. Rows are numbered from 1 in messages.
+EMBEDDING_COLUMN = "embedding"
+IMAGE_ID_COLUMNS = ("image_id", *IMAGE_COLUMNS)
+PARQUET_SUFFIXES = (".parquet", ".pq")
+
+
+def is_parquet(path: str | Path | None) -> bool:
+    return path is not None and Path(path).suffix.lower() in PARQUET_SUFFIXES
+
+
+def load_embeddings_parquet(path: str | Path, camera_id: str | None = None) -> PlaceTable:
+    """Load precomputed embeddings (N x D float32) with their labels and/or positions."""
+    path = Path(path)
+    if not path.is_file():
+        raise VPRError(f"embeddings parquet {path}: file not found")
+    try:
+        frame = pd.read_parquet(path)
+    except Exception as exc:  # noqa: BLE001 - pyarrow raises several types for a broken file
+        raise VPRError(f"embeddings parquet {path}: not a readable parquet file ({str(exc).splitlines()[0][:160]})") from None
+    if frame.empty:
+        raise VPRError(f"embeddings parquet {path}: no rows")
+    frame = _keep_camera(frame.set_axis(pd.RangeIndex(-1, len(frame) - 1)), path, camera_id)  # _file_line: row 1 = first
+    column = _find_column(frame.columns, [EMBEDDING_COLUMN])
+    if column is None:
+        raise VPRError(f"{path}: no '{EMBEDDING_COLUMN}' column (one list of floats per row)"
+                       f"{_closest_name_hint(frame.columns, [EMBEDDING_COLUMN])}")
+    embeddings = _embedding_matrix(frame[column], path)
+    labels = _label_column(frame, path)
+    has_positions = bool(_find_column_pair(frame.columns, LATLON_COLUMNS + METRIC_COLUMNS))
+    if labels is None and not has_positions:
+        raise VPRError(f"{path}: neither a label column ({', '.join(LABEL_COLUMNS)}) nor position columns "
+                       "(lat/lon, easting/northing, x/y): nothing defines which images show the same place")
+    xyz, coord_kind = _positions_from_frame(frame, path) if has_positions else (None, "none")
+    id_col = _find_column(frame.columns, IMAGE_ID_COLUMNS)
+    ids = frame[id_col].astype(str).tolist() if id_col else [f"{path.name}#{i}" for i in range(len(frame))]
+    return PlaceTable(source=str(path), paths=ids, xyz=xyz, coord_kind=coord_kind, frame=frame.reset_index(drop=True),
+                      cameras=_optional_column(frame, CAMERA_COLUMNS), labels=labels,
+                      conditions=_optional_column(frame, CONDITION_COLUMNS), embeddings=embeddings)
+
+
+def _embedding_matrix(column: pd.Series, path: Path) -> np.ndarray:
+    lengths = column.map(lambda v: -1 if v is None or np.ndim(v) != 1 else len(v)).to_numpy()
+    bad = np.flatnonzero((lengths != lengths[0]) | (lengths <= 0))
+    if bad.size:
+        row = int(bad[0])
+        raise VPRError(f"{path}: row {_file_line(column.to_frame(), row)}: embedding of length {lengths[row]}, "
+                       f"expected {lengths[0]} like the first row; every row needs a vector of the same length")
+    matrix = np.stack(column.to_numpy()).astype(np.float32)
+    bad = np.flatnonzero(~np.isfinite(matrix).all(axis=1))
+    if bad.size:
+        raise VPRError(f"{path}: row {_file_line(column.to_frame(), int(bad[0]))}: the embedding holds NaN or infinity")
+    return matrix
+
+
+def load_table(path: str | Path, image_root: str | Path | None = None, camera_id: str | None = None) -> PlaceTable:
+    """A poses CSV or, by its .parquet suffix, an embeddings parquet: one entry point for every script."""
+    return load_embeddings_parquet(path, camera_id) if is_parquet(path) else load_poses(path, image_root, camera_id)
+
+
+def export_embeddings_parquet(table: PlaceTable, features: np.ndarray, path: str | Path) -> Path:
+    """Write a table's rows with their descriptors as an embeddings parquet (image_id = the
+    image path; positions, labels, camera and condition columns as in the source file)."""
+    frame = table.frame.copy()
+    frame.insert(0, "image_id", table.paths)
+    frame[EMBEDDING_COLUMN] = list(np.asarray(features, dtype=np.float32))
+    atomic_write(path, lambda p: frame.to_parquet(p, index=False))
+    return Path(path)
+
+
 def check_same_coord_kind(database: PlaceTable, queries: PlaceTable) -> None:
+    if (database.embeddings is None) != (queries.embeddings is None):
+        raise VPRError(f"{queries.source} and {database.source}: one is an embeddings parquet, the other a poses CSV; "
+                       "give both as parquet embeddings or both as images")
     if database.coord_kind != queries.coord_kind:
         raise VPRError(
             f"{queries.source} has {queries.coord_kind} positions but the database {database.source} has "
@@ -886,7 +986,25 @@ class ResidualHead(nn.Module):
         return F.normalize(base + self.residual(base), dim=-1)
 
 
-HEADS = ("projection", "residual")
+class MLPHead(nn.Module):
+    """Linear(D, H) -> [LayerNorm] -> GELU -> Dropout -> Linear(H, P), plus with use_residual a
+    skip connection from the input (identity when D == P, else a linear map); L2-normalised."""
+
+    def __init__(self, in_dim: int, output_dim: int = 256, hidden_dim: int = 512, dropout: float = 0.1,
+                 use_residual: bool = True, use_layer_norm: bool = True):
+        super().__init__()
+        self.mlp = nn.Sequential(
+            nn.Linear(in_dim, hidden_dim), nn.LayerNorm(hidden_dim) if use_layer_norm else nn.Identity(),
+            nn.GELU(), nn.Dropout(dropout), nn.Linear(hidden_dim, output_dim),
+        )
+        self.skip = None if not use_residual else nn.Identity() if in_dim == output_dim else nn.Linear(in_dim, output_dim, bias=False)
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        out = self.mlp(features)
+        return F.normalize(out if self.skip is None else out + self.skip(features), dim=-1)
+
+
+HEADS = ("projection", "residual", "mlp")
 
 
 def build_head(head_config: dict[str, Any]) -> nn.Module:
@@ -896,7 +1014,17 @@ def build_head(head_config: dict[str, Any]) -> nn.Module:
         return ProjectionHead(head_config["in_dim"], head_config["projection_dim"], head_config["dropout"])
     if kind == "residual":
         return ResidualHead(head_config["in_dim"], head_config["projection_dim"], head_config["hidden_dim"], head_config["dropout"])
+    if kind == "mlp":
+        return MLPHead(head_config["in_dim"], head_config["projection_dim"], head_config["hidden_dim"], head_config["dropout"],
+                       head_config.get("use_residual", True), head_config.get("use_layer_norm", True))
     raise VPRError(f"--head {kind}: unknown head; choose one of {', '.join(HEADS)}")
+
+
+def check_input_dim(head_config: dict[str, Any], dim: int, source: str) -> None:
+    """The features given to a head must have the width it was built for."""
+    if head_config["in_dim"] != dim:
+        raise VPRError(f"{source}: {dim}-dim features, but the head takes {head_config['in_dim']}-dim input; "
+                       "use embeddings (or a backbone) of the checkpoint's dimension")
 
 
 @torch.no_grad()
@@ -907,12 +1035,38 @@ def embed(head: nn.Module, features: np.ndarray, batch_size: int = 4096, device:
     return torch.cat(outs).numpy() if outs else np.zeros((0, 0), np.float32)
 
 
-def batch_pair_masks(xyz: torch.Tensor, pos_threshold_m: float, neg_threshold_m: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """In-batch GPS relations (B x B, B is a batch, not the data set): positives within
-    pos_threshold_m, negatives beyond neg_threshold_m, the ignore zone in neither; no self pairs."""
-    dist = torch.cdist(xyz, xyz)
-    eye = torch.eye(len(xyz), dtype=torch.bool, device=xyz.device)
-    return (dist <= pos_threshold_m) & ~eye, dist > neg_threshold_m
+def pair_relations(xyz_a: np.ndarray | None, xyz_b: np.ndarray | None, labels_a: np.ndarray | None,
+                   labels_b: np.ndarray | None, pos_threshold_m: float, neg_threshold_m: float) -> tuple[np.ndarray, np.ndarray]:
+    """(positive, negative) for every pair (a, b) of two broadcastable sets: THE rule of which
+    images show the same place, shared by batches, hard-negative mining and evaluation.
+
+    Positions only: positive within pos_threshold_m, negative beyond neg_threshold_m, in
+    between ignored (DESIGN.md §5). Place labels only: positive = same label, negative =
+    different label. Both: positive = same label and within pos_threshold_m; negative =
+    different label and beyond pos_threshold_m (a label is a place, so neighbouring buildings
+    are negatives; two labels photographed from the same spot are ignored).
+    """
+    if labels_a is not None and labels_b is not None:
+        same = np.asarray(labels_a) == np.asarray(labels_b)
+        if xyz_a is None or xyz_b is None:
+            return same, ~same
+        dist = np.linalg.norm(np.asarray(xyz_a) - np.asarray(xyz_b), axis=-1)
+        return same & (dist <= pos_threshold_m), ~same & (dist > pos_threshold_m)
+    dist = np.linalg.norm(np.asarray(xyz_a) - np.asarray(xyz_b), axis=-1)
+    return dist <= pos_threshold_m, dist > neg_threshold_m
+
+
+def batch_pair_masks(xyz: torch.Tensor | np.ndarray | None, pos_threshold_m: float, neg_threshold_m: float,
+                     labels: np.ndarray | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """In-batch relations (B x B, B is a batch, not the data set) by pair_relations: the
+    ignore zone in neither mask; no self pairs."""
+    xyz = None if xyz is None else np.asarray(xyz, dtype=np.float64)
+    count = len(xyz) if xyz is not None else len(labels)
+    column = lambda a: None if a is None else a[:, None]  # noqa: E731
+    row = lambda a: None if a is None else a[None, :]  # noqa: E731
+    pos, neg = pair_relations(column(xyz), row(xyz), column(labels), row(labels), pos_threshold_m, neg_threshold_m)
+    eye = np.eye(count, dtype=bool)
+    return torch.from_numpy(pos & ~eye), torch.from_numpy(neg & ~eye)
 
 
 def select_positives_by_feature(pos_mask: torch.Tensor, frozen: torch.Tensor, top_k: int) -> torch.Tensor:
@@ -967,22 +1121,27 @@ class HybridLoss(nn.Module):
     """
 
     def __init__(self, triplet_margin: float = 0.5, temperature: float = 0.07, triplet_weight: float = 0.3,
-                 contrastive_weight: float = 1.0, hard_neg_ratio: float = 0.5):
+                 contrastive_weight: float = 1.0, hard_neg_ratio: float = 0.5, distance: str = "euclidean"):
         super().__init__()
         from pytorch_metric_learning import distances, losses, reducers
 
-        self.triplet = losses.TripletMarginLoss(
-            margin=triplet_margin, distance=distances.LpDistance(normalize_embeddings=True), reducer=reducers.MeanReducer()
-        )
+        if distance not in LOSS_DISTANCES:
+            raise VPRError(f"--loss_distance {distance}: choose one of {', '.join(LOSS_DISTANCES)}")
+        metric = distances.LpDistance(normalize_embeddings=True) if distance == "euclidean" else distances.CosineSimilarity()
+        self.triplet = losses.TripletMarginLoss(margin=triplet_margin, distance=metric, reducer=reducers.MeanReducer())
+        self.margin, self.distance = triplet_margin, distance
         # Per-anchor losses, averaged below over the anchors that have positives (pml's default
         # reducer would also drop anchors whose loss is exactly 0).
         self.contrastive = losses.SupConLoss(temperature=temperature, reducer=reducers.DoNothingReducer())
         self.triplet_weight, self.contrastive_weight = triplet_weight, contrastive_weight
         self.hard_neg_ratio = hard_neg_ratio
 
-    def forward(self, embeddings: torch.Tensor, pos_mask: torch.Tensor, neg_mask: torch.Tensor, generator: torch.Generator) -> LossParts:
-        similarity = embeddings @ embeddings.T
-        triplets = batch_triplets(similarity, pos_mask, neg_mask, self.hard_neg_ratio, generator)
+    def forward(self, embeddings: torch.Tensor, pos_mask: torch.Tensor, neg_mask: torch.Tensor, generator: torch.Generator,
+                triplets: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None) -> LossParts:
+        """triplets: (anchors, positives, negatives) chosen elsewhere (e.g. UCBNegativeSampler);
+        by default batch_triplets mixes hardest and random negatives by hard_neg_ratio."""
+        if triplets is None:
+            triplets = batch_triplets(embeddings @ embeddings.T, pos_mask, neg_mask, self.hard_neg_ratio, generator)
         a1, p = torch.nonzero(pos_mask, as_tuple=True)
         a2, n = torch.nonzero(neg_mask, as_tuple=True)
         zero = embeddings.sum() * 0.0  # keeps the graph when a part has nothing to learn from
@@ -994,6 +1153,162 @@ class HybridLoss(nn.Module):
             contrastive = zero
         total = self.triplet_weight * triplet + self.contrastive_weight * contrastive
         return LossParts(total=total, triplet=triplet, contrastive=contrastive)
+
+
+LOSS_DISTANCES = ("euclidean", "cosine")
+
+
+def triplet_losses(embeddings: torch.Tensor, triplets: tuple[torch.Tensor, ...], margin: float,
+                   distance: str = "euclidean") -> torch.Tensor:
+    """Per-triplet max(0, d(a,p) - d(a,n) + margin) on L2-normalised embeddings; d is the
+    Euclidean distance or 1 - cosine similarity. Values lie in [0, 2 + margin]."""
+    anchors, positives, negatives = triplets
+    emb = F.normalize(embeddings, dim=-1)
+    if distance == "euclidean":
+        d_ap = (emb[anchors] - emb[positives]).norm(dim=-1)
+        d_an = (emb[anchors] - emb[negatives]).norm(dim=-1)
+    else:
+        d_ap = 1 - (emb[anchors] * emb[positives]).sum(-1)
+        d_an = 1 - (emb[anchors] * emb[negatives]).sum(-1)
+    return (d_ap - d_an + margin).clamp(min=0)
+
+
+# ============================================================================================
+# 5b. UCB negative sampling: a bandit chooses how hard each triplet's negative is
+# ============================================================================================
+class UCB1Bandit:
+    """UCB1 over `arms` arms. The first `warmup` draws go round-robin (every arm gets data);
+    after that each draw takes argmax_i mean_i + sqrt(exploration * ln(total pulls) / pulls_i),
+    an arm never rewarded first. Pure and deterministic: its state is a few numbers
+    (state_dict / load_state_dict, for checkpoints)."""
+
+    def __init__(self, arms: int, exploration: float = 2.0, warmup: int = 1000):
+        if arms < 1:
+            raise ValueError("a bandit needs at least one arm")
+        self.exploration, self.warmup = exploration, warmup
+        self.pulls = np.zeros(arms, dtype=np.int64)
+        self.reward_sums = np.zeros(arms, dtype=np.float64)
+        self.draws = 0
+
+    @property
+    def arms(self) -> int:
+        return len(self.pulls)
+
+    def mean_rewards(self) -> np.ndarray:
+        return np.divide(self.reward_sums, self.pulls, out=np.zeros(self.arms), where=self.pulls > 0)
+
+    def select(self) -> int:
+        if self.draws < self.warmup:
+            arm = self.draws % self.arms
+        elif (self.pulls == 0).any():
+            arm = int(np.flatnonzero(self.pulls == 0)[0])
+        else:
+            bonus = np.sqrt(self.exploration * math.log(self.pulls.sum()) / self.pulls)
+            arm = int(np.argmax(self.mean_rewards() + bonus))
+        self.draws += 1
+        return arm
+
+    def update(self, arm: int, reward: float) -> None:
+        self.pulls[arm] += 1
+        self.reward_sums[arm] += reward
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"pulls": self.pulls.tolist(), "reward_sums": self.reward_sums.tolist(), "draws": self.draws}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.pulls = np.asarray(state["pulls"], dtype=np.int64)
+        self.reward_sums = np.asarray(state["reward_sums"], dtype=np.float64)
+        self.draws = int(state["draws"])
+
+
+def similarity_rank_bands(similarity: torch.Tensor, neg_mask: torch.Tensor, bands: int) -> torch.Tensor:
+    """Band of each (anchor, negative) pair: the anchor's negatives ranked by similarity
+    (most similar = hardest first) and cut into `bands` equal rank ranges, 0 = hardest.
+    -1 where the pair is not a negative."""
+    neg_sim = similarity.detach().masked_fill(~neg_mask, float("-inf"))
+    rank = neg_sim.argsort(dim=1, descending=True, stable=True).argsort(dim=1, stable=True)
+    count = neg_mask.sum(dim=1, keepdim=True).clamp(min=1)
+    return torch.where(neg_mask, rank * bands // count, torch.full_like(rank, -1))
+
+
+@dataclass
+class DifficultyTable:
+    """External difficulty bands (--difficulty_parquet): for an image id, the band of each
+    neighbouring place label; labels not listed fall in the easiest band."""
+
+    bands: dict[str, dict[str, int]]
+    count: int
+
+    def pair_bands(self, ids: Sequence[str], labels: np.ndarray, neg_mask: torch.Tensor) -> torch.Tensor:
+        easiest = self.count - 1
+        table = [[self.bands.get(a, {}).get(str(lab), easiest) for lab in labels] for a in ids]
+        return torch.where(neg_mask, torch.tensor(table, dtype=torch.long), torch.full(neg_mask.shape, -1))
+
+
+def load_difficulty_parquet(path: str | Path) -> DifficultyTable:
+    """A parquet keyed by image id (image_id or an image column) with list columns
+    neighbor_building_ids and neighbor_bands (band 0 = hardest) of equal length per row."""
+    path = Path(path)
+    if not path.is_file():
+        raise VPRError(f"--difficulty_parquet {path}: file not found")
+    try:
+        frame = pd.read_parquet(path)
+    except Exception as exc:  # noqa: BLE001
+        raise VPRError(f"--difficulty_parquet {path}: not a readable parquet file ({str(exc).splitlines()[0][:160]})") from None
+    id_col = _find_column(frame.columns, IMAGE_ID_COLUMNS)
+    missing = [c for c in ("neighbor_building_ids", "neighbor_bands") if c not in frame.columns]
+    if id_col is None or missing:
+        raise VPRError(f"--difficulty_parquet {path}: needs an image_id column and list columns neighbor_building_ids, "
+                       f"neighbor_bands (missing: {', '.join(missing or ['image_id'])})")
+    bands: dict[str, dict[str, int]] = {}
+    for row, (key, ids, levels) in enumerate(zip(frame[id_col].astype(str), frame.neighbor_building_ids, frame.neighbor_bands), 1):
+        if ids is None or levels is None or len(ids) != len(levels) or any(int(b) < 0 for b in levels):
+            raise VPRError(f"--difficulty_parquet {path}: row {row}: neighbor_building_ids and neighbor_bands must be "
+                           "lists of equal length with bands >= 0")
+        bands[key] = {str(i): int(b) for i, b in zip(ids, levels)}
+    count = 1 + max((b for row in bands.values() for b in row.values()), default=0)
+    return DifficultyTable(bands, count + 1)  # + the band of places not listed
+
+
+class UCBNegativeSampler:
+    """Triplets whose negative band a UCB1 bandit chooses per draw, rewarded by the triplet
+    loss the draw produced (scaled to [0, 1]): the bandit learns which difficulty teaches
+    most now. Bands: similarity rank in the current embedding space (default), or an
+    external DifficultyTable."""
+
+    def __init__(self, bands: int = 3, exploration: float = 2.0, warmup: int = 1000,
+                 difficulty: DifficultyTable | None = None):
+        self.difficulty = difficulty
+        self.bandit = UCB1Bandit(difficulty.count if difficulty else bands, exploration, warmup)
+
+    def triplets(self, similarity: torch.Tensor, pos_mask: torch.Tensor, neg_mask: torch.Tensor, generator: torch.Generator,
+                 ids: Sequence[str] = (), labels: np.ndarray | None = None) -> tuple[tuple[torch.Tensor, ...], torch.Tensor]:
+        """((anchors, positives, negatives), arm of each triplet). A draw whose band is empty for
+        its anchor takes the nearest band that has a negative (and is credited to that band)."""
+        if self.difficulty is not None:
+            bands = self.difficulty.pair_bands(ids, labels, neg_mask)
+        else:
+            bands = similarity_rank_bands(similarity, neg_mask, self.bandit.arms)
+        anchors, positives = torch.nonzero(pos_mask & neg_mask.any(1, keepdim=True), as_tuple=True)
+        negatives, arms = [], []
+        for anchor in anchors.tolist():
+            wanted = self.bandit.select()
+            present = torch.unique(bands[anchor][bands[anchor] >= 0])
+            arm = int(present[(present - wanted).abs().argmin()])
+            choices = torch.nonzero(bands[anchor] == arm).flatten()
+            negatives.append(int(choices[torch.randint(len(choices), (1,), generator=generator)]))
+            arms.append(arm)
+        as_long = lambda v: torch.tensor(v, dtype=torch.long)  # noqa: E731
+        return (anchors, positives, as_long(negatives)), as_long(arms)
+
+    def reward(self, arms: torch.Tensor, losses: torch.Tensor, margin: float) -> None:
+        for arm, loss in zip(arms.tolist(), (losses.detach() / (2.0 + margin)).tolist()):
+            self.bandit.update(arm, loss)
+
+    def stats(self) -> str:
+        """Per-band pulls and mean rewards, for the run log (the ucb_stats column)."""
+        means = ", ".join(f"{m:.4f}" for m in self.bandit.mean_rewards())
+        return f"pulls=[{', '.join(str(int(p)) for p in self.bandit.pulls)}]; mean_reward=[{means}]"
 
 
 # ============================================================================================
@@ -1045,14 +1360,27 @@ def cluster_places(xyz: np.ndarray, radius_m: float) -> np.ndarray:
     return best
 
 
-def mine_hard_negatives(embeddings: np.ndarray, xyz: np.ndarray, neg_threshold_m: float, k: int = 10,
+def group_places(xyz: np.ndarray | None, labels: np.ndarray | None, radius_m: float) -> np.ndarray:
+    """Place of each image for batching: its GPS cell (cluster_places), its label, or with both
+    the (label, cell) pair, so that a place's images are mutual positives by pair_relations.
+    Labels 0..P-1 in order of first appearance."""
+    if labels is None:
+        return cluster_places(xyz, radius_m)
+    if xyz is None:
+        return pd.factorize(np.asarray(labels))[0]
+    return pd.MultiIndex.from_arrays([np.asarray(labels), cluster_places(xyz, radius_m)]).factorize()[0]
+
+
+def mine_hard_negatives(embeddings: np.ndarray, xyz: np.ndarray | None, neg_threshold_m: float, k: int = 10,
+                        labels: np.ndarray | None = None, pos_threshold_m: float = 25.0,
                         chunk: int = 512, max_search_k: int = 512) -> np.ndarray:
-    """Per image, the k most similar images (inner product of normalised embeddings) that lie
-    beyond neg_threshold_m: far in metres, near in embedding space. N x k, most similar first,
+    """Per image, the k most similar images (inner product of normalised embeddings) that are
+    its negatives by pair_relations (beyond neg_threshold_m, or of another label): far in
+    metres or place, near in embedding space. N x k, most similar first (ties: lower index),
     -1 where fewer exist.
 
     faiss searches a growing candidate list for anchors in chunks of `chunk`; only candidates'
-    distances are computed. Anchors still short of k far images at `max_search_k` candidates
+    relations are computed. Anchors still short of k negatives at `max_search_k` candidates
     (most images near them: a campus, a courtyard) are scored against the whole data set in
     blocks instead. Memory stays O(chunk x max_search_k + 2^18), never N x N.
     """
@@ -1060,10 +1388,17 @@ def mine_hard_negatives(embeddings: np.ndarray, xyz: np.ndarray, neg_threshold_m
 
     n = len(embeddings)
     emb = np.ascontiguousarray(embeddings, dtype=np.float32)
-    xyz = np.asarray(xyz, dtype=np.float64)
-    xyz = xyz - xyz.mean(axis=0) if n else xyz  # centred: metre-exact differences
+    if xyz is not None and n:
+        xyz = np.asarray(xyz, dtype=np.float64)
+        xyz = xyz - xyz.mean(axis=0)  # centred: metre-exact differences
     index = faiss.IndexFlatIP(emb.shape[1])
     index.add(emb)
+
+    def negatives(anchors: np.ndarray, others: np.ndarray) -> np.ndarray:
+        take = lambda a, idx: None if a is None else a[idx]  # noqa: E731
+        return pair_relations(take(xyz, anchors[:, None]), take(xyz, others), take(labels, anchors[:, None]),
+                              take(labels, others), pos_threshold_m, neg_threshold_m)[1]
+
     result = np.full((n, k), -1, dtype=np.int64)
     for start in range(0, n, chunk):
         todo = np.arange(start, min(n, start + chunk))
@@ -1071,7 +1406,7 @@ def mine_hard_negatives(embeddings: np.ndarray, xyz: np.ndarray, neg_threshold_m
         while todo.size:
             scores, cand = index.search(emb[todo], search_k)
             cand = np.take_along_axis(cand, np.lexsort((cand, -scores), axis=1), axis=1)  # ties: lower index first
-            far = (_squared_distances(xyz[todo], xyz, cand.clip(0)) > neg_threshold_m ** 2) & (cand >= 0)
+            far = negatives(todo, cand.clip(0)) & (cand >= 0)
             done = (far.sum(1) >= k) | (search_k >= n)
             for row in np.flatnonzero(done):
                 picks = cand[row][far[row]][:k]
@@ -1081,22 +1416,14 @@ def mine_hard_negatives(embeddings: np.ndarray, xyz: np.ndarray, neg_threshold_m
                 break
             search_k = min(n, search_k * 4, max_search_k)
         if todo.size:
-            result[todo] = _hard_negatives_by_blocks(emb, xyz, todo, neg_threshold_m, k)
+            result[todo] = _hard_negatives_by_blocks(emb, todo, negatives, k)
     return result
 
 
-def _squared_distances(anchor_xyz: np.ndarray, xyz: np.ndarray, others: np.ndarray) -> np.ndarray:
-    """|anchor_xyz[i] - xyz[others[i, j]]|^2, one coordinate at a time (no M x K x 3 temporary)."""
-    total = np.zeros(others.shape, dtype=np.float64)
-    for axis in range(xyz.shape[1]):
-        diff = xyz[others, axis] - anchor_xyz[:, axis, None]
-        total += diff * diff
-    return total
-
-
-def _hard_negatives_by_blocks(emb: np.ndarray, xyz: np.ndarray, anchors: np.ndarray, neg_threshold_m: float,
-                              k: int, cells: int = 1 << 18) -> np.ndarray:
-    """Exact top-k far images of `anchors`, scanning the data set in blocks of about `cells`
+def _hard_negatives_by_blocks(emb: np.ndarray, anchors: np.ndarray,
+                              negatives: Callable[[np.ndarray, np.ndarray], np.ndarray], k: int,
+                              cells: int = 1 << 18) -> np.ndarray:
+    """Exact top-k negatives of `anchors`, scanning the data set in blocks of about `cells`
     (anchor, image) pairs at a time and keeping a running top-k; ties go to the lower index."""
     block = max(64, cells // max(len(anchors), 1))
     best_sim = np.full((len(anchors), k), -np.inf, dtype=np.float32)
@@ -1104,7 +1431,7 @@ def _hard_negatives_by_blocks(emb: np.ndarray, xyz: np.ndarray, anchors: np.ndar
     for b0 in range(0, len(emb), block):
         ids = np.arange(b0, min(len(emb), b0 + block))
         sim = emb[anchors] @ emb[ids].T
-        sim[_squared_distances(xyz[anchors], xyz, np.broadcast_to(ids, sim.shape)) <= neg_threshold_m ** 2] = -np.inf
+        sim[~negatives(anchors, np.broadcast_to(ids, sim.shape))] = -np.inf
         all_sim = np.concatenate([best_sim, sim], axis=1)
         all_idx = np.concatenate([best_idx, np.broadcast_to(ids, sim.shape)], axis=1)
         # sort by similarity descending, then index ascending (-1 placeholders sort as -inf)
@@ -1193,13 +1520,14 @@ class RecallResult:
     top_indices: np.ndarray                # Q x K database indices, best first
     top_distances_m: np.ndarray            # Q x K metres from the query
     top_scores: np.ndarray                 # Q x K descriptor similarities
-    correct: np.ndarray                    # Q x K: retrieved image within the threshold
-    has_positive: np.ndarray               # Q: some database image within the threshold
+    correct: np.ndarray                    # Q x K: retrieved image within the threshold (or of the query's label)
+    has_positive: np.ndarray               # Q: some database image within the threshold (or of the query's label)
+    by_label: bool = False                 # correctness decided by place labels
 
     def as_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {f"recall@{n}": r for n, r in self.recalls.items()}
         out.update(num_queries=self.num_queries, num_queries_without_positive=self.num_queries_without_positive,
-                   pos_threshold_m=self.pos_threshold_m)
+                   pos_threshold_m=self.pos_threshold_m, correct_by="label" if self.by_label else "distance")
         return out
 
 
@@ -1217,12 +1545,16 @@ def recall_at_n(correct: np.ndarray, recall_at: Sequence[int]) -> dict[int, floa
 
 
 def evaluate_retrieval(
-    db_desc: np.ndarray, db_xyz: np.ndarray, q_desc: np.ndarray, q_xyz: np.ndarray,
+    db_desc: np.ndarray, db_xyz: np.ndarray | None, q_desc: np.ndarray, q_xyz: np.ndarray | None,
     pos_threshold_m: float = 25.0, recall_at: Sequence[int] = (1, 5, 10),
+    db_labels: np.ndarray | None = None, q_labels: np.ndarray | None = None,
 ) -> RecallResult:
     """Exact search (faiss, inner product of L2-normalised descriptors); a query is correct at
-    N if any of its top-N database images lies within pos_threshold_m. Queries without any
-    database image within the threshold count as misses and are counted."""
+    N if any of its top-N database images is a positive of the query by pair_relations, the
+    rule training uses: within pos_threshold_m or, when both sides have place labels, of the
+    query's label (and within pos_threshold_m when there are positions too). Queries without
+    any positive in the database count as misses and are counted. Distances are NaN without
+    positions."""
     import faiss
 
     if len(q_desc) == 0:
@@ -1238,13 +1570,28 @@ def evaluate_retrieval(
     # the order deterministic (lower database index first) so R@1 cannot depend on k.
     order = np.lexsort((top, -scores), axis=1)
     top, scores = np.take_along_axis(top, order, axis=1), np.take_along_axis(scores, order, axis=1)
-    dist = np.linalg.norm(db_xyz[top] - q_xyz[:, None, :], axis=2)
-    correct = dist <= pos_threshold_m
-    has_positive = nearest_distance_m(db_xyz, q_xyz) <= pos_threshold_m
+    by_label = db_labels is not None and q_labels is not None
+    if not by_label and (db_xyz is None or q_xyz is None):
+        raise VPRError("evaluation needs positions or place labels on both the database and the queries")
+    positions = db_xyz is not None and q_xyz is not None
+    dist = np.linalg.norm(db_xyz[top] - q_xyz[:, None, :], axis=2) if positions else np.full(top.shape, np.nan)
+    if not by_label:
+        db_labels = q_labels = None
+    take = lambda a, idx: None if a is None else np.asarray(a)[idx]  # noqa: E731
+    correct, _ = pair_relations(take(q_xyz, np.s_[:, None]), take(db_xyz, top), take(q_labels, np.s_[:, None]),
+                                take(db_labels, top), pos_threshold_m, pos_threshold_m)
+    if by_label and positions:
+        has_positive = np.array([np.any(np.asarray(db_labels)[near] == label)
+                                 for near, label in zip(neighbours_within(db_xyz, q_xyz, pos_threshold_m), q_labels)])
+    elif by_label:
+        has_positive = np.isin(q_labels, db_labels)
+    else:
+        has_positive = nearest_distance_m(db_xyz, q_xyz) <= pos_threshold_m
     return RecallResult(
         recalls=recall_at_n(correct, recall_at), num_queries=len(q_desc),
         num_queries_without_positive=int((~has_positive).sum()), pos_threshold_m=pos_threshold_m,
         top_indices=top, top_distances_m=dist, top_scores=scores, correct=correct, has_positive=has_positive,
+        by_label=by_label,
     )
 
 
@@ -1283,23 +1630,35 @@ def _flag(default: Any, help: str, group: str = "training", **extra: Any) -> Any
     return field(default=default, metadata={"help": help, "group": group, **extra})
 
 
+SUPERVISIONS = ("auto", "gps", "labels")
+NEG_SAMPLERS = ("hard", "random", "ucb")
+
+
 @dataclass
 class TrainConfig:
     """Every training setting, in one place; argparse flags are generated from it."""
 
     # data
-    train_csv: str = _flag(None, "poses CSV of the training images (also the validation database)", "data", required=True)
-    val_csv: str = _flag(None, "poses CSV of the validation queries (chooses the best epoch)", "data", required=True)
+    train_csv: str = _flag(None, "poses CSV or embeddings parquet of the training images (also the validation database)",
+                           "data", required=True, aliases=("--train_parquet",))
+    val_csv: str = _flag(None, "poses CSV or embeddings parquet of the validation queries (chooses the best epoch)",
+                         "data", required=True, aliases=("--val_parquet",))
     camera_id: str | None = _flag(None, "keep only this camera's rows", "data")
     image_root: str | None = _flag(None, "folder that relative image paths resolve against (default: the CSV's folder)", "data")
+    supervision: str = _flag("auto", "which images show the same place: gps (positions), labels (place_id/building_id/"
+                             "label, gated by positions when present) or auto (labels when every table has them)",
+                             "data", choices=SUPERVISIONS)
     # model
     model: str = _flag("dinov2_b", f"backbone: {', '.join(BACKBONES)} or timm:ARCH", "model")
     weights: str | None = _flag(None, "backbone weights: a local state-dict FILE, or 'random' (default: pretrained)", "model")
     image_size: int = _flag(0, "square input side in pixels (0: the backbone's default)", "model")
-    head: str = _flag("residual", "residual (starts as PCA-whitening, learns a correction) or projection (the seed head)", "model", choices=HEADS)
-    projection_dim: int = _flag(256, "output descriptor dimension", "model")
-    hidden_dim: int = _flag(512, "hidden width of the residual head's MLP", "model")
+    head: str = _flag("residual", "residual (starts as PCA-whitening, learns a correction), projection (the seed head) "
+                      "or mlp (Linear-LayerNorm-GELU-Linear with a skip connection)", "model", choices=HEADS)
+    projection_dim: int = _flag(256, "output descriptor dimension", "model", aliases=("--output_dim",))
+    hidden_dim: int = _flag(512, "hidden width of the residual and mlp heads", "model")
     dropout: float = _flag(0.1, "dropout in the head", "model")
+    use_residual: bool = _flag(True, "mlp head: add a skip connection from the input", "model")
+    use_layer_norm: bool = _flag(True, "mlp head: LayerNorm after the hidden layer", "model")
     # training
     epochs: int = _flag(15, "training epochs")
     lr: float = _flag(1e-4, "AdamW learning rate")
@@ -1320,6 +1679,20 @@ class TrainConfig:
     positive_top_k: int = _flag(2, "with --positive_selection feature: positives kept per anchor in a batch")
     lr_schedule: str = _flag("constant", "constant or cosine (decay to 0 over the run)", choices=("constant", "cosine"))
     early_stopping_patience: int = _flag(0, "stop after this many validations without a better R@1 (0: never)")
+    loss_distance: str = _flag("euclidean", "triplet distance on normalised embeddings: euclidean or cosine (1 - cos)",
+                               choices=LOSS_DISTANCES)
+    neg_sampler: str = _flag("hard", "triplet negatives: hard (hard_neg_ratio of them the hardest, the rest random), "
+                             "random, or ucb (a UCB1 bandit picks the difficulty band per draw)",
+                             choices=NEG_SAMPLERS)
+    ucb_bands: int = _flag(3, "ucb: difficulty bands of similarity rank (ignored with --difficulty_parquet)")
+    ucb_exploration_constant: float = _flag(2.0, "ucb: c in mean + sqrt(c ln N / n)")
+    ucb_warmup_samples: int = _flag(1000, "ucb: draws spread round-robin over the bands before UCB1 decides")
+    difficulty_parquet: str | None = _flag(None, "ucb: external bands, a parquet of image_id, neighbor_building_ids, "
+                                           "neighbor_bands (needs place labels)", "data")
+    validate_every_n_epochs: int = _flag(1, "validate (and maybe save the best checkpoint) every N epochs and after the last")
+    save_every_n_epochs: int = _flag(1, "write the resumable _last checkpoint every N epochs")
+    resume: str | None = _flag(None, "continue the run of this _last (or _final) checkpoint: head, optimizer, scheduler, "
+                               "random states, best metrics and patience are restored, the log is continued", "system")
     # system and outputs
     device: str = _flag("auto", "auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps", "system")
     num_workers: int = _flag(2, "image-decoding worker processes", "system")
@@ -1352,6 +1725,7 @@ def recipe_config(recipe: str, **values: Any) -> TrainConfig:
 def add_config_args(parser: argparse.ArgumentParser, cls: type = TrainConfig, skip: Sequence[str] = (),
                     optional: Sequence[str] = ()) -> None:
     """Flags for every field of a config dataclass, grouped, defaults shown in --help."""
+    add_config_file_flag(parser)
     if cls is TrainConfig:
         parser.add_argument("--recipe", choices=list(RECIPES), default="default",
                             help="flag set: default, or seed (projection head, all GPS positives, constant lr) "
@@ -1362,23 +1736,142 @@ def add_config_args(parser: argparse.ArgumentParser, cls: type = TrainConfig, sk
             continue
         meta = f.metadata
         group = groups.setdefault(meta["group"], parser.add_argument_group(meta["group"]))
-        flag = f"--{f.name}"
+        flags = [f"--{f.name}", *meta.get("aliases", ())]
         if f.type in ("bool", bool):
-            group.add_argument(flag, action="store_true", help=meta["help"])
+            action = argparse.BooleanOptionalAction if f.default else "store_true"
+            group.add_argument(*flags, action=action, default=f.default, help=meta["help"])
             continue
         kind = {"int": int, "float": float}.get(str(f.type).split(" ")[0], str)
         required = meta.get("required", False) and f.name not in optional
-        group.add_argument(flag, type=kind, default=f.default, required=required, choices=meta.get("choices"),
+        group.add_argument(*flags, type=kind, default=f.default, required=required, choices=meta.get("choices"),
                            help=meta["help"])
 
 
-def parse_with_recipe(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> argparse.Namespace:
-    """Parse argv with the chosen --recipe's values as defaults: flags given explicitly win."""
+def add_config_file_flag(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", metavar="TOML", default=None,
+                        help="settings file (sections [paths], [model], [training], [logging]); precedence: "
+                             f"flags > {ENV_PREFIX}* environment variables > this file > defaults")
+
+
+ENV_PREFIX = "VPR_"
+CONFIG_SECTIONS = ("paths", "model", "training", "logging", "data", "system")
+CONFIG_IGNORED_SECTIONS = ("tune",)  # read by tune_vpr.py
+_NOT_SETTINGS = ("help", "config", "debug")
+
+
+def parse_layered(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> argparse.Namespace:
+    """Parse argv with every layer of settings, once for all scripts:
+    flags > VPR_<FLAG> environment variables > the --config TOML file > --recipe > defaults.
+    A bad file, key or value stops with one VPRError line naming it."""
     probe = argparse.ArgumentParser(add_help=False)
+    probe.add_argument("--config", default=None)
     probe.add_argument("--recipe", default="default")
-    recipe = probe.parse_known_args(argv)[0].recipe
-    parser.set_defaults(**RECIPES.get(recipe, {}))  # an unknown recipe is reported by parse_args
+    known = probe.parse_known_args(argv)[0]
+    actions = {a.dest: a for a in parser._actions if a.dest not in _NOT_SETTINGS}
+    layers: dict[str, Any] = dict(RECIPES.get(known.recipe, {})) if actions.pop("recipe", None) else {}
+    if known.config:
+        layers.update(read_config_file(known.config, actions))
+    layers.update(environment_settings(actions, os.environ))
+    layers = {k: v for k, v in layers.items() if k in actions}
+    parser.set_defaults(**layers)
+    for dest in layers:
+        actions[dest].required = False  # given by the file or the environment
     return parser.parse_args(argv)
+
+
+parse_with_recipe = parse_layered  # its name before the environment and file layers existed
+
+
+def _setting_value(action: argparse.Action, value: Any, where: str) -> Any:
+    """A file or environment value checked against its flag's type and choices."""
+    boolean = action.nargs == 0 or isinstance(action, argparse.BooleanOptionalAction)
+    if isinstance(value, str) and (boolean or action.type in (int, float) or action.nargs in ("+", "*")):
+        value = _parse_text_setting(action, value, boolean, where)
+    if boolean:
+        ok = isinstance(value, bool)
+        expected = "true or false"
+    elif action.nargs in ("+", "*"):
+        ok = isinstance(value, list) and all(_scalar_ok(action.type, v) for v in value)
+        expected = f"a list of {getattr(action.type, '__name__', 'str')}"
+    else:
+        ok = _scalar_ok(action.type, value)
+        expected = {int: "an integer", float: "a number"}.get(action.type, "a string")
+    if not ok:
+        raise VPRError(f"{where} = {value!r}: expected {expected}")
+    if action.type is float and not boolean:
+        value = [float(v) for v in value] if isinstance(value, list) else float(value)
+    if action.choices is not None and not boolean and value not in action.choices:
+        raise VPRError(f"{where} = {value!r}: choose one of {', '.join(map(str, action.choices))}")
+    return value
+
+
+def _scalar_ok(kind: Any, value: Any) -> bool:
+    if isinstance(value, bool):
+        return False
+    if kind is int:
+        return isinstance(value, int)
+    if kind is float:
+        return isinstance(value, (int, float))
+    return isinstance(value, str)
+
+
+def _parse_text_setting(action: argparse.Action, text: str, boolean: bool, where: str) -> Any:
+    if boolean:
+        lowered = text.strip().lower()
+        if lowered in ("1", "true", "yes", "on"):
+            return True
+        if lowered in ("0", "false", "no", "off", ""):
+            return False
+        return text
+    kind = action.type or str
+    try:
+        if action.nargs in ("+", "*"):
+            return [kind(v) for v in text.replace(",", " ").split()]
+        return kind(text)
+    except ValueError:
+        raise VPRError(f"{where} = {text!r}: expected {'an integer' if kind is int else 'a number'}") from None
+
+
+def environment_settings(actions: dict[str, argparse.Action], environ: dict[str, str]) -> dict[str, Any]:
+    """VPR_<DEST> variables (e.g. VPR_EPOCHS=3) for this parser's settings."""
+    values = {}
+    for dest, action in actions.items():
+        name = ENV_PREFIX + dest.upper()
+        if name in environ:
+            values[dest] = _setting_value(action, environ[name], name)
+    return values
+
+
+def read_config_file(path: str | Path, actions: dict[str, argparse.Action]) -> dict[str, Any]:
+    """Settings of a TOML file: [section] key = value, keys named like the flags (aliases too).
+    Keys that are settings of another script (a training key read by eval_trained.py) are
+    skipped; unknown sections and keys are errors."""
+    import tomllib
+
+    path = Path(path)
+    if not path.is_file():
+        raise VPRError(f"--config {path}: file not found")
+    try:
+        document = tomllib.loads(path.read_text())
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise VPRError(f"--config {path}: not valid TOML ({exc})") from None
+    aliases = {opt.lstrip("-"): dest for dest, a in actions.items() for opt in a.option_strings}
+    known_elsewhere = {f.name for f in dataclasses.fields(TrainConfig)}
+    values: dict[str, Any] = {}
+    for section, table in document.items():
+        if section in CONFIG_IGNORED_SECTIONS:
+            continue
+        if section not in CONFIG_SECTIONS or not isinstance(table, dict):
+            raise VPRError(f"--config {path}: unknown section [{section}]; use {', '.join(f'[{s}]' for s in CONFIG_SECTIONS[:4])}")
+        for key, value in table.items():
+            where = f"{path} [{section}] {key}"
+            if key in aliases:
+                dest = aliases[key]
+                values[dest] = _setting_value(actions[dest], value, where)
+            elif key not in known_elsewhere:
+                close = difflib.get_close_matches(key, list(aliases) + list(known_elsewhere), n=1)
+                raise VPRError(f"{where}: unknown setting{f' (did you mean {close[0]}?)' if close else ''}; see --help")
+    return values
 
 
 def config_from_args(args: argparse.Namespace, cls: type = TrainConfig, **overrides: Any) -> Any:
@@ -1413,7 +1906,34 @@ def validate_train_config(config: TrainConfig) -> None:
         raise VPRError(f"--early_stopping_patience {config.early_stopping_patience}: must be 0 (off) or more")
     if config.head not in HEADS:
         raise VPRError(f"--head {config.head}: unknown head; choose one of {', '.join(HEADS)}")
-    _spec_for(config.model)
+    for name in ("validate_every_n_epochs", "save_every_n_epochs", "ucb_bands", "projection_dim", "hidden_dim"):
+        if getattr(config, name) < 1:
+            raise VPRError(f"--{name} {getattr(config, name)}: must be at least 1")
+    if config.ucb_warmup_samples < 0 or config.ucb_exploration_constant < 0:
+        raise VPRError("--ucb_warmup_samples and --ucb_exploration_constant must be 0 or more")
+    if config.difficulty_parquet and config.neg_sampler != "ucb":
+        raise VPRError(f"--difficulty_parquet {config.difficulty_parquet}: only used with --neg_sampler ucb")
+    if not (is_parquet(config.train_csv) or is_parquet(config.val_csv)):
+        _spec_for(config.model)  # embeddings need no backbone: --model only names the run
+
+
+def uses_labels(supervision: str, *tables: PlaceTable) -> bool:
+    """Whether place labels decide positives (--supervision; auto: when every table has labels)."""
+    have = all(t.labels is not None for t in tables)
+    if supervision == "labels" and not have:
+        missing = next(t.source for t in tables if t.labels is None)
+        raise VPRError(f"--supervision labels: {missing} has no label column ({', '.join(LABEL_COLUMNS)})")
+    if supervision == "gps" or not have:
+        if any(t.xyz is None for t in tables):
+            missing = next(t.source for t in tables if t.xyz is None)
+            raise VPRError(f"{missing}: no positions, so GPS supervision is impossible; use --supervision auto or labels")
+        return False
+    return True
+
+
+def effective_hard_neg_ratio(config: TrainConfig) -> float:
+    """--neg_sampler random means no hard negatives, in batches and triplets alike."""
+    return 0.0 if config.neg_sampler == "random" else config.hard_neg_ratio
 
 
 def extraction_options(config: Any) -> ExtractionOptions:
@@ -1450,14 +1970,35 @@ def new_run_id(model: str, seed: int, log_dir: str | Path) -> str:
 
 
 class CsvLogger:
-    """One CSV row per event, flushed as written, so a crashed or running run can be read."""
+    """One CSV row per event, flushed as written, so a crashed or running run can be read.
 
-    def __init__(self, path: str | Path, columns: Sequence[str] = LOG_COLUMNS):
+    continue_after_epoch=N continues an existing log (a resumed run): rows of later epochs,
+    written after the checkpoint the run resumes from, are dropped first, so the finished log
+    equals that of an uninterrupted run."""
+
+    def __init__(self, path: str | Path, columns: Sequence[str] = LOG_COLUMNS, continue_after_epoch: int | None = None):
         self.path, self.columns = Path(path), list(columns)
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._handle = open(self.path, "w", newline="")
-        self._handle.write(",".join(self.columns) + "\n")
+        if continue_after_epoch is None:
+            self._handle = open(self.path, "w", newline="")
+            self._handle.write(",".join(self.columns) + "\n")
+        else:
+            self._keep_epochs_up_to(continue_after_epoch)
+            self._handle = open(self.path, "a", newline="")
         self._handle.flush()
+
+    def _keep_epochs_up_to(self, last_epoch: int) -> None:
+        import csv
+        import io
+
+        if not self.path.is_file():
+            raise VPRError(f"run log {self.path}: not found; the run to resume wrote it (restore it, or start a new run)")
+        rows = list(csv.reader(io.StringIO(self.path.read_text())))
+        if not rows or rows[0] != self.columns:
+            raise VPRError(f"run log {self.path}: its columns differ from this run's; resume with the same settings")
+        epoch = self.columns.index("epoch")
+        kept = [rows[0]] + [r for r in rows[1:] if r and r[epoch] and int(r[epoch]) <= last_epoch]
+        atomic_write(self.path, lambda p: p.write_text("".join(",".join(_csv_cell(c) for c in r) + "\n" for r in kept)))
 
     def log(self, event: str, **values: Any) -> None:
         unknown = set(values) - set(self.columns)
@@ -1495,8 +2036,31 @@ def append_summary_row(path: str | Path, row: dict[str, Any]) -> None:
         atomic_write(path, lambda p: table.to_csv(p, index=False))
 
 
-def checkpoint_path(output_dir: str | Path, model: str, seed: int) -> Path:
-    return Path(output_dir) / f"trained_{safe_name(model)}_seed{seed}.pth"
+def checkpoint_path(output_dir: str | Path, model: str, seed: int, kind: str = "") -> Path:
+    """trained_{model}_seed{seed}.pth (the best, DESIGN.md §6), or with kind "last" (resumable,
+    written every --save_every_n_epochs) or "final" (the end of the run) a _{kind} suffix."""
+    return Path(output_dir) / f"trained_{safe_name(model)}_seed{seed}{f'_{kind}' if kind else ''}.pth"
+
+
+def random_states(rng: np.random.Generator, generator: torch.Generator) -> dict[str, Any]:
+    """Every random state a run draws from, in types torch.load(weights_only=True) reads
+    (numpy's PCG64 state is a dict of Python ints, some beyond 2**64: pickled as plain ints)."""
+    return {"numpy": rng.bit_generator.state, "torch_generator": generator.get_state(),
+            "torch_global": torch.get_rng_state()}
+
+
+def embeddings_backbone(name: str, source: str | Path, dim: int) -> dict[str, Any]:
+    """The checkpoint's `backbone` field of a head trained on an embeddings parquet."""
+    return {"name": name, "arch": EMBEDDINGS_ARCH, "weights": f"embeddings:{Path(source).name}", "feature_dim": dim}
+
+
+EMBEDDINGS_ARCH = "precomputed"
+
+
+def restore_random_states(states: dict[str, Any], rng: np.random.Generator, generator: torch.Generator) -> None:
+    rng.bit_generator.state = states["numpy"]
+    generator.set_state(states["torch_generator"])
+    torch.set_rng_state(states["torch_global"])
 
 
 def save_checkpoint(path: str | Path, payload: dict[str, Any]) -> None:

@@ -114,3 +114,26 @@ def tiny_backbone():
     import trainable_vpr as vpr
 
     return vpr.create_backbone(TINY_MODEL, weights="random", image_size=TINY_SIZE)
+
+
+def write_embeddings_parquet(path: Path, n_places: int = 6, per_place: int = 4, dim: int = 16, *, seed: int = 0,
+                             labels: bool = True, positions: bool = False, noise: float = 0.6,
+                             centres_seed: int = 123) -> Path:
+    """An embeddings parquet: per_place rows of each of n_places places, each row a noisy copy
+    of its place's random centre (the same centres for the same centres_seed, so a train and a
+    val file share places), with building_id labels and/or easting/northing 300 m apart."""
+    import pandas as pd
+
+    centres = np.random.default_rng(centres_seed).normal(size=(n_places, dim))
+    rng = np.random.default_rng(seed)
+    place = np.repeat(np.arange(n_places), per_place)
+    frame = pd.DataFrame({"image_id": [f"img_{seed}_{i:04d}" for i in range(len(place))]})
+    frame["embedding"] = list((centres[place] + noise * rng.normal(size=(len(place), dim))).astype(np.float32))
+    if labels:
+        frame["building_id"] = [f"b{p}" for p in place]
+    if positions:
+        xy = place_positions(n_places, per_place, seed=seed)
+        frame["easting"], frame["northing"] = xy[:, 0], xy[:, 1]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    frame.to_parquet(path, index=False)
+    return path

@@ -68,7 +68,7 @@ def test_residual_head_learns_a_correction():
 def _parse(*argv: str) -> vpr.TrainConfig:
     parser = argparse.ArgumentParser()
     vpr.add_config_args(parser)
-    return vpr.config_from_args(vpr.parse_with_recipe(parser, ["--train_csv", "t.csv", "--val_csv", "v.csv", *argv]))
+    return vpr.config_from_args(vpr.parse_layered(parser, ["--train_csv", "t.csv", "--val_csv", "v.csv", *argv]))
 
 
 def test_default_recipe_is_the_residual_head_and_seed_recipe_restores_the_seed_flags():

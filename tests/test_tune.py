@@ -1,0 +1,74 @@
+"""tune_vpr.py: the search space from the config file, exact trial shares, and two worker
+processes on one SQLite study that run every trial once (none lost, none duplicated)."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from conftest import write_embeddings_parquet
+import trainable_vpr as vpr
+import tune_vpr
+
+optuna = pytest.importorskip("optuna")
+
+
+def _config_file(tmp_path, space: str):
+    path = tmp_path / "config.toml"
+    path.write_text(f"[training]\nepochs = 2\nbatch_size = 8\n\n[tune.space]\n{space}")
+    return path
+
+
+def test_search_space_from_the_config_file(tmp_path):
+    path = _config_file(tmp_path, 'lr = { low = 1e-4, high = 1e-2, log = true }\nhead = { choices = ["mlp", "projection"] }\n'
+                                  "hidden_dim = { low = 16, high = 64, step = 16 }\n")
+    space = {d.name: d for d in tune_vpr.search_space(str(path))}
+    assert space["lr"] == tune_vpr.Dimension("lr", 1e-4, 1e-2, True)
+    assert space["head"].choices == ("mlp", "projection")
+    trial = optuna.trial.FixedTrial({"lr": 1e-3, "head": "mlp", "hidden_dim": 32})
+    values = tune_vpr.suggest(trial, list(space.values()))
+    assert values == {"lr": 1e-3, "head": "mlp", "hidden_dim": 32} and isinstance(values["hidden_dim"], int)
+    assert [d.name for d in tune_vpr.search_space(None)] == list(tune_vpr.DEFAULT_SPACE)
+
+
+@pytest.mark.parametrize("space, message", [
+    ("learning_rate = { low = 1, high = 2 }\n", "learning_rate: not a training flag"),
+    ("lr = { low = 2, high = 1 }\n", "lr: low must be below high"),
+    ("lr = { min = 1, max = 2 }\n", r"lr: give \{ low"),
+])
+def test_bad_search_space_is_one_line(tmp_path, space, message):
+    with pytest.raises(vpr.VPRError, match=message):
+        tune_vpr.search_space(str(_config_file(tmp_path, space)))
+
+
+def test_worker_shares_are_exact():
+    assert tune_vpr.worker_shares(5, 2) == [3, 2]
+    assert tune_vpr.worker_shares(1, 3) == [1]
+    assert sum(tune_vpr.worker_shares(17, 4)) == 17
+
+
+def test_two_workers_share_one_sqlite_study(tmp_path):
+    train = write_embeddings_parquet(tmp_path / "train.parquet", n_places=6, per_place=4, seed=1)
+    val = write_embeddings_parquet(tmp_path / "val.parquet", n_places=6, per_place=2, seed=2)
+    config = _config_file(tmp_path, 'lr = { low = 1e-4, high = 1e-2, log = true }\nhead = { choices = ["mlp", "projection"] }\n')
+    logs = tmp_path / "logs"
+    summary = tune_vpr.main(["--config", str(config), "--train_parquet", str(train), "--val_parquet", str(val),
+                             "--model", "emb", "--log_dir", str(logs), "--study_name", "tiny", "--n_trials", "4",
+                             "--n_jobs", "2"])
+    study = optuna.load_study(study_name="tiny", storage=f"sqlite:///{logs / 'tiny.db'}")
+    trials = study.get_trials()
+    assert sorted(t.number for t in trials) == [0, 1, 2, 3]  # none lost, none duplicated
+    assert all(t.state.name in ("COMPLETE", "PRUNED") for t in trials)
+    assert summary["trials"] == 4 and sum(summary["states"].values()) == 4
+    # each trial trained once, logging under logs/: one run log per trial directory
+    for t in trials:
+        run_logs = [p for p in (logs / f"tiny_trial{t.number:04d}").glob("*.csv") if p.name != "training_summary.csv"]
+        assert len(run_logs) == 1, t.number
+    saved = json.loads((logs / "tiny_best.json").read_text())
+    assert saved["best_params"] == study.best_params and saved["best_value"] == study.best_value
+
+
+def test_missing_optuna_is_one_clear_line(monkeypatch):
+    monkeypatch.setitem(__import__("sys").modules, "optuna", None)  # import optuna -> ImportError
+    with pytest.raises(vpr.VPRError, match=r"tune_vpr.py needs Optuna: pip install optuna"):
+        tune_vpr.require_optuna()

@@ -1,0 +1,225 @@
+#!/usr/bin/env python3
+"""Hyperparameter search over train_vpr.py's flags with Optuna (optional dependency).
+
+    python tune_vpr.py --config config.toml --n_trials 20 --n_jobs 2
+    python tune_vpr.py --train_parquet emb/train.parquet --val_parquet emb/val.parquet \\
+        --storage postgresql://user@dbhost/vpr --study_name campus --n_trials 5   # one of many workers
+
+Every training flag (and --config, VPR_* variables) sets the base configuration; the search
+space is the [tune.space] section of the config file, one entry per flag:
+`lr = { low = 1e-5, high = 1e-3, log = true }`, `hidden_dim = { choices = [256, 512] }`.
+Trials maximise the best validation Recall@1 and are pruned on the per-epoch validation R@1
+(median pruner). The study lives in --storage (a SQLite file by default; any database Optuna
+supports lets workers on many machines share it, see scripts/tune_slurm.sh). --n_jobs local
+worker processes share --n_trials exactly. Each trial logs under {log_dir}/{study}_trial{N}/;
+the best parameters are printed and written to {log_dir}/{study}_best.json.
+"""
+from __future__ import annotations
+
+import argparse
+import concurrent.futures
+import dataclasses
+import json
+import multiprocessing
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import train_vpr
+import trainable_vpr as vpr
+
+# Used when the config file has no [tune.space]: the settings that matter most on small routes.
+DEFAULT_SPACE: dict[str, dict[str, Any]] = {
+    "lr": {"low": 1e-5, "high": 1e-3, "log": True},
+    "triplet_margin": {"low": 0.1, "high": 1.0},
+    "hard_neg_ratio": {"low": 0.0, "high": 1.0},
+    "dropout": {"low": 0.0, "high": 0.3},
+}
+
+
+@dataclass(frozen=True)
+class Dimension:
+    """One searched flag: a range (low, high, log, step) or a list of choices."""
+
+    name: str
+    low: float | None = None
+    high: float | None = None
+    log: bool = False
+    step: float | None = None
+    choices: tuple | None = None
+
+
+@dataclass(frozen=True)
+class TuneOptions:
+    storage: str
+    study_name: str
+    n_trials: int
+    n_jobs: int
+    config_file: str | None
+    sampler_seed: int
+
+
+def parse_args(argv: Sequence[str] | None) -> tuple[vpr.TrainConfig, TuneOptions]:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    tune = parser.add_argument_group("tuning")
+    tune.add_argument("--storage", default=None, help="Optuna storage URL (default: sqlite:///{log_dir}/{study}.db)")
+    tune.add_argument("--study_name", default="vpr_tune", help="study name (workers with the same name and storage share it)")
+    tune.add_argument("--n_trials", type=int, default=20, help="trials this invocation runs, shared by its workers")
+    tune.add_argument("--n_jobs", type=int, default=1, help="local worker processes")
+    tune.add_argument("--sampler_seed", type=int, default=None,
+                      help="seed of the TPE sampler, + worker index (default: --seed); give each SLURM task its own")
+    vpr.add_config_args(parser)
+    vpr.add_debug_flag(parser)
+    args = vpr.parse_layered(parser, argv)
+    if args.n_trials < 1 or args.n_jobs < 1:
+        raise vpr.VPRError(f"--n_trials {args.n_trials} and --n_jobs {args.n_jobs}: both must be at least 1")
+    config = vpr.config_from_args(args)
+    vpr.validate_train_config(config)
+    storage = args.storage or f"sqlite:///{Path(config.log_dir).resolve() / vpr.safe_name(args.study_name)}.db"
+    sampler_seed = config.seed if args.sampler_seed is None else args.sampler_seed
+    return config, TuneOptions(storage, args.study_name, args.n_trials, args.n_jobs, args.config, sampler_seed)
+
+
+def require_optuna():
+    try:
+        import optuna
+    except ImportError:
+        raise vpr.VPRError("tune_vpr.py needs Optuna: pip install optuna (it is in requirements-dev.txt)") from None
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    return optuna
+
+
+def search_space(config_file: str | None) -> list[Dimension]:
+    """The [tune.space] of the config file (default: DEFAULT_SPACE), checked against the flags."""
+    import tomllib
+
+    table = tomllib.loads(Path(config_file).read_text()).get("tune", {}).get("space") if config_file else None
+    fields = {f.name: f for f in dataclasses.fields(vpr.TrainConfig)}
+    dimensions = []
+    for name, spec in (table or DEFAULT_SPACE).items():
+        where = f"{config_file} [tune.space] {name}"
+        if name not in fields:
+            raise vpr.VPRError(f"{where}: not a training flag; see train_vpr.py --help")
+        if not isinstance(spec, dict) or not ({"choices"} <= set(spec) or {"low", "high"} <= set(spec)):
+            raise vpr.VPRError(f"{where}: give {{ low = .., high = .. }} (optional log, step) or {{ choices = [..] }}")
+        unknown = set(spec) - {"low", "high", "log", "step", "choices"}
+        if unknown:
+            raise vpr.VPRError(f"{where}: unknown key {sorted(unknown)[0]}; use low, high, log, step or choices")
+        if "choices" not in spec and not spec["low"] < spec["high"]:
+            raise vpr.VPRError(f"{where}: low must be below high")
+        dimensions.append(Dimension(name, spec.get("low"), spec.get("high"), bool(spec.get("log", False)), spec.get("step"),
+                                    tuple(spec["choices"]) if "choices" in spec else None))
+    return dimensions
+
+
+def suggest(trial, dimensions: list[Dimension]) -> dict[str, Any]:
+    """The trial's values: categorical for choices, integer for int flags, float otherwise."""
+    values = {}
+    for d in dimensions:
+        if d.choices is not None:
+            values[d.name] = trial.suggest_categorical(d.name, list(d.choices))
+        elif str(vpr.TrainConfig.__dataclass_fields__[d.name].type) == "int":
+            values[d.name] = trial.suggest_int(d.name, int(d.low), int(d.high), step=int(d.step or 1), log=d.log)
+        else:
+            values[d.name] = trial.suggest_float(d.name, float(d.low), float(d.high), step=d.step, log=d.log)
+    return values
+
+
+def open_study(options: TuneOptions, seed: int, create: bool = False):
+    """The shared study; SQLite waits for its lock instead of failing under parallel workers."""
+    optuna = require_optuna()
+    storage: Any = options.storage
+    if storage.startswith("sqlite:"):
+        storage = optuna.storages.RDBStorage(storage, engine_kwargs={"connect_args": {"timeout": 120}})
+    sampler = optuna.samplers.TPESampler(seed=seed)
+    pruner = optuna.pruners.MedianPruner(n_startup_trials=2, n_warmup_steps=1)
+    if create:
+        return optuna.create_study(storage=storage, study_name=options.study_name, direction="maximize",
+                                   sampler=sampler, pruner=pruner, load_if_exists=True)
+    return optuna.load_study(study_name=options.study_name, storage=storage, sampler=sampler, pruner=pruner)
+
+
+def objective(trial, base: vpr.TrainConfig, dimensions: list[Dimension], study_name: str) -> float:
+    """One training run with the trial's values; reports validation R@1 every validation."""
+    optuna = require_optuna()
+    trial_dir = Path(base.log_dir) / f"{vpr.safe_name(study_name)}_trial{trial.number:04d}"
+    config = dataclasses.replace(base, **suggest(trial, dimensions), log_dir=str(trial_dir),
+                                 output_dir=str(trial_dir / "models"), resume=None)
+    vpr.validate_train_config(config)  # a combination the space allows but training does not: the trial fails
+
+    def report(epoch: int, result: vpr.RecallResult) -> None:
+        trial.report(result.recalls[1], epoch)
+        if trial.should_prune():
+            raise optuna.TrialPruned()
+
+    result = train_vpr.train(config, on_validation=report)
+    trial.set_user_attr("log_file", str(result.log_file))
+    trial.set_user_attr("checkpoint", str(result.checkpoint))
+    return result.best_recall[1]
+
+
+def run_worker(base: vpr.TrainConfig, options: TuneOptions, dimensions: list[Dimension], n_trials: int, worker: int) -> int:
+    """One worker process: n_trials trials of the shared study. Returns how many it ran."""
+    study = open_study(options, options.sampler_seed + worker)
+    before = len(study.get_trials(deepcopy=False))
+    study.optimize(lambda trial: objective(trial, base, dimensions, options.study_name), n_trials=n_trials,
+                   catch=(vpr.VPRError,))
+    return len(study.get_trials(deepcopy=False)) - before
+
+
+def worker_shares(n_trials: int, n_jobs: int) -> list[int]:
+    """n_trials split over n_jobs workers exactly (no trial lost, none extra)."""
+    shares = [n_trials // n_jobs + (1 if i < n_trials % n_jobs else 0) for i in range(n_jobs)]
+    return [share for share in shares if share]
+
+
+def run_workers(base: vpr.TrainConfig, options: TuneOptions, dimensions: list[Dimension]) -> None:
+    shares = worker_shares(options.n_trials, options.n_jobs)
+    if len(shares) == 1:
+        run_worker(base, options, dimensions, shares[0], 0)
+        return
+    context = multiprocessing.get_context("spawn")  # fresh interpreters: no forked torch state
+    with concurrent.futures.ProcessPoolExecutor(len(shares), mp_context=context) as pool:
+        jobs = [pool.submit(run_worker, base, options, dimensions, share, i) for i, share in enumerate(shares)]
+        for job in jobs:
+            job.result()
+
+
+def best_summary(study) -> dict[str, Any]:
+    """The best trial and the count of trials by state (what a finished search reports)."""
+    trials = study.get_trials(deepcopy=False)
+    states: dict[str, int] = {}
+    for t in trials:
+        states[t.state.name] = states.get(t.state.name, 0) + 1
+    summary: dict[str, Any] = {"study": study.study_name, "trials": len(trials), "states": states}
+    complete = [t for t in trials if t.state.name == "COMPLETE"]
+    if complete:
+        best = study.best_trial
+        summary.update(best_value=best.value, best_trial=best.number, best_params=best.params,
+                       best_log_file=best.user_attrs.get("log_file"))
+    return summary
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    base, options = parse_args(argv)
+    require_optuna()
+    dimensions = search_space(options.config_file)
+    log_dir = vpr.check_writable_dir(base.log_dir, "--log_dir")
+    study = open_study(options, options.sampler_seed, create=True)
+    print(f"study {options.study_name} in {options.storage}: {options.n_trials} trials on {options.n_jobs} worker(s), "
+          f"searching {', '.join(d.name for d in dimensions)}", flush=True)
+    run_workers(base, options, dimensions)
+    summary = best_summary(study)
+    path = log_dir / f"{vpr.safe_name(options.study_name)}_best.json"
+    vpr.atomic_write(path, lambda p: p.write_text(json.dumps(summary, indent=2)))
+    if "best_params" in summary:
+        print(f"best val R@1 {summary['best_value']:.3f} (trial {summary['best_trial']}): "
+              + " ".join(f"--{k} {v}" for k, v in summary["best_params"].items()))
+    else:
+        print(f"no trial completed ({summary['states']})")
+    print(f"wrote {path}")
+    return summary
+
+
+if __name__ == "__main__":
+    vpr.run_cli(main)
