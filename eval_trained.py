@@ -54,6 +54,8 @@ def add_eval_data_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--test_csv", required=True, help="poses CSV of the query images")
     group.add_argument("--camera_id", default=None, help="keep only this camera's rows")
     group.add_argument("--image_root", default=None, help="folder that relative image paths resolve against")
+    group.add_argument("--on_bad_image", default="error", choices=vpr.ON_BAD_IMAGE,
+                       help="a missing or unreadable image: error (stop, naming it) or skip (leave it out, count it)")
     group.add_argument("--pos_threshold_m", type=float, default=None,
                        help="a retrieval is correct within this many metres (default: the checkpoint's, else 25)")
     group.add_argument("--recall_at", type=int, nargs="+", default=[1, 5, 10], help="the N of Recall@N")
@@ -68,11 +70,13 @@ def add_eval_data_args(parser: argparse.ArgumentParser) -> None:
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = vpr.CliParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     what = parser.add_argument_group("what to evaluate")
     what.add_argument("--model_path", help="a trained checkpoint (its backbone and settings come from it)")
     what.add_argument("--baseline", action="store_true", help="evaluate the raw frozen backbone given by --model")
-    what.add_argument("--model", default=None, help=f"backbone for --baseline: {', '.join(vpr.BACKBONES)} or timm:ARCH")
+    what.add_argument("--model", default=None, help=f"backbone for --baseline: {', '.join(vpr.BACKBONES)} or timm:ARCH "
+                                                    "(with --model_path: checked against the checkpoint's)")
+    what.add_argument("--head", default=None, choices=vpr.HEADS, help="with --model_path: check the checkpoint's head")
     what.add_argument("--weights", default=None, help="backbone weights FILE or 'random' (default: pretrained)")
     what.add_argument("--image_size", type=int, default=0, help="input side (0: the backbone's or checkpoint's)")
     what.add_argument("--pca_whiten", type=int, default=0, metavar="DIM",
@@ -91,17 +95,34 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         parser.error("--baseline needs --model NAME")
     if any(n <= 0 for n in args.recall_at):
         parser.error("--recall_at values must be positive")
+    for path, flag in ((args.output_json, "--output_json"), (args.save_predictions, "--save_predictions")):
+        vpr.check_writable_file(path, flag)
+    if args.visualize > 0:
+        vpr.check_writable_dir(args.plots_dir, "--plots_dir")
     return args
 
 
 # ---------------------------------------------------------------------------------------------
 # Pieces shared with run_experiment.py
 # ---------------------------------------------------------------------------------------------
-def load_eval_tables(args: Any) -> tuple[vpr.PlaceTable, vpr.PlaceTable]:
-    database = vpr.load_poses(args.train_csv, args.image_root, args.camera_id)
-    queries = vpr.load_poses(args.test_csv, args.image_root, args.camera_id)
-    vpr.check_same_coord_kind(database, queries)
+def load_eval_tables(args: Any, pos_threshold_m: float) -> tuple[vpr.PlaceTable, vpr.PlaceTable]:
+    """Database and queries, checked: comparable positions, some query with a positive."""
+    database = vpr.load_poses(args.train_csv, args.image_root, args.camera_id, on_bad_image=args.on_bad_image)
+    queries = vpr.load_poses(args.test_csv, args.image_root, args.camera_id, on_bad_image=args.on_bad_image)
+    vpr.check_query_split(database, queries, pos_threshold_m)
     return database, queries
+
+
+def raw_descriptors(backbone: vpr.Backbone, database: vpr.PlaceTable, queries: vpr.PlaceTable, args: Any,
+                    pos_threshold_m: float) -> tuple[vpr.PlaceTable, vpr.PlaceTable, Descriptors]:
+    """The frozen backbone's features of database and queries (through the cache); with
+    --on_bad_image skip, images that cannot be decoded are left out of tables and features."""
+    options = vpr.extraction_options(args)
+    database, db_features = vpr.extract_table(backbone, database, options, "database", args.on_bad_image)
+    queries, q_features = vpr.extract_table(backbone, queries, options, "queries", args.on_bad_image)
+    if database.skipped or queries.skipped:
+        vpr.check_query_split(database, queries, pos_threshold_m)
+    return database, queries, Descriptors(db_features, q_features)
 
 
 def evaluate_variant(name: str, descriptors: Descriptors, database: vpr.PlaceTable, queries: vpr.PlaceTable,
@@ -207,17 +228,15 @@ def draw_retrievals(report: EvalReport, database: vpr.PlaceTable, queries: vpr.P
 # This script's own steps
 # ---------------------------------------------------------------------------------------------
 def backbone_for(args: argparse.Namespace, checkpoint: dict | None) -> vpr.Backbone:
-    """The backbone to evaluate: the checkpoint's (checked against --model) or --model's."""
+    """The backbone to evaluate: the checkpoint's (checked against --model and --head) or --model's."""
     if checkpoint is None:
         return vpr.create_backbone(args.model, args.weights, args.image_size)
     saved = checkpoint["backbone"]
-    if args.model and args.model != saved["name"]:
-        raise vpr.VPRError(f"checkpoint {args.model_path} was trained on backbone {saved['name']}, not --model {args.model}; "
-                           f"drop --model or give a checkpoint of {args.model}")
+    vpr.check_checkpoint_matches(checkpoint, args.model_path, args.model, args.head)
     weights = args.weights or checkpoint["config"].get("weights")
-    backbone = vpr.create_backbone(saved["name"], weights, args.image_size or saved["image_size"])
-    if backbone.info.weights != saved["weights"]:
-        raise vpr.VPRError(f"checkpoint {args.model_path} was trained on {saved['name']} weights {saved['weights']}, "
+    backbone = vpr.create_backbone(saved["name"], weights, args.image_size or saved.get("image_size", 0))
+    if backbone.info.weights != saved.get("weights"):
+        raise vpr.VPRError(f"checkpoint {args.model_path} was trained on {saved['name']} weights {saved.get('weights')}, "
                            f"but the weights found now are {backbone.info.weights}; pass the same --weights")
     in_dim = checkpoint["head_config"]["in_dim"]
     if backbone.info.feature_dim != in_dim:
@@ -227,10 +246,8 @@ def backbone_for(args: argparse.Namespace, checkpoint: dict | None) -> vpr.Backb
 
 
 def descriptors_for(args: argparse.Namespace, checkpoint: dict | None, backbone: vpr.Backbone,
-                    database: vpr.PlaceTable, queries: vpr.PlaceTable) -> tuple[str, Descriptors]:
-    options = vpr.extraction_options(args)
-    raw = Descriptors(vpr.extract_features(backbone, database, options, "database"),
-                      vpr.extract_features(backbone, queries, options, "queries"))
+                    raw: Descriptors) -> tuple[str, Descriptors]:
+    """The variant asked for: the checkpoint's head, PCA-whitened or raw features."""
     if checkpoint is not None:
         head = vpr.head_from_checkpoint(checkpoint)
         return f"trained_{backbone.info.name}", Descriptors(vpr.embed(head, raw.database), vpr.embed(head, raw.queries))
@@ -243,14 +260,19 @@ def main(argv: Sequence[str] | None = None) -> EvalReport:
     args = parse_args(argv)
     checkpoint = vpr.load_checkpoint(args.model_path) if args.model_path else None
     threshold = args.pos_threshold_m or (checkpoint["config"]["pos_threshold_m"] if checkpoint else 25.0)
-    database, queries = load_eval_tables(args)
+    database, queries = load_eval_tables(args, threshold)
     backbone = backbone_for(args, checkpoint)
-    name, descriptors = descriptors_for(args, checkpoint, backbone, database, queries)
+    database, queries, raw = raw_descriptors(backbone, database, queries, args, threshold)
+    name, descriptors = descriptors_for(args, checkpoint, backbone, raw)
     report = evaluate_variant(name, descriptors, database, queries, threshold, args.recall_at)
     print(format_report(report, args.recall_at))
+    skipped = {"database": len(database.skipped), "queries": len(queries.skipped)}
+    if any(skipped.values()):
+        print(f"skipped bad images (--on_bad_image skip): {skipped['database']} database, {skipped['queries']} queries")
     settings = {"variant": name, "model": backbone.info.name, "weights": backbone.info.weights,
                 "checkpoint": args.model_path, "db_csv": args.train_csv, "test_csv": args.test_csv,
-                "camera_id": args.camera_id, "pos_threshold_m": threshold, "recall_at": args.recall_at}
+                "camera_id": args.camera_id, "pos_threshold_m": threshold, "recall_at": args.recall_at,
+                "on_bad_image": args.on_bad_image, "skipped_images": skipped}
     write_outputs(args, report, database, queries, settings)
     return report
 

@@ -34,6 +34,7 @@ class TrainResult:
     wall_time_s: float
     checkpoint: Path
     log_file: Path
+    skipped_images: int = 0  # left out by --on_bad_image skip
 
 
 @dataclass
@@ -46,9 +47,13 @@ class TrainingData:
     train_features: np.ndarray
     val_features: np.ndarray
 
+    @property
+    def skipped_images(self) -> int:
+        return len(self.train.skipped) + len(self.val.skipped)
+
 
 def parse_args(argv: Sequence[str] | None) -> vpr.TrainConfig:
-    parser = argparse.ArgumentParser(
+    parser = vpr.CliParser(
         description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
     )
     vpr.add_config_args(parser)
@@ -58,20 +63,36 @@ def parse_args(argv: Sequence[str] | None) -> vpr.TrainConfig:
     return config
 
 
-def load_training_data(config: vpr.TrainConfig) -> TrainingData:
-    """Poses of both splits and their frozen-backbone features (through the cache)."""
-    train = vpr.load_poses(config.train_csv, config.image_root, config.camera_id)
-    val = vpr.load_poses(config.val_csv, config.image_root, config.camera_id)
-    vpr.check_same_coord_kind(train, val)
-    if not vpr.has_positive_pair(train.xyz, config.pos_threshold_m):  # before the long extraction
-        raise vpr.VPRError(
-            f"{config.train_csv}: no two images lie within --pos_threshold_m {config.pos_threshold_m:g} m of each other; "
-            "there are no positives to learn from (raise the threshold or check the positions)"
-        )
+def load_splits(config: vpr.TrainConfig) -> tuple[vpr.PlaceTable, vpr.PlaceTable]:
+    """Poses of both splits, checked: every CSV problem is found here, before any output."""
+    train = vpr.load_poses(config.train_csv, config.image_root, config.camera_id, on_bad_image=config.on_bad_image)
+    val = vpr.load_poses(config.val_csv, config.image_root, config.camera_id, on_bad_image=config.on_bad_image)
+    check_splits(config, train, val)
+    return train, val
+
+
+def check_splits(config: vpr.TrainConfig, train: vpr.PlaceTable, val: vpr.PlaceTable) -> None:
+    """Places with positives to learn from, and validation queries with a training image nearby."""
+    vpr.check_trainable(train, config.pos_threshold_m)
+    vpr.check_query_split(train, val, config.pos_threshold_m)
+
+
+def check_outputs(config: vpr.TrainConfig) -> Path:
+    """Writable output folders and a summary this run can append to; returns the log folder."""
+    log_dir = vpr.check_writable_dir(config.log_dir, "--log_dir")
+    vpr.check_writable_dir(config.output_dir, "--output_dir")
+    vpr.read_summary_table(log_dir / vpr.TRAINING_SUMMARY_NAME)
+    return log_dir
+
+
+def extract_training_data(config: vpr.TrainConfig, train: vpr.PlaceTable, val: vpr.PlaceTable) -> TrainingData:
+    """The frozen backbone's features of both splits (through the cache); with --on_bad_image
+    skip, images that cannot be decoded are left out, and the splits checked again."""
     backbone = vpr.create_backbone(config.model, config.weights, config.image_size)
     options = vpr.extraction_options(config)
-    train_features = vpr.extract_features(backbone, train, options, "train")
-    val_features = vpr.extract_features(backbone, val, options, "val")
+    train, train_features = vpr.extract_table(backbone, train, options, "train", config.on_bad_image)
+    val, val_features = vpr.extract_table(backbone, val, options, "val", config.on_bad_image)
+    check_splits(config, train, val)
     return TrainingData(backbone.info, train, val, train_features, val_features)
 
 
@@ -183,9 +204,9 @@ def train(config: vpr.TrainConfig) -> TrainResult:
     """The whole training job; returns where its results are."""
     started = time.perf_counter()
     vpr.set_determinism(config.seed)
-    log_dir = vpr.check_writable_dir(config.log_dir, "--log_dir")
-    vpr.check_writable_dir(config.output_dir, "--output_dir")
-    data = load_training_data(config)
+    train_table, val_table = load_splits(config)
+    log_dir = check_outputs(config)
+    data = extract_training_data(config, train_table, val_table)
     place_of = vpr.cluster_places(data.train.xyz, config.pos_threshold_m)
 
     head = initial_head(config, data)
@@ -198,8 +219,10 @@ def train(config: vpr.TrainConfig) -> TrainResult:
 
     run_id = vpr.new_run_id(config.model, config.seed, log_dir)
     logger = vpr.CsvLogger(log_dir / f"{run_id}.csv")
+    logger.log("data", skipped_images=data.skipped_images)
     checkpoint = vpr.checkpoint_path(config.output_dir, config.model, config.seed)
-    print(f"run {run_id}: {len(data.train)} train / {len(data.val)} val images, "
+    print(f"run {run_id}: {len(data.train)} train / {len(data.val)} val images"
+          f"{f' ({data.skipped_images} bad images skipped)' if data.skipped_images else ''}, "
           f"{len(np.unique(place_of))} places, log {logger.path}", flush=True)
     # Epoch 0 validates the untrained head: with --head residual that is PCA-whitening, so the
     # best checkpoint is never worse on validation than the strongest frozen baseline.
@@ -228,8 +251,9 @@ def train(config: vpr.TrainConfig) -> TrainResult:
     finally:
         logger.close()
 
-    result = TrainResult(run_id, best_recall, best_epoch, epoch, time.perf_counter() - started, checkpoint, logger.path)
-    vpr.append_summary_row(log_dir / "training_summary.csv", summary_row(config, result))
+    result = TrainResult(run_id, best_recall, best_epoch, epoch, time.perf_counter() - started, checkpoint, logger.path,
+                         data.skipped_images)
+    vpr.append_summary_row(log_dir / vpr.TRAINING_SUMMARY_NAME, summary_row(config, result))
     return result
 
 
@@ -238,7 +262,8 @@ def summary_row(config: vpr.TrainConfig, result: TrainResult) -> dict:
         "run_id": result.run_id, "model": config.model, "seed": config.seed,
         **{k: v for k, v in dataclasses.asdict(config).items() if k not in ("model", "seed")},
         "best_val_r1": result.best_recall[1], "best_val_r5": result.best_recall[5], "best_val_r10": result.best_recall[10],
-        "best_epoch": result.best_epoch, "epochs_run": result.epochs_run, "wall_time_s": round(result.wall_time_s, 2),
+        "best_epoch": result.best_epoch, "epochs_run": result.epochs_run, "skipped_images": result.skipped_images,
+        "wall_time_s": round(result.wall_time_s, 2),
         "checkpoint": str(result.checkpoint), "log_file": str(result.log_file),
     }
 

@@ -75,6 +75,14 @@ def run_cli(main: Callable[[Sequence[str] | None], Any], argv: Sequence[str] | N
         sys.exit(130)
 
 
+class CliParser(argparse.ArgumentParser):
+    """argparse whose command-line errors are VPRErrors: one line naming the flag (run_cli
+    prints it, exit code 2), instead of the usage text followed by the error."""
+
+    def error(self, message: str):  # noqa: D401 - argparse's hook
+        raise VPRError(f"{message}; see --help")
+
+
 def add_debug_flag(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
 
@@ -90,6 +98,12 @@ def check_writable_dir(path: str | Path, flag: str) -> Path:
     except OSError as exc:
         raise VPRError(f"{flag} {path}: cannot write there ({exc.strerror}); choose another folder") from exc
     return path
+
+
+def check_writable_file(path: str | Path | None, flag: str) -> None:
+    """Fail now, not after the work, when an output file's folder cannot be written."""
+    if path:
+        check_writable_dir(Path(path).parent, flag)
 
 
 def atomic_write(path: str | Path, write: Callable[[Path], None]) -> None:
@@ -117,11 +131,15 @@ LOG_COLUMNS = [
     "batch_time", "avg_train_loss", "avg_triplet_loss", "avg_contrastive_loss", "epoch_time",
     "val_loss", "val_r1", "val_r5", "val_r10", "val_time",
 ]
-LOG_EVENTS = ("batch", "epoch", "validation")
+# Written after LOG_COLUMNS; readers must not require them (older logs lack them). The `data`
+# event, logged once before epoch 0, holds skipped_images: images left out by --on_bad_image skip.
+LOG_EXTRA_COLUMNS = ["skipped_images"]
+LOG_EVENTS = ("data", "batch", "epoch", "validation")
 SUMMARY_RESULT_COLUMNS = [
-    "best_val_r1", "best_val_r5", "best_val_r10", "best_epoch", "epochs_run", "wall_time_s",
+    "best_val_r1", "best_val_r5", "best_val_r10", "best_epoch", "epochs_run", "skipped_images", "wall_time_s",
     "checkpoint", "log_file",
 ]
+TRAINING_SUMMARY_NAME = "training_summary.csv"  # in --log_dir: one row per run
 EXPERIMENT_COLUMNS = ["model", "variant", "recall@1", "recall@5", "recall@10", "delta_r1_vs_raw"]
 EXPERIMENT_VARIANTS = ("raw", "pca_whitened", "trained")
 
@@ -177,18 +195,36 @@ class PlaceTable:
     cameras: np.ndarray | None = None
     labels: np.ndarray | None = None
     conditions: np.ndarray | None = None
+    skipped: list[tuple[str, str]] = field(default_factory=list)  # (image, reason) left out by --on_bad_image skip
 
     def __len__(self) -> int:
         return len(self.paths)
 
     def subset(self, index: np.ndarray) -> "PlaceTable":
-        index = np.asarray(index)
+        index = np.asarray(index, dtype=np.int64)
         pick = lambda a: None if a is None else a[index]  # noqa: E731
         return PlaceTable(
             source=self.source, paths=[self.paths[i] for i in index], xyz=self.xyz[index],
             coord_kind=self.coord_kind, frame=self.frame.iloc[index].reset_index(drop=True),
             cameras=pick(self.cameras), labels=pick(self.labels), conditions=pick(self.conditions),
+            skipped=list(self.skipped),
         )
+
+    def skip(self, bad: Sequence[tuple[str, str]]) -> "PlaceTable":
+        """The table without these (image, reason) rows, which are recorded in `skipped` and
+        reported as one warning line; an error if no image is left."""
+        if not bad:
+            return self
+        gone = {image for image, _ in bad}
+        table = self.subset(np.array([i for i, p in enumerate(self.paths) if p not in gone], dtype=np.int64))
+        table.skipped += list(bad)
+        examples = "; ".join(f"{image} ({reason})" for image, reason in bad[:2]) + ("; ..." if len(bad) > 2 else "")
+        print(f"warning: {self.source}: skipped {len(bad)} bad image(s) (--on_bad_image skip): {examples}",
+              file=sys.stderr, flush=True)
+        if not len(table):
+            raise VPRError(f"{self.source}: every image was skipped as missing or unreadable; check the image files "
+                           f"and --image_root")
+        return table
 
 
 def _find_column(columns: Sequence[str], aliases: Sequence[str]) -> str | None:
@@ -216,13 +252,33 @@ def _closest_name_hint(columns: Sequence[str], accepted: Iterable[str]) -> str:
     return f" (did you mean {', '.join(hints)})" if hints else ""
 
 
+OTHER_SEPARATORS = {";": "';'", "\t": "tab", "|": "'|'"}
+
+
+def _check_comma_separated(path: Path, what: str) -> None:
+    """A header line without commas but with another separator: a spreadsheet's export
+    (e.g. ';' in European locales), which would otherwise be read as one column."""
+    with open(path, encoding="utf-8-sig", errors="replace") as handle:
+        header = handle.readline()
+    if "," in header:
+        return
+    for separator, name in OTHER_SEPARATORS.items():
+        if separator in header:
+            raise VPRError(f"{what} {path}: looks like {name}-separated (header: {header.strip()!r}); "
+                           f"use commas (e.g. save it again as comma-separated CSV)")
+
+
 def read_csv_table(path: str | Path, what: str = "CSV") -> pd.DataFrame:
-    """Read a CSV with clear errors for a missing, empty or malformed file."""
+    """Read a CSV with clear errors for a missing, empty, wrongly separated or malformed file."""
     path = Path(path)
     if not path.is_file():
-        raise VPRError(f"{what} {path}: file not found")
+        raise VPRError(f"{what} {path}: file not found; check the path")
     try:
-        frame = pd.read_csv(path, sep=None, engine="python") if path.suffix.lower() != ".csv" else pd.read_csv(path)
+        if path.suffix.lower() == ".csv":
+            _check_comma_separated(path, what)
+            frame = pd.read_csv(path, encoding="utf-8-sig")
+        else:
+            frame = pd.read_csv(path, sep=None, engine="python", encoding="utf-8-sig")
     except pd.errors.EmptyDataError:
         raise VPRError(f"{what} {path}: the file is empty; it needs a header row and one row per image") from None
     except (pd.errors.ParserError, UnicodeDecodeError) as exc:
@@ -237,22 +293,29 @@ def _file_line(frame: pd.DataFrame, row: int) -> int:
     return int(frame.index[row]) + 2
 
 
-def _numeric_column(frame: pd.DataFrame, column: str, path: Path) -> np.ndarray:
-    values = pd.to_numeric(frame[column], errors="coerce")
-    bad = np.flatnonzero(values.isna().to_numpy())
-    if bad.size:
-        row = int(bad[0])
+def numeric_column(frame: pd.DataFrame, column: str, path: str | Path, required: bool = True) -> np.ndarray:
+    """A CSV column as float64. An error names the first row whose cell is not a number;
+    required: also empty, NaN or infinite cells (positions), else those are NaN / inf (logs)."""
+    values = pd.to_numeric(frame[column], errors="coerce").to_numpy(dtype=np.float64)
+    if required:
+        bad = ~np.isfinite(values)
+    else:
+        text = frame[column].astype(str).str.strip().str.lower()
+        bad = np.isnan(values) & frame[column].notna().to_numpy() & ~text.isin(["", "nan"]).to_numpy()
+    rows = np.flatnonzero(bad)
+    if rows.size:
+        row = int(rows[0])
         raise VPRError(
-            f"{path}: row {_file_line(frame, row)}, column '{column}': '{frame[column].iloc[row]}' is not a number "
-            f"({bad.size} such row(s)); fix or remove those rows"
+            f"{path}: row {_file_line(frame, row)}, column '{column}': '{frame[column].iloc[row]}' is not a "
+            f"{'finite ' if required else ''}number ({rows.size} such row(s)); fix or remove those rows"
         )
-    return values.to_numpy(dtype=np.float64)
+    return values
 
 
 def _positions_from_frame(frame: pd.DataFrame, path: Path) -> tuple[np.ndarray, str]:
     latlon = _find_column_pair(frame.columns, LATLON_COLUMNS)
     if latlon:
-        lat, lon = (_numeric_column(frame, c, path) for c in latlon)
+        lat, lon = (numeric_column(frame, c, path) for c in latlon)
         for name, values, limit in (("latitude", lat, 90.0), ("longitude", lon, 180.0)):
             bad = np.flatnonzero(np.abs(values) > limit)
             if bad.size:
@@ -260,7 +323,7 @@ def _positions_from_frame(frame: pd.DataFrame, path: Path) -> tuple[np.ndarray, 
         return latlon_to_xyz(lat, lon), "latlon"
     metric = _find_column_pair(frame.columns, METRIC_COLUMNS)
     if metric:
-        x, y = (_numeric_column(frame, c, path) for c in metric)
+        x, y = (numeric_column(frame, c, path) for c in metric)
         return metric_to_xyz(x, y), "metric"
     accepted = [n for pair in LATLON_COLUMNS + METRIC_COLUMNS for n in pair]
     raise VPRError(
@@ -269,17 +332,28 @@ def _positions_from_frame(frame: pd.DataFrame, path: Path) -> tuple[np.ndarray, 
     )
 
 
+ON_BAD_IMAGE = ("error", "skip")
+
+
+def check_on_bad_image(on_bad_image: str) -> None:
+    if on_bad_image not in ON_BAD_IMAGE:
+        raise VPRError(f"--on_bad_image {on_bad_image}: choose error or skip")
+
+
 def load_poses(
     path: str | Path,
     image_root: str | Path | None = None,
     camera_id: str | None = None,
     check_images: bool = True,
+    on_bad_image: str = "error",
 ) -> PlaceTable:
     """Load a poses CSV (DESIGN.md §2) into a PlaceTable with metric positions.
 
     Relative image paths resolve against image_root, else the CSV's folder. Errors name the
-    file, row and column and say what to do.
+    file, row and column and say what to do. A missing image file is an error, or with
+    on_bad_image="skip" its row is left out (and counted in the table's `skipped`).
     """
+    check_on_bad_image(on_bad_image)
     path = Path(path)
     frame = read_csv_table(path, "poses CSV")
     image_col = _find_column(frame.columns, IMAGE_COLUMNS)
@@ -291,7 +365,8 @@ def load_poses(
     camera_col = _find_column(frame.columns, CAMERA_COLUMNS)
     if camera_id is not None:
         if camera_col is None:
-            raise VPRError(f"{path}: --camera_id {camera_id} given but the CSV has no camera_id/camera column")
+            raise VPRError(f"{path}: --camera_id {camera_id} given but the CSV has no camera_id/camera column"
+                           f"{_closest_name_hint(frame.columns, CAMERA_COLUMNS)}")
         present = sorted(frame[camera_col].astype(str).unique())
         if camera_id not in present:
             raise VPRError(f"{path}: no rows for --camera_id {camera_id}; cameras present: {', '.join(present)}")
@@ -304,23 +379,25 @@ def load_poses(
     if duplicated.any():
         row = int(np.flatnonzero(duplicated.to_numpy())[0])
         raise VPRError(f"{path}: row {_file_line(frame, row)}: image {frame[image_col].iloc[row]} is listed twice; remove duplicate rows")
-    if check_images:
-        for row, image in enumerate(paths):
-            if not os.path.isfile(image):
-                raise VPRError(
-                    f"{path}: row {_file_line(frame, row)}: image file {image} not found "
-                    f"(relative paths resolve against {'--image_root' if image_root else 'the CSV folder'} {root})"
-                )
+    missing = [row for row, image in enumerate(paths) if check_images and not os.path.isfile(image)]
+    if missing and on_bad_image == "error":
+        row = missing[0]
+        raise VPRError(
+            f"{path}: row {_file_line(frame, row)}: image file {paths[row]} not found "
+            f"(relative paths resolve against {'--image_root' if image_root else 'the CSV folder'} {root}; "
+            f"{len(missing)} missing in all); fix the path, or --on_bad_image skip to leave such rows out"
+        )
 
     def optional(aliases: Sequence[str]) -> np.ndarray | None:
         col = _find_column(frame.columns, aliases)
         return None if col is None else frame[col].astype(str).to_numpy()
 
-    return PlaceTable(
+    table = PlaceTable(
         source=str(path), paths=paths, xyz=xyz, coord_kind=coord_kind, frame=frame.reset_index(drop=True),
         cameras=optional(CAMERA_COLUMNS), labels=optional(LABEL_COLUMNS),
         conditions=optional(CONDITION_COLUMNS),
     )
+    return table.skip([(paths[row], f"row {_file_line(frame, row)}: file not found") for row in missing])
 
 
 def check_same_coord_kind(database: PlaceTable, queries: PlaceTable) -> None:
@@ -328,6 +405,28 @@ def check_same_coord_kind(database: PlaceTable, queries: PlaceTable) -> None:
         raise VPRError(
             f"{queries.source} has {queries.coord_kind} positions but the database {database.source} has "
             f"{database.coord_kind} positions; give both CSVs the same kind (lat/lon or easting/northing)"
+        )
+
+
+def check_query_split(database: PlaceTable, queries: PlaceTable, pos_threshold_m: float) -> None:
+    """Queries comparable with the database, some of them with a database image within the
+    threshold: otherwise recall is 0 whatever the descriptors (wrong CSV, area or columns)."""
+    check_same_coord_kind(database, queries)
+    if not (nearest_distance_m(database.xyz, queries.xyz) <= pos_threshold_m).any():
+        raise VPRError(
+            f"{queries.source}: no query lies within --pos_threshold_m {pos_threshold_m:g} m of any image of "
+            f"{database.source}, so recall would be 0 whatever the descriptors; check that both CSVs cover the "
+            f"same area, or raise the threshold"
+        )
+
+
+def check_trainable(table: PlaceTable, pos_threshold_m: float) -> None:
+    """Training batches are built from GPS places (cluster_places) of two images or more:
+    without one there is nothing to learn from. Cheap, so it runs before any extraction."""
+    if len(table) < 2 or np.bincount(cluster_places(table.xyz, pos_threshold_m)).max() < 2:
+        raise VPRError(
+            f"{table.source}: no place has two images within --pos_threshold_m {pos_threshold_m:g} m of each other, "
+            f"so there are no positives to learn from; raise the threshold or check the positions"
         )
 
 
@@ -741,8 +840,11 @@ def distributed_rank_and_world() -> tuple[int, int]:
 
 
 def _iterate_descriptors(backbone: Backbone, paths: Sequence[str], options: ExtractionOptions, desc: str,
-                         precision: str) -> Iterable[tuple[np.ndarray, np.ndarray]]:
-    """Yield (row indices, descriptors) batch by batch, with a progress bar."""
+                         precision: str, failed: list[tuple[str, str]] | None = None
+                         ) -> Iterable[tuple[np.ndarray, np.ndarray]]:
+    """Yield (row indices, descriptors) batch by batch, with a progress bar. An image that
+    cannot be decoded is an error naming it, or, given a `failed` list, appended to it as
+    (path, reason) and left out of the batch."""
     from tqdm import tqdm
 
     device = resolve_device(options.device)
@@ -758,19 +860,28 @@ def _iterate_descriptors(backbone: Backbone, paths: Sequence[str], options: Extr
         for images, index, errors in tqdm(loader, desc=desc, unit="batch", file=sys.stderr, dynamic_ncols=True,
                                           disable=None):
             bad = [(int(i), e) for i, e in zip(index, errors) if e]
-            if bad:
+            if bad and failed is None:
                 row, err = bad[0]
-                raise VPRError(f"image {paths[row]}: cannot be read as an image ({err}); fix or remove its row")
+                raise VPRError(f"image {paths[row]}: cannot be read as an image ({err}); fix or remove its row, "
+                               f"or --on_bad_image skip to leave such images out")
+            if bad:
+                failed.extend((paths[row], err) for row, err in bad)
+                keep = torch.tensor([not e for e in errors])
+                images, index = images[keep], index[keep]
+                if not len(index):
+                    continue
             images = images.to(device, non_blocking=True, memory_format=memory_format)
             yield index.numpy(), backbone_descriptor(model, images).float().cpu().numpy()
 
 
 def _extract_into_cache(backbone: Backbone, table: PlaceTable, keys: list[str], missing: list[int], cache: FeatureCache,
-                        options: ExtractionOptions, precision: str, desc: str) -> None:
+                        options: ExtractionOptions, precision: str, desc: str,
+                        failed: list[tuple[str, str]] | None) -> None:
     """Extract the missing images and store them shard by shard (chunk_size images each)."""
     pending_rows: list[int] = []
     pending_feats: list[np.ndarray] = []
-    for rows, feats in _iterate_descriptors(backbone, [table.paths[i] for i in missing], options, desc, precision):
+    for rows, feats in _iterate_descriptors(backbone, [table.paths[i] for i in missing], options, desc, precision,
+                                            failed):
         pending_rows.extend(missing[r] for r in rows)
         pending_feats.append(feats)
         if len(pending_rows) >= options.chunk_size:
@@ -780,13 +891,16 @@ def _extract_into_cache(backbone: Backbone, table: PlaceTable, keys: list[str], 
         cache.add([keys[i] for i in pending_rows], np.concatenate(pending_feats))
 
 
-def extract_features(backbone: Backbone, table: PlaceTable, options: ExtractionOptions, label: str = "") -> np.ndarray:
+def extract_features(backbone: Backbone, table: PlaceTable, options: ExtractionOptions, label: str = "",
+                     failed: list[tuple[str, str]] | None = None) -> np.ndarray:
     """Backbone descriptors of every image in the table (N x D float32), through the cache.
 
     Each image goes through the backbone once per configuration: later calls (epochs,
     validation, evaluation, later runs) read the cache. Prints how many came from it.
     Under torchrun, each rank extracts its share of the missing images into the shared cache
     (shards are separate files, so ranks never write the same file), then all read it.
+    An unreadable image is an error naming it; given a `failed` list, it is appended there as
+    (path, reason) instead and its row of the result is NaN (extract_table drops such rows).
     """
     name = f"{backbone.info.name} {label}".strip()
     rank, world = distributed_rank_and_world()
@@ -795,11 +909,11 @@ def extract_features(backbone: Backbone, table: PlaceTable, options: ExtractionO
         if world > 1:
             raise VPRError("--no_cache cannot be combined with torchrun: the ranks share their work through the cache")
         out: np.ndarray | None = None
-        for rows, feats in _iterate_descriptors(backbone, table.paths, options, f"extract {name}", precision):
-            out = np.empty((len(table), *feats.shape[1:]), np.float32) if out is None else out
+        for rows, feats in _iterate_descriptors(backbone, table.paths, options, f"extract {name}", precision, failed):
+            out = np.full((len(table), *feats.shape[1:]), np.nan, np.float32) if out is None else out
             out[rows] = feats
         print(f"features [{name}]: {len(table)} extracted (cache disabled)", flush=True)
-        return out
+        return np.full((len(table), backbone.info.feature_dim), np.nan, np.float32) if out is None else out
     cache = FeatureCache(options.cache_dir, backbone.info, options.cache_dtype, precision)
     keys = [image_fingerprint(p) for p in table.paths]
     missing = [i for i, k in enumerate(keys) if k not in cache]
@@ -808,13 +922,37 @@ def extract_features(backbone: Backbone, table: PlaceTable, options: ExtractionO
               + (f" over {world} processes" if world > 1 and missing else ""), flush=True)
     if missing:
         _extract_into_cache(backbone, table, keys, missing[rank::world], cache, options, precision,
-                            f"extract {name}" + (f" [rank {rank}]" if world > 1 else ""))
+                            f"extract {name}" + (f" [rank {rank}]" if world > 1 else ""), failed)
     if world > 1:
         import torch.distributed as dist
 
         dist.barrier()
         cache = FeatureCache(options.cache_dir, backbone.info, options.cache_dtype, precision)  # every rank's shards
-    return cache.get(keys)
+    if failed is None:
+        return cache.get(keys)
+    readable = np.array([i for i, key in enumerate(keys) if key in cache], dtype=np.int64)
+    reported = {image for image, _ in failed}
+    failed.extend((table.paths[i], "unreadable (reported by another process)") for i in range(len(keys))
+                  if keys[i] not in cache and table.paths[i] not in reported)
+    good = (cache.get([keys[i] for i in readable]) if len(readable)
+            else np.zeros((0, backbone.info.feature_dim), np.float32))
+    out = np.full((len(keys), *good.shape[1:]), np.nan, np.float32)
+    out[readable] = good
+    return out
+
+
+def extract_table(backbone: Backbone, table: PlaceTable, options: ExtractionOptions, label: str = "",
+                  on_bad_image: str = "error") -> tuple[PlaceTable, np.ndarray]:
+    """extract_features honouring --on_bad_image: with "skip", images that cannot be decoded
+    are left out of both the table and the features (and counted in the table's `skipped`)."""
+    check_on_bad_image(on_bad_image)
+    if on_bad_image == "error":
+        return table, extract_features(backbone, table, options, label)
+    failed: list[tuple[str, str]] = []
+    features = extract_features(backbone, table, options, label, failed)
+    gone = {image for image, _ in failed}
+    keep = np.array([i for i, path in enumerate(table.paths) if path not in gone], dtype=np.int64)
+    return table.skip(failed), features[keep]
 
 
 # ============================================================================================
@@ -1227,6 +1365,8 @@ class TrainConfig:
     val_csv: str = _flag(None, "poses CSV of the validation queries (chooses the best epoch)", "data", required=True)
     camera_id: str | None = _flag(None, "keep only this camera's rows", "data")
     image_root: str | None = _flag(None, "folder that relative image paths resolve against (default: the CSV's folder)", "data")
+    on_bad_image: str = _flag("error", "a missing or unreadable image: error (stop, naming it) or skip (leave it out, "
+                              "count it in the log and summary)", "data", choices=ON_BAD_IMAGE)
     # model
     model: str = _flag("dinov2_b", f"backbone: {', '.join(BACKBONES)} or timm:ARCH", "model")
     weights: str | None = _flag(None, "backbone weights: a local state-dict FILE, or 'random' (default: pretrained)", "model")
@@ -1348,6 +1488,7 @@ def validate_train_config(config: TrainConfig) -> None:
         raise VPRError(f"--early_stopping_patience {config.early_stopping_patience}: must be 0 (off) or more")
     if config.head not in HEADS:
         raise VPRError(f"--head {config.head}: unknown head; choose one of {', '.join(HEADS)}")
+    check_on_bad_image(config.on_bad_image)
     _spec_for(config.model)
 
 
@@ -1387,7 +1528,7 @@ def new_run_id(model: str, seed: int, log_dir: str | Path) -> str:
 class CsvLogger:
     """One CSV row per event, flushed as written, so a crashed or running run can be read."""
 
-    def __init__(self, path: str | Path, columns: Sequence[str] = LOG_COLUMNS):
+    def __init__(self, path: str | Path, columns: Sequence[str] = (*LOG_COLUMNS, *LOG_EXTRA_COLUMNS)):
         self.path, self.columns = Path(path), list(columns)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._handle = open(self.path, "w", newline="")
@@ -1420,14 +1561,35 @@ def append_summary_row(path: str | Path, row: dict[str, Any]) -> None:
     """Append one run's row to a summary CSV. A file lock serialises concurrent writers
     (tuning workers), and the file is rewritten atomically, so rows never interleave or vanish;
     a row with new columns widens the table instead of breaking it."""
-    from filelock import FileLock
+    from filelock import FileLock, Timeout
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    with FileLock(str(path) + ".lock", timeout=120):
-        existing = pd.read_csv(path) if path.exists() and path.stat().st_size else pd.DataFrame()
-        table = pd.concat([existing, pd.DataFrame([row])], ignore_index=True)
-        atomic_write(path, lambda p: table.to_csv(p, index=False))
+    try:
+        with FileLock(str(path) + ".lock", timeout=120):
+            table = pd.concat([read_summary_table(path), pd.DataFrame([row])], ignore_index=True)
+            atomic_write(path, lambda p: table.to_csv(p, index=False))
+    except Timeout:
+        raise VPRError(f"{path}: still locked by another process after 120 s ({path}.lock); this run's row: "
+                       f"{json.dumps(row, default=str)}") from None
+
+
+def read_summary_table(path: str | Path) -> pd.DataFrame:
+    """The rows of a summary CSV as written (text cells, nothing reformatted); empty if there is
+    none yet. Checked before a run starts, so a long run never ends on an unreadable summary."""
+    path = Path(path)
+    if not path.is_file() or path.stat().st_size == 0:
+        return pd.DataFrame()
+    try:
+        table = pd.read_csv(path, dtype=str, keep_default_na=False)
+    except (pd.errors.ParserError, UnicodeDecodeError, pd.errors.EmptyDataError) as exc:
+        problem = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise VPRError(f"{path}: not a summary table this suite can append to ({problem}); move it away "
+                       f"(a new one is started)") from None
+    if "run_id" not in table.columns:
+        raise VPRError(f"{path}: not a summary table this suite can append to (no run_id column); move it away "
+                       f"(a new one is started)")
+    return table
 
 
 def checkpoint_path(output_dir: str | Path, model: str, seed: int) -> Path:
@@ -1455,12 +1617,33 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
         if "Weights only load failed" in text or "Unsupported global" in text:
             raise VPRError(f"checkpoint {path}: refused, it holds Python objects that could run code (not a checkpoint of this suite)") from None
         raise VPRError(f"checkpoint {path}: truncated or not a PyTorch checkpoint ({text.splitlines()[0][:120]}); retrain or restore the file") from None
-    if not isinstance(checkpoint, dict) or any(k not in checkpoint for k in CHECKPOINT_KEYS):
-        raise VPRError(f"checkpoint {path}: not a checkpoint of this suite (expected keys {', '.join(CHECKPOINT_KEYS)})")
-    version = checkpoint.get("format_version", 0)
-    if version > FORMAT_VERSION:
-        raise VPRError(f"checkpoint {path}: format version {version} is newer than this code reads ({FORMAT_VERSION}); update the suite")
+    version = checkpoint.get("format_version", 0) if isinstance(checkpoint, dict) else 0
+    if not isinstance(version, int) or version > FORMAT_VERSION:  # first: a newer format may have other keys
+        raise VPRError(f"checkpoint {path}: format version {version} is newer than this code reads ({FORMAT_VERSION}); "
+                       f"update the suite")
+    if not isinstance(checkpoint, dict) or any(k not in checkpoint for k in CHECKPOINT_KEYS) \
+            or not isinstance(checkpoint["backbone"], dict) or "name" not in checkpoint["backbone"]:
+        raise VPRError(f"checkpoint {path}: not a checkpoint of this suite (expected keys {', '.join(CHECKPOINT_KEYS)}); "
+                       f"give a .pth written by train_vpr.py")
+    try:
+        head_from_checkpoint(checkpoint)
+    except (KeyError, TypeError, ValueError, RuntimeError, VPRError) as exc:
+        reason = " ".join(str(exc).split())[:240] or type(exc).__name__
+        raise VPRError(f"checkpoint {path}: its head weights do not fit its head_config ({reason}); "
+                       f"retrain or restore the file") from None
     return checkpoint
+
+
+def check_checkpoint_matches(checkpoint: dict[str, Any], path: str | Path, model: str | None = None,
+                             head: str | None = None) -> None:
+    """A checkpoint of the backbone and head the user asked for (None: not asked)."""
+    trained_on, trained_head = checkpoint["backbone"]["name"], checkpoint["head_config"].get("type")
+    if model and model != trained_on:
+        raise VPRError(f"checkpoint {path} was trained on backbone {trained_on}, not --model {model}; "
+                       f"drop --model or give a checkpoint of {model}")
+    if head and head != trained_head:
+        raise VPRError(f"checkpoint {path} holds a {trained_head} head, not --head {head}; "
+                       f"drop --head or give a checkpoint with a {head} head")
 
 
 def head_from_checkpoint(checkpoint: dict[str, Any]) -> nn.Module:
