@@ -1614,8 +1614,9 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - which exception depends on how the file is broken
         text = str(exc) or type(exc).__name__
-        if "Weights only load failed" in text or "Unsupported global" in text:
-            raise VPRError(f"checkpoint {path}: refused, it holds Python objects that could run code (not a checkpoint of this suite)") from None
+        if "GLOBAL" in text or "Unsupported global" in text:  # a pickle naming code to import and call
+            raise VPRError(f"checkpoint {path}: refused, it holds Python objects that could run code (not a checkpoint "
+                           f"of this suite); load only .pth files written by train_vpr.py") from None
         raise VPRError(f"checkpoint {path}: truncated or not a PyTorch checkpoint ({text.splitlines()[0][:120]}); retrain or restore the file") from None
     version = checkpoint.get("format_version", 0) if isinstance(checkpoint, dict) else 0
     if not isinstance(version, int) or version > FORMAT_VERSION:  # first: a newer format may have other keys
