@@ -685,6 +685,7 @@ def experiment_table_text(table: pd.DataFrame) -> str:
 def main(argv: Sequence[str] | None = None) -> None:
     args = parse_args(argv)
     inputs = find_inputs(Path(args.path), args.runs)
+    training_summary = read_training_summary(inputs.training_summary)  # checked before any figure is written
     output_dir = check_writable_dir(args.output_dir, "--output_dir")
 
     # 1. every run: read its log, summarise it, draw its figure
@@ -714,7 +715,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     # 2. a folder: compare the runs and write the table, with their configuration where known
     if inputs.is_folder and logs:
         comparison = plot_comparison(logs, summaries, output_dir)
-        table = runs_summary_table(summaries, read_training_summary(inputs.training_summary))
+        table = runs_summary_table(summaries, training_summary)
         table_path = output_dir / "runs_summary.csv"
         atomic_write(table_path, lambda tmp: table.to_csv(tmp, index=False))
         text, shared = printable_runs_table(table)
