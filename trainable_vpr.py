@@ -1567,7 +1567,8 @@ def append_summary_row(path: str | Path, row: dict[str, Any]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     try:
         with FileLock(str(path) + ".lock", timeout=120):
-            table = pd.concat([read_summary_table(path), pd.DataFrame([row])], ignore_index=True)
+            new_row = pd.DataFrame([{k: "" if v is None else str(v) for k, v in row.items()}], dtype=str)
+            table = pd.concat([read_summary_table(path), new_row], ignore_index=True)  # text: nothing reformatted
             atomic_write(path, lambda p: table.to_csv(p, index=False))
     except Timeout:
         raise VPRError(f"{path}: still locked by another process after 120 s ({path}.lock); this run's row: "
