@@ -87,23 +87,33 @@ def add_debug_flag(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
 
 
-def check_writable_dir(path: str | Path, flag: str) -> Path:
-    """Create `path` if needed and make sure files can be written there."""
-    path = Path(path)
+def _cannot_write_in(folder: Path) -> str | None:
+    """Why files cannot be written in `folder` (created if needed), or None if they can."""
     try:
-        path.mkdir(parents=True, exist_ok=True)
-        probe = path / f".write_probe_{os.getpid()}"
+        folder.mkdir(parents=True, exist_ok=True)
+        probe = folder / f".write_probe_{os.getpid()}"
         probe.write_text("")
         probe.unlink()
     except OSError as exc:
-        raise VPRError(f"{flag} {path}: cannot write there ({exc.strerror}); choose another folder") from exc
+        return exc.strerror or type(exc).__name__
+    return None
+
+
+def check_writable_dir(path: str | Path, flag: str) -> Path:
+    """Create `path` if needed and make sure files can be written there."""
+    path = Path(path)
+    reason = _cannot_write_in(path)
+    if reason:
+        raise VPRError(f"{flag} {path}: cannot write there ({reason}); choose another folder")
     return path
 
 
 def check_writable_file(path: str | Path | None, flag: str) -> None:
     """Fail now, not after the work, when an output file's folder cannot be written."""
     if path:
-        check_writable_dir(Path(path).parent, flag)
+        reason = _cannot_write_in(Path(path).parent)
+        if reason:
+            raise VPRError(f"{flag} {path}: cannot write its folder {Path(path).parent} ({reason}); choose another path")
 
 
 def atomic_write(path: str | Path, write: Callable[[Path], None]) -> None:
@@ -1449,7 +1459,7 @@ def add_config_args(parser: argparse.ArgumentParser, cls: type = TrainConfig, sk
 
 def parse_with_recipe(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> argparse.Namespace:
     """Parse argv with the chosen --recipe's values as defaults: flags given explicitly win."""
-    probe = argparse.ArgumentParser(add_help=False)
+    probe = CliParser(add_help=False)
     probe.add_argument("--recipe", default="default")
     recipe = probe.parse_known_args(argv)[0].recipe
     parser.set_defaults(**RECIPES.get(recipe, {}))  # an unknown recipe is reported by parse_args
@@ -1610,7 +1620,7 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     check it is one of ours, complete, and of a format this version reads."""
     path = Path(path)
     if not path.is_file():
-        raise VPRError(f"checkpoint {path}: file not found")
+        raise VPRError(f"checkpoint {path}: file not found; check the path")
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - which exception depends on how the file is broken
@@ -1618,7 +1628,9 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
         if "GLOBAL" in text or "Unsupported global" in text:  # a pickle naming code to import and call
             raise VPRError(f"checkpoint {path}: refused, it holds Python objects that could run code (not a checkpoint "
                            f"of this suite); load only .pth files written by train_vpr.py") from None
-        raise VPRError(f"checkpoint {path}: truncated or not a PyTorch checkpoint ({text.splitlines()[0][:120]}); retrain or restore the file") from None
+        reason = text.split("WeightsUnpickler error:")[-1].strip() if "WeightsUnpickler error:" in text else text
+        raise VPRError(f"checkpoint {path}: truncated or not a PyTorch checkpoint ({reason.splitlines()[0][:100]}); "
+                       f"retrain or restore the file") from None
     version = checkpoint.get("format_version", 0) if isinstance(checkpoint, dict) else 0
     if not isinstance(version, int) or version > FORMAT_VERSION:  # first: a newer format may have other keys
         raise VPRError(f"checkpoint {path}: format version {version} is newer than this code reads ({FORMAT_VERSION}); "
