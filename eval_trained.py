@@ -95,6 +95,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         parser.error("--baseline needs --model NAME")
     if any(n <= 0 for n in args.recall_at):
         parser.error("--recall_at values must be positive")
+    if args.pos_threshold_m is not None and args.pos_threshold_m <= 0:
+        parser.error(f"--pos_threshold_m {args.pos_threshold_m:g}: must be positive")
+    if args.pca_whiten < 0:
+        parser.error(f"--pca_whiten {args.pca_whiten}: must be 0 (off) or a number of dimensions")
+    vpr.validate_extraction_flags(args)
     for path, flag in ((args.output_json, "--output_json"), (args.save_predictions, "--save_predictions")):
         vpr.check_writable_file(path, flag)
     if args.visualize > 0:

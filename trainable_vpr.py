@@ -1472,8 +1472,20 @@ def config_from_args(args: argparse.Namespace, cls: type = TrainConfig, **overri
     return cls(**values)
 
 
+def validate_extraction_flags(config: Any) -> None:
+    """The flags every script shares for images and extraction (a config or a namespace)."""
+    if config.batch_size < 1:
+        raise VPRError(f"--batch_size {config.batch_size}: must be at least 1")
+    if config.num_workers < 0:
+        raise VPRError(f"--num_workers {config.num_workers}: must be 0 (decode in this process) or more")
+    if config.image_size < 0:
+        raise VPRError(f"--image_size {config.image_size}: must be 0 (the backbone's) or a positive number of pixels")
+    check_on_bad_image(config.on_bad_image)
+
+
 def validate_train_config(config: TrainConfig) -> None:
     """Flag combinations that cannot train, caught before any work is done."""
+    validate_extraction_flags(config)
     if config.epochs <= 0:
         raise VPRError(f"--epochs {config.epochs}: must be at least 1")
     if config.batch_size < 4:
@@ -1498,7 +1510,6 @@ def validate_train_config(config: TrainConfig) -> None:
         raise VPRError(f"--early_stopping_patience {config.early_stopping_patience}: must be 0 (off) or more")
     if config.head not in HEADS:
         raise VPRError(f"--head {config.head}: unknown head; choose one of {', '.join(HEADS)}")
-    check_on_bad_image(config.on_bad_image)
     _spec_for(config.model)
 
 
