@@ -383,6 +383,10 @@ def load_poses(
         frame = frame[frame[camera_col].astype(str) == camera_id]  # keeps the file's row numbers for messages
 
     xyz, coord_kind = _positions_from_frame(frame, path)
+    blank = np.flatnonzero((frame[image_col].isna() | (frame[image_col].astype(str).str.strip() == "")).to_numpy())
+    if blank.size:
+        raise VPRError(f"{path}: row {_file_line(frame, int(blank[0]))}: no image file in column '{image_col}' "
+                       f"({blank.size} such row(s)); fill it in or remove the row")
     root = Path(image_root) if image_root else path.parent
     paths = [str(p) if os.path.isabs(p) else str(root / p) for p in frame[image_col].astype(str)]
     duplicated = pd.Series(paths).duplicated()

@@ -57,6 +57,7 @@ def files(tmp_path_factory) -> types.SimpleNamespace:
     f.typo_image = variant("typo_image.csv", good.replace("image_path,", "imge_path,", 1))
     f.typo_position = variant("typo_position.csv", good.replace("easting,northing", "eastng,northing", 1))
     f.text_coordinate = _edit_line(variant("text_coordinate.csv", good), 3, 2, "12 m")
+    f.blank_image = _edit_line(variant("blank_image.csv", good), 7, 0, "")
     f.nan_coordinate = _edit_line(variant("nan_coordinate.csv", good), 4, 1, "nan")
     f.inf_coordinate = _edit_line(variant("inf_coordinate.csv", good), 5, 1, "inf")
     rel = [line.split(",")[0] for line in good.splitlines()[1:4]]
@@ -117,6 +118,8 @@ TRAIN_CASES = {
                                    ["typo_position.csv", "'eastng' -> 'easting'"]),
     "text coordinate": (lambda f: {"train": f.text_coordinate},
                         ["text_coordinate.csv", "row 3, column 'northing'", "'12 m'", "fix or remove"]),
+    "empty image cell": (lambda f: {"train": f.blank_image}, ["blank_image.csv", "row 7", "no image file in column "
+                                                              "'image_path'"]),
     "NaN coordinate": (lambda f: {"train": f.nan_coordinate}, ["nan_coordinate.csv", "row 4, column 'easting'", "'nan'"]),
     "infinite coordinate": (lambda f: {"train": f.inf_coordinate}, ["inf_coordinate.csv", "row 5", "'inf'"]),
     "latitude beyond 90": (lambda f: {"train": f.latitude}, ["latitude.csv", "row 3", "latitude 91", "±90"]),
