@@ -12,11 +12,10 @@ import sys
 import types
 from pathlib import Path
 
-import pandas as pd
 import pytest
 import torch
 
-from conftest import REPO, TINY_MODEL, TINY_SIZE, place_positions, write_csv, write_jpeg, write_poses
+from conftest import REPO, TINY_MODEL, TINY_SIZE, place_positions, write_csv, write_poses
 import eval_trained
 import run_experiment
 import train_vpr
