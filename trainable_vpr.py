@@ -1541,13 +1541,18 @@ def safe_name(text: str) -> str:
 
 
 def new_run_id(model: str, seed: int, log_dir: str | Path) -> str:
-    """{model}_seed{seed}_{YYYYmmdd_HHMMSS}, with a suffix if that log already exists."""
+    """{model}_seed{seed}_{YYYYmmdd_HHMMSS}, with a suffix if that log already exists. The log
+    file is created here, exclusively: runs started in the same second (tuning workers) get
+    different ids instead of writing into one log."""
     base = f"{safe_name(model)}_seed{seed}_{time.strftime('%Y%m%d_%H%M%S')}"
     run_id, n = base, 1
-    while (Path(log_dir) / f"{run_id}.csv").exists():
-        n += 1
-        run_id = f"{base}_{n}"
-    return run_id
+    while True:
+        try:
+            (Path(log_dir) / f"{run_id}.csv").open("x").close()
+            return run_id
+        except FileExistsError:
+            n += 1
+            run_id = f"{base}_{n}"
 
 
 class CsvLogger:

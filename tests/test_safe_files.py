@@ -105,3 +105,10 @@ def test_a_checkpoint_that_fails_to_save_keeps_the_previous_one(tmp_path):
         vpr.save_checkpoint(path, {**payload, "extra": lambda: None})  # a lambda cannot be pickled
     assert path.read_bytes() == before and [p.name for p in tmp_path.iterdir()] == ["trained.pth"]
     assert torch.equal(vpr.load_checkpoint(path)["model_state_dict"]["net.0.weight"], head.state_dict()["net.0.weight"])
+
+
+def test_runs_started_in_the_same_second_get_their_own_logs(tmp_path, monkeypatch):
+    monkeypatch.setattr(vpr.time, "strftime", lambda fmt: "20250101_120000")
+    ids = [vpr.new_run_id("m", 1, tmp_path) for _ in range(3)]
+    assert ids == ["m_seed1_20250101_120000", "m_seed1_20250101_120000_2", "m_seed1_20250101_120000_3"]
+    assert sorted(p.stem for p in tmp_path.iterdir()) == sorted(ids)  # each claimed by creating its file
