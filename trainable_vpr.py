@@ -602,6 +602,12 @@ def _offline_error(name: str, arch: str, reason: str) -> VPRError:
     )
 
 
+def check_weights_flag(weights: str | None) -> None:
+    if weights and weights != "random" and not Path(weights).is_file():
+        raise VPRError(f"--weights {weights}: file not found; give a local state-dict file, 'random', or leave it out "
+                       f"for the pretrained weights")
+
+
 def _create_timm_model(name: str, spec: BackboneSpec, weights: str | None, keep_classifier: bool, image_size: int) -> tuple[nn.Module, str]:
     kwargs: dict[str, Any] = {} if keep_classifier else {"num_classes": 0}
     if "vit" in spec.arch or "dinov2" in spec.arch:
@@ -611,9 +617,8 @@ def _create_timm_model(name: str, spec: BackboneSpec, weights: str | None, keep_
             torch.manual_seed(0)
             return timm.create_model(spec.arch, pretrained=False, **kwargs), "random:seed0"
     if weights:
+        check_weights_flag(weights)
         path = Path(weights)
-        if not path.is_file():
-            raise VPRError(f"--weights {weights}: file not found")
         model = timm.create_model(spec.arch, pretrained=False, **kwargs)
         try:
             state = torch.load(path, map_location="cpu", weights_only=True)
@@ -1485,6 +1490,8 @@ def validate_extraction_flags(config: Any) -> None:
     if config.image_size < 0:
         raise VPRError(f"--image_size {config.image_size}: must be 0 (the backbone's) or a positive number of pixels")
     check_on_bad_image(config.on_bad_image)
+    check_weights_flag(config.weights)
+    resolve_device(config.device)
 
 
 def validate_train_config(config: TrainConfig) -> None:

@@ -149,6 +149,9 @@ TRAIN_CASES = {
     "pos threshold at neg threshold": (lambda f: {"flags": ["--pos_threshold_m", "100"]},
                                        ["--pos_threshold_m 100", "--neg_threshold_m 100"]),
     "unknown model": (lambda f: {"flags": ["--model", "dinov9"]}, ["--model dinov9", "unknown backbone", "effnet_lite0"]),
+    "missing weights file": (lambda f: {"flags": ["--weights", str(f.root / "w.pth")]},
+                             ["--weights", "w.pth: file not found"]),
+    "device without CUDA": (lambda f: {"flags": ["--device", "cuda"]}, ["--device cuda", "CUDA is not available"]),
     "unknown head": (lambda f: {"flags": ["--head", "mlp"]}, ["--head", "'mlp'", "projection", "see --help"]),
     "unknown on_bad_image": (lambda f: {"flags": ["--on_bad_image", "ignore"]}, ["--on_bad_image", "'ignore'"]),
     "output folder under a file": (lambda f: {"flags": ["--output_dir", str(f.regular_file / "models")]},
@@ -166,6 +169,8 @@ def train_argv(f, out: Path, train: Path | None = None, val: Path | None = None,
 
 @pytest.mark.parametrize("case", TRAIN_CASES)
 def test_train_bad_input_is_one_line_and_writes_nothing(files, capsys, tmp_path, case):
+    if case == "device without CUDA" and torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
     change, words = TRAIN_CASES[case]
     code, err = run_main(capsys, train_vpr.main, train_argv(files, tmp_path, **change(files)))
     assert_one_line_error(code, err, *words)
