@@ -35,14 +35,16 @@ from trainable_vpr import (  # noqa: E402
     EXPERIMENT_VARIANTS,
     LOG_COLUMNS,
     SUMMARY_RESULT_COLUMNS,
+    TRAINING_SUMMARY_NAME,
     VPRError,
+    CliParser,
     add_debug_flag,
     atomic_write,
     check_writable_dir,
+    numeric_column,
     run_cli,
 )
 
-TRAINING_SUMMARY_NAME = "training_summary.csv"
 EXPERIMENT_PATTERN = "experiment_*.csv"
 DEFAULT_SMOOTH = 50
 FIGURE_DPI = 110
@@ -53,7 +55,7 @@ LOSS_COLORS = {"train": "C0", "triplet": "C1", "contrastive": "C2", "val": "C3"}
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
+    parser = CliParser(
         description="Plot and summarise VPR training logs, folders of runs and experiment CSVs.")
     parser.add_argument("path", help="a run log (logs/RUN.csv), an experiment CSV, or a folder of them (logs/)")
     parser.add_argument("--output_dir", default="plots",
@@ -198,8 +200,9 @@ def read_run_log(path: Path) -> RunLog:
     if missing:
         raise VPRError(f"{path}: not a run log (missing columns {', '.join(missing)}); "
                        f"give a log written by train_vpr.py")
-    numeric = [c for c in LOG_COLUMNS if c not in ("timestamp", "event")]
-    frame[numeric] = frame[numeric].apply(pd.to_numeric, errors="coerce")
+    for column in LOG_COLUMNS:
+        if column not in ("timestamp", "event"):
+            frame[column] = numeric_column(frame, column, path, required=False)
     event = frame["event"].astype(str).str.strip()
     batches = frame[event == "batch"].reset_index(drop=True)
     epoch_rows = frame[(event == "epoch") & frame["epoch"].notna()]
@@ -234,7 +237,8 @@ def read_experiment_csv(path: Path) -> pd.DataFrame:
     if missing:
         raise VPRError(f"{path}: not an experiment CSV (missing columns {', '.join(missing)}); "
                        f"expected {', '.join(EXPERIMENT_COLUMNS)}")
-    table[EXPERIMENT_RECALLS] = table[EXPERIMENT_RECALLS].apply(pd.to_numeric, errors="coerce")
+    for column in EXPERIMENT_RECALLS:
+        table[column] = numeric_column(table, column, path, required=False)
     table["model"] = table["model"].astype(str)
     table["variant"] = table["variant"].astype(str).str.strip()
     if table.empty:
@@ -681,6 +685,7 @@ def experiment_table_text(table: pd.DataFrame) -> str:
 def main(argv: Sequence[str] | None = None) -> None:
     args = parse_args(argv)
     inputs = find_inputs(Path(args.path), args.runs)
+    training_summary = read_training_summary(inputs.training_summary)  # checked before any figure is written
     output_dir = check_writable_dir(args.output_dir, "--output_dir")
 
     # 1. every run: read its log, summarise it, draw its figure
@@ -710,7 +715,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     # 2. a folder: compare the runs and write the table, with their configuration where known
     if inputs.is_folder and logs:
         comparison = plot_comparison(logs, summaries, output_dir)
-        table = runs_summary_table(summaries, read_training_summary(inputs.training_summary))
+        table = runs_summary_table(summaries, training_summary)
         table_path = output_dir / "runs_summary.csv"
         atomic_write(table_path, lambda tmp: table.to_csv(tmp, index=False))
         text, shared = printable_runs_table(table)

@@ -61,6 +61,8 @@ def add_eval_data_args(parser: argparse.ArgumentParser) -> None:
                        help="what makes a retrieval correct: gps, labels or auto (default: the checkpoint's, else auto)")
     group.add_argument("--camera_id", default=None, help="keep only this camera's rows")
     group.add_argument("--image_root", default=None, help="folder that relative image paths resolve against")
+    group.add_argument("--on_bad_image", default="error", choices=vpr.ON_BAD_IMAGE,
+                       help="a missing or unreadable image: error (stop, naming it) or skip (leave it out, count it)")
     group.add_argument("--pos_threshold_m", type=float, default=None,
                        help="a retrieval is correct within this many metres (default: the checkpoint's, else 25)")
     group.add_argument("--recall_at", type=int, nargs="+", default=[1, 5, 10], help="the N of Recall@N")
@@ -75,11 +77,13 @@ def add_eval_data_args(parser: argparse.ArgumentParser) -> None:
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = vpr.CliParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     what = parser.add_argument_group("what to evaluate")
     what.add_argument("--model_path", help="a trained checkpoint (its backbone and settings come from it)")
     what.add_argument("--baseline", action="store_true", help="evaluate the raw frozen backbone given by --model")
-    what.add_argument("--model", default=None, help=f"backbone for --baseline: {', '.join(vpr.BACKBONES)} or timm:ARCH")
+    what.add_argument("--model", default=None, help=f"backbone for --baseline: {', '.join(vpr.BACKBONES)} or timm:ARCH "
+                                                    "(with --model_path: checked against the checkpoint's)")
+    what.add_argument("--head", default=None, choices=vpr.HEADS, help="with --model_path: check the checkpoint's head")
     what.add_argument("--weights", default=None, help="backbone weights FILE or 'random' (default: pretrained)")
     what.add_argument("--image_size", type=int, default=0, help="input side (0: the backbone's or checkpoint's)")
     what.add_argument("--pca_whiten", type=int, default=0, metavar="DIM",
@@ -101,16 +105,27 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         parser.error("--baseline needs --model NAME")
     if any(n <= 0 for n in args.recall_at):
         parser.error("--recall_at values must be positive")
+    if args.pos_threshold_m is not None and args.pos_threshold_m <= 0:
+        parser.error(f"--pos_threshold_m {args.pos_threshold_m:g}: must be positive")
+    if args.pca_whiten < 0:
+        parser.error(f"--pca_whiten {args.pca_whiten}: must be 0 (off) or a number of dimensions")
+    vpr.validate_extraction_flags(args)
+    for path, flag in ((args.output_json, "--output_json"), (args.save_predictions, "--save_predictions")):
+        vpr.check_writable_file(path, flag)
+    if args.visualize > 0:
+        vpr.check_writable_dir(args.plots_dir, "--plots_dir")
     return args
 
 
 # ---------------------------------------------------------------------------------------------
 # Pieces shared with run_experiment.py
 # ---------------------------------------------------------------------------------------------
-def load_eval_tables(args: Any) -> tuple[vpr.PlaceTable, vpr.PlaceTable]:
-    database = vpr.load_table(args.train_csv, args.image_root, args.camera_id)
-    queries = vpr.load_table(args.test_csv, args.image_root, args.camera_id)
-    vpr.check_same_coord_kind(database, queries)
+def load_eval_tables(args: Any, pos_threshold_m: float, supervision: str = "auto") -> tuple[vpr.PlaceTable, vpr.PlaceTable]:
+    """Database and queries (poses CSVs or embeddings parquets), checked: comparable
+    positions, some query with a positive by the rule of `supervision`."""
+    database = vpr.load_table(args.train_csv, args.image_root, args.camera_id, args.on_bad_image)
+    queries = vpr.load_table(args.test_csv, args.image_root, args.camera_id, args.on_bad_image)
+    vpr.check_query_split(database, queries, pos_threshold_m, vpr.uses_labels(supervision, database, queries))
     return database, queries
 
 
@@ -224,8 +239,10 @@ def draw_retrievals(report: EvalReport, database: vpr.PlaceTable, queries: vpr.P
 # This script's own steps
 # ---------------------------------------------------------------------------------------------
 def backbone_for(args: argparse.Namespace, checkpoint: dict | None, database: vpr.PlaceTable) -> vpr.Backbone | None:
-    """The backbone to evaluate: the checkpoint's (checked against --model) or --model's;
-    None for embeddings parquets (checked against the checkpoint's head)."""
+    """The backbone to evaluate: the checkpoint's (checked against --model and --head) or
+    --model's; None for embeddings parquets (checked against the checkpoint's head)."""
+    if checkpoint is not None:
+        vpr.check_checkpoint_matches(checkpoint, args.model_path, args.model, args.head)
     trained_on_embeddings = checkpoint is not None and checkpoint["backbone"].get("arch") == vpr.EMBEDDINGS_ARCH
     if database.embeddings is not None:
         if checkpoint is not None:
@@ -237,13 +254,10 @@ def backbone_for(args: argparse.Namespace, checkpoint: dict | None, database: vp
     if checkpoint is None:
         return vpr.create_backbone(args.model, args.weights, args.image_size)
     saved = checkpoint["backbone"]
-    if args.model and args.model != saved["name"]:
-        raise vpr.VPRError(f"checkpoint {args.model_path} was trained on backbone {saved['name']}, not --model {args.model}; "
-                           f"drop --model or give a checkpoint of {args.model}")
     weights = args.weights or checkpoint["config"].get("weights")
-    backbone = vpr.create_backbone(saved["name"], weights, args.image_size or saved["image_size"])
-    if backbone.info.weights != saved["weights"]:
-        raise vpr.VPRError(f"checkpoint {args.model_path} was trained on {saved['name']} weights {saved['weights']}, "
+    backbone = vpr.create_backbone(saved["name"], weights, args.image_size or saved.get("image_size", 0))
+    if backbone.info.weights != saved.get("weights"):
+        raise vpr.VPRError(f"checkpoint {args.model_path} was trained on {saved['name']} weights {saved.get('weights')}, "
                            f"but the weights found now are {backbone.info.weights}; pass the same --weights")
     in_dim = checkpoint["head_config"]["in_dim"]
     if backbone.info.feature_dim != in_dim:
@@ -252,19 +266,23 @@ def backbone_for(args: argparse.Namespace, checkpoint: dict | None, database: vp
     return backbone
 
 
-def raw_descriptors(args: argparse.Namespace, backbone: vpr.Backbone | None, database: vpr.PlaceTable,
-                    queries: vpr.PlaceTable) -> Descriptors:
-    """The frozen descriptors: the parquets' embeddings, or the backbone's features (cache)."""
+def raw_descriptors(args: Any, backbone: vpr.Backbone | None, database: vpr.PlaceTable, queries: vpr.PlaceTable,
+                    pos_threshold_m: float, supervision: str = "auto") -> tuple[vpr.PlaceTable, vpr.PlaceTable, Descriptors]:
+    """The frozen descriptors: the parquets' embeddings, or the backbone's features (cache);
+    with --on_bad_image skip, images that cannot be decoded are left out of tables and features."""
     if backbone is None:
-        return Descriptors(database.embeddings, queries.embeddings)
+        return database, queries, Descriptors(database.embeddings, queries.embeddings)
     options = vpr.extraction_options(args)
-    raw = Descriptors(vpr.extract_features(backbone, database, options, "database"),
-                      vpr.extract_features(backbone, queries, options, "queries"))
+    database, db_features = vpr.extract_table(backbone, database, options, "database", args.on_bad_image)
+    queries, q_features = vpr.extract_table(backbone, queries, options, "queries", args.on_bad_image)
     vpr.release_other_ranks()  # under torchrun, rank 0 evaluates alone on the shared cache
-    return raw
+    if database.skipped or queries.skipped:
+        vpr.check_query_split(database, queries, pos_threshold_m, vpr.uses_labels(supervision, database, queries))
+    return database, queries, Descriptors(db_features, q_features)
 
 
 def descriptors_for(args: argparse.Namespace, checkpoint: dict | None, name: str, raw: Descriptors) -> tuple[str, Descriptors]:
+    """The variant asked for: the checkpoint's head, PCA-whitened or raw features."""
     if checkpoint is not None:
         head = vpr.head_from_checkpoint(checkpoint)
         return f"trained_{name}", Descriptors(vpr.embed(head, raw.database), vpr.embed(head, raw.queries))
@@ -294,18 +312,22 @@ def main(argv: Sequence[str] | None = None) -> EvalReport:
     checkpoint = vpr.load_checkpoint(args.model_path) if args.model_path else None
     threshold = args.pos_threshold_m or (checkpoint["config"]["pos_threshold_m"] if checkpoint else 25.0)
     supervision = args.supervision or (checkpoint["config"].get("supervision", "gps") if checkpoint else "auto")
-    database, queries = load_eval_tables(args)
+    database, queries = load_eval_tables(args, threshold, supervision)
     backbone = backbone_for(args, checkpoint, database)
-    raw = raw_descriptors(args, backbone, database, queries)
+    database, queries, raw = raw_descriptors(args, backbone, database, queries, threshold, supervision)
     if args.export_parquet:
         export_parquets(args.export_parquet, raw, database, queries)
     model, weights = source_identity(args, backbone, checkpoint)
     name, descriptors = descriptors_for(args, checkpoint, model, raw)
     report = evaluate_variant(name, descriptors, database, queries, threshold, args.recall_at, supervision)
     print(format_report(report, args.recall_at))
+    skipped = {"database": len(database.skipped), "queries": len(queries.skipped)}
+    if any(skipped.values()):
+        print(f"skipped bad images (--on_bad_image skip): {skipped['database']} database, {skipped['queries']} queries")
     settings = {"variant": name, "model": model, "weights": weights, "correct_by": "label" if report.result.by_label else "distance",
                 "checkpoint": args.model_path, "db_csv": args.train_csv, "test_csv": args.test_csv,
-                "camera_id": args.camera_id, "pos_threshold_m": threshold, "recall_at": args.recall_at}
+                "camera_id": args.camera_id, "pos_threshold_m": threshold, "recall_at": args.recall_at,
+                "on_bad_image": args.on_bad_image, "skipped_images": skipped}
     write_outputs(args, report, database, queries, settings)
     return report
 

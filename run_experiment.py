@@ -32,7 +32,7 @@ DEMO_SETTINGS = {"models": ["effnet_lite0"], "epochs": 15, "lr": 1e-3, "lr_sched
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = vpr.CliParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     exp = parser.add_argument_group("experiment")
     exp.add_argument("--demo", action="store_true",
                      help=f"generate the built-in synthetic route under {DEMO_DIR}/ and run on it with effnet_lite0")
@@ -51,6 +51,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         parser.error(f"missing {', '.join(missing)} (or use --demo)")
     if sorted(set(args.recall_at)) != sorted(args.recall_at) or 1 not in args.recall_at:
         parser.error("--recall_at must list distinct values including 1")
+    for model in args.models:  # every backbone's flags checked before the first one runs for long
+        vpr.validate_train_config(vpr.config_from_args(args, model=model))
     return args
 
 
@@ -68,11 +70,11 @@ def use_demo_data(args: argparse.Namespace, parser: argparse.ArgumentParser) -> 
 def compare_backbone(model: str, args: argparse.Namespace) -> list[eval_trained.EvalReport]:
     """Raw, PCA-whitened and trained descriptors of one backbone on the final queries."""
     config = vpr.config_from_args(args, model=model)
-    vpr.validate_train_config(config)
     eval_args = argparse.Namespace(**{**vars(args), "train_csv": args.db_csv or args.train_csv})
-    database, queries = eval_trained.load_eval_tables(eval_args)
+    database, queries = eval_trained.load_eval_tables(eval_args, config.pos_threshold_m, config.supervision)
     backbone = None if database.embeddings is not None else vpr.create_backbone(model, config.weights, config.image_size)
-    raw = eval_trained.raw_descriptors(config, backbone, database, queries)
+    database, queries, raw = eval_trained.raw_descriptors(config, backbone, database, queries, config.pos_threshold_m,
+                                                          config.supervision)
     variants = {"raw": raw, "pca_whitened": eval_trained.pca_whitened(raw, config.projection_dim)}
 
     print(f"\n=== {model}: training ({config.epochs} epochs)", flush=True)
@@ -108,6 +110,7 @@ def main(argv: Sequence[str] | None = None) -> pd.DataFrame:
         raise vpr.VPRError("run_experiment.py does not run under torchrun; fill the cache with "
                            "`torchrun ... train_vpr.py` or `torchrun ... eval_trained.py`, then run it in one process")
     log_dir = vpr.check_writable_dir(args.log_dir, "--log_dir")
+    vpr.check_writable_dir(args.output_dir, "--output_dir")
     reports_by_model = {model: compare_backbone(model, args) for model in args.models}
     table = comparison_table(reports_by_model, args.recall_at)
     path = log_dir / f"experiment_{time.strftime('%Y%m%d_%H%M%S')}.csv"

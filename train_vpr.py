@@ -39,6 +39,7 @@ class TrainResult:
     log_file: Path
     final_checkpoint: Path | None = None
     early_stopped: bool = False
+    skipped_images: int = 0  # left out by --on_bad_image skip
 
 
 @dataclass
@@ -77,6 +78,10 @@ class TrainingData:
     train: Split
     val: Split
 
+    @property
+    def skipped_images(self) -> int:
+        return len(self.train.table.skipped) + len(self.val.table.skipped)
+
 
 @dataclass
 class TrainState:
@@ -107,7 +112,7 @@ ValidationCallback = Callable[[int, vpr.RecallResult], None]
 
 
 def parse_args(argv: Sequence[str] | None) -> vpr.TrainConfig:
-    parser = argparse.ArgumentParser(
+    parser = vpr.CliParser(
         description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
     )
     vpr.add_config_args(parser)
@@ -117,13 +122,35 @@ def parse_args(argv: Sequence[str] | None) -> vpr.TrainConfig:
     return config
 
 
-def load_training_data(config: vpr.TrainConfig) -> TrainingData:
-    """Both splits with their features: embeddings parquets as they are, poses CSVs through
-    the frozen backbone (and the cache)."""
-    train = vpr.load_table(config.train_csv, config.image_root, config.camera_id)
-    val = vpr.load_table(config.val_csv, config.image_root, config.camera_id)
-    vpr.check_same_coord_kind(train, val)
+def load_splits(config: vpr.TrainConfig) -> tuple[vpr.PlaceTable, vpr.PlaceTable, bool]:
+    """Both splits (poses CSVs or embeddings parquets) and whether place labels supervise them,
+    checked: every input problem is found here, before any output is written."""
+    train = vpr.load_table(config.train_csv, config.image_root, config.camera_id, config.on_bad_image)
+    val = vpr.load_table(config.val_csv, config.image_root, config.camera_id, config.on_bad_image)
     by_label = vpr.uses_labels(config.supervision, train, val)
+    check_splits(config, train, val, by_label)
+    return train, val, by_label
+
+
+def check_splits(config: vpr.TrainConfig, train: vpr.PlaceTable, val: vpr.PlaceTable, by_label: bool) -> None:
+    """Places with positives to learn from, and validation queries with a positive in the database."""
+    vpr.check_trainable(train, config.pos_threshold_m, train.labels if by_label else None)
+    vpr.check_query_split(train, val, config.pos_threshold_m, by_label)
+
+
+def check_outputs(config: vpr.TrainConfig) -> Path:
+    """Writable output folders and a summary this run can append to; returns the log folder."""
+    log_dir = vpr.check_writable_dir(config.log_dir, "--log_dir")
+    vpr.check_writable_dir(config.output_dir, "--output_dir")
+    vpr.read_summary_table(log_dir / vpr.TRAINING_SUMMARY_NAME)
+    return log_dir
+
+
+def extract_training_data(config: vpr.TrainConfig, train: vpr.PlaceTable, val: vpr.PlaceTable,
+                          by_label: bool) -> TrainingData:
+    """Both splits with their features: embeddings parquets as they are, poses CSVs through
+    the frozen backbone (and the cache); with --on_bad_image skip, images that cannot be
+    decoded are left out, and the splits checked again."""
     split = lambda table, features: Split.of(table, features, by_label, config.pos_threshold_m)  # noqa: E731
     if train.embeddings is not None:
         if train.embeddings.shape[1] != val.embeddings.shape[1]:
@@ -131,16 +158,13 @@ def load_training_data(config: vpr.TrainConfig) -> TrainingData:
                                f"{train.embeddings.shape[1]}; both must come from the same backbone")
         backbone = vpr.embeddings_backbone(config.model, config.train_csv, train.embeddings.shape[1])
         return TrainingData(backbone, split(train, train.embeddings), split(val, val.embeddings))
-    if not by_label and not vpr.has_positive_pair(train.xyz, config.pos_threshold_m):  # before the long extraction
-        raise vpr.VPRError(
-            f"{config.train_csv}: no two images lie within --pos_threshold_m {config.pos_threshold_m:g} m of each other; "
-            "there are no positives to learn from (raise the threshold or check the positions)"
-        )
     backbone = vpr.create_backbone(config.model, config.weights, config.image_size)
     options = vpr.extraction_options(config)
-    train_features = vpr.extract_features(backbone, train, options, "train")
-    val_features = vpr.extract_features(backbone, val, options, "val")
+    train, train_features = vpr.extract_table(backbone, train, options, "train", config.on_bad_image)
+    val, val_features = vpr.extract_table(backbone, val, options, "val", config.on_bad_image)
     vpr.release_other_ranks()  # under torchrun, rank 0 trains alone on the shared cache
+    if train.skipped or val.skipped:
+        check_splits(config, train, val, by_label)
     return TrainingData(backbone.info.as_dict(), split(train, train_features), split(val, val_features))
 
 
@@ -342,7 +366,7 @@ def open_log(run: Run, loss_fn: vpr.HybridLoss, log_dir: Path, best_path: Path) 
     the untrained head (with --head residual that is PCA-whitening, so the best checkpoint is
     never worse on validation than the strongest frozen baseline)."""
     config = run.config
-    columns = vpr.LOG_COLUMNS + (vpr.LOG_OPTIONAL_COLUMNS if run.sampler else [])
+    columns = vpr.LOG_COLUMNS + vpr.LOG_EXTRA_COLUMNS + (vpr.LOG_OPTIONAL_COLUMNS if run.sampler else [])
     if config.resume:
         run.restore(config.resume)
         logger = vpr.CsvLogger(run.log_file, columns, continue_after_epoch=run.state.epoch)
@@ -351,7 +375,10 @@ def open_log(run: Run, loss_fn: vpr.HybridLoss, log_dir: Path, best_path: Path) 
     run.run_id = vpr.new_run_id(config.model, config.seed, log_dir)
     logger = vpr.CsvLogger(log_dir / f"{run.run_id}.csv", columns)
     run.log_file = logger.path
-    print(f"run {run.run_id}: {len(run.data.train)} train / {len(run.data.val)} val images, "
+    skipped = run.data.skipped_images
+    logger.log("data", epoch=0, skipped_images=skipped)
+    print(f"run {run.run_id}: {len(run.data.train)} train / {len(run.data.val)} val images"
+          f"{f' ({skipped} bad images skipped)' if skipped else ''}, "
           f"{len(np.unique(run.data.train.places))} places, log {logger.path}", flush=True)
     result, val_loss = validate(0, run.head, loss_fn, run.data, config, logger)
     run.state = TrainState(best_recall=result.recalls, best_val_loss=math.inf if math.isnan(val_loss) else val_loss)
@@ -381,9 +408,9 @@ def train(config: vpr.TrainConfig, on_validation: ValidationCallback | None = No
     started = time.perf_counter()
     vpr.set_determinism(config.seed)
     print_config(config)
-    log_dir = vpr.check_writable_dir(config.log_dir, "--log_dir")
-    vpr.check_writable_dir(config.output_dir, "--output_dir")
-    data = load_training_data(config)
+    train_table, val_table, by_label = load_splits(config)
+    log_dir = check_outputs(config)
+    data = extract_training_data(config, train_table, val_table, by_label)
     run = new_run(config, data)
     loss_fn = vpr.HybridLoss(config.triplet_margin, config.contrastive_temperature, config.triplet_weight,
                              config.contrastive_weight, vpr.effective_hard_neg_ratio(config), config.loss_distance)
@@ -418,8 +445,8 @@ def train(config: vpr.TrainConfig, on_validation: ValidationCallback | None = No
 
     vpr.save_checkpoint(final_path, run.checkpoint(state.epoch, resumable=True))
     result = TrainResult(run.run_id, state.best_recall, state.best_epoch, state.epoch, time.perf_counter() - started,
-                         best_path, run.log_file, final_path, state.early_stopped)
-    vpr.append_summary_row(log_dir / "training_summary.csv", summary_row(config, result))
+                         best_path, run.log_file, final_path, state.early_stopped, data.skipped_images)
+    vpr.append_summary_row(log_dir / vpr.TRAINING_SUMMARY_NAME, summary_row(config, result))
     return result
 
 
@@ -428,7 +455,8 @@ def summary_row(config: vpr.TrainConfig, result: TrainResult) -> dict:
         "run_id": result.run_id, "model": config.model, "seed": config.seed,
         **{k: v for k, v in dataclasses.asdict(config).items() if k not in ("model", "seed")},
         "best_val_r1": result.best_recall[1], "best_val_r5": result.best_recall[5], "best_val_r10": result.best_recall[10],
-        "best_epoch": result.best_epoch, "epochs_run": result.epochs_run, "wall_time_s": round(result.wall_time_s, 2),
+        "best_epoch": result.best_epoch, "epochs_run": result.epochs_run, "skipped_images": result.skipped_images,
+        "wall_time_s": round(result.wall_time_s, 2),
         "checkpoint": str(result.checkpoint), "log_file": str(result.log_file),
     }
 

@@ -76,21 +76,45 @@ def run_cli(main: Callable[[Sequence[str] | None], Any], argv: Sequence[str] | N
         sys.exit(130)
 
 
+class CliParser(argparse.ArgumentParser):
+    """argparse whose command-line errors are VPRErrors: one line naming the flag (run_cli
+    prints it, exit code 2), instead of the usage text followed by the error."""
+
+    def error(self, message: str):  # noqa: D401 - argparse's hook
+        raise VPRError(f"{message}; see --help")
+
+
 def add_debug_flag(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
+
+
+def _cannot_write_in(folder: Path) -> str | None:
+    """Why files cannot be written in `folder` (created if needed), or None if they can."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe = folder / f".write_probe_{os.getpid()}"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as exc:
+        return exc.strerror or type(exc).__name__
+    return None
 
 
 def check_writable_dir(path: str | Path, flag: str) -> Path:
     """Create `path` if needed and make sure files can be written there."""
     path = Path(path)
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-        probe = path / f".write_probe_{os.getpid()}"
-        probe.write_text("")
-        probe.unlink()
-    except OSError as exc:
-        raise VPRError(f"{flag} {path}: cannot write there ({exc.strerror}); choose another folder") from exc
+    reason = _cannot_write_in(path)
+    if reason:
+        raise VPRError(f"{flag} {path}: cannot write there ({reason}); choose another folder")
     return path
+
+
+def check_writable_file(path: str | Path | None, flag: str) -> None:
+    """Fail now, not after the work, when an output file's folder cannot be written."""
+    if path:
+        reason = _cannot_write_in(Path(path).parent)
+        if reason:
+            raise VPRError(f"{flag} {path}: cannot write its folder {Path(path).parent} ({reason}); choose another path")
 
 
 def atomic_write(path: str | Path, write: Callable[[Path], None]) -> None:
@@ -118,14 +142,18 @@ LOG_COLUMNS = [
     "batch_time", "avg_train_loss", "avg_triplet_loss", "avg_contrastive_loss", "epoch_time",
     "val_loss", "val_r1", "val_r5", "val_r10", "val_time",
 ]
-LOG_EVENTS = ("batch", "epoch", "validation")
-# Written after LOG_COLUMNS only by runs that produce them (readers select columns by name):
+LOG_EVENTS = ("data", "batch", "epoch", "validation")
+# Written after LOG_COLUMNS; readers must not require them (older logs lack them). The `data`
+# event, logged once before epoch 0, holds skipped_images: images left out by --on_bad_image skip.
+LOG_EXTRA_COLUMNS = ["skipped_images"]
+# Written after those only by runs that produce them (readers select columns by name):
 # ucb_stats, on `epoch` rows of --neg_sampler ucb runs: "pulls=[...]; mean_reward=[...]" per band.
 LOG_OPTIONAL_COLUMNS = ["ucb_stats"]
 SUMMARY_RESULT_COLUMNS = [
-    "best_val_r1", "best_val_r5", "best_val_r10", "best_epoch", "epochs_run", "wall_time_s",
+    "best_val_r1", "best_val_r5", "best_val_r10", "best_epoch", "epochs_run", "skipped_images", "wall_time_s",
     "checkpoint", "log_file",
 ]
+TRAINING_SUMMARY_NAME = "training_summary.csv"  # in --log_dir: one row per run
 EXPERIMENT_COLUMNS = ["model", "variant", "recall@1", "recall@5", "recall@10", "delta_r1_vs_raw"]
 EXPERIMENT_VARIANTS = ("raw", "pca_whitened", "trained")
 
@@ -185,19 +213,37 @@ class PlaceTable:
     labels: np.ndarray | None = None
     conditions: np.ndarray | None = None
     embeddings: np.ndarray | None = None
+    skipped: list[tuple[str, str]] = field(default_factory=list)  # (image, reason) left out by --on_bad_image skip
 
     def __len__(self) -> int:
         return len(self.paths)
 
     def subset(self, index: np.ndarray) -> "PlaceTable":
-        index = np.asarray(index)
+        index = np.asarray(index, dtype=np.int64)
         pick = lambda a: None if a is None else a[index]  # noqa: E731
         return PlaceTable(
             source=self.source, paths=[self.paths[i] for i in index], xyz=pick(self.xyz),
             coord_kind=self.coord_kind, frame=self.frame.iloc[index].reset_index(drop=True),
             cameras=pick(self.cameras), labels=pick(self.labels), conditions=pick(self.conditions),
             embeddings=pick(self.embeddings),
+            skipped=list(self.skipped),
         )
+
+    def skip(self, bad: Sequence[tuple[str, str]]) -> "PlaceTable":
+        """The table without these (image, reason) rows, which are recorded in `skipped` and
+        reported as one warning line; an error if no image is left."""
+        if not bad:
+            return self
+        gone = {image for image, _ in bad}
+        table = self.subset(np.array([i for i, p in enumerate(self.paths) if p not in gone], dtype=np.int64))
+        table.skipped += list(bad)
+        examples = "; ".join(f"{image} ({reason})" for image, reason in bad[:2]) + ("; ..." if len(bad) > 2 else "")
+        print(f"warning: {self.source}: skipped {len(bad)} bad image(s) (--on_bad_image skip): {examples}",
+              file=sys.stderr, flush=True)
+        if not len(table):
+            raise VPRError(f"{self.source}: every image was skipped as missing or unreadable; check the image files "
+                           f"and --image_root")
+        return table
 
 
 def _find_column(columns: Sequence[str], aliases: Sequence[str]) -> str | None:
@@ -225,13 +271,33 @@ def _closest_name_hint(columns: Sequence[str], accepted: Iterable[str]) -> str:
     return f" (did you mean {', '.join(hints)})" if hints else ""
 
 
+OTHER_SEPARATORS = {";": "';'", "\t": "tab", "|": "'|'"}
+
+
+def _check_comma_separated(path: Path, what: str) -> None:
+    """A header line without commas but with another separator: a spreadsheet's export
+    (e.g. ';' in European locales), which would otherwise be read as one column."""
+    with open(path, encoding="utf-8-sig", errors="replace") as handle:
+        header = handle.readline()
+    if "," in header:
+        return
+    for separator, name in OTHER_SEPARATORS.items():
+        if separator in header:
+            raise VPRError(f"{what} {path}: looks like {name}-separated (header: {header.strip()!r}); "
+                           f"use commas (e.g. save it again as comma-separated CSV)")
+
+
 def read_csv_table(path: str | Path, what: str = "CSV") -> pd.DataFrame:
-    """Read a CSV with clear errors for a missing, empty or malformed file."""
+    """Read a CSV with clear errors for a missing, empty, wrongly separated or malformed file."""
     path = Path(path)
     if not path.is_file():
-        raise VPRError(f"{what} {path}: file not found")
+        raise VPRError(f"{what} {path}: file not found; check the path")
     try:
-        frame = pd.read_csv(path, sep=None, engine="python") if path.suffix.lower() != ".csv" else pd.read_csv(path)
+        if path.suffix.lower() == ".csv":
+            _check_comma_separated(path, what)
+            frame = pd.read_csv(path, encoding="utf-8-sig")
+        else:
+            frame = pd.read_csv(path, sep=None, engine="python", encoding="utf-8-sig")
     except pd.errors.EmptyDataError:
         raise VPRError(f"{what} {path}: the file is empty; it needs a header row and one row per image") from None
     except (pd.errors.ParserError, UnicodeDecodeError) as exc:
@@ -246,22 +312,29 @@ def _file_line(frame: pd.DataFrame, row: int) -> int:
     return int(frame.index[row]) + 2
 
 
-def _numeric_column(frame: pd.DataFrame, column: str, path: Path) -> np.ndarray:
-    values = pd.to_numeric(frame[column], errors="coerce")
-    bad = np.flatnonzero(values.isna().to_numpy())
-    if bad.size:
-        row = int(bad[0])
+def numeric_column(frame: pd.DataFrame, column: str, path: str | Path, required: bool = True) -> np.ndarray:
+    """A CSV column as float64. An error names the first row whose cell is not a number;
+    required: also empty, NaN or infinite cells (positions), else those are NaN / inf (logs)."""
+    values = pd.to_numeric(frame[column], errors="coerce").to_numpy(dtype=np.float64)
+    if required:
+        bad = ~np.isfinite(values)
+    else:
+        text = frame[column].astype(str).str.strip().str.lower()
+        bad = np.isnan(values) & frame[column].notna().to_numpy() & ~text.isin(["", "nan"]).to_numpy()
+    rows = np.flatnonzero(bad)
+    if rows.size:
+        row = int(rows[0])
         raise VPRError(
-            f"{path}: row {_file_line(frame, row)}, column '{column}': '{frame[column].iloc[row]}' is not a number "
-            f"({bad.size} such row(s)); fix or remove those rows"
+            f"{path}: row {_file_line(frame, row)}, column '{column}': '{frame[column].iloc[row]}' is not a "
+            f"{'finite ' if required else ''}number ({rows.size} such row(s)); fix or remove those rows"
         )
-    return values.to_numpy(dtype=np.float64)
+    return values
 
 
 def _positions_from_frame(frame: pd.DataFrame, path: Path) -> tuple[np.ndarray, str]:
     latlon = _find_column_pair(frame.columns, LATLON_COLUMNS)
     if latlon:
-        lat, lon = (_numeric_column(frame, c, path) for c in latlon)
+        lat, lon = (numeric_column(frame, c, path) for c in latlon)
         for name, values, limit in (("latitude", lat, 90.0), ("longitude", lon, 180.0)):
             bad = np.flatnonzero(np.abs(values) > limit)
             if bad.size:
@@ -269,7 +342,7 @@ def _positions_from_frame(frame: pd.DataFrame, path: Path) -> tuple[np.ndarray, 
         return latlon_to_xyz(lat, lon), "latlon"
     metric = _find_column_pair(frame.columns, METRIC_COLUMNS)
     if metric:
-        x, y = (_numeric_column(frame, c, path) for c in metric)
+        x, y = (numeric_column(frame, c, path) for c in metric)
         return metric_to_xyz(x, y), "metric"
     accepted = [n for pair in LATLON_COLUMNS + METRIC_COLUMNS for n in pair]
     raise VPRError(
@@ -278,17 +351,28 @@ def _positions_from_frame(frame: pd.DataFrame, path: Path) -> tuple[np.ndarray, 
     )
 
 
+ON_BAD_IMAGE = ("error", "skip")
+
+
+def check_on_bad_image(on_bad_image: str) -> None:
+    if on_bad_image not in ON_BAD_IMAGE:
+        raise VPRError(f"--on_bad_image {on_bad_image}: choose error or skip")
+
+
 def load_poses(
     path: str | Path,
     image_root: str | Path | None = None,
     camera_id: str | None = None,
     check_images: bool = True,
+    on_bad_image: str = "error",
 ) -> PlaceTable:
     """Load a poses CSV (DESIGN.md §2) into a PlaceTable with metric positions.
 
     Relative image paths resolve against image_root, else the CSV's folder. Errors name the
-    file, row and column and say what to do.
+    file, row and column and say what to do. A missing image file is an error, or with
+    on_bad_image="skip" its row is left out (and counted in the table's `skipped`).
     """
+    check_on_bad_image(on_bad_image)
     path = Path(path)
     frame = read_csv_table(path, "poses CSV")
     image_col = _find_column(frame.columns, IMAGE_COLUMNS)
@@ -299,25 +383,31 @@ def load_poses(
         )
     frame = _keep_camera(frame, path, camera_id)
     xyz, coord_kind = _positions_from_frame(frame, path)
+    blank = np.flatnonzero((frame[image_col].isna() | (frame[image_col].astype(str).str.strip() == "")).to_numpy())
+    if blank.size:
+        raise VPRError(f"{path}: row {_file_line(frame, int(blank[0]))}: no image file in column '{image_col}' "
+                       f"({blank.size} such row(s)); fill it in or remove the row")
     root = Path(image_root) if image_root else path.parent
     paths = [str(p) if os.path.isabs(p) else str(root / p) for p in frame[image_col].astype(str)]
     duplicated = pd.Series(paths).duplicated()
     if duplicated.any():
         row = int(np.flatnonzero(duplicated.to_numpy())[0])
         raise VPRError(f"{path}: row {_file_line(frame, row)}: image {frame[image_col].iloc[row]} is listed twice; remove duplicate rows")
-    if check_images:
-        for row, image in enumerate(paths):
-            if not os.path.isfile(image):
-                raise VPRError(
-                    f"{path}: row {_file_line(frame, row)}: image file {image} not found "
-                    f"(relative paths resolve against {'--image_root' if image_root else 'the CSV folder'} {root})"
-                )
+    missing = [row for row, image in enumerate(paths) if check_images and not os.path.isfile(image)]
+    if missing and on_bad_image == "error":
+        row = missing[0]
+        raise VPRError(
+            f"{path}: row {_file_line(frame, row)}: image file {paths[row]} not found "
+            f"(relative paths resolve against {'--image_root' if image_root else 'the CSV folder'} {root}; "
+            f"{len(missing)} missing in all); fix the path, or --on_bad_image skip to leave such rows out"
+        )
 
-    return PlaceTable(
+    table = PlaceTable(
         source=str(path), paths=paths, xyz=xyz, coord_kind=coord_kind, frame=frame.reset_index(drop=True),
         cameras=_optional_column(frame, CAMERA_COLUMNS), labels=_label_column(frame, path),
         conditions=_optional_column(frame, CONDITION_COLUMNS),
     )
+    return table.skip([(paths[row], f"row {_file_line(frame, row)}: file not found") for row in missing])
 
 
 def _keep_camera(frame: pd.DataFrame, path: Path, camera_id: str | None) -> pd.DataFrame:
@@ -326,7 +416,8 @@ def _keep_camera(frame: pd.DataFrame, path: Path, camera_id: str | None) -> pd.D
         return frame
     camera_col = _find_column(frame.columns, CAMERA_COLUMNS)
     if camera_col is None:
-        raise VPRError(f"{path}: --camera_id {camera_id} given but the file has no camera_id/camera column")
+        raise VPRError(f"{path}: --camera_id {camera_id} given but the file has no camera_id/camera column"
+                       f"{_closest_name_hint(frame.columns, CAMERA_COLUMNS)}")
     present = sorted(frame[camera_col].astype(str).unique())
     if camera_id not in present:
         raise VPRError(f"{path}: no rows for --camera_id {camera_id}; cameras present: {', '.join(present)}")
@@ -405,9 +496,12 @@ def _embedding_matrix(column: pd.Series, path: Path) -> np.ndarray:
     return matrix
 
 
-def load_table(path: str | Path, image_root: str | Path | None = None, camera_id: str | None = None) -> PlaceTable:
+def load_table(path: str | Path, image_root: str | Path | None = None, camera_id: str | None = None,
+               on_bad_image: str = "error") -> PlaceTable:
     """A poses CSV or, by its .parquet suffix, an embeddings parquet: one entry point for every script."""
-    return load_embeddings_parquet(path, camera_id) if is_parquet(path) else load_poses(path, image_root, camera_id)
+    if is_parquet(path):
+        return load_embeddings_parquet(path, camera_id)
+    return load_poses(path, image_root, camera_id, on_bad_image=on_bad_image)
 
 
 def export_embeddings_parquet(table: PlaceTable, features: np.ndarray, path: str | Path) -> Path:
@@ -428,6 +522,37 @@ def check_same_coord_kind(database: PlaceTable, queries: PlaceTable) -> None:
         raise VPRError(
             f"{queries.source} has {queries.coord_kind} positions but the database {database.source} has "
             f"{database.coord_kind} positions; give both CSVs the same kind (lat/lon or easting/northing)"
+        )
+
+
+def check_query_split(database: PlaceTable, queries: PlaceTable, pos_threshold_m: float, by_label: bool = False) -> None:
+    """Queries comparable with the database, some of them with a positive in the database (by
+    position, or label with by_label): otherwise recall is 0 whatever the descriptors (wrong
+    CSV, area or columns)."""
+    check_same_coord_kind(database, queries)
+    labels = (database.labels, queries.labels) if by_label else (None, None)
+    if not queries_with_positive(database.xyz, queries.xyz, pos_threshold_m, *labels).any():
+        if by_label:
+            raise VPRError(f"{queries.source}: no query has a positive (same place label) in {database.source}, so "
+                           "recall would be 0 whatever the descriptors; check that both files label the same places")
+        raise VPRError(
+            f"{queries.source}: no query lies within --pos_threshold_m {pos_threshold_m:g} m of any image of "
+            f"{database.source}, so recall would be 0 whatever the descriptors; check that both CSVs cover the "
+            f"same area, or raise the threshold"
+        )
+
+
+def check_trainable(table: PlaceTable, pos_threshold_m: float, labels: np.ndarray | None = None) -> None:
+    """Training batches are built from places (group_places: GPS cells, labels, or both) of two
+    images or more: without one there is nothing to learn from. Cheap, so it runs before any
+    extraction."""
+    if len(table) < 2 or np.bincount(group_places(table.xyz, labels, pos_threshold_m)).max() < 2:
+        if labels is not None:
+            raise VPRError(f"{table.source}: no place label has two images{' within --pos_threshold_m' if table.xyz is not None else ''}, "
+                           "so there are no positives to learn from; check the label column")
+        raise VPRError(
+            f"{table.source}: no place has two images within --pos_threshold_m {pos_threshold_m:g} m of each other, "
+            f"so there are no positives to learn from; raise the threshold or check the positions"
         )
 
 
@@ -589,6 +714,12 @@ def _offline_error(name: str, arch: str, reason: str) -> VPRError:
     )
 
 
+def check_weights_flag(weights: str | None) -> None:
+    if weights and weights != "random" and not Path(weights).is_file():
+        raise VPRError(f"--weights {weights}: file not found; give a local state-dict file, 'random', or leave it out "
+                       f"for the pretrained weights")
+
+
 def _create_timm_model(name: str, spec: BackboneSpec, weights: str | None, keep_classifier: bool, image_size: int) -> tuple[nn.Module, str]:
     kwargs: dict[str, Any] = {} if keep_classifier else {"num_classes": 0}
     if "vit" in spec.arch or "dinov2" in spec.arch:
@@ -598,9 +729,8 @@ def _create_timm_model(name: str, spec: BackboneSpec, weights: str | None, keep_
             torch.manual_seed(0)
             return timm.create_model(spec.arch, pretrained=False, **kwargs), "random:seed0"
     if weights:
+        check_weights_flag(weights)
         path = Path(weights)
-        if not path.is_file():
-            raise VPRError(f"--weights {weights}: file not found")
         model = timm.create_model(spec.arch, pretrained=False, **kwargs)
         try:
             state = torch.load(path, map_location="cpu", weights_only=True)
@@ -860,8 +990,11 @@ def release_other_ranks() -> None:
 
 
 def _iterate_descriptors(backbone: Backbone, paths: Sequence[str], options: ExtractionOptions, desc: str,
-                         precision: str) -> Iterable[tuple[np.ndarray, np.ndarray]]:
-    """Yield (row indices, descriptors) batch by batch, with a progress bar."""
+                         precision: str, failed: list[tuple[str, str]] | None = None
+                         ) -> Iterable[tuple[np.ndarray, np.ndarray]]:
+    """Yield (row indices, descriptors) batch by batch, with a progress bar. An image that
+    cannot be decoded is an error naming it, or, given a `failed` list, appended to it as
+    (path, reason) and left out of the batch."""
     from tqdm import tqdm
 
     device = resolve_device(options.device)
@@ -877,19 +1010,28 @@ def _iterate_descriptors(backbone: Backbone, paths: Sequence[str], options: Extr
         for images, index, errors in tqdm(loader, desc=desc, unit="batch", file=sys.stderr, dynamic_ncols=True,
                                           disable=None):
             bad = [(int(i), e) for i, e in zip(index, errors) if e]
-            if bad:
+            if bad and failed is None:
                 row, err = bad[0]
-                raise VPRError(f"image {paths[row]}: cannot be read as an image ({err}); fix or remove its row")
+                raise VPRError(f"image {paths[row]}: cannot be read as an image ({err}); fix or remove its row, "
+                               f"or --on_bad_image skip to leave such images out")
+            if bad:
+                failed.extend((paths[row], err) for row, err in bad)
+                keep = torch.tensor([not e for e in errors])
+                images, index = images[keep], index[keep]
+                if not len(index):
+                    continue
             images = images.to(device, non_blocking=True, memory_format=memory_format)
             yield index.numpy(), backbone_descriptor(model, images).float().cpu().numpy()
 
 
 def _extract_into_cache(backbone: Backbone, table: PlaceTable, keys: list[str], missing: list[int], cache: FeatureCache,
-                        options: ExtractionOptions, precision: str, desc: str) -> None:
+                        options: ExtractionOptions, precision: str, desc: str,
+                        failed: list[tuple[str, str]] | None) -> None:
     """Extract the missing images and store them shard by shard (chunk_size images each)."""
     pending_rows: list[int] = []
     pending_feats: list[np.ndarray] = []
-    for rows, feats in _iterate_descriptors(backbone, [table.paths[i] for i in missing], options, desc, precision):
+    for rows, feats in _iterate_descriptors(backbone, [table.paths[i] for i in missing], options, desc, precision,
+                                            failed):
         pending_rows.extend(missing[r] for r in rows)
         pending_feats.append(feats)
         if len(pending_rows) >= options.chunk_size:
@@ -899,7 +1041,8 @@ def _extract_into_cache(backbone: Backbone, table: PlaceTable, keys: list[str], 
         cache.add([keys[i] for i in pending_rows], np.concatenate(pending_feats))
 
 
-def extract_features(backbone: Backbone, table: PlaceTable, options: ExtractionOptions, label: str = "") -> np.ndarray:
+def extract_features(backbone: Backbone, table: PlaceTable, options: ExtractionOptions, label: str = "",
+                     failed: list[tuple[str, str]] | None = None) -> np.ndarray:
     """Backbone descriptors of every image in the table (N x D float32), through the cache.
 
     Each image goes through the backbone once per configuration: later calls (epochs,
@@ -908,6 +1051,8 @@ def extract_features(backbone: Backbone, table: PlaceTable, options: ExtractionO
     share of the missing images into the shared cache: shards are separate files, so ranks never
     write the same file, and the cache index is the union of every rank's shards (the merge).
     After the barrier every rank reads the whole table from the cache.
+    An unreadable image is an error naming it; given a `failed` list, it is appended there as
+    (path, reason) instead and its row of the result is NaN (extract_table drops such rows).
     """
     name = f"{backbone.info.name} {label}".strip()
     rank, world = distributed_rank_and_world()
@@ -916,11 +1061,11 @@ def extract_features(backbone: Backbone, table: PlaceTable, options: ExtractionO
         if world > 1:
             raise VPRError("--no_cache cannot be combined with torchrun: the ranks share their work through the cache")
         out: np.ndarray | None = None
-        for rows, feats in _iterate_descriptors(backbone, table.paths, options, f"extract {name}", precision):
-            out = np.empty((len(table), *feats.shape[1:]), np.float32) if out is None else out
+        for rows, feats in _iterate_descriptors(backbone, table.paths, options, f"extract {name}", precision, failed):
+            out = np.full((len(table), *feats.shape[1:]), np.nan, np.float32) if out is None else out
             out[rows] = feats
         print(f"features [{name}]: {len(table)} extracted (cache disabled)", flush=True)
-        return out
+        return np.full((len(table), backbone.info.feature_dim), np.nan, np.float32) if out is None else out
     cache = FeatureCache(options.cache_dir, backbone.info, options.cache_dtype, precision)
     keys = [image_fingerprint(p) for p in table.paths]
     missing = [i for i, k in enumerate(keys) if k not in cache]
@@ -929,13 +1074,37 @@ def extract_features(backbone: Backbone, table: PlaceTable, options: ExtractionO
               + (f" over {world} processes" if world > 1 and missing else ""), flush=True)
     if missing:
         _extract_into_cache(backbone, table, keys, missing[rank::world], cache, options, precision,
-                            f"extract {name}" + (f" [rank {rank}]" if world > 1 else ""))
+                            f"extract {name}" + (f" [rank {rank}]" if world > 1 else ""), failed)
     if world > 1:
         import torch.distributed as dist
 
         dist.barrier()
         cache = FeatureCache(options.cache_dir, backbone.info, options.cache_dtype, precision)  # every rank's shards
-    return cache.get(keys)
+    if failed is None:
+        return cache.get(keys)
+    readable = np.array([i for i, key in enumerate(keys) if key in cache], dtype=np.int64)
+    reported = {image for image, _ in failed}
+    failed.extend((table.paths[i], "unreadable (reported by another process)") for i in range(len(keys))
+                  if keys[i] not in cache and table.paths[i] not in reported)
+    good = (cache.get([keys[i] for i in readable]) if len(readable)
+            else np.zeros((0, backbone.info.feature_dim), np.float32))
+    out = np.full((len(keys), *good.shape[1:]), np.nan, np.float32)
+    out[readable] = good
+    return out
+
+
+def extract_table(backbone: Backbone, table: PlaceTable, options: ExtractionOptions, label: str = "",
+                  on_bad_image: str = "error") -> tuple[PlaceTable, np.ndarray]:
+    """extract_features honouring --on_bad_image: with "skip", images that cannot be decoded
+    are left out of both the table and the features (and counted in the table's `skipped`)."""
+    check_on_bad_image(on_bad_image)
+    if on_bad_image == "error":
+        return table, extract_features(backbone, table, options, label)
+    failed: list[tuple[str, str]] = []
+    features = extract_features(backbone, table, options, label, failed)
+    gone = {image for image, _ in failed}
+    keep = np.array([i for i, path in enumerate(table.paths) if path not in gone], dtype=np.int64)
+    return table.skip(failed), features[keep]
 
 
 # ============================================================================================
@@ -1580,19 +1749,26 @@ def evaluate_retrieval(
     take = lambda a, idx: None if a is None else np.asarray(a)[idx]  # noqa: E731
     correct, _ = pair_relations(take(q_xyz, np.s_[:, None]), take(db_xyz, top), take(q_labels, np.s_[:, None]),
                                 take(db_labels, top), pos_threshold_m, pos_threshold_m)
-    if by_label and positions:
-        has_positive = np.array([np.any(np.asarray(db_labels)[near] == label)
-                                 for near, label in zip(neighbours_within(db_xyz, q_xyz, pos_threshold_m), q_labels)])
-    elif by_label:
-        has_positive = np.isin(q_labels, db_labels)
-    else:
-        has_positive = nearest_distance_m(db_xyz, q_xyz) <= pos_threshold_m
+    has_positive = queries_with_positive(db_xyz, q_xyz, pos_threshold_m, db_labels, q_labels)
     return RecallResult(
         recalls=recall_at_n(correct, recall_at), num_queries=len(q_desc),
         num_queries_without_positive=int((~has_positive).sum()), pos_threshold_m=pos_threshold_m,
         top_indices=top, top_distances_m=dist, top_scores=scores, correct=correct, has_positive=has_positive,
         by_label=by_label,
     )
+
+
+def queries_with_positive(db_xyz: np.ndarray | None, q_xyz: np.ndarray | None, pos_threshold_m: float,
+                          db_labels: np.ndarray | None = None, q_labels: np.ndarray | None = None) -> np.ndarray:
+    """Per query, whether the database holds a positive of it by pair_relations: an image
+    within pos_threshold_m, of its label, or both (spatial index, no Q x N matrix)."""
+    by_label = db_labels is not None and q_labels is not None
+    if by_label and db_xyz is not None and q_xyz is not None:
+        return np.array([np.any(np.asarray(db_labels)[near] == label)
+                         for near, label in zip(neighbours_within(db_xyz, q_xyz, pos_threshold_m), q_labels)], dtype=bool)
+    if by_label:
+        return np.isin(q_labels, db_labels)
+    return nearest_distance_m(db_xyz, q_xyz) <= pos_threshold_m
 
 
 def recall_by_group(result: RecallResult, groups: np.ndarray | None, recall_at: Sequence[int]) -> dict[str, dict[int, float]]:
@@ -1648,6 +1824,8 @@ class TrainConfig:
     supervision: str = _flag("auto", "which images show the same place: gps (positions), labels (place_id/building_id/"
                              "label, gated by positions when present) or auto (labels when every table has them)",
                              "data", choices=SUPERVISIONS)
+    on_bad_image: str = _flag("error", "a missing or unreadable image: error (stop, naming it) or skip (leave it out, "
+                              "count it in the log and summary)", "data", choices=ON_BAD_IMAGE)
     # model
     model: str = _flag("dinov2_b", f"backbone: {', '.join(BACKBONES)} or timm:ARCH", "model")
     weights: str | None = _flag(None, "backbone weights: a local state-dict FILE, or 'random' (default: pretrained)", "model")
@@ -1763,7 +1941,7 @@ def parse_layered(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -
     """Parse argv with every layer of settings, once for all scripts:
     flags > VPR_<FLAG> environment variables > the --config TOML file > --recipe > defaults.
     A bad file, key or value stops with one VPRError line naming it."""
-    probe = argparse.ArgumentParser(add_help=False)
+    probe = CliParser(add_help=False)
     probe.add_argument("--config", default=None)
     probe.add_argument("--recipe", default="default")
     known = probe.parse_known_args(argv)[0]
@@ -1880,8 +2058,22 @@ def config_from_args(args: argparse.Namespace, cls: type = TrainConfig, **overri
     return cls(**values)
 
 
+def validate_extraction_flags(config: Any) -> None:
+    """The flags every script shares for images and extraction (a config or a namespace)."""
+    if config.batch_size < 1:
+        raise VPRError(f"--batch_size {config.batch_size}: must be at least 1")
+    if config.num_workers < 0:
+        raise VPRError(f"--num_workers {config.num_workers}: must be 0 (decode in this process) or more")
+    if config.image_size < 0:
+        raise VPRError(f"--image_size {config.image_size}: must be 0 (the backbone's) or a positive number of pixels")
+    check_on_bad_image(config.on_bad_image)
+    check_weights_flag(config.weights)
+    resolve_device(config.device)
+
+
 def validate_train_config(config: TrainConfig) -> None:
     """Flag combinations that cannot train, caught before any work is done."""
+    validate_extraction_flags(config)
     if config.epochs <= 0:
         raise VPRError(f"--epochs {config.epochs}: must be at least 1")
     if config.batch_size < 4:
@@ -1960,13 +2152,18 @@ def safe_name(text: str) -> str:
 
 
 def new_run_id(model: str, seed: int, log_dir: str | Path) -> str:
-    """{model}_seed{seed}_{YYYYmmdd_HHMMSS}, with a suffix if that log already exists."""
+    """{model}_seed{seed}_{YYYYmmdd_HHMMSS}, with a suffix if that log already exists. The log
+    file is created here, exclusively: runs started in the same second (tuning workers) get
+    different ids instead of writing into one log."""
     base = f"{safe_name(model)}_seed{seed}_{time.strftime('%Y%m%d_%H%M%S')}"
     run_id, n = base, 1
-    while (Path(log_dir) / f"{run_id}.csv").exists():
-        n += 1
-        run_id = f"{base}_{n}"
-    return run_id
+    while True:
+        try:
+            (Path(log_dir) / f"{run_id}.csv").open("x").close()
+            return run_id
+        except FileExistsError:
+            n += 1
+            run_id = f"{base}_{n}"
 
 
 class CsvLogger:
@@ -1976,7 +2173,8 @@ class CsvLogger:
     written after the checkpoint the run resumes from, are dropped first, so the finished log
     equals that of an uninterrupted run."""
 
-    def __init__(self, path: str | Path, columns: Sequence[str] = LOG_COLUMNS, continue_after_epoch: int | None = None):
+    def __init__(self, path: str | Path, columns: Sequence[str] = (*LOG_COLUMNS, *LOG_EXTRA_COLUMNS),
+                 continue_after_epoch: int | None = None):
         self.path, self.columns = Path(path), list(columns)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         if continue_after_epoch is None:
@@ -2026,14 +2224,36 @@ def append_summary_row(path: str | Path, row: dict[str, Any]) -> None:
     """Append one run's row to a summary CSV. A file lock serialises concurrent writers
     (tuning workers), and the file is rewritten atomically, so rows never interleave or vanish;
     a row with new columns widens the table instead of breaking it."""
-    from filelock import FileLock
+    from filelock import FileLock, Timeout
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    with FileLock(str(path) + ".lock", timeout=120):
-        existing = pd.read_csv(path) if path.exists() and path.stat().st_size else pd.DataFrame()
-        table = pd.concat([existing, pd.DataFrame([row])], ignore_index=True)
-        atomic_write(path, lambda p: table.to_csv(p, index=False))
+    try:
+        with FileLock(str(path) + ".lock", timeout=120):
+            new_row = pd.DataFrame([{k: "" if v is None else str(v) for k, v in row.items()}], dtype=str)
+            table = pd.concat([read_summary_table(path), new_row], ignore_index=True)  # text: nothing reformatted
+            atomic_write(path, lambda p: table.to_csv(p, index=False))
+    except Timeout:
+        raise VPRError(f"{path}: still locked by another process after 120 s ({path}.lock); this run's row: "
+                       f"{json.dumps(row, default=str)}") from None
+
+
+def read_summary_table(path: str | Path) -> pd.DataFrame:
+    """The rows of a summary CSV as written (text cells, nothing reformatted); empty if there is
+    none yet. Checked before a run starts, so a long run never ends on an unreadable summary."""
+    path = Path(path)
+    if not path.is_file() or path.stat().st_size == 0:
+        return pd.DataFrame()
+    try:
+        table = pd.read_csv(path, dtype=str, keep_default_na=False)
+    except (pd.errors.ParserError, UnicodeDecodeError, pd.errors.EmptyDataError) as exc:
+        problem = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise VPRError(f"{path}: not a summary table this suite can append to ({problem}); move it away "
+                       f"(a new one is started)") from None
+    if "run_id" not in table.columns:
+        raise VPRError(f"{path}: not a summary table this suite can append to (no run_id column); move it away "
+                       f"(a new one is started)")
+    return table
 
 
 def checkpoint_path(output_dir: str | Path, model: str, seed: int, kind: str = "") -> Path:
@@ -2076,20 +2296,44 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     check it is one of ours, complete, and of a format this version reads."""
     path = Path(path)
     if not path.is_file():
-        raise VPRError(f"checkpoint {path}: file not found")
+        raise VPRError(f"checkpoint {path}: file not found; check the path")
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - which exception depends on how the file is broken
         text = str(exc) or type(exc).__name__
-        if "Weights only load failed" in text or "Unsupported global" in text:
-            raise VPRError(f"checkpoint {path}: refused, it holds Python objects that could run code (not a checkpoint of this suite)") from None
-        raise VPRError(f"checkpoint {path}: truncated or not a PyTorch checkpoint ({text.splitlines()[0][:120]}); retrain or restore the file") from None
-    if not isinstance(checkpoint, dict) or any(k not in checkpoint for k in CHECKPOINT_KEYS):
-        raise VPRError(f"checkpoint {path}: not a checkpoint of this suite (expected keys {', '.join(CHECKPOINT_KEYS)})")
-    version = checkpoint.get("format_version", 0)
-    if version > FORMAT_VERSION:
-        raise VPRError(f"checkpoint {path}: format version {version} is newer than this code reads ({FORMAT_VERSION}); update the suite")
+        if "GLOBAL" in text or "Unsupported global" in text:  # a pickle naming code to import and call
+            raise VPRError(f"checkpoint {path}: refused, it holds Python objects that could run code (not a checkpoint "
+                           f"of this suite); load only .pth files written by train_vpr.py") from None
+        reason = text.split("WeightsUnpickler error:")[-1].strip() if "WeightsUnpickler error:" in text else text
+        raise VPRError(f"checkpoint {path}: truncated or not a PyTorch checkpoint ({reason.splitlines()[0][:100]}); "
+                       f"retrain or restore the file") from None
+    version = checkpoint.get("format_version", 0) if isinstance(checkpoint, dict) else 0
+    if not isinstance(version, int) or version > FORMAT_VERSION:  # first: a newer format may have other keys
+        raise VPRError(f"checkpoint {path}: format version {version} is newer than this code reads ({FORMAT_VERSION}); "
+                       f"update the suite")
+    if not isinstance(checkpoint, dict) or any(k not in checkpoint for k in CHECKPOINT_KEYS) \
+            or not isinstance(checkpoint["backbone"], dict) or "name" not in checkpoint["backbone"]:
+        raise VPRError(f"checkpoint {path}: not a checkpoint of this suite (expected keys {', '.join(CHECKPOINT_KEYS)}); "
+                       f"give a .pth written by train_vpr.py")
+    try:
+        head_from_checkpoint(checkpoint)
+    except (KeyError, TypeError, ValueError, RuntimeError, VPRError) as exc:
+        reason = " ".join(str(exc).split())[:240] or type(exc).__name__
+        raise VPRError(f"checkpoint {path}: its head weights do not fit its head_config ({reason}); "
+                       f"retrain or restore the file") from None
     return checkpoint
+
+
+def check_checkpoint_matches(checkpoint: dict[str, Any], path: str | Path, model: str | None = None,
+                             head: str | None = None) -> None:
+    """A checkpoint of the backbone and head the user asked for (None: not asked)."""
+    trained_on, trained_head = checkpoint["backbone"]["name"], checkpoint["head_config"].get("type")
+    if model and model != trained_on:
+        raise VPRError(f"checkpoint {path} was trained on backbone {trained_on}, not --model {model}; "
+                       f"drop --model or give a checkpoint of {model}")
+    if head and head != trained_head:
+        raise VPRError(f"checkpoint {path} holds a {trained_head} head, not --head {head}; "
+                       f"drop --head or give a checkpoint with a {head} head")
 
 
 def head_from_checkpoint(checkpoint: dict[str, Any]) -> nn.Module:

@@ -260,7 +260,8 @@ def main() -> None:
     pd.set_option("display.width", 250)
     frame = pd.DataFrame(rows)
     args.out_dir.mkdir(parents=True, exist_ok=True)
-    frame.to_csv(args.out_dir / f"extraction{'_malloc_fix' if malloc_fix else ''}.csv", index=False)
+    vpr.atomic_write(args.out_dir / f"extraction{'_malloc_fix' if malloc_fix else ''}.csv",
+                     lambda p: frame.to_csv(p, index=False))
     print("\n" + frame.round(3).to_string(index=False))
     print("\npipeline images/s over bare forward images/s of the same precision (target >= 0.8):")
     by_variant = frame.set_index("variant")

@@ -248,7 +248,7 @@ def report(frame, sizes: list[int], out_dir: Path) -> None:
     print("\n" + frame[cols].round(3).to_string(index=False))
     functions = list(dict.fromkeys(frame["function"]))
     growth = pd.DataFrame(growth_rows(frame, functions))
-    growth.to_csv(out_dir / "mining_growth.csv", index=False)
+    vpr.atomic_write(out_dir / "mining_growth.csv", lambda p: growth.to_csv(p, index=False))
     if not growth.empty:
         print("\ngrowth (linear: time_ratio == size_ratio; N log N a little above)")
         print(growth.to_string(index=False))
@@ -305,7 +305,7 @@ def main() -> None:
         if col not in frame:
             frame[col] = float("nan")
     args.out_dir.mkdir(parents=True, exist_ok=True)
-    frame.to_csv(args.out_dir / "mining.csv", index=False)
+    vpr.atomic_write(args.out_dir / "mining.csv", lambda p: frame.to_csv(p, index=False))
     report(frame, args.sizes, args.out_dir)
 
 if __name__ == "__main__":

@@ -200,7 +200,7 @@ def main() -> None:
     ratios = pd.DataFrame(ratio)
     frame = frame.merge(ratios, on="n_db")
     args.out_dir.mkdir(parents=True, exist_ok=True)
-    frame.to_csv(args.out_dir / "retrieval.csv", index=False)
+    vpr.atomic_write(args.out_dir / "retrieval.csv", lambda p: frame.to_csv(p, index=False))
     cols = ["method", "n_db", "n_queries", "median_s", "min_s", "max_s", "queries_per_s", "rss_delta_mb",
             "traced_peak_mb", "top1_mismatches", "top1_mismatches_not_ties"]
     print("\n" + frame[cols].round(3).to_string(index=False))

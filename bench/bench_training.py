@@ -166,7 +166,7 @@ def main() -> None:
     frame["malloc_fix"] = malloc_fix
     args.out_dir.mkdir(parents=True, exist_ok=True)
     name = "training_malloc_fix.csv" if malloc_fix else "training.csv"
-    frame.to_csv(args.out_dir / name, index=False)
+    vpr.atomic_write(args.out_dir / name, lambda p: frame.to_csv(p, index=False))
     print("\n" + frame.round(4).to_string(index=False))
     ratio = extract_s / epoch_s
     print(f"\nno-cache epoch costs {ratio:.0f}x a cached epoch in extraction alone (target >= 50: "

@@ -93,7 +93,7 @@ def main() -> None:
             rows += recall_rows(f"{recipe} recipe", seed, trained_descriptors(recipe, seed, args, features), tables)
 
     args.out_dir.mkdir(parents=True, exist_ok=True)
-    pd.DataFrame(rows).to_csv(args.out_dir / "recall_bgu.csv", index=False)
+    vpr.atomic_write(args.out_dir / "recall_bgu.csv", lambda p: pd.DataFrame(rows).to_csv(p, index=False))
     table = summary_table(rows)
     print(f"\nR@1 on bgu_campus ({args.model}; database train.csv; trained rows: mean ± std over seeds {args.seeds})")
     for split in ("test", "queries"):

@@ -272,6 +272,11 @@ BAD_INPUTS = {
     "poses CSV": ("image_path,lat,lon\na.jpg,45.0,7.0\n", "not a run log (missing columns timestamp, event"),
     "header only": (HEADER + "\n", "no batch, epoch or validation rows yet"),
     "broken line": (LOG.replace("2.2,0.25,2.125,2.0,,,,,", "2.2,0.25,2.125,2.0,,,,,,,,,,"), "not a readable CSV"),
+    "text in a number column": (LOG.replace("2.5,0.55,0.75,0.80", "2.5,high,0.75,0.80"),
+                                "row 9, column 'val_r1': 'high' is not a number"),
+    "other events only": (f"{HEADER}\n{T},started,,,,,,,,,,,,,,,\n", "no batch, epoch or validation rows yet"),
+    "experiment with text recall": (EXPERIMENT.replace("0.61,", "61%,"), "row 2, column 'recall@1': '61%' is not a number"),
+    "experiment without recall columns": ("model,variant,r1\nx,raw,0.5\n", "not a run log"),
 }
 
 
@@ -316,3 +321,29 @@ def test_command_line_error_has_no_traceback(tmp_path):
     assert result.stdout == ""
     assert result.stderr.count("\n") == 1 and "Traceback" not in result.stderr
     assert str(bad) in result.stderr and "train_vpr.py" in result.stderr
+
+
+def test_other_bad_inputs_name_the_file_or_flag(tmp_path, capsys):
+    """Files that are ours but not what the command needs, and outputs that cannot be written."""
+    make_logs_folder(tmp_path / "logs")
+    not_a_folder = write(tmp_path / "regular_file", "x\n")
+    broken_summary = tmp_path / "broken"
+    make_logs_folder(broken_summary)
+    write(broken_summary / "training_summary.csv", "model,seed\nx,1\n")
+    plots = ["--output_dir", str(tmp_path / "plots")]
+    cases = [
+        ([str(tmp_path / "logs" / "training_summary.csv"), *plots], "the summary of all runs, not a run log"),
+        ([str(broken_summary), *plots], "training_summary.csv: no run_id column"),
+        ([str(tmp_path / "logs"), "--output_dir", str(not_a_folder / "plots")], "--output_dir"),
+        ([str(tmp_path / "logs"), "--smooth", "0", *plots], "--smooth 0"),
+        ([str(tmp_path / "logs"), "--smooth", "ten", *plots], "argument --smooth: invalid int value: 'ten'"),
+        ([str(tmp_path / "logs"), *plots, "--runs"], "argument --runs: expected one argument"),
+    ]
+    for argv, message in cases:
+        with pytest.raises(SystemExit) as exit_info:
+            run_cli(analyze_metrics.main, argv)
+        err = capsys.readouterr().err
+        assert exit_info.value.code == 2, err
+        assert err.count("\n") == 1 and err.startswith("error: ") and "Traceback" not in err, err
+        assert message in err, (message, err)
+    assert not (tmp_path / "plots").exists(), "a command stopped on bad input wrote figures"

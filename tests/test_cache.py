@@ -157,7 +157,8 @@ def test_only_the_broken_shard_is_rebuilt(tmp_path, table, tiny_backbone, spy, c
     np.testing.assert_allclose(second, first, rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("damage", ["empty_shard", "empty_keys", "header_only"])
+@pytest.mark.parametrize("damage", ["empty_shard", "empty_keys", "header_only", "truncated_keys", "missing_shard",
+                                    "garbage_shard"])
 def test_other_broken_shards_are_rebuilt(tmp_path, table, tiny_backbone, capsys, damage):
     """A zero-length file is what a power cut leaves after a rename whose data never reached
     the disk (no fsync); it must be rebuilt like a truncated one, not crash."""
@@ -167,8 +168,15 @@ def test_other_broken_shards_are_rebuilt(tmp_path, table, tiny_backbone, capsys,
         shard.write_bytes(b"")
     elif damage == "empty_keys":
         shard.with_name(shard.name.replace(".npy", ".keys.json")).write_text("")
-    else:
+    elif damage == "header_only":
         shard.write_bytes(shard.read_bytes()[:60])
+    elif damage == "truncated_keys":
+        keys = shard.with_name(shard.name.replace(".npy", ".keys.json"))
+        keys.write_text(keys.read_text()[:-20])
+    elif damage == "missing_shard":
+        shard.unlink()
+    else:
+        shard.write_bytes(b"\x00" * len(shard.read_bytes()))
     capsys.readouterr()
     second = vpr.extract_features(tiny_backbone, table, _options(tmp_path))
     assert _counts(capsys.readouterr().out) == (0, N, N)

@@ -251,12 +251,14 @@ def test_predictions_correct_column_agrees_with_the_distance_column_at_the_thres
         _write_image(tmp_path / name, np.array([60.0 * (i + 1)] * 3), np.random.default_rng(i))
     pd.DataFrame({"image_path": ["a.jpg", "b.jpg"], "easting": [1000.0 + 25.004, 3000.0],
                   "northing": [0.0, 0.0]}).to_csv(tmp_path / "db.csv", index=False)
-    pd.DataFrame({"image_path": ["q.jpg"], "easting": [1000.0], "northing": [0.0]}).to_csv(tmp_path / "q.csv", index=False)
+    # a second query next to b.jpg: queries none of which has a positive are refused as bad input
+    pd.DataFrame({"image_path": ["q.jpg", "b.jpg"], "easting": [1000.0, 3001.0],
+                  "northing": [0.0, 0.0]}).to_csv(tmp_path / "q.csv", index=False)
     pred = tmp_path / "p.csv"
     eval_trained.main(["--train_csv", str(tmp_path / "db.csv"), "--test_csv", str(tmp_path / "q.csv"), *TINY,
                        "--no_cache", "--baseline", "--model", TINY_MODEL, "--save_predictions", str(pred)])
     frame = pd.read_csv(pred)
-    assert len(frame) == 2
+    assert len(frame) == 4 and frame.loc[frame["query_index"] == 0, "distance_m"].min() == pytest.approx(25.004)
     assert (frame["correct"] == (frame["distance_m"] <= 25.0)).all(), frame[["db_image", "distance_m", "correct"]]
 
 
@@ -303,11 +305,11 @@ def test_checkpoint_whose_head_takes_other_features_is_an_error(capsys, data, ch
     import torch
 
     ckpt = torch.load(checkpoint, map_location="cpu", weights_only=True)
-    ckpt["head_config"]["in_dim"] = 128  # the tiny backbone gives 256
+    ckpt["head_config"]["in_dim"] = 128  # the tiny backbone gives 256, and so do the head's weights
     bad = tmp_path / "other_dim.pth"
     torch.save(ckpt, bad)
     code, err = run_cli(capsys, eval_trained.main, eval_argv(data, "--model_path", str(bad)))
-    assert_one_line_error(code, err, "128", "256")
+    assert_one_line_error(code, err, str(bad), "head weights do not fit its head_config", "128", "256")
 
 
 def test_truncated_checkpoint_is_an_error(capsys, data, checkpoint, tmp_path):

@@ -69,10 +69,13 @@ def test_log_csv_columns_and_events(run42):
     assert header == [
         "timestamp", "event", "epoch", "batch", "train_loss", "triplet_loss", "contrastive_loss",
         "batch_time", "avg_train_loss", "avg_triplet_loss", "avg_contrastive_loss", "epoch_time",
-        "val_loss", "val_r1", "val_r5", "val_r10", "val_time",
+        "val_loss", "val_r1", "val_r5", "val_r10", "val_time", "skipped_images",
     ]
     log = run42.log
-    assert set(log.event) == {"batch", "epoch", "validation"}
+    assert set(log.event) == {"data", "batch", "epoch", "validation"}
+    data = log[log.event == "data"]
+    assert len(data) == 1 and data.index[0] == 0 and data.skipped_images.iloc[0] == 0
+    assert log.loc[log.event != "data", "skipped_images"].isna().all()
     batches = log[log.event == "batch"]
     assert len(batches) == EPOCHS * BATCHES_PER_EPOCH
     assert batches.groupby("epoch").batch.apply(list).to_dict() == {

@@ -85,7 +85,7 @@ def test_ucb_training_logs_band_statistics_readable_by_analyze_metrics(tmp_path)
                              "--batch_size", "8", "--neg_sampler", "ucb", "--ucb_warmup_samples", "20",
                              "--log_dir", str(tmp_path / "logs"), "--output_dir", str(tmp_path / "models")])
     log = pd.read_csv(result.log_file)
-    assert list(log.columns) == vpr.LOG_COLUMNS + ["ucb_stats"]
+    assert list(log.columns) == vpr.LOG_COLUMNS + vpr.LOG_EXTRA_COLUMNS + ["ucb_stats"]
     stats = log.loc[log.event == "epoch", "ucb_stats"].tolist()
     assert len(stats) == 2 and all(s.startswith("pulls=[") and "mean_reward=[" in s for s in stats)
     pulls = [sum(int(p) for p in s.split("]")[0].split("[")[1].split(",")) for s in stats]
