@@ -137,3 +137,23 @@ def write_embeddings_parquet(path: Path, n_places: int = 6, per_place: int = 4, 
     path.parent.mkdir(parents=True, exist_ok=True)
     frame.to_parquet(path, index=False)
     return path
+
+
+def run_main(capsys, main, argv: list[str]) -> tuple[int, str]:
+    """What `python script.py argv` does (vpr.run_cli is the scripts' __main__): (exit code, stderr)."""
+    import trainable_vpr as vpr
+
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exc:
+        vpr.run_cli(main, argv)
+    return exc.value.code, capsys.readouterr().err
+
+
+def assert_one_line_error(code: int, err: str, *words: str) -> None:
+    """Exit code 2, no traceback, one `error: ...` line holding every word."""
+    assert code == 2, err
+    assert "Traceback" not in err, err
+    lines = [line for line in err.replace("\r", "\n").splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: "), err
+    for word in words:
+        assert word in lines[0], f"{word!r} not in {lines[0]!r}"

@@ -15,7 +15,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import REPO, TINY_MODEL, TINY_SIZE, place_positions, write_csv, write_poses
+from conftest import (REPO, TINY_MODEL, TINY_SIZE, assert_one_line_error, place_positions, run_main, write_csv,
+                      write_poses)
 import eval_trained
 import run_experiment
 import train_vpr
@@ -82,23 +83,6 @@ def files(tmp_path_factory) -> types.SimpleNamespace:
                                columns=("image_path", "lat", "lon"))
     f.regular_file = variant("regular_file.txt", "a file, not a folder\n")
     return f
-
-
-def run_main(capsys, main, argv: list[str]) -> tuple[int, str]:
-    """What `python script.py argv` does: (exit code, stderr)."""
-    capsys.readouterr()
-    with pytest.raises(SystemExit) as exc:
-        vpr.run_cli(main, argv)
-    return exc.value.code, capsys.readouterr().err
-
-
-def assert_one_line_error(code: int, err: str, *words: str) -> None:
-    assert code == 2, err
-    assert "Traceback" not in err, err
-    lines = [line for line in err.replace("\r", "\n").splitlines() if line.strip()]
-    assert len(lines) == 1 and lines[0].startswith("error: "), err
-    for word in words:
-        assert word in lines[0], f"{word!r} not in {lines[0]!r}"
 
 
 # --------------------------------------------------------------------------------------------

@@ -24,6 +24,7 @@ import eval_trained  # noqa: E402
 import run_experiment  # noqa: E402
 import train_vpr  # noqa: E402
 import trainable_vpr as vpr  # noqa: E402
+from conftest import assert_one_line_error, run_main  # noqa: E402
 
 SHARED_DATA = REPO.parent / "shared" / "data"
 TINY = ["--weights", "random", "--image_size", "32", "--num_workers", "0", "--device", "cpu"]
@@ -115,23 +116,6 @@ def checkpoint(data) -> Path:
     ])
     assert result.checkpoint.is_file()
     return result.checkpoint
-
-
-def run_cli(capsys, main, argv) -> tuple[int, str]:
-    """What `python script.py argv` does (run_cli is the scripts' __main__): exit code, stderr."""
-    capsys.readouterr()
-    with pytest.raises(SystemExit) as exc:
-        vpr.run_cli(main, argv)
-    return exc.value.code, capsys.readouterr().err
-
-
-def assert_one_line_error(code: int, err: str, *words: str) -> None:
-    assert code == 2, err
-    assert "Traceback" not in err
-    lines = err.splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: "), err
-    for word in words:
-        assert word in lines[0], f"{word!r} not in {lines[0]!r}"
 
 
 # --------------------------------------------------------------------------------------------
@@ -297,7 +281,7 @@ def test_trained_checkpoint_evaluates(data, checkpoint, tmp_path):
 
 
 def test_checkpoint_with_another_model_flag_is_an_error(capsys, data, checkpoint):
-    code, err = run_cli(capsys, eval_trained.main, eval_argv(data, "--model_path", str(checkpoint), "--model", "effnet_lite0"))
+    code, err = run_main(capsys, eval_trained.main, eval_argv(data, "--model_path", str(checkpoint), "--model", "effnet_lite0"))
     assert_one_line_error(code, err, "effnet_lite0", TINY_MODEL)
 
 
@@ -308,7 +292,7 @@ def test_checkpoint_whose_head_takes_other_features_is_an_error(capsys, data, ch
     ckpt["head_config"]["in_dim"] = 128  # the tiny backbone gives 256, and so do the head's weights
     bad = tmp_path / "other_dim.pth"
     torch.save(ckpt, bad)
-    code, err = run_cli(capsys, eval_trained.main, eval_argv(data, "--model_path", str(bad)))
+    code, err = run_main(capsys, eval_trained.main, eval_argv(data, "--model_path", str(bad)))
     assert_one_line_error(code, err, str(bad), "head weights do not fit its head_config", "128", "256")
 
 
@@ -316,17 +300,17 @@ def test_truncated_checkpoint_is_an_error(capsys, data, checkpoint, tmp_path):
     bad = tmp_path / "truncated.pth"
     blob = checkpoint.read_bytes()
     bad.write_bytes(blob[: len(blob) // 2])
-    code, err = run_cli(capsys, eval_trained.main, eval_argv(data, "--model_path", str(bad)))
+    code, err = run_main(capsys, eval_trained.main, eval_argv(data, "--model_path", str(bad)))
     assert_one_line_error(code, err, str(bad), "truncated")
 
 
 def test_query_csv_with_a_header_only_is_an_error(capsys, data):
-    code, err = run_cli(capsys, eval_trained.main, eval_argv(data, "--baseline", "--model", TINY_MODEL, queries="empty"))
+    code, err = run_main(capsys, eval_trained.main, eval_argv(data, "--baseline", "--model", TINY_MODEL, queries="empty"))
     assert_one_line_error(code, err, "empty.csv", "no rows")
 
 
 def test_database_and_queries_in_different_coordinate_kinds_is_an_error(capsys, data):
-    code, err = run_cli(capsys, eval_trained.main,
+    code, err = run_main(capsys, eval_trained.main,
                         eval_argv(data, "--baseline", "--model", TINY_MODEL, queries="test_latlon"))
     assert_one_line_error(code, err, "test_latlon.csv", "lat/lon", "easting/northing")
 
