@@ -15,8 +15,10 @@ logs/training_summary.csv and trained_models/trained_*.pth (best, _last, _final)
 from __future__ import annotations
 
 import argparse
+import copy
 import dataclasses
 import math
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -403,6 +405,28 @@ def record_validation(run: Run, epoch: int, result: vpr.RecallResult, val_loss: 
     return improved
 
 
+def train_and_validate(run: Run, epoch: int, loss_fn: vpr.HybridLoss, logger: vpr.CsvLogger,
+                       best_path: Path) -> vpr.RecallResult | None:
+    """One epoch: batches mined with the current head, the optimiser steps and, when due,
+    validation (saving a new best checkpoint); prints the epoch's line. The validation result,
+    or None when this epoch is not validated."""
+    config, data = run.config, run.data
+    batches = epoch_batches(config, run.head, data.train, run.rng)
+    averages = train_one_epoch(epoch, run.head, run.optimizer, run.scheduler, loss_fn, data.train, batches, config,
+                               run.generator, logger, run.sampler)
+    run.state.epoch = epoch
+    message = (f"epoch {epoch}/{config.epochs}  loss {averages['avg_train_loss']:.4f} "
+               f"(triplet {averages['avg_triplet_loss']:.4f}, contrastive {averages['avg_contrastive_loss']:.4f})")
+    result = None
+    if epoch % config.validate_every_n_epochs == 0 or epoch == config.epochs:
+        result, val_loss = validate(epoch, run.head, loss_fn, data, config, logger)
+        improved = record_validation(run, epoch, result, val_loss, best_path)
+        message += (f"  val R@1 {result.recalls[1]:.3f} R@5 {result.recalls[5]:.3f} R@10 {result.recalls[10]:.3f}"
+                    f"{'  * best, saved' if improved else ''}")
+    print(message, flush=True)
+    return result
+
+
 def train(config: vpr.TrainConfig, on_validation: ValidationCallback | None = None) -> TrainResult:
     """The whole training job; returns where its results are."""
     started = time.perf_counter()
@@ -418,28 +442,30 @@ def train(config: vpr.TrainConfig, on_validation: ValidationCallback | None = No
                                         for kind in ("", "last", "final"))
     logger = open_log(run, loss_fn, log_dir, best_path)
     state = run.state
+    # The run as of its last completed epoch: what Ctrl-C or SIGTERM saves (a resumed run then
+    # logs exactly what the uninterrupted run logs). Saved at once, so that even a kill -9
+    # during the first epoch leaves a checkpoint to resume from.
+    snapshot = copy.deepcopy(run.checkpoint(state.epoch, resumable=True))
+    if not config.resume:
+        vpr.save_checkpoint(last_path, snapshot)
     try:
-        for epoch in range(state.epoch + 1, config.epochs + 1):
-            batches = epoch_batches(config, run.head, data.train, run.rng)
-            averages = train_one_epoch(epoch, run.head, run.optimizer, run.scheduler, loss_fn, data.train, batches, config,
-                                       run.generator, logger, run.sampler)
-            state.epoch = epoch
-            message = (f"epoch {epoch}/{config.epochs}  loss {averages['avg_train_loss']:.4f} "
-                       f"(triplet {averages['avg_triplet_loss']:.4f}, contrastive {averages['avg_contrastive_loss']:.4f})")
-            result = None
-            if epoch % config.validate_every_n_epochs == 0 or epoch == config.epochs:
-                result, val_loss = validate(epoch, run.head, loss_fn, data, config, logger)
-                improved = record_validation(run, epoch, result, val_loss, best_path)
-                message += (f"  val R@1 {result.recalls[1]:.3f} R@5 {result.recalls[5]:.3f} R@10 {result.recalls[10]:.3f}"
-                            f"{'  * best, saved' if improved else ''}")
-            print(message, flush=True)
-            if epoch % config.save_every_n_epochs == 0:
-                vpr.save_checkpoint(last_path, run.checkpoint(epoch, resumable=True))
-            if result is not None and on_validation is not None:
-                on_validation(epoch, result)
-            if state.early_stopped:
-                print(f"early stop: no better val R@1 for {state.stale} validations", flush=True)
-                break
+        with vpr.sigterm_as_interrupt():
+            for epoch in range(state.epoch + 1, config.epochs + 1):
+                result = train_and_validate(run, epoch, loss_fn, logger, best_path)
+                snapshot = copy.deepcopy(run.checkpoint(epoch, resumable=True))
+                if epoch % config.save_every_n_epochs == 0:
+                    vpr.save_checkpoint(last_path, snapshot)
+                if result is not None and on_validation is not None:
+                    on_validation(epoch, result)
+                if state.early_stopped:
+                    print(f"early stop: no better val R@1 for {state.stale} validations", flush=True)
+                    break
+    except KeyboardInterrupt:
+        vpr.save_checkpoint(last_path, snapshot)
+        done = snapshot["epochs_completed"]
+        print(f"interrupted in epoch {done + 1}: the run as of epoch {done} is saved in {last_path}; "
+              f"continue it with the same flags and --resume {last_path}", file=sys.stderr, flush=True)
+        raise
     finally:
         logger.close()
 

@@ -177,7 +177,7 @@ def test_validate_and_save_every_n_epochs_and_early_stop_fields(parquets, tmp_pa
     log = pd.read_csv(result.log_file)
     assert log[log.event == "validation"].epoch.tolist() == [0, 2, 4, 5]  # and after the last epoch
     assert validated == [2, 4, 5]
-    assert [e for name, e in saved_epochs if name.endswith("_last.pth")] == [3]
+    assert [e for name, e in saved_epochs if name.endswith("_last.pth")] == [0, 3]  # at the start, then every 3
     final = vpr.load_checkpoint(result.final_checkpoint)
     assert final["epochs_completed"] == 5 and final["early_stopped"] is False
     val = log[log.event == "validation"]
