@@ -28,7 +28,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import io
-import math
 import statistics
 import sys
 import tempfile
@@ -93,15 +92,12 @@ def main() -> None:
             vpr.extract_features(backbone, train.subset(np.arange(min(n, 32))), no_cache)  # warm-up
             train_features = vpr.extract_features(backbone, train, cached, "train")   # fills the cache
             val_features = vpr.extract_features(backbone, val, cached, "val")
-        data = train_vpr.TrainingData(backbone.info, train, val, train_features, val_features)
-        place_of = vpr.cluster_places(train.xyz, config.pos_threshold_m)
-        head = train_vpr.initial_head(config, data)
-        optimizer = torch.optim.AdamW(head.parameters(), lr=config.lr, weight_decay=config.weight_decay)
-        scheduler = train_vpr.lr_scheduler(optimizer, config, math.ceil(n / config.batch_size))
+        split = lambda table, features: train_vpr.Split.of(table, features, False, config.pos_threshold_m)  # noqa: E731
+        data = train_vpr.TrainingData(backbone.info.as_dict(), split(train, train_features), split(val, val_features))
+        place_of = data.train.places
+        run = train_vpr.new_run(config, data)  # head, optimizer, schedule, sampler, random generators
         loss_fn = vpr.HybridLoss(config.triplet_margin, config.contrastive_temperature, config.triplet_weight,
-                                 config.contrastive_weight, config.hard_neg_ratio)
-        rng = np.random.default_rng(config.seed)
-        generator = torch.Generator().manual_seed(config.seed)
+                                 config.contrastive_weight, vpr.effective_hard_neg_ratio(config), config.loss_distance)
         logger = vpr.CsvLogger(tmp / "logs" / "bench.csv")
         print(f"{n} training images ({len(np.unique(place_of))} GPS places), {config.model}, head {config.head}, "
               f"batch {config.batch_size}, num_workers {config.num_workers}, torch threads {torch.get_num_threads()}, "
@@ -110,9 +106,10 @@ def main() -> None:
 
         def cached_epoch(epoch: int) -> tuple[float, float, float, int]:
             start = time.perf_counter()
-            batches = train_vpr.epoch_batches(config, head, data, place_of, rng)
+            batches = train_vpr.epoch_batches(config, run.head, data.train, run.rng)
             middle = time.perf_counter()
-            train_vpr.train_one_epoch(epoch, head, optimizer, scheduler, loss_fn, data, batches, config, generator, logger)
+            train_vpr.train_one_epoch(epoch, run.head, run.optimizer, run.scheduler, loss_fn, data.train, batches, config,
+                                      run.generator, logger, run.sampler)
             end = time.perf_counter()
             return end - start, middle - start, end - middle, int(sum(len(b) for b in batches))
 
@@ -136,7 +133,7 @@ def main() -> None:
                 samples.append(count)
             with quiet():
                 start = time.perf_counter()
-                train_vpr.validate(epoch, head, loss_fn, data, config, logger)
+                train_vpr.validate(epoch, run.head, loss_fn, data, config, logger)
                 val_times.append(time.perf_counter() - start)
             print(f"repeat {rep + 1}/{args.repeats}: extraction {extract_times[-1]:.2f} s, cached epochs "
                   f"{', '.join(f'{t * 1000:.0f}' for t in epoch_times[-args.epochs:])} ms", flush=True)
