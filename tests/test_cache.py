@@ -218,3 +218,41 @@ def test_backbone_info_feature_dim_is_the_descriptor_length(arch):
         out = vpr.backbone_descriptor(backbone.model, torch.zeros(1, 3, TINY_SIZE, TINY_SIZE))
     assert out.shape == (1, backbone.info.feature_dim)
     assert all(not p.requires_grad for p in backbone.model.parameters()) and not backbone.model.training
+
+
+def test_an_interrupted_extraction_resumes_where_it_stopped(tmp_path, table, tiny_backbone, monkeypatch, capsys):
+    """Shards of chunk_size images are stored as they fill: a Ctrl-C after two of them loses
+    only the images after, and the next call extracts just those."""
+    options = _options(tmp_path, chunk_size=4, batch_size=2)
+    reference = vpr.extract_features(tiny_backbone, table, _options(tmp_path / "reference"))
+    original = vpr._iterate_descriptors
+
+    def stopped_after_four_batches(*args, **kwargs):
+        for number, item in enumerate(original(*args, **kwargs)):
+            if number == 4:
+                raise KeyboardInterrupt
+            yield item
+
+    monkeypatch.setattr(vpr, "_iterate_descriptors", stopped_after_four_batches)
+    with pytest.raises(KeyboardInterrupt):
+        vpr.extract_features(tiny_backbone, table, options)
+    assert len(_shards(tmp_path)) == 2  # 2 shards of 4 images written before the interruption
+    monkeypatch.setattr(vpr, "_iterate_descriptors", original)
+    capsys.readouterr()
+    resumed = vpr.extract_features(tiny_backbone, table, options)
+    assert _counts(capsys.readouterr().out) == (8, N, N - 8)
+    np.testing.assert_allclose(resumed, reference, rtol=1e-5, atol=1e-6)
+
+
+def test_float16_cache_is_memory_mapped_half_size_and_close(tmp_path, table, tiny_backbone):
+    full = vpr.extract_features(tiny_backbone, table, _options(tmp_path, cache_dtype="float32"))
+    half = vpr.extract_features(tiny_backbone, table, _options(tmp_path, cache_dtype="float16"))
+    assert half.dtype == np.float32  # callers always get float32
+    np.testing.assert_allclose(half, full, rtol=2e-3, atol=2e-3)
+    info = tiny_backbone.info
+    stores = {dtype: vpr.FeatureCache(tmp_path / "cache", info, dtype) for dtype in ("float32", "float16")}
+    for dtype, cache in stores.items():
+        arrays = list(cache._arrays.values())
+        assert arrays and all(isinstance(a, np.memmap) and a.dtype == np.dtype(dtype) for a in arrays)
+    size = {d: sum(p.stat().st_size for p in c.dir.glob("shard-*.npy")) for d, c in stores.items()}
+    assert size["float16"] < 0.6 * size["float32"]
