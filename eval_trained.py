@@ -69,7 +69,8 @@ def add_eval_data_args(parser: argparse.ArgumentParser) -> None:
     system = parser.add_argument_group("system")
     system.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
     system.add_argument("--batch_size", type=int, default=32, help="images per extraction batch")
-    system.add_argument("--num_workers", type=int, default=2, help="image-decoding worker processes")
+    system.add_argument("--num_workers", type=int, default=vpr.default_num_workers(),
+                        help="image-decoding worker processes (default: a quarter of the CPU cores, at most 4)")
     system.add_argument("--cache_dir", default=".cache/features", help="feature cache folder (shared with training)")
     system.add_argument("--no_cache", action="store_true", help="bypass the feature cache")
     system.add_argument("--precision", default="fp32", choices=vpr.PRECISIONS, help="extraction precision")

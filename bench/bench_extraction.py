@@ -15,10 +15,10 @@ On real images of ../shared/data/bgu_campus/train.csv (JPEG 192 x 256) with effn
   bare_channels_last  bare_forward on a channels_last copy of the model and batches (a proposal:
                       the module uses channels_last only on CUDA)
 
---malloc_fix sets glibc's mmap and trim thresholds to 1 GiB (mallopt through ctypes) before
-anything runs: the proposed fix for the page faults that dominate CPU inference here (every
-forward gets its large activation buffers as fresh mmap'd pages from the kernel and returns
-them; see bench/README.md).
+The module keeps large freed blocks in the heap on CPU (vpr.keep_freed_memory_for_reuse: glibc's
+mmap and trim thresholds at 1 GiB): without it every forward maps its large activation buffers
+fresh from the kernel and returns them, and the page faults cost as much as the compute.
+--without_malloc_fix measures glibc's default behaviour instead (the module's call disabled).
 
 --precisions fp32 bf16 (default: bf16 too where the CPU has it) repeats bare and pipeline under
 torch.autocast bf16, the module's --precision bf16; each pipeline is compared with the bare
@@ -35,7 +35,7 @@ pipeline the forward passes are timed too (backbone_descriptor wrapped), which s
 pipeline's time into forward (slower than bare = CPU contention) and the rest (waiting for
 data, worker start-up, cache I/O). --profile adds a cProfile of one pipeline call.
 
-Writes bench/results/extraction.csv (extraction_malloc_fix.csv with --malloc_fix).
+Writes bench/results/extraction.csv (extraction_without_malloc_fix.csv with --without_malloc_fix).
 """
 from __future__ import annotations
 
@@ -43,7 +43,6 @@ import argparse
 import contextlib
 import copy
 import cProfile
-import ctypes
 import io
 import pstats
 import resource
@@ -88,36 +87,13 @@ class ForwardTimer:
         vpr.backbone_descriptor = self._original
 
 
-def apply_malloc_fix() -> bool:
-    """Keep freed large blocks in the heap instead of returning them to the kernel (glibc)."""
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-    except OSError:
+def set_allocator(without_malloc_fix: bool) -> bool:
+    """The module's allocator setting, or (without_malloc_fix) glibc's default kept for the whole
+    run: the pipeline's own call is replaced by a no-op. Returns whether the fix is on."""
+    if without_malloc_fix:
+        vpr.keep_freed_memory_for_reuse = lambda: False  # looked up at call time by the pipeline
         return False
-    m_trim_threshold, m_mmap_threshold = -1, -3
-    return bool(libc.mallopt(m_mmap_threshold, 1 << 30)) and bool(libc.mallopt(m_trim_threshold, 1 << 30))
-
-
-def gflops_per_image(model: torch.nn.Module, image_size: int) -> float:
-    """Forward FLOPs of one image (2 per multiply-add), counted by torch's flop counter."""
-    from torch.utils.flop_counter import FlopCounterMode
-
-    counter = FlopCounterMode(display=False)
-    with torch.inference_mode(), counter:
-        vpr.backbone_descriptor(model, torch.zeros(1, 3, image_size, image_size))
-    return counter.get_total_flops() / 1e9
-
-
-def matmul_peak_gflops(dtype: torch.dtype, n: int = 2048, repeats: int = 5) -> float:
-    """GFLOP/s of torch.mm on n x n matrices (median of repeats): the machine's practical peak."""
-    a, b = torch.randn(n, n).to(dtype), torch.randn(n, n).to(dtype)
-    torch.mm(a, b)
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        torch.mm(a, b)
-        times.append(time.perf_counter() - start)
-    return 2 * n ** 3 / statistics.median(times) / 1e9
+    return vpr.keep_freed_memory_for_reuse()
 
 
 def page_faults() -> int:
@@ -173,13 +149,14 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0: torch's default)")
     parser.add_argument("--profile", action="store_true", help="also print a cProfile of one pipeline call")
-    parser.add_argument("--malloc_fix", action="store_true", help="mallopt: no mmap/munmap of large blocks (proposed fix)")
+    parser.add_argument("--without_malloc_fix", action="store_true",
+                        help="glibc's default allocator behaviour (the module keeps freed memory for reuse on CPU)")
     parser.add_argument("--precisions", nargs="+", choices=("fp32", "bf16"),
                         default=["fp32", "bf16"] if vpr._cpu_supports_bf16() else ["fp32"])
     parser.add_argument("--out_dir", type=Path, default=OUT_DIR)
     args = parser.parse_args()
 
-    malloc_fix = apply_malloc_fix() if args.malloc_fix else False
+    malloc_fix = set_allocator(args.without_malloc_fix)
     if args.threads:
         torch.set_num_threads(args.threads)
     table = vpr.load_poses(args.csv)
@@ -260,7 +237,7 @@ def main() -> None:
     pd.set_option("display.width", 250)
     frame = pd.DataFrame(rows)
     args.out_dir.mkdir(parents=True, exist_ok=True)
-    vpr.atomic_write(args.out_dir / f"extraction{'_malloc_fix' if malloc_fix else ''}.csv",
+    vpr.atomic_write(args.out_dir / f"extraction{'' if malloc_fix else '_without_malloc_fix'}.csv",
                      lambda p: frame.to_csv(p, index=False))
     print("\n" + frame.round(3).to_string(index=False))
     print("\npipeline images/s over bare forward images/s of the same precision (target >= 0.8):")
@@ -271,7 +248,7 @@ def main() -> None:
             share = by_variant.at[pipeline_name(p, w), "share_of_matmul_peak"]
             print(f"  {p} num_workers {w}: {r:.3f}  {'met' if r >= 0.8 else 'NOT met'}   "
                   f"({share:.0%} of the {p} matmul peak)")
-    print(f"table: {args.out_dir / ('extraction_malloc_fix.csv' if malloc_fix else 'extraction.csv')}")
+    print(f"table: {args.out_dir / ('extraction.csv' if malloc_fix else 'extraction_without_malloc_fix.csv')}")
 
     if args.profile:
         for w in args.workers:

@@ -19,9 +19,10 @@ Reported (medians over repeats, extraction and epochs alternating so load bursts
   (extract_s + cached_epoch_s) / cached_epoch_s   the full no-cache epoch over the cached one
   head training throughput     samples/s of train_one_epoch on cached features
 
---malloc_fix applies the proposed fix of bench_extraction.py (faster extraction, so a lower ratio).
+--without_malloc_fix turns off the module's allocator setting (see bench_extraction.py): slower
+extraction, so a higher ratio.
 
-Writes bench/results/training.csv (training_malloc_fix.csv with --malloc_fix).
+Writes bench/results/training.csv (training_without_malloc_fix.csv with --without_malloc_fix).
 """
 from __future__ import annotations
 
@@ -44,7 +45,7 @@ sys.path.insert(0, str(BENCH))
 
 import train_vpr  # noqa: E402
 import trainable_vpr as vpr  # noqa: E402
-from bench_extraction import apply_malloc_fix  # noqa: E402
+from bench_extraction import set_allocator  # noqa: E402
 
 DATA = REPO.parent / "shared" / "data" / "bgu_campus"
 OUT_DIR = REPO / "bench" / "results"
@@ -66,11 +67,11 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3, help="no-cache extractions (medians)")
     parser.add_argument("--epochs", type=int, default=5, help="cached epochs per repeat")
     parser.add_argument("--num_workers", type=int, default=vpr.TrainConfig.num_workers)
-    parser.add_argument("--malloc_fix", action="store_true",
-                        help="mallopt: no mmap/munmap of large blocks (the proposed extraction fix, see bench_extraction.py)")
+    parser.add_argument("--without_malloc_fix", action="store_true",
+                        help="glibc's default allocator behaviour (the module keeps freed memory for reuse on CPU)")
     parser.add_argument("--out_dir", type=Path, default=OUT_DIR)
     args = parser.parse_args()
-    malloc_fix = apply_malloc_fix() if args.malloc_fix else False
+    malloc_fix = set_allocator(args.without_malloc_fix)
 
     with tempfile.TemporaryDirectory(prefix="bench_training_") as tmp:
         tmp = Path(tmp)
@@ -162,7 +163,7 @@ def main() -> None:
     frame["repeats"] = f"{args.repeats} extractions, {len(epoch_times)} epochs"
     frame["malloc_fix"] = malloc_fix
     args.out_dir.mkdir(parents=True, exist_ok=True)
-    name = "training_malloc_fix.csv" if malloc_fix else "training.csv"
+    name = "training.csv" if malloc_fix else "training_without_malloc_fix.csv"
     vpr.atomic_write(args.out_dir / name, lambda p: frame.to_csv(p, index=False))
     print("\n" + frame.round(4).to_string(index=False))
     ratio = extract_s / epoch_s
