@@ -157,3 +157,18 @@ def assert_one_line_error(code: int, err: str, *words: str) -> None:
     assert len(lines) == 1 and lines[0].startswith("error: "), err
     for word in words:
         assert word in lines[0], f"{word!r} not in {lines[0]!r}"
+
+
+def run_processes_at_once(commands: dict[str, list[str]], timeout: float = 300) -> dict[str, tuple[int, str, str]]:
+    """Start every `python ARGS...` command at once in the repository (one intra-op thread each,
+    offline), wait for all: name -> (exit code, stdout, stderr)."""
+    import subprocess
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    procs = {name: subprocess.Popen([sys.executable, *args], cwd=REPO, env=env, stdout=subprocess.PIPE,
+                                    stderr=subprocess.PIPE, text=True) for name, args in commands.items()}
+    runs = {}
+    for name, proc in procs.items():
+        out, err = proc.communicate(timeout=timeout)
+        runs[name] = (proc.returncode, out, err)
+    return runs

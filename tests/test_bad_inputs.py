@@ -7,16 +7,14 @@ real processes, all started at once, for the true exit code and stderr."""
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 import types
 from pathlib import Path
 
 import pytest
 import torch
 
-from conftest import (REPO, TINY_MODEL, TINY_SIZE, assert_one_line_error, place_positions, run_main, write_csv,
-                      write_poses)
+from conftest import (TINY_MODEL, TINY_SIZE, assert_one_line_error, place_positions, run_main,
+                      run_processes_at_once, write_csv, write_poses)
 import eval_trained
 import run_experiment
 import train_vpr
@@ -285,14 +283,8 @@ SUBPROCESS_CASES = {
 @pytest.fixture(scope="module")
 def subprocess_runs(files, tmp_path_factory) -> dict[str, tuple[int, str, str]]:
     out = tmp_path_factory.mktemp("processes")
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
-    procs = {name: subprocess.Popen([sys.executable, script, *make(files, out / name.replace(" ", "_"))],
-                                    cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-             for name, (script, make, _) in SUBPROCESS_CASES.items()}
-    runs = {}
-    for name, proc in procs.items():
-        out_text, err_text = proc.communicate(timeout=300)
-        runs[name] = (proc.returncode, out_text, err_text)
+    runs = run_processes_at_once({name: [script, *make(files, out / name.replace(" ", "_"))]
+                                  for name, (script, make, _) in SUBPROCESS_CASES.items()})
     return runs
 
 

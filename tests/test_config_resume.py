@@ -6,7 +6,6 @@ import dataclasses
 import subprocess
 import sys
 
-import numpy as np
 import pandas as pd
 import pytest
 import torch

@@ -6,8 +6,6 @@ import csv
 import math
 import os
 import re
-import subprocess
-import sys
 import types
 from pathlib import Path
 
@@ -16,7 +14,7 @@ import pandas as pd
 import pytest
 import torch
 
-from conftest import REPO, TINY_MODEL, TINY_SIZE, place_positions, write_poses
+from conftest import TINY_MODEL, TINY_SIZE, place_positions, run_processes_at_once, write_poses
 import train_vpr
 import trainable_vpr as vpr
 
@@ -299,16 +297,7 @@ def cli_cases(dataset, tmp_path_factory):
 @pytest.fixture(scope="module")
 def cli_runs(cli_cases):
     """`python train_vpr.py ...` as a real process per case, all started at once."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    procs = {
-        name: subprocess.Popen([sys.executable, "train_vpr.py", *cli_cases[name][0]], cwd=REPO, env=env,
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        for name in SUBPROCESS_CASES
-    }
-    runs = {}
-    for name, proc in procs.items():
-        out, err = proc.communicate(timeout=300)
-        runs[name] = (proc.returncode, out, err)
+    runs = run_processes_at_once({name: ["train_vpr.py", *cli_cases[name][0]] for name in SUBPROCESS_CASES})
     return runs
 
 
