@@ -74,7 +74,7 @@ def add_eval_data_args(parser: argparse.ArgumentParser) -> None:
     system.add_argument("--cache_dir", default=".cache/features", help="feature cache folder (shared with training)")
     system.add_argument("--no_cache", action="store_true", help="bypass the feature cache")
     system.add_argument("--precision", default="fp32", choices=vpr.PRECISIONS, help="extraction precision")
-    system.add_argument("--cache_dtype", default="float32", choices=("float32", "float16"), help="feature cache storage")
+    system.add_argument("--cache_dtype", default="float32", choices=vpr.CACHE_DTYPES, help="feature cache storage")
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -126,8 +126,13 @@ def load_eval_tables(args: Any, pos_threshold_m: float, supervision: str = "auto
     positions, some query with a positive by the rule of `supervision`."""
     database = vpr.load_table(args.train_csv, args.image_root, args.camera_id, args.on_bad_image)
     queries = vpr.load_table(args.test_csv, args.image_root, args.camera_id, args.on_bad_image)
-    vpr.check_query_split(database, queries, pos_threshold_m, vpr.uses_labels(supervision, database, queries))
+    check_queries(database, queries, pos_threshold_m, supervision)
     return database, queries
+
+
+def check_queries(database: vpr.PlaceTable, queries: vpr.PlaceTable, pos_threshold_m: float, supervision: str) -> None:
+    """Comparable tables, and some query with a positive by the rule of `supervision`."""
+    vpr.check_query_split(database, queries, pos_threshold_m, vpr.uses_labels(supervision, database, queries))
 
 
 def evaluate_variant(name: str, descriptors: Descriptors, database: vpr.PlaceTable, queries: vpr.PlaceTable,
@@ -278,7 +283,7 @@ def raw_descriptors(args: Any, backbone: vpr.Backbone | None, database: vpr.Plac
     queries, q_features = vpr.extract_table(backbone, queries, options, "queries", args.on_bad_image)
     vpr.release_other_ranks()  # under torchrun, rank 0 evaluates alone on the shared cache
     if database.skipped or queries.skipped:
-        vpr.check_query_split(database, queries, pos_threshold_m, vpr.uses_labels(supervision, database, queries))
+        check_queries(database, queries, pos_threshold_m, supervision)
     return database, queries, Descriptors(db_features, q_features)
 
 

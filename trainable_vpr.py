@@ -252,13 +252,17 @@ class PlaceTable:
             skipped=list(self.skipped),
         )
 
+    def rows_without(self, images: Iterable[str]) -> np.ndarray:
+        """Indices of the rows whose image is not among `images`."""
+        gone = set(images)
+        return np.array([i for i, p in enumerate(self.paths) if p not in gone], dtype=np.int64)
+
     def skip(self, bad: Sequence[tuple[str, str]]) -> "PlaceTable":
         """The table without these (image, reason) rows, which are recorded in `skipped` and
         reported as one warning line; an error if no image is left."""
         if not bad:
             return self
-        gone = {image for image, _ in bad}
-        table = self.subset(np.array([i for i, p in enumerate(self.paths) if p not in gone], dtype=np.int64))
+        table = self.subset(self.rows_without(image for image, _ in bad))
         table.skipped += list(bad)
         examples = "; ".join(f"{image} ({reason})" for image, reason in bad[:2]) + ("; ..." if len(bad) > 2 else "")
         print(f"warning: {self.source}: skipped {len(bad)} bad image(s) (--on_bad_image skip): {examples}",
@@ -854,7 +858,7 @@ class FeatureCache:
     """
 
     def __init__(self, cache_dir: str | Path, info: BackboneInfo, dtype: str = "float32", precision: str = "fp32"):
-        if dtype not in ("float32", "float16"):
+        if dtype not in CACHE_DTYPES:
             raise VPRError(f"--cache_dtype {dtype}: choose float32 or float16")
         config = {"backbone": info.as_dict(), "dtype": dtype, "precision": precision, "format": FORMAT_VERSION}
         digest = hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()[:16]
@@ -958,6 +962,7 @@ class ExtractionOptions:
 
 
 PRECISIONS = ("fp32", "bf16", "fp16", "auto")
+CACHE_DTYPES = ("float32", "float16")  # float16 halves the cache on disk
 
 
 def _cpu_supports_bf16() -> bool:
@@ -1160,9 +1165,7 @@ def extract_table(backbone: Backbone, table: PlaceTable, options: ExtractionOpti
         return table, extract_features(backbone, table, options, label)
     failed: list[tuple[str, str]] = []
     features = extract_features(backbone, table, options, label, failed)
-    gone = {image for image, _ in failed}
-    keep = np.array([i for i, path in enumerate(table.paths) if path not in gone], dtype=np.int64)
-    return table.skip(failed), features[keep]
+    return table.skip(failed), features[table.rows_without(image for image, _ in failed)]
 
 
 # ============================================================================================
@@ -1939,7 +1942,7 @@ class TrainConfig:
     precision: str = _flag("fp32", "extraction precision: fp32, bf16 (CUDA, recent CPUs), fp16 (CUDA) or auto "
                            "(the fastest safe one)", "system", choices=PRECISIONS)
     cache_dtype: str = _flag("float32", "feature cache storage: float32 or float16 (half the disk)", "system",
-                             choices=("float32", "float16"))
+                             choices=CACHE_DTYPES)
     log_dir: str = _flag("logs", "folder of run logs and training_summary.csv", "system")
     output_dir: str = _flag("trained_models", "folder of checkpoints", "system")
 
@@ -2015,9 +2018,6 @@ def parse_layered(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -
     for dest in layers:
         actions[dest].required = False  # given by the file or the environment
     return parser.parse_args(argv)
-
-
-parse_with_recipe = parse_layered  # its name before the environment and file layers existed
 
 
 def _setting_value(action: argparse.Action, value: Any, where: str) -> Any:
@@ -2193,7 +2193,7 @@ def extraction_options(config: Any) -> ExtractionOptions:
     return ExtractionOptions(
         batch_size=config.batch_size, num_workers=config.num_workers, device=config.device,
         cache_dir=None if config.no_cache else config.cache_dir,
-        precision=getattr(config, "precision", "fp32"), cache_dtype=getattr(config, "cache_dtype", "float32"),
+        precision=config.precision, cache_dtype=config.cache_dtype,
     )
 
 
