@@ -278,10 +278,8 @@ def raw_descriptors(args: Any, backbone: vpr.Backbone | None, database: vpr.Plac
     with --on_bad_image skip, images that cannot be decoded are left out of tables and features."""
     if backbone is None:
         return database, queries, Descriptors(database.embeddings, queries.embeddings)
-    options = vpr.extraction_options(args)
-    database, db_features = vpr.extract_table(backbone, database, options, "database", args.on_bad_image)
-    queries, q_features = vpr.extract_table(backbone, queries, options, "queries", args.on_bad_image)
-    vpr.release_other_ranks()  # under torchrun, rank 0 evaluates alone on the shared cache
+    database, db_features, queries, q_features = vpr.extract_both(
+        backbone, database, queries, vpr.extraction_options(args), ("database", "queries"), args.on_bad_image)
     if database.skipped or queries.skipped:
         check_queries(database, queries, pos_threshold_m, supervision)
     return database, queries, Descriptors(db_features, q_features)

@@ -161,10 +161,8 @@ def extract_training_data(config: vpr.TrainConfig, train: vpr.PlaceTable, val: v
         backbone = vpr.embeddings_backbone(config.model, config.train_csv, train.embeddings.shape[1])
         return TrainingData(backbone, split(train, train.embeddings), split(val, val.embeddings))
     backbone = vpr.create_backbone(config.model, config.weights, config.image_size)
-    options = vpr.extraction_options(config)
-    train, train_features = vpr.extract_table(backbone, train, options, "train", config.on_bad_image)
-    val, val_features = vpr.extract_table(backbone, val, options, "val", config.on_bad_image)
-    vpr.release_other_ranks()  # under torchrun, rank 0 trains alone on the shared cache
+    train, train_features, val, val_features = vpr.extract_both(
+        backbone, train, val, vpr.extraction_options(config), ("train", "val"), config.on_bad_image)
     if train.skipped or val.skipped:
         check_splits(config, train, val, by_label)
     return TrainingData(backbone.info.as_dict(), split(train, train_features), split(val, val_features))

@@ -1168,6 +1168,16 @@ def extract_table(backbone: Backbone, table: PlaceTable, options: ExtractionOpti
     return table.skip(failed), features[table.rows_without(image for image, _ in failed)]
 
 
+def extract_both(backbone: Backbone, first: PlaceTable, second: PlaceTable, options: ExtractionOptions,
+                 labels: tuple[str, str], on_bad_image: str = "error") -> tuple[PlaceTable, np.ndarray, PlaceTable, np.ndarray]:
+    """A script's two tables (train and val, database and queries) through extract_table; then,
+    under torchrun, the other ranks leave and rank 0 goes on alone on the shared cache."""
+    first, first_features = extract_table(backbone, first, options, labels[0], on_bad_image)
+    second, second_features = extract_table(backbone, second, options, labels[1], on_bad_image)
+    release_other_ranks()
+    return first, first_features, second, second_features
+
+
 # ============================================================================================
 # 5. Heads and losses (DESIGN.md §4)
 # ============================================================================================
