@@ -30,20 +30,9 @@ from matplotlib.axes import Axes  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
-from trainable_vpr import (  # noqa: E402
-    EXPERIMENT_COLUMNS,
-    EXPERIMENT_VARIANTS,
-    LOG_COLUMNS,
-    SUMMARY_RESULT_COLUMNS,
-    TRAINING_SUMMARY_NAME,
-    VPRError,
-    CliParser,
-    add_debug_flag,
-    atomic_write,
-    check_writable_dir,
-    numeric_column,
-    run_cli,
-)
+from vprkit.cli import CliParser, VPRError, add_debug_flag, atomic_write, check_writable_dir, run_cli  # noqa: E402
+from vprkit.places import numeric_column  # noqa: E402
+from vprkit.runlog import EXPERIMENT_COLUMNS, EXPERIMENT_VARIANTS, LOG_COLUMNS, SUMMARY_RESULT_COLUMNS, TRAINING_SUMMARY_NAME  # noqa: E402
 
 EXPERIMENT_PATTERN = "experiment_*.csv"
 DEFAULT_SMOOTH = 50

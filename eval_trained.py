@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -25,29 +24,13 @@ import numpy as np
 import pandas as pd
 
 import trainable_vpr as vpr
-
-
-@dataclass
-class EvalReport:
-    """One evaluated variant: the recall result plus its per-condition breakdown."""
-
-    name: str
-    result: vpr.RecallResult
-    by_condition: dict[str, dict[int, float]] = field(default_factory=dict)
-
-    def as_dict(self) -> dict[str, Any]:
-        out = self.result.as_dict()
-        if self.by_condition:
-            out["by_condition"] = {c: {f"recall@{n}": r for n, r in rec.items()} for c, rec in self.by_condition.items()}
-        return out
-
-
-@dataclass
-class Descriptors:
-    """Database and query descriptors of one variant (raw, PCA-whitened or trained)."""
-
-    database: np.ndarray
-    queries: np.ndarray
+from vprkit.checkpoints import EMBEDDINGS_ARCH, check_checkpoint_matches
+from vprkit.cli import CliParser, VPRError, add_debug_flag, atomic_write, check_writable_dir, check_writable_file, run_cli
+from vprkit.evaluation import Descriptors, EvalReport, evaluate_variant, format_report, load_eval_tables, pca_whitened
+from vprkit.features import Backbone, CACHE_DTYPES, PRECISIONS, default_num_workers, frozen_descriptors, validate_extraction_flags
+from vprkit.places import ON_BAD_IMAGE, PlaceTable, export_embeddings_parquet, is_parquet
+from vprkit.runlog import safe_name
+from vprkit.settings import add_config_file_flag, parse_layered
 
 
 def add_eval_data_args(parser: argparse.ArgumentParser) -> None:
@@ -61,7 +44,7 @@ def add_eval_data_args(parser: argparse.ArgumentParser) -> None:
                        help="what makes a retrieval correct: gps, labels or auto (default: the checkpoint's, else auto)")
     group.add_argument("--camera_id", default=None, help="keep only this camera's rows")
     group.add_argument("--image_root", default=None, help="folder that relative image paths resolve against")
-    group.add_argument("--on_bad_image", default="error", choices=vpr.ON_BAD_IMAGE,
+    group.add_argument("--on_bad_image", default="error", choices=ON_BAD_IMAGE,
                        help="a missing or unreadable image: error (stop, naming it) or skip (leave it out, count it)")
     group.add_argument("--pos_threshold_m", type=float, default=None,
                        help="a retrieval is correct within this many metres (default: the checkpoint's, else 25)")
@@ -69,16 +52,16 @@ def add_eval_data_args(parser: argparse.ArgumentParser) -> None:
     system = parser.add_argument_group("system")
     system.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
     system.add_argument("--batch_size", type=int, default=32, help="images per extraction batch")
-    system.add_argument("--num_workers", type=int, default=vpr.default_num_workers(),
+    system.add_argument("--num_workers", type=int, default=default_num_workers(),
                         help="image-decoding worker processes (default: a quarter of the CPU cores, at most 4)")
     system.add_argument("--cache_dir", default=".cache/features", help="feature cache folder (shared with training)")
     system.add_argument("--no_cache", action="store_true", help="bypass the feature cache")
-    system.add_argument("--precision", default="fp32", choices=vpr.PRECISIONS, help="extraction precision")
-    system.add_argument("--cache_dtype", default="float32", choices=vpr.CACHE_DTYPES, help="feature cache storage")
+    system.add_argument("--precision", default="fp32", choices=PRECISIONS, help="extraction precision")
+    system.add_argument("--cache_dtype", default="float32", choices=CACHE_DTYPES, help="feature cache storage")
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    parser = vpr.CliParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = CliParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     what = parser.add_argument_group("what to evaluate")
     what.add_argument("--model_path", help="a trained checkpoint (its backbone and settings come from it)")
     what.add_argument("--baseline", action="store_true", help="evaluate the raw frozen backbone given by --model")
@@ -97,12 +80,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     out.add_argument("--plots_dir", default="plots", help="folder of the --visualize picture")
     out.add_argument("--export_parquet", metavar="DIR", help="write the raw backbone features of the database and the "
                      "queries as embeddings parquets DIR/{csv name}.parquet (input for --train_parquet)")
-    vpr.add_config_file_flag(parser)
-    vpr.add_debug_flag(parser)
-    args = vpr.parse_layered(parser, argv)
+    add_config_file_flag(parser)
+    add_debug_flag(parser)
+    args = parse_layered(parser, argv)
     if bool(args.model_path) == bool(args.baseline):
         parser.error("give either --model_path CKPT or --baseline --model NAME")
-    if args.baseline and not args.model and not vpr.is_parquet(args.train_csv):
+    if args.baseline and not args.model and not is_parquet(args.train_csv):
         parser.error("--baseline needs --model NAME")
     if any(n <= 0 for n in args.recall_at):
         parser.error("--recall_at values must be positive")
@@ -110,61 +93,15 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         parser.error(f"--pos_threshold_m {args.pos_threshold_m:g}: must be positive")
     if args.pca_whiten < 0:
         parser.error(f"--pca_whiten {args.pca_whiten}: must be 0 (off) or a number of dimensions")
-    vpr.validate_extraction_flags(args)
+    validate_extraction_flags(args)
     for path, flag in ((args.output_json, "--output_json"), (args.save_predictions, "--save_predictions")):
-        vpr.check_writable_file(path, flag)
+        check_writable_file(path, flag)
     if args.visualize > 0:
-        vpr.check_writable_dir(args.plots_dir, "--plots_dir")
+        check_writable_dir(args.plots_dir, "--plots_dir")
     return args
 
 
-# ---------------------------------------------------------------------------------------------
-# Pieces shared with run_experiment.py
-# ---------------------------------------------------------------------------------------------
-def load_eval_tables(args: Any, pos_threshold_m: float, supervision: str = "auto") -> tuple[vpr.PlaceTable, vpr.PlaceTable]:
-    """Database and queries (poses CSVs or embeddings parquets), checked: comparable
-    positions, some query with a positive by the rule of `supervision`."""
-    database = vpr.load_table(args.train_csv, args.image_root, args.camera_id, args.on_bad_image)
-    queries = vpr.load_table(args.test_csv, args.image_root, args.camera_id, args.on_bad_image)
-    check_queries(database, queries, pos_threshold_m, supervision)
-    return database, queries
-
-
-def check_queries(database: vpr.PlaceTable, queries: vpr.PlaceTable, pos_threshold_m: float, supervision: str) -> None:
-    """Comparable tables, and some query with a positive by the rule of `supervision`."""
-    vpr.check_query_split(database, queries, pos_threshold_m, vpr.uses_labels(supervision, database, queries))
-
-
-def evaluate_variant(name: str, descriptors: Descriptors, database: vpr.PlaceTable, queries: vpr.PlaceTable,
-                     pos_threshold_m: float, recall_at: Sequence[int], supervision: str = "auto") -> EvalReport:
-    """Recall of one variant by the rule training used: labels when supervision says so."""
-    by_label = vpr.uses_labels(supervision, database, queries)
-    result = vpr.evaluate_retrieval(descriptors.database, database.xyz, descriptors.queries, queries.xyz,
-                                    pos_threshold_m, recall_at, database.labels if by_label else None,
-                                    queries.labels if by_label else None)
-    return EvalReport(name, result, vpr.recall_by_group(result, queries.conditions, recall_at))
-
-
-def pca_whitened(raw: Descriptors, dim: int) -> Descriptors:
-    project = vpr.fit_pca_whitening(raw.database, dim)
-    return Descriptors(project(raw.database), project(raw.queries))
-
-
-def format_report(report: EvalReport, recall_at: Sequence[int]) -> str:
-    res = report.result
-    rule = "of the query's place label" + (f" within {res.pos_threshold_m:g} m" if not np.isnan(res.top_distances_m).all() else "") \
-        if res.by_label else f"within {res.pos_threshold_m:g} m"
-    lines = [f"{report.name}: {res.num_queries} queries, {res.num_queries_without_positive} without a database image "
-             f"{rule} (counted as misses)"]
-    header = f"  {'queries':<12}" + "".join(f"{'R@' + str(n):>8}" for n in recall_at)
-    lines.append(header)
-    lines.append(f"  {'all':<12}" + "".join(f"{res.recalls[n]:>8.3f}" for n in recall_at))
-    for condition, rec in report.by_condition.items():
-        lines.append(f"  {condition:<12}" + "".join(f"{rec[n]:>8.3f}" for n in recall_at))
-    return "\n".join(lines)
-
-
-def predictions_frame(report: EvalReport, database: vpr.PlaceTable, queries: vpr.PlaceTable) -> pd.DataFrame:
+def predictions_frame(report: EvalReport, database: PlaceTable, queries: PlaceTable) -> pd.DataFrame:
     """One row per (query, rank): the retrieved database image, its distance, correct or not."""
     res = report.result
     q_count, k = res.top_indices.shape
@@ -186,26 +123,26 @@ def predictions_frame(report: EvalReport, database: vpr.PlaceTable, queries: vpr
     return frame
 
 
-def write_outputs(args: Any, report: EvalReport, database: vpr.PlaceTable, queries: vpr.PlaceTable,
+def write_outputs(args: Any, report: EvalReport, database: PlaceTable, queries: PlaceTable,
                   settings: dict[str, Any]) -> None:
     """JSON, predictions CSV and retrieval picture, each only when asked for, each atomically."""
     if args.output_json:
         payload = {**report.as_dict(), "settings": settings}
-        vpr.atomic_write(args.output_json, lambda p: p.write_text(json.dumps(payload, indent=2)))
+        atomic_write(args.output_json, lambda p: p.write_text(json.dumps(payload, indent=2)))
         print(f"wrote {args.output_json}")
     if args.save_predictions:
         frame = predictions_frame(report, database, queries)
-        vpr.atomic_write(args.save_predictions, lambda p: frame.to_csv(p, index=False))
+        atomic_write(args.save_predictions, lambda p: frame.to_csv(p, index=False))
         print(f"wrote {args.save_predictions}")
     if args.visualize > 0 and database.embeddings is not None:
-        raise vpr.VPRError("--visualize needs images; embeddings parquets have none")
+        raise VPRError("--visualize needs images; embeddings parquets have none")
     if args.visualize > 0:
-        path = Path(args.plots_dir) / f"{vpr.safe_name(report.name)}_retrievals.png"
+        path = Path(args.plots_dir) / f"{safe_name(report.name)}_retrievals.png"
         draw_retrievals(report, database, queries, args.visualize, path)
         print(f"wrote {path}")
 
 
-def draw_retrievals(report: EvalReport, database: vpr.PlaceTable, queries: vpr.PlaceTable, count: int,
+def draw_retrievals(report: EvalReport, database: PlaceTable, queries: PlaceTable, count: int,
                     path: Path, top: int = 5) -> None:
     """A grid: each row a query and its top retrievals framed green (within the threshold) or red."""
     import matplotlib
@@ -237,25 +174,25 @@ def draw_retrievals(report: EvalReport, database: vpr.PlaceTable, queries: vpr.P
     fig.suptitle(f"{report.name}: queries and top-{top} retrievals (green: within {res.pos_threshold_m:g} m)")
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
-    vpr.atomic_write(path, lambda p: fig.savefig(p, dpi=80, format="png"))
+    atomic_write(path, lambda p: fig.savefig(p, dpi=80, format="png"))
     plt.close(fig)
 
 
 # ---------------------------------------------------------------------------------------------
 # This script's own steps
 # ---------------------------------------------------------------------------------------------
-def backbone_for(args: argparse.Namespace, checkpoint: dict | None, database: vpr.PlaceTable) -> vpr.Backbone | None:
+def backbone_for(args: argparse.Namespace, checkpoint: dict | None, database: PlaceTable) -> Backbone | None:
     """The backbone to evaluate: the checkpoint's (checked against --model and --head) or
     --model's; None for embeddings parquets (checked against the checkpoint's head)."""
     if checkpoint is not None:
-        vpr.check_checkpoint_matches(checkpoint, args.model_path, args.model, args.head)
-    trained_on_embeddings = checkpoint is not None and checkpoint["backbone"].get("arch") == vpr.EMBEDDINGS_ARCH
+        check_checkpoint_matches(checkpoint, args.model_path, args.model, args.head)
+    trained_on_embeddings = checkpoint is not None and checkpoint["backbone"].get("arch") == EMBEDDINGS_ARCH
     if database.embeddings is not None:
         if checkpoint is not None:
             vpr.check_input_dim(checkpoint["head_config"], database.embeddings.shape[1], args.train_csv)
         return None
     if trained_on_embeddings:
-        raise vpr.VPRError(f"checkpoint {args.model_path} was trained on precomputed embeddings "
+        raise VPRError(f"checkpoint {args.model_path} was trained on precomputed embeddings "
                            f"({checkpoint['backbone']['weights']}); evaluate it on embeddings parquets (--db_parquet, --test_parquet)")
     if checkpoint is None:
         return vpr.create_backbone(args.model, args.weights, args.image_size)
@@ -263,26 +200,13 @@ def backbone_for(args: argparse.Namespace, checkpoint: dict | None, database: vp
     weights = args.weights or checkpoint["config"].get("weights")
     backbone = vpr.create_backbone(saved["name"], weights, args.image_size or saved.get("image_size", 0))
     if backbone.info.weights != saved.get("weights"):
-        raise vpr.VPRError(f"checkpoint {args.model_path} was trained on {saved['name']} weights {saved.get('weights')}, "
+        raise VPRError(f"checkpoint {args.model_path} was trained on {saved['name']} weights {saved.get('weights')}, "
                            f"but the weights found now are {backbone.info.weights}; pass the same --weights")
     in_dim = checkpoint["head_config"]["in_dim"]
     if backbone.info.feature_dim != in_dim:
-        raise vpr.VPRError(f"checkpoint {args.model_path}: its head takes {in_dim}-dim features, "
+        raise VPRError(f"checkpoint {args.model_path}: its head takes {in_dim}-dim features, "
                            f"the backbone gives {backbone.info.feature_dim}")
     return backbone
-
-
-def raw_descriptors(args: Any, backbone: vpr.Backbone | None, database: vpr.PlaceTable, queries: vpr.PlaceTable,
-                    pos_threshold_m: float, supervision: str = "auto") -> tuple[vpr.PlaceTable, vpr.PlaceTable, Descriptors]:
-    """The frozen descriptors: the parquets' embeddings, or the backbone's features (cache);
-    with --on_bad_image skip, images that cannot be decoded are left out of tables and features."""
-    if backbone is None:
-        return database, queries, Descriptors(database.embeddings, queries.embeddings)
-    database, db_features, queries, q_features = vpr.extract_both(
-        backbone, database, queries, vpr.extraction_options(args), ("database", "queries"), args.on_bad_image)
-    if database.skipped or queries.skipped:
-        check_queries(database, queries, pos_threshold_m, supervision)
-    return database, queries, Descriptors(db_features, q_features)
 
 
 def descriptors_for(args: argparse.Namespace, checkpoint: dict | None, name: str, raw: Descriptors) -> tuple[str, Descriptors]:
@@ -295,7 +219,7 @@ def descriptors_for(args: argparse.Namespace, checkpoint: dict | None, name: str
     return f"raw_{name}", raw
 
 
-def source_identity(args: argparse.Namespace, backbone: vpr.Backbone | None, checkpoint: dict | None) -> tuple[str, str]:
+def source_identity(args: argparse.Namespace, backbone: Backbone | None, checkpoint: dict | None) -> tuple[str, str]:
     """(model name, weights identity) of the descriptors, for names and the JSON settings."""
     if backbone is not None:
         return backbone.info.name, backbone.info.weights
@@ -304,10 +228,10 @@ def source_identity(args: argparse.Namespace, backbone: vpr.Backbone | None, che
     return args.model or "embeddings", f"embeddings:{Path(args.train_csv).name}"
 
 
-def export_parquets(folder: str, raw: Descriptors, database: vpr.PlaceTable, queries: vpr.PlaceTable) -> None:
+def export_parquets(folder: str, raw: Descriptors, database: PlaceTable, queries: PlaceTable) -> None:
     """Raw features of both tables as embeddings parquets, named after their CSVs."""
     for table, features in ((database, raw.database), (queries, raw.queries)):
-        path = vpr.export_embeddings_parquet(table, features, Path(folder) / f"{Path(table.source).stem}.parquet")
+        path = export_embeddings_parquet(table, features, Path(folder) / f"{Path(table.source).stem}.parquet")
         print(f"wrote {path} ({features.shape[0]} x {features.shape[1]})")
 
 
@@ -318,7 +242,7 @@ def main(argv: Sequence[str] | None = None) -> EvalReport:
     supervision = args.supervision or (checkpoint["config"].get("supervision", "gps") if checkpoint else "auto")
     database, queries = load_eval_tables(args, threshold, supervision)
     backbone = backbone_for(args, checkpoint, database)
-    database, queries, raw = raw_descriptors(args, backbone, database, queries, threshold, supervision)
+    database, queries, raw = frozen_descriptors(args, backbone, database, queries, threshold, supervision)
     if args.export_parquet:
         export_parquets(args.export_parquet, raw, database, queries)
     model, weights = source_identity(args, backbone, checkpoint)
@@ -337,4 +261,4 @@ def main(argv: Sequence[str] | None = None) -> EvalReport:
 
 
 if __name__ == "__main__":
-    vpr.run_cli(main)
+    run_cli(main)

@@ -20,9 +20,13 @@ from typing import Sequence
 
 import pandas as pd
 
-import eval_trained
 import train_vpr
 import trainable_vpr as vpr
+from vprkit.cli import CliParser, VPRError, add_debug_flag, atomic_write, check_writable_dir, run_cli
+from vprkit.runlog import EXPERIMENT_VARIANTS
+from vprkit.settings import add_config_args, add_config_file_flag, config_from_args, parse_layered
+from vprkit.evaluation import Descriptors, EvalReport, evaluate_variant, format_report, load_eval_tables, pca_whitened
+from vprkit.features import frozen_descriptors
 
 DEMO_DIR = Path("demo_data")
 # Demo settings where the user left the defaults: 192 training images give few steps per epoch,
@@ -32,7 +36,7 @@ DEMO_SETTINGS = {"models": ["effnet_lite0"], "epochs": 15, "lr": 1e-3, "lr_sched
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    parser = vpr.CliParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = CliParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     exp = parser.add_argument_group("experiment")
     exp.add_argument("--demo", action="store_true",
                      help=f"generate the built-in synthetic route under {DEMO_DIR}/ and run on it with effnet_lite0")
@@ -41,9 +45,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     exp.add_argument("--models", "--model", dest="models", nargs="+", default=["dinov2_b"],
                      help=f"backbones to compare: {', '.join(vpr.BACKBONES)} or timm:ARCH")
     exp.add_argument("--recall_at", type=int, nargs="+", default=[1, 5, 10], help="the N of Recall@N")
-    vpr.add_config_args(parser, skip=("model",), optional=("train_csv", "val_csv"))
-    vpr.add_debug_flag(parser)
-    args = vpr.parse_layered(parser, argv)
+    add_config_file_flag(parser)
+    add_config_args(parser, vpr.TrainConfig, skip=("model",), optional=("train_csv", "val_csv"))
+    add_debug_flag(parser)
+    args = parse_layered(parser, argv)
     if args.demo:
         use_demo_data(args, parser)
     missing = [f"--{name}" for name in ("train_csv", "val_csv", "test_csv") if not getattr(args, name)]
@@ -52,7 +57,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     if sorted(set(args.recall_at)) != sorted(args.recall_at) or 1 not in args.recall_at:
         parser.error("--recall_at must list distinct values including 1")
     for model in args.models:  # every backbone's flags checked before the first one runs for long
-        vpr.validate_train_config(vpr.config_from_args(args, model=model))
+        vpr.validate_train_config(config_from_args(args, vpr.TrainConfig, model=model))
     return args
 
 
@@ -67,36 +72,36 @@ def use_demo_data(args: argparse.Namespace, parser: argparse.ArgumentParser) -> 
             setattr(args, name, value)
 
 
-def compare_backbone(model: str, args: argparse.Namespace) -> list[eval_trained.EvalReport]:
+def compare_backbone(model: str, args: argparse.Namespace) -> list[EvalReport]:
     """Raw, PCA-whitened and trained descriptors of one backbone on the final queries."""
-    config = vpr.config_from_args(args, model=model)
+    config = config_from_args(args, vpr.TrainConfig, model=model)
     eval_args = argparse.Namespace(**{**vars(args), "train_csv": args.db_csv or args.train_csv})
-    database, queries = eval_trained.load_eval_tables(eval_args, config.pos_threshold_m, config.supervision)
+    database, queries = load_eval_tables(eval_args, config.pos_threshold_m, config.supervision)
     backbone = None if database.embeddings is not None else vpr.create_backbone(model, config.weights, config.image_size)
-    database, queries, raw = eval_trained.raw_descriptors(config, backbone, database, queries, config.pos_threshold_m,
+    database, queries, raw = frozen_descriptors(config, backbone, database, queries, config.pos_threshold_m,
                                                           config.supervision)
-    variants = {"raw": raw, "pca_whitened": eval_trained.pca_whitened(raw, config.projection_dim)}
+    variants = {"raw": raw, "pca_whitened": pca_whitened(raw, config.projection_dim)}
 
     print(f"\n=== {model}: training ({config.epochs} epochs)", flush=True)
     trained = train_vpr.train(config)
     head = vpr.head_from_checkpoint(vpr.load_checkpoint(trained.checkpoint))
-    variants["trained"] = eval_trained.Descriptors(vpr.embed(head, raw.database), vpr.embed(head, raw.queries))
+    variants["trained"] = Descriptors(vpr.embed(head, raw.database), vpr.embed(head, raw.queries))
 
     reports = []
     for variant, descriptors in variants.items():
-        report = eval_trained.evaluate_variant(f"{model} {variant}", descriptors, database, queries,
+        report = evaluate_variant(f"{model} {variant}", descriptors, database, queries,
                                                config.pos_threshold_m, args.recall_at, config.supervision)
-        print(eval_trained.format_report(report, args.recall_at), flush=True)
+        print(format_report(report, args.recall_at), flush=True)
         reports.append(report)
     return reports
 
 
-def comparison_table(reports_by_model: dict[str, list[eval_trained.EvalReport]], recall_at: Sequence[int]) -> pd.DataFrame:
+def comparison_table(reports_by_model: dict[str, list[EvalReport]], recall_at: Sequence[int]) -> pd.DataFrame:
     """model x variant x Recall@N, plus the change in R@1 against the raw backbone."""
     rows = []
     for model, reports in reports_by_model.items():
         raw_r1 = reports[0].result.recalls[1]
-        for variant, report in zip(vpr.EXPERIMENT_VARIANTS, reports):
+        for variant, report in zip(EXPERIMENT_VARIANTS, reports):
             row = {"model": model, "variant": variant}
             row.update({f"recall@{n}": round(report.result.recalls[n], 4) for n in recall_at})
             row["delta_r1_vs_raw"] = round(report.result.recalls[1] - raw_r1, 4)
@@ -107,14 +112,14 @@ def comparison_table(reports_by_model: dict[str, list[eval_trained.EvalReport]],
 def main(argv: Sequence[str] | None = None) -> pd.DataFrame:
     args = parse_args(argv)
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        raise vpr.VPRError("run_experiment.py does not run under torchrun; fill the cache with "
+        raise VPRError("run_experiment.py does not run under torchrun; fill the cache with "
                            "`torchrun ... train_vpr.py` or `torchrun ... eval_trained.py`, then run it in one process")
-    log_dir = vpr.check_writable_dir(args.log_dir, "--log_dir")
-    vpr.check_writable_dir(args.output_dir, "--output_dir")
+    log_dir = check_writable_dir(args.log_dir, "--log_dir")
+    check_writable_dir(args.output_dir, "--output_dir")
     reports_by_model = {model: compare_backbone(model, args) for model in args.models}
     table = comparison_table(reports_by_model, args.recall_at)
     path = log_dir / f"experiment_{time.strftime('%Y%m%d_%H%M%S')}.csv"
-    vpr.atomic_write(path, lambda p: table.to_csv(p, index=False))
+    atomic_write(path, lambda p: table.to_csv(p, index=False))
     rule = "by place label" if reports_by_model[args.models[0]][0].result.by_label else f"within {args.pos_threshold_m:g} m"
     print(f"\nqueries {args.test_csv} against database {args.db_csv or args.train_csv}, correct {rule}")
     print(table.to_string(index=False))
@@ -123,4 +128,4 @@ def main(argv: Sequence[str] | None = None) -> pd.DataFrame:
 
 
 if __name__ == "__main__":
-    vpr.run_cli(main)
+    run_cli(main)

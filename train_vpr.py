@@ -28,6 +28,15 @@ import numpy as np
 import torch
 
 import trainable_vpr as vpr
+from vprkit import checkpoints
+from vprkit.checkpoints import checkpoint_path, embeddings_backbone, random_states, restore_random_states
+from vprkit.cli import CliParser, VPRError, add_debug_flag, check_writable_dir, run_cli, sigterm_as_interrupt
+from vprkit.evaluation import RecallResult, evaluate_retrieval
+from vprkit.features import extract_both, extraction_settings
+from vprkit.pairs import check_query_split, check_trainable, group_places, uses_labels
+from vprkit.places import PlaceTable, load_table
+from vprkit.runlog import CsvLogger, LOG_COLUMNS, LOG_EXTRA_COLUMNS, LOG_OPTIONAL_COLUMNS, TRAINING_SUMMARY_NAME, append_summary_row, new_run_id, read_summary_table
+from vprkit.settings import add_config_args, add_config_file_flag, config_from_args, parse_layered
 
 
 @dataclass
@@ -49,15 +58,15 @@ class Split:
     """One side of training: its table, its frozen features, the place labels that supervise
     it (None: GPS positions do) and the places its batches are drawn from."""
 
-    table: vpr.PlaceTable
+    table: PlaceTable
     features: np.ndarray
     labels: np.ndarray | None
     places: np.ndarray  # place of each image, for batches (group_places)
 
     @classmethod
-    def of(cls, table: vpr.PlaceTable, features: np.ndarray, by_label: bool, pos_threshold_m: float) -> "Split":
+    def of(cls, table: PlaceTable, features: np.ndarray, by_label: bool, pos_threshold_m: float) -> "Split":
         labels = table.labels if by_label else None
-        return cls(table, features, labels, vpr.group_places(table.xyz, labels, pos_threshold_m))
+        return cls(table, features, labels, group_places(table.xyz, labels, pos_threshold_m))
 
     @property
     def xyz(self) -> np.ndarray | None:
@@ -110,45 +119,46 @@ RESUMABLE_CHANGES = {"resume", "epochs", "early_stopping_patience", "save_every_
                      "device", "num_workers", "cache_dir", "no_cache", "log_dir", "output_dir", "precision"}
 
 # Called after each validation with (epoch, result); it may raise to stop the run (tune_vpr.py prunes so).
-ValidationCallback = Callable[[int, vpr.RecallResult], None]
+ValidationCallback = Callable[[int, RecallResult], None]
 
 
 def parse_args(argv: Sequence[str] | None) -> vpr.TrainConfig:
-    parser = vpr.CliParser(
+    parser = CliParser(
         description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
     )
-    vpr.add_config_args(parser)
-    vpr.add_debug_flag(parser)
-    config = vpr.config_from_args(vpr.parse_layered(parser, argv))
+    add_config_file_flag(parser)
+    add_config_args(parser, vpr.TrainConfig)
+    add_debug_flag(parser)
+    config = config_from_args(parse_layered(parser, argv), vpr.TrainConfig)
     vpr.validate_train_config(config)
     return config
 
 
-def load_splits(config: vpr.TrainConfig) -> tuple[vpr.PlaceTable, vpr.PlaceTable, bool]:
+def load_splits(config: vpr.TrainConfig) -> tuple[PlaceTable, PlaceTable, bool]:
     """Both splits (poses CSVs or embeddings parquets) and whether place labels supervise them,
     checked: every input problem is found here, before any output is written."""
-    train = vpr.load_table(config.train_csv, config.image_root, config.camera_id, config.on_bad_image)
-    val = vpr.load_table(config.val_csv, config.image_root, config.camera_id, config.on_bad_image)
-    by_label = vpr.uses_labels(config.supervision, train, val)
+    train = load_table(config.train_csv, config.image_root, config.camera_id, config.on_bad_image)
+    val = load_table(config.val_csv, config.image_root, config.camera_id, config.on_bad_image)
+    by_label = uses_labels(config.supervision, train, val)
     check_splits(config, train, val, by_label)
     return train, val, by_label
 
 
-def check_splits(config: vpr.TrainConfig, train: vpr.PlaceTable, val: vpr.PlaceTable, by_label: bool) -> None:
+def check_splits(config: vpr.TrainConfig, train: PlaceTable, val: PlaceTable, by_label: bool) -> None:
     """Places with positives to learn from, and validation queries with a positive in the database."""
-    vpr.check_trainable(train, config.pos_threshold_m, train.labels if by_label else None)
-    vpr.check_query_split(train, val, config.pos_threshold_m, by_label)
+    check_trainable(train, config.pos_threshold_m, train.labels if by_label else None)
+    check_query_split(train, val, config.pos_threshold_m, by_label)
 
 
 def check_outputs(config: vpr.TrainConfig) -> Path:
     """Writable output folders and a summary this run can append to; returns the log folder."""
-    log_dir = vpr.check_writable_dir(config.log_dir, "--log_dir")
-    vpr.check_writable_dir(config.output_dir, "--output_dir")
-    vpr.read_summary_table(log_dir / vpr.TRAINING_SUMMARY_NAME)
+    log_dir = check_writable_dir(config.log_dir, "--log_dir")
+    check_writable_dir(config.output_dir, "--output_dir")
+    read_summary_table(log_dir / TRAINING_SUMMARY_NAME)
     return log_dir
 
 
-def extract_training_data(config: vpr.TrainConfig, train: vpr.PlaceTable, val: vpr.PlaceTable,
+def extract_training_data(config: vpr.TrainConfig, train: PlaceTable, val: PlaceTable,
                           by_label: bool) -> TrainingData:
     """Both splits with their features: embeddings parquets as they are, poses CSVs through
     the frozen backbone (and the cache); with --on_bad_image skip, images that cannot be
@@ -156,13 +166,13 @@ def extract_training_data(config: vpr.TrainConfig, train: vpr.PlaceTable, val: v
     split = lambda table, features: Split.of(table, features, by_label, config.pos_threshold_m)  # noqa: E731
     if train.embeddings is not None:
         if train.embeddings.shape[1] != val.embeddings.shape[1]:
-            raise vpr.VPRError(f"{config.val_csv}: {val.embeddings.shape[1]}-dim embeddings, but {config.train_csv} has "
+            raise VPRError(f"{config.val_csv}: {val.embeddings.shape[1]}-dim embeddings, but {config.train_csv} has "
                                f"{train.embeddings.shape[1]}; both must come from the same backbone")
-        backbone = vpr.embeddings_backbone(config.model, config.train_csv, train.embeddings.shape[1])
+        backbone = embeddings_backbone(config.model, config.train_csv, train.embeddings.shape[1])
         return TrainingData(backbone, split(train, train.embeddings), split(val, val.embeddings))
     backbone = vpr.create_backbone(config.model, config.weights, config.image_size)
-    train, train_features, val, val_features = vpr.extract_both(
-        backbone, train, val, vpr.extraction_options(config), ("train", "val"), config.on_bad_image)
+    train, train_features, val, val_features = extract_both(
+        backbone, train, val, extraction_settings(config), ("train", "val"), config.on_bad_image)
     if train.skipped or val.skipped:
         check_splits(config, train, val, by_label)
     return TrainingData(backbone.info.as_dict(), split(train, train_features), split(val, val_features))
@@ -183,12 +193,18 @@ def initial_head(config: vpr.TrainConfig, data: TrainingData) -> torch.nn.Module
     return head
 
 
-def negative_sampler(config: vpr.TrainConfig) -> vpr.UCBNegativeSampler | None:
-    """The UCB sampler for --neg_sampler ucb; None: HybridLoss mixes hardest and random negatives."""
+def hybrid_loss(config: vpr.TrainConfig) -> vpr.HybridLoss:
+    return vpr.HybridLoss(config.triplet_margin, config.contrastive_temperature, config.triplet_weight,
+                          config.contrastive_weight, config.loss_distance)
+
+
+def triplet_miner(config: vpr.TrainConfig) -> vpr.BatchMiner | vpr.UCBMiner:
+    """--neg_sampler ucb: a UCB1 bandit picks each negative's difficulty band; hard / random: the
+    hardest in-batch negative for a share hard_neg_ratio of the triplets, random for the rest."""
     if config.neg_sampler != "ucb":
-        return None
+        return vpr.BatchMiner(vpr.effective_hard_neg_ratio(config))
     difficulty = vpr.load_difficulty_parquet(config.difficulty_parquet) if config.difficulty_parquet else None
-    return vpr.UCBNegativeSampler(config.ucb_bands, config.ucb_exploration_constant, config.ucb_warmup_samples, difficulty)
+    return vpr.UCBMiner(config.ucb_bands, config.ucb_exploration_constant, config.ucb_warmup_samples, difficulty)
 
 
 def epoch_batches(config: vpr.TrainConfig, head: torch.nn.Module, split: Split, rng: np.random.Generator) -> list[np.ndarray]:
@@ -206,35 +222,31 @@ def epoch_batches(config: vpr.TrainConfig, head: torch.nn.Module, split: Split, 
 
 
 def batch_loss(head: torch.nn.Module, loss_fn: vpr.HybridLoss, split: Split, batch: np.ndarray, config: vpr.TrainConfig,
-               generator: torch.Generator, sampler: vpr.UCBNegativeSampler | None = None) -> vpr.LossParts:
-    """The hybrid loss of one batch; with a UCB sampler, its triplets come from the bandit,
-    which is rewarded with their losses."""
+               generator: torch.Generator, miner: vpr.BatchMiner | vpr.UCBMiner) -> vpr.LossParts:
+    """The hybrid loss of one batch on the miner's triplets; the miner is rewarded with their losses."""
     frozen = torch.from_numpy(split.features[batch])
     xyz, labels = split.take(batch)
     pos_mask, neg_mask = vpr.batch_pair_masks(xyz, config.pos_threshold_m, config.neg_threshold_m, labels)
     if config.positive_selection == "feature":
         pos_mask = vpr.select_positives_by_feature(pos_mask, frozen, config.positive_top_k)
     embeddings = head(frozen)
-    if sampler is None:
-        return loss_fn(embeddings, pos_mask, neg_mask, generator)
-    detached = embeddings.detach()
     ids, place_labels = [split.table.paths[i] for i in batch], split.table.labels  # difficulty tables are keyed by these
-    triplets, arms = sampler.triplets(detached @ detached.T, pos_mask, neg_mask, generator, ids,
-                                      None if place_labels is None else place_labels[batch])
-    losses = vpr.triplet_losses(detached, triplets, config.triplet_margin, config.loss_distance)
-    sampler.reward(arms, losses, config.triplet_margin)
-    return loss_fn(embeddings, pos_mask, neg_mask, generator, triplets)
+    triplets = miner.mine(embeddings.detach(), pos_mask, neg_mask, generator, ids,
+                          None if place_labels is None else place_labels[batch])
+    parts = loss_fn(embeddings, pos_mask, neg_mask, triplets)
+    miner.reward(parts.triplet_items, config.triplet_margin)
+    return parts
 
 
 def train_one_epoch(epoch: int, head, optimizer, scheduler, loss_fn, split: Split, batches: list[np.ndarray],
-                    config: vpr.TrainConfig, generator: torch.Generator, logger: vpr.CsvLogger,
-                    sampler: vpr.UCBNegativeSampler | None) -> dict[str, float]:
+                    config: vpr.TrainConfig, generator: torch.Generator, logger: CsvLogger,
+                    miner: vpr.BatchMiner | vpr.UCBMiner) -> dict[str, float]:
     head.train()
     sums = np.zeros(3)
     start = time.perf_counter()
     for number, batch in enumerate(batches, start=1):
         tick = time.perf_counter()
-        parts = batch_loss(head, loss_fn, split, batch, config, generator, sampler)
+        parts = batch_loss(head, loss_fn, split, batch, config, generator, miner)
         optimizer.zero_grad(set_to_none=True)
         parts.total.backward()
         optimizer.step()
@@ -244,7 +256,7 @@ def train_one_epoch(epoch: int, head, optimizer, scheduler, loss_fn, split: Spli
         logger.log("batch", epoch=epoch, batch=number, train_loss=values[0], triplet_loss=values[1],
                    contrastive_loss=values[2], batch_time=time.perf_counter() - tick)
     averages = dict(zip(("avg_train_loss", "avg_triplet_loss", "avg_contrastive_loss"), sums / max(len(batches), 1)))
-    extra = {"ucb_stats": sampler.stats()} if sampler else {}
+    extra = {"ucb_stats": miner.stats()} if isinstance(miner, vpr.UCBMiner) else {}
     logger.log("epoch", epoch=epoch, epoch_time=time.perf_counter() - start, **averages, **extra)
     return averages
 
@@ -256,19 +268,20 @@ def validation_loss(head, loss_fn: vpr.HybridLoss, split: Split, config: vpr.Tra
     try:
         batches = vpr.make_place_batches(split.places, config.batch_size, config.images_per_place,
                                          math.ceil(len(split) / config.batch_size), np.random.default_rng(config.seed))
-    except vpr.VPRError:
+    except VPRError:
         return float("nan")  # no validation place has two images: no loss to compute
     generator = torch.Generator().manual_seed(config.seed)
-    losses = [batch_loss(head, loss_fn, split, b, config, generator).total.item() for b in batches]
+    miner = vpr.BatchMiner(vpr.effective_hard_neg_ratio(config))  # fixed: a bandit learns from training batches only
+    losses = [batch_loss(head, loss_fn, split, b, config, generator, miner).total.item() for b in batches]
     return float(np.mean(losses)) if losses else float("nan")
 
 
 def validate(epoch: int, head, loss_fn, data: TrainingData, config: vpr.TrainConfig,
-             logger: vpr.CsvLogger) -> tuple[vpr.RecallResult, float]:
+             logger: CsvLogger) -> tuple[RecallResult, float]:
     """Val queries against the train database (DESIGN.md §7), plus the validation loss."""
     start = time.perf_counter()
     val_loss = validation_loss(head, loss_fn, data.val, config)
-    result = vpr.evaluate_retrieval(vpr.embed(head, data.train.features), data.train.xyz,
+    result = evaluate_retrieval(vpr.embed(head, data.train.features), data.train.xyz,
                                     vpr.embed(head, data.val.features), data.val.xyz, config.pos_threshold_m,
                                     db_labels=data.train.labels, q_labels=data.val.labels)
     logger.log("validation", epoch=epoch, val_loss=val_loss, val_r1=result.recalls[1], val_r5=result.recalls[5],
@@ -292,7 +305,7 @@ class Run:
     head: torch.nn.Module
     optimizer: torch.optim.Optimizer
     scheduler: Any
-    sampler: vpr.UCBNegativeSampler | None
+    miner: vpr.BatchMiner | vpr.UCBMiner
     rng: np.random.Generator
     generator: torch.Generator
     state: TrainState
@@ -301,7 +314,7 @@ class Run:
 
     def checkpoint(self, epoch: int, resumable: bool) -> dict[str, Any]:
         """The head at `epoch` with the run's best metrics; resumable adds optimizer,
-        scheduler, random and sampler states (the _last and _final checkpoints)."""
+        scheduler, random and miner states (the _last and _final checkpoints)."""
         state = self.state
         payload = {
             "model_state_dict": {k: v.detach().clone() for k, v in self.head.state_dict().items()},
@@ -320,8 +333,8 @@ class Run:
         if resumable:
             payload["resume"] = {
                 "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
-                "random_states": vpr.random_states(self.rng, self.generator), "train_state": state.as_checkpoint(),
-                "sampler": self.sampler.bandit.state_dict() if self.sampler else None,
+                "random_states": random_states(self.rng, self.generator), "train_state": state.as_checkpoint(),
+                "sampler": self.miner.bandit.state_dict() if isinstance(self.miner, vpr.UCBMiner) else None,
             }
         return payload
 
@@ -329,20 +342,20 @@ class Run:
         """Continue the run saved in a resumable checkpoint (same settings, checked)."""
         saved = vpr.load_checkpoint(path)
         if "resume" not in saved:
-            raise vpr.VPRError(f"--resume {path}: not a resumable checkpoint; give the run's _last or _final checkpoint")
+            raise VPRError(f"--resume {path}: not a resumable checkpoint; give the run's _last or _final checkpoint")
         changed = [k for k, v in saved["config"].items()
                    if k not in RESUMABLE_CHANGES and getattr(self.config, k, v) != v]
         if changed:
             key = changed[0]
-            raise vpr.VPRError(f"--resume {path}: the run used --{key} {saved['config'][key]}, not "
+            raise VPRError(f"--resume {path}: the run used --{key} {saved['config'][key]}, not "
                                f"{getattr(self.config, key)}; resume with the run's settings")
         vpr.check_input_dim(saved["head_config"], self.data.train.features.shape[1], self.config.train_csv)
         self.head.load_state_dict(saved["model_state_dict"])
         self.optimizer.load_state_dict(saved["resume"]["optimizer"])
         self.scheduler.load_state_dict(saved["resume"]["scheduler"])
-        vpr.restore_random_states(saved["resume"]["random_states"], self.rng, self.generator)
-        if self.sampler is not None:
-            self.sampler.bandit.load_state_dict(saved["resume"]["sampler"])
+        restore_random_states(saved["resume"]["random_states"], self.rng, self.generator)
+        if isinstance(self.miner, vpr.UCBMiner):
+            self.miner.bandit.load_state_dict(saved["resume"]["sampler"])
         self.state = TrainState.from_checkpoint(saved["resume"]["train_state"])
         self.run_id, self.log_file = saved["run_id"], Path(saved["log_file"])
 
@@ -353,27 +366,27 @@ def print_config(config: vpr.TrainConfig) -> None:
 
 
 def new_run(config: vpr.TrainConfig, data: TrainingData) -> Run:
-    """A fresh head, optimizer, schedule, negative sampler and random generators."""
+    """A fresh head, optimizer, schedule, triplet miner and random generators."""
     head = initial_head(config, data)
     optimizer = torch.optim.AdamW(head.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     scheduler = lr_scheduler(optimizer, config, math.ceil(len(data.train) / config.batch_size))
-    return Run(config, data, head, optimizer, scheduler, negative_sampler(config), np.random.default_rng(config.seed),
+    return Run(config, data, head, optimizer, scheduler, triplet_miner(config), np.random.default_rng(config.seed),
                torch.Generator().manual_seed(config.seed), TrainState())
 
 
-def open_log(run: Run, loss_fn: vpr.HybridLoss, log_dir: Path, best_path: Path) -> vpr.CsvLogger:
+def open_log(run: Run, loss_fn: vpr.HybridLoss, log_dir: Path, best_path: Path) -> CsvLogger:
     """Resumed: restore the run and continue its log. New: a new log, whose epoch 0 validates
     the untrained head (with --head residual that is PCA-whitening, so the best checkpoint is
     never worse on validation than the strongest frozen baseline)."""
     config = run.config
-    columns = vpr.LOG_COLUMNS + vpr.LOG_EXTRA_COLUMNS + (vpr.LOG_OPTIONAL_COLUMNS if run.sampler else [])
+    columns = LOG_COLUMNS + LOG_EXTRA_COLUMNS + (LOG_OPTIONAL_COLUMNS if isinstance(run.miner, vpr.UCBMiner) else [])
     if config.resume:
         run.restore(config.resume)
-        logger = vpr.CsvLogger(run.log_file, columns, continue_after_epoch=run.state.epoch)
+        logger = CsvLogger(run.log_file, columns, continue_after_epoch=run.state.epoch)
         print(f"run {run.run_id}: resumed after epoch {run.state.epoch} from {config.resume}, log {logger.path}", flush=True)
         return logger
-    run.run_id = vpr.new_run_id(config.model, config.seed, log_dir)
-    logger = vpr.CsvLogger(log_dir / f"{run.run_id}.csv", columns)
+    run.run_id = new_run_id(config.model, config.seed, log_dir)
+    logger = CsvLogger(log_dir / f"{run.run_id}.csv", columns)
     run.log_file = logger.path
     skipped = run.data.skipped_images
     logger.log("data", epoch=0, skipped_images=skipped)
@@ -382,13 +395,13 @@ def open_log(run: Run, loss_fn: vpr.HybridLoss, log_dir: Path, best_path: Path) 
           f"{len(np.unique(run.data.train.places))} places, log {logger.path}", flush=True)
     result, val_loss = validate(0, run.head, loss_fn, run.data, config, logger)
     run.state = TrainState(best_recall=result.recalls, best_val_loss=math.inf if math.isnan(val_loss) else val_loss)
-    vpr.save_checkpoint(best_path, run.checkpoint(0, resumable=False))
+    checkpoints.save_checkpoint(best_path, run.checkpoint(0, resumable=False))
     print(f"epoch 0 (untrained head)  val R@1 {result.recalls[1]:.3f} R@5 {result.recalls[5]:.3f} "
           f"R@10 {result.recalls[10]:.3f}", flush=True)
     return logger
 
 
-def record_validation(run: Run, epoch: int, result: vpr.RecallResult, val_loss: float, best_path: Path) -> bool:
+def record_validation(run: Run, epoch: int, result: RecallResult, val_loss: float, best_path: Path) -> bool:
     """Update best metrics and patience; save the best checkpoint. Returns whether R@1 improved."""
     state = run.state
     improved = result.recalls[1] > state.best_recall[1]
@@ -397,21 +410,21 @@ def record_validation(run: Run, epoch: int, result: vpr.RecallResult, val_loss: 
         state.best_val_loss = min(state.best_val_loss, val_loss)
     if improved:
         state.best_recall, state.best_epoch = result.recalls, epoch
-        vpr.save_checkpoint(best_path, run.checkpoint(epoch, resumable=False))
+        checkpoints.save_checkpoint(best_path, run.checkpoint(epoch, resumable=False))
     patience = run.config.early_stopping_patience
     state.early_stopped = bool(patience and state.stale >= patience)
     return improved
 
 
-def train_and_validate(run: Run, epoch: int, loss_fn: vpr.HybridLoss, logger: vpr.CsvLogger,
-                       best_path: Path) -> vpr.RecallResult | None:
+def train_and_validate(run: Run, epoch: int, loss_fn: vpr.HybridLoss, logger: CsvLogger,
+                       best_path: Path) -> RecallResult | None:
     """One epoch: batches mined with the current head, the optimiser steps and, when due,
     validation (saving a new best checkpoint); prints the epoch's line. The validation result,
     or None when this epoch is not validated."""
     config, data = run.config, run.data
     batches = epoch_batches(config, run.head, data.train, run.rng)
     averages = train_one_epoch(epoch, run.head, run.optimizer, run.scheduler, loss_fn, data.train, batches, config,
-                               run.generator, logger, run.sampler)
+                               run.generator, logger, run.miner)
     run.state.epoch = epoch
     message = (f"epoch {epoch}/{config.epochs}  loss {averages['avg_train_loss']:.4f} "
                f"(triplet {averages['avg_triplet_loss']:.4f}, contrastive {averages['avg_contrastive_loss']:.4f})")
@@ -434,9 +447,8 @@ def train(config: vpr.TrainConfig, on_validation: ValidationCallback | None = No
     log_dir = check_outputs(config)
     data = extract_training_data(config, train_table, val_table, by_label)
     run = new_run(config, data)
-    loss_fn = vpr.HybridLoss(config.triplet_margin, config.contrastive_temperature, config.triplet_weight,
-                             config.contrastive_weight, vpr.effective_hard_neg_ratio(config), config.loss_distance)
-    best_path, last_path, final_path = (vpr.checkpoint_path(config.output_dir, config.model, config.seed, kind)
+    loss_fn = hybrid_loss(config)
+    best_path, last_path, final_path = (checkpoint_path(config.output_dir, config.model, config.seed, kind)
                                         for kind in ("", "last", "final"))
     logger = open_log(run, loss_fn, log_dir, best_path)
     state = run.state
@@ -445,21 +457,21 @@ def train(config: vpr.TrainConfig, on_validation: ValidationCallback | None = No
     # during the first epoch leaves a checkpoint to resume from.
     snapshot = copy.deepcopy(run.checkpoint(state.epoch, resumable=True))
     if not config.resume:
-        vpr.save_checkpoint(last_path, snapshot)
+        checkpoints.save_checkpoint(last_path, snapshot)
     try:
-        with vpr.sigterm_as_interrupt():
+        with sigterm_as_interrupt():
             for epoch in range(state.epoch + 1, config.epochs + 1):
                 result = train_and_validate(run, epoch, loss_fn, logger, best_path)
                 snapshot = copy.deepcopy(run.checkpoint(epoch, resumable=True))
                 if epoch % config.save_every_n_epochs == 0:
-                    vpr.save_checkpoint(last_path, snapshot)
+                    checkpoints.save_checkpoint(last_path, snapshot)
                 if result is not None and on_validation is not None:
                     on_validation(epoch, result)
                 if state.early_stopped:
                     print(f"early stop: no better val R@1 for {state.stale} validations", flush=True)
                     break
     except KeyboardInterrupt:
-        vpr.save_checkpoint(last_path, snapshot)
+        checkpoints.save_checkpoint(last_path, snapshot)
         done = snapshot["epochs_completed"]
         print(f"interrupted in epoch {done + 1}: the run as of epoch {done} is saved in {last_path}; "
               f"continue it with the same flags and --resume {last_path}", file=sys.stderr, flush=True)
@@ -467,10 +479,10 @@ def train(config: vpr.TrainConfig, on_validation: ValidationCallback | None = No
     finally:
         logger.close()
 
-    vpr.save_checkpoint(final_path, run.checkpoint(state.epoch, resumable=True))
+    checkpoints.save_checkpoint(final_path, run.checkpoint(state.epoch, resumable=True))
     result = TrainResult(run.run_id, state.best_recall, state.best_epoch, state.epoch, time.perf_counter() - started,
                          best_path, run.log_file, final_path, state.early_stopped, data.skipped_images)
-    vpr.append_summary_row(log_dir / vpr.TRAINING_SUMMARY_NAME, summary_row(config, result))
+    append_summary_row(log_dir / TRAINING_SUMMARY_NAME, summary_row(config, result))
     return result
 
 
@@ -495,4 +507,4 @@ def main(argv: Sequence[str] | None = None) -> TrainResult:
 
 
 if __name__ == "__main__":
-    vpr.run_cli(main)
+    run_cli(main)

@@ -27,6 +27,10 @@ from typing import Any, Sequence
 
 import train_vpr
 import trainable_vpr as vpr
+from vprkit.cli import VPRError, add_debug_flag, atomic_write, check_writable_dir, run_cli
+from vprkit.evaluation import RecallResult
+from vprkit.runlog import safe_name
+from vprkit.settings import add_config_args, add_config_file_flag, config_from_args, parse_layered
 
 # Used when the config file has no [tune.space]: the settings that matter most on small routes.
 DEFAULT_SPACE: dict[str, dict[str, Any]] = {
@@ -68,14 +72,15 @@ def parse_args(argv: Sequence[str] | None) -> tuple[vpr.TrainConfig, TuneOptions
     tune.add_argument("--n_jobs", type=int, default=1, help="local worker processes")
     tune.add_argument("--sampler_seed", type=int, default=None,
                       help="seed of the TPE sampler, + worker index (default: --seed); give each SLURM task its own")
-    vpr.add_config_args(parser)
-    vpr.add_debug_flag(parser)
-    args = vpr.parse_layered(parser, argv)
+    add_config_file_flag(parser)
+    add_config_args(parser, vpr.TrainConfig)
+    add_debug_flag(parser)
+    args = parse_layered(parser, argv)
     if args.n_trials < 1 or args.n_jobs < 1:
-        raise vpr.VPRError(f"--n_trials {args.n_trials} and --n_jobs {args.n_jobs}: both must be at least 1")
-    config = vpr.config_from_args(args)
+        raise VPRError(f"--n_trials {args.n_trials} and --n_jobs {args.n_jobs}: both must be at least 1")
+    config = config_from_args(args, vpr.TrainConfig)
     vpr.validate_train_config(config)
-    storage = args.storage or f"sqlite:///{Path(config.log_dir).resolve() / vpr.safe_name(args.study_name)}.db"
+    storage = args.storage or f"sqlite:///{Path(config.log_dir).resolve() / safe_name(args.study_name)}.db"
     sampler_seed = config.seed if args.sampler_seed is None else args.sampler_seed
     return config, TuneOptions(storage, args.study_name, args.n_trials, args.n_jobs, args.config, sampler_seed)
 
@@ -84,7 +89,7 @@ def require_optuna():
     try:
         import optuna
     except ImportError:
-        raise vpr.VPRError("tune_vpr.py needs Optuna: pip install optuna (it is in requirements-dev.txt)") from None
+        raise VPRError("tune_vpr.py needs Optuna: pip install optuna (it is in requirements-dev.txt)") from None
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     return optuna
 
@@ -99,14 +104,14 @@ def search_space(config_file: str | None) -> list[Dimension]:
     for name, spec in (table or DEFAULT_SPACE).items():
         where = f"{config_file} [tune.space] {name}"
         if name not in fields:
-            raise vpr.VPRError(f"{where}: not a training flag; see train_vpr.py --help")
+            raise VPRError(f"{where}: not a training flag; see train_vpr.py --help")
         if not isinstance(spec, dict) or not ({"choices"} <= set(spec) or {"low", "high"} <= set(spec)):
-            raise vpr.VPRError(f"{where}: give {{ low = .., high = .. }} (optional log, step) or {{ choices = [..] }}")
+            raise VPRError(f"{where}: give {{ low = .., high = .. }} (optional log, step) or {{ choices = [..] }}")
         unknown = set(spec) - {"low", "high", "log", "step", "choices"}
         if unknown:
-            raise vpr.VPRError(f"{where}: unknown key {sorted(unknown)[0]}; use low, high, log, step or choices")
+            raise VPRError(f"{where}: unknown key {sorted(unknown)[0]}; use low, high, log, step or choices")
         if "choices" not in spec and not spec["low"] < spec["high"]:
-            raise vpr.VPRError(f"{where}: low must be below high")
+            raise VPRError(f"{where}: low must be below high")
         dimensions.append(Dimension(name, spec.get("low"), spec.get("high"), bool(spec.get("log", False)), spec.get("step"),
                                     tuple(spec["choices"]) if "choices" in spec else None))
     return dimensions
@@ -142,12 +147,12 @@ def open_study(options: TuneOptions, seed: int, create: bool = False):
 def objective(trial, base: vpr.TrainConfig, dimensions: list[Dimension], study_name: str) -> float:
     """One training run with the trial's values; reports validation R@1 every validation."""
     optuna = require_optuna()
-    trial_dir = Path(base.log_dir) / f"{vpr.safe_name(study_name)}_trial{trial.number:04d}"
+    trial_dir = Path(base.log_dir) / f"{safe_name(study_name)}_trial{trial.number:04d}"
     config = dataclasses.replace(base, **suggest(trial, dimensions), log_dir=str(trial_dir),
                                  output_dir=str(trial_dir / "models"), resume=None)
     vpr.validate_train_config(config)  # a combination the space allows but training does not: the trial fails
 
-    def report(epoch: int, result: vpr.RecallResult) -> None:
+    def report(epoch: int, result: RecallResult) -> None:
         trial.report(result.recalls[1], epoch)
         if trial.should_prune():
             raise optuna.TrialPruned()
@@ -163,7 +168,7 @@ def run_worker(base: vpr.TrainConfig, options: TuneOptions, dimensions: list[Dim
     study = open_study(options, options.sampler_seed + worker)
     before = len(study.get_trials(deepcopy=False))
     study.optimize(lambda trial: objective(trial, base, dimensions, options.study_name), n_trials=n_trials,
-                   catch=(vpr.VPRError,))
+                   catch=(VPRError,))
     return len(study.get_trials(deepcopy=False)) - before
 
 
@@ -204,14 +209,14 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     base, options = parse_args(argv)
     require_optuna()
     dimensions = search_space(options.config_file)
-    log_dir = vpr.check_writable_dir(base.log_dir, "--log_dir")
+    log_dir = check_writable_dir(base.log_dir, "--log_dir")
     study = open_study(options, options.sampler_seed, create=True)
     print(f"study {options.study_name} in {options.storage}: {options.n_trials} trials on {options.n_jobs} worker(s), "
           f"searching {', '.join(d.name for d in dimensions)}", flush=True)
     run_workers(base, options, dimensions)
     summary = best_summary(study)
-    path = log_dir / f"{vpr.safe_name(options.study_name)}_best.json"
-    vpr.atomic_write(path, lambda p: p.write_text(json.dumps(summary, indent=2)))
+    path = log_dir / f"{safe_name(options.study_name)}_best.json"
+    atomic_write(path, lambda p: p.write_text(json.dumps(summary, indent=2)))
     if "best_params" in summary:
         print(f"best val R@1 {summary['best_value']:.3f} (trial {summary['best_trial']}): "
               + " ".join(f"--{k} {v}" for k, v in summary["best_params"].items()))
@@ -222,4 +227,4 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-    vpr.run_cli(main)
+    run_cli(main)

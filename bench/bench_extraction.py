@@ -16,7 +16,7 @@ On real images of ../shared/data/bgu_campus/train.csv (JPEG 192 x 256) with effn
   bare_contiguous     bare_forward in the default (contiguous) layout: the bare forward and the
                       pipeline run channels-last, as the module does
 
-The module keeps large freed blocks in the heap on CPU (vpr.keep_freed_memory_for_reuse: glibc's
+The module keeps large freed blocks in the heap on CPU (keep_freed_memory_for_reuse: glibc's
 mmap and trim thresholds at 1 GiB): without it every forward maps its large activation buffers
 fresh from the kernel and returns them, and the page faults cost as much as the compute.
 --without_malloc_fix measures glibc's default behaviour instead (the module's call disabled).
@@ -60,6 +60,9 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 import trainable_vpr as vpr  # noqa: E402
+from vprkit.cli import atomic_write  # noqa: E402
+from vprkit.features import Backbone, ExtractionSettings, _ImageDataset, _cpu_supports_bf16, extract_features  # noqa: E402
+from vprkit.places import PlaceTable, load_poses  # noqa: E402
 
 DATA = REPO.parent / "shared" / "data" / "bgu_campus"
 OUT_DIR = REPO / "bench" / "results"
@@ -92,9 +95,9 @@ def set_allocator(without_malloc_fix: bool) -> bool:
     """The module's allocator setting, or (without_malloc_fix) glibc's default kept for the whole
     run: the pipeline's own call is replaced by a no-op. Returns whether the fix is on."""
     if without_malloc_fix:
-        vpr.keep_freed_memory_for_reuse = lambda: False  # looked up at call time by the pipeline
+        keep_freed_memory_for_reuse = lambda: False  # looked up at call time by the pipeline
         return False
-    return vpr.keep_freed_memory_for_reuse()
+    return keep_freed_memory_for_reuse()
 
 
 def gflops_per_image(model: torch.nn.Module, image_size: int) -> float:
@@ -123,9 +126,9 @@ def page_faults() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 
 
-def ready_batches(backbone: vpr.Backbone, table: vpr.PlaceTable, batch_size: int) -> list[torch.Tensor]:
+def ready_batches(backbone: Backbone, table: PlaceTable, batch_size: int) -> list[torch.Tensor]:
     """The preprocessed images, as the pipeline would feed them, held in memory."""
-    dataset = vpr._ImageDataset(table.paths, backbone.info)
+    dataset = _ImageDataset(table.paths, backbone.info)
     images = torch.stack([dataset[i][0] for i in range(len(dataset))])
     return list(images.split(batch_size))
 
@@ -138,22 +141,22 @@ def bare_forward(model: torch.nn.Module, batches: list[torch.Tensor], precision:
     return time.perf_counter() - start
 
 
-def pipeline(backbone: vpr.Backbone, table: vpr.PlaceTable, batch_size: int, workers: int,
+def pipeline(backbone: Backbone, table: PlaceTable, batch_size: int, workers: int,
              precision: str = "fp32") -> tuple[float, float]:
     """(total seconds, seconds inside forward passes) of one extract_features with a fresh cache."""
     with tempfile.TemporaryDirectory(prefix="bench_extraction_") as cache_dir:
-        options = vpr.ExtractionOptions(batch_size=batch_size, num_workers=workers, device="cpu", cache_dir=cache_dir,
+        options = ExtractionSettings(batch_size=batch_size, num_workers=workers, device="cpu", cache_dir=cache_dir,
                                         precision=precision)
         with ForwardTimer() as timer, contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
             start = time.perf_counter()
-            feats = vpr.extract_features(backbone, table, options, "bench")
+            feats = extract_features(backbone, table, options, "bench")
             total = time.perf_counter() - start
     assert feats.shape[0] == len(table)
     return total, timer.seconds
 
 
-def decode_only(backbone: vpr.Backbone, table: vpr.PlaceTable, batch_size: int, workers: int) -> float:
-    loader = torch.utils.data.DataLoader(vpr._ImageDataset(table.paths, backbone.info), batch_size=batch_size,
+def decode_only(backbone: Backbone, table: PlaceTable, batch_size: int, workers: int) -> float:
+    loader = torch.utils.data.DataLoader(_ImageDataset(table.paths, backbone.info), batch_size=batch_size,
                                          shuffle=False, num_workers=workers)
     start = time.perf_counter()
     for _ in loader:
@@ -175,14 +178,14 @@ def main() -> None:
     parser.add_argument("--without_malloc_fix", action="store_true",
                         help="glibc's default allocator behaviour (the module keeps freed memory for reuse on CPU)")
     parser.add_argument("--precisions", nargs="+", choices=("fp32", "bf16"),
-                        default=["fp32", "bf16"] if vpr._cpu_supports_bf16() else ["fp32"])
+                        default=["fp32", "bf16"] if _cpu_supports_bf16() else ["fp32"])
     parser.add_argument("--out_dir", type=Path, default=OUT_DIR)
     args = parser.parse_args()
 
     malloc_fix = set_allocator(args.without_malloc_fix)
     if args.threads:
         torch.set_num_threads(args.threads)
-    table = vpr.load_poses(args.csv)
+    table = load_poses(args.csv)
     if args.num_images:
         table = table.subset(np.arange(min(args.num_images, len(table))))
     n = len(table)
@@ -261,7 +264,7 @@ def main() -> None:
     pd.set_option("display.width", 250)
     frame = pd.DataFrame(rows)
     args.out_dir.mkdir(parents=True, exist_ok=True)
-    vpr.atomic_write(args.out_dir / f"extraction{'' if malloc_fix else '_without_malloc_fix'}.csv",
+    atomic_write(args.out_dir / f"extraction{'' if malloc_fix else '_without_malloc_fix'}.csv",
                      lambda p: frame.to_csv(p, index=False))
     print("\n" + frame.round(3).to_string(index=False))
     print("\npipeline images/s over bare forward images/s of the same precision (target >= 0.8):")

@@ -48,6 +48,10 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 import trainable_vpr as vpr  # noqa: E402
+from vprkit.cli import atomic_write  # noqa: E402
+from vprkit.evaluation import l2_normalise  # noqa: E402
+from vprkit.pairs import cluster_places, nearest_distance_m, neighbours_within  # noqa: E402
+from vprkit.places import EARTH_RADIUS_M, latlon_to_xyz  # noqa: E402
 
 OUT_DIR = REPO / "bench" / "results"
 LAT0, LON0 = 48.8566, 2.3522       # city centre (Paris)
@@ -57,7 +61,7 @@ GPS_NOISE_M = 3.0
 POS_M, NEG_M = 25.0, 100.0          # DESIGN.md §4 defaults
 BATCH_SIZE = 32
 FUNCTIONS = (
-    "latlon_to_xyz", "cluster_places", "has_positive_pair", "neighbours_within", "nearest_distance_m",
+    "latlon_to_xyz", "cluster_places", "neighbours_within", "nearest_distance_m",
     "make_place_batches", "make_place_batches_hard", "hard_negative_places",
 )
 PIPELINE = FUNCTIONS  # what one run of GPS mining costs, summed for the 1M target
@@ -83,8 +87,8 @@ def street_points(rng: np.random.Generator, count: int, side_m: float) -> np.nda
 
 def metres_to_latlon(xy: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Local east/north metres around (LAT0, LON0) to degrees (equirectangular; exact enough)."""
-    lat = LAT0 + np.degrees(xy[:, 1] / vpr.EARTH_RADIUS_M)
-    lon = LON0 + np.degrees(xy[:, 0] / (vpr.EARTH_RADIUS_M * math.cos(math.radians(LAT0))))
+    lat = LAT0 + np.degrees(xy[:, 1] / EARTH_RADIUS_M)
+    lon = LON0 + np.degrees(xy[:, 0] / (EARTH_RADIUS_M * math.cos(math.radians(LAT0))))
     return lat, lon
 
 
@@ -122,28 +126,26 @@ def reset_peak_rss() -> bool:
 def prepare(function: str, n: int, fixed_area: bool):
     """(callable, description of the result) with every input built beforehand."""
     lat, lon = synthetic_city(n, seed=0, fixed_area=fixed_area)
-    xyz = vpr.latlon_to_xyz(lat, lon)
+    xyz = latlon_to_xyz(lat, lon)
     rng = np.random.default_rng(1)
     if function == "latlon_to_xyz":
-        return lambda: vpr.latlon_to_xyz(lat, lon), lambda r: ""
+        return lambda: latlon_to_xyz(lat, lon), lambda r: ""
     if function == "cluster_places":
         def describe(labels):
             counts = np.bincount(labels)
             return f"{len(counts)} places, {(counts >= 2).sum()} with >=2 images, mean {counts.mean():.2f} images/place"
-        return lambda: vpr.cluster_places(xyz, POS_M), describe
-    if function == "has_positive_pair":
-        return lambda: vpr.has_positive_pair(xyz, POS_M), lambda r: f"result {r}"
+        return lambda: cluster_places(xyz, POS_M), describe
     if function == "neighbours_within":
         def describe(found):
             sizes = np.fromiter((len(f) for f in found), np.int64, len(found))
             return f"positives per image (self excluded): mean {sizes.mean() - 1:.1f}, max {sizes.max() - 1}"
-        return lambda: vpr.neighbours_within(xyz, xyz, POS_M), describe
+        return lambda: neighbours_within(xyz, xyz, POS_M), describe
     if function == "nearest_distance_m":
         q_lat, q_lon = synthetic_city(max(1, n // 10), seed=7, fixed_area=fixed_area)
-        q_xyz = vpr.latlon_to_xyz(q_lat, q_lon)
-        return (lambda: vpr.nearest_distance_m(xyz, q_xyz),
+        q_xyz = latlon_to_xyz(q_lat, q_lon)
+        return (lambda: nearest_distance_m(xyz, q_xyz),
                 lambda d: f"{len(q_xyz)} queries vs {n} references; {np.mean(d <= POS_M):.1%} within {POS_M:g} m")
-    place_of = vpr.cluster_places(xyz, POS_M)
+    place_of = cluster_places(xyz, POS_M)
     places = int(place_of.max()) + 1
     num_batches = math.ceil(n / BATCH_SIZE)
     describe_batches = lambda b: f"{len(b)} batches of mean {np.mean([len(x) for x in b]):.1f} images"  # noqa: E731
@@ -162,7 +164,7 @@ def prepare(function: str, n: int, fixed_area: bool):
                                                hard_places, 0.5),
                 lambda b: describe_batches(b) + f", hard_neg_ratio 0.5, {places} places")
     if function == HARD_NEGATIVE_FUNCTION:
-        emb = vpr.l2_normalise(rng.normal(size=(n, 256)).astype(np.float32))
+        emb = l2_normalise(rng.normal(size=(n, 256)).astype(np.float32))
         return (lambda: vpr.mine_hard_negatives(emb, xyz, NEG_M),
                 lambda r: f"256-d embeddings, k=10, {np.mean(r >= 0):.1%} of slots filled")
     raise SystemExit(f"unknown function {function}")
@@ -248,7 +250,7 @@ def report(frame, sizes: list[int], out_dir: Path) -> None:
     print("\n" + frame[cols].round(3).to_string(index=False))
     functions = list(dict.fromkeys(frame["function"]))
     growth = pd.DataFrame(growth_rows(frame, functions))
-    vpr.atomic_write(out_dir / "mining_growth.csv", lambda p: growth.to_csv(p, index=False))
+    atomic_write(out_dir / "mining_growth.csv", lambda p: growth.to_csv(p, index=False))
     if not growth.empty:
         print("\ngrowth (linear: time_ratio == size_ratio; N log N a little above)")
         print(growth.to_string(index=False))
@@ -305,7 +307,7 @@ def main() -> None:
         if col not in frame:
             frame[col] = float("nan")
     args.out_dir.mkdir(parents=True, exist_ok=True)
-    vpr.atomic_write(args.out_dir / "mining.csv", lambda p: frame.to_csv(p, index=False))
+    atomic_write(args.out_dir / "mining.csv", lambda p: frame.to_csv(p, index=False))
     report(frame, args.sizes, args.out_dir)
 
 if __name__ == "__main__":

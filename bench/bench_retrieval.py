@@ -47,8 +47,11 @@ REPO = BENCH.parent
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(BENCH))
 
-import trainable_vpr as vpr  # noqa: E402
+
 from bench_mining import GPS_NOISE_M, proc_status_mb, reset_peak_rss, synthetic_city  # noqa: E402
+from vprkit.cli import atomic_write  # noqa: E402
+from vprkit.evaluation import evaluate_retrieval, l2_normalise  # noqa: E402
+from vprkit.places import latlon_to_xyz  # noqa: E402
 
 OUT_DIR = REPO / "bench" / "results"
 DIM, K = 256, 10
@@ -62,15 +65,15 @@ def make_data(n_db: int, n_q: int, seed: int = 0):
     src = rng.integers(0, n_db, n_q)
     queries = db[src] + QUERY_NOISE * rng.standard_normal((n_q, DIM), dtype=np.float32)
     lat, lon = synthetic_city(n_db, seed=seed)
-    db_xyz = vpr.latlon_to_xyz(lat, lon)
+    db_xyz = latlon_to_xyz(lat, lon)
     q_xyz = db_xyz[src] + rng.normal(0.0, GPS_NOISE_M, (n_q, 3))
     return db, db_xyz, queries, q_xyz
 
 
 def numpy_topk(db: np.ndarray, queries: np.ndarray, k: int, block_mb: float) -> tuple[np.ndarray, np.ndarray]:
     """Exact top-k by inner product of L2-normalised vectors: blocked matmul + argpartition."""
-    db = vpr.l2_normalise(db)
-    queries = vpr.l2_normalise(queries)
+    db = l2_normalise(db)
+    queries = l2_normalise(queries)
     n = len(db)
     k = min(k, n)
     # per score: 4 bytes (float32 score) + 8 (argpartition's int64 index)
@@ -90,10 +93,10 @@ def numpy_topk(db: np.ndarray, queries: np.ndarray, k: int, block_mb: float) -> 
 def faiss_search(db: np.ndarray, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     import faiss
 
-    xb = vpr.l2_normalise(db)
+    xb = l2_normalise(db)
     index = faiss.IndexFlatIP(xb.shape[1])
     index.add(xb)
-    scores, top = index.search(vpr.l2_normalise(queries), k)
+    scores, top = index.search(l2_normalise(queries), k)
     return top, scores
 
 
@@ -117,7 +120,7 @@ def worker(n_db: int, n_q: int, repeats: int, block_mb: float) -> list[dict]:
 
     db, db_xyz, queries, q_xyz = make_data(n_db, n_q)
     calls = {
-        "evaluate_retrieval": lambda: vpr.evaluate_retrieval(db, db_xyz, queries, q_xyz, 25.0, (1, 5, 10)),
+        "evaluate_retrieval": lambda: evaluate_retrieval(db, db_xyz, queries, q_xyz, 25.0, (1, 5, 10)),
         "faiss_search": lambda: faiss_search(db, queries, K),
         "numpy_blocked": lambda: numpy_topk(db, queries, K, block_mb),
     }
@@ -199,7 +202,7 @@ def main() -> None:
     ratios = pd.DataFrame(ratio)
     frame = frame.merge(ratios, on="n_db")
     args.out_dir.mkdir(parents=True, exist_ok=True)
-    vpr.atomic_write(args.out_dir / "retrieval.csv", lambda p: frame.to_csv(p, index=False))
+    atomic_write(args.out_dir / "retrieval.csv", lambda p: frame.to_csv(p, index=False))
     cols = ["method", "n_db", "n_queries", "median_s", "min_s", "max_s", "queries_per_s", "rss_delta_mb",
             "traced_peak_mb", "top1_mismatches", "top1_mismatches_not_ties"]
     print("\n" + frame[cols].round(3).to_string(index=False))

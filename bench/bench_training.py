@@ -46,6 +46,10 @@ sys.path.insert(0, str(BENCH))
 import train_vpr  # noqa: E402
 import trainable_vpr as vpr  # noqa: E402
 from bench_extraction import set_allocator  # noqa: E402
+from vprkit.cli import atomic_write  # noqa: E402
+from vprkit.features import ExtractionSettings, extract_features, extraction_settings  # noqa: E402
+from vprkit.places import load_poses  # noqa: E402
+from vprkit.runlog import CsvLogger  # noqa: E402
 
 DATA = REPO.parent / "shared" / "data" / "bgu_campus"
 OUT_DIR = REPO / "bench" / "results"
@@ -80,26 +84,25 @@ def main() -> None:
                                  cache_dir=str(tmp / "cache"), log_dir=str(tmp / "logs"), output_dir=str(tmp / "models"))
         vpr.validate_train_config(config)
         vpr.set_determinism(config.seed)
-        train = vpr.load_poses(config.train_csv)
-        val = vpr.load_poses(config.val_csv)
+        train = load_poses(config.train_csv)
+        val = load_poses(config.val_csv)
         if args.num_images:
             train = train.subset(np.arange(min(args.num_images, len(train))))
         n = len(train)
         backbone = vpr.create_backbone(config.model)
-        cached = vpr.extraction_options(config)
-        no_cache = vpr.ExtractionOptions(batch_size=config.batch_size, num_workers=config.num_workers,
+        cached = extraction_settings(config)
+        no_cache = ExtractionSettings(batch_size=config.batch_size, num_workers=config.num_workers,
                                          device=config.device, cache_dir=None)
         with quiet():
-            vpr.extract_features(backbone, train.subset(np.arange(min(n, 32))), no_cache)  # warm-up
-            train_features = vpr.extract_features(backbone, train, cached, "train")   # fills the cache
-            val_features = vpr.extract_features(backbone, val, cached, "val")
+            extract_features(backbone, train.subset(np.arange(min(n, 32))), no_cache)  # warm-up
+            train_features = extract_features(backbone, train, cached, "train")   # fills the cache
+            val_features = extract_features(backbone, val, cached, "val")
         split = lambda table, features: train_vpr.Split.of(table, features, False, config.pos_threshold_m)  # noqa: E731
         data = train_vpr.TrainingData(backbone.info.as_dict(), split(train, train_features), split(val, val_features))
         place_of = data.train.places
-        run = train_vpr.new_run(config, data)  # head, optimizer, schedule, sampler, random generators
-        loss_fn = vpr.HybridLoss(config.triplet_margin, config.contrastive_temperature, config.triplet_weight,
-                                 config.contrastive_weight, vpr.effective_hard_neg_ratio(config), config.loss_distance)
-        logger = vpr.CsvLogger(tmp / "logs" / "bench.csv")
+        run = train_vpr.new_run(config, data)  # head, optimizer, schedule, triplet miner, random generators
+        loss_fn = train_vpr.hybrid_loss(config)
+        logger = CsvLogger(tmp / "logs" / "bench.csv")
         print(f"{n} training images ({len(np.unique(place_of))} GPS places), {config.model}, head {config.head}, "
               f"batch {config.batch_size}, num_workers {config.num_workers}, torch threads {torch.get_num_threads()}, "
               f"malloc fix {'on' if malloc_fix else 'off'}",
@@ -110,7 +113,7 @@ def main() -> None:
             batches = train_vpr.epoch_batches(config, run.head, data.train, run.rng)
             middle = time.perf_counter()
             train_vpr.train_one_epoch(epoch, run.head, run.optimizer, run.scheduler, loss_fn, data.train, batches, config,
-                                      run.generator, logger, run.sampler)
+                                      run.generator, logger, run.miner)
             end = time.perf_counter()
             return end - start, middle - start, end - middle, int(sum(len(b) for b in batches))
 
@@ -120,10 +123,10 @@ def main() -> None:
         for rep in range(args.repeats):
             with quiet():
                 start = time.perf_counter()
-                vpr.extract_features(backbone, train, no_cache, "train")
+                extract_features(backbone, train, no_cache, "train")
                 extract_times.append(time.perf_counter() - start)
                 start = time.perf_counter()
-                vpr.extract_features(backbone, train, cached, "train")
+                extract_features(backbone, train, cached, "train")
                 read_times.append(time.perf_counter() - start)
             for _ in range(args.epochs):
                 total, batching, steps, count = cached_epoch(epoch)
@@ -164,7 +167,7 @@ def main() -> None:
     frame["malloc_fix"] = malloc_fix
     args.out_dir.mkdir(parents=True, exist_ok=True)
     name = "training.csv" if malloc_fix else "training_without_malloc_fix.csv"
-    vpr.atomic_write(args.out_dir / name, lambda p: frame.to_csv(p, index=False))
+    atomic_write(args.out_dir / name, lambda p: frame.to_csv(p, index=False))
     print("\n" + frame.round(4).to_string(index=False))
     ratio = extract_s / epoch_s
     print(f"\nno-cache epoch costs {ratio:.0f}x a cached epoch in extraction alone (target >= 50: "

@@ -18,6 +18,7 @@ import argparse
 import contextlib
 import io
 import sys
+import tomllib
 from pathlib import Path
 
 import numpy as np
@@ -26,13 +27,19 @@ import pandas as pd
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-import eval_trained  # noqa: E402
 import train_vpr  # noqa: E402
 import trainable_vpr as vpr  # noqa: E402
+from vprkit.cli import atomic_write  # noqa: E402
+from vprkit.evaluation import Descriptors, evaluate_variant, fit_pca_whitening  # noqa: E402
+from vprkit.features import ExtractionSettings, extract_features  # noqa: E402
+from vprkit.places import PlaceTable, load_poses  # noqa: E402
 
 DATA = REPO.parent / "shared" / "data" / "bgu_campus"
 SPLITS = ("train", "val", "test", "queries")
 THRESHOLDS_M = (25.0, 10.0)
+# The seed recipe's flags (bench/seed_recipe.toml, as `--config` gives them to train_vpr.py).
+RECIPES = {"default": {}, "seed": {k: v for section in tomllib.loads((REPO / "bench" / "seed_recipe.toml").read_text()).values()
+                                   for k, v in section.items()}}
 
 
 def parse_args() -> argparse.Namespace:
@@ -46,14 +53,14 @@ def parse_args() -> argparse.Namespace:
     return parser.parse_args()
 
 
-def recall_rows(name: str, seed: int | None, desc: dict[str, np.ndarray], tables: dict[str, vpr.PlaceTable],
+def recall_rows(name: str, seed: int | None, desc: dict[str, np.ndarray], tables: dict[str, PlaceTable],
                 thresholds: tuple[float, ...] = THRESHOLDS_M) -> list[dict]:
     """R@1/5/10 of one variant on test and queries at each threshold, overall and per condition."""
     rows = []
     for split in ("test", "queries"):
         for threshold in thresholds:
-            report = eval_trained.evaluate_variant(
-                name, eval_trained.Descriptors(desc["train"], desc[split]), tables["train"], tables[split], threshold, (1, 5, 10))
+            report = evaluate_variant(
+                name, Descriptors(desc["train"], desc[split]), tables["train"], tables[split], threshold, (1, 5, 10))
             groups = {"all": report.result.recalls, **report.by_condition}
             for condition, recalls in groups.items():
                 rows.append({"variant": name, "seed": seed, "split": split, "threshold_m": threshold,
@@ -63,10 +70,10 @@ def recall_rows(name: str, seed: int | None, desc: dict[str, np.ndarray], tables
 
 def trained_descriptors(recipe: str, seed: int, threshold: float, args: argparse.Namespace,
                         features: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    config = vpr.recipe_config(recipe, train_csv=str(args.data / "train.csv"), val_csv=str(args.data / "val.csv"),
-                               model=args.model, seed=seed, epochs=args.epochs, pos_threshold_m=threshold,
-                               cache_dir=args.cache_dir, log_dir=str(args.out_dir / "logs"),
-                               output_dir=str(args.out_dir / f"models_{threshold:g}m"))
+    config = vpr.TrainConfig(**RECIPES[recipe], train_csv=str(args.data / "train.csv"), val_csv=str(args.data / "val.csv"),
+                             model=args.model, seed=seed, epochs=args.epochs, pos_threshold_m=threshold,
+                             cache_dir=args.cache_dir, log_dir=str(args.out_dir / "logs"),
+                             output_dir=str(args.out_dir / f"models_{threshold:g}m"))
     with contextlib.redirect_stdout(io.StringIO()):
         result = train_vpr.train(config)
     head = vpr.head_from_checkpoint(vpr.load_checkpoint(result.checkpoint))
@@ -86,13 +93,13 @@ def summary_table(rows: list[dict]) -> pd.DataFrame:
 
 def main() -> None:
     args = parse_args()
-    tables = {s: vpr.load_poses(args.data / f"{s}.csv") for s in SPLITS}
+    tables = {s: load_poses(args.data / f"{s}.csv") for s in SPLITS}
     backbone = vpr.create_backbone(args.model)
-    options = vpr.ExtractionOptions(cache_dir=args.cache_dir)
-    features = {s: vpr.extract_features(backbone, t, options, s) for s, t in tables.items()}
+    options = ExtractionSettings(cache_dir=args.cache_dir)
+    features = {s: extract_features(backbone, t, options, s) for s, t in tables.items()}
 
     rows = recall_rows("raw", None, features, tables)
-    project = vpr.fit_pca_whitening(features["train"], 256)
+    project = fit_pca_whitening(features["train"], 256)
     rows += recall_rows("pca_whitened", None, {s: project(f) for s, f in features.items()}, tables)
     for recipe in ("seed", "default"):
         for threshold in THRESHOLDS_M:
@@ -101,7 +108,7 @@ def main() -> None:
                 rows += recall_rows(f"{recipe} recipe", seed, descriptors, tables, (threshold,))
 
     args.out_dir.mkdir(parents=True, exist_ok=True)
-    vpr.atomic_write(args.out_dir / "recall_bgu.csv", lambda p: pd.DataFrame(rows).to_csv(p, index=False))
+    atomic_write(args.out_dir / "recall_bgu.csv", lambda p: pd.DataFrame(rows).to_csv(p, index=False))
     table = summary_table(rows)
     print(f"\nR@1 on bgu_campus ({args.model}; database train.csv; trained rows: mean ± std over seeds {args.seeds})")
     for split in ("test", "queries"):

@@ -32,6 +32,17 @@ TINY_MODEL = "timm:test_efficientnet"
 TINY_SIZE = 32
 
 
+def haversine_m(lat1, lon1, lat2, lon2):
+    """Great-circle distance in metres (numpy-broadcasting): the independent reference the
+    geometry tests check latlon_to_xyz distances against."""
+    import numpy as np
+
+    p1, p2 = np.radians(lat1), np.radians(lat2)
+    dp, dl = p2 - p1, np.radians(np.asarray(lon2) - np.asarray(lon1))
+    a = np.sin(dp / 2) ** 2 + np.cos(p1) * np.cos(p2) * np.sin(dl / 2) ** 2
+    return 2 * 6_371_008.8 * np.arcsin(np.minimum(1.0, np.sqrt(a)))
+
+
 def write_jpeg(path: Path, seed: int, size: int = 24) -> Path:
     """A small JPEG of a random colour with some noise (distinct per seed)."""
     from PIL import Image
@@ -140,12 +151,12 @@ def write_embeddings_parquet(path: Path, n_places: int = 6, per_place: int = 4, 
 
 
 def run_main(capsys, main, argv: list[str]) -> tuple[int, str]:
-    """What `python script.py argv` does (vpr.run_cli is the scripts' __main__): (exit code, stderr)."""
-    import trainable_vpr as vpr
+    """What `python script.py argv` does (run_cli is the scripts' __main__): (exit code, stderr)."""
+    from vprkit.cli import run_cli
 
     capsys.readouterr()
     with pytest.raises(SystemExit) as exc:
-        vpr.run_cli(main, argv)
+        run_cli(main, argv)
     return exc.value.code, capsys.readouterr().err
 
 

@@ -14,8 +14,10 @@ sys.path.insert(0, str(ROOT))
 
 import analyze_metrics  # noqa: E402
 from analyze_metrics import batch_positions, read_run_log, smoothing_window, summarize_run  # noqa: E402
-import trainable_vpr as vpr  # noqa: E402
-from trainable_vpr import EXPERIMENT_COLUMNS, LOG_COLUMNS, VPRError, run_cli  # noqa: E402
+
+from vprkit.cli import VPRError, run_cli  # noqa: E402
+from vprkit.runlog import EXPERIMENT_COLUMNS, LOG_COLUMNS  # noqa: E402
+from vprkit.runlog import CsvLogger, append_summary_row  # noqa: E402
 
 HEADER = ",".join(LOG_COLUMNS)
 T = "2025-01-01T12:00:00"
@@ -145,7 +147,7 @@ def test_reads_what_train_vpr_writes(tmp_path, capsys):
     """Written through trainable_vpr's own writers, as train_vpr.py does: epoch 0 validates the
     untrained head; training never beats it, so the best epoch is 0 (train_vpr keeps that checkpoint)."""
     logs = tmp_path / "logs"
-    logger = vpr.CsvLogger(logs / "dinov2_s_seed3_20250105_101010.csv")
+    logger = CsvLogger(logs / "dinov2_s_seed3_20250105_101010.csv")
     logger.log("validation", epoch=0, val_loss=4.0, val_r1=0.5, val_r5=0.7, val_r10=0.8, val_time=1.0)
     for epoch, r1 in ((1, 0.45), (2, 0.5)):
         for batch in (1, 2):
@@ -155,7 +157,7 @@ def test_reads_what_train_vpr_writes(tmp_path, capsys):
                    avg_contrastive_loss=2.94 - epoch)
         logger.log("validation", epoch=epoch, val_loss=float("nan"), val_r1=r1, val_r5=0.7, val_r10=0.8, val_time=1.0)
     logger.close()
-    vpr.append_summary_row(logs / "training_summary.csv", {
+    append_summary_row(logs / "training_summary.csv", {
         "run_id": "dinov2_s_seed3_20250105_101010", "model": "dinov2_s", "seed": 3, "lr": 1e-4, "best_val_r1": 0.5})
 
     summary = summarize_run(read_run_log(logs / "dinov2_s_seed3_20250105_101010.csv"))

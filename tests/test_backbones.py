@@ -9,6 +9,7 @@ import timm
 import torch
 
 import trainable_vpr as vpr
+from vprkit.cli import VPRError
 
 
 @pytest.mark.parametrize("name, dim", [("dinov2_s", 384), ("resnet50", 2048)])
@@ -41,16 +42,16 @@ def test_weights_file_is_loaded_and_identified_by_content(tmp_path):
 
 
 def test_bad_weights_file_is_one_clear_error(tmp_path):
-    with pytest.raises(vpr.VPRError, match="--weights .*not found"):
+    with pytest.raises(VPRError, match="--weights .*not found"):
         vpr.create_backbone("resnet50", weights=str(tmp_path / "missing.pth"))
     other = tmp_path / "other.pth"
     torch.save(timm.create_model("test_vit", pretrained=False).state_dict(), other)
-    with pytest.raises(vpr.VPRError, match="--weights"):
+    with pytest.raises(VPRError, match="--weights"):
         vpr.create_backbone("resnet50", weights=str(other))
 
 
 def test_unknown_backbone_lists_the_choices():
-    with pytest.raises(vpr.VPRError, match="dinov2_b.*effnet_lite0"):
+    with pytest.raises(VPRError, match="dinov2_b.*effnet_lite0"):
         vpr.create_backbone("vgg16")
 
 
@@ -65,7 +66,7 @@ def test_offline_download_fails_fast_naming_the_offline_choices(monkeypatch, off
     # the real download must never be attempted (it retries for ~50 s)
     monkeypatch.setattr(timm, "create_model", lambda *a, **k: pytest.fail("download attempted"))
     start = time.perf_counter()
-    with pytest.raises(vpr.VPRError) as error:
+    with pytest.raises(VPRError) as error:
         vpr.create_backbone("dinov2_b")
     assert time.perf_counter() - start < 5
     message = str(error.value)

@@ -18,7 +18,7 @@ from conftest import (TINY_MODEL, TINY_SIZE, assert_one_line_error, place_positi
 import eval_trained
 import run_experiment
 import train_vpr
-import trainable_vpr as vpr
+from vprkit.checkpoints import FORMAT_VERSION
 
 TINY = ["--model", TINY_MODEL, "--weights", "random", "--image_size", str(TINY_SIZE), "--num_workers", "0",
         "--device", "cpu"]
@@ -212,7 +212,7 @@ def checkpoints(files, tmp_path_factory) -> types.SimpleNamespace:
     c.code = out / "code.pth"
     torch.save({**payload, "extra": _RunsCode(c.marker)}, c.code)
     c.newer = out / "newer.pth"
-    torch.save({**payload, "format_version": vpr.FORMAT_VERSION + 1, "model_state_dict": {}}, c.newer)
+    torch.save({**payload, "format_version": FORMAT_VERSION + 1, "model_state_dict": {}}, c.newer)
     return c
 
 

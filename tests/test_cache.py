@@ -12,7 +12,11 @@ import pytest
 import torch
 
 from conftest import TINY_MODEL, TINY_SIZE, write_jpeg, write_poses
+import vprkit.features
 import trainable_vpr as vpr
+from vprkit.cli import VPRError
+from vprkit.features import ExtractionSettings, FeatureCache, _ImageDataset, _iterate_descriptors, extract_features, extraction_settings
+from vprkit.places import load_poses
 
 N = 10
 
@@ -20,26 +24,26 @@ N = 10
 @pytest.fixture
 def table(tmp_path):
     csv = write_poses(tmp_path / "data", [(i * 30.0, 0.0) for i in range(N)])
-    return vpr.load_poses(csv)
+    return load_poses(csv)
 
 
 def _options(tmp_path, **kwargs):
     values = dict(batch_size=4, num_workers=0, device="cpu", cache_dir=str(tmp_path / "cache"))
     values.update(kwargs)
-    return vpr.ExtractionOptions(**values)
+    return ExtractionSettings(**values)
 
 
 @pytest.fixture
 def spy(monkeypatch):
     """Records the image paths that go through the backbone."""
     seen: list[str] = []
-    original = vpr._iterate_descriptors
+    original = _iterate_descriptors
 
     def wrapper(backbone, paths, options, desc, *rest):
         seen.extend(paths)
         yield from original(backbone, paths, options, desc, *rest)
 
-    monkeypatch.setattr(vpr, "_iterate_descriptors", wrapper)
+    monkeypatch.setattr(vprkit.features, "_iterate_descriptors", wrapper)
     return seen
 
 
@@ -50,21 +54,21 @@ def _counts(out: str) -> tuple[int, int, int]:
 
 
 def test_second_call_reads_everything_from_cache(tmp_path, table, tiny_backbone, spy, capsys):
-    first = vpr.extract_features(tiny_backbone, table, _options(tmp_path), "train")
+    first = extract_features(tiny_backbone, table, _options(tmp_path), "train")
     assert _counts(capsys.readouterr().out) == (0, N, N)
     assert first.shape == (N, tiny_backbone.info.feature_dim) and first.dtype == np.float32
     assert np.isfinite(first).all() and len({row.tobytes() for row in first}) == N
     assert len(spy) == N
     spy.clear()
-    second = vpr.extract_features(tiny_backbone, table, _options(tmp_path), "train")
+    second = extract_features(tiny_backbone, table, _options(tmp_path), "train")
     assert f"{N}/{N} from cache" in capsys.readouterr().out
     assert spy == []  # nothing went through the backbone
     np.testing.assert_array_equal(first, second)
 
 
 def test_cached_features_equal_direct_backbone_output(tmp_path, table, tiny_backbone):
-    feats = vpr.extract_features(tiny_backbone, table, _options(tmp_path))
-    dataset = vpr._ImageDataset(table.paths[:3], tiny_backbone.info)
+    feats = extract_features(tiny_backbone, table, _options(tmp_path))
+    dataset = _ImageDataset(table.paths[:3], tiny_backbone.info)
     images = torch.stack([dataset[i][0] for i in range(3)])
     with torch.no_grad():
         direct = vpr.backbone_descriptor(tiny_backbone.model, images).numpy()
@@ -72,24 +76,24 @@ def test_cached_features_equal_direct_backbone_output(tmp_path, table, tiny_back
 
 
 def test_touching_an_image_re_extracts_only_that_image(tmp_path, table, tiny_backbone, spy, capsys):
-    first = vpr.extract_features(tiny_backbone, table, _options(tmp_path))
+    first = extract_features(tiny_backbone, table, _options(tmp_path))
     capsys.readouterr()
     spy.clear()
     touched = table.paths[3]
     stat = os.stat(touched)
     os.utime(touched, ns=(stat.st_atime_ns, stat.st_mtime_ns + 5_000_000_000))
-    second = vpr.extract_features(tiny_backbone, table, _options(tmp_path))
+    second = extract_features(tiny_backbone, table, _options(tmp_path))
     assert _counts(capsys.readouterr().out) == (N - 1, N, 1)
     assert spy == [touched]
     np.testing.assert_allclose(second, first, rtol=1e-5, atol=1e-6)
 
 
 def test_changed_content_gives_new_features(tmp_path, table, tiny_backbone, spy, capsys):
-    first = vpr.extract_features(tiny_backbone, table, _options(tmp_path))
+    first = extract_features(tiny_backbone, table, _options(tmp_path))
     capsys.readouterr()
     spy.clear()
     write_jpeg(Path(table.paths[7]), seed=12345, size=40)  # another picture
-    second = vpr.extract_features(tiny_backbone, table, _options(tmp_path))
+    second = extract_features(tiny_backbone, table, _options(tmp_path))
     assert _counts(capsys.readouterr().out) == (N - 1, N, 1)
     assert spy == [table.paths[7]]
     others = [i for i in range(N) if i != 7]
@@ -99,22 +103,22 @@ def test_changed_content_gives_new_features(tmp_path, table, tiny_backbone, spy,
 
 def test_other_image_size_or_weights_use_another_folder(tmp_path, table, tiny_backbone, capsys):
     cache_dir = tmp_path / "cache"
-    base = vpr.FeatureCache(cache_dir, tiny_backbone.info).dir
-    assert vpr.FeatureCache(cache_dir, tiny_backbone.info).dir == base  # stable key
+    base = FeatureCache(cache_dir, tiny_backbone.info).dir
+    assert FeatureCache(cache_dir, tiny_backbone.info).dir == base  # stable key
     bigger = vpr.create_backbone(TINY_MODEL, weights="random", image_size=TINY_SIZE + 16)
-    assert vpr.FeatureCache(cache_dir, bigger.info).dir != base
+    assert FeatureCache(cache_dir, bigger.info).dir != base
     weights_file = tmp_path / "w.pth"
     torch.save(tiny_backbone.model.state_dict(), weights_file)
     from_file = vpr.create_backbone(TINY_MODEL, weights=str(weights_file), image_size=TINY_SIZE)
     assert from_file.info.weights != tiny_backbone.info.weights
-    assert vpr.FeatureCache(cache_dir, from_file.info).dir != base
+    assert FeatureCache(cache_dir, from_file.info).dir != base
 
-    a = vpr.extract_features(tiny_backbone, table, _options(tmp_path))
+    a = extract_features(tiny_backbone, table, _options(tmp_path))
     capsys.readouterr()
-    b = vpr.extract_features(bigger, table, _options(tmp_path))
+    b = extract_features(bigger, table, _options(tmp_path))
     assert _counts(capsys.readouterr().out) == (0, N, N)
     assert not np.allclose(a, b)
-    c = vpr.extract_features(from_file, table, _options(tmp_path))
+    c = extract_features(from_file, table, _options(tmp_path))
     assert _counts(capsys.readouterr().out) == (0, N, N)
     np.testing.assert_allclose(a, c, rtol=1e-5, atol=1e-6)  # same tensors, separate entries
     assert len([d for d in cache_dir.iterdir() if d.is_dir()]) == 3
@@ -125,13 +129,13 @@ def _shards(tmp_path):
 
 
 def test_truncated_shard_is_detected_and_rebuilt(tmp_path, table, tiny_backbone, spy, capsys):
-    first = vpr.extract_features(tiny_backbone, table, _options(tmp_path))
+    first = extract_features(tiny_backbone, table, _options(tmp_path))
     (shard,) = _shards(tmp_path)
     data = shard.read_bytes()
     shard.write_bytes(data[: len(data) // 2])
     capsys.readouterr()
     spy.clear()
-    second = vpr.extract_features(tiny_backbone, table, _options(tmp_path))
+    second = extract_features(tiny_backbone, table, _options(tmp_path))
     assert _counts(capsys.readouterr().out) == (0, N, N)
     assert sorted(spy) == sorted(table.paths)
     np.testing.assert_allclose(second, first, rtol=1e-5, atol=1e-6)
@@ -142,7 +146,7 @@ def test_truncated_shard_is_detected_and_rebuilt(tmp_path, table, tiny_backbone,
 
 def test_only_the_broken_shard_is_rebuilt(tmp_path, table, tiny_backbone, spy, capsys):
     options = _options(tmp_path, chunk_size=4)
-    first = vpr.extract_features(tiny_backbone, table, options)
+    first = extract_features(tiny_backbone, table, options)
     shards = _shards(tmp_path)
     assert len(shards) == 3  # 4 + 4 + 2 images
     victim = shards[0]
@@ -151,7 +155,7 @@ def test_only_the_broken_shard_is_rebuilt(tmp_path, table, tiny_backbone, spy, c
     victim.write_bytes(data[:-8])
     capsys.readouterr()
     spy.clear()
-    second = vpr.extract_features(tiny_backbone, table, options)
+    second = extract_features(tiny_backbone, table, options)
     assert _counts(capsys.readouterr().out) == (N - len(victim_keys), N, len(victim_keys))
     assert len(spy) == len(victim_keys)
     np.testing.assert_allclose(second, first, rtol=1e-5, atol=1e-6)
@@ -162,7 +166,7 @@ def test_only_the_broken_shard_is_rebuilt(tmp_path, table, tiny_backbone, spy, c
 def test_other_broken_shards_are_rebuilt(tmp_path, table, tiny_backbone, capsys, damage):
     """A zero-length file is what a power cut leaves after a rename whose data never reached
     the disk (no fsync); it must be rebuilt like a truncated one, not crash."""
-    first = vpr.extract_features(tiny_backbone, table, _options(tmp_path))
+    first = extract_features(tiny_backbone, table, _options(tmp_path))
     (shard,) = _shards(tmp_path)
     if damage == "empty_shard":
         shard.write_bytes(b"")
@@ -178,15 +182,15 @@ def test_other_broken_shards_are_rebuilt(tmp_path, table, tiny_backbone, capsys,
     else:
         shard.write_bytes(b"\x00" * len(shard.read_bytes()))
     capsys.readouterr()
-    second = vpr.extract_features(tiny_backbone, table, _options(tmp_path))
+    second = extract_features(tiny_backbone, table, _options(tmp_path))
     assert _counts(capsys.readouterr().out) == (0, N, N)
     np.testing.assert_allclose(second, first, rtol=1e-5, atol=1e-6)
 
 
 def test_no_cache_gives_the_same_features(tmp_path, table, tiny_backbone, capsys):
-    cached = vpr.extract_features(tiny_backbone, table, _options(tmp_path))
+    cached = extract_features(tiny_backbone, table, _options(tmp_path))
     capsys.readouterr()
-    direct = vpr.extract_features(tiny_backbone, table, _options(tmp_path, cache_dir=None))
+    direct = extract_features(tiny_backbone, table, _options(tmp_path, cache_dir=None))
     out = capsys.readouterr().out
     assert f"{N} extracted (cache disabled)" in out and "from cache" not in out
     assert direct.shape == cached.shape and direct.dtype == np.float32
@@ -195,9 +199,9 @@ def test_no_cache_gives_the_same_features(tmp_path, table, tiny_backbone, capsys
 
 def test_extraction_options_follow_no_cache_flag():
     config = vpr.TrainConfig(train_csv="a", val_csv="b", cache_dir="somewhere", no_cache=True, batch_size=8, num_workers=0)
-    assert vpr.extraction_options(config).cache_dir is None
+    assert extraction_settings(config).cache_folder is None
     config.no_cache = False
-    options = vpr.extraction_options(config)
+    options = extraction_settings(config)
     assert (options.cache_dir, options.batch_size, options.num_workers) == ("somewhere", 8, 0)
 
 
@@ -205,8 +209,8 @@ def test_unreadable_image_names_the_file(tmp_path, table, tiny_backbone):
     bad = table.paths[5]
     with open(bad, "wb") as handle:
         handle.write(b"not a jpeg at all")
-    with pytest.raises(vpr.VPRError, match=re.escape(bad)):
-        vpr.extract_features(tiny_backbone, table, _options(tmp_path))
+    with pytest.raises(VPRError, match=re.escape(bad)):
+        extract_features(tiny_backbone, table, _options(tmp_path))
 
 
 @pytest.mark.parametrize("arch", ["test_efficientnet", "test_vit", "test_mambaout"])
@@ -224,8 +228,8 @@ def test_an_interrupted_extraction_resumes_where_it_stopped(tmp_path, table, tin
     """Shards of chunk_size images are stored as they fill: a Ctrl-C after two of them loses
     only the images after, and the next call extracts just those."""
     options = _options(tmp_path, chunk_size=4, batch_size=2)
-    reference = vpr.extract_features(tiny_backbone, table, _options(tmp_path / "reference"))
-    original = vpr._iterate_descriptors
+    reference = extract_features(tiny_backbone, table, _options(tmp_path / "reference"))
+    original = _iterate_descriptors
 
     def stopped_after_four_batches(*args, **kwargs):
         for number, item in enumerate(original(*args, **kwargs)):
@@ -233,24 +237,24 @@ def test_an_interrupted_extraction_resumes_where_it_stopped(tmp_path, table, tin
                 raise KeyboardInterrupt
             yield item
 
-    monkeypatch.setattr(vpr, "_iterate_descriptors", stopped_after_four_batches)
+    monkeypatch.setattr(vprkit.features, "_iterate_descriptors", stopped_after_four_batches)
     with pytest.raises(KeyboardInterrupt):
-        vpr.extract_features(tiny_backbone, table, options)
+        extract_features(tiny_backbone, table, options)
     assert len(_shards(tmp_path)) == 2  # 2 shards of 4 images written before the interruption
-    monkeypatch.setattr(vpr, "_iterate_descriptors", original)
+    monkeypatch.setattr(vprkit.features, "_iterate_descriptors", original)
     capsys.readouterr()
-    resumed = vpr.extract_features(tiny_backbone, table, options)
+    resumed = extract_features(tiny_backbone, table, options)
     assert _counts(capsys.readouterr().out) == (8, N, N - 8)
     np.testing.assert_allclose(resumed, reference, rtol=1e-5, atol=1e-6)
 
 
 def test_float16_cache_is_memory_mapped_half_size_and_close(tmp_path, table, tiny_backbone):
-    full = vpr.extract_features(tiny_backbone, table, _options(tmp_path, cache_dtype="float32"))
-    half = vpr.extract_features(tiny_backbone, table, _options(tmp_path, cache_dtype="float16"))
+    full = extract_features(tiny_backbone, table, _options(tmp_path, cache_dtype="float32"))
+    half = extract_features(tiny_backbone, table, _options(tmp_path, cache_dtype="float16"))
     assert half.dtype == np.float32  # callers always get float32
     np.testing.assert_allclose(half, full, rtol=2e-3, atol=2e-3)
     info = tiny_backbone.info
-    stores = {dtype: vpr.FeatureCache(tmp_path / "cache", info, dtype) for dtype in ("float32", "float16")}
+    stores = {dtype: FeatureCache(tmp_path / "cache", info, dtype) for dtype in ("float32", "float16")}
     for dtype, cache in stores.items():
         arrays = list(cache._arrays.values())
         assert arrays and all(isinstance(a, np.memmap) and a.dtype == np.dtype(dtype) for a in arrays)

@@ -12,7 +12,10 @@ import torch
 
 from conftest import REPO, write_embeddings_parquet
 import train_vpr
+import vprkit.checkpoints
 import trainable_vpr as vpr
+from vprkit.checkpoints import checkpoint_path, save_checkpoint
+from vprkit.cli import VPRError
 
 
 # --------------------------------------------------------------------------------------------
@@ -69,14 +72,14 @@ lr = { low = 1e-4, high = 1e-2 }   # read by tune_vpr.py only
 ])
 def test_bad_config_file_is_one_line_naming_it(tmp_path, text, message):
     path = _toml(tmp_path, text)
-    with pytest.raises(vpr.VPRError, match=message) as info:
+    with pytest.raises(VPRError, match=message) as info:
         train_vpr.parse_args(["--config", str(path), "--train_csv", "t.csv", "--val_csv", "v.csv"])
     assert "\n" not in str(info.value)
 
 
 def test_bad_environment_value_names_the_variable(monkeypatch):
     monkeypatch.setenv("VPR_LR", "fast")
-    with pytest.raises(vpr.VPRError, match="VPR_LR = 'fast': expected a number"):
+    with pytest.raises(VPRError, match="VPR_LR = 'fast': expected a number"):
         train_vpr.parse_args(["--train_csv", "t.csv", "--val_csv", "v.csv"])
 
 
@@ -131,7 +134,7 @@ def test_resumed_run_equals_the_uninterrupted_run(parquets, tmp_path, sampler):
     interrupted = _config(parquets, tmp_path / "parts", **extra)
     with pytest.raises(Stop):
         train_vpr.train(interrupted, on_validation=_stop_after(2))
-    last = vpr.checkpoint_path(interrupted.output_dir, "emb", 5, "last")
+    last = checkpoint_path(interrupted.output_dir, "emb", 5, "last")
     saved = vpr.load_checkpoint(last)  # weights_only=True
     assert saved["epochs_completed"] == 2
     assert saved["resume"]["random_states"]["numpy"]["state"]["state"] > 2**64  # a 128-bit Python int survived
@@ -142,8 +145,8 @@ def test_resumed_run_equals_the_uninterrupted_run(parquets, tmp_path, sampler):
     columns = COMPARED + (["ucb_stats"] if sampler == "ucb" else [])
     pd.testing.assert_frame_equal(logs[0][columns], logs[1][columns], check_exact=True)
     for kind in ("final", ""):
-        a = torch.load(vpr.checkpoint_path(whole.checkpoint.parent, "emb", 5, kind), weights_only=True)
-        b = torch.load(vpr.checkpoint_path(resumed.checkpoint.parent, "emb", 5, kind), weights_only=True)
+        a = torch.load(checkpoint_path(whole.checkpoint.parent, "emb", 5, kind), weights_only=True)
+        b = torch.load(checkpoint_path(resumed.checkpoint.parent, "emb", 5, kind), weights_only=True)
         assert a["model_state_dict"].keys() == b["model_state_dict"].keys()
         for name, tensor in a["model_state_dict"].items():
             assert torch.equal(tensor, b["model_state_dict"][name]), (kind, name)
@@ -155,23 +158,23 @@ def test_resumed_run_equals_the_uninterrupted_run(parquets, tmp_path, sampler):
 def test_resume_refuses_other_settings_and_plain_checkpoints(parquets, tmp_path):
     config = _config(parquets, tmp_path, epochs=1)
     result = train_vpr.train(config)
-    with pytest.raises(vpr.VPRError, match="the run used --lr 0.001, not 0.5"):
+    with pytest.raises(VPRError, match="the run used --lr 0.001, not 0.5"):
         train_vpr.train(dataclasses.replace(config, lr=0.5, resume=str(result.final_checkpoint)))
-    with pytest.raises(vpr.VPRError, match="not a resumable checkpoint"):
+    with pytest.raises(VPRError, match="not a resumable checkpoint"):
         train_vpr.train(dataclasses.replace(config, resume=str(result.checkpoint)))
 
 
 def test_validate_and_save_every_n_epochs_and_early_stop_fields(parquets, tmp_path, monkeypatch):
     config = _config(parquets, tmp_path, epochs=5, validate_every_n_epochs=2, save_every_n_epochs=3)
     saved_epochs = []
-    original = vpr.save_checkpoint
+    original = save_checkpoint
 
     def spy(path, payload):
         saved_epochs.append((path.name, payload["epochs_completed"]))
         original(path, payload)
 
     validated = []
-    monkeypatch.setattr(vpr, "save_checkpoint", spy)
+    monkeypatch.setattr(vprkit.checkpoints, "save_checkpoint", spy)
     result = train_vpr.train(config, on_validation=lambda epoch, r: validated.append(epoch))
     log = pd.read_csv(result.log_file)
     assert log[log.event == "validation"].epoch.tolist() == [0, 2, 4, 5]  # and after the last epoch

@@ -25,6 +25,10 @@ import run_experiment  # noqa: E402
 import train_vpr  # noqa: E402
 import trainable_vpr as vpr  # noqa: E402
 from conftest import assert_one_line_error, run_main  # noqa: E402
+from vprkit.evaluation import evaluate_retrieval  # noqa: E402
+from vprkit.features import ExtractionSettings, extract_features  # noqa: E402
+from vprkit.places import EARTH_RADIUS_M, load_poses  # noqa: E402
+from vprkit.runlog import safe_name  # noqa: E402
 
 SHARED_DATA = REPO.parent / "shared" / "data"
 TINY = ["--weights", "random", "--image_size", "32", "--num_workers", "0", "--device", "cpu"]
@@ -270,12 +274,12 @@ def test_trained_checkpoint_evaluates(data, checkpoint, tmp_path):
     ckpt = vpr.load_checkpoint(checkpoint)
     head = vpr.head_from_checkpoint(ckpt)
     backbone = vpr.create_backbone(TINY_MODEL, "random", 32)
-    options = vpr.ExtractionOptions(num_workers=0, device="cpu", cache_dir=str(data["cache"]))
-    database, queries = vpr.load_poses(data["train"]), vpr.load_poses(data["test"])
-    db_emb = vpr.embed(head, vpr.extract_features(backbone, database, options))
-    q_emb = vpr.embed(head, vpr.extract_features(backbone, queries, options))
+    options = ExtractionSettings(num_workers=0, device="cpu", cache_dir=str(data["cache"]))
+    database, queries = load_poses(data["train"]), load_poses(data["test"])
+    db_emb = vpr.embed(head, extract_features(backbone, database, options))
+    q_emb = vpr.embed(head, extract_features(backbone, queries, options))
     assert db_emb.shape[1] == 16
-    expected = vpr.evaluate_retrieval(db_emb, database.xyz, q_emb, queries.xyz, 30.0, (1, 5, 10))
+    expected = evaluate_retrieval(db_emb, database.xyz, q_emb, queries.xyz, 30.0, (1, 5, 10))
     np.testing.assert_array_equal(report.result.top_indices, expected.top_indices)
     assert report.result.recalls == expected.recalls
 
@@ -372,7 +376,7 @@ def _haversine_misses(db_csv: Path, q_csv: Path, threshold_m: float) -> int:
     lat1, lon1 = np.radians(q["lat"].to_numpy())[:, None], np.radians(q["lon"].to_numpy())[:, None]
     lat2, lon2 = np.radians(db["lat"].to_numpy())[None, :], np.radians(db["lon"].to_numpy())[None, :]
     a = np.sin((lat2 - lat1) / 2) ** 2 + np.cos(lat1) * np.cos(lat2) * np.sin((lon2 - lon1) / 2) ** 2
-    nearest = (2 * vpr.EARTH_RADIUS_M * np.arcsin(np.sqrt(a))).min(axis=1)
+    nearest = (2 * EARTH_RADIUS_M * np.arcsin(np.sqrt(a))).min(axis=1)
     return int((nearest > threshold_m).sum())
 
 
@@ -415,4 +419,4 @@ def test_run_experiment_demo_end_to_end(tmp_path, monkeypatch):
     assert summary["epochs"].tolist() == [2]  # given explicitly
     assert summary["lr"].tolist() == [run_experiment.DEMO_SETTINGS["lr"]]  # left at the default
     assert summary["lr_schedule"].tolist() == ["cosine"]
-    assert (tmp_path / "trained_models" / f"trained_{vpr.safe_name(TINY_MODEL)}_seed42.pth").is_file()
+    assert (tmp_path / "trained_models" / f"trained_{safe_name(TINY_MODEL)}_seed42.pth").is_file()

@@ -13,6 +13,8 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 import trainable_vpr as vpr  # noqa: E402
+from vprkit.cli import VPRError  # noqa: E402
+from vprkit.evaluation import RecallResult, evaluate_retrieval, fit_pca_whitening, l2_normalise, recall_at_n, recall_by_group  # noqa: E402
 
 RECALL_AT = (1, 2, 3, 5, 10, 25)
 
@@ -62,7 +64,7 @@ def unit(rng, n, dim=16):
 @pytest.mark.parametrize("seed", [0, 1])
 def test_recall_matches_brute_force_on_random_data(seed):
     db, db_xyz, q, q_xyz = random_problem(seed)
-    result = vpr.evaluate_retrieval(db, db_xyz, q, q_xyz, 25.0, RECALL_AT)
+    result = evaluate_retrieval(db, db_xyz, q, q_xyz, 25.0, RECALL_AT)
     recalls, order, sims, has_positive = brute_force(db, db_xyz, q, q_xyz, 25.0, RECALL_AT)
 
     assert set(result.recalls) == set(RECALL_AT)
@@ -88,7 +90,7 @@ def test_recall_matches_brute_force_on_random_data(seed):
 def test_threshold_changes_the_answer_like_brute_force():
     db, db_xyz, q, q_xyz = random_problem(3)
     for threshold in (5.0, 25.0, 60.0):
-        result = vpr.evaluate_retrieval(db, db_xyz, q, q_xyz, threshold, (1, 5, 10))
+        result = evaluate_retrieval(db, db_xyz, q, q_xyz, threshold, (1, 5, 10))
         recalls, *_ , has_positive = brute_force(db, db_xyz, q, q_xyz, threshold, (1, 5, 10))
         assert result.recalls == pytest.approx(recalls)
         assert result.num_queries_without_positive == int((~has_positive).sum())
@@ -98,8 +100,8 @@ def test_descriptors_are_compared_by_cosine_not_by_length():
     """Exact search on L2-normalised descriptors: rescaling a descriptor changes nothing."""
     db, db_xyz, q, q_xyz = random_problem(4, n_db=120, n_q=30)
     rng = np.random.default_rng(4)
-    base = vpr.evaluate_retrieval(db, db_xyz, q, q_xyz, 25.0, (1, 5, 10))
-    scaled = vpr.evaluate_retrieval(db * rng.uniform(0.01, 100, size=(len(db), 1)).astype(np.float32), db_xyz,
+    base = evaluate_retrieval(db, db_xyz, q, q_xyz, 25.0, (1, 5, 10))
+    scaled = evaluate_retrieval(db * rng.uniform(0.01, 100, size=(len(db), 1)).astype(np.float32), db_xyz,
                                     q * rng.uniform(0.01, 100, size=(len(q), 1)).astype(np.float32), q_xyz,
                                     25.0, (1, 5, 10))
     assert scaled.recalls == base.recalls
@@ -112,7 +114,7 @@ def test_a_query_with_several_positives_is_counted_once():
     db = unit(rng, 6)
     db_xyz = on_a_line([0, 3, 6, 500, 1000, 1500])  # three positives of a query at 0 m
     q = db[[0]] + 0.01 * unit(rng, 1)
-    result = vpr.evaluate_retrieval(db, db_xyz, q, on_a_line([0]), 25.0, (1, 3, 5))
+    result = evaluate_retrieval(db, db_xyz, q, on_a_line([0]), 25.0, (1, 3, 5))
     assert result.recalls == {1: 1.0, 3: 1.0, 5: 1.0}
 
 
@@ -133,7 +135,7 @@ def test_duplicate_descriptors_at_the_same_position_match_brute_force():
     # half the queries are exact copies of a duplicated image: every one of them meets a tie
     q[:20] = db[np.flatnonzero(np.isin(perm, sources))[:20]]
 
-    result = vpr.evaluate_retrieval(db, db_xyz, q, q_xyz, 25.0, RECALL_AT)
+    result = evaluate_retrieval(db, db_xyz, q, q_xyz, 25.0, RECALL_AT)
     recalls, order, sims, _ = brute_force(db, db_xyz, q, q_xyz, 25.0, RECALL_AT)
     for n in RECALL_AT:
         assert result.recalls[n] == pytest.approx(recalls[n]), f"Recall@{n}"
@@ -156,7 +158,7 @@ def test_exact_ties_keep_the_lowest_indices_like_brute_force():
     db[tied] = db[tied[0]]
     db_xyz = on_a_line(np.arange(40) * 100.0)
     q = db[[3]]
-    result = vpr.evaluate_retrieval(db, db_xyz, q, db_xyz[[3]], 25.0, (5,))
+    result = evaluate_retrieval(db, db_xyz, q, db_xyz[[3]], 25.0, (5,))
     assert sorted(result.top_indices[0].tolist()) == tied[:5].tolist()
     assert np.ptp(result.top_scores[0]) == 0.0  # exactly tied scores
     assert result.recalls[5] == 1.0  # index 3 (the only one within 25 m) is among the kept ties
@@ -173,8 +175,8 @@ def test_recall_at_1_does_not_depend_on_which_other_n_are_asked_for():
     db[1:4] = db[0]                                   # 4 identical descriptors ...
     db_xyz = on_a_line(np.arange(8) * 1000.0)         # ... only index 0 within 25 m of the query
     q, q_xyz = db[[0]], db_xyz[[0]]
-    only_1 = vpr.evaluate_retrieval(db, db_xyz, q, q_xyz, 25.0, (1,))
-    with_5 = vpr.evaluate_retrieval(db, db_xyz, q, q_xyz, 25.0, (1, 5))
+    only_1 = evaluate_retrieval(db, db_xyz, q, q_xyz, 25.0, (1,))
+    with_5 = evaluate_retrieval(db, db_xyz, q, q_xyz, 25.0, (1, 5))
     assert with_5.top_indices[0, 0] == only_1.top_indices[0, 0]
     assert with_5.recalls[1] == only_1.recalls[1]
 
@@ -189,7 +191,7 @@ def test_queries_without_positive_are_misses_and_counted():
     # queries 0-2 retrieve their own place first; query 3 looks like place 0 but stands 5 km away
     q = db[[0, 1, 2, 0]] + 0.01 * unit(rng, 4)
     q_xyz = on_a_line([2, 301, 598, 5000])
-    result = vpr.evaluate_retrieval(db, db_xyz, q, q_xyz, 25.0, (1, 5))
+    result = evaluate_retrieval(db, db_xyz, q, q_xyz, 25.0, (1, 5))
     assert result.num_queries == 4
     assert result.num_queries_without_positive == 1
     assert result.has_positive.tolist() == [True, True, True, False]
@@ -205,7 +207,7 @@ def test_n_larger_than_the_database_is_recall_over_the_whole_database():
     # query 0: its only positive (index 2) is ranked last; query 1: no positive at all
     q = np.stack([db[0] * 0.8 + db[1] * 0.6 + db[2] * 0.05, db[1]])
     q_xyz = on_a_line([1000, 3000])
-    result = vpr.evaluate_retrieval(db, db_xyz, q, q_xyz, 25.0, (1, 2, 10, 100))
+    result = evaluate_retrieval(db, db_xyz, q, q_xyz, 25.0, (1, 2, 10, 100))
     assert result.top_indices.shape == (2, 3)  # k is capped at the database size
     assert result.top_indices[0].tolist() == [0, 1, 2]
     assert result.recalls == {1: 0.0, 2: 0.0, 10: 0.5, 100: 0.5}
@@ -216,14 +218,14 @@ def test_n_larger_than_the_database_is_recall_over_the_whole_database():
 def test_empty_queries_raise_vpr_error():
     rng = np.random.default_rng(11)
     db = unit(rng, 4)
-    with pytest.raises(vpr.VPRError, match="no queries"):
-        vpr.evaluate_retrieval(db, on_a_line(range(4)), np.zeros((0, 16), np.float32), np.zeros((0, 3)))
+    with pytest.raises(VPRError, match="no queries"):
+        evaluate_retrieval(db, on_a_line(range(4)), np.zeros((0, 16), np.float32), np.zeros((0, 3)))
 
 
 def test_empty_database_raises_vpr_error():
     rng = np.random.default_rng(12)
-    with pytest.raises(vpr.VPRError, match="database"):
-        vpr.evaluate_retrieval(np.zeros((0, 16), np.float32), np.zeros((0, 3)), unit(rng, 2), on_a_line([0, 1]))
+    with pytest.raises(VPRError, match="database"):
+        evaluate_retrieval(np.zeros((0, 16), np.float32), np.zeros((0, 3)), unit(rng, 2), on_a_line([0, 1]))
 
 
 # --------------------------------------------------------------------------------------------
@@ -239,27 +241,27 @@ TABLE = np.array([
 
 
 def test_recall_at_n_on_a_hand_made_table():
-    assert vpr.recall_at_n(TABLE, (1, 2, 3)) == {1: 0.4, 2: 0.6, 3: 0.8}
+    assert recall_at_n(TABLE, (1, 2, 3)) == {1: 0.4, 2: 0.6, 3: 0.8}
 
 
 def test_recall_at_n_beyond_the_table_width_uses_every_column():
-    assert vpr.recall_at_n(TABLE, (5, 100)) == {5: 0.8, 100: 0.8}
+    assert recall_at_n(TABLE, (5, 100)) == {5: 0.8, 100: 0.8}
 
 
 def test_recall_at_n_counts_a_query_once_even_with_several_hits():
     table = np.array([[True, True], [False, False]])
-    assert vpr.recall_at_n(table, (1, 2)) == {1: 0.5, 2: 0.5}
+    assert recall_at_n(table, (1, 2)) == {1: 0.5, 2: 0.5}
 
 
 def test_recall_at_n_of_no_queries_is_nan():
-    recalls = vpr.recall_at_n(np.zeros((0, 3), bool), (1, 5))
+    recalls = recall_at_n(np.zeros((0, 3), bool), (1, 5))
     assert set(recalls) == {1, 5} and all(np.isnan(v) for v in recalls.values())
 
 
-def _result_from_table(correct: np.ndarray) -> vpr.RecallResult:
+def _result_from_table(correct: np.ndarray) -> RecallResult:
     q, k = correct.shape
-    return vpr.RecallResult(
-        recalls=vpr.recall_at_n(correct, (1, 2, 3)), num_queries=q, num_queries_without_positive=0,
+    return RecallResult(
+        recalls=recall_at_n(correct, (1, 2, 3)), num_queries=q, num_queries_without_positive=0,
         pos_threshold_m=25.0, top_indices=np.zeros((q, k), np.int64), top_distances_m=np.zeros((q, k)),
         top_scores=np.zeros((q, k), np.float32), correct=correct, has_positive=np.ones(q, bool),
     )
@@ -267,27 +269,27 @@ def _result_from_table(correct: np.ndarray) -> vpr.RecallResult:
 
 def test_recall_by_group_splits_the_queries_by_condition():
     groups = np.array(["day", "night", "night", "day", "dusk"])
-    breakdown = vpr.recall_by_group(_result_from_table(TABLE), groups, (1, 2, 3))
+    breakdown = recall_by_group(_result_from_table(TABLE), groups, (1, 2, 3))
     assert list(breakdown) == ["day", "dusk", "night"]
     assert breakdown["day"] == {1: 0.0, 2: 0.5, 3: 1.0}     # rows 0 and 3
     assert breakdown["night"] == {1: 0.5, 2: 0.5, 3: 0.5}   # rows 1 and 2
     assert breakdown["dusk"] == {1: 1.0, 2: 1.0, 3: 1.0}    # row 4
     # the groups are a partition: their recalls, weighted by size, give the overall recall
-    overall = vpr.recall_at_n(TABLE, (1, 2, 3))
+    overall = recall_at_n(TABLE, (1, 2, 3))
     for n in (1, 2, 3):
         weighted = sum(breakdown[g][n] * (groups == g).sum() for g in breakdown) / len(groups)
         assert weighted == pytest.approx(overall[n])
 
 
 def test_recall_by_group_without_groups_is_empty():
-    assert vpr.recall_by_group(_result_from_table(TABLE), None, (1, 5)) == {}
+    assert recall_by_group(_result_from_table(TABLE), None, (1, 5)) == {}
 
 
 def test_recall_by_group_on_evaluate_retrieval_output():
     db, db_xyz, q, q_xyz = random_problem(13, n_db=150, n_q=60)
     groups = np.where(np.arange(60) % 3 == 0, "night", "day")
-    result = vpr.evaluate_retrieval(db, db_xyz, q, q_xyz, 25.0, (1, 5, 10))
-    breakdown = vpr.recall_by_group(result, groups, (1, 5, 10))
+    result = evaluate_retrieval(db, db_xyz, q, q_xyz, 25.0, (1, 5, 10))
+    breakdown = recall_by_group(result, groups, (1, 5, 10))
     for g in ("day", "night"):
         mask = groups == g
         expected = brute_force(db, db_xyz[:], q[mask], q_xyz[mask], 25.0, (1, 5, 10))[0]
@@ -308,16 +310,16 @@ def correlated_features(seed: int, n: int, dim: int = 64) -> tuple[np.ndarray, n
 def reference_whitening(db: np.ndarray, dim: int):
     """PCA whitening written out with an SVD: centre the L2-normalised database, project on
     the top `dim` principal axes, divide by their standard deviations."""
-    x = vpr.l2_normalise(db).astype(np.float64)
+    x = l2_normalise(db).astype(np.float64)
     mean = x.mean(axis=0)
     _, s, vt = np.linalg.svd(x - mean, full_matrices=False)
     scale = s[:dim] / np.sqrt(len(x) - 1)
-    return lambda feats: (vpr.l2_normalise(feats).astype(np.float64) - mean) @ vt[:dim].T / scale
+    return lambda feats: (l2_normalise(feats).astype(np.float64) - mean) @ vt[:dim].T / scale
 
 
 def test_pca_whitening_dims_and_unit_norm():
     db, mixing = correlated_features(0, 300)
-    project = vpr.fit_pca_whitening(db, 16)
+    project = fit_pca_whitening(db, 16)
     out_db = project(db)
     out_q = project((np.random.default_rng(1).normal(size=(7, 64)) @ mixing).astype(np.float32))
     assert out_db.shape == (300, 16) and out_q.shape == (7, 16)
@@ -328,13 +330,13 @@ def test_pca_whitening_dims_and_unit_norm():
 
 def test_pca_whitening_dim_is_capped_by_the_feature_dimension():
     db, _ = correlated_features(2, 300, dim=24)
-    assert vpr.fit_pca_whitening(db, 256)(db).shape == (300, 24)
+    assert fit_pca_whitening(db, 256)(db).shape == (300, 24)
 
 
 def test_pca_whitening_is_whitened_pca_on_the_database_and_the_same_map_for_queries():
     db, mixing = correlated_features(3, 400)
     queries = (np.random.default_rng(4).normal(size=(50, 64)) @ mixing + 3.0).astype(np.float32)
-    project = vpr.fit_pca_whitening(db, 12)
+    project = fit_pca_whitening(db, 12)
     reference = reference_whitening(db, 12)
 
     white_db = reference(db)
@@ -343,17 +345,17 @@ def test_pca_whitening_is_whitened_pca_on_the_database_and_the_same_map_for_quer
     # the function is the reference followed by L2 normalisation, up to the sign of each axis,
     # for the database and for queries alike (one map fitted on the database only)
     out_db, out_q = project(db), project(queries)
-    signs = np.sign((out_db * vpr.l2_normalise(white_db)).sum(axis=0))
-    np.testing.assert_allclose(out_db, vpr.l2_normalise(white_db) * signs, atol=1e-4)
-    np.testing.assert_allclose(out_q, vpr.l2_normalise(reference(queries)) * signs, atol=1e-4)
+    signs = np.sign((out_db * l2_normalise(white_db)).sum(axis=0))
+    np.testing.assert_allclose(out_db, l2_normalise(white_db) * signs, atol=1e-4)
+    np.testing.assert_allclose(out_q, l2_normalise(reference(queries)) * signs, atol=1e-4)
     # one query's output does not depend on the other queries
     np.testing.assert_allclose(project(queries[:1]), out_q[:1], atol=1e-6)
 
 
 def test_pca_whitening_decorrelates_the_database():
     db, _ = correlated_features(5, 500)
-    raw = vpr.l2_normalise(db)
-    out = vpr.fit_pca_whitening(db, 16)(db)
+    raw = l2_normalise(db)
+    out = fit_pca_whitening(db, 16)(db)
     raw_corr = np.abs(np.corrcoef(raw[:, :16], rowvar=False) - np.eye(16)).max()
     out_corr = np.abs(np.corrcoef(out, rowvar=False) - np.eye(16)).max()
     assert raw_corr > 0.5           # the input is strongly correlated ...
@@ -373,7 +375,7 @@ def test_pca_whitening_with_fewer_database_images_than_dims_keeps_queries_apart(
     rng = np.random.default_rng(14)
     db = rng.normal(size=(20, 64)).astype(np.float32)
     queries = db + 0.05 * rng.normal(size=db.shape).astype(np.float32)  # slightly moved copies
-    project = vpr.fit_pca_whitening(db, 256)
+    project = fit_pca_whitening(db, 256)
     out_db, out_q = project(db), project(queries)
     assert np.isfinite(out_db).all() and np.isfinite(out_q).all()
     # each moved copy still retrieves its own database image

@@ -9,10 +9,14 @@ import pytest
 import torch
 
 import trainable_vpr as vpr
+from conftest import haversine_m
+from vprkit.cli import VPRError
+from vprkit.pairs import cluster_places, nearest_distance_m, neighbours_within
+from vprkit.places import EARTH_RADIUS_M, latlon_to_xyz, metric_to_xyz
 
 
 def _chord(lat1, lon1, lat2, lon2) -> float:
-    a, b = vpr.latlon_to_xyz(np.array([lat1, lat2]), np.array([lon1, lon2]))
+    a, b = latlon_to_xyz(np.array([lat1, lat2]), np.array([lon1, lon2]))
     return float(np.linalg.norm(a - b))
 
 
@@ -24,16 +28,16 @@ def _brute_dist(xyz: np.ndarray) -> np.ndarray:
 # geometry
 # --------------------------------------------------------------------------------------------
 def test_haversine_one_degree_of_latitude():
-    assert vpr.haversine_m(0.0, 0.0, 1.0, 0.0) == pytest.approx(111_195.0, abs=5.0)
-    assert vpr.haversine_m(45.0, 7.0, 46.0, 7.0) == pytest.approx(111_195.0, abs=5.0)
+    assert haversine_m(0.0, 0.0, 1.0, 0.0) == pytest.approx(111_195.0, abs=5.0)
+    assert haversine_m(45.0, 7.0, 46.0, 7.0) == pytest.approx(111_195.0, abs=5.0)
     # one degree of longitude shrinks with cos(latitude)
-    assert vpr.haversine_m(60.0, 0.0, 60.0, 1.0) == pytest.approx(111_195.0 * 0.5, rel=2e-3)
+    assert haversine_m(60.0, 0.0, 60.0, 1.0) == pytest.approx(111_195.0 * 0.5, rel=2e-3)
 
 
 def test_chord_equals_great_circle_at_one_degree():
     # the chord is shorter than the arc by R*theta^3/24, about 1.4 m for one degree
     chord = _chord(0.0, 0.0, 1.0, 0.0)
-    assert chord == pytest.approx(vpr.haversine_m(0.0, 0.0, 1.0, 0.0) - 1.41, abs=0.05)
+    assert chord == pytest.approx(haversine_m(0.0, 0.0, 1.0, 0.0) - 1.41, abs=0.05)
 
 
 @pytest.mark.parametrize("lat, lon", [(31.2619, 34.8011), (-33.87, 151.21), (64.1, -21.9), (0.0, 0.0), (89.9, 45.0)])
@@ -41,14 +45,14 @@ def test_chord_matches_haversine_at_vpr_scale(lat, lon):
     rng = np.random.default_rng(int(abs(lat * 1000)))
     for _ in range(20):
         dlat, dlon = rng.uniform(-0.01, 0.01, size=2)  # up to ~1.5 km
-        ref = vpr.haversine_m(lat, lon, lat + dlat, lon + dlon)
+        ref = haversine_m(lat, lon, lat + dlat, lon + dlon)
         assert _chord(lat, lon, lat + dlat, lon + dlon) == pytest.approx(ref, abs=1e-3)
 
 
 def test_two_points_25_m_apart():
     lat, lon = 31.26196648, 34.80118454
-    dlat = math.degrees(25.0 / vpr.EARTH_RADIUS_M)  # 25 m due north
-    assert vpr.haversine_m(lat, lon, lat + dlat, lon) == pytest.approx(25.0, abs=1e-6)
+    dlat = math.degrees(25.0 / EARTH_RADIUS_M)  # 25 m due north
+    assert haversine_m(lat, lon, lat + dlat, lon) == pytest.approx(25.0, abs=1e-6)
     assert _chord(lat, lon, lat + dlat, lon) == pytest.approx(25.0, abs=1e-3)
     dlon = dlat / math.cos(math.radians(lat))  # about 25 m due east
     assert _chord(lat, lon, lat, lon + dlon) == pytest.approx(25.0, abs=0.01)
@@ -57,28 +61,28 @@ def test_two_points_25_m_apart():
 def test_antimeridian_is_close_not_across_the_planet():
     d = _chord(0.0, 179.9999, 0.0, -179.9999)
     assert d == pytest.approx(22.24, abs=0.05)
-    assert d == pytest.approx(vpr.haversine_m(0.0, 179.9999, 0.0, -179.9999), abs=1e-3)
+    assert d == pytest.approx(haversine_m(0.0, 179.9999, 0.0, -179.9999), abs=1e-3)
     # also away from the equator, and lon 180 is lon -180
     assert _chord(-16.5, 179.99995, -16.5, -179.99995) == pytest.approx(
-        vpr.haversine_m(-16.5, 179.99995, -16.5, -179.99995), abs=1e-3)
+        haversine_m(-16.5, 179.99995, -16.5, -179.99995), abs=1e-3)
     assert _chord(10.0, 180.0, 10.0, -180.0) == pytest.approx(0.0, abs=1e-6)
 
 
 def test_latlon_to_xyz_shape_and_radius():
-    xyz = vpr.latlon_to_xyz(np.array([0.0, 90.0, -45.0]), np.array([0.0, 0.0, 90.0]))
+    xyz = latlon_to_xyz(np.array([0.0, 90.0, -45.0]), np.array([0.0, 0.0, 90.0]))
     assert xyz.shape == (3, 3) and xyz.dtype == np.float64
-    np.testing.assert_allclose(np.linalg.norm(xyz, axis=1), vpr.EARTH_RADIUS_M)
-    np.testing.assert_allclose(xyz[0], [vpr.EARTH_RADIUS_M, 0, 0], atol=1e-6)
-    np.testing.assert_allclose(xyz[1], [0, 0, vpr.EARTH_RADIUS_M], atol=1e-6)
+    np.testing.assert_allclose(np.linalg.norm(xyz, axis=1), EARTH_RADIUS_M)
+    np.testing.assert_allclose(xyz[0], [EARTH_RADIUS_M, 0, 0], atol=1e-6)
+    np.testing.assert_allclose(xyz[1], [0, 0, EARTH_RADIUS_M], atol=1e-6)
 
 
 def test_metric_to_xyz():
-    xyz = vpr.metric_to_xyz(np.array([500000.0, 500003.0]), np.array([5000000.0, 5000004.0]))
+    xyz = metric_to_xyz(np.array([500000.0, 500003.0]), np.array([5000000.0, 5000004.0]))
     assert xyz.shape == (2, 3) and xyz.dtype == np.float64
     np.testing.assert_array_equal(xyz[:, 2], 0.0)
     assert np.linalg.norm(xyz[1] - xyz[0]) == pytest.approx(5.0)
     # integer input is not truncated or overflowed
-    np.testing.assert_array_equal(vpr.metric_to_xyz(np.array([1, 2]), np.array([3, 4]))[:, :2], [[1, 3], [2, 4]])
+    np.testing.assert_array_equal(metric_to_xyz(np.array([1, 2]), np.array([3, 4]))[:, :2], [[1, 3], [2, 4]])
 
 
 # --------------------------------------------------------------------------------------------
@@ -86,9 +90,9 @@ def test_metric_to_xyz():
 # --------------------------------------------------------------------------------------------
 def test_neighbours_within_matches_brute_force():
     rng = np.random.default_rng(0)
-    ref = vpr.metric_to_xyz(*rng.uniform(0, 300, size=(2, 400)))
-    query = vpr.metric_to_xyz(*rng.uniform(-20, 320, size=(2, 60)))
-    found = vpr.neighbours_within(ref, query, 25.0)
+    ref = metric_to_xyz(*rng.uniform(0, 300, size=(2, 400)))
+    query = metric_to_xyz(*rng.uniform(-20, 320, size=(2, 60)))
+    found = neighbours_within(ref, query, 25.0)
     assert len(found) == 60
     dist = np.linalg.norm(query[:, None, :] - ref[None, :, :], axis=2)
     total = 0
@@ -104,20 +108,20 @@ def test_neighbours_within_latlon_city_scale():
     rng = np.random.default_rng(1)
     lat = 31.2619 + rng.uniform(-0.002, 0.002, 200)
     lon = 34.8011 + rng.uniform(-0.002, 0.002, 200)
-    xyz = vpr.latlon_to_xyz(lat, lon)
-    found = vpr.neighbours_within(xyz, xyz[:10], 25.0)
+    xyz = latlon_to_xyz(lat, lon)
+    found = neighbours_within(xyz, xyz[:10], 25.0)
     for q in range(10):
-        expected = {j for j in range(200) if vpr.haversine_m(lat[q], lon[q], lat[j], lon[j]) <= 25.0}
+        expected = {j for j in range(200) if haversine_m(lat[q], lon[q], lat[j], lon[j]) <= 25.0}
         assert set(found[q].tolist()) == expected
         assert found[q][0] == q  # itself, at 0 m, first
 
 
 def test_nearest_distance_m():
     rng = np.random.default_rng(2)
-    ref = vpr.metric_to_xyz(*rng.uniform(0, 100, size=(2, 50)))
-    query = vpr.metric_to_xyz(*rng.uniform(0, 100, size=(2, 20)))
+    ref = metric_to_xyz(*rng.uniform(0, 100, size=(2, 50)))
+    query = metric_to_xyz(*rng.uniform(0, 100, size=(2, 20)))
     expected = np.linalg.norm(query[:, None] - ref[None], axis=2).min(1)
-    np.testing.assert_allclose(vpr.nearest_distance_m(ref, query), expected, rtol=1e-9)
+    np.testing.assert_allclose(nearest_distance_m(ref, query), expected, rtol=1e-9)
 
 
 @pytest.mark.parametrize("kind", ["metric", "latlon"])
@@ -125,9 +129,9 @@ def test_batch_pair_masks_match_brute_force(kind):
     rng = np.random.default_rng(3)
     n = 48  # above torch.cdist's threshold for its matrix-product path
     if kind == "metric":
-        xyz = vpr.metric_to_xyz(*rng.uniform(0, 200, size=(2, n)))
+        xyz = metric_to_xyz(*rng.uniform(0, 200, size=(2, n)))
     else:
-        xyz = vpr.latlon_to_xyz(31.26 + rng.uniform(0, 0.002, n), 34.80 + rng.uniform(0, 0.002, n))
+        xyz = latlon_to_xyz(31.26 + rng.uniform(0, 0.002, n), 34.80 + rng.uniform(0, 0.002, n))
     dist = _brute_dist(xyz)
     pos, neg = vpr.batch_pair_masks(torch.from_numpy(xyz), 25.0, 100.0)
     pos, neg = pos.numpy(), neg.numpy()
@@ -158,8 +162,8 @@ def test_batch_pair_masks_boundaries_and_same_position():
 # --------------------------------------------------------------------------------------------
 def test_cluster_places_members_are_mutual_positives():
     rng = np.random.default_rng(4)
-    xyz = vpr.metric_to_xyz(*rng.uniform(0, 150, size=(2, 600)))
-    labels = vpr.cluster_places(xyz, 25.0)
+    xyz = metric_to_xyz(*rng.uniform(0, 150, size=(2, 600)))
+    labels = cluster_places(xyz, 25.0)
     assert labels.shape == (600,)
     assert labels.min() == 0 and set(labels.tolist()) == set(range(labels.max() + 1))
     dist = _brute_dist(xyz)
@@ -172,7 +176,7 @@ def test_cluster_places_members_within_radius_in_3d():
     """Positions are 3-D (Earth-centred for lat/lon): the bound must hold in three dimensions."""
     rng = np.random.default_rng(12)
     xyz = rng.uniform(0, 60, size=(1500, 3))
-    labels = vpr.cluster_places(xyz, 25.0)
+    labels = cluster_places(xyz, 25.0)
     dist = _brute_dist(xyz)
     assert dist[labels[:, None] == labels[None, :]].max() <= 25.0
 
@@ -180,19 +184,19 @@ def test_cluster_places_members_within_radius_in_3d():
 def test_cluster_places_latlon_members_within_radius():
     rng = np.random.default_rng(5)
     lat, lon = 31.26 + rng.uniform(0, 0.001, 300), 34.80 + rng.uniform(0, 0.001, 300)
-    labels = vpr.cluster_places(vpr.latlon_to_xyz(lat, lon), 25.0)
+    labels = cluster_places(latlon_to_xyz(lat, lon), 25.0)
     for p in np.unique(labels):
         m = np.flatnonzero(labels == p)
         for i in m:
             for j in m:
-                assert vpr.haversine_m(lat[i], lon[i], lat[j], lon[j]) <= 25.0 + 1e-6
+                assert haversine_m(lat[i], lon[i], lat[j], lon[j]) <= 25.0 + 1e-6
 
 
 def test_cluster_places_labels_deterministic_first_appearance():
     rng = np.random.default_rng(6)
-    xyz = vpr.metric_to_xyz(*rng.uniform(0, 500, size=(2, 200)))
-    a = vpr.cluster_places(xyz, 25.0)
-    b = vpr.cluster_places(xyz.copy(), 25.0)
+    xyz = metric_to_xyz(*rng.uniform(0, 500, size=(2, 200)))
+    a = cluster_places(xyz, 25.0)
+    b = cluster_places(xyz.copy(), 25.0)
     np.testing.assert_array_equal(a, b)
     firsts = [int(np.flatnonzero(a == p)[0]) for p in range(a.max() + 1)]
     assert firsts == sorted(firsts)  # labels numbered in order of first appearance
@@ -200,8 +204,8 @@ def test_cluster_places_labels_deterministic_first_appearance():
 
 
 def test_cluster_places_groups_identical_positions():
-    xyz = vpr.metric_to_xyz(np.array([5.0, 500.0, 5.0, 500.0, 5.0]), np.array([5.0, 5.0, 5.0, 5.0, 5.0]))
-    np.testing.assert_array_equal(vpr.cluster_places(xyz, 25.0), [0, 1, 0, 1, 0])
+    xyz = metric_to_xyz(np.array([5.0, 500.0, 5.0, 500.0, 5.0]), np.array([5.0, 5.0, 5.0, 5.0, 5.0]))
+    np.testing.assert_array_equal(cluster_places(xyz, 25.0), [0, 1, 0, 1, 0])
 
 
 # --------------------------------------------------------------------------------------------
@@ -216,7 +220,7 @@ def _normalised(rng, n, d):
 def test_mine_hard_negatives_matches_brute_force(n, d, k):
     rng = np.random.default_rng(n)
     emb = _normalised(rng, n, d)
-    xyz = vpr.metric_to_xyz(*rng.uniform(0, 400, size=(2, n)))
+    xyz = metric_to_xyz(*rng.uniform(0, 400, size=(2, n)))
     hard = vpr.mine_hard_negatives(emb, xyz, 100.0, k=k)
     assert hard.shape == (n, k) and hard.dtype.kind == "i"
     dist = _brute_dist(xyz)
@@ -236,7 +240,7 @@ def test_mine_hard_negatives_block_fallback_matches_brute_force(chunk, max_searc
     n, k = 200, 6
     emb = _normalised(rng, n, 4)
     emb[50] = emb[60]  # an exact tie: the lower index comes first
-    xyz = vpr.metric_to_xyz(*rng.uniform(0, 250, size=(2, n)))
+    xyz = metric_to_xyz(*rng.uniform(0, 250, size=(2, n)))
     hard = vpr.mine_hard_negatives(emb, xyz, 100.0, k=k, chunk=chunk, max_search_k=max_search_k)
     dist, sim = _brute_dist(xyz), emb @ emb.T
     for i in range(n):
@@ -255,7 +259,7 @@ def test_mine_hard_negatives_far_candidates_are_not_the_most_similar_overall():
     far = rng.normal(size=(n_far, 8))
     emb = np.concatenate([near, far]).astype(np.float32)
     emb /= np.linalg.norm(emb, axis=1, keepdims=True)
-    xyz = vpr.metric_to_xyz(np.r_[np.zeros(n_near), np.full(n_far, 1000.0)], np.zeros(n_near + n_far))
+    xyz = metric_to_xyz(np.r_[np.zeros(n_near), np.full(n_far, 1000.0)], np.zeros(n_near + n_far))
     hard = vpr.mine_hard_negatives(emb, xyz, 100.0, k=3)
     sim = emb[0] @ emb[n_near:].T
     assert hard[0].tolist() == (n_near + np.argsort(-sim)[:3]).tolist()
@@ -265,7 +269,7 @@ def test_mine_hard_negatives_pads_with_minus_one():
     rng = np.random.default_rng(8)
     emb = _normalised(rng, 6, 4)
     # images 0-3 together, 4 and 5 far away (from the group and from each other)
-    xyz = vpr.metric_to_xyz(np.array([0.0, 1, 2, 3, 500, 1000]), np.zeros(6))
+    xyz = metric_to_xyz(np.array([0.0, 1, 2, 3, 500, 1000]), np.zeros(6))
     hard = vpr.mine_hard_negatives(emb, xyz, 100.0, k=4)
     for i in range(4):
         assert sorted(hard[i][:2].tolist()) == [4, 5] and hard[i][2:].tolist() == [-1, -1]
@@ -356,7 +360,7 @@ def test_make_place_batches_hard_ratio_zero_ignores_hard_places():
 
 
 def test_make_place_batches_no_eligible_place():
-    with pytest.raises(vpr.VPRError, match="pos_threshold_m"):
+    with pytest.raises(VPRError, match="pos_threshold_m"):
         vpr.make_place_batches(np.arange(10), 8, 4, 3, np.random.default_rng(0))
 
 
@@ -368,7 +372,7 @@ def _triplet_case(seed=11):
     # 4 places x 3 images; places 0/1 are 60 m apart (ignore zone), the rest far
     centres = np.array([[0.0, 0], [60, 0], [500, 0], [1000, 0]])
     xyz = np.repeat(centres, 3, axis=0) + rng.uniform(-2, 2, size=(12, 2))
-    xyz = torch.from_numpy(vpr.metric_to_xyz(xyz[:, 0], xyz[:, 1]))
+    xyz = torch.from_numpy(metric_to_xyz(xyz[:, 0], xyz[:, 1]))
     pos, neg = vpr.batch_pair_masks(xyz, 25.0, 100.0)
     emb = torch.nn.functional.normalize(torch.from_numpy(rng.normal(size=(12, 8))).float(), dim=1)
     return emb @ emb.T, pos, neg

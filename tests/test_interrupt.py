@@ -16,6 +16,8 @@ import torch
 
 from conftest import REPO, write_embeddings_parquet
 import trainable_vpr as vpr
+from vprkit.checkpoints import checkpoint_path
+from vprkit.runlog import TRAINING_SUMMARY_NAME
 
 EPOCHS = 6
 COMPARED = ["event", "epoch", "batch", "train_loss", "triplet_loss", "contrastive_loss", "avg_train_loss",
@@ -75,14 +77,14 @@ def _stop_mid_epoch(parquets, out: Path, sig: int, epoch: int = 3) -> subprocess
 
 def _final_numbers(out: Path) -> tuple[pd.DataFrame, dict]:
     log = pd.read_csv(next((out / "logs").glob("emb_seed3_*.csv")))
-    final = torch.load(vpr.checkpoint_path(out / "models", "emb", 3, "final"), weights_only=True)
+    final = torch.load(checkpoint_path(out / "models", "emb", 3, "final"), weights_only=True)
     return log, final
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL], ids=["SIGTERM", "SIGKILL"])
 def test_resume_after_a_signal_mid_epoch_ends_like_the_uninterrupted_run(parquets, uninterrupted, tmp_path, sig):
     stopped = _stop_mid_epoch(parquets, tmp_path, sig)
-    last = vpr.checkpoint_path(tmp_path / "models", "emb", 3, "last")
+    last = checkpoint_path(tmp_path / "models", "emb", 3, "last")
     if sig == signal.SIGTERM:
         assert stopped.returncode == 130, stopped.stderr[-2000:]
         assert "Traceback" not in stopped.stderr
@@ -91,7 +93,7 @@ def test_resume_after_a_signal_mid_epoch_ends_like_the_uninterrupted_run(parquet
         assert (tmp_path / "logs").glob("*.csv") and next((tmp_path / "logs").glob("emb_*.csv")).read_text().endswith("\n")
     else:
         assert stopped.returncode == -signal.SIGKILL
-    assert not vpr.checkpoint_path(tmp_path / "models", "emb", 3, "final").exists()
+    assert not checkpoint_path(tmp_path / "models", "emb", 3, "final").exists()
 
     resumed = subprocess.run(_argv(parquets, tmp_path, "--resume", str(last)), cwd=REPO, env=_env(),
                              capture_output=True, text=True, timeout=300)
@@ -103,5 +105,5 @@ def test_resume_after_a_signal_mid_epoch_ends_like_the_uninterrupted_run(parquet
         assert final_a[key] == final_b[key], key
     for name, tensor in final_a["model_state_dict"].items():
         assert torch.equal(tensor, final_b["model_state_dict"][name]), name
-    summary = pd.read_csv(tmp_path / "logs" / vpr.TRAINING_SUMMARY_NAME)
+    summary = pd.read_csv(tmp_path / "logs" / TRAINING_SUMMARY_NAME)
     assert len(summary) == 1 and summary["epochs_run"].tolist() == [EPOCHS]  # one row, from the finished run

@@ -9,6 +9,8 @@ import torch
 import torch.nn.functional as F
 
 import trainable_vpr as vpr
+from vprkit.cli import VPRError
+from vprkit.places import metric_to_xyz
 
 
 # --------------------------------------------------------------------------------------------
@@ -46,10 +48,12 @@ def _masks(pos_pairs, neg_pairs, n):
     return pos, neg
 
 
-def _loss(emb, pos, neg, **kwargs) -> vpr.LossParts:
-    loss_fn = vpr.HybridLoss(**kwargs)
-    return loss_fn(torch.tensor(emb, dtype=torch.float32), torch.from_numpy(pos), torch.from_numpy(neg),
-                   torch.Generator().manual_seed(0))
+def _loss(emb, pos, neg, hard_neg_ratio: float = 0.5, **kwargs) -> vpr.LossParts:
+    """The hybrid loss on the triplets a BatchMiner mines, as training computes it."""
+    emb = emb if isinstance(emb, torch.Tensor) else torch.tensor(emb, dtype=torch.float32)
+    pos, neg = torch.as_tensor(pos), torch.as_tensor(neg)
+    triplets = vpr.BatchMiner(hard_neg_ratio).mine(emb.detach(), pos, neg, torch.Generator().manual_seed(0))
+    return vpr.HybridLoss(**kwargs)(emb, pos, neg, triplets)
 
 
 # Four 2-D embeddings (not normalised: the loss normalises): 0 and 1 are positives, 2 is a
@@ -158,21 +162,33 @@ def test_total_is_weighted_sum(tw, cw):
     assert parts.contrastive.item() == pytest.approx(c, rel=1e-4)
 
 
+def test_loss_returns_per_item_losses_that_its_means_reduce():
+    """pytorch-metric-learning style: one loss per triplet and one per anchor with a positive;
+    the parts are their means (the UCB reward and the total come from one computation)."""
+    parts = _loss(EMB, POS, NEG, triplet_margin=0.5, hard_neg_ratio=1.0)
+    expected = [ref_triplet(EMB, [t], 0.5) for t in [(0, 1, 2), (1, 0, 3)]]
+    np.testing.assert_allclose(parts.triplet_items.detach().numpy(), expected, rtol=1e-5)
+    assert parts.triplet.item() == pytest.approx(np.mean(expected), rel=1e-6)
+    assert len(parts.contrastive_items) == 2  # anchors 0 and 1 have a positive; 2 and 3 none
+    assert parts.contrastive.item() == pytest.approx(parts.contrastive_items.mean().item(), rel=1e-6)
+
+
 def test_defaults_match_design():
     loss_fn = vpr.HybridLoss()
-    assert (loss_fn.triplet_weight, loss_fn.contrastive_weight, loss_fn.hard_neg_ratio) == (0.3, 1.0, 0.5)
+    assert (loss_fn.triplet_weight, loss_fn.contrastive_weight) == (0.3, 1.0)
+    assert vpr.TrainConfig().hard_neg_ratio == 0.5
     assert loss_fn.triplet.margin == 0.5 and loss_fn.contrastive.temperature == 0.07
 
 
 def test_loss_has_gradients_and_zero_when_nothing_to_learn():
     emb = torch.tensor(EMB, dtype=torch.float32, requires_grad=True)
-    parts = vpr.HybridLoss()(emb, torch.from_numpy(POS), torch.from_numpy(NEG), torch.Generator().manual_seed(0))
+    parts = _loss(emb, POS, NEG)
     parts.total.backward()
     assert emb.grad is not None and emb.grad.abs().sum() > 0
     # no negatives anywhere (two places in each other's ignore zone): both parts are 0, no crash
     emb = torch.tensor(EMB, dtype=torch.float32, requires_grad=True)
     pos, neg = _masks([(0, 1), (2, 3)], [], 4)
-    parts = vpr.HybridLoss()(emb, torch.from_numpy(pos), torch.from_numpy(neg), torch.Generator().manual_seed(0))
+    parts = _loss(emb, pos, neg)
     assert parts.total.item() == 0.0 and parts.triplet.item() == 0.0 and parts.contrastive.item() == 0.0
     parts.total.backward()  # still a graph
 
@@ -180,10 +196,10 @@ def test_loss_has_gradients_and_zero_when_nothing_to_learn():
 def test_loss_on_real_masks_from_positions():
     """The loss as training uses it: masks from positions, embeddings from a head."""
     torch.manual_seed(0)
-    xyz = torch.from_numpy(vpr.metric_to_xyz(np.r_[0, 1, 2, 60, 61, 500, 501, 502.0], np.zeros(8)))
+    xyz = torch.from_numpy(metric_to_xyz(np.r_[0, 1, 2, 60, 61, 500, 501, 502.0], np.zeros(8)))
     pos, neg = vpr.batch_pair_masks(xyz, 25.0, 100.0)
     emb = F.normalize(torch.randn(8, 6), dim=1)
-    parts = vpr.HybridLoss(temperature=0.3)(emb, pos, neg, torch.Generator().manual_seed(0))
+    parts = _loss(emb, pos, neg, temperature=0.3)
     assert parts.contrastive.item() == pytest.approx(ref_contrastive(emb.numpy(), pos.numpy(), neg.numpy(), 0.3), rel=1e-4)
 
 
@@ -211,7 +227,7 @@ def test_build_head_from_config():
     head = vpr.build_head({"type": "projection", "in_dim": 40, "projection_dim": 8, "dropout": 0.25})
     assert isinstance(head, vpr.ProjectionHead)
     assert head.net[0].in_features == 40 and head.net[4].out_features == 8 and head.net[3].p == 0.25
-    with pytest.raises(vpr.VPRError, match="netvlad"):
+    with pytest.raises(VPRError, match="netvlad"):
         vpr.build_head({"type": "netvlad", "in_dim": 40, "projection_dim": 8, "dropout": 0.1})
     # a state dict moves between two heads built from the same config
     twin = vpr.build_head({"type": "projection", "in_dim": 40, "projection_dim": 8, "dropout": 0.25})

@@ -16,13 +16,17 @@ import eval_trained
 import run_experiment
 import train_vpr
 import trainable_vpr as vpr
+from vprkit.cli import VPRError
+from vprkit.features import ExtractionSettings, extract_features, extract_table
+from vprkit.places import load_poses
+from vprkit.settings import config_from_args
 
 TINY = ["--model", TINY_MODEL, "--weights", "random", "--image_size", str(TINY_SIZE), "--num_workers", "0",
         "--device", "cpu"]
 
 
-def _options(tmp_path, cache: bool = True) -> vpr.ExtractionOptions:
-    return vpr.ExtractionOptions(batch_size=4, num_workers=0, device="cpu",
+def _options(tmp_path, cache: bool = True) -> ExtractionSettings:
+    return ExtractionSettings(batch_size=4, num_workers=0, device="cpu",
                                  cache_dir=str(tmp_path / "cache") if cache else None)
 
 
@@ -30,7 +34,7 @@ def _options(tmp_path, cache: bool = True) -> vpr.ExtractionOptions:
 def bad_table(tmp_path) -> types.SimpleNamespace:
     """10 images, of which #3 is text and #7 a truncated JPEG."""
     csv = write_poses(tmp_path / "data", [(i * 30.0, 0.0) for i in range(10)])
-    table = vpr.load_poses(csv)
+    table = load_poses(csv)
     (tmp_path / "data" / "images" / "poses_003.jpg").write_text("not an image")
     jpeg = tmp_path / "data" / "images" / "poses_007.jpg"
     jpeg.write_bytes(jpeg.read_bytes()[:150])
@@ -42,9 +46,9 @@ def test_missing_images_are_left_out_and_counted_at_load_time(tmp_path, capsys):
     csv = write_poses(tmp_path, [(i * 30.0, 0.0) for i in range(6)])
     for i in (1, 4):
         (tmp_path / "images" / f"poses_{i:03d}.jpg").unlink()
-    with pytest.raises(vpr.VPRError, match=r"row 3: image file .*poses_001.jpg not found .*2 missing in all"):
-        vpr.load_poses(csv)
-    table = vpr.load_poses(csv, on_bad_image="skip")
+    with pytest.raises(VPRError, match=r"row 3: image file .*poses_001.jpg not found .*2 missing in all"):
+        load_poses(csv)
+    table = load_poses(csv, on_bad_image="skip")
     assert len(table) == 4 and [p.rsplit("_", 1)[1] for p in table.paths] == ["000.jpg", "002.jpg", "003.jpg", "005.jpg"]
     np.testing.assert_array_equal(table.xyz[:, 0], [0.0, 60.0, 90.0, 150.0])  # positions stay with their images
     assert [reason for _, reason in table.skipped] == ["row 3: file not found", "row 6: file not found"]
@@ -55,16 +59,16 @@ def test_missing_images_are_left_out_and_counted_at_load_time(tmp_path, capsys):
 @pytest.mark.parametrize("cache", [True, False], ids=["cache", "no_cache"])
 def test_undecodable_images_are_left_out_of_table_and_features(tmp_path, bad_table, tiny_backbone, capsys, cache):
     options = _options(tmp_path, cache)
-    with pytest.raises(vpr.VPRError, match="poses_003.jpg: cannot be read as an image"):
-        vpr.extract_table(tiny_backbone, bad_table.table, options)
-    table, features = vpr.extract_table(tiny_backbone, bad_table.table, options, "x", "skip")
+    with pytest.raises(VPRError, match="poses_003.jpg: cannot be read as an image"):
+        extract_table(tiny_backbone, bad_table.table, options)
+    table, features = extract_table(tiny_backbone, bad_table.table, options, "x", "skip")
     assert table.paths == [bad_table.table.paths[i] for i in bad_table.good_rows]
     assert [image for image, _ in table.skipped] == bad_table.bad
     reasons = [reason for _, reason in table.skipped]  # the decoder's words
     assert reasons[0].startswith("UnidentifiedImageError") and "truncated" in reasons[1].lower(), reasons
     assert features.shape == (8, tiny_backbone.info.feature_dim) and np.isfinite(features).all()
     # the same numbers as extracting the good images alone: rows stay aligned
-    good = vpr.extract_features(tiny_backbone, bad_table.table.subset(np.array(bad_table.good_rows)),
+    good = extract_features(tiny_backbone, bad_table.table.subset(np.array(bad_table.good_rows)),
                                 _options(tmp_path / "other", cache))
     np.testing.assert_allclose(features, good, rtol=1e-5, atol=1e-6)
     assert "skipped 2 bad image(s)" in capsys.readouterr().err
@@ -72,9 +76,9 @@ def test_undecodable_images_are_left_out_of_table_and_features(tmp_path, bad_tab
 
 def test_skipped_images_are_tried_again_and_counted_again_through_the_cache(tmp_path, bad_table, tiny_backbone, capsys):
     options = _options(tmp_path)
-    vpr.extract_table(tiny_backbone, bad_table.table, options, "x", "skip")
+    extract_table(tiny_backbone, bad_table.table, options, "x", "skip")
     capsys.readouterr()
-    table, _ = vpr.extract_table(tiny_backbone, bad_table.table, options, "x", "skip")
+    table, _ = extract_table(tiny_backbone, bad_table.table, options, "x", "skip")
     out = capsys.readouterr().out
     assert "8/10 from cache, extracting 2" in out  # never cached: a fixed file is picked up next time
     assert len(table.skipped) == 2
@@ -84,8 +88,8 @@ def test_nothing_left_is_an_error(tmp_path, tiny_backbone):
     csv = write_poses(tmp_path, [(0.0, 0.0), (1.0, 0.0)])
     for path in (tmp_path / "images").iterdir():
         path.write_text("text")
-    with pytest.raises(vpr.VPRError, match="every image was skipped"):
-        vpr.extract_table(tiny_backbone, vpr.load_poses(csv), _options(tmp_path), "x", "skip")
+    with pytest.raises(VPRError, match="every image was skipped"):
+        extract_table(tiny_backbone, load_poses(csv), _options(tmp_path), "x", "skip")
 
 
 # --------------------------------------------------------------------------------------------
@@ -108,7 +112,7 @@ def test_training_records_the_skipped_count_in_log_and_summary(data, tmp_path, c
     argv = ["--train_csv", str(data.train), "--val_csv", str(data.val), *TINY, "--epochs", "1", "--batch_size", "8",
             "--cache_dir", str(tmp_path / "cache"), "--log_dir", str(tmp_path / "logs"),
             "--output_dir", str(tmp_path / "models")]
-    with pytest.raises(vpr.VPRError, match="train_005.jpg not found"):
+    with pytest.raises(VPRError, match="train_005.jpg not found"):
         train_vpr.main(argv)
     result = train_vpr.main([*argv, "--on_bad_image", "skip"])
     captured = capsys.readouterr()
@@ -133,7 +137,7 @@ def test_skipping_that_leaves_no_place_with_two_images_stops_before_any_output(t
     argv = ["--train_csv", str(train), "--val_csv", str(val), *TINY, "--epochs", "1", "--batch_size", "4",
             "--images_per_place", "2", "--cache_dir", str(tmp_path / "cache"), "--log_dir", str(tmp_path / "logs"),
             "--output_dir", str(tmp_path / "models"), "--on_bad_image", "skip"]
-    with pytest.raises(vpr.VPRError, match="no place has two images"):
+    with pytest.raises(VPRError, match="no place has two images"):
         train_vpr.main(argv)
     assert not list((tmp_path / "logs").iterdir()) and not list((tmp_path / "models").iterdir())
 
@@ -152,4 +156,4 @@ def test_run_experiment_passes_the_flag_to_training_and_evaluation():
     args = run_experiment.parse_args(["--train_csv", "a.csv", "--val_csv", "b.csv", "--test_csv", "c.csv",
                                       "--models", TINY_MODEL, "--on_bad_image", "skip"])
     assert args.on_bad_image == "skip"
-    assert vpr.config_from_args(args, model=TINY_MODEL).on_bad_image == "skip"
+    assert config_from_args(args, vpr.TrainConfig, model=TINY_MODEL).on_bad_image == "skip"

@@ -12,7 +12,13 @@ import torch
 from conftest import place_positions, write_embeddings_parquet
 import eval_trained
 import train_vpr
+import vprkit.features
 import trainable_vpr as vpr
+from vprkit.checkpoints import EMBEDDINGS_ARCH
+from vprkit.cli import VPRError
+from vprkit.evaluation import evaluate_retrieval, l2_normalise
+from vprkit.pairs import group_places
+from vprkit.places import PlaceTable, export_embeddings_parquet, load_poses, load_table
 
 
 # --------------------------------------------------------------------------------------------
@@ -20,8 +26,8 @@ import trainable_vpr as vpr
 # --------------------------------------------------------------------------------------------
 def test_parquet_loads_into_a_place_table(tmp_path):
     path = write_embeddings_parquet(tmp_path / "e.parquet", n_places=3, per_place=2, dim=5, positions=True)
-    table = vpr.load_table(path)
-    assert isinstance(table, vpr.PlaceTable)
+    table = load_table(path)
+    assert isinstance(table, PlaceTable)
     assert table.embeddings.shape == (6, 5) and table.embeddings.dtype == np.float32
     assert table.labels.tolist() == ["b0", "b0", "b1", "b1", "b2", "b2"]
     assert table.paths[0] == "img_0_0000" and table.coord_kind == "metric"
@@ -31,7 +37,7 @@ def test_parquet_loads_into_a_place_table(tmp_path):
 
 
 def test_labels_only_parquet_has_no_positions(tmp_path):
-    table = vpr.load_table(write_embeddings_parquet(tmp_path / "e.parquet"))
+    table = load_table(write_embeddings_parquet(tmp_path / "e.parquet"))
     assert table.xyz is None and table.coord_kind == "none" and table.labels is not None
 
 
@@ -45,16 +51,16 @@ def test_labels_only_parquet_has_no_positions(tmp_path):
 def test_bad_parquet_is_one_line_naming_the_row(tmp_path, frame, message):
     path = tmp_path / "bad.parquet"
     frame.to_parquet(path)
-    with pytest.raises(vpr.VPRError, match=message) as info:
-        vpr.load_table(path)
+    with pytest.raises(VPRError, match=message) as info:
+        load_table(path)
     assert str(path) in str(info.value) and "\n" not in str(info.value)
 
 
 def test_export_round_trip_keeps_rows_positions_and_features(tmp_path, poses_csv):
     csv = poses_csv(place_positions(2, 3), images=False)
-    table = vpr.load_poses(csv, check_images=False)
+    table = load_poses(csv, check_images=False)
     features = np.random.default_rng(0).normal(size=(len(table), 7)).astype(np.float32)
-    back = vpr.load_table(vpr.export_embeddings_parquet(table, features, tmp_path / "out" / "poses.parquet"))
+    back = load_table(export_embeddings_parquet(table, features, tmp_path / "out" / "poses.parquet"))
     np.testing.assert_array_equal(back.embeddings, features)
     np.testing.assert_allclose(back.xyz, table.xyz)
     assert back.paths == table.paths
@@ -81,7 +87,7 @@ def test_pair_rule_labels_only_and_labels_with_positions():
 def test_hard_negatives_with_labels_are_other_labels():
     rng = np.random.default_rng(0)
     labels = np.repeat(np.array(["a", "b", "c"]), 4)
-    emb = vpr.l2_normalise(rng.normal(size=(12, 8)))
+    emb = l2_normalise(rng.normal(size=(12, 8)))
     hard = vpr.mine_hard_negatives(emb, None, 100.0, k=3, labels=labels)
     for i, row in enumerate(hard):
         assert (row >= 0).all() and (labels[row] != labels[i]).all()
@@ -94,13 +100,13 @@ def test_evaluation_by_label_not_by_distance():
     db = np.eye(3, dtype=np.float32)
     queries = np.array([[1, 0.1, 0], [0, 0, 1]], np.float32)  # nearest: db 0, db 2
     # labels say query 0 belongs with db 1: its top-1 (db 0) is wrong
-    result = vpr.evaluate_retrieval(db, None, queries, None, 25.0, (1, 2), np.array(["x", "y", "z"]), np.array(["y", "z"]))
+    result = evaluate_retrieval(db, None, queries, None, 25.0, (1, 2), np.array(["x", "y", "z"]), np.array(["y", "z"]))
     assert result.by_label and result.correct[:, 0].tolist() == [False, True]
     assert result.recalls == {1: 0.5, 2: 1.0} and np.isnan(result.top_distances_m).all()
-    missing = vpr.evaluate_retrieval(db, None, queries, None, 25.0, (1,), np.array(["x", "y", "z"]), np.array(["q", "z"]))
+    missing = evaluate_retrieval(db, None, queries, None, 25.0, (1,), np.array(["x", "y", "z"]), np.array(["q", "z"]))
     assert missing.num_queries_without_positive == 1
-    with pytest.raises(vpr.VPRError, match="positions or place labels"):
-        vpr.evaluate_retrieval(db, None, queries, None, 25.0, (1,))
+    with pytest.raises(VPRError, match="positions or place labels"):
+        evaluate_retrieval(db, None, queries, None, 25.0, (1,))
 
 
 # --------------------------------------------------------------------------------------------
@@ -112,7 +118,7 @@ def no_images(monkeypatch):
     def refuse(*args, **kwargs):
         raise AssertionError("the backbone was used")
     monkeypatch.setattr(vpr, "create_backbone", refuse)
-    monkeypatch.setattr(vpr, "extract_features", refuse)
+    monkeypatch.setattr(vprkit.features, "extract_features", refuse)
 
 
 def _parquets(tmp_path, **options):
@@ -131,7 +137,7 @@ def test_train_and_evaluate_from_parquet_labels_only(tmp_path, no_images):
     train, val = _parquets(tmp_path)
     result = train_vpr.main(_train_argv(tmp_path, train, val, "--head", "mlp", "--output_dim", "8", "--hidden_dim", "32"))
     checkpoint = vpr.load_checkpoint(result.checkpoint)
-    assert checkpoint["backbone"]["arch"] == vpr.EMBEDDINGS_ARCH and checkpoint["backbone"]["feature_dim"] == 16
+    assert checkpoint["backbone"]["arch"] == EMBEDDINGS_ARCH and checkpoint["backbone"]["feature_dim"] == 16
     assert checkpoint["head_config"]["type"] == "mlp" and checkpoint["head_config"]["projection_dim"] == 8
     log = pd.read_csv(result.log_file)
     assert log[log.event == "batch"].train_loss.notna().all()
@@ -155,15 +161,15 @@ def test_embedding_dimension_is_checked_against_the_head(tmp_path, no_images):
     train, val = _parquets(tmp_path)
     result = train_vpr.main(_train_argv(tmp_path, train, val, "--epochs", "1"))
     wide = write_embeddings_parquet(tmp_path / "wide.parquet", dim=24)
-    with pytest.raises(vpr.VPRError, match="24-dim features, but the head takes 16-dim input"):
+    with pytest.raises(VPRError, match="24-dim features, but the head takes 16-dim input"):
         eval_trained.main(["--model_path", str(result.checkpoint), "--db_parquet", str(wide), "--test_parquet", str(wide)])
-    with pytest.raises(vpr.VPRError, match="16-dim embeddings, but .* has 24"):
+    with pytest.raises(VPRError, match="16-dim embeddings, but .* has 24"):
         train_vpr.main(_train_argv(tmp_path, wide, val))
 
 
 def test_labels_supervision_needs_labels(tmp_path, no_images):
     train, val = _parquets(tmp_path, labels=False, positions=True)
-    with pytest.raises(vpr.VPRError, match="--supervision labels: .* has no label column"):
+    with pytest.raises(VPRError, match="--supervision labels: .* has no label column"):
         train_vpr.main(_train_argv(tmp_path, train, val, "--supervision", "labels"))
 
 
@@ -182,23 +188,25 @@ def test_mlp_head_options():
     assert projected(x).shape == (5, 4)
 
 
-def test_triplet_losses_match_pml_for_both_distances():
+def test_per_triplet_losses_for_both_distances():
+    """max(0, d(a,p) - d(a,n) + margin) on normalised embeddings, d Euclidean or 1 - cosine."""
     torch.manual_seed(0)
     emb = torch.nn.functional.normalize(torch.randn(6, 4), dim=-1)
-    triplets = (torch.tensor([0, 1, 2]), torch.tensor([3, 4, 5]), torch.tensor([4, 5, 3]))
+    a, p, n = triplets = (torch.tensor([0, 1, 2]), torch.tensor([3, 4, 5]), torch.tensor([4, 5, 3]))
+    no_pairs = torch.zeros(6, 6, dtype=torch.bool)
+    by_hand = {"euclidean": (emb[a] - emb[p]).norm(dim=-1) - (emb[a] - emb[n]).norm(dim=-1),
+               "cosine": (emb[a] * emb[n]).sum(-1) - (emb[a] * emb[p]).sum(-1)}
     for distance in vpr.LOSS_DISTANCES:
-        loss = vpr.HybridLoss(triplet_margin=0.5, distance=distance)
-        pml = loss.triplet(emb, indices_tuple=triplets)
-        mine = vpr.triplet_losses(emb, triplets, 0.5, distance)
-        assert (mine >= 0).all() and pml.item() == pytest.approx(mine.mean().item(), abs=1e-5)
+        parts = vpr.HybridLoss(triplet_margin=0.5, distance=distance)(emb, no_pairs, no_pairs, triplets)
+        torch.testing.assert_close(parts.triplet_items, (by_hand[distance] + 0.5).clamp(min=0), atol=1e-5, rtol=1e-5)
 
 
 def test_places_for_batches_follow_labels_and_cells():
     labels = np.array(["b", "a", "b", "a", "b"])
-    assert vpr.group_places(None, labels, 25.0).tolist() == [0, 1, 0, 1, 0]
+    assert group_places(None, labels, 25.0).tolist() == [0, 1, 0, 1, 0]
     xyz = np.array([[0, 0, 0], [0, 0, 0], [1, 0, 0], [0, 0, 0], [500, 0, 0]], float)
     # the third "b" is 500 m away: another place, although the same label
-    assert vpr.group_places(xyz, labels, 25.0).tolist() == [0, 1, 0, 1, 2]
+    assert group_places(xyz, labels, 25.0).tolist() == [0, 1, 0, 1, 2]
 
 
 def test_run_experiment_on_parquets(tmp_path, no_images, capsys):
@@ -210,7 +218,7 @@ def test_run_experiment_on_parquets(tmp_path, no_images, capsys):
                                  "--models", "emb", "--epochs", "1", "--batch_size", "8",
                                  "--log_dir", str(tmp_path / "logs"), "--output_dir", str(tmp_path / "models")])
     assert table.variant.tolist() == ["raw", "pca_whitened", "trained"]
-    raw = vpr.evaluate_retrieval(vpr.load_table(train).embeddings, None, vpr.load_table(test).embeddings, None, 25.0,
-                                 (1, 5, 10), vpr.load_table(train).labels, vpr.load_table(test).labels)
+    raw = evaluate_retrieval(load_table(train).embeddings, None, load_table(test).embeddings, None, 25.0,
+                                 (1, 5, 10), load_table(train).labels, load_table(test).labels)
     assert table.loc[0, "recall@1"] == pytest.approx(raw.recalls[1], abs=1e-4)
     assert "correct by place label" in capsys.readouterr().out

@@ -13,7 +13,12 @@ import pytest
 import torch
 
 from conftest import REPO, SHARED, TINY_MODEL, TINY_SIZE, requires_shared, write_poses
+import vprkit.features
 import trainable_vpr as vpr
+from vprkit.cli import VPRError
+from vprkit.evaluation import l2_normalise
+from vprkit.features import ExtractionSettings, FeatureCache, _cpu_supports_bf16, extract_features, image_fingerprint, resolve_precision
+from vprkit.places import load_poses
 
 
 # --------------------------------------------------------------------------------------------
@@ -23,30 +28,30 @@ import trainable_vpr as vpr
     (True, "auto", "bf16"), (False, "auto", "fp32"), (True, "bf16", "bf16"), (True, "fp32", "fp32"),
 ])
 def test_resolve_precision_on_cpu(monkeypatch, bf16_cpu, asked, expected):
-    monkeypatch.setattr(vpr, "_cpu_supports_bf16", lambda: bf16_cpu)
-    assert vpr.resolve_precision(asked, torch.device("cpu")) == expected
+    monkeypatch.setattr(vprkit.features, "_cpu_supports_bf16", lambda: bf16_cpu)
+    assert resolve_precision(asked, torch.device("cpu")) == expected
 
 
 @pytest.mark.parametrize("bf16_cpu, asked, flag_hint", [(False, "bf16", "fp32 or auto"), (True, "fp16", "CUDA")])
 def test_unsupported_precision_is_a_clear_error(monkeypatch, bf16_cpu, asked, flag_hint):
-    monkeypatch.setattr(vpr, "_cpu_supports_bf16", lambda: bf16_cpu)
-    with pytest.raises(vpr.VPRError, match=rf"--precision {asked}.*{flag_hint}"):
-        vpr.resolve_precision(asked, torch.device("cpu"))
+    monkeypatch.setattr(vprkit.features, "_cpu_supports_bf16", lambda: bf16_cpu)
+    with pytest.raises(VPRError, match=rf"--precision {asked}.*{flag_hint}"):
+        resolve_precision(asked, torch.device("cpu"))
 
 
 @requires_shared
-@pytest.mark.skipif(not vpr._cpu_supports_bf16(), reason="this CPU has no bf16 (AMX / AVX512-BF16)")
+@pytest.mark.skipif(not _cpu_supports_bf16(), reason="this CPU has no bf16 (AMX / AVX512-BF16)")
 def test_bf16_features_match_fp32_on_real_photos(tmp_path, capsys):
-    table = vpr.load_poses(SHARED / "gardens_point_mini" / "queries_day.csv")
+    table = load_poses(SHARED / "gardens_point_mini" / "queries_day.csv")
     backbone = vpr.create_backbone("effnet_lite0")
 
     def features(precision: str, cache_dtype: str = "float32") -> np.ndarray:
-        options = vpr.ExtractionOptions(batch_size=10, num_workers=0, device="cpu", cache_dir=str(tmp_path),
+        options = ExtractionSettings(batch_size=10, num_workers=0, device="cpu", cache_dir=str(tmp_path),
                                         precision=precision, cache_dtype=cache_dtype)
-        return vpr.extract_features(backbone, table, options)
+        return extract_features(backbone, table, options)
 
     fp32, bf16, bf16_half = features("fp32"), features("bf16"), features("bf16", "float16")
-    cosine = np.sum(vpr.l2_normalise(fp32) * vpr.l2_normalise(bf16), axis=1)
+    cosine = np.sum(l2_normalise(fp32) * l2_normalise(bf16), axis=1)
     assert cosine.min() >= 0.99, cosine
     assert not np.array_equal(fp32, bf16)  # bf16 really ran
     assert np.allclose(bf16_half, bf16, rtol=2e-3, atol=2e-3)  # float16 storage rounds, nothing more
@@ -87,9 +92,9 @@ def test_torchrun_two_processes_give_what_one_process_gives(tmp_path):
     # each rank wrote its own shards; read together they equal the single-process features
     backbone = vpr.create_backbone(TINY_MODEL, "random", TINY_SIZE)
     for csv_name in ("db.csv", "q.csv"):
-        keys = [vpr.image_fingerprint(p) for p in vpr.load_poses(data / csv_name).paths]
-        single = vpr.FeatureCache(tmp_path / "cache1", backbone.info).get(keys)
-        sharded = vpr.FeatureCache(tmp_path / "cache2", backbone.info).get(keys)
+        keys = [image_fingerprint(p) for p in load_poses(data / csv_name).paths]
+        single = FeatureCache(tmp_path / "cache1", backbone.info).get(keys)
+        sharded = FeatureCache(tmp_path / "cache2", backbone.info).get(keys)
         # batches of one image: the same kernels run on the same inputs, so the features are equal
         # to the bit (with larger batches oneDNN may pick other kernels for other batch shapes)
         np.testing.assert_array_equal(sharded, single)

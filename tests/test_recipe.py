@@ -13,7 +13,14 @@ import torch
 
 import train_vpr
 import trainable_vpr as vpr
-from conftest import TINY_MODEL, TINY_SIZE, place_positions, write_poses
+from vprkit.cli import VPRError
+from vprkit.evaluation import fit_pca_whitening
+from vprkit.features import ExtractionSettings, extract_features
+from vprkit.places import load_poses
+from vprkit.settings import add_config_args, add_config_file_flag, config_from_args, parse_layered
+from conftest import REPO, TINY_MODEL, TINY_SIZE, place_positions, write_poses
+
+SEED_RECIPE = REPO / "bench" / "seed_recipe.toml"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -42,7 +49,7 @@ def test_residual_head_starts_as_pca_whitening():
     feats = (rng.normal(size=(300, 48)) * np.linspace(3, 0.1, 48)).astype(np.float32)
     head = vpr.ResidualHead(48, projection_dim=16, hidden_dim=32, dropout=0.0)
     head.init_pca_whitening(feats)
-    expected = vpr.fit_pca_whitening(feats, 16)(feats)
+    expected = fit_pca_whitening(feats, 16)(feats)
     np.testing.assert_allclose(vpr.embed(head, feats), expected, atol=1e-5)
     # whitened: the pre-normalisation outputs have identity covariance on the fitting data
     base = head.base(torch.nn.functional.normalize(torch.from_numpy(feats), dim=-1)).detach().numpy()
@@ -67,20 +74,18 @@ def test_residual_head_learns_a_correction():
 # ---------------------------------------------------------------------------------------------
 def _parse(*argv: str) -> vpr.TrainConfig:
     parser = argparse.ArgumentParser()
-    vpr.add_config_args(parser)
-    return vpr.config_from_args(vpr.parse_layered(parser, ["--train_csv", "t.csv", "--val_csv", "v.csv", *argv]))
+    add_config_file_flag(parser)
+    add_config_args(parser, vpr.TrainConfig)
+    return config_from_args(parse_layered(parser, ["--train_csv", "t.csv", "--val_csv", "v.csv", *argv]), vpr.TrainConfig)
 
 
-def test_default_recipe_is_the_residual_head_and_seed_recipe_restores_the_seed_flags():
+def test_default_recipe_is_the_residual_head_and_the_seed_recipe_file_restores_the_seed_flags():
     assert _parse().head == "residual"
-    seed = _parse("--recipe", "seed")
+    seed = _parse("--config", str(SEED_RECIPE))
     assert (seed.head, seed.positive_selection, seed.lr_schedule) == ("projection", "gps", "constant")
     assert seed.epochs == 15 and seed.lr == 1e-4  # the seed's numbers are the shared defaults
-    # an explicit flag wins over the recipe
-    assert _parse("--recipe", "seed", "--head", "residual").head == "residual"
-    assert vpr.recipe_config("seed", train_csv="t", val_csv="v").head == "projection"
-    with pytest.raises(vpr.VPRError, match="--recipe"):
-        vpr.recipe_config("best", train_csv="t", val_csv="v")
+    # an explicit flag wins over the file
+    assert _parse("--config", str(SEED_RECIPE), "--head", "residual").head == "residual"
 
 
 def test_cosine_schedule_decays_to_zero():
@@ -133,7 +138,7 @@ def test_epoch0_checkpoint_is_the_pca_whitening_baseline(tiny, tmp_path):
     result = _train(tiny, tmp_path, "--epochs", "1", "--lr", "1e-12", "--projection_dim", "8")
     checkpoint = vpr.load_checkpoint(result.checkpoint)
     head = vpr.head_from_checkpoint(checkpoint)
-    train = vpr.load_poses(tiny.train)
+    train = load_poses(tiny.train)
     backbone = vpr.create_backbone(TINY_MODEL, "random", TINY_SIZE)
-    feats = vpr.extract_features(backbone, train, vpr.ExtractionOptions(cache_dir=str(tiny.root / "cache"), num_workers=0))
-    np.testing.assert_allclose(vpr.embed(head, feats), vpr.fit_pca_whitening(feats, 8)(feats), atol=1e-4)
+    feats = extract_features(backbone, train, ExtractionSettings(cache_dir=str(tiny.root / "cache"), num_workers=0))
+    np.testing.assert_allclose(vpr.embed(head, feats), fit_pca_whitening(feats, 8)(feats), atol=1e-4)

@@ -13,6 +13,10 @@ import torch
 from conftest import TINY_MODEL, TINY_SIZE, place_positions, write_poses
 import train_vpr
 import trainable_vpr as vpr
+import vprkit.runlog
+from vprkit.checkpoints import save_checkpoint
+from vprkit.cli import VPRError, atomic_write
+from vprkit.runlog import append_summary_row, new_run_id
 
 ROWS_PER_WRITER = 30
 
@@ -23,7 +27,7 @@ def _append_rows(path: str, writer: str, count: int, start_together) -> None:
         row = {"run_id": f"{writer}_{i:03d}", "writer": writer, "i": i}
         if writer == "b":
             row["b_only"] = f"b{i}"  # a row with a new column widens the table
-        vpr.append_summary_row(path, row)
+        append_summary_row(path, row)
 
 
 def test_two_processes_appending_at_once_keep_every_row_exactly_once(tmp_path):
@@ -51,7 +55,7 @@ def test_two_processes_appending_at_once_keep_every_row_exactly_once(tmp_path):
 def test_appending_keeps_the_earlier_rows_as_written(tmp_path):
     path = tmp_path / "training_summary.csv"
     path.write_text("run_id,seed,lr,note\nold,042,1e-04,\"a, b\"\n")
-    vpr.append_summary_row(path, {"run_id": "new", "seed": 7, "lr": 0.001, "skipped_images": 0})
+    append_summary_row(path, {"run_id": "new", "seed": 7, "lr": 0.001, "skipped_images": 0})
     lines = path.read_text().splitlines()
     assert lines[:2] == ["run_id,seed,lr,note,skipped_images", "old,042,1e-04,\"a, b\","]
     assert lines[2] == "new,7,0.001,,0"
@@ -61,8 +65,8 @@ def test_appending_keeps_the_earlier_rows_as_written(tmp_path):
 def test_an_unreadable_summary_is_an_error_and_left_alone(tmp_path, content):
     path = tmp_path / "training_summary.csv"
     path.write_bytes(content.encode("latin-1"))
-    with pytest.raises(vpr.VPRError, match=f"{path}: not a summary table this suite can append to.*move it away"):
-        vpr.append_summary_row(path, {"run_id": "x"})
+    with pytest.raises(VPRError, match=f"{path}: not a summary table this suite can append to.*move it away"):
+        append_summary_row(path, {"run_id": "x"})
     assert path.read_bytes() == content.encode("latin-1")
 
 
@@ -72,7 +76,7 @@ def test_training_checks_the_summary_before_writing_anything(tmp_path):
     summary = tmp_path / "logs" / "training_summary.csv"
     summary.parent.mkdir()
     summary.write_text("model,seed\nx,1\n")
-    with pytest.raises(vpr.VPRError, match="training_summary.csv: not a summary table"):
+    with pytest.raises(VPRError, match="training_summary.csv: not a summary table"):
         train_vpr.main(["--train_csv", str(train), "--val_csv", str(val), "--model", TINY_MODEL, "--weights", "random",
                         "--image_size", str(TINY_SIZE), "--num_workers", "0", "--device", "cpu", "--epochs", "1",
                         "--batch_size", "8", "--cache_dir", str(tmp_path / "cache"), "--log_dir", str(summary.parent),
@@ -90,7 +94,7 @@ def test_a_write_that_fails_leaves_the_old_file_and_no_temporary_file(tmp_path):
         raise OSError(28, "No space left on device")
 
     with pytest.raises(OSError):
-        vpr.atomic_write(path, fails_halfway)
+        atomic_write(path, fails_halfway)
     assert path.read_text() == "old\n" and [p.name for p in tmp_path.iterdir()] == ["table.csv"]
 
 
@@ -99,16 +103,16 @@ def test_a_checkpoint_that_fails_to_save_keeps_the_previous_one(tmp_path):
     head = vpr.ProjectionHead(16, 8)
     payload = {"model_state_dict": head.state_dict(), "backbone": {"name": TINY_MODEL}, "config": {},
                "head_config": {"type": "projection", "in_dim": 16, "projection_dim": 8, "hidden_dim": 8, "dropout": 0.1}}
-    vpr.save_checkpoint(path, payload)
+    save_checkpoint(path, payload)
     before = path.read_bytes()
     with pytest.raises(Exception):
-        vpr.save_checkpoint(path, {**payload, "extra": lambda: None})  # a lambda cannot be pickled
+        save_checkpoint(path, {**payload, "extra": lambda: None})  # a lambda cannot be pickled
     assert path.read_bytes() == before and [p.name for p in tmp_path.iterdir()] == ["trained.pth"]
     assert torch.equal(vpr.load_checkpoint(path)["model_state_dict"]["net.0.weight"], head.state_dict()["net.0.weight"])
 
 
 def test_runs_started_in_the_same_second_get_their_own_logs(tmp_path, monkeypatch):
-    monkeypatch.setattr(vpr.time, "strftime", lambda fmt: "20250101_120000")
-    ids = [vpr.new_run_id("m", 1, tmp_path) for _ in range(3)]
+    monkeypatch.setattr(vprkit.runlog.time, "strftime", lambda fmt: "20250101_120000")
+    ids = [new_run_id("m", 1, tmp_path) for _ in range(3)]
     assert ids == ["m_seed1_20250101_120000", "m_seed1_20250101_120000_2", "m_seed1_20250101_120000_3"]
     assert sorted(p.stem for p in tmp_path.iterdir()) == sorted(ids)  # each claimed by creating its file

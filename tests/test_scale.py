@@ -24,6 +24,9 @@ import sklearn.neighbors  # noqa: F401 - the module imports it lazily; importing
                           # tracemalloc would be slow and counted
 
 import trainable_vpr as vpr
+from vprkit.evaluation import evaluate_retrieval, l2_normalise
+from vprkit.pairs import cluster_places, neighbours_within
+from vprkit.places import metric_to_xyz
 
 REPO = Path(__file__).resolve().parents[1]
 N_POSITIONS = 200_000
@@ -44,7 +47,7 @@ def city_positions(n: int, seed: int = 0) -> np.ndarray:
     vertical = rng.random(places) < 0.5
     centres = np.stack([np.where(vertical, across, along), np.where(vertical, along, across)], axis=1)
     xy = centres[rng.integers(0, places, n)] + rng.normal(0, 3.0, (n, 2))
-    return vpr.metric_to_xyz(xy[:, 0], xy[:, 1])
+    return metric_to_xyz(xy[:, 0], xy[:, 1])
 
 
 def traced_peak(fn):
@@ -65,24 +68,18 @@ def xyz():
 
 @pytest.fixture(scope="module")
 def place_of(xyz):
-    return vpr.cluster_places(xyz, 25.0)
+    return cluster_places(xyz, 25.0)
 
 
 def test_cluster_places_memory_is_linear(xyz):
-    labels, peak = traced_peak(lambda: vpr.cluster_places(xyz, 25.0))
+    labels, peak = traced_peak(lambda: cluster_places(xyz, 25.0))
     assert len(labels) == N_POSITIONS
     assert peak < MINING_BUDGET, f"cluster_places allocated {peak / MiB:.0f} MiB for {N_POSITIONS} positions"
 
 
-def test_has_positive_pair_memory_is_linear(xyz):
-    found, peak = traced_peak(lambda: vpr.has_positive_pair(xyz, 25.0))
-    assert found
-    assert peak < MINING_BUDGET, f"has_positive_pair allocated {peak / MiB:.0f} MiB for {N_POSITIONS} positions"
-
-
 def test_neighbours_within_memory_is_linear(xyz):
     # small radius: the answer itself stays small, so the peak is the algorithm's
-    found, peak = traced_peak(lambda: vpr.neighbours_within(xyz, xyz, 2.0))
+    found, peak = traced_peak(lambda: neighbours_within(xyz, xyz, 2.0))
     assert len(found) == N_POSITIONS
     assert all(i in f for i, f in zip(range(0, N_POSITIONS, 997), found[::997]))  # each point finds itself
     assert peak < MINING_BUDGET, f"neighbours_within allocated {peak / MiB:.0f} MiB for {N_POSITIONS} positions"
@@ -105,8 +102,8 @@ def test_hard_negative_mining_memory_is_bounded_when_everything_is_near():
     # check is that the memory stays below a single N x N float64 matrix.
     n = 3000  # all within 40 m: nobody is a negative of anybody at neg_threshold_m 100
     rng = np.random.default_rng(0)
-    xyz = vpr.metric_to_xyz(rng.uniform(0, 40, n), rng.uniform(0, 40, n))
-    emb = vpr.l2_normalise(rng.standard_normal((n, 8)).astype(np.float32))
+    xyz = metric_to_xyz(rng.uniform(0, 40, n), rng.uniform(0, 40, n))
+    emb = l2_normalise(rng.standard_normal((n, 8)).astype(np.float32))
     result, peak = traced_peak(lambda: vpr.mine_hard_negatives(emb, xyz, 100.0))
     assert (result == -1).all()
     square = n * n * 8  # one N x N float64: 69 MiB here
@@ -131,7 +128,7 @@ EVALUATION_SCRIPT = textwrap.dedent("""
     src = rng.integers(0, n_db, n_q)
     q = db[src] + 0.1 * rng.standard_normal((n_q, dim), dtype=np.float32)
     side = 10_000.0 * (n_db / 1e6) ** 0.5
-    db_xyz = vpr.metric_to_xyz(rng.uniform(0, side, n_db), rng.uniform(0, side, n_db))
+    db_xyz = metric_to_xyz(rng.uniform(0, side, n_db), rng.uniform(0, side, n_db))
     q_xyz = db_xyz[src] + rng.normal(0, 3.0, (n_q, 3))
     try:
         Path("/proc/self/clear_refs").write_text("5")  # peak RSS := current RSS
@@ -140,7 +137,7 @@ EVALUATION_SCRIPT = textwrap.dedent("""
         reset = False
     before = status("VmRSS") if reset else status("VmHWM")
     tracemalloc.start()
-    result = vpr.evaluate_retrieval(db, db_xyz, q, q_xyz, 25.0, (1, 5, 10))
+    result = evaluate_retrieval(db, db_xyz, q, q_xyz, 25.0, (1, 5, 10))
     traced = tracemalloc.get_traced_memory()[1]
     tracemalloc.stop()
     print(json.dumps({"rss_peak_delta": status("VmHWM") - before, "traced_peak": traced,

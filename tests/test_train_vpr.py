@@ -17,6 +17,12 @@ import torch
 from conftest import TINY_MODEL, TINY_SIZE, place_positions, run_processes_at_once, write_poses
 import train_vpr
 import trainable_vpr as vpr
+from vprkit.checkpoints import FORMAT_VERSION, save_checkpoint
+from vprkit.cli import VPRError, run_cli
+from vprkit.evaluation import evaluate_retrieval
+from vprkit.features import ExtractionSettings, extract_features
+from vprkit.pairs import check_trainable, cluster_places, neighbours_within
+from vprkit.places import PlaceTable, load_poses, metric_to_xyz
 
 EPOCHS, BATCH, N_PLACES, PER_PLACE = 2, 8, 8, 5
 BATCHES_PER_EPOCH = math.ceil(N_PLACES * PER_PLACE / BATCH)
@@ -152,7 +158,7 @@ def test_checkpoint_contents(run42):
     assert Path(path) == run42.out / "models" / "trained_timm_test_efficientnet_seed42.pth"
     checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     assert CHECKPOINT_KEYS <= set(checkpoint)
-    assert checkpoint["format_version"] == vpr.FORMAT_VERSION
+    assert checkpoint["format_version"] == FORMAT_VERSION
     backbone = checkpoint["backbone"]
     assert backbone["name"] == TINY_MODEL and backbone["arch"] == "test_efficientnet"
     assert backbone["weights"] == "random:seed0" and backbone["image_size"] == TINY_SIZE
@@ -182,10 +188,10 @@ def test_checkpoint_reproduces_logged_recall(run42, dataset):
     checkpoint = vpr.load_checkpoint(run42.result.checkpoint)
     head = vpr.head_from_checkpoint(checkpoint)
     backbone = vpr.create_backbone(TINY_MODEL, weights="random", image_size=TINY_SIZE)
-    options = vpr.ExtractionOptions(batch_size=BATCH, num_workers=0, device="cpu", cache_dir=str(dataset.cache))
-    train, val = vpr.load_poses(dataset.train), vpr.load_poses(dataset.val)
-    result = vpr.evaluate_retrieval(vpr.embed(head, vpr.extract_features(backbone, train, options)), train.xyz,
-                                    vpr.embed(head, vpr.extract_features(backbone, val, options)), val.xyz, 25.0)
+    options = ExtractionSettings(batch_size=BATCH, num_workers=0, device="cpu", cache_dir=str(dataset.cache))
+    train, val = load_poses(dataset.train), load_poses(dataset.val)
+    result = evaluate_retrieval(vpr.embed(head, extract_features(backbone, train, options)), train.xyz,
+                                    vpr.embed(head, extract_features(backbone, val, options)), val.xyz, 25.0)
     for n in (1, 5, 10):
         assert result.recalls[n] == pytest.approx(checkpoint["best_val_recall"][f"recall@{n}"], abs=1e-9)
 
@@ -214,11 +220,18 @@ def test_other_seed_other_losses(run42, dataset, tmp_path):
 # positives check
 # --------------------------------------------------------------------------------------------
 def _check(xyz, pos=25.0):
-    return vpr.has_positive_pair(xyz, pos)
+    """Whether check_trainable accepts these positions (some place has two images)."""
+    table = PlaceTable(source="t.csv", paths=[f"{i}.jpg" for i in range(len(xyz))], xyz=xyz, coord_kind="metric",
+                       frame=pd.DataFrame(index=range(len(xyz))))
+    try:
+        check_trainable(table, pos)
+    except VPRError:
+        return False
+    return True
 
 
 def test_check_trainable_rejects_images_all_beyond_threshold():
-    xyz = vpr.metric_to_xyz(np.arange(10) * 30.0, np.zeros(10))
+    xyz = metric_to_xyz(np.arange(10) * 30.0, np.zeros(10))
     assert not _check(xyz)
 
 
@@ -226,10 +239,10 @@ def test_check_trainable_accepts_positive_pairs_across_cell_boundaries():
     """Pairs 1 m apart do have positives, wherever they lie relative to clustering cells."""
     cell = 25.0 / math.sqrt(3.0)
     x = np.concatenate([[k * 20 * cell - 0.5, k * 20 * cell + 0.5] for k in range(1, 6)])
-    xyz = vpr.metric_to_xyz(x, np.full(len(x), 0.5 * cell))
-    assert vpr.neighbours_within(xyz, xyz[:1], 25.0)[0].size == 2  # a positive exists
+    xyz = metric_to_xyz(x, np.full(len(x), 0.5 * cell))
+    assert neighbours_within(xyz, xyz[:1], 25.0)[0].size == 2  # a positive exists
     assert _check(xyz)  # must not claim "no two images lie within 25 m"
-    labels = vpr.cluster_places(xyz, 25.0)
+    labels = cluster_places(xyz, 25.0)
     assert np.bincount(labels).max() >= 2  # and the clustering groups some pair
 
 
@@ -310,7 +323,7 @@ def test_cli_bad_input_subprocess(cli_runs, cli_cases, case):
 @pytest.mark.parametrize("case", CLI_CASES)
 def test_cli_bad_input(cli_cases, case, capsys, tmp_path):
     with pytest.raises(SystemExit) as exit_info:  # own cache: features are extracted, as in a first run
-        vpr.run_cli(train_vpr.main, [*cli_cases[case][0], "--cache_dir", str(tmp_path / "cache")])
+        run_cli(train_vpr.main, [*cli_cases[case][0], "--cache_dir", str(tmp_path / "cache")])
     captured = capsys.readouterr()
     _assert_one_error_line(exit_info.value.code, captured.out, captured.err, cli_cases[case][1])
 
@@ -322,12 +335,12 @@ def test_cli_cases_cover_the_list(dataset, tmp_path):
 def test_run_cli_in_process_and_debug_flag(dataset, capsys):
     args = ["--train_csv", str(dataset.train), "--val_csv", str(dataset.val), "--epochs", "0"]
     with pytest.raises(SystemExit) as exit_info:
-        vpr.run_cli(train_vpr.main, args)
+        run_cli(train_vpr.main, args)
     assert exit_info.value.code == 2
     err = capsys.readouterr().err
     assert err.splitlines() == ["error: --epochs 0: must be at least 1"]
     with pytest.raises(SystemExit):
-        vpr.run_cli(train_vpr.main, [*args, "--debug"])
+        run_cli(train_vpr.main, [*args, "--debug"])
     err = capsys.readouterr().err
     assert "Traceback" in err and err.rstrip().splitlines()[-1] == "error: --epochs 0: must be at least 1"
 
@@ -356,10 +369,10 @@ def test_checkpoint_round_trip(tmp_path):
     torch.manual_seed(0)
     head = vpr.ProjectionHead(16, 8, 0.1).eval()
     path = tmp_path / "sub" / "ck.pth"
-    vpr.save_checkpoint(path, _valid_payload(head))
+    save_checkpoint(path, _valid_payload(head))
     assert [p.name for p in path.parent.iterdir()] == ["ck.pth"]  # no temporary file left
     checkpoint = vpr.load_checkpoint(path)
-    assert checkpoint["format_version"] == vpr.FORMAT_VERSION
+    assert checkpoint["format_version"] == FORMAT_VERSION
     x = torch.randn(4, 16)
     assert torch.equal(vpr.head_from_checkpoint(checkpoint)(x), head(x))
 
@@ -367,13 +380,13 @@ def test_checkpoint_round_trip(tmp_path):
 def test_load_checkpoint_truncated(tmp_path):
     head = vpr.ProjectionHead(16, 8, 0.1)
     path = tmp_path / "ck.pth"
-    vpr.save_checkpoint(path, _valid_payload(head))
+    save_checkpoint(path, _valid_payload(head))
     data = path.read_bytes()
     path.write_bytes(data[: len(data) // 2])
-    with pytest.raises(vpr.VPRError, match="truncated"):
+    with pytest.raises(VPRError, match="truncated"):
         vpr.load_checkpoint(path)
     path.write_bytes(b"")
-    with pytest.raises(vpr.VPRError):
+    with pytest.raises(VPRError):
         vpr.load_checkpoint(path)
 
 
@@ -381,22 +394,22 @@ def test_load_checkpoint_refuses_code(tmp_path):
     marker = tmp_path / "pwned"
     path = tmp_path / "evil.pth"
     torch.save({**_valid_payload(vpr.ProjectionHead(16, 8, 0.1)), "extra": _RunsCode(marker)}, path)
-    with pytest.raises(vpr.VPRError, match="refused"):
+    with pytest.raises(VPRError, match="refused"):
         vpr.load_checkpoint(path)
     assert not marker.exists()
 
 
 def test_load_checkpoint_newer_format(tmp_path):
     path = tmp_path / "new.pth"
-    torch.save({**_valid_payload(vpr.ProjectionHead(16, 8, 0.1)), "format_version": vpr.FORMAT_VERSION + 1}, path)
-    with pytest.raises(vpr.VPRError, match="newer"):
+    torch.save({**_valid_payload(vpr.ProjectionHead(16, 8, 0.1)), "format_version": FORMAT_VERSION + 1}, path)
+    with pytest.raises(VPRError, match="newer"):
         vpr.load_checkpoint(path)
 
 
 def test_load_checkpoint_not_ours(tmp_path):
     path = tmp_path / "other.pth"
     torch.save({"state_dict": {"w": torch.zeros(2)}}, path)
-    with pytest.raises(vpr.VPRError, match="not a checkpoint of this suite"):
+    with pytest.raises(VPRError, match="not a checkpoint of this suite"):
         vpr.load_checkpoint(path)
-    with pytest.raises(vpr.VPRError, match="not found"):
+    with pytest.raises(VPRError, match="not found"):
         vpr.load_checkpoint(tmp_path / "missing.pth")

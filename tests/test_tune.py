@@ -7,7 +7,7 @@ import json
 import pytest
 
 from conftest import write_embeddings_parquet
-import trainable_vpr as vpr
+from vprkit.cli import VPRError
 import tune_vpr
 
 optuna = pytest.importorskip("optuna")
@@ -37,7 +37,7 @@ def test_search_space_from_the_config_file(tmp_path):
     ("lr = { min = 1, max = 2 }\n", r"lr: give \{ low"),
 ])
 def test_bad_search_space_is_one_line(tmp_path, space, message):
-    with pytest.raises(vpr.VPRError, match=message):
+    with pytest.raises(VPRError, match=message):
         tune_vpr.search_space(str(_config_file(tmp_path, space)))
 
 
@@ -70,5 +70,5 @@ def test_two_workers_share_one_sqlite_study(tmp_path):
 
 def test_missing_optuna_is_one_clear_line(monkeypatch):
     monkeypatch.setitem(__import__("sys").modules, "optuna", None)  # import optuna -> ImportError
-    with pytest.raises(vpr.VPRError, match=r"tune_vpr.py needs Optuna: pip install optuna"):
+    with pytest.raises(VPRError, match=r"tune_vpr.py needs Optuna: pip install optuna"):
         tune_vpr.require_optuna()

@@ -11,6 +11,8 @@ from conftest import write_embeddings_parquet
 import analyze_metrics
 import train_vpr
 import trainable_vpr as vpr
+from vprkit.cli import VPRError
+from vprkit.runlog import LOG_COLUMNS, LOG_EXTRA_COLUMNS
 
 
 def test_bandit_concentrates_on_the_informative_band():
@@ -50,15 +52,16 @@ def test_sampler_takes_negatives_of_the_chosen_band_and_rewards_it():
     emb = torch.nn.functional.normalize(torch.randn(12, 6), dim=-1)
     labels = np.repeat(np.array(["a", "b", "c", "d"]), 3)
     pos, neg = vpr.batch_pair_masks(None, 25.0, 100.0, labels)
-    sampler = vpr.UCBNegativeSampler(bands=3, warmup=10_000)
+    sampler = vpr.UCBMiner(bands=3, warmup=10_000)
     similarity = emb @ emb.T
-    (anchors, positives, negatives), arms = sampler.triplets(similarity, pos, neg, torch.Generator().manual_seed(0))
+    anchors, positives, negatives = sampler.mine(emb, pos, neg, torch.Generator().manual_seed(0))
+    arms = sampler.last_arms
     assert len(anchors) == int(pos.sum()) and arms.tolist() == [i % 3 for i in range(len(anchors))]
     bands = vpr.similarity_rank_bands(similarity, neg, 3)
     assert (bands[anchors, negatives] == arms).all()
     assert (labels[anchors] == labels[positives]).all() and (labels[anchors] != labels[negatives.numpy()]).all()
-    losses = vpr.triplet_losses(emb, (anchors, positives, negatives), 0.5)
-    sampler.reward(arms, losses, 0.5)
+    losses = vpr.HybridLoss(triplet_margin=0.5)(emb, pos, neg, (anchors, positives, negatives)).triplet_items
+    sampler.reward(losses, 0.5)
     expected = [float(losses[arms == b].sum() / 2.5) for b in range(3)]
     np.testing.assert_allclose(sampler.bandit.reward_sums, expected, rtol=1e-6)
     assert sampler.stats().startswith("pulls=[")
@@ -74,7 +77,7 @@ def test_external_difficulty_bands(tmp_path):
     bands = table.pair_bands(["i0", "i1"], np.array(["a", "b", "c", "d"]), neg)
     assert bands.tolist() == [[-1, 0, 1, 2], [1, -1, 2, 2]]
     pd.DataFrame({"image_id": ["i0"], "neighbor_building_ids": [["b", "c"]], "neighbor_bands": [[0]]}).to_parquet(path)
-    with pytest.raises(vpr.VPRError, match="row 1: .* equal length"):
+    with pytest.raises(VPRError, match="row 1: .* equal length"):
         vpr.load_difficulty_parquet(path)
 
 
@@ -85,7 +88,7 @@ def test_ucb_training_logs_band_statistics_readable_by_analyze_metrics(tmp_path)
                              "--batch_size", "8", "--neg_sampler", "ucb", "--ucb_warmup_samples", "20",
                              "--log_dir", str(tmp_path / "logs"), "--output_dir", str(tmp_path / "models")])
     log = pd.read_csv(result.log_file)
-    assert list(log.columns) == vpr.LOG_COLUMNS + vpr.LOG_EXTRA_COLUMNS + ["ucb_stats"]
+    assert list(log.columns) == LOG_COLUMNS + LOG_EXTRA_COLUMNS + ["ucb_stats"]
     stats = log.loc[log.event == "epoch", "ucb_stats"].tolist()
     assert len(stats) == 2 and all(s.startswith("pulls=[") and "mean_reward=[" in s for s in stats)
     pulls = [sum(int(p) for p in s.split("]")[0].split("[")[1].split(",")) for s in stats]

@@ -1,0 +1,95 @@
+"""Checkpoints: where they are written, what they hold, how they are read back safely
+(weights_only loading, format version, required keys)."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+from vprkit.cli import VPRError, atomic_write
+from vprkit.runlog import safe_name
+
+FORMAT_VERSION = 1
+
+
+def checkpoint_path(output_dir: str | Path, model: str, seed: int, kind: str = "") -> Path:
+    """trained_{model}_seed{seed}.pth (the best, DESIGN.md §6), or with kind "last" (resumable,
+    written every --save_every_n_epochs) or "final" (the end of the run) a _{kind} suffix."""
+    return Path(output_dir) / f"trained_{safe_name(model)}_seed{seed}{f'_{kind}' if kind else ''}.pth"
+
+
+def random_states(rng: np.random.Generator, generator: torch.Generator) -> dict[str, Any]:
+    """Every random state a run draws from, in types torch.load(weights_only=True) reads
+    (numpy's PCG64 state is a dict of Python ints, some beyond 2**64: pickled as plain ints)."""
+    return {"numpy": rng.bit_generator.state, "torch_generator": generator.get_state(),
+            "torch_global": torch.get_rng_state()}
+
+
+def embeddings_backbone(name: str, source: str | Path, dim: int) -> dict[str, Any]:
+    """The checkpoint's `backbone` field of a head trained on an embeddings parquet."""
+    return {"name": name, "arch": EMBEDDINGS_ARCH, "weights": f"embeddings:{Path(source).name}", "feature_dim": dim}
+
+
+EMBEDDINGS_ARCH = "precomputed"
+
+
+def restore_random_states(states: dict[str, Any], rng: np.random.Generator, generator: torch.Generator) -> None:
+    rng.bit_generator.state = states["numpy"]
+    generator.set_state(states["torch_generator"])
+    torch.set_rng_state(states["torch_global"])
+
+
+def save_checkpoint(path: str | Path, payload: dict[str, Any]) -> None:
+    """torch.save to a temporary file, then rename: never a half-written checkpoint."""
+    atomic_write(path, lambda p: torch.save({"format_version": FORMAT_VERSION, **payload}, p))
+
+
+CHECKPOINT_KEYS = ("model_state_dict", "head_config", "backbone", "config")
+
+
+def read_checkpoint(path: str | Path, build_head: Callable[[dict[str, Any]], Any]) -> dict[str, Any]:
+    """Load a checkpoint with weights_only=True (a pickle that would run code is refused) and
+    check it is one of ours, complete, of a format this version reads, and that build_head
+    (trainable_vpr.head_from_checkpoint) rebuilds its head from it."""
+    path = Path(path)
+    if not path.is_file():
+        raise VPRError(f"checkpoint {path}: file not found; check the path")
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - which exception depends on how the file is broken
+        text = str(exc) or type(exc).__name__
+        if "GLOBAL" in text or "Unsupported global" in text:  # a pickle naming code to import and call
+            raise VPRError(f"checkpoint {path}: refused, it holds Python objects that could run code (not a checkpoint "
+                           f"of this suite); load only .pth files written by train_vpr.py") from None
+        reason = text.split("WeightsUnpickler error:")[-1].strip() if "WeightsUnpickler error:" in text else text
+        raise VPRError(f"checkpoint {path}: truncated or not a PyTorch checkpoint ({reason.splitlines()[0][:100]}); "
+                       f"retrain or restore the file") from None
+    version = checkpoint.get("format_version", 0) if isinstance(checkpoint, dict) else 0
+    if not isinstance(version, int) or version > FORMAT_VERSION:  # first: a newer format may have other keys
+        raise VPRError(f"checkpoint {path}: format version {version} is newer than this code reads ({FORMAT_VERSION}); "
+                       f"update the suite")
+    if not isinstance(checkpoint, dict) or any(k not in checkpoint for k in CHECKPOINT_KEYS) \
+            or not isinstance(checkpoint["backbone"], dict) or "name" not in checkpoint["backbone"]:
+        raise VPRError(f"checkpoint {path}: not a checkpoint of this suite (expected keys {', '.join(CHECKPOINT_KEYS)}); "
+                       f"give a .pth written by train_vpr.py")
+    try:
+        build_head(checkpoint)
+    except (KeyError, TypeError, ValueError, RuntimeError, VPRError) as exc:
+        reason = " ".join(str(exc).split())[:240] or type(exc).__name__
+        raise VPRError(f"checkpoint {path}: its head weights do not fit its head_config ({reason}); "
+                       f"retrain or restore the file") from None
+    return checkpoint
+
+
+def check_checkpoint_matches(checkpoint: dict[str, Any], path: str | Path, model: str | None = None,
+                             head: str | None = None) -> None:
+    """A checkpoint of the backbone and head the user asked for (None: not asked)."""
+    trained_on, trained_head = checkpoint["backbone"]["name"], checkpoint["head_config"].get("type")
+    if model and model != trained_on:
+        raise VPRError(f"checkpoint {path} was trained on backbone {trained_on}, not --model {model}; "
+                       f"drop --model or give a checkpoint of {model}")
+    if head and head != trained_head:
+        raise VPRError(f"checkpoint {path} holds a {trained_head} head, not --head {head}; "
+                       f"drop --head or give a checkpoint with a {head} head")

@@ -1,0 +1,152 @@
+"""Which images show the same place: THE pair rule and the neighbour queries built on it.
+
+pair_relations is the one rule shared by training batches, hard-negative mining and evaluation
+(docs/DESIGN.md, "The pair rule"). Neighbour queries use spatial indexes (scikit-learn KD-trees),
+never an N x N matrix over the data set. The split checks say before any work when a table or a
+query split cannot give a meaningful result.
+"""
+from __future__ import annotations
+
+import math
+import numpy as np
+import pandas as pd
+
+from vprkit.cli import VPRError
+from vprkit.places import LABEL_COLUMNS, PlaceTable
+
+
+def check_same_coord_kind(database: PlaceTable, queries: PlaceTable) -> None:
+    if (database.embeddings is None) != (queries.embeddings is None):
+        raise VPRError(f"{queries.source} and {database.source}: one is an embeddings parquet, the other a poses CSV; "
+                       "give both as parquet embeddings or both as images")
+    if database.coord_kind != queries.coord_kind:
+        raise VPRError(
+            f"{queries.source} has {queries.coord_kind} positions but the database {database.source} has "
+            f"{database.coord_kind} positions; give both CSVs the same kind (lat/lon or easting/northing)"
+        )
+
+
+def check_query_split(database: PlaceTable, queries: PlaceTable, pos_threshold_m: float, by_label: bool = False) -> None:
+    """Queries comparable with the database, some of them with a positive in the database (by
+    position, or label with by_label): otherwise recall is 0 whatever the descriptors (wrong
+    CSV, area or columns)."""
+    check_same_coord_kind(database, queries)
+    labels = (database.labels, queries.labels) if by_label else (None, None)
+    if not queries_with_positive(database.xyz, queries.xyz, pos_threshold_m, *labels).any():
+        if by_label:
+            raise VPRError(f"{queries.source}: no query has a positive (same place label) in {database.source}, so "
+                           "recall would be 0 whatever the descriptors; check that both files label the same places")
+        raise VPRError(
+            f"{queries.source}: no query lies within --pos_threshold_m {pos_threshold_m:g} m of any image of "
+            f"{database.source}, so recall would be 0 whatever the descriptors; check that both CSVs cover the "
+            f"same area, or raise the threshold"
+        )
+
+
+def check_trainable(table: PlaceTable, pos_threshold_m: float, labels: np.ndarray | None = None) -> None:
+    """Training batches are built from places (group_places: GPS cells, labels, or both) of two
+    images or more: without one there is nothing to learn from. Cheap, so it runs before any
+    extraction."""
+    if len(table) < 2 or np.bincount(group_places(table.xyz, labels, pos_threshold_m)).max() < 2:
+        if labels is not None:
+            raise VPRError(f"{table.source}: no place label has two images{' within --pos_threshold_m' if table.xyz is not None else ''}, "
+                           "so there are no positives to learn from; check the label column")
+        raise VPRError(
+            f"{table.source}: no place has two images within --pos_threshold_m {pos_threshold_m:g} m of each other, "
+            f"so there are no positives to learn from; raise the threshold or check the positions"
+        )
+
+
+def pair_relations(xyz_a: np.ndarray | None, xyz_b: np.ndarray | None, labels_a: np.ndarray | None,
+                   labels_b: np.ndarray | None, pos_threshold_m: float, neg_threshold_m: float) -> tuple[np.ndarray, np.ndarray]:
+    """(positive, negative) for every pair (a, b) of two broadcastable sets: THE rule of which
+    images show the same place, shared by batches, hard-negative mining and evaluation.
+
+    Positions only: positive within pos_threshold_m, negative beyond neg_threshold_m, in
+    between ignored (DESIGN.md §5). Place labels only: positive = same label, negative =
+    different label. Both: positive = same label and within pos_threshold_m; negative =
+    different label and beyond pos_threshold_m (a label is a place, so neighbouring buildings
+    are negatives; two labels photographed from the same spot are ignored).
+    """
+    if labels_a is not None and labels_b is not None:
+        same = np.asarray(labels_a) == np.asarray(labels_b)
+        if xyz_a is None or xyz_b is None:
+            return same, ~same
+        dist = np.linalg.norm(np.asarray(xyz_a) - np.asarray(xyz_b), axis=-1)
+        return same & (dist <= pos_threshold_m), ~same & (dist > pos_threshold_m)
+    dist = np.linalg.norm(np.asarray(xyz_a) - np.asarray(xyz_b), axis=-1)
+    return dist <= pos_threshold_m, dist > neg_threshold_m
+
+
+def neighbours_within(ref_xyz: np.ndarray, query_xyz: np.ndarray, radius_m: float) -> list[np.ndarray]:
+    """For each query, the reference indices within radius_m, nearest first (KD-tree)."""
+    from sklearn.neighbors import NearestNeighbors
+
+    index = NearestNeighbors(algorithm="kd_tree").fit(ref_xyz)
+    _, found = index.radius_neighbors(query_xyz, radius=radius_m, sort_results=True)
+    return list(found)
+
+
+def nearest_distance_m(ref_xyz: np.ndarray, query_xyz: np.ndarray) -> np.ndarray:
+    """Distance in metres from each query to its nearest reference point (KD-tree)."""
+    from sklearn.neighbors import NearestNeighbors
+
+    dist, _ = NearestNeighbors(n_neighbors=1, algorithm="kd_tree").fit(ref_xyz).kneighbors(query_xyz)
+    return dist[:, 0]
+
+
+def cluster_places(xyz: np.ndarray, radius_m: float) -> np.ndarray:
+    """Group images into places: cubic cells of side radius_m / sqrt(3), so any two images of
+    a place lie within radius_m of each other (all mutual positives). Linear time; labels are
+    0..P-1 in order of first appearance."""
+    side = radius_m / math.sqrt(3.0)
+    best, best_grouped = None, -1
+    # A grid can split a close pair along a cell edge; of two grids offset by half a cell, keep
+    # the one that leaves more images in places of two or more.
+    for offset in (0.0, 0.5):
+        cell = np.floor(xyz / side + offset).astype(np.int64)
+        _, first, inverse = np.unique(cell, axis=0, return_index=True, return_inverse=True)
+        labels = np.argsort(np.argsort(first))[inverse.reshape(-1)]  # relabel by first appearance
+        counts = np.bincount(labels)
+        grouped = int(counts[counts >= 2].sum())
+        if grouped > best_grouped:
+            best, best_grouped = labels, grouped
+    return best
+
+
+def group_places(xyz: np.ndarray | None, labels: np.ndarray | None, radius_m: float) -> np.ndarray:
+    """Place of each image for batching: its GPS cell (cluster_places), its label, or with both
+    the (label, cell) pair, so that a place's images are mutual positives by pair_relations.
+    Labels 0..P-1 in order of first appearance."""
+    if labels is None:
+        return cluster_places(xyz, radius_m)
+    if xyz is None:
+        return pd.factorize(np.asarray(labels))[0]
+    return pd.MultiIndex.from_arrays([np.asarray(labels), cluster_places(xyz, radius_m)]).factorize()[0]
+
+
+def queries_with_positive(db_xyz: np.ndarray | None, q_xyz: np.ndarray | None, pos_threshold_m: float,
+                          db_labels: np.ndarray | None = None, q_labels: np.ndarray | None = None) -> np.ndarray:
+    """Per query, whether the database holds a positive of it by pair_relations: an image
+    within pos_threshold_m, of its label, or both (spatial index, no Q x N matrix)."""
+    by_label = db_labels is not None and q_labels is not None
+    if by_label and db_xyz is not None and q_xyz is not None:
+        return np.array([np.any(np.asarray(db_labels)[near] == label)
+                         for near, label in zip(neighbours_within(db_xyz, q_xyz, pos_threshold_m), q_labels)], dtype=bool)
+    if by_label:
+        return np.isin(q_labels, db_labels)
+    return nearest_distance_m(db_xyz, q_xyz) <= pos_threshold_m
+
+
+def uses_labels(supervision: str, *tables: PlaceTable) -> bool:
+    """Whether place labels decide positives (--supervision; auto: when every table has labels)."""
+    have = all(t.labels is not None for t in tables)
+    if supervision == "labels" and not have:
+        missing = next(t.source for t in tables if t.labels is None)
+        raise VPRError(f"--supervision labels: {missing} has no label column ({', '.join(LABEL_COLUMNS)})")
+    if supervision == "gps" or not have:
+        if any(t.xyz is None for t in tables):
+            missing = next(t.source for t in tables if t.xyz is None)
+            raise VPRError(f"{missing}: no positions, so GPS supervision is impossible; use --supervision auto or labels")
+        return False
+    return True
