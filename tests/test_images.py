@@ -11,7 +11,8 @@ from PIL import Image
 from PIL.TiffImagePlugin import IFDRational
 
 from conftest import SHARED
-from exif_photos import BEER_SHEVA, NEW_YORK, NEW_YORK_DEGREES, STORE_TRANSPOSE, SYDNEY, asymmetric_image, dms, photo_exif, save_photo
+from exif_photos import (BEER_SHEVA, NEW_YORK, NEW_YORK_DEGREES, STORE_TRANSPOSE, SYDNEY, asymmetric_image, dms, photo_exif,
+                         save_photo)
 from vprkit.cli import VPRError
 from vprkit.images import PhotoExif, camera_name, exif_timestamp, open_rgb, read_photo_exif
 
