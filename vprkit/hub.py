@@ -90,7 +90,7 @@ def _describe(exc: BaseException) -> str:
     if any(isinstance(e, ConnectionRefusedError) for e in chain) or "refused" in text:
         return "connection refused"
     if any(isinstance(e, socket.gaierror) for e in chain) or "name or service not known" in text \
-            or "name resolution" in text or "nodename nor servname" in text:
+            or "name resolution" in text or "failed to resolve" in text or "nodename nor servname" in text:
         return "host name not resolved"
     if any("Proxy" in type(e).__name__ for e in chain):
         return f"proxy error ({_first_line(exc)})"
