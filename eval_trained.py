@@ -67,7 +67,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     what.add_argument("--baseline", action="store_true", help="evaluate the raw frozen backbone given by --model")
     what.add_argument("--model", default=None, help=f"backbone for --baseline: {', '.join(vpr.BACKBONES)} or timm:ARCH "
                                                     "(with --model_path: checked against the checkpoint's)")
-    what.add_argument("--head", default=None, choices=vpr.HEADS, help="with --model_path: check the checkpoint's head")
+    what.add_argument("--head", default=None, choices=tuple(vpr.HEADS), help="with --model_path: check the checkpoint's head")
     what.add_argument("--weights", default=None, help="backbone weights FILE or 'random' (default: pretrained)")
     what.add_argument("--image_size", type=int, default=0, help="input side (0: the backbone's or checkpoint's)")
     what.add_argument("--pca_whiten", type=int, default=0, metavar="DIM",

@@ -178,10 +178,9 @@ def extract_training_data(config: vpr.TrainConfig, train: PlaceTable, val: Place
     return TrainingData(backbone.info.as_dict(), split(train, train_features), split(val, val_features))
 
 
-def head_config_for(config: vpr.TrainConfig, in_dim: int) -> dict:
-    return {"type": config.head, "in_dim": in_dim, "projection_dim": config.projection_dim,
-            "hidden_dim": config.hidden_dim, "dropout": config.dropout,
-            "use_residual": config.use_residual, "use_layer_norm": config.use_layer_norm}
+def head_config_for(config: vpr.TrainConfig, in_dim: int) -> vpr.HeadConfig:
+    return vpr.HeadConfig(config.head, in_dim, config.projection_dim, config.hidden_dim, config.dropout,
+                          config.use_residual, config.use_layer_norm)
 
 
 def initial_head(config: vpr.TrainConfig, data: TrainingData) -> torch.nn.Module:
@@ -318,7 +317,7 @@ class Run:
         state = self.state
         payload = {
             "model_state_dict": {k: v.detach().clone() for k, v in self.head.state_dict().items()},
-            "head_config": head_config_for(self.config, self.data.train.features.shape[1]),
+            "head_config": head_config_for(self.config, self.data.train.features.shape[1]).as_dict(),
             "backbone": self.data.backbone,
             "config": dataclasses.asdict(self.config),
             "best_val_recall": {f"recall@{n}": r for n, r in state.best_recall.items()},

@@ -15,6 +15,7 @@ Dependencies run one way: vprkit <- trainable_vpr <- scripts.
 from __future__ import annotations
 
 import collections
+import dataclasses
 import hashlib
 import importlib
 import math
@@ -38,7 +39,7 @@ from vprkit.pairs import pair_relations
 from vprkit.places import IMAGE_ID_COLUMNS, _find_column, is_parquet
 from vprkit.evaluation import pca_whitening_matrix
 from vprkit.checkpoints import read_checkpoint
-from vprkit.settings import flag as _flag, registered
+from vprkit.settings import check_choices, flag as _flag, registered
 
 @dataclass(frozen=True)
 class BackboneSpec:
@@ -321,20 +322,41 @@ class MLPHead(nn.Module):
         return F.normalize(out if self.skip is None else out + self.skip(features), dim=-1)
 
 
-HEADS = ("projection", "residual", "mlp")
+@dataclass(frozen=True)
+class HeadConfig:
+    """Everything that rebuilds a head; stored in checkpoints as a dict (as_dict / from_dict)."""
+
+    type: str
+    in_dim: int
+    projection_dim: int = 256
+    hidden_dim: int = 512
+    dropout: float = 0.1
+    use_residual: bool = True    # mlp head only
+    use_layer_norm: bool = True  # mlp head only
+
+    def as_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> "HeadConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in values.items() if k in known})
 
 
-def build_head(head_config: dict[str, Any]) -> nn.Module:
-    """A head from its config dict (stored as-is in checkpoints, so a checkpoint rebuilds it)."""
-    kind = head_config["type"]
-    if kind == "projection":
-        return ProjectionHead(head_config["in_dim"], head_config["projection_dim"], head_config["dropout"])
-    if kind == "residual":
-        return ResidualHead(head_config["in_dim"], head_config["projection_dim"], head_config["hidden_dim"], head_config["dropout"])
-    if kind == "mlp":
-        return MLPHead(head_config["in_dim"], head_config["projection_dim"], head_config["hidden_dim"], head_config["dropout"],
-                       head_config.get("use_residual", True), head_config.get("use_layer_norm", True))
-    raise VPRError(f"--head {kind}: unknown head; choose one of {', '.join(HEADS)}")
+# Head registry by name, like BACKBONES: each builds its module from a HeadConfig.
+HEADS: dict[str, Callable[[HeadConfig], nn.Module]] = {
+    "projection": lambda c: ProjectionHead(c.in_dim, c.projection_dim, c.dropout),
+    "residual": lambda c: ResidualHead(c.in_dim, c.projection_dim, c.hidden_dim, c.dropout),
+    "mlp": lambda c: MLPHead(c.in_dim, c.projection_dim, c.hidden_dim, c.dropout, c.use_residual, c.use_layer_norm),
+}
+
+
+def build_head(head_config: HeadConfig | dict[str, Any]) -> nn.Module:
+    """A head from its config (a checkpoint stores it as a dict, so a checkpoint rebuilds it)."""
+    config = head_config if isinstance(head_config, HeadConfig) else HeadConfig.from_dict(head_config)
+    if config.type not in HEADS:
+        raise VPRError(f"--head {config.type}: unknown head; choose one of {', '.join(HEADS)}")
+    return HEADS[config.type](config)
 
 
 def check_input_dim(head_config: dict[str, Any], dim: int, source: str) -> None:
@@ -783,7 +805,7 @@ class TrainConfig(ExtractionSettings):
     # model
     model: str = _flag("dinov2_b", f"backbone: {', '.join(BACKBONES)} or timm:ARCH", "model")
     head: str = _flag("residual", "residual (starts as PCA-whitening, learns a correction), projection (the seed head) "
-                      "or mlp (Linear-LayerNorm-GELU-Linear with a skip connection)", "model", choices=HEADS)
+                      "or mlp (Linear-LayerNorm-GELU-Linear with a skip connection)", "model", choices=tuple(HEADS))
     projection_dim: int = _flag(256, "output descriptor dimension", "model", aliases=("--output_dim",))
     hidden_dim: int = _flag(512, "hidden width of the residual and mlp heads", "model")
     dropout: float = _flag(0.1, "dropout in the head", "model")
@@ -830,6 +852,7 @@ class TrainConfig(ExtractionSettings):
 def validate_train_config(config: TrainConfig) -> None:
     """Flag combinations that cannot train, caught before any work is done."""
     validate_extraction_flags(config)
+    check_choices(config)  # a config built in code (run_experiment, tune_vpr, tests) is checked like parsed flags
     if config.epochs <= 0:
         raise VPRError(f"--epochs {config.epochs}: must be at least 1")
     if config.batch_size < 4:
@@ -852,8 +875,6 @@ def validate_train_config(config: TrainConfig) -> None:
         raise VPRError(f"--lr_schedule {config.lr_schedule}: choose constant or cosine")
     if config.early_stopping_patience < 0:
         raise VPRError(f"--early_stopping_patience {config.early_stopping_patience}: must be 0 (off) or more")
-    if config.head not in HEADS:
-        raise VPRError(f"--head {config.head}: unknown head; choose one of {', '.join(HEADS)}")
     for name in ("validate_every_n_epochs", "save_every_n_epochs", "ucb_bands", "projection_dim", "hidden_dim"):
         if getattr(config, name) < 1:
             raise VPRError(f"--{name} {getattr(config, name)}: must be at least 1")

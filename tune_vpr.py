@@ -27,7 +27,7 @@ from typing import Any, Sequence
 
 import train_vpr
 import trainable_vpr as vpr
-from vprkit.cli import VPRError, add_debug_flag, atomic_write, check_writable_dir, run_cli
+from vprkit.cli import CliParser, VPRError, add_debug_flag, atomic_write, check_writable_dir, run_cli
 from vprkit.evaluation import RecallResult
 from vprkit.runlog import safe_name
 from vprkit.settings import add_config_args, add_config_file_flag, config_from_args, parse_layered
@@ -64,7 +64,7 @@ class TuneOptions:
 
 
 def parse_args(argv: Sequence[str] | None) -> tuple[vpr.TrainConfig, TuneOptions]:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = CliParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     tune = parser.add_argument_group("tuning")
     tune.add_argument("--storage", default=None, help="Optuna storage URL (default: sqlite:///{log_dir}/{study}.db)")
     tune.add_argument("--study_name", default="vpr_tune", help="study name (workers with the same name and storage share it)")
