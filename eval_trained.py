@@ -27,10 +27,10 @@ import trainable_vpr as vpr
 from vprkit.checkpoints import EMBEDDINGS_ARCH, check_checkpoint_matches
 from vprkit.cli import CliParser, VPRError, add_debug_flag, atomic_write, check_writable_dir, check_writable_file, run_cli
 from vprkit.evaluation import Descriptors, EvalReport, evaluate_variant, format_report, load_eval_tables, pca_whitened
-from vprkit.features import Backbone, CACHE_DTYPES, PRECISIONS, default_num_workers, frozen_descriptors, validate_extraction_flags
-from vprkit.places import ON_BAD_IMAGE, PlaceTable, export_embeddings_parquet, is_parquet
+from vprkit.features import Backbone, ExtractionSettings, frozen_descriptors, validate_extraction_flags
+from vprkit.places import PlaceTable, export_embeddings_parquet, is_parquet
 from vprkit.runlog import safe_name
-from vprkit.settings import add_config_file_flag, parse_layered
+from vprkit.settings import add_config_args, add_config_file_flag, parse_layered
 
 
 def add_eval_data_args(parser: argparse.ArgumentParser) -> None:
@@ -42,34 +42,20 @@ def add_eval_data_args(parser: argparse.ArgumentParser) -> None:
                        help="poses CSV or embeddings parquet of the query images")
     group.add_argument("--supervision", default=None, choices=vpr.SUPERVISIONS,
                        help="what makes a retrieval correct: gps, labels or auto (default: the checkpoint's, else auto)")
-    group.add_argument("--camera_id", default=None, help="keep only this camera's rows")
-    group.add_argument("--image_root", default=None, help="folder that relative image paths resolve against")
-    group.add_argument("--on_bad_image", default="error", choices=ON_BAD_IMAGE,
-                       help="a missing or unreadable image: error (stop, naming it) or skip (leave it out, count it)")
     group.add_argument("--pos_threshold_m", type=float, default=None,
                        help="a retrieval is correct within this many metres (default: the checkpoint's, else 25)")
     group.add_argument("--recall_at", type=int, nargs="+", default=[1, 5, 10], help="the N of Recall@N")
-    system = parser.add_argument_group("system")
-    system.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
-    system.add_argument("--batch_size", type=int, default=32, help="images per extraction batch")
-    system.add_argument("--num_workers", type=int, default=default_num_workers(),
-                        help="image-decoding worker processes (default: a quarter of the CPU cores, at most 4)")
-    system.add_argument("--cache_dir", default=".cache/features", help="feature cache folder (shared with training)")
-    system.add_argument("--no_cache", action="store_true", help="bypass the feature cache")
-    system.add_argument("--precision", default="fp32", choices=PRECISIONS, help="extraction precision")
-    system.add_argument("--cache_dtype", default="float32", choices=CACHE_DTYPES, help="feature cache storage")
+    add_config_args(parser, ExtractionSettings)  # images and extraction: the flags training has too
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = CliParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    what = parser.add_argument_group("what to evaluate")
+    what = parser.add_argument_group("model")
     what.add_argument("--model_path", help="a trained checkpoint (its backbone and settings come from it)")
     what.add_argument("--baseline", action="store_true", help="evaluate the raw frozen backbone given by --model")
     what.add_argument("--model", default=None, help=f"backbone for --baseline: {', '.join(vpr.BACKBONES)} or timm:ARCH "
                                                     "(with --model_path: checked against the checkpoint's)")
     what.add_argument("--head", default=None, choices=tuple(vpr.HEADS), help="with --model_path: check the checkpoint's head")
-    what.add_argument("--weights", default=None, help="backbone weights FILE or 'random' (default: pretrained)")
-    what.add_argument("--image_size", type=int, default=0, help="input side (0: the backbone's or checkpoint's)")
     what.add_argument("--pca_whiten", type=int, default=0, metavar="DIM",
                       help="with --baseline: PCA-whiten the raw features to DIM dims, fitted on the database")
     add_eval_data_args(parser)

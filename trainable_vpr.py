@@ -814,6 +814,7 @@ class TrainConfig(ExtractionSettings):
     # training
     epochs: int = _flag(15, "training epochs")
     lr: float = _flag(1e-4, "AdamW learning rate")
+    batch_size: int = _flag(32, "images per batch (training and extraction)")  # in [training], unlike extraction's
     images_per_place: int = _flag(4, "images of each place in a training batch")
     weight_decay: float = _flag(1e-4, "AdamW weight decay")
     seed: int = _flag(42, "random seed (same seed, same machine: same losses)")

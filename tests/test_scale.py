@@ -117,7 +117,8 @@ EVALUATION_SCRIPT = textwrap.dedent("""
     import numpy as np
     sys.path.insert(0, sys.argv[1])
     import faiss, sklearn.neighbors  # imported lazily by the module; not part of the measure
-    import trainable_vpr as vpr
+    from vprkit.evaluation import evaluate_retrieval
+    from vprkit.places import metric_to_xyz
 
     def status(field):
         return int(re.search(rf"^{field}:\\s+(\\d+) kB", Path("/proc/self/status").read_text(), re.M).group(1)) * 1024

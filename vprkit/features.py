@@ -206,7 +206,7 @@ class ExtractionSettings:
     weights: str | None = _flag(None, "backbone weights: a local state-dict FILE, or 'random' (default: pretrained)",
                                 "model")
     image_size: int = _flag(0, "square input side in pixels (0: the backbone's default, or the checkpoint's)", "model")
-    batch_size: int = _flag(32, "images per batch (extraction; training batches too in train_vpr.py)")
+    batch_size: int = _flag(32, "images per extraction batch", "system")
     device: str = _flag("auto", "auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps", "system")
     num_workers: int = _flag(None, "image-decoding worker processes (default: a quarter of the CPU cores, at most 4)",
                              "system")
