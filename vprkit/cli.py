@@ -18,7 +18,7 @@ class VPRError(Exception):
 def run_cli(main: Callable[[Sequence[str] | None], Any], argv: Sequence[str] | None = None) -> None:
     """Run a script's main(); turn VPRError (and Ctrl-C) into one line on stderr and exit code.
 
-    `--debug` anywhere on the command line shows the full traceback instead.
+    With `--debug` anywhere on the command line, the full traceback is printed first, then the line.
     """
     args = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in args
