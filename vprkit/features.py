@@ -363,6 +363,10 @@ def _iterate_descriptors(backbone: Backbone, paths: Sequence[str], options: Extr
             bad = [(int(i), e) for i, e in zip(index, errors) if e]
             if bad and failed is None:
                 row, err = bad[0]
+                if len(bad) == len(errors) and int(index[0]) == 0 and len(bad) > 1:
+                    # not one bad file: a wrong folder or file type, which skipping would not mend
+                    raise VPRError(f"image {paths[row]}: cannot be read as an image ({err}), nor can any of the first "
+                                   f"{len(bad)}; check --image_root (or the CSV's folder) and that the files are images")
                 raise VPRError(f"image {paths[row]}: cannot be read as an image ({err}); fix or remove its row, "
                                f"or --on_bad_image skip to leave such images out")
             if bad:
