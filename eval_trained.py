@@ -28,6 +28,7 @@ from vprkit.checkpoints import EMBEDDINGS_ARCH, check_checkpoint_matches
 from vprkit.cli import CliParser, VPRError, add_debug_flag, atomic_write, check_writable_dir, check_writable_file, run_cli
 from vprkit.evaluation import Descriptors, EvalReport, evaluate_variant, format_report, load_eval_tables, pca_whitened
 from vprkit.features import Backbone, ExtractionSettings, frozen_descriptors, validate_extraction_flags
+from vprkit.images import open_rgb
 from vprkit.places import PlaceTable, export_embeddings_parquet, is_parquet
 from vprkit.runlog import safe_name
 from vprkit.settings import add_config_args, add_config_file_flag, parse_layered
@@ -88,7 +89,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 
 def predictions_frame(report: EvalReport, database: PlaceTable, queries: PlaceTable) -> pd.DataFrame:
-    """One row per (query, rank): the retrieved database image, its distance, correct or not."""
+    """One row per (query, rank): the retrieved database image, its distance (empty without
+    positions), its place labels when both tables have them, correct or not."""
     res = report.result
     q_count, k = res.top_indices.shape
     q_index = np.repeat(np.arange(q_count), k)
@@ -99,11 +101,14 @@ def predictions_frame(report: EvalReport, database: PlaceTable, queries: PlaceTa
         "rank": np.tile(np.arange(1, k + 1), q_count),
         "db_index": db_index,
         "db_image": np.asarray(database.paths)[db_index],
-        "distance_m": res.top_distances_m.ravel(),  # unrounded: `correct` is decided on this value
+        "distance_m": res.top_distances_m.ravel(),  # unrounded: `correct` is decided on this value; NaN (empty) without positions
         "similarity": res.top_scores.ravel().round(5),
         "correct": res.correct.ravel(),
         "query_has_positive": np.repeat(res.has_positive, k),
     })
+    if queries.labels is not None and database.labels is not None:
+        frame.insert(2, "query_label", queries.labels[q_index])
+        frame.insert(frame.columns.get_loc("db_image") + 1, "db_label", database.labels[db_index])
     if queries.conditions is not None:
         frame.insert(2, "condition", queries.conditions[q_index])
     return frame
@@ -128,36 +133,54 @@ def write_outputs(args: Any, report: EvalReport, database: PlaceTable, queries: 
         print(f"wrote {path}")
 
 
+def retrieval_captions(report: EvalReport, database: PlaceTable, queries: PlaceTable, q: int,
+                       top: int) -> tuple[str, list[str], str]:
+    """(query caption, one caption per retrieval, legend) of one picture row, in the rule's own
+    terms: place labels for a labelled run (metres too only where there are positions), metres
+    for a GPS run."""
+    res = report.result
+    positions = database.xyz is not None and queries.xyz is not None
+    retrieved = res.top_indices[q, :top]
+    condition = f" ({queries.conditions[q]})" if queries.conditions is not None else ""
+    if res.by_label:
+        metres = [f"  {res.top_distances_m[q, r]:.0f} m" if positions else "" for r in range(top)]
+        captions = [f"#{r + 1}  {database.labels[i]}{metres[r]}" for r, i in enumerate(retrieved)]
+        legend = "green: same place label" + (f" within {res.pos_threshold_m:g} m" if positions else "")
+        return f"query {queries.labels[q]}{condition}", captions, legend
+    captions = [f"#{r + 1}  {res.top_distances_m[q, r]:.0f} m" for r in range(top)]
+    return f"query{condition}", captions, f"green: within {res.pos_threshold_m:g} m"
+
+
 def draw_retrievals(report: EvalReport, database: PlaceTable, queries: PlaceTable, count: int,
                     path: Path, top: int = 5) -> None:
-    """A grid: each row a query and its top retrievals framed green (within the threshold) or red."""
+    """A grid: each row a query and its top retrievals framed green (correct by the run's rule)
+    or red, captioned with place labels (labelled runs) or distances (GPS runs); images upright."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    from PIL import Image
 
     res = report.result
     rows = np.linspace(0, res.num_queries - 1, num=min(count, res.num_queries)).round().astype(int)
     top = min(top, res.top_indices.shape[1])
     fig, axes = plt.subplots(len(rows), top + 1, figsize=(2.2 * (top + 1), 2.6 * len(rows)), squeeze=False)
+    legend = ""
     for r, q in enumerate(rows):
-        cells = [(queries.paths[q], "query" + (f" ({queries.conditions[q]})" if queries.conditions is not None else ""), "black")]
+        query_caption, captions, legend = retrieval_captions(report, database, queries, q, top)
+        cells = [(queries.paths[q], query_caption, "black")]
         for rank in range(top):
-            ok = res.correct[q, rank]
-            cells.append((database.paths[res.top_indices[q, rank]], f"#{rank + 1}  {res.top_distances_m[q, rank]:.0f} m",
-                          "tab:green" if ok else "tab:red"))
+            cells.append((database.paths[res.top_indices[q, rank]], captions[rank],
+                          "tab:green" if res.correct[q, rank] else "tab:red"))
         for c, (image_path, title, colour) in enumerate(cells):
             ax = axes[r, c]
-            with Image.open(image_path) as image:
-                ax.imshow(image.convert("RGB"))
+            ax.imshow(open_rgb(image_path))
             ax.set_title(title, fontsize=9, color=colour)
             ax.set_xticks([])
             ax.set_yticks([])
             for spine in ax.spines.values():
                 spine.set_edgecolor(colour)
                 spine.set_linewidth(4 if c else 1)
-    fig.suptitle(f"{report.name}: queries and top-{top} retrievals (green: within {res.pos_threshold_m:g} m)")
+    fig.suptitle(f"{report.name}: queries and top-{top} retrievals ({legend})")
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write(path, lambda p: fig.savefig(p, dpi=80, format="png"))
@@ -205,19 +228,22 @@ def descriptors_for(args: argparse.Namespace, checkpoint: dict | None, name: str
     return f"raw_{name}", raw
 
 
-def source_identity(args: argparse.Namespace, backbone: Backbone | None, checkpoint: dict | None) -> tuple[str, str]:
-    """(model name, weights identity) of the descriptors, for names and the JSON settings."""
+def source_identity(args: argparse.Namespace, backbone: Backbone | None, checkpoint: dict | None,
+                    database_backbone: str | None = None) -> tuple[str, str]:
+    """(model name, weights identity) of the descriptors, for names and the JSON settings
+    (database_backbone: the embeddings parquet's `backbone` column)."""
     if backbone is not None:
         return backbone.info.name, backbone.info.weights
     if checkpoint is not None:
         return checkpoint["backbone"]["name"], checkpoint["backbone"]["weights"]
-    return args.model or "embeddings", f"embeddings:{Path(args.train_csv).name}"
+    return args.model or database_backbone or "embeddings", f"embeddings:{Path(args.train_csv).name}"
 
 
-def export_parquets(folder: str, raw: Descriptors, database: PlaceTable, queries: PlaceTable) -> None:
-    """Raw features of both tables as embeddings parquets, named after their CSVs."""
+def export_parquets(folder: str, raw: Descriptors, database: PlaceTable, queries: PlaceTable, backbone: str) -> None:
+    """Raw features of both tables as embeddings parquets, named after their CSVs, with a
+    `backbone` column naming the backbone (train_vpr names its run and checkpoint after it)."""
     for table, features in ((database, raw.database), (queries, raw.queries)):
-        path = export_embeddings_parquet(table, features, Path(folder) / f"{Path(table.source).stem}.parquet")
+        path = export_embeddings_parquet(table, features, Path(folder) / f"{Path(table.source).stem}.parquet", backbone)
         print(f"wrote {path} ({features.shape[0]} x {features.shape[1]})")
 
 
@@ -229,9 +255,9 @@ def main(argv: Sequence[str] | None = None) -> EvalReport:
     database, queries = load_eval_tables(args, threshold, supervision)
     backbone = backbone_for(args, checkpoint, database)
     database, queries, raw = frozen_descriptors(args, backbone, database, queries, threshold, supervision)
+    model, weights = source_identity(args, backbone, checkpoint, database.backbone)
     if args.export_parquet:
-        export_parquets(args.export_parquet, raw, database, queries)
-    model, weights = source_identity(args, backbone, checkpoint)
+        export_parquets(args.export_parquet, raw, database, queries, model)
     name, descriptors = descriptors_for(args, checkpoint, model, raw)
     report = evaluate_variant(name, descriptors, database, queries, threshold, args.recall_at, supervision)
     print(format_report(report, args.recall_at))

@@ -33,7 +33,7 @@ from vprkit.checkpoints import checkpoint_path, embeddings_backbone, random_stat
 from vprkit.cli import CliParser, VPRError, add_debug_flag, check_writable_dir, run_cli, sigterm_as_interrupt
 from vprkit.evaluation import RecallResult, evaluate_retrieval
 from vprkit.features import extract_both, extraction_settings
-from vprkit.pairs import check_query_split, check_trainable, group_places, uses_labels
+from vprkit.pairs import check_query_split, check_trainable, group_places, uses_labels, warn_shared_images
 from vprkit.places import PlaceTable, load_table
 from vprkit.runlog import CsvLogger, LOG_COLUMNS, LOG_EXTRA_COLUMNS, LOG_OPTIONAL_COLUMNS, TRAINING_SUMMARY_NAME, append_summary_row, new_run_id, read_summary_table
 from vprkit.settings import add_config_args, add_config_file_flag, config_from_args, parse_layered
@@ -141,13 +141,38 @@ def load_splits(config: vpr.TrainConfig) -> tuple[PlaceTable, PlaceTable, bool]:
     val = load_table(config.val_csv, config.image_root, config.camera_id, config.on_bad_image)
     by_label = uses_labels(config.supervision, train, val)
     check_splits(config, train, val, by_label)
+    warn_shared_images(train, val, "validation")
     return train, val, by_label
 
 
 def check_splits(config: vpr.TrainConfig, train: PlaceTable, val: PlaceTable, by_label: bool) -> None:
     """Places with positives to learn from, and validation queries with a positive in the database."""
-    check_trainable(train, config.pos_threshold_m, train.labels if by_label else None)
+    check_trainable(train, config.pos_threshold_m, train.labels if by_label else None, config.neg_threshold_m)
     check_query_split(train, val, config.pos_threshold_m, by_label)
+
+
+EMBEDDINGS_MODEL = "embeddings"  # a run on embeddings whose backbone neither the parquet nor --model names
+
+
+def named_after_embeddings(config: vpr.TrainConfig, train: PlaceTable, val: PlaceTable) -> vpr.TrainConfig:
+    """The config of a run on embeddings parquets with --model set to the backbone that made
+    them (the parquets' `backbone` column), so that the run id, checkpoint names and the
+    checkpoint's backbone say what was used: never the default --model, which was not. The
+    default counts as not given; any other --model must agree with the parquets. Images: as is."""
+    if train.embeddings is None:
+        return config
+    if train.backbone and val.backbone and train.backbone != val.backbone:
+        raise VPRError(f"{config.val_csv}: embeddings of backbone {val.backbone}, but {config.train_csv} holds "
+                       f"{train.backbone}'s; both must come from the same backbone")
+    saved = train.backbone or val.backbone
+    given = config.model if config.model != DEFAULT_MODEL else None
+    if given and saved and given != saved:
+        raise VPRError(f"--model {given}: {config.train_csv} holds embeddings of backbone {saved}; "
+                       f"drop --model or give embeddings of {given}")
+    return dataclasses.replace(config, model=given or saved or EMBEDDINGS_MODEL)
+
+
+DEFAULT_MODEL = next(f.default for f in dataclasses.fields(vpr.TrainConfig) if f.name == "model")
 
 
 def check_outputs(config: vpr.TrainConfig) -> Path:
@@ -443,6 +468,7 @@ def train(config: vpr.TrainConfig, on_validation: ValidationCallback | None = No
     vpr.set_determinism(config.seed)
     print_config(config)
     train_table, val_table, by_label = load_splits(config)
+    config = named_after_embeddings(config, train_table, val_table)
     log_dir = check_outputs(config)
     data = extract_training_data(config, train_table, val_table, by_label)
     run = new_run(config, data)

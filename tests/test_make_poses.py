@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 import make_poses
-import trainable_vpr as vpr
+from vprkit.places import load_poses, load_table
 from conftest import assert_one_line_error, run_main, run_processes_at_once
 from exif_photos import BEER_SHEVA, NEW_YORK, NEW_YORK_DEGREES, SYDNEY, photo_exif, save_photo
 
@@ -63,13 +63,13 @@ def test_folder_of_photos_becomes_poses_csv(tmp_path, capsys):
     assert warnings[1].startswith("warning: 1 of 7 image files") and "not readable" in warnings[1]
     assert_rows(read_rows(output), [want for _, want in PHOTOS.values()])
 
-    table = vpr.load_table(output)  # no --image_root: paths resolve against the CSV's folder
+    table = load_table(output)  # no --image_root: paths resolve against the CSV's folder
     assert table.coord_kind == "latlon"
     assert table.paths == [str(folder / name) for name in PHOTOS]
     expected = np.array([want[1:3] for _, want in PHOTOS.values()], dtype=np.float64)
     np.testing.assert_allclose(table.xyz, vpr.latlon_to_xyz(expected[:, 0], expected[:, 1]), atol=0.05)  # metres
     assert list(table.cameras) == [want[3] for _, want in PHOTOS.values()]
-    assert vpr.load_poses(output).paths == table.paths
+    assert load_poses(output).paths == table.paths
 
 
 def test_csv_outside_the_folder_resolves_too_and_output_is_deterministic(tmp_path, capsys):
@@ -79,7 +79,7 @@ def test_csv_outside_the_folder_resolves_too_and_output_is_deterministic(tmp_pat
     make_poses.main([str(folder), "--output", str(second)])
     assert first.read_bytes() == second.read_bytes()
     assert read_rows(first)[1][0] == "../photos/campus/IMG_0001.JPG"
-    assert vpr.load_table(first).paths == [str(first.parent / "../photos" / name) for name in PHOTOS]
+    assert load_table(first).paths == [str(first.parent / "../photos" / name) for name in PHOTOS]
 
 
 def test_existing_output_is_kept_unless_overwrite(tmp_path, capsys):

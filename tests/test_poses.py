@@ -94,8 +94,9 @@ def test_relative_paths_resolve_against_image_root(tmp_path):
     root = tmp_path / "photos"
     rels = _images(root, 2, sub="sub")
     csv = write_csv(tmp_path / "csvs" / "p.csv", ["image_path", "x", "y"], [[rels[0], 0, 0], [rels[1], 1, 1]])
-    with pytest.raises(VPRError, match="row 2"):
+    with pytest.raises(VPRError, match="none of its 2 image files exists .*check --image_root") as info:
         load_poses(csv)  # not next to the CSV
+    assert "--on_bad_image skip" not in str(info.value)  # skipping every row would fail too
     table = load_poses(csv, image_root=root)
     assert table.paths == [str(root / r) for r in rels]
 

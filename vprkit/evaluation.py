@@ -8,7 +8,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from vprkit.cli import VPRError
-from vprkit.pairs import check_query_split, pair_relations, queries_with_positive, uses_labels
+from vprkit.pairs import check_query_split, pair_relations, queries_with_positive, uses_labels, warn_shared_images
 from vprkit.places import PlaceTable, load_table
 
 
@@ -144,10 +144,12 @@ class Descriptors:
 
 def load_eval_tables(args: Any, pos_threshold_m: float, supervision: str = "auto") -> tuple[PlaceTable, PlaceTable]:
     """Database and queries (poses CSVs or embeddings parquets), checked: comparable
-    positions, some query with a positive by the rule of `supervision`."""
+    positions, some query with a positive by the rule of `supervision`; queries that repeat
+    database images are one warning line."""
     database = load_table(args.train_csv, args.image_root, args.camera_id, args.on_bad_image)
     queries = load_table(args.test_csv, args.image_root, args.camera_id, args.on_bad_image)
     check_queries(database, queries, pos_threshold_m, supervision)
+    warn_shared_images(database, queries, "query")
     return database, queries
 
 

@@ -21,6 +21,7 @@ import torch
 
 from vprkit.cli import VPRError, atomic_write
 from vprkit.evaluation import Descriptors, check_queries
+from vprkit.images import DECODE_TAG, open_rgb
 from vprkit.places import ON_BAD_IMAGE, PlaceTable, check_on_bad_image
 from vprkit.settings import flag as _flag
 
@@ -94,7 +95,9 @@ class FeatureCache:
     def __init__(self, cache_dir: str | Path, info: BackboneInfo, dtype: str = "float32", precision: str = "fp32"):
         if dtype not in CACHE_DTYPES:
             raise VPRError(f"--cache_dtype {dtype}: choose float32 or float16")
-        config = {"backbone": info.as_dict(), "dtype": dtype, "precision": precision, "format": CACHE_FORMAT}
+        # DECODE_TAG: how files become pixels (EXIF orientation applied); features decoded otherwise are never served.
+        config = {"backbone": info.as_dict(), "dtype": dtype, "precision": precision, "format": CACHE_FORMAT,
+                  "decode": DECODE_TAG}
         digest = hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()[:16]
         safe_name = info.name.replace(":", "_").replace("/", "_")
         self.dir = Path(cache_dir) / f"{safe_name}-{digest}"
@@ -157,8 +160,8 @@ def _save_npy(path: Path, array: np.ndarray) -> None:
 
 
 class _ImageDataset(torch.utils.data.Dataset):
-    """Decode, resize (the whole view, no crop) and normalise; errors are returned, not raised,
-    so the main process can name the bad file."""
+    """Decode upright (EXIF orientation applied: open_rgb), resize (the whole view, no crop) and
+    normalise; errors are returned, not raised, so the main process can name the bad file."""
 
     def __init__(self, paths: Sequence[str], info: BackboneInfo):
         from torchvision import transforms
@@ -175,11 +178,8 @@ class _ImageDataset(torch.utils.data.Dataset):
         return len(self.paths)
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int, str]:
-        from PIL import Image
-
         try:
-            with Image.open(self.paths[index]) as image:
-                return self.transform(image.convert("RGB")), index, ""
+            return self.transform(open_rgb(self.paths[index])), index, ""
         except Exception as exc:  # noqa: BLE001 - reported with the file name by the caller
             return torch.zeros(3, self.size, self.size), index, f"{type(exc).__name__}: {exc}"
 
@@ -363,6 +363,10 @@ def _iterate_descriptors(backbone: Backbone, paths: Sequence[str], options: Extr
             bad = [(int(i), e) for i, e in zip(index, errors) if e]
             if bad and failed is None:
                 row, err = bad[0]
+                if len(bad) == len(errors) and int(index[0]) == 0 and len(bad) > 1:
+                    # not one bad file: a wrong folder or file type, which skipping would not mend
+                    raise VPRError(f"image {paths[row]}: cannot be read as an image ({err}), nor can any of the first "
+                                   f"{len(bad)}; check --image_root (or the CSV's folder) and that the files are images")
                 raise VPRError(f"image {paths[row]}: cannot be read as an image ({err}); fix or remove its row, "
                                f"or --on_bad_image skip to leave such images out")
             if bad:

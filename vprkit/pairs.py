@@ -8,6 +8,9 @@ query split cannot give a meaningful result.
 from __future__ import annotations
 
 import math
+import os
+import sys
+
 import numpy as np
 import pandas as pd
 
@@ -43,10 +46,13 @@ def check_query_split(database: PlaceTable, queries: PlaceTable, pos_threshold_m
         )
 
 
-def check_trainable(table: PlaceTable, pos_threshold_m: float, labels: np.ndarray | None = None) -> None:
+def check_trainable(table: PlaceTable, pos_threshold_m: float, labels: np.ndarray | None = None,
+                    neg_threshold_m: float | None = None) -> None:
     """Training batches are built from places (group_places: GPS cells, labels, or both) of two
-    images or more: without one there is nothing to learn from. Cheap, so it runs before any
-    extraction."""
+    images or more, and contrasted with negatives: without a positive pair, or (given
+    neg_threshold_m) without a negative pair by pair_relations, there is nothing to learn from
+    (the loss is 0 every epoch). Cheap (linear, or a KD-tree: never N x N), so it runs before
+    any extraction."""
     if len(table) < 2 or np.bincount(group_places(table.xyz, labels, pos_threshold_m)).max() < 2:
         if labels is not None:
             raise VPRError(f"{table.source}: no place label has two images{' within --pos_threshold_m' if table.xyz is not None else ''}, "
@@ -55,6 +61,51 @@ def check_trainable(table: PlaceTable, pos_threshold_m: float, labels: np.ndarra
             f"{table.source}: no place has two images within --pos_threshold_m {pos_threshold_m:g} m of each other, "
             f"so there are no positives to learn from; raise the threshold or check the positions"
         )
+    if labels is not None:
+        if len(np.unique(np.asarray(labels))) < 2:
+            raise VPRError(f"{table.source}: every image has the place label '{np.asarray(labels)[0]}', so there are no "
+                           f"negatives (images of another place) to learn from; label more than one place")
+        return  # two labels: some pair is a negative (with positions too, unless every label is photographed from one spot)
+    if neg_threshold_m is not None and not has_pair_beyond(table.xyz, neg_threshold_m):
+        raise VPRError(
+            f"{table.source}: no two images lie more than --neg_threshold_m {neg_threshold_m:g} m apart, so there are "
+            f"no negatives to learn from (the loss would be 0); check the positions (are all rows at one place, "
+            f"e.g. x=0, y=0?) or lower --neg_threshold_m; for labelled images without positions give only the label column"
+        )
+
+
+def has_pair_beyond(xyz: np.ndarray, radius_m: float) -> bool:
+    """Whether some two points lie more than radius_m apart, in O(N log N) time and O(N) memory
+    (never N x N): a point beyond radius_m of the first point answers at once; otherwise every
+    point lies in one ball, and a KD-tree counts each point's neighbours within radius_m (whole
+    nodes at a time): a pair beyond exists iff some point has fewer than N."""
+    from sklearn.neighbors import KDTree
+
+    if np.any(np.linalg.norm(xyz - xyz[0], axis=1) > radius_m):
+        return True
+    counts = KDTree(xyz).query_radius(xyz, r=radius_m, count_only=True)
+    return bool(np.any(counts < len(xyz)))
+
+
+def shared_images(first: PlaceTable, second: PlaceTable) -> list[str]:
+    """The images (files, or a parquet's image ids) listed in both tables, in the second's order."""
+    def key(path: str) -> str:
+        return os.path.normpath(os.path.abspath(path)) if first.embeddings is None else path
+
+    seen = {key(p) for p in first.paths}
+    return [p for p in second.paths if key(p) in seen]
+
+
+def warn_shared_images(first: PlaceTable, second: PlaceTable, what: str) -> int:
+    """One warning line when `second` (validation or test queries) repeats images of `first`
+    (the training set or the database): their recall is that of seeing the image again.
+    Returns the count."""
+    shared = shared_images(first, second)
+    if shared:
+        print(f"warning: {len(shared)} of the {len(second)} {what} images of {second.source} are also in {first.source} "
+              f"(e.g. {shared[0]}): their recall overstates how well new images of a place are found; use disjoint files",
+              file=sys.stderr, flush=True)
+    return len(shared)
 
 
 def pair_relations(xyz_a: np.ndarray | None, xyz_b: np.ndarray | None, labels_a: np.ndarray | None,

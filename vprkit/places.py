@@ -77,6 +77,7 @@ class PlaceTable:
     conditions: np.ndarray | None = None
     embeddings: np.ndarray | None = None
     skipped: list[tuple[str, str]] = field(default_factory=list)  # (image, reason) left out by --on_bad_image skip
+    backbone: str | None = None  # embeddings parquet: the backbone that made the embeddings, when it says
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -89,7 +90,7 @@ class PlaceTable:
             coord_kind=self.coord_kind, frame=self.frame.iloc[index].reset_index(drop=True),
             cameras=pick(self.cameras), labels=pick(self.labels), conditions=pick(self.conditions),
             embeddings=pick(self.embeddings),
-            skipped=list(self.skipped),
+            skipped=list(self.skipped), backbone=self.backbone,
         )
 
     def rows_without(self, images: Iterable[str]) -> np.ndarray:
@@ -233,7 +234,8 @@ def load_poses(
     check_images: bool = True,
     on_bad_image: str = "error",
 ) -> PlaceTable:
-    """Load a poses CSV (DESIGN.md §2) into a PlaceTable with metric positions.
+    """Load a poses CSV (DESIGN.md §2) into a PlaceTable with metric positions, or, for a CSV
+    with a place label column and no position columns, labels only (xyz None, coord_kind "none").
 
     Relative image paths resolve against image_root, else the CSV's folder. Errors name the
     file, row and column and say what to do. A missing image file is an error, or with
@@ -249,7 +251,11 @@ def load_poses(
             f"{_closest_name_hint(frame.columns, IMAGE_COLUMNS)}"
         )
     frame = _keep_camera(frame, path, camera_id)
-    xyz, coord_kind = _positions_from_frame(frame, path)
+    labels = _label_column(frame, path)
+    if labels is not None and not _find_column_pair(frame.columns, LATLON_COLUMNS + METRIC_COLUMNS):
+        xyz, coord_kind = None, "none"  # labels only: the label pair rule (like a labels-only parquet)
+    else:
+        xyz, coord_kind = _positions_from_frame(frame, path)
     blank = np.flatnonzero((frame[image_col].isna() | (frame[image_col].astype(str).str.strip() == "")).to_numpy())
     if blank.size:
         raise VPRError(f"{path}: row {_file_line(frame, int(blank[0]))}: no image file in column '{image_col}' "
@@ -261,17 +267,20 @@ def load_poses(
         row = int(np.flatnonzero(duplicated.to_numpy())[0])
         raise VPRError(f"{path}: row {_file_line(frame, row)}: image {frame[image_col].iloc[row]} is listed twice; remove duplicate rows")
     missing = [row for row, image in enumerate(paths) if check_images and not os.path.isfile(image)]
+    resolved = f"relative paths resolve against {'--image_root' if image_root else 'the CSV folder'} {root}"
+    if missing and len(missing) == len(paths):  # a wrong root, not a few bad rows: skipping would leave nothing
+        raise VPRError(f"{path}: none of its {len(paths)} image files exists (e.g. {paths[0]}; {resolved}); "
+                       f"check --image_root, or move the CSV next to its images")
     if missing and on_bad_image == "error":
         row = missing[0]
         raise VPRError(
             f"{path}: row {_file_line(frame, row)}: image file {paths[row]} not found "
-            f"(relative paths resolve against {'--image_root' if image_root else 'the CSV folder'} {root}; "
-            f"{len(missing)} missing in all); fix the path, or --on_bad_image skip to leave such rows out"
+            f"({resolved}; {len(missing)} missing in all); fix the path, or --on_bad_image skip to leave such rows out"
         )
 
     table = PlaceTable(
         source=str(path), paths=paths, xyz=xyz, coord_kind=coord_kind, frame=frame.reset_index(drop=True),
-        cameras=_optional_column(frame, CAMERA_COLUMNS), labels=_label_column(frame, path),
+        cameras=_optional_column(frame, CAMERA_COLUMNS), labels=labels,
         conditions=_optional_column(frame, CONDITION_COLUMNS),
     )
     return table.skip([(paths[row], f"row {_file_line(frame, row)}: file not found") for row in missing])
@@ -309,8 +318,15 @@ def _label_column(frame: pd.DataFrame, path: Path) -> np.ndarray | None:
 
 
 # Embeddings parquet (DESIGN.md §2): one row per image, an `embedding` list column plus place
-# labels and/or positions; the backbone is skipped. Rows are numbered from 1 in messages.
+# labels and/or positions, and optionally a `backbone` column naming the backbone that made the
+# embeddings (the same on every row; --export_parquet writes it); the backbone is skipped. Rows
+# are numbered from 1 in messages.
 EMBEDDING_COLUMN = "embedding"
+
+
+# A column, not parquet key-value metadata: visible in any viewer, kept by pandas round trips and
+# concatenations, and easy to add to a parquet written by other tools.
+BACKBONE_COLUMN = "backbone"
 
 
 IMAGE_ID_COLUMNS = ("image_id", *IMAGE_COLUMNS)
@@ -350,7 +366,21 @@ def load_embeddings_parquet(path: str | Path, camera_id: str | None = None) -> P
     ids = frame[id_col].astype(str).tolist() if id_col else [f"{path.name}#{i}" for i in range(len(frame))]
     return PlaceTable(source=str(path), paths=ids, xyz=xyz, coord_kind=coord_kind, frame=frame.reset_index(drop=True),
                       cameras=_optional_column(frame, CAMERA_COLUMNS), labels=labels,
-                      conditions=_optional_column(frame, CONDITION_COLUMNS), embeddings=embeddings)
+                      conditions=_optional_column(frame, CONDITION_COLUMNS), embeddings=embeddings,
+                      backbone=_backbone_of(frame, path))
+
+
+def _backbone_of(frame: pd.DataFrame, path: Path) -> str | None:
+    """The `backbone` column's one name (None without the column or with empty cells); two
+    names are an error: one head cannot be trained or evaluated on two backbones' embeddings."""
+    column = _find_column(frame.columns, [BACKBONE_COLUMN])
+    if column is None:
+        return None
+    names = sorted({str(v).strip() for v in frame[column].dropna() if str(v).strip()})
+    if len(names) > 1:
+        raise VPRError(f"{path}: column '{column}' names {len(names)} backbones ({', '.join(names[:3])}); "
+                       f"the embeddings of one file must come from one backbone")
+    return names[0] if names else None
 
 
 def _embedding_matrix(column: pd.Series, path: Path) -> np.ndarray:
@@ -375,11 +405,15 @@ def load_table(path: str | Path, image_root: str | Path | None = None, camera_id
     return load_poses(path, image_root, camera_id, on_bad_image=on_bad_image)
 
 
-def export_embeddings_parquet(table: PlaceTable, features: np.ndarray, path: str | Path) -> Path:
+def export_embeddings_parquet(table: PlaceTable, features: np.ndarray, path: str | Path,
+                              backbone: str | None = None) -> Path:
     """Write a table's rows with their descriptors as an embeddings parquet (image_id = the
-    image path; positions, labels, camera and condition columns as in the source file)."""
+    image path; positions, labels, camera and condition columns as in the source file; a
+    `backbone` column naming the backbone when given)."""
     frame = table.frame.copy()
     frame.insert(0, "image_id", table.paths)
     frame[EMBEDDING_COLUMN] = list(np.asarray(features, dtype=np.float32))
+    if backbone:
+        frame[BACKBONE_COLUMN] = backbone
     atomic_write(path, lambda p: frame.to_parquet(p, index=False))
     return Path(path)
