@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 import make_poses
-from vprkit.places import load_poses, load_table
+from vprkit.places import latlon_to_xyz, load_poses, load_table
 from conftest import assert_one_line_error, run_main, run_processes_at_once
 from exif_photos import BEER_SHEVA, NEW_YORK, NEW_YORK_DEGREES, SYDNEY, photo_exif, save_photo
 
@@ -67,7 +67,7 @@ def test_folder_of_photos_becomes_poses_csv(tmp_path, capsys):
     assert table.coord_kind == "latlon"
     assert table.paths == [str(folder / name) for name in PHOTOS]
     expected = np.array([want[1:3] for _, want in PHOTOS.values()], dtype=np.float64)
-    np.testing.assert_allclose(table.xyz, vpr.latlon_to_xyz(expected[:, 0], expected[:, 1]), atol=0.05)  # metres
+    np.testing.assert_allclose(table.xyz, latlon_to_xyz(expected[:, 0], expected[:, 1]), atol=0.05)  # metres
     assert list(table.cameras) == [want[3] for _, want in PHOTOS.values()]
     assert load_poses(output).paths == table.paths
 
