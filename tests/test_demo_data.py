@@ -1,8 +1,10 @@
-"""The built-in synthetic demo data set (demo_data.py): CSV contract, GPS geometry,
-determinism, the skip-if-complete logic, and speed. Small num_places keeps it to seconds."""
+"""The built-in demo data set (demo_data.py): which pictures each CSV holds, where they were
+taken, day and night, determinism, reuse of a complete data set, and the command line.
+Small num_places keeps each case to a second or two."""
 from __future__ import annotations
 
 import json
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -12,15 +14,14 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-REPO = Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
+import demo_data
+from vprkit.pairs import nearest_distance_m
+from vprkit.places import latlon_to_xyz, load_poses
+from demo_data import CSV_COLUMNS, SPLITS, generate_demo_dataset
+from vprkit.cli import VPRError
 
-import demo_data  # noqa: E402
-from demo_data import CSV_COLUMNS, SPLITS, TRAVERSALS, generate_demo_dataset, haversine_m, local_to_latlon, place_of  # noqa: E402
-
-NUM_PLACES = 6
-SPACING_M = 18.0
+NUM_PLACES, SPACING_M = 10, 18.0
+STRETCHES = {"train": range(5), "val": range(5, 7), "test": range(7, 10), "all": range(10)}  # 50/20/30 %
 
 
 @pytest.fixture(scope="module")
@@ -31,11 +32,11 @@ def demo(tmp_path_factory):
     return data, time.perf_counter() - start
 
 
-def _all_rows(data) -> pd.DataFrame:
-    frames = [pd.read_csv(path).assign(split=split) for split, path in data.csvs.items()]
-    rows = pd.concat(frames, ignore_index=True)
-    rows["traversal"] = [Path(p).parent.name for p in rows.image_path]
-    rows["place"] = [place_of(p) for p in rows.image_path]
+def _rows(data, split: str) -> pd.DataFrame:
+    rows = pd.read_csv(data.csvs[split])
+    rows["drive"] = [Path(p).parent.name for p in rows.image_path]
+    rows["place"] = [int(Path(p).stem) for p in rows.image_path]
+    rows["xyz"] = list(latlon_to_xyz(rows.lat.to_numpy(), rows.lon.to_numpy()))
     return rows
 
 
@@ -43,141 +44,115 @@ def _snapshot(root: Path) -> dict[str, bytes]:
     return {p.relative_to(root).as_posix(): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
 
 
-def test_generation_is_fast(demo):
+def test_each_csv_holds_its_drives_over_its_stretch(demo):
     data, seconds = demo
-    assert data.generated
-    # ~45 ms an image on one core here; generous for a loaded CI machine.
-    assert seconds / data.num_images < 0.3, f"{seconds:.1f} s for {data.num_images} images"
-
-
-def test_csvs_have_the_contract_columns_and_one_row_per_image(demo):
-    data, _ = demo
+    assert demo_data.stretches(NUM_PLACES) == STRETCHES
+    expected = {  # (drive, places)
+        "database": {(demo_data.DAY_A.name, p) for p in STRETCHES["all"]},
+        "train": {(d.name, p) for d in (demo_data.DAY_A, demo_data.NIGHT_A, demo_data.NIGHT_A2) for p in STRETCHES["train"]}
+        | {(demo_data.DAY_A.name, p) for p in STRETCHES["val"]},
+        "val": {(d.name, p) for d in (demo_data.DAY_B, demo_data.NIGHT_B) for p in STRETCHES["val"]},
+        "test": {(d.name, p) for d in (demo_data.DAY_B, demo_data.NIGHT_B) for p in STRETCHES["test"]},
+    }
     for split in SPLITS:
-        frame = pd.read_csv(data.csvs[split])
-        assert tuple(frame.columns) == CSV_COLUMNS
-        traversals = [t for t in TRAVERSALS if t.split == split]
-        assert len(frame) == NUM_PLACES * len(traversals) == data.counts[split]
-        assert set(frame.condition) == {t.condition for t in traversals} == set(data.conditions[split])
-        assert set(frame.camera_id) == {"front"}
-        assert frame.image_path.is_unique
-        for relative in frame.image_path:
-            assert not Path(relative).is_absolute()
-            assert (data.root / relative).is_file()
-    assert {s: len(pd.read_csv(p)) for s, p in data.csvs.items()} == data.counts
-    assert data.counts["train"] > data.counts["val"] > 0 and data.counts["test"] > 0
+        rows = _rows(data, split)
+        assert tuple(pd.read_csv(data.csvs[split]).columns) == CSV_COLUMNS
+        assert set(zip(rows.drive, rows.place)) == expected[split] and len(rows) == len(expected[split]) == data.counts[split]
+        assert set(rows.camera_id) == {"side"}
+        assert all(not Path(p).is_absolute() and (data.root / p).is_file() for p in rows.image_path)
+    assert data.num_images == 10 + (3 * 5 + 2) + 2 * 2 + 2 * 3  # rows: day A pictures are in two CSVs
+    assert len(list(data.root.rglob("*.jpg"))) == 10 + 2 * 5 + 2 * 5  # day A, nights A, drive B: written once
+    assert seconds < 10, f"{seconds:.1f} s for {data.num_images} rows"
 
 
-def test_csvs_load_with_the_suite_loader(demo):
-    tv = pytest.importorskip("trainable_vpr")
+def test_database_is_day_training_has_both_conditions_queries_both(demo):
     data, _ = demo
-    table = tv.load_poses(data.train_csv)  # relative paths resolve against the CSV folder
-    assert len(table) == data.counts["train"] and table.coord_kind and table.conditions is not None
-    assert set(table.conditions) == set(data.conditions["train"])
-    tv.check_same_coord_kind(table, tv.load_poses(data.test_csv))
+    conditions = {split: sorted(set(_rows(data, split).condition)) for split in SPLITS}
+    assert conditions == {"database": ["day"], "train": ["day", "night"], "val": ["day", "night"], "test": ["day", "night"]}
+    assert conditions == data.conditions
+    table = load_poses(data.train_csv)  # the suite's own loader reads the condition column
+    assert sorted(set(table.conditions)) == ["day", "night"]
 
 
-def test_images_are_small_jpegs_and_night_is_darker(demo):
+def test_night_pictures_are_darker_and_bluer(demo):
     data, _ = demo
-    rows = _all_rows(data)
-    brightness = {}
+    rows = pd.concat([_rows(data, "train"), _rows(data, "test")])
+    means = {}
     for condition, group in rows.groupby("condition"):
-        values = []
-        for relative in group.image_path:
-            with Image.open(data.root / relative) as image:
-                assert image.format == "JPEG" and image.mode == "RGB" and image.size == (256, 192)
-                values.append(np.asarray(image, np.float32).mean())
-            assert (data.root / relative).stat().st_size < 60_000
-        brightness[condition] = np.mean(values)
-    assert brightness["day"] > brightness["dusk"] > brightness["night"]
+        pixels = []
+        for path in group.image_path:
+            with Image.open(data.root / path) as image:
+                assert image.format == "JPEG" and image.size == (256, 192)
+                pixels.append(np.asarray(image, np.float32).reshape(-1, 3).mean(0))
+        means[condition] = np.mean(pixels, axis=0)
+    assert means["night"].mean() < 0.6 * means["day"].mean()
+    assert means["night"][2] > means["night"][0]  # blue over red by night
 
 
-def test_same_place_is_within_a_few_metres_across_traversals(demo):
+def test_places_lie_along_the_route_spacing_apart(demo):
     data, _ = demo
-    rows = _all_rows(data)
-    assert set(rows.traversal) == {t.name for t in TRAVERSALS}
-    spreads = []
-    for _, group in rows.groupby("place"):
-        lat, lon = group.lat.to_numpy(), group.lon.to_numpy()
-        d = haversine_m(lat[:, None], lon[:, None], lat[None, :], lon[None, :])
-        spreads.append(d.max())
-    assert max(spreads) < 10.0, spreads  # viewpoint jitter + GPS noise (<= 2.5 m) + lane changes
-    assert np.median(spreads) < 8.0
+    rows = pd.concat([_rows(data, split) for split in SPLITS])
+    origin = latlon_to_xyz(np.array([demo_data.ORIGIN_LATLON[0]]), np.array([demo_data.ORIGIN_LATLON[1]]))[0]
+    along = np.array([np.linalg.norm(x - origin) for x in rows.xyz])
+    error = along - rows.place.to_numpy() * SPACING_M  # GPS noise of 1 m (sd) along the route
+    assert np.abs(error).max() < 5.0 and 0.3 < error.std() < 2.0, error
+    database = _rows(data, "database").sort_values("place")
+    steps = np.linalg.norm(np.diff(np.stack(database.xyz), axis=0), axis=1)
+    assert np.all(np.abs(steps - SPACING_M) < 7.0), steps
+    # every val and test query has its place's database picture within the 25 m positive radius
+    for split in ("val", "test"):
+        nearest = nearest_distance_m(np.stack(database.xyz), np.stack(_rows(data, split).xyz))
+        assert nearest.max() < 8.0
 
 
-def test_consecutive_places_are_more_than_10_m_apart(demo):
-    data, _ = demo
-    rows = _all_rows(data)
-    for _, group in rows.groupby("traversal"):
-        group = group.sort_values("place")
-        assert group.place.tolist() == list(range(NUM_PLACES))
-        lat, lon = group.lat.to_numpy(), group.lon.to_numpy()
-        steps = haversine_m(lat[:-1], lon[:-1], lat[1:], lon[1:])
-        assert steps.min() > 10.0, steps
-        assert np.all(np.abs(steps - SPACING_M) < 8.0), steps
-
-
-def test_route_starts_at_the_origin_and_latlon_is_metre_accurate():
-    lat0, lon0 = demo_data.ORIGIN_LATLON
-    for east, north in [(100.0, 0.0), (0.0, -250.0), (700.0, 900.0)]:
-        lat, lon = local_to_latlon(east, north)
-        assert abs(float(haversine_m(lat0, lon0, lat, lon)) - np.hypot(east, north)) < 1e-3
-    # neighbouring points far from the origin keep their metric spacing too
-    lat, lon = local_to_latlon(np.array([1500.0, 1518.0]), np.array([800.0, 800.0]))
-    assert abs(float(haversine_m(lat[0], lon[0], lat[1], lon[1])) - 18.0) < 1e-3
-    world = demo_data.describe_world(seed=0, num_places=10, spacing_m=SPACING_M)
-    assert np.allclose(world.route.point(0.0), 0.0, atol=1e-6)
-    along = np.diff(world.route.point(np.arange(10) * SPACING_M), axis=0)
-    assert np.allclose(np.linalg.norm(along, axis=1), SPACING_M, atol=0.1)  # arc ~ chord on gentle bends
+def test_route_latlon_is_metric():
+    lat, lon = demo_data.route_latlon(np.array([0.0, 500.0, 1500.0]))
+    xyz = latlon_to_xyz(lat, lon)
+    assert np.allclose(np.linalg.norm(xyz[1:] - xyz[0], axis=1), [500.0, 1500.0], atol=0.001)
+    assert np.allclose((lat[0], lon[0]), demo_data.ORIGIN_LATLON, rtol=0, atol=1e-12)
 
 
 def test_same_seed_gives_byte_identical_files_other_seed_differs(tmp_path):
-    a = generate_demo_dataset(tmp_path / "a", seed=7, num_places=3)
-    b = generate_demo_dataset(tmp_path / "b", seed=7, num_places=3)
-    c = generate_demo_dataset(tmp_path / "c", seed=8, num_places=3)
+    a = generate_demo_dataset(tmp_path / "a", seed=7, num_places=4)
+    b = generate_demo_dataset(tmp_path / "b", seed=7, num_places=4)
+    c = generate_demo_dataset(tmp_path / "c", seed=8, num_places=4)
     snap_a, snap_b, snap_c = _snapshot(a.root), _snapshot(b.root), _snapshot(c.root)
-    assert snap_a.keys() == snap_b.keys() and len(snap_a) == a.num_images + 4  # + 3 CSVs + manifest
+    assert len(snap_a) == 4 + 2 * 2 + 2 * 2 + len(SPLITS) + 1  # day A, nights A, drive B, CSVs, manifest
     assert snap_a == snap_b
-    assert snap_c["test.csv"] != snap_a["test.csv"]
-    assert snap_c["images/2023-05-14_day/001.jpg"] != snap_a["images/2023-05-14_day/001.jpg"]
+    picture = f"images/{demo_data.DAY_A.name}/001.jpg"
+    assert snap_c[picture] != snap_a[picture] and snap_c["test.csv"] != snap_a["test.csv"]
 
 
-def test_complete_data_set_is_reused_not_regenerated(tmp_path):
-    first = generate_demo_dataset(tmp_path, seed=1, num_places=2)
-    assert first.generated
-    before = {p: p.stat().st_mtime_ns for p in tmp_path.rglob("*") if p.is_file()}
-    again = generate_demo_dataset(tmp_path, seed=1, num_places=2)
-    assert not again.generated
-    assert again.counts == first.counts and again.train_csv == first.train_csv
-    assert {p: p.stat().st_mtime_ns for p in tmp_path.rglob("*") if p.is_file()} == before
-    assert generate_demo_dataset(tmp_path, seed=1, num_places=2, force=True).generated
-
-
-def test_other_parameters_or_an_interrupted_run_regenerate(tmp_path):
-    generate_demo_dataset(tmp_path, seed=1, num_places=3)
+def test_complete_data_set_is_reused_other_parameters_or_a_lost_file_regenerate(tmp_path):
+    assert generate_demo_dataset(tmp_path, seed=1, num_places=5).generated
     reference = _snapshot(tmp_path)
+    again = generate_demo_dataset(tmp_path, seed=1, num_places=5)
+    assert not again.generated and again.counts == json.loads((tmp_path / "manifest.json").read_text())["counts"]
 
-    smaller = generate_demo_dataset(tmp_path, seed=1, num_places=2)  # other parameters
-    assert smaller.generated and smaller.counts["test"] == 2
-    assert not (tmp_path / "images" / TRAVERSALS[-1].name / "002.jpg").exists()  # stale images removed
-
-    generate_demo_dataset(tmp_path, seed=1, num_places=3)
+    smaller = generate_demo_dataset(tmp_path, seed=1, num_places=4)
+    assert smaller.generated and not (tmp_path / "images" / demo_data.DAY_A.name / "004.jpg").exists()  # stale one gone
+    assert generate_demo_dataset(tmp_path, seed=1, num_places=5).generated
     assert _snapshot(tmp_path) == reference
 
-    (tmp_path / "images" / TRAVERSALS[0].name / "001.jpg").unlink()  # a file lost
-    assert generate_demo_dataset(tmp_path, seed=1, num_places=3).generated
-    assert _snapshot(tmp_path) == reference
-
+    (tmp_path / "images" / demo_data.NIGHT_B.name / "004.jpg").unlink()  # a file lost
+    assert generate_demo_dataset(tmp_path, seed=1, num_places=5).generated
     (tmp_path / demo_data.MANIFEST_NAME).unlink()  # killed before the manifest was written
-    assert generate_demo_dataset(tmp_path, seed=1, num_places=3).generated
-
-    manifest = json.loads((tmp_path / demo_data.MANIFEST_NAME).read_text())
-    manifest["version"] = demo_data.GENERATOR_VERSION - 1  # made by an older generator
-    (tmp_path / demo_data.MANIFEST_NAME).write_text(json.dumps(manifest))
-    assert generate_demo_dataset(tmp_path, seed=1, num_places=3).generated
+    assert generate_demo_dataset(tmp_path, seed=1, num_places=5).generated
     assert _snapshot(tmp_path) == reference
+    assert generate_demo_dataset(tmp_path, seed=1, num_places=5, force=True).generated
 
 
-@pytest.mark.parametrize("kwargs", [dict(num_places=1), dict(spacing_m=0.0), dict(seed=-1)])
-def test_rejects_bad_parameters(tmp_path, kwargs):
-    with pytest.raises(ValueError):
+@pytest.mark.parametrize("kwargs, flag", [(dict(num_places=3), "--num_places"), (dict(spacing_m=0.0), "--spacing_m"),
+                                          (dict(seed=-1), "--seed")])
+def test_rejects_bad_parameters(tmp_path, kwargs, flag):
+    with pytest.raises(VPRError, match=flag):
         generate_demo_dataset(tmp_path, **kwargs)
+
+
+@pytest.mark.parametrize("argv, says", [(["--nonsense"], "unrecognized arguments: --nonsense"),
+                                        (["--num_places", "2"], "--num_places must be at least 4")])
+def test_command_line_answers_a_bad_flag_with_one_line_and_exit_code_2(tmp_path, argv, says):
+    done = subprocess.run([sys.executable, str(Path(demo_data.__file__)), str(tmp_path / "out"), *argv],
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2 and done.stdout == ""
+    assert done.stderr.count("\n") == 1 and says in done.stderr and done.stderr.startswith("error: ")

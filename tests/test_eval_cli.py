@@ -411,7 +411,7 @@ def test_run_experiment_demo_end_to_end(tmp_path, monkeypatch):
                         functools.partial(demo_data.generate_demo_dataset, num_places=8))
     table = run_experiment.main(["--demo", "--models", TINY_MODEL, *TINY, "--epochs", "2", "--batch_size", "8",
                                  "--images_per_place", "2", "--projection_dim", "16"])
-    assert sorted(p.name for p in (tmp_path / "demo_data").glob("*.csv")) == ["test.csv", "train.csv", "val.csv"]
+    assert sorted(p.name for p in (tmp_path / "demo_data").glob("*.csv")) == ["database.csv", "test.csv", "train.csv", "val.csv"]
     assert table["variant"].tolist() == ["raw", "pca_whitened", "trained"]
     assert table[["recall@1", "recall@5", "recall@10"]].stack().between(0, 1).all()
     assert len(list((tmp_path / "logs").glob("experiment_*.csv"))) == 1
