@@ -118,3 +118,28 @@ def test_labels_only_evaluation_has_null_distances(tmp_path):
     assert payload["correct_by"] == "label"
     assert 0.0 < payload["pr_auc"] <= 1.0
     assert not list((tmp_path / "plots").glob("*.png"))
+
+
+def test_run_experiment_draws_its_variants_on_one_figure(tmp_path, capsys):
+    """run_experiment: one localization PNG beside the experiment CSV (same stem), the median
+    top-1 error of each variant printed, the raw one equal to eval_trained --baseline's."""
+    import run_experiment
+    from test_eval_cli import write_tiny_dataset
+
+    data = write_tiny_dataset(tmp_path / "data")
+    logs, cache = tmp_path / "logs", tmp_path / "cache"
+    run_experiment.main(["--train_csv", str(data["train"]), "--val_csv", str(data["val"]), "--test_csv", str(data["test"]),
+                         "--models", TINY_MODEL, *TINY, "--epochs", "1", "--batch_size", "8", "--images_per_place", "2",
+                         "--projection_dim", "16", "--cache_dir", str(cache), "--log_dir", str(logs),
+                         "--output_dir", str(tmp_path / "models")])
+    printed = capsys.readouterr().out
+    [csv_path] = logs.glob("experiment_*.csv")
+    figure = csv_path.with_name(f"{csv_path.stem}_localization.png")
+    assert figure.is_file() and figure.stat().st_size > 10_000
+    medians = {line.split()[1]: float(line.split("median")[1].split()[0])
+               for line in printed.splitlines() if line.startswith(f"  {TINY_MODEL} ") and "median" in line}
+    assert set(medians) == {"raw", "pca_whitened", "trained"}
+    out = tmp_path / "raw.json"
+    eval_trained.main(["--baseline", "--model", TINY_MODEL, "--train_csv", str(data["train"]), "--test_csv",
+                       str(data["test"]), *TINY, "--cache_dir", str(cache), "--output_json", str(out)])
+    assert medians["raw"] == pytest.approx(json.loads(out.read_text())["top1_error_m"]["median"], abs=0.05)
