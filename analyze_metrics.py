@@ -1,9 +1,14 @@
 """Plot and summarise training logs (DESIGN.md §6).
 
     python analyze_metrics.py logs/RUN.csv        # one run: plots/RUN_plots.png + printed summary
-    python analyze_metrics.py logs/               # every run: per-run figures, plots/comparison.png,
-                                                  #   plots/runs_summary.csv (joined with training_summary.csv)
+    python analyze_metrics.py logs/               # every run: per-run figures, plots/comparison_{data}.png,
+                                                  #   plots/logs_runs_summary.csv (joined with training_summary.csv)
     python analyze_metrics.py logs/experiment_20250101_120000.csv   # plots/<stem>_bars.png
+    python analyze_metrics.py --study sqlite:///tune.db --study_name NAME   # plots/study_NAME.png
+
+A folder's runs are compared in groups of comparable runs (same --train_csv, --val_csv,
+--pos_threshold_m and --supervision, read from training_summary.csv), one figure per group,
+plots/comparison_{data}.png, each run labelled by the settings that differ within its group.
 
 A run log has one row per event (batch / epoch / validation) with the columns LOG_COLUMNS.
 A run still being written, or stopped mid-epoch, is plotted as far as it goes; a partially
@@ -16,6 +21,7 @@ import fnmatch
 import io
 import math
 import sys
+import textwrap
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Sequence
@@ -27,26 +33,33 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 from matplotlib.axes import Axes  # noqa: E402
-from matplotlib.figure import Figure  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 from vprkit.cli import CliParser, VPRError, add_debug_flag, atomic_write, check_writable_dir, run_cli  # noqa: E402
 from vprkit.places import numeric_column  # noqa: E402
-from vprkit.runlog import EXPERIMENT_COLUMNS, EXPERIMENT_VARIANTS, LOG_COLUMNS, SUMMARY_RESULT_COLUMNS, TRAINING_SUMMARY_NAME  # noqa: E402
+from vprkit.plots import (EXPERIMENT_RECALLS, RunCurve, plot_batch_loss, plot_epoch_losses, plot_loss_parts,  # noqa: E402
+                          show_no_data, show_text_panel)
+from vprkit.plots import plot_comparison, plot_experiment_bars, plot_study, recall_scale, save_figure  # noqa: E402
+from vprkit.runlog import EXPERIMENT_COLUMNS, LOG_COLUMNS, SUMMARY_RESULT_COLUMNS, TRAINING_SUMMARY_NAME, safe_name  # noqa: E402
 
 EXPERIMENT_PATTERN = "experiment_*.csv"
 DEFAULT_SMOOTH = 50
-FIGURE_DPI = 110
 RECALL_COLUMNS = ["val_r1", "val_r5", "val_r10"]
-EXPERIMENT_RECALLS = ["recall@1", "recall@5", "recall@10"]
-VARIANT_LABELS = {"raw": "raw", "pca_whitened": "PCA-whitened", "trained": "trained"}
-LOSS_COLORS = {"train": "C0", "triplet": "C1", "contrastive": "C2", "val": "C3"}
+# Runs are comparable when they trained and validated on the same data with the same positive
+# rule; within such a group each run is labelled by the settings that differ (LABEL_SKIP: never).
+GROUP_COLUMNS = ["train_csv", "val_csv", "pos_threshold_m", "supervision"]
+LABEL_SKIP = {"run_id", "seed", *GROUP_COLUMNS, "log_dir", "output_dir", "cache_dir", "device", "num_workers",
+              "resume", "config", "no_cache", "image_root", "debug"}
+TABLE_WIDTH = 100
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = CliParser(
         description="Plot and summarise VPR training logs, folders of runs and experiment CSVs.")
-    parser.add_argument("path", help="a run log (logs/RUN.csv), an experiment CSV, or a folder of them (logs/)")
+    parser.add_argument("path", nargs="?", help="a run log (logs/RUN.csv), an experiment CSV, or a folder of them (logs/)")
+    parser.add_argument("--study", metavar="STORAGE_URL", help="plot a tuning study instead, e.g. sqlite:///tune.db "
+                        "(tune_vpr.py's --storage): trial values and parameter importance")
+    parser.add_argument("--study_name", help="the study in --study's storage (default: its only study)")
     parser.add_argument("--output_dir", default="plots",
                         help="where figures and runs_summary.csv are written (default: %(default)s)")
     parser.add_argument(
@@ -57,6 +70,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                         help="glob on log file names choosing the runs in a folder, e.g. 'dinov2_b_*' (default: all)")
     add_debug_flag(parser)
     args = parser.parse_args(argv)
+    if not args.path and not args.study:
+        parser.error("give a run log, an experiment CSV or a folder of them, or --study STORAGE_URL")
     if args.smooth is not None and args.smooth < 1:
         raise VPRError(f"--smooth {args.smooth}: the window must be at least 1 batch")
     return args
@@ -325,11 +340,6 @@ def runs_summary_table(summaries: list[RunSummary], training_summary: pd.DataFra
     return joined[["run_id", *config, *[c for c in table.columns if c != "run_id"], *trailing]]
 
 
-def recall_scale(values: pd.Series | pd.DataFrame) -> float:
-    """100 to show recalls in percent: they are fractions (DESIGN.md §7); values > 1 are percent already."""
-    return 1.0 if np.any(np.asarray(values, dtype=float) > 1.0) else 100.0
-
-
 def format_duration(seconds: float) -> str:
     if not math.isfinite(seconds):
         return "-"
@@ -375,39 +385,94 @@ def run_summary_lines(summary: RunSummary, scale: float) -> list[str]:
     return lines
 
 
-def printable_runs_table(table: pd.DataFrame) -> tuple[str, str]:
-    """The runs table for the terminal, and the settings shared by all runs (shown once, not per row).
+@dataclass
+class RunGroup:
+    """Runs that are comparable: same training and validation data, same positive rule."""
 
-    The configuration columns shown are those that differ between runs (model and seed are in the run id).
-    """
-    config = [c for c in table.columns if c not in {"run_id", "model", "seed", *RunSummary.__dataclass_fields__,
+    title: str              # what they share, for headings and figure titles
+    stem: str               # the same as a file-name stem
+    table: pd.DataFrame     # their rows of the runs table, with a `label` column: what differs
+
+
+def comparable_groups(table: pd.DataFrame) -> list[RunGroup]:
+    """Group the runs by GROUP_COLUMNS (from training_summary.csv); runs it does not record
+    (no row, or an older summary without those columns) form one group of their own."""
+    keys = [c for c in GROUP_COLUMNS if c in table.columns]
+    key = table[keys].astype(object).where(table[keys].notna(), "").astype(str).agg("|".join, axis=1) \
+        if keys else pd.Series([""] * len(table), index=table.index)
+    groups, stems = [], set()
+    for value in dict.fromkeys(key):
+        rows = table[key == value].copy()
+        first = dict(zip(keys, value.split("|"))) if value.strip("|") else {}
+        if first.get("train_csv"):
+            train, val = Path(first["train_csv"]), Path(first.get("val_csv") or "-")
+            threshold = f"{float(first['pos_threshold_m']):g} m" if first.get("pos_threshold_m") else "threshold ?"
+            title = f"train {train} | val {val} | positives within {threshold}" + \
+                (f" | {first['supervision']}" if first.get("supervision") not in (None, "", "gps") else "")
+            stem = safe_name(f"{train.parent.name}_{train.stem}_{val.stem}_{threshold.replace(' ', '')}")
+        else:
+            title, stem = "runs whose data training_summary.csv does not record", "unrecorded_data"
+        stem = next(f"{stem}_{n}" if n else stem for n in range(len(table) + 1) if (f"{stem}_{n}" if n else stem) not in stems)
+        stems.add(stem)
+        rows["label"] = run_labels(rows)
+        groups.append(RunGroup(title, stem, rows))
+    return groups
+
+
+def _cell(value: object) -> str:
+    return f"{value:g}" if isinstance(value, float) else str(value)
+
+
+def run_labels(rows: pd.DataFrame) -> list[str]:
+    """Each run named by the settings that differ within its group (model bare, others
+    key=value); seed, then run id, are added where that still leaves two runs alike."""
+    config = [c for c in rows.columns if c not in LABEL_SKIP and c not in SUMMARY_RESULT_COLUMNS
+              and c not in RunSummary.__dataclass_fields__ and c != "label"]
+    differing = [c for c in config if rows[c].astype(str).nunique() > 1]
+    labels = [" ".join(_cell(row[c]) if c == "model" else f"{c}={_cell(row[c])}" for c in differing if pd.notna(row[c]))
+              for _, row in rows.iterrows()]
+    if "model" in rows.columns and "model" not in differing:
+        labels = [(f"{row['model']} " if pd.notna(row["model"]) else "") + label for label, (_, row) in zip(labels, rows.iterrows())]
+    for extra in ("seed", "run_id"):
+        counts = pd.Series(labels).value_counts()
+        if (counts > 1).any() and extra in rows.columns:
+            labels = [f"{label} {extra}={_cell(row[extra])}".strip() if counts[label] > 1 and pd.notna(row[extra]) else label
+                      for label, (_, row) in zip(labels, rows.iterrows())]
+    return [" ".join(label.split()) or run_id for label, run_id in zip(labels, rows["run_id"])]
+
+
+def printable_group(group: RunGroup) -> tuple[str, str]:
+    """The group's runs as a table at most TABLE_WIDTH characters wide, and the settings all
+    its runs share (shown once). time is the run's wall time from training_summary.csv (the
+    whole run: backbone, feature extraction, epochs, validation, checkpoints); a * marks the
+    log's sum of epoch and validation times (runs the summary does not have), which leaves out
+    model loading and feature extraction and so is shorter."""
+    table = group.table
+    config = [c for c in table.columns if c not in {"run_id", "label", "model", *LABEL_SKIP, *RunSummary.__dataclass_fields__,
                                                      *SUMMARY_RESULT_COLUMNS}]
     shared = [c for c in config if len(table) > 1 and table[c].notna().any() and table[c].nunique() == 1]
     scale = recall_scale(table[["best_val_r1", "best_val_r5", "best_val_r10"]])
-    differing = [c for c in config if c not in shared]
-    printable = table[["run_id", *differing]].astype(object).fillna("-")  # configuration as written in the CSV
-    printable["epochs_run"] = [f"{n}+" if unfinished else str(n)
-                               for n, unfinished in zip(table["epochs_run"], table["unfinished_epoch"])]
-    printable["best_epoch"] = [str(int(e)) if pd.notna(e) else "-" for e in table["best_epoch"]]
-    for n in (1, 5, 10):
-        printable[f"R@{n} %"] = (table[f"best_val_r{n}"] * scale).round(1)
-    printable["train_loss"] = table["final_train_loss"]
-    printable["val_loss"] = table["final_val_loss"]
-    printable["time"] = table["total_time_s"].map(format_duration)
-    text = printable.to_string(index=False, float_format=lambda v: f"{v:.4g}", na_rep="-")
-    shared_line = ", ".join(f"{c}={table[c].dropna().iloc[0]}" for c in shared)
-    return text, shared_line
+    wall = table["wall_time_s"] if "wall_time_s" in table.columns else pd.Series([None] * len(table), index=table.index)
+    header = f"{'epochs':>6} {'best':>4} {'R@1 %':>6} {'R@5 %':>6} {'R@10 %':>6} {'train_loss':>10} {'val_loss':>8} {'time':>9}"
+    width = TABLE_WIDTH - len(header) - 1
+    lines = [f"{'run':<{width}} {header}"]
+    for _, row in table.iterrows():
+        label = row["label"] if len(row["label"]) <= width else row["label"][: width - 1] + "~"
+        epochs = f"{row['epochs_run']}{'+' if row['unfinished_epoch'] else ''}"
+        best = "-" if pd.isna(row["best_epoch"]) else str(int(row["best_epoch"]))
+        recalls = " ".join(f"{'-' if pd.isna(v) else f'{v * scale:.1f}':>6}"
+                           for v in (row["best_val_r1"], row["best_val_r5"], row["best_val_r10"]))
+        seconds = pd.to_numeric(pd.Series([wall[row.name]]), errors="coerce").iloc[0]
+        time_text = format_duration(float(seconds)) if pd.notna(seconds) else format_duration(row["total_time_s"]) + "*"
+        lines.append(f"{label:<{width}} {epochs:>6} {best:>4} {recalls} {format_number(row['final_train_loss']):>10} "
+                     f"{format_number(row['final_val_loss']):>8} {time_text:>9}")
+    shared_line = ", ".join(f"{c}={_cell(table[c].dropna().iloc[0])}" for c in shared)
+    return "\n".join(lines), shared_line
 
 
 # ============================================================================================
 # Figures
 # ============================================================================================
-def save_figure(fig: Figure, path: Path) -> Path:
-    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=FIGURE_DPI))
-    plt.close(fig)
-    return path
-
-
 def smoothing_window(num_batches: int, requested: int | None) -> int:
     """The user's window, else DEFAULT_SMOOTH, shrunk to a fifth of the batches for short logs."""
     if requested is not None:
@@ -456,85 +521,6 @@ def plot_run(log: RunLog, summary: RunSummary, output_dir: Path, smooth: int | N
     return save_figure(fig, output_dir / f"{summary.run_id}_plots.png")
 
 
-def show_no_data(ax: Axes, title: str, message: str) -> None:
-    ax.set_title(title)
-    ax.text(0.5, 0.5, message, ha="center", va="center", transform=ax.transAxes, color="0.4", fontsize=11)
-    ax.set_yticks([])
-
-
-def batches_text(count: int) -> str:
-    return f"{count} batch" if count == 1 else f"{count} batches"
-
-
-def smoothed(values: pd.Series, window: int) -> pd.Series:
-    """Centred moving average (NaN cells skipped), so a curve is not shifted behind its data."""
-    return values.rolling(window, center=True, min_periods=1).mean()
-
-
-def plot_batch_loss(ax: Axes, x: np.ndarray, batches: pd.DataFrame, window: int) -> None:
-    title = "Batch loss (weighted triplet + contrastive)"
-    if batches["train_loss"].notna().sum() == 0:
-        show_no_data(ax, title, "no batches logged yet")
-        return
-    ax.plot(x, batches["train_loss"], color=LOSS_COLORS["train"], alpha=0.25, linewidth=0.8, label="per batch")
-    ax.plot(x, smoothed(batches["train_loss"], window), color=LOSS_COLORS["train"], linewidth=2,
-            label=f"moving average ({batches_text(window)})")
-    ax.set_title(title)
-    ax.set_ylabel("loss")
-    ax.grid(alpha=0.3)
-    ax.legend(loc="upper right")
-
-
-def plot_loss_parts(ax: Axes, x: np.ndarray, batches: pd.DataFrame, epochs: pd.DataFrame, window: int) -> None:
-    """Contrastive (left axis) and triplet (right axis) parts: per batch, smoothed, epoch averages.
-
-    The two parts live on different scales, so each gets its own y axis in its own colour.
-    """
-    title = "Loss parts (unweighted): per batch, moving average, epoch average"
-    parts = [("contrastive", "contrastive_loss", "avg_contrastive_loss"),
-             ("triplet", "triplet_loss", "avg_triplet_loss")]
-    parts = [p for p in parts if batches[p[1]].notna().any() or epochs[p[2]].notna().any()]
-    if not parts:
-        show_no_data(ax, title, "no batches logged yet")
-        return
-    handles = []
-    for axis, (name, batch_column, epoch_column) in zip([ax, ax.twinx()], parts):
-        color = LOSS_COLORS[name]
-        axis.plot(x, batches[batch_column], color=color, alpha=0.2, linewidth=0.8)
-        handles += axis.plot(x, smoothed(batches[batch_column], window), color=color, linewidth=2,
-                             label=f"{name} (moving average, {batches_text(window)})")
-        averages = epochs.dropna(subset=[epoch_column])
-        if not averages.empty:
-            handles += axis.plot(averages["epoch"] - 0.5, averages[epoch_column], color=color, marker="o", markersize=5,
-                                 markeredgecolor="black", linestyle="none", label=f"{name} (epoch average, mid-epoch)")
-        axis.set_ylabel(f"{name} loss", color=color)
-        axis.tick_params(axis="y", colors=color)
-    ax.set_title(title)
-    ax.grid(alpha=0.3)
-    ax.legend(handles=handles, loc="upper right", fontsize="small")
-
-
-def plot_epoch_losses(ax: Axes, epochs: pd.DataFrame) -> None:
-    title = "Loss per epoch: training average vs validation"
-    curves = [
-        ("avg_train_loss", "train (epoch average)", LOSS_COLORS["train"], "o"),
-        ("val_loss", "validation", LOSS_COLORS["val"], "s"),
-    ]
-    drawn = False
-    for column, label, color, marker in curves:
-        rows = epochs.dropna(subset=[column])
-        if not rows.empty:
-            ax.plot(rows["epoch"], rows[column], marker=marker, color=color, label=label)
-            drawn = True
-    if not drawn:
-        show_no_data(ax, title, "no completed epoch yet")
-        return
-    ax.set_title(title)
-    ax.set_ylabel("loss")
-    ax.grid(alpha=0.3)
-    ax.legend(loc="best")
-
-
 def plot_validation_recall(ax: Axes, epochs: pd.DataFrame, summary: RunSummary, scale: float) -> None:
     title = "Validation recall"
     rows = epochs.dropna(subset=["val_r1"])
@@ -580,83 +566,11 @@ def plot_epoch_times(ax: Axes, epochs: pd.DataFrame, unfinished: pd.DataFrame, s
     ax.legend(loc="upper center", ncols=3, fontsize="small")
 
 
-def show_text_panel(ax: Axes, title: str, lines: list[str]) -> None:
-    ax.axis("off")
-    ax.set_title(title)
-    ax.text(0.02, 0.95, "\n".join(lines), transform=ax.transAxes, va="top", ha="left", family="monospace",
-            fontsize=10, linespacing=1.6, wrap=True)
-
-
-def plot_comparison(logs: list[RunLog], summaries: list[RunSummary], output_dir: Path) -> Path:
-    """Validation R@1 per epoch for every run, and each run's best R@1 as a bar."""
-    scale = recall_scale(pd.concat([log.epochs["val_r1"] for log in logs]))
-    palette = plt.get_cmap("tab10" if len(summaries) <= 10 else "tab20").colors
-    colors = {s.run_id: palette[i % len(palette)] for i, s in enumerate(summaries)}
-    height = max(5.5, 2.5 + 0.35 * len(logs))
-    fig, (ax_curves, ax_bars) = plt.subplots(1, 2, figsize=(16, height), layout="constrained",
-                                             gridspec_kw={"width_ratios": [3, 2]})
-    for log, summary in zip(logs, summaries):
-        rows = log.epochs.dropna(subset=["val_r1"])
-        label = log.run_id + (" (unfinished)" if summary.unfinished_epoch else "")
-        ax_curves.plot(rows["epoch"], rows["val_r1"] * scale, marker="o", markersize=4, color=colors[log.run_id],
-                       label=label)
-    ax_curves.set_title("Validation R@1 per epoch")
-    ax_curves.set_xlabel("epoch")
-    ax_curves.set_ylabel("R@1 (%)")
-    ax_curves.xaxis.set_major_locator(MaxNLocator(integer=True))
-    ax_curves.grid(alpha=0.3)
-    if len(logs) <= 6:
-        ax_curves.legend(loc="lower right", fontsize="small")
-    else:  # many runs: below the curves, not over them
-        ax_curves.legend(loc="upper center", bbox_to_anchor=(0.5, -0.12), ncols=2, fontsize="small")
-
-    ranked = sorted(summaries, key=lambda s: -1.0 if s.best_val_r1 is None else s.best_val_r1)
-    names = [s.run_id for s in ranked]
-    best = [0.0 if s.best_val_r1 is None else s.best_val_r1 * scale for s in ranked]
-    bars = ax_bars.barh(names, best, color=[colors[n] for n in names])
-    ax_bars.bar_label(bars, labels=[bar_text(s, scale) for s in ranked], padding=3, fontsize="small")
-    ax_bars.set_xlim(0, max([*best, 1.0]) * 1.3)
-    ax_bars.set_title("Best validation R@1 per run (best run on top)")
-    ax_bars.set_xlabel("R@1 (%)")
-    ax_bars.grid(axis="x", alpha=0.3)
-    fig.suptitle(f"Comparison of {len(logs)} run(s)", fontsize=14, fontweight="bold")
-    return save_figure(fig, output_dir / "comparison.png")
-
-
-def bar_text(summary: RunSummary, scale: float) -> str:
-    if summary.best_val_r1 is None:
+def bar_text(row: pd.Series) -> str:
+    if pd.isna(row["best_val_r1"]):
         return "no validation yet"
-    unfinished = ", unfinished" if summary.unfinished_epoch else ""
-    return f"{summary.best_val_r1 * scale:.1f}% (epoch {summary.best_epoch}{unfinished})"
-
-
-def plot_experiment_bars(table: pd.DataFrame, path: Path, output_dir: Path) -> Path:
-    """Raw / PCA-whitened / trained recall per model, one panel per R@N."""
-    models = list(dict.fromkeys(table["model"]))
-    variants = [v for v in EXPERIMENT_VARIANTS if v in set(table["variant"])]
-    variants += [v for v in dict.fromkeys(table["variant"]) if v not in variants]
-    scale = recall_scale(table[EXPERIMENT_RECALLS])
-    width = 0.8 / len(variants)
-    centers = np.arange(len(models))
-    fig, axes = plt.subplots(1, 3, figsize=(max(13, 3.2 * len(models) + 4), 5.5), sharey=True, layout="constrained")
-    for ax, column in zip(axes, EXPERIMENT_RECALLS):
-        values = table.pivot_table(index="model", columns="variant", values=column, aggfunc="last")
-        for i, variant in enumerate(variants):
-            heights = values.reindex(index=models, columns=variants)[variant].to_numpy() * scale
-            bars = ax.bar(centers + (i - (len(variants) - 1) / 2) * width, np.nan_to_num(heights), width,
-                          color=f"C{i}", label=VARIANT_LABELS.get(variant, variant))
-            ax.bar_label(bars, labels=["" if np.isnan(h) else f"{h:.1f}" for h in heights], fontsize=8, padding=2)
-        ax.set_title(column.replace("recall", "Recall"))
-        ax.set_xticks(centers, models, rotation=20 if len(models) > 3 else 0)
-        ax.set_xlabel("model")
-        ax.grid(axis="y", alpha=0.3)
-    axes[0].set_ylabel("recall (%)")
-    top = np.nanmax(table[EXPERIMENT_RECALLS].to_numpy(dtype=float)) * scale
-    axes[0].set_ylim(0, (top if np.isfinite(top) and top > 0 else 100.0) * 1.12)
-    fig.legend(*axes[0].get_legend_handles_labels(), loc="outside lower center", ncols=len(variants))
-    fig.suptitle(f"Recall per model: raw vs PCA-whitened vs trained descriptors ({path.name})",
-                 fontsize=13, fontweight="bold")
-    return save_figure(fig, output_dir / f"{path.stem}_bars.png")
+    scale = recall_scale(pd.Series([row["best_val_r1"]]))
+    return f"{row['best_val_r1'] * scale:.1f}% (epoch {int(row['best_epoch'])}{', unfinished' if row['unfinished_epoch'] else ''})"
 
 
 def experiment_table_text(table: pd.DataFrame) -> str:
@@ -671,8 +585,30 @@ def experiment_table_text(table: pd.DataFrame) -> str:
 # ============================================================================================
 # main
 # ============================================================================================
+def plot_tuning_study(storage: str, name: str | None, output_dir: Path) -> Path:
+    """PLOTS/study_{name}.png from an optuna storage (optuna imported here only)."""
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    try:
+        names = optuna.get_all_study_names(storage)
+    except Exception as exc:  # noqa: BLE001 - a bad URL or file: which exception depends on the backend
+        raise VPRError(f"--study {storage}: not an optuna storage ({str(exc).splitlines()[0][:120]}); "
+                       f"give e.g. sqlite:///tune.db") from None
+    if name is None and len(names) != 1:
+        raise VPRError(f"--study {storage}: holds {len(names)} studies ({', '.join(names) or 'none'}); pick one with --study_name")
+    if name is not None and name not in names:
+        raise VPRError(f"--study_name {name}: not in {storage}; its studies: {', '.join(names) or 'none'}")
+    study = optuna.load_study(study_name=name or names[0], storage=storage)
+    return plot_study(study, output_dir / f"study_{safe_name(study.study_name)}.png")
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     args = parse_args(argv)
+    if args.study:
+        print(f"study figure {plot_tuning_study(args.study, args.study_name, check_writable_dir(args.output_dir, '--output_dir'))}")
+        if not args.path:
+            return
     inputs = find_inputs(Path(args.path), args.runs)
     training_summary = read_training_summary(inputs.training_summary)  # checked before any figure is written
     output_dir = check_writable_dir(args.output_dir, "--output_dir")
@@ -701,23 +637,33 @@ def main(argv: Sequence[str] | None = None) -> None:
         raise VPRError(f"{args.path}: none of its {len(inputs.run_logs)} run log(s) could be read "
                        f"(see the warnings above)")
 
-    # 2. a folder: compare the runs and write the table, with their configuration where known
+    # 2. a folder: compare the runs that are comparable, labelled by what differs
     if inputs.is_folder and logs:
-        comparison = plot_comparison(logs, summaries, output_dir)
         table = runs_summary_table(summaries, training_summary)
-        table_path = output_dir / "runs_summary.csv"
+        groups = comparable_groups(table)
+        table = pd.concat([g.table for g in groups]).sort_index()
+        by_run = {log.run_id: log for log in logs}
+        for group in groups:
+            print(f"\n{group.title}: {len(group.table)} run(s)")
+            text, shared = printable_group(group)
+            if shared:
+                print(textwrap.fill(f"same for all runs: {shared}", TABLE_WIDTH, subsequent_indent="  "))
+            print(text)
+            curves = [RunCurve(row["label"], by_run[row["run_id"]].epochs.dropna(subset=["val_r1"])["epoch"].to_numpy(),
+                               by_run[row["run_id"]].epochs.dropna(subset=["val_r1"])["val_r1"].to_numpy(),
+                               None if pd.isna(row["best_val_r1"]) else row["best_val_r1"], bar_text(row))
+                      for _, row in group.table.iterrows()]
+            figure = plot_comparison(curves, f"Comparable runs: {group.title}", output_dir / f"comparison_{group.stem}.png")
+            print(f"comparison figure {figure}")
+        table_path = output_dir / f"{safe_name(Path(args.path).resolve().name)}_runs_summary.csv"
         atomic_write(table_path, lambda tmp: table.to_csv(tmp, index=False))
-        text, shared = printable_runs_table(table)
-        print(f"\n{len(table)} run(s); epochs_run: completed epochs (+ = one unfinished); recalls at the best epoch")
-        if shared:
-            print(f"same for all runs: {shared}")
-        print(text)
-        print(f"\ncomparison figure {comparison}\nsummary table     {table_path}")
+        print("\nepochs: completed (+ one unfinished); recalls at the best epoch; time: the run's wall time\n"
+              f"(* from its log: epochs and validation only)\nsummary table {table_path}")
 
     # 3. experiment CSVs: raw / PCA-whitened / trained recall per model
     for experiment_path in inputs.experiment_csvs:
         table = read_experiment_csv(experiment_path)
-        figure = plot_experiment_bars(table, experiment_path, output_dir)
+        figure = plot_experiment_bars(table, experiment_path.name, output_dir / f"{experiment_path.stem}_bars.png")
         print(f"\nexperiment {experiment_path} (recall in %)\n{experiment_table_text(table)}\nfigure {figure}")
 
 

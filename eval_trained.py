@@ -12,6 +12,13 @@ Protocol (DESIGN.md §7): the --train_csv (or --db_csv) images are the database,
 has the query's label. Embeddings parquets skip the backbone. Prints a table, and optionally
 writes JSON, per-query predictions, a picture of retrievals and (--export_parquet) the raw
 backbone features as embeddings parquets.
+
+Localization view (positions on both sides): R@1 within 5, 10, 25, 50 and 100 m and the median
+/ p75 / p90 distance from each query to its top-1 database image are printed and written to
+--output_json (recall_at_threshold_m, top1_error_m), with pr_auc, the average precision of the
+top-1 similarity as a "known place" detector. --localization (or --visualize) draws them as
+PLOTS_DIR/{variant}_{model}[_{checkpoint}]_{queries}_localization.png. Labels-only evaluations
+have no distances: recall_at_threshold_m and top1_error_m are null there, pr_auc is by label.
 """
 from __future__ import annotations
 
@@ -29,6 +36,8 @@ from vprkit.cli import CliParser, VPRError, add_debug_flag, atomic_write, check_
 from vprkit.evaluation import Descriptors, EvalReport, evaluate_variant, format_report, load_eval_tables, pca_whitened
 from vprkit.features import Backbone, ExtractionSettings, frozen_descriptors, validate_extraction_flags
 from vprkit.images import open_rgb
+from vprkit.localization import (LocalizationResult, draw_localization_figure, localization_json, localization_lines,
+                                 localization_of_result)
 from vprkit.places import PlaceTable, export_embeddings_parquet, is_parquet
 from vprkit.runlog import safe_name
 from vprkit.settings import add_config_args, add_config_file_flag, parse_layered
@@ -64,7 +73,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     out.add_argument("--output_json", help="write the results as JSON here")
     out.add_argument("--save_predictions", metavar="CSV", help="write each query's top-N retrievals here")
     out.add_argument("--visualize", type=int, default=0, metavar="K", help="draw K queries with their top-5 retrievals")
-    out.add_argument("--plots_dir", default="plots", help="folder of the --visualize picture")
+    out.add_argument("--localization", action="store_true",
+                     help="draw the localization view (R@1 against distance threshold, cumulative top-1 error) as "
+                          "PLOTS_DIR/{variant}_{model}[_{checkpoint}]_{queries}_localization.png (also drawn with --visualize)")
+    out.add_argument("--plots_dir", default="plots", help="folder of the --visualize and --localization pictures")
     out.add_argument("--export_parquet", metavar="DIR", help="write the raw backbone features of the database and the "
                      "queries as embeddings parquets DIR/{csv name}.parquet (input for --train_parquet)")
     add_config_file_flag(parser)
@@ -83,7 +95,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     validate_extraction_flags(args)
     for path, flag in ((args.output_json, "--output_json"), (args.save_predictions, "--save_predictions")):
         check_writable_file(path, flag)
-    if args.visualize > 0:
+    if args.visualize > 0 or args.localization:
         check_writable_dir(args.plots_dir, "--plots_dir")
     return args
 
@@ -114,11 +126,19 @@ def predictions_frame(report: EvalReport, database: PlaceTable, queries: PlaceTa
     return frame
 
 
+def figure_stem(args: Any, report: EvalReport) -> str:
+    """What a picture shows, as a file-name stem: variant and model (report.name), the
+    checkpoint's file stem for a trained head, and the query CSV's stem."""
+    parts = [report.name, *([Path(args.model_path).stem] if args.model_path else []), Path(args.test_csv).stem]
+    return safe_name("_".join(parts))
+
+
 def write_outputs(args: Any, report: EvalReport, database: PlaceTable, queries: PlaceTable,
-                  settings: dict[str, Any]) -> None:
-    """JSON, predictions CSV and retrieval picture, each only when asked for, each atomically."""
+                  settings: dict[str, Any], localization: LocalizationResult | None = None) -> None:
+    """JSON, predictions CSV, retrieval and localization pictures, each only when asked for,
+    each atomically."""
     if args.output_json:
-        payload = {**report.as_dict(), "settings": settings}
+        payload = {**report.as_dict(), **localization_json(report.result, localization), "settings": settings}
         atomic_write(args.output_json, lambda p: p.write_text(json.dumps(payload, indent=2)))
         print(f"wrote {args.output_json}")
     if args.save_predictions:
@@ -131,6 +151,13 @@ def write_outputs(args: Any, report: EvalReport, database: PlaceTable, queries: 
         path = Path(args.plots_dir) / f"{safe_name(report.name)}_retrievals.png"
         draw_retrievals(report, database, queries, args.visualize, path)
         print(f"wrote {path}")
+    if (args.visualize > 0 or args.localization) and localization is not None:
+        path = Path(args.plots_dir) / f"{figure_stem(args, report)}_localization.png"
+        draw_localization_figure({report.name: localization}, path, f"{report.name}: localization of "
+                                 f"{Path(args.test_csv).name} against {Path(args.train_csv).name}")
+        print(f"wrote {path}")
+    elif args.localization:
+        print("no localization picture: the database or the queries have no positions (labels only)")
 
 
 def retrieval_captions(report: EvalReport, database: PlaceTable, queries: PlaceTable, q: int,
@@ -163,7 +190,8 @@ def draw_retrievals(report: EvalReport, database: PlaceTable, queries: PlaceTabl
     res = report.result
     rows = np.linspace(0, res.num_queries - 1, num=min(count, res.num_queries)).round().astype(int)
     top = min(top, res.top_indices.shape[1])
-    fig, axes = plt.subplots(len(rows), top + 1, figsize=(2.2 * (top + 1), 2.6 * len(rows)), squeeze=False)
+    fig, axes = plt.subplots(len(rows), top + 1, figsize=(2.2 * (top + 1), 2.6 * len(rows) + 0.6), squeeze=False,
+                             layout="constrained")
     legend = ""
     for r, q in enumerate(rows):
         query_caption, captions, legend = retrieval_captions(report, database, queries, q, top)
@@ -173,15 +201,19 @@ def draw_retrievals(report: EvalReport, database: PlaceTable, queries: PlaceTabl
                           "tab:green" if res.correct[q, rank] else "tab:red"))
         for c, (image_path, title, colour) in enumerate(cells):
             ax = axes[r, c]
-            ax.imshow(open_rgb(image_path))
+            image = open_rgb(image_path)
+            image.thumbnail((320, 320))  # phone photos are 12 MP; the cells are 2 inches wide
+            ax.imshow(image)
             ax.set_title(title, fontsize=9, color=colour)
             ax.set_xticks([])
             ax.set_yticks([])
             for spine in ax.spines.values():
                 spine.set_edgecolor(colour)
                 spine.set_linewidth(4 if c else 1)
-    fig.suptitle(f"{report.name}: queries and top-{top} retrievals ({legend})")
-    fig.tight_layout()
+        if not res.has_positive[q]:  # no database image could be right: the red frames are no fault of the model
+            rule = "of its place label" if res.by_label else f"within {res.pos_threshold_m:g} m"
+            axes[r, 0].set_xlabel(f"no match {rule}\nin the database", fontsize=8, color="0.45")
+    fig.suptitle(f"{report.name}: queries and top-{top} retrievals ({legend})", fontsize=11)
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write(path, lambda p: fig.savefig(p, dpi=80, format="png"))
     plt.close(fig)
@@ -261,6 +293,8 @@ def main(argv: Sequence[str] | None = None) -> EvalReport:
     name, descriptors = descriptors_for(args, checkpoint, model, raw)
     report = evaluate_variant(name, descriptors, database, queries, threshold, args.recall_at, supervision)
     print(format_report(report, args.recall_at))
+    localization = localization_of_result(report.result, database.xyz, queries.xyz)
+    print(localization_lines(localization))
     skipped = {"database": len(database.skipped), "queries": len(queries.skipped)}
     if any(skipped.values()):
         print(f"skipped bad images (--on_bad_image skip): {skipped['database']} database, {skipped['queries']} queries")
@@ -268,7 +302,7 @@ def main(argv: Sequence[str] | None = None) -> EvalReport:
                 "checkpoint": args.model_path, "db_csv": args.train_csv, "test_csv": args.test_csv,
                 "camera_id": args.camera_id, "pos_threshold_m": threshold, "recall_at": args.recall_at,
                 "on_bad_image": args.on_bad_image, "skipped_images": skipped}
-    write_outputs(args, report, database, queries, settings)
+    write_outputs(args, report, database, queries, settings, localization)
     return report
 
 

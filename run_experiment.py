@@ -8,7 +8,10 @@
 For each backbone: the raw frozen features, PCA-whitened frozen features (fitted on the
 database) and a trained head are evaluated on the same cached features (each image goes
 through each backbone once), with the protocol of eval_trained.py. Prints a comparison table
-and writes logs/experiment_{timestamp}.csv.
+and writes logs/experiment_{timestamp}.csv and, where the data has positions, beside it
+logs/experiment_{timestamp}_localization.png: every variant of every model on one localization
+figure (R@1 against distance threshold, cumulative top-1 error), with the median top-1 error
+per variant printed.
 """
 from __future__ import annotations
 
@@ -27,6 +30,7 @@ from vprkit.runlog import EXPERIMENT_VARIANTS
 from vprkit.settings import add_config_args, add_config_file_flag, config_from_args, parse_layered
 from vprkit.evaluation import Descriptors, EvalReport, evaluate_variant, format_report, load_eval_tables, pca_whitened
 from vprkit.features import frozen_descriptors
+from vprkit.localization import LocalizationResult, draw_localization_figure, localization_of_result
 
 DEMO_DIR = Path("demo_data")
 # Demo settings where the user left the defaults: ~120 training images give few steps per epoch,
@@ -74,8 +78,9 @@ def use_demo_data(args: argparse.Namespace, parser: argparse.ArgumentParser) -> 
             setattr(args, name, value)
 
 
-def compare_backbone(model: str, args: argparse.Namespace) -> list[EvalReport]:
-    """Raw, PCA-whitened and trained descriptors of one backbone on the final queries."""
+def compare_backbone(model: str, args: argparse.Namespace) -> list[tuple[EvalReport, LocalizationResult | None]]:
+    """Raw, PCA-whitened and trained descriptors of one backbone on the final queries, each
+    with its localization view (None without positions)."""
     config = config_from_args(args, vpr.TrainConfig, model=model)
     eval_args = argparse.Namespace(**{**vars(args), "train_csv": args.db_csv or args.train_csv})
     database, queries = load_eval_tables(eval_args, config.pos_threshold_m, config.supervision)
@@ -94,8 +99,22 @@ def compare_backbone(model: str, args: argparse.Namespace) -> list[EvalReport]:
         report = evaluate_variant(f"{model} {variant}", descriptors, database, queries,
                                                config.pos_threshold_m, args.recall_at, config.supervision)
         print(format_report(report, args.recall_at), flush=True)
-        reports.append(report)
+        reports.append((report, localization_of_result(report.result, database.xyz, queries.xyz)))
     return reports
+
+
+def draw_experiment_localization(reports_by_model: dict[str, list[tuple[EvalReport, LocalizationResult | None]]],
+                                 path: Path, title: str) -> Path | None:
+    """Every variant of every model on one localization figure; prints each variant's median
+    top-1 error. None (nothing drawn) when the data has no positions."""
+    curves = {report.name: loc for reports in reports_by_model.values() for report, loc in reports if loc is not None}
+    if not curves:
+        return None
+    print("\nmedian top-1 error (distance from each query to its top-1 database image)")
+    for name, loc in curves.items():
+        error = loc.top1_error_m
+        print(f"  {name:<40} median {error['median']:8.1f} m   p90 {error['p90']:8.1f} m")
+    return draw_localization_figure(curves, path, title)
 
 
 def comparison_table(reports_by_model: dict[str, list[EvalReport]], recall_at: Sequence[int]) -> pd.DataFrame:
@@ -118,14 +137,21 @@ def main(argv: Sequence[str] | None = None) -> pd.DataFrame:
                            "`torchrun ... train_vpr.py` or `torchrun ... eval_trained.py`, then run it in one process")
     log_dir = check_writable_dir(args.log_dir, "--log_dir")
     check_writable_dir(args.output_dir, "--output_dir")
-    reports_by_model = {model: compare_backbone(model, args) for model in args.models}
+    evaluated = {model: compare_backbone(model, args) for model in args.models}
+    reports_by_model = {model: [report for report, _ in pairs] for model, pairs in evaluated.items()}
     table = comparison_table(reports_by_model, args.recall_at)
     path = log_dir / f"experiment_{time.strftime('%Y%m%d_%H%M%S')}.csv"
     atomic_write(path, lambda p: table.to_csv(p, index=False))
     rule = "by place label" if reports_by_model[args.models[0]][0].result.by_label else f"within {args.pos_threshold_m:g} m"
-    print(f"\nqueries {args.test_csv} against database {args.db_csv or args.train_csv}, correct {rule}")
+    database = args.db_csv or args.train_csv
+    print(f"\nqueries {args.test_csv} against database {database}, correct {rule}")
     print(table.to_string(index=False))
     print(f"wrote {path}")
+    figure = draw_experiment_localization(evaluated, path.with_name(f"{path.stem}_localization.png"),
+                                          f"{path.stem}: localization of {Path(args.test_csv).name} against "
+                                          f"{Path(database).name}")
+    if figure is not None:
+        print(f"wrote {figure}")
     return table
 
 

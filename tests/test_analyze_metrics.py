@@ -167,7 +167,7 @@ def test_reads_what_train_vpr_writes(tmp_path, capsys):
 
     analyze_metrics.main([str(logs), "--output_dir", str(tmp_path / "plots")])
     assert_png(tmp_path / "plots" / "dinov2_s_seed3_20250105_101010_plots.png")
-    table = pd.read_csv(tmp_path / "plots" / "runs_summary.csv")
+    table = pd.read_csv(tmp_path / "plots" / "logs_runs_summary.csv")
     assert table.loc[0, "lr"] == pytest.approx(1e-4) and table.loc[0, "best_epoch"] == 0
 
 
@@ -214,13 +214,13 @@ def test_folder_of_runs_writes_figures_comparison_and_summary_table(tmp_path, ca
     plots = tmp_path / "plots"
     analyze_metrics.main([str(tmp_path / "logs"), "--output_dir", str(plots)])
 
-    assert_png(plots / "comparison.png")
+    assert_png(plots / "comparison_unrecorded_data.png")
     for run in ("dinov2_b_seed42_20250101_120000", "dinov2_b_seed7_20250101_130000", "resnet50_seed1_20250102_090000"):
         assert_png(plots / f"{run}_plots.png")
     assert_png(plots / "experiment_20250103_100000_bars.png", min_kb=15)
     assert not (plots / "notes_plots.png").exists() and not (plots / "training_summary_plots.png").exists()
 
-    table = pd.read_csv(plots / "runs_summary.csv").set_index("run_id")
+    table = pd.read_csv(plots / "logs_runs_summary.csv").set_index("run_id")
     assert sorted(table.index) == ["dinov2_b_seed42_20250101_120000", "dinov2_b_seed7_20250101_130000",
                                    "resnet50_seed1_20250102_090000"]
     assert list(table.columns[:6]) == ["model", "seed", "epochs", "lr", "batch_size", "projection_dim"]
@@ -245,7 +245,7 @@ def test_runs_pattern_chooses_the_runs(tmp_path, capsys):
     plots = tmp_path / "plots"
     analyze_metrics.main([str(tmp_path / "logs"), "--runs", "*seed7*", "--output_dir", str(plots)])
 
-    table = pd.read_csv(plots / "runs_summary.csv")
+    table = pd.read_csv(plots / "logs_runs_summary.csv")
     assert table["run_id"].tolist() == ["dinov2_b_seed7_20250101_130000"]
     assert not (plots / "dinov2_b_seed42_20250101_120000_plots.png").exists()
 

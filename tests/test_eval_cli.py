@@ -196,8 +196,9 @@ def test_visualize_writes_a_png(baseline):
     from PIL import Image
 
     _, paths = baseline
-    pngs = list(paths["plots"].glob("*.png"))
+    pngs = list(paths["plots"].glob("*_retrievals.png"))
     assert len(pngs) == 1
+    assert [p.name for p in paths["plots"].glob("*_localization.png")] == ["raw_timm_test_efficientnet_test_localization.png"]
     with Image.open(pngs[0]) as image:
         assert image.format == "PNG"
         assert image.width > 100 and image.height > 100

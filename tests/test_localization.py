@@ -10,7 +10,9 @@ import sys
 import numpy as np
 import pytest
 
-import trainable_vpr as vpr
+from conftest import haversine_m
+from vprkit.evaluation import evaluate_retrieval
+from vprkit.places import latlon_to_xyz, metric_to_xyz
 from conftest import REPO
 from vprkit.localization import (
     LOCALIZATION_THRESHOLDS_M,
@@ -32,7 +34,7 @@ HAND_ERRORS = [3.0, 26.0, 11.0, 10.0]
 
 
 def line_xyz(x: np.ndarray) -> np.ndarray:
-    return vpr.metric_to_xyz(x, np.zeros_like(x))
+    return metric_to_xyz(x, np.zeros_like(x))
 
 
 def test_top1_errors_on_a_line_by_hand():
@@ -44,9 +46,9 @@ def test_top1_errors_on_a_line_by_hand():
 
 
 def test_top1_error_on_latlon_is_the_great_circle_distance():
-    db = vpr.latlon_to_xyz(np.array([31.2620]), np.array([34.8010]))
-    query = vpr.latlon_to_xyz(np.array([31.2625]), np.array([34.8016]))
-    expected = vpr.haversine_m(31.2620, 34.8010, 31.2625, 34.8016)
+    db = latlon_to_xyz(np.array([31.2620]), np.array([34.8010]))
+    query = latlon_to_xyz(np.array([31.2625]), np.array([34.8016]))
+    expected = haversine_m(31.2620, 34.8010, 31.2625, 34.8016)
     assert top1_errors_m(db, query, np.array([0]))[0] == pytest.approx(expected, abs=1e-3)
 
 
@@ -125,10 +127,10 @@ def synthetic_evaluation(pos_threshold_m: float):
     rng = np.random.default_rng(3)
     db_xy = rng.uniform(0, 300, size=(120, 2))
     q_xy = np.vstack([db_xy[:40] + rng.normal(0, 8, size=(40, 2)), rng.uniform(400, 500, size=(8, 2))])
-    db_xyz, q_xyz = vpr.metric_to_xyz(*db_xy.T), vpr.metric_to_xyz(*q_xy.T)
+    db_xyz, q_xyz = metric_to_xyz(*db_xy.T), metric_to_xyz(*q_xy.T)
     basis = rng.normal(size=(2, 16))
     describe = lambda xy: np.sin(xy @ basis / 60.0) + rng.normal(0, 0.15, size=(len(xy), 16))  # noqa: E731
-    result = vpr.evaluate_retrieval(describe(db_xy), db_xyz, describe(q_xy), q_xyz, pos_threshold_m=pos_threshold_m)
+    result = evaluate_retrieval(describe(db_xy), db_xyz, describe(q_xy), q_xyz, pos_threshold_m=pos_threshold_m)
     return result, db_xyz, q_xyz
 
 

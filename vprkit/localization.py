@@ -304,3 +304,40 @@ def draw_localization_figure(curves: Mapping[str, LocalizationResult | np.ndarra
     fig.suptitle(title, fontsize=13, fontweight="bold")
     atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=FIGURE_DPI))
     return path
+
+
+# ============================================================================================
+# From an evaluation's result (eval_trained.py, run_experiment.py)
+# ============================================================================================
+def localization_of_result(result: Any, db_xyz: np.ndarray | None, q_xyz: np.ndarray | None) -> LocalizationResult | None:
+    """The localization view of an evaluation (a vprkit.evaluation.RecallResult: top_indices,
+    top_scores, correct, pos_threshold_m, by_label), or None when the database or the queries
+    have no positions (a labels-only evaluation: there is no distance to measure). Where
+    correctness is decided by place labels, the known-place detector's labels are the label
+    correctness of the top-1 (result.correct[:, 0])."""
+    if db_xyz is None or q_xyz is None:
+        return None
+    return localization_from_ranking(db_xyz, q_xyz, result.top_indices, result.top_scores, result.pos_threshold_m,
+                                     top1_correct=result.correct[:, 0] if result.by_label else None)
+
+
+def localization_json(result: Any, localization: LocalizationResult | None) -> dict[str, Any]:
+    """The `--output_json` keys of the localization view. Without positions (labels only)
+    recall_at_threshold_m and top1_error_m are null, and pr_auc is that of the top-1 similarity
+    as a detector of a top-1 of the query's label (it needs no distances)."""
+    if localization is not None:
+        return localization.to_json()
+    return {"recall_at_threshold_m": None, "top1_error_m": None,
+            "pr_auc": _json_number(pr_auc(result.top_scores, result.correct))}
+
+
+def localization_lines(localization: LocalizationResult | None) -> str:
+    """Two printable lines: R@1 at each distance threshold, and the top-1 error percentiles."""
+    if localization is None:
+        return "localization: no positions (labels only): no distances to report"
+    recalls = "  ".join(f"{t:g} m {r:.3f}" for t, r in localization.recall_at_threshold_m.items())
+    error = localization.top1_error_m
+    auc = "-" if not math.isfinite(localization.pr_auc) else f"{localization.pr_auc:.3f}"
+    return (f"  R@1 within   {recalls}\n"
+            f"  top-1 error  median {_fmt_m(error['median'])}, p75 {_fmt_m(error['p75'])}, p90 {_fmt_m(error['p90'])}; "
+            f"known-place PR-AUC {auc}")

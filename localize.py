@@ -1,0 +1,262 @@
+#!/usr/bin/env python3
+"""Localize new photos against a database: top-k matches and a position estimate per photo.
+
+    python localize.py --model_path trained_models/RUN.pth --db_csv data/train.csv \\
+        --query new_photos/ --output matches.csv --top_k 5 --picture matches.png
+    python localize.py --baseline --model effnet_lite0 --db_csv data/train.csv --query photos.csv --output m.csv
+
+The queries need no ground truth: a folder of photos (.jpg, .jpeg, .png, .bmp, .webp, .tif,
+.tiff; not recursive) or a CSV with an image column (image_path, image, path, ...; relative paths
+resolve against the CSV's folder). The database is a poses CSV (DESIGN.md §2); its images go
+through the checkpoint's backbone once (feature cache shared with training and evaluation).
+
+matches.csv has one row per (query, rank): query_image, rank, db_image, similarity, the
+database row's position as written in its CSV (db_lat/db_lon, or db_<x>/db_<y> for easting /
+northing, x / y ...) and place label (db_label) where it has them, and the query's position
+estimate est_lat/est_lon (or est_<x>/est_<y>) with est_support on every row of that query.
+
+The estimate: the similarity-weighted mean position of those top-k matches that lie within
+--pos_threshold_m (default: the checkpoint's, else 25 m) of the top-1 match. With --top_k 1 it is
+the top-1's position; with more it averages the matches that agree with the top-1, so one
+stray match far away does not pull the estimate off (a plain weighted mean would), while
+near-duplicates around the top-1 refine it. est_support says how many matches it averages.
+"""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import pandas as pd
+
+import trainable_vpr as vpr
+from vprkit.checkpoints import EMBEDDINGS_ARCH, check_checkpoint_matches
+from vprkit.cli import CliParser, VPRError, add_debug_flag, atomic_write, check_writable_file, run_cli
+from vprkit.evaluation import l2_normalise
+from vprkit.features import Backbone, ExtractionSettings, extract_table, extraction_settings, validate_extraction_flags
+from vprkit.places import (IMAGE_COLUMNS, LATLON_COLUMNS, METRIC_COLUMNS, PlaceTable, _find_column,
+                           _find_column_pair, is_parquet, load_poses, read_csv_table)
+from vprkit.settings import add_config_args, add_config_file_flag, parse_layered
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = CliParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    what = parser.add_argument_group("model")
+    what.add_argument("--model_path", help="a trained checkpoint (its backbone and head come from it)")
+    what.add_argument("--baseline", action="store_true", help="match with the raw frozen backbone given by --model")
+    what.add_argument("--model", default=None, help=f"backbone for --baseline: {', '.join(vpr.BACKBONES)} or timm:ARCH")
+    data = parser.add_argument_group("data")
+    data.add_argument("--db_csv", "--train_csv", dest="db_csv", required=True, help="poses CSV of the database images")
+    data.add_argument("--query", required=True, metavar="PHOTOS_OR_CSV",
+                      help="a folder of photos, or a CSV with an image column (no positions needed)")
+    data.add_argument("--top_k", type=int, default=5, help="database matches per query")
+    data.add_argument("--pos_threshold_m", type=float, default=None,
+                      help="matches within this many metres of the top-1 share in the position estimate "
+                           "(default: the checkpoint's, else 25)")
+    out = parser.add_argument_group("outputs")
+    out.add_argument("--output", required=True, metavar="CSV", help="the matches, one row per query and rank")
+    out.add_argument("--picture", metavar="PNG", help="draw each query with its top-k matches here")
+    out.add_argument("--picture_queries", type=int, default=8, metavar="N", help="at most N queries in --picture")
+    add_config_args(parser, ExtractionSettings, skip=("camera_id",))
+    add_config_file_flag(parser)
+    add_debug_flag(parser)
+    args = parse_layered(parser, argv)
+    if bool(args.model_path) == bool(args.baseline):
+        parser.error("give either --model_path CKPT or --baseline --model NAME")
+    if args.baseline and not args.model:
+        parser.error("--baseline needs --model NAME")
+    if args.top_k < 1:
+        parser.error(f"--top_k {args.top_k}: must be at least 1")
+    if args.pos_threshold_m is not None and args.pos_threshold_m <= 0:
+        parser.error(f"--pos_threshold_m {args.pos_threshold_m:g}: must be positive")
+    if is_parquet(args.db_csv):
+        parser.error(f"--db_csv {args.db_csv}: localize.py matches photos, so the database must be images "
+                     "(a poses CSV), not an embeddings parquet")
+    validate_extraction_flags(args)
+    check_writable_file(args.output, "--output")
+    check_writable_file(args.picture, "--picture")
+    return args
+
+
+# ============================================================================================
+# Inputs
+# ============================================================================================
+def query_table(query: str) -> PlaceTable:
+    """The query photos: every image file of a folder (sorted by name, not recursive), or the
+    image column of a CSV. No positions (coord_kind "none")."""
+    path = Path(query)
+    if path.is_dir():
+        paths = sorted(str(p) for p in path.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+        if not paths:
+            raise VPRError(f"--query {path}: no images in this folder ({', '.join(IMAGE_SUFFIXES)}); "
+                           f"give a folder of photos or a CSV of image paths")
+    elif path.is_file():
+        frame = read_csv_table(path, "query CSV")
+        column = _find_column(frame.columns, IMAGE_COLUMNS)
+        if column is None:
+            raise VPRError(f"--query {path}: no image column; expected one of {', '.join(IMAGE_COLUMNS)}")
+        paths = [p if Path(p).is_absolute() else str(path.parent / p) for p in frame[column].astype(str)]
+        if not paths:
+            raise VPRError(f"--query {path}: no rows; list the photos to localize")
+    else:
+        raise VPRError(f"--query {path}: no such folder or file; give a folder of photos or a CSV of image paths")
+    missing = [p for p in paths if not Path(p).is_file()]
+    if missing:
+        raise VPRError(f"--query {path}: image {missing[0]} not found ({len(missing)} missing); fix the path")
+    return PlaceTable(source=str(path), paths=paths, xyz=None, coord_kind="none",
+                      frame=pd.DataFrame({"image_path": paths}))
+
+
+def backbone_and_head(args: argparse.Namespace) -> tuple[Backbone, object | None, float]:
+    """The backbone (the checkpoint's, same weights, or --model's), the trained head (None for
+    --baseline) and the position threshold."""
+    if args.baseline:
+        return vpr.create_backbone(args.model, args.weights, args.image_size), None, args.pos_threshold_m or 25.0
+    checkpoint = vpr.load_checkpoint(args.model_path)
+    check_checkpoint_matches(checkpoint, args.model_path, args.model)
+    saved = checkpoint["backbone"]
+    if saved.get("arch") == EMBEDDINGS_ARCH:
+        raise VPRError(f"checkpoint {args.model_path} was trained on precomputed embeddings ({saved['weights']}); "
+                       "it has no backbone to turn photos into features")
+    backbone = vpr.create_backbone(saved["name"], args.weights or checkpoint["config"].get("weights"),
+                                   args.image_size or saved.get("image_size", 0))
+    if backbone.info.weights != saved.get("weights"):
+        raise VPRError(f"checkpoint {args.model_path} was trained on {saved['name']} weights {saved.get('weights')}, "
+                       f"but the weights found now are {backbone.info.weights}; pass the same --weights")
+    threshold = args.pos_threshold_m or checkpoint["config"].get("pos_threshold_m", 25.0)
+    return backbone, vpr.head_from_checkpoint(checkpoint), threshold
+
+
+# ============================================================================================
+# Matching and the position estimate
+# ============================================================================================
+def top_k_matches(db_desc: np.ndarray, q_desc: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """(Q x k database indices best first, their cosine similarities): exact inner-product
+    search on L2-normalised descriptors (faiss), ties broken by lower database index as in
+    vprkit.evaluation."""
+    import faiss
+
+    db = l2_normalise(db_desc)
+    index = faiss.IndexFlatIP(db.shape[1])
+    index.add(db)
+    scores, top = index.search(l2_normalise(q_desc), min(k, len(db)))
+    order = np.lexsort((top, -scores), axis=1)
+    return np.take_along_axis(top, order, axis=1), np.take_along_axis(scores, order, axis=1)
+
+
+def estimate_positions(db_xyz: np.ndarray, top: np.ndarray, scores: np.ndarray,
+                       pos_threshold_m: float) -> tuple[np.ndarray, np.ndarray]:
+    """(Q x 3 estimated xyz, Q support counts): per query the similarity-weighted mean of its
+    top-k database positions that lie within pos_threshold_m of its top-1 (the top-1 always
+    does). Weights are the similarities, floored at a small positive value so that a match with
+    similarity <= 0 still counts a little rather than subtracting."""
+    positions = db_xyz[top]                                              # Q x k x 3
+    near = np.linalg.norm(positions - positions[:, :1], axis=2) <= pos_threshold_m
+    weights = np.where(near, np.maximum(scores.astype(np.float64), 1e-6), 0.0)  # float64: positions are ~1e6 m
+    estimate = (weights[:, :, None] * positions).sum(axis=1) / weights.sum(axis=1, keepdims=True)
+    return estimate, near.sum(axis=1)
+
+
+def xyz_to_latlon(xyz: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Inverse of latlon_to_xyz for a point off the sphere (a mean of points on it): its
+    direction's latitude and longitude in degrees."""
+    x, y, z = np.asarray(xyz, dtype=np.float64).T
+    return np.degrees(np.arctan2(z, np.hypot(x, y))), np.degrees(np.arctan2(y, x))
+
+
+def matches_frame(database: PlaceTable, queries: PlaceTable, top: np.ndarray, scores: np.ndarray,
+                  pos_threshold_m: float) -> pd.DataFrame:
+    """One row per (query, rank), see the module docstring."""
+    q_count, k = top.shape
+    q_index = np.repeat(np.arange(q_count), k)
+    db_index = top.ravel()
+    frame = pd.DataFrame({
+        "query_image": np.asarray(queries.paths)[q_index],
+        "rank": np.tile(np.arange(1, k + 1), q_count),
+        "db_image": np.asarray(database.paths)[db_index],
+        "similarity": scores.ravel().round(5),
+    })
+    columns = _find_column_pair(database.frame.columns, LATLON_COLUMNS) or \
+        _find_column_pair(database.frame.columns, METRIC_COLUMNS)
+    if database.labels is not None:
+        frame["db_label"] = database.labels[db_index]
+    if columns is not None and database.xyz is not None:
+        names = ("lat", "lon") if database.coord_kind == "latlon" else columns
+        for name, column in zip(names, columns):
+            frame[f"db_{name}"] = database.frame[column].to_numpy()[db_index]
+        estimate, support = estimate_positions(database.xyz, top, scores, pos_threshold_m)
+        first, second = xyz_to_latlon(estimate) if database.coord_kind == "latlon" else (estimate[:, 0], estimate[:, 1])
+        frame[f"est_{names[0]}"] = first[q_index]
+        frame[f"est_{names[1]}"] = second[q_index]
+        frame["est_support"] = support[q_index]
+    return frame
+
+
+# ============================================================================================
+# The picture
+# ============================================================================================
+def draw_matches(frame: pd.DataFrame, path: Path, max_queries: int, title: str) -> Path:
+    """A grid: each row a query and its top-k matches, captioned with similarity and the
+    match's label or position."""
+    from matplotlib.figure import Figure  # object API: no GUI backend, no global state
+
+    from vprkit.images import open_rgb
+
+    queries = list(dict.fromkeys(frame["query_image"]))[:max_queries]
+    k = int(frame["rank"].max())
+    fig = Figure(figsize=(2.3 * (k + 1), 2.5 * len(queries) + 0.6), layout="constrained")
+    axes = fig.subplots(len(queries), k + 1, squeeze=False)
+    position_columns = [c for c in frame.columns if c.startswith("db_") and c not in ("db_image", "db_label")]
+    for r, query in enumerate(queries):
+        rows = frame[frame["query_image"] == query].sort_values("rank")
+        cells = [(query, f"query {Path(query).name}"[:28])]
+        for _, row in rows.iterrows():
+            where = str(row["db_label"]) if "db_label" in row else \
+                ", ".join(f"{row[c]:.5f}" if "lat" in c or "lon" in c else f"{row[c]:.0f}" for c in position_columns)
+            cells.append((row["db_image"], f"#{row['rank']} sim {row['similarity']:.2f}\n{where}"))
+        for c in range(k + 1):
+            ax = axes[r, c]
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if c >= len(cells):
+                ax.axis("off")
+                continue
+            image = open_rgb(cells[c][0])
+            image.thumbnail((320, 320))
+            ax.imshow(image)
+            ax.set_title(cells[c][1], fontsize=8)
+    fig.suptitle(title, fontsize=11)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=80))
+    return path
+
+
+# ============================================================================================
+# main
+# ============================================================================================
+def main(argv: Sequence[str] | None = None) -> pd.DataFrame:
+    args = parse_args(argv)
+    queries = query_table(args.query)
+    database = load_poses(args.db_csv, args.image_root, on_bad_image=args.on_bad_image)
+    backbone, head, threshold = backbone_and_head(args)
+    options = extraction_settings(args)
+    database, db_features = extract_table(backbone, database, options, "database", args.on_bad_image)
+    queries, q_features = extract_table(backbone, queries, options, "queries", args.on_bad_image)
+    if head is not None:
+        db_features, q_features = vpr.embed(head, db_features), vpr.embed(head, q_features)
+    top, scores = top_k_matches(db_features, q_features, args.top_k)
+    frame = matches_frame(database, queries, top, scores, threshold)
+    atomic_write(args.output, lambda p: frame.to_csv(p, index=False))
+    estimated = "with position estimates" if any(c.startswith("est_") for c in frame.columns) else "(no positions)"
+    print(f"{len(queries)} queries x top-{top.shape[1]} of {len(database)} database images {estimated}: wrote {args.output}")
+    if args.picture:
+        model = Path(args.model_path).name if args.model_path else f"raw {args.model}"
+        print(f"wrote {draw_matches(frame, Path(args.picture), args.picture_queries, f'{model}: photos of {Path(args.query).name} and their top-{top.shape[1]} matches in {Path(args.db_csv).name}')}")
+    return frame
+
+
+if __name__ == "__main__":
+    run_cli(main)
