@@ -54,19 +54,23 @@ def safe_name(text: str) -> str:
     return "".join(c if c.isalnum() or c in "-_." else "_" for c in text)
 
 
-def new_run_id(model: str, seed: int, log_dir: str | Path) -> str:
-    """{model}_seed{seed}_{YYYYmmdd_HHMMSS}, with a suffix if that log already exists. The log
-    file is created here, exclusively: runs started in the same second (tuning workers) get
-    different ids instead of writing into one log."""
+def new_run_id(model: str, seed: int, log_dir: str | Path, output_dir: str | Path | None = None) -> str:
+    """{model}_seed{seed}_{YYYYmmdd_HHMMSS}, with a suffix if that log (or, given output_dir,
+    that run's checkpoint) already exists. The log file is created here, exclusively: runs
+    started in the same second (tuning workers) get different ids instead of writing into one
+    log, and a checkpoint folder shared by several log folders never sees one id twice."""
     base = f"{safe_name(model)}_seed{seed}_{time.strftime('%Y%m%d_%H%M%S')}"
     run_id, n = base, 1
     while True:
+        taken = output_dir is not None and (Path(output_dir) / f"{run_id}.pth").exists()
         try:
-            (Path(log_dir) / f"{run_id}.csv").open("x").close()
-            return run_id
+            if not taken:
+                (Path(log_dir) / f"{run_id}.csv").open("x").close()
+                return run_id
         except FileExistsError:
-            n += 1
-            run_id = f"{base}_{n}"
+            pass
+        n += 1
+        run_id = f"{base}_{n}"
 
 
 class CsvLogger:
