@@ -15,6 +15,7 @@ import argparse
 import fnmatch
 import io
 import math
+import re
 import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -38,7 +39,13 @@ EXPERIMENT_PATTERN = "experiment_*.csv"
 DEFAULT_SMOOTH = 50
 FIGURE_DPI = 110
 RECALL_COLUMNS = ["val_r1", "val_r5", "val_r10"]
-EXPERIMENT_RECALLS = ["recall@1", "recall@5", "recall@10"]
+REQUIRED_EXPERIMENT_RECALL = "recall@1"  # every experiment has it; the other recall@N are run_experiment's --recall_at
+
+
+def experiment_recalls(columns: Sequence[str]) -> list[str]:
+    """The recall@N columns of an experiment CSV, by N (whatever --recall_at run_experiment had)."""
+    found = [c for c in columns if re.fullmatch(r"recall@\d+", str(c))]
+    return sorted(found, key=lambda c: int(c.split("@")[1]))
 VARIANT_LABELS = {"raw": "raw", "pca_whitened": "PCA-whitened", "trained": "trained"}
 LOSS_COLORS = {"train": "C0", "triplet": "C1", "contrastive": "C2", "val": "C3"}
 
@@ -142,7 +149,7 @@ def csv_header(path: Path, quiet: bool = False) -> list[str]:
 
 
 def is_experiment_header(header: Sequence[str]) -> bool:
-    return {"model", "variant", *EXPERIMENT_RECALLS} <= set(header)
+    return {"model", "variant", REQUIRED_EXPERIMENT_RECALL} <= set(header)
 
 
 # ============================================================================================
@@ -222,11 +229,11 @@ def read_training_summary(path: Path | None) -> pd.DataFrame | None:
 
 def read_experiment_csv(path: Path) -> pd.DataFrame:
     table = read_csv_text(path)
-    missing = [c for c in ["model", "variant", *EXPERIMENT_RECALLS] if c not in table.columns]
+    missing = [c for c in ["model", "variant", REQUIRED_EXPERIMENT_RECALL] if c not in table.columns]
     if missing:
         raise VPRError(f"{path}: not an experiment CSV (missing columns {', '.join(missing)}); "
                        f"expected {', '.join(EXPERIMENT_COLUMNS)}")
-    for column in EXPERIMENT_RECALLS:
+    for column in experiment_recalls(table.columns):
         table[column] = numeric_column(table, column, path, required=False)
     table["model"] = table["model"].astype(str)
     table["variant"] = table["variant"].astype(str).str.strip()
@@ -635,11 +642,14 @@ def plot_experiment_bars(table: pd.DataFrame, path: Path, output_dir: Path) -> P
     models = list(dict.fromkeys(table["model"]))
     variants = [v for v in EXPERIMENT_VARIANTS if v in set(table["variant"])]
     variants += [v for v in dict.fromkeys(table["variant"]) if v not in variants]
-    scale = recall_scale(table[EXPERIMENT_RECALLS])
+    recalls = experiment_recalls(table.columns)
+    scale = recall_scale(table[recalls])
     width = 0.8 / len(variants)
     centers = np.arange(len(models))
-    fig, axes = plt.subplots(1, 3, figsize=(max(13, 3.2 * len(models) + 4), 5.5), sharey=True, layout="constrained")
-    for ax, column in zip(axes, EXPERIMENT_RECALLS):
+    fig, axes = plt.subplots(1, len(recalls), figsize=(max(4.5 * len(recalls), 3.2 * len(models) + 4), 5.5),
+                             sharey=True, layout="constrained", squeeze=False)
+    axes = axes[0]
+    for ax, column in zip(axes, recalls):
         values = table.pivot_table(index="model", columns="variant", values=column, aggfunc="last")
         for i, variant in enumerate(variants):
             heights = values.reindex(index=models, columns=variants)[variant].to_numpy() * scale
@@ -651,7 +661,7 @@ def plot_experiment_bars(table: pd.DataFrame, path: Path, output_dir: Path) -> P
         ax.set_xlabel("model")
         ax.grid(axis="y", alpha=0.3)
     axes[0].set_ylabel("recall (%)")
-    top = np.nanmax(table[EXPERIMENT_RECALLS].to_numpy(dtype=float)) * scale
+    top = np.nanmax(table[recalls].to_numpy(dtype=float)) * scale
     axes[0].set_ylim(0, (top if np.isfinite(top) and top > 0 else 100.0) * 1.12)
     fig.legend(*axes[0].get_legend_handles_labels(), loc="outside lower center", ncols=len(variants))
     fig.suptitle(f"Recall per model: raw vs PCA-whitened vs trained descriptors ({path.name})",
@@ -660,9 +670,10 @@ def plot_experiment_bars(table: pd.DataFrame, path: Path, output_dir: Path) -> P
 
 
 def experiment_table_text(table: pd.DataFrame) -> str:
-    scale = recall_scale(table[EXPERIMENT_RECALLS])
-    shown = table[["model", "variant", *EXPERIMENT_RECALLS]].copy()
-    shown[EXPERIMENT_RECALLS] = shown[EXPERIMENT_RECALLS] * scale
+    recalls = experiment_recalls(table.columns)
+    scale = recall_scale(table[recalls])
+    shown = table[["model", "variant", *recalls]].copy()
+    shown[recalls] = shown[recalls] * scale
     if "delta_r1_vs_raw" in table.columns:
         shown["delta_r1_vs_raw"] = pd.to_numeric(table["delta_r1_vs_raw"], errors="coerce") * scale
     return shown.to_string(index=False, float_format=lambda v: f"{v:.1f}", na_rep="-")
