@@ -56,6 +56,7 @@ class TrainResult:
     final_checkpoint: Path | None = None
     early_stopped: bool = False
     skipped_images: int = 0  # left out by --on_bad_image skip
+    untrained_r1: float = math.nan  # val R@1 of the untrained head (epoch 0): what training must beat
 
 
 @dataclass
@@ -109,6 +110,7 @@ class TrainState:
     best_val_loss: float = math.inf
     stale: int = 0
     early_stopped: bool = False
+    untrained_r1: float = math.nan  # val R@1 at epoch 0 (before training)
 
     def as_checkpoint(self) -> dict[str, Any]:
         return {**dataclasses.asdict(self), "best_recall": {str(n): r for n, r in self.best_recall.items()}}
@@ -436,7 +438,8 @@ def open_log(run: Run, loss_fn: vpr.HybridLoss, log_dir: Path) -> CsvLogger:
           f"{len(np.unique(run.data.train.places))} places, log {logger.path}", flush=True)
     result, val_loss = validate(0, run.head, loss_fn, run.data, config, logger)
     print(validation_queries_line(result), flush=True)
-    run.state = TrainState(best_recall=result.recalls, best_val_loss=math.inf if math.isnan(val_loss) else val_loss)
+    run.state = TrainState(best_recall=result.recalls, best_val_loss=math.inf if math.isnan(val_loss) else val_loss,
+                           untrained_r1=result.recalls[1])
     checkpoints.save_checkpoint(run.checkpoint_file(), run.checkpoint(0, resumable=False))
     print(f"epoch 0 (untrained head)  val R@1 {result.recalls[1]:.3f} R@5 {result.recalls[5]:.3f} "
           f"R@10 {result.recalls[10]:.3f}", flush=True)
@@ -531,7 +534,8 @@ def train(config: vpr.TrainConfig, on_validation: ValidationCallback | None = No
               f"{best_path} holds the untrained head", flush=True)
     refresh_latest_alias(best_path, latest_alias_path(config.output_dir, config.model, config.seed))
     result = TrainResult(run.run_id, state.best_recall, state.best_epoch, state.epoch, time.perf_counter() - started,
-                         best_path, run.log_file, final_path, state.early_stopped, data.skipped_images)
+                         best_path, run.log_file, final_path, state.early_stopped, data.skipped_images,
+                         state.untrained_r1)
     append_summary_row(log_dir / TRAINING_SUMMARY_NAME, summary_row(config, result))
     return result
 
@@ -541,6 +545,7 @@ def summary_row(config: vpr.TrainConfig, result: TrainResult) -> dict:
         "run_id": result.run_id, "model": config.model, "seed": config.seed,
         **{k: v for k, v in dataclasses.asdict(config).items() if k not in ("model", "seed")},
         "best_val_r1": result.best_recall[1], "best_val_r5": result.best_recall[5], "best_val_r10": result.best_recall[10],
+        "untrained_val_r1": result.untrained_r1,
         "best_epoch": result.best_epoch, "epochs_run": result.epochs_run, "skipped_images": result.skipped_images,
         "wall_time_s": round(result.wall_time_s, 2),
         "checkpoint": str(result.checkpoint), "log_file": str(result.log_file),

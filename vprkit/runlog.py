@@ -36,7 +36,7 @@ LOG_OPTIONAL_COLUMNS = ["ucb_stats"]
 
 
 SUMMARY_RESULT_COLUMNS = [
-    "best_val_r1", "best_val_r5", "best_val_r10", "best_epoch", "epochs_run", "skipped_images", "wall_time_s",
+    "best_val_r1", "best_val_r5", "best_val_r10", "untrained_val_r1", "best_epoch", "epochs_run", "skipped_images", "wall_time_s",
     "checkpoint", "log_file",
 ]
 
