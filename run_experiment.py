@@ -166,9 +166,9 @@ def main(argv: Sequence[str] | None = None) -> pd.DataFrame:
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise VPRError("run_experiment.py does not run under torchrun; fill the cache with "
                            "`torchrun ... train_vpr.py` or `torchrun ... eval_trained.py`, then run it in one process")
-    check_before_training(args)
-    log_dir = check_writable_dir(args.log_dir, "--log_dir")
+    log_dir = check_writable_dir(args.log_dir, "--log_dir")  # (made if missing, left empty)
     check_writable_dir(args.output_dir, "--output_dir")
+    check_before_training(args)
     runs: dict[str, ModelRun] = {}
     failed: dict[str, str] = {}
     for model in args.models:

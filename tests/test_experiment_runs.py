@@ -48,14 +48,15 @@ def test_an_unavailable_second_backbone_stops_before_anything_is_written(data, t
     assert len(lines) == 1 and "Traceback" not in done.stderr, done.stderr
     assert lines[0].startswith("error: --model dinov2_b: cannot get the pretrained weights") and "HF_HUB_OFFLINE" in lines[0]
     assert "training" not in done.stdout
-    assert not (tmp_path / "logs").exists() and not (tmp_path / "models").exists()  # no log, checkpoint, summary
+    written = [p for folder in ("logs", "models") for p in (tmp_path / folder).rglob("*") if p.is_file()]
+    assert written == []  # no log, checkpoint, summary or experiment CSV (the folders were checked writable)
 
 
 def test_a_missing_input_of_a_later_model_stops_first(data, tmp_path, capsys):
     code, err = run_main(capsys, run_experiment.main, _argv(data, tmp_path, "--models", TINY_MODEL, *TINY,
                                                             "--db_csv", str(tmp_path / "missing.csv")))
     assert code == 2 and "missing.csv" in err
-    assert not (tmp_path / "logs").exists() and not (tmp_path / "models").exists()
+    assert [p for p in tmp_path.rglob("*") if p.is_file()] == []
 
 
 @pytest.fixture(scope="module")
