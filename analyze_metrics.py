@@ -37,10 +37,11 @@ from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 from vprkit.cli import CliParser, VPRError, add_debug_flag, atomic_write, check_writable_dir, run_cli  # noqa: E402
 from vprkit.places import numeric_column  # noqa: E402
-from vprkit.plots import (EXPERIMENT_RECALLS, RunCurve, plot_batch_loss, plot_epoch_losses, plot_loss_parts,  # noqa: E402
+from vprkit.plots import (RunCurve, plot_batch_loss, plot_epoch_losses, plot_loss_parts,  # noqa: E402
                           show_no_data, show_text_panel)
 from vprkit.plots import plot_comparison, plot_experiment_bars, plot_study, recall_scale, save_figure  # noqa: E402
-from vprkit.runlog import EXPERIMENT_COLUMNS, LOG_COLUMNS, SUMMARY_RESULT_COLUMNS, TRAINING_SUMMARY_NAME, safe_name  # noqa: E402
+from vprkit.runlog import (EXPERIMENT_COLUMNS, LOG_COLUMNS, REQUIRED_EXPERIMENT_RECALL, SUMMARY_RESULT_COLUMNS,  # noqa: E402
+                           TRAINING_SUMMARY_NAME, experiment_recalls, safe_name)
 
 EXPERIMENT_PATTERN = "experiment_*.csv"
 DEFAULT_SMOOTH = 50
@@ -157,7 +158,7 @@ def csv_header(path: Path, quiet: bool = False) -> list[str]:
 
 
 def is_experiment_header(header: Sequence[str]) -> bool:
-    return {"model", "variant", *EXPERIMENT_RECALLS} <= set(header)
+    return {"model", "variant", REQUIRED_EXPERIMENT_RECALL} <= set(header)
 
 
 # ============================================================================================
@@ -237,11 +238,11 @@ def read_training_summary(path: Path | None) -> pd.DataFrame | None:
 
 def read_experiment_csv(path: Path) -> pd.DataFrame:
     table = read_csv_text(path)
-    missing = [c for c in ["model", "variant", *EXPERIMENT_RECALLS] if c not in table.columns]
+    missing = [c for c in ["model", "variant", REQUIRED_EXPERIMENT_RECALL] if c not in table.columns]
     if missing:
         raise VPRError(f"{path}: not an experiment CSV (missing columns {', '.join(missing)}); "
                        f"expected {', '.join(EXPERIMENT_COLUMNS)}")
-    for column in EXPERIMENT_RECALLS:
+    for column in experiment_recalls(table.columns):
         table[column] = numeric_column(table, column, path, required=False)
     table["model"] = table["model"].astype(str)
     table["variant"] = table["variant"].astype(str).str.strip()
@@ -574,9 +575,10 @@ def bar_text(row: pd.Series) -> str:
 
 
 def experiment_table_text(table: pd.DataFrame) -> str:
-    scale = recall_scale(table[EXPERIMENT_RECALLS])
-    shown = table[["model", "variant", *EXPERIMENT_RECALLS]].copy()
-    shown[EXPERIMENT_RECALLS] = shown[EXPERIMENT_RECALLS] * scale
+    recalls = experiment_recalls(table.columns)
+    scale = recall_scale(table[recalls])
+    shown = table[["model", "variant", *recalls]].copy()
+    shown[recalls] = shown[recalls] * scale
     if "delta_r1_vs_raw" in table.columns:
         shown["delta_r1_vs_raw"] = pd.to_numeric(table["delta_r1_vs_raw"], errors="coerce") * scale
     return shown.to_string(index=False, float_format=lambda v: f"{v:.1f}", na_rep="-")

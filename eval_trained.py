@@ -148,7 +148,7 @@ def write_outputs(args: Any, report: EvalReport, database: PlaceTable, queries: 
     if args.visualize > 0 and database.embeddings is not None:
         raise VPRError("--visualize needs images; embeddings parquets have none")
     if args.visualize > 0:
-        path = Path(args.plots_dir) / f"{safe_name(report.name)}_retrievals.png"
+        path = Path(args.plots_dir) / f"{picture_stem(report.name, settings)}_retrievals.png"
         draw_retrievals(report, database, queries, args.visualize, path)
         print(f"wrote {path}")
     if (args.visualize > 0 or args.localization) and localization is not None:
@@ -176,6 +176,14 @@ def retrieval_captions(report: EvalReport, database: PlaceTable, queries: PlaceT
         return f"query {queries.labels[q]}{condition}", captions, legend
     captions = [f"#{r + 1}  {res.top_distances_m[q, r]:.0f} m" for r in range(top)]
     return f"query{condition}", captions, f"green: within {res.pos_threshold_m:g} m"
+
+
+def picture_stem(variant: str, settings: dict[str, Any]) -> str:
+    """What a picture shows, as its name: the checkpoint's run id (or, for a baseline, the
+    variant, e.g. raw_effnet_lite0) and the query file, e.g. effnet_lite0_seed42_20250101_120000_on_test.
+    Another checkpoint or query file never replaces it."""
+    what = settings.get("run_id") or (Path(settings["checkpoint"]).stem if settings.get("checkpoint") else variant)
+    return safe_name(f"{what}_on_{Path(settings['test_csv']).stem}")
 
 
 def draw_retrievals(report: EvalReport, database: PlaceTable, queries: PlaceTable, count: int,
@@ -299,7 +307,7 @@ def main(argv: Sequence[str] | None = None) -> EvalReport:
     if any(skipped.values()):
         print(f"skipped bad images (--on_bad_image skip): {skipped['database']} database, {skipped['queries']} queries")
     settings = {"variant": name, "model": model, "weights": weights, "correct_by": "label" if report.result.by_label else "distance",
-                "checkpoint": args.model_path, "db_csv": args.train_csv, "test_csv": args.test_csv,
+                "checkpoint": args.model_path, "run_id": checkpoint.get("run_id") if checkpoint else None, "db_csv": args.train_csv, "test_csv": args.test_csv,
                 "camera_id": args.camera_id, "pos_threshold_m": threshold, "recall_at": args.recall_at,
                 "on_bad_image": args.on_bad_image, "skipped_images": skipped}
     write_outputs(args, report, database, queries, settings, localization)

@@ -7,17 +7,23 @@
 
 For each backbone: the raw frozen features, PCA-whitened frozen features (fitted on the
 database) and a trained head are evaluated on the same cached features (each image goes
-through each backbone once), with the protocol of eval_trained.py. Prints a comparison table
-and writes logs/experiment_{timestamp}.csv and, where the data has positions, beside it
-logs/experiment_{timestamp}_localization.png: every variant of every model on one localization
-figure (R@1 against distance threshold, cumulative top-1 error), with the median top-1 error
-per variant printed.
+through each backbone once), with the protocol of eval_trained.py. Every model's weights and
+every input are checked before the first model trains. Prints a comparison table and writes
+logs/experiment_{timestamp}.csv and, beside it, experiment_{timestamp}.json: its inputs,
+threshold, supervision, recall_at, models, and each model's checkpoint, run id and log (or why
+it failed); where the data has positions also experiment_{timestamp}_localization.png: every
+variant of every model on one localization figure (R@1 against distance threshold, cumulative
+top-1 error), with the median top-1 error per variant printed. A model that fails after others
+were measured does not lose their rows.
 """
 from __future__ import annotations
 
 import argparse
+import json
 import os
+import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
@@ -78,9 +84,31 @@ def use_demo_data(args: argparse.Namespace, parser: argparse.ArgumentParser) -> 
             setattr(args, name, value)
 
 
-def compare_backbone(model: str, args: argparse.Namespace) -> list[tuple[EvalReport, LocalizationResult | None]]:
-    """Raw, PCA-whitened and trained descriptors of one backbone on the final queries, each
-    with its localization view (None without positions)."""
+def check_before_training(args: argparse.Namespace) -> None:
+    """Every input and every model's weights, before the first model trains (nothing written
+    yet): the test and database tables, each model's training splits, and its backbone built
+    once (an unavailable download stops here with the hub's one-line reason)."""
+    for model in args.models:
+        config = config_from_args(args, vpr.TrainConfig, model=model)
+        eval_args = argparse.Namespace(**{**vars(args), "train_csv": args.db_csv or args.train_csv})
+        database, _ = load_eval_tables(eval_args, config.pos_threshold_m, config.supervision)
+        train_vpr.load_splits(config)
+        if database.embeddings is None:
+            vpr.create_backbone(model, config.weights, config.image_size)  # freed at once; built again to train
+
+
+@dataclass
+class ModelRun:
+    """What one backbone gave: its three reports and the training run behind the trained one."""
+
+    reports: list[EvalReport]
+    localizations: list[LocalizationResult | None]  # per report; None without positions
+    trained: train_vpr.TrainResult
+
+
+def compare_backbone(model: str, args: argparse.Namespace) -> ModelRun:
+    """Raw, PCA-whitened and trained descriptors of one backbone on the final queries, each with
+    its localization view."""
     config = config_from_args(args, vpr.TrainConfig, model=model)
     eval_args = argparse.Namespace(**{**vars(args), "train_csv": args.db_csv or args.train_csv})
     database, queries = load_eval_tables(eval_args, config.pos_threshold_m, config.supervision)
@@ -99,15 +127,15 @@ def compare_backbone(model: str, args: argparse.Namespace) -> list[tuple[EvalRep
         report = evaluate_variant(f"{model} {variant}", descriptors, database, queries,
                                                config.pos_threshold_m, args.recall_at, config.supervision)
         print(format_report(report, args.recall_at), flush=True)
-        reports.append((report, localization_of_result(report.result, database.xyz, queries.xyz)))
-    return reports
+        reports.append(report)
+    return ModelRun(reports, [localization_of_result(r.result, database.xyz, queries.xyz) for r in reports], trained)
 
 
-def draw_experiment_localization(reports_by_model: dict[str, list[tuple[EvalReport, LocalizationResult | None]]],
-                                 path: Path, title: str) -> Path | None:
+def draw_experiment_localization(runs: dict[str, ModelRun], path: Path, title: str) -> Path | None:
     """Every variant of every model on one localization figure; prints each variant's median
     top-1 error. None (nothing drawn) when the data has no positions."""
-    curves = {report.name: loc for reports in reports_by_model.values() for report, loc in reports if loc is not None}
+    curves = {report.name: loc for run in runs.values() for report, loc in zip(run.reports, run.localizations)
+              if loc is not None}
     if not curves:
         return None
     print("\nmedian top-1 error (distance from each query to its top-1 database image)")
@@ -130,28 +158,69 @@ def comparison_table(reports_by_model: dict[str, list[EvalReport]], recall_at: S
     return pd.DataFrame(rows)
 
 
+def experiment_record(args: argparse.Namespace, runs: dict[str, ModelRun], failed: dict[str, str]) -> dict:
+    """The experiment's inputs and what each model gave: the JSON beside the experiment CSV."""
+    models = {}
+    for model in args.models:
+        if model in runs:
+            trained = runs[model].trained
+            models[model] = {"run_id": trained.run_id, "checkpoint": str(trained.checkpoint),
+                             "log_file": str(trained.log_file), "best_epoch": trained.best_epoch}
+        elif model in failed:
+            models[model] = {"failed": failed[model]}
+    return {"train_csv": args.train_csv, "val_csv": args.val_csv, "test_csv": args.test_csv,
+            "db_csv": args.db_csv or args.train_csv, "pos_threshold_m": args.pos_threshold_m,
+            "supervision": args.supervision, "recall_at": list(args.recall_at), "models": models}
+
+
+def experiment_paths(log_dir: Path) -> tuple[Path, Path]:
+    """experiment_{time}.csv and .json, with a suffix when that name is taken (never replaced)."""
+    stem, n = f"experiment_{time.strftime('%Y%m%d_%H%M%S')}", 1
+    while (log_dir / f"{stem}.csv").exists() or (log_dir / f"{stem}.json").exists():
+        n += 1
+        stem = f"experiment_{time.strftime('%Y%m%d_%H%M%S')}_{n}"
+    return log_dir / f"{stem}.csv", log_dir / f"{stem}.json"
+
+
 def main(argv: Sequence[str] | None = None) -> pd.DataFrame:
     args = parse_args(argv)
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise VPRError("run_experiment.py does not run under torchrun; fill the cache with "
                            "`torchrun ... train_vpr.py` or `torchrun ... eval_trained.py`, then run it in one process")
-    log_dir = check_writable_dir(args.log_dir, "--log_dir")
+    log_dir = check_writable_dir(args.log_dir, "--log_dir")  # (made if missing, left empty)
     check_writable_dir(args.output_dir, "--output_dir")
-    evaluated = {model: compare_backbone(model, args) for model in args.models}
-    reports_by_model = {model: [report for report, _ in pairs] for model, pairs in evaluated.items()}
-    table = comparison_table(reports_by_model, args.recall_at)
-    path = log_dir / f"experiment_{time.strftime('%Y%m%d_%H%M%S')}.csv"
-    atomic_write(path, lambda p: table.to_csv(p, index=False))
-    rule = "by place label" if reports_by_model[args.models[0]][0].result.by_label else f"within {args.pos_threshold_m:g} m"
-    database = args.db_csv or args.train_csv
-    print(f"\nqueries {args.test_csv} against database {database}, correct {rule}")
-    print(table.to_string(index=False))
-    print(f"wrote {path}")
-    figure = draw_experiment_localization(evaluated, path.with_name(f"{path.stem}_localization.png"),
-                                          f"{path.stem}: localization of {Path(args.test_csv).name} against "
-                                          f"{Path(database).name}")
-    if figure is not None:
-        print(f"wrote {figure}")
+    check_before_training(args)
+    runs: dict[str, ModelRun] = {}
+    failed: dict[str, str] = {}
+    for model in args.models:
+        try:
+            runs[model] = compare_backbone(model, args)
+        except Exception as exc:  # noqa: BLE001 - a later failure (download, memory): keep what was measured, go on
+            failed[model] = (str(exc).strip().splitlines() or [""])[0] if isinstance(exc, VPRError) \
+                else f"{type(exc).__name__}: {(str(exc).strip().splitlines() or [''])[0][:200]}"
+            print(f"{model} failed: {failed[model]}", file=sys.stderr, flush=True)
+    table = comparison_table({m: r.reports for m, r in runs.items()}, args.recall_at)
+    csv_path, json_path = experiment_paths(log_dir)
+    if runs:
+        atomic_write(csv_path, lambda p: table.to_csv(p, index=False))
+    atomic_write(json_path, lambda p: p.write_text(json.dumps(experiment_record(args, runs, failed), indent=2)))
+    if runs:
+        first = next(iter(runs.values())).reports[0].result
+        rule = "by place label" if first.by_label else f"within {args.pos_threshold_m:g} m"
+        print(f"\nqueries {args.test_csv} against database {args.db_csv or args.train_csv}, correct {rule}")
+        print(table.to_string(index=False))
+        print(f"wrote {csv_path}")
+        database = args.db_csv or args.train_csv
+        figure = draw_experiment_localization(runs, csv_path.with_name(f"{csv_path.stem}_localization.png"),
+                                              f"{csv_path.stem}: localization of {Path(args.test_csv).name} against "
+                                              f"{Path(database).name}")
+        if figure is not None:
+            print(f"wrote {figure}")
+    print(f"wrote {json_path}")
+    if failed:
+        measured = f"the rows of {', '.join(runs)} are in {csv_path}" if runs else "no model was measured"
+        raise VPRError(f"--models: {', '.join(failed)} failed ({next(iter(failed.values()))}); {measured}, "
+                       f"each model's outcome in {json_path}")
     return table
 
 

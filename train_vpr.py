@@ -3,14 +3,18 @@
 
     python train_vpr.py --train_csv data/train.csv --val_csv data/val.csv --model effnet_lite0
     python train_vpr.py --train_parquet emb/train.parquet --val_parquet emb/val.parquet --head mlp
-    python train_vpr.py --config config.toml --resume trained_models/trained_effnet_lite0_seed42_last.pth
+    python train_vpr.py --resume trained_models/effnet_lite0_seed42_20250101_120000_last.pth
 
 Steps: load the poses CSVs (extract, or read from the cache, the frozen backbone's features)
 or the embeddings parquets, then per epoch: mine hard negatives with the current head, build
 batches of several images per place, minimise the hybrid triplet + multi-positive InfoNCE
 loss, validate (val queries against the train database), keep the checkpoint of the best
-validation Recall@1 and a resumable _last checkpoint. Writes logs/{run}.csv, a row of
-logs/training_summary.csv and trained_models/trained_*.pth (best, _last, _final).
+validation Recall@1 and a resumable _last checkpoint. Every file is named by the run id
+({model}_seed{seed}_{time}): logs/{run_id}.csv, trained_models/{run_id}.pth (best),
+{run_id}_last.pth and {run_id}_final.pth, and a row of logs/training_summary.csv pointing at
+them; a finished run also refreshes trained_models/trained_{model}_seed{seed}.pth, a copy of
+its best checkpoint (the latest run of that model and seed). --resume CKPT alone continues a
+run: its settings come from the checkpoint.
 """
 from __future__ import annotations
 
@@ -29,14 +33,15 @@ import torch
 
 import trainable_vpr as vpr
 from vprkit import checkpoints
-from vprkit.checkpoints import checkpoint_path, embeddings_backbone, random_states, restore_random_states
+from vprkit.checkpoints import (checkpoint_path, embeddings_backbone, latest_alias_path, random_states,
+                                refresh_latest_alias, restore_random_states)
 from vprkit.cli import CliParser, VPRError, add_debug_flag, check_writable_dir, run_cli, sigterm_as_interrupt
 from vprkit.evaluation import RecallResult, evaluate_retrieval
 from vprkit.features import extract_both, extraction_settings
 from vprkit.pairs import check_query_split, check_trainable, group_places, uses_labels, warn_shared_images
 from vprkit.places import PlaceTable, load_table
 from vprkit.runlog import CsvLogger, LOG_COLUMNS, LOG_EXTRA_COLUMNS, LOG_OPTIONAL_COLUMNS, TRAINING_SUMMARY_NAME, append_summary_row, new_run_id, read_summary_table
-from vprkit.settings import add_config_args, add_config_file_flag, config_from_args, parse_layered
+from vprkit.settings import add_config_args, add_config_file_flag, config_from_args, given_settings, parse_layered
 
 
 @dataclass
@@ -51,6 +56,7 @@ class TrainResult:
     final_checkpoint: Path | None = None
     early_stopped: bool = False
     skipped_images: int = 0  # left out by --on_bad_image skip
+    untrained_r1: float = math.nan  # val R@1 of the untrained head (epoch 0): what training must beat
 
 
 @dataclass
@@ -104,6 +110,7 @@ class TrainState:
     best_val_loss: float = math.inf
     stale: int = 0
     early_stopped: bool = False
+    untrained_r1: float = math.nan  # val R@1 at epoch 0 (before training)
 
     def as_checkpoint(self) -> dict[str, Any]:
         return {**dataclasses.asdict(self), "best_recall": {str(n): r for n, r in self.best_recall.items()}}
@@ -113,8 +120,9 @@ class TrainState:
         return cls(**{**saved, "best_recall": {int(n): float(r) for n, r in saved["best_recall"].items()}})
 
 
-# Settings that may change when a run is resumed (more epochs, another machine); any other
-# difference would make the resumed run a different run.
+# Settings that may change when a run is resumed (more epochs, another machine, other output
+# folders); any other difference would make the resumed run a different run. `--resume CKPT`
+# alone takes every setting from the checkpoint; a flag beside it may change only these.
 RESUMABLE_CHANGES = {"resume", "epochs", "early_stopping_patience", "save_every_n_epochs", "validate_every_n_epochs",
                      "device", "num_workers", "cache_dir", "no_cache", "log_dir", "output_dir", "precision"}
 
@@ -127,11 +135,39 @@ def parse_args(argv: Sequence[str] | None) -> vpr.TrainConfig:
         description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
     )
     add_config_file_flag(parser)
-    add_config_args(parser, vpr.TrainConfig)
+    add_config_args(parser, vpr.TrainConfig, optional=("train_csv", "val_csv"))  # --resume CKPT alone needs neither
     add_debug_flag(parser)
-    config = config_from_args(parse_layered(parser, argv), vpr.TrainConfig)
+    args = parse_layered(parser, argv)
+    if args.resume:
+        config = resumed_config(args.resume, config_from_args(args, vpr.TrainConfig), given_settings(parser, argv))
+    else:
+        missing = [f"--{name}" for name in ("train_csv", "val_csv") if not getattr(args, name)]
+        if missing:
+            parser.error(f"the following arguments are required: {', '.join(missing)} (or --resume CKPT)")
+        config = config_from_args(args, vpr.TrainConfig)
     vpr.validate_train_config(config)
     return config
+
+
+def resumed_config(path: str, parsed: vpr.TrainConfig, given: set[str]) -> vpr.TrainConfig:
+    """The checkpoint's whole configuration, with the settings given now (flags, VPR_* variables,
+    --config) that resume may change (RESUMABLE_CHANGES); any other given setting that differs
+    from the run's stops with one line naming it."""
+    saved = vpr.load_checkpoint(path)
+    if "resume" not in saved:
+        raise VPRError(f"--resume {path}: not a resumable checkpoint; give the run's _last or _final checkpoint")
+    fields = {f.name for f in dataclasses.fields(vpr.TrainConfig)}
+    values = {**dataclasses.asdict(vpr.TrainConfig(train_csv="", val_csv="")),
+              **{k: v for k, v in saved["config"].items() if k in fields}}
+    for name in sorted(given & fields):
+        now = getattr(parsed, name)
+        if name in RESUMABLE_CHANGES:
+            values[name] = now
+        elif now != values[name]:
+            raise VPRError(f"--resume {path}: --{name} {now} would change the run (it used {values[name]}); "
+                           f"resume may change only --{', --'.join(sorted(RESUMABLE_CHANGES - {'resume'}))}")
+    values["resume"] = path
+    return vpr.TrainConfig(**values)
 
 
 def load_splits(config: vpr.TrainConfig) -> tuple[PlaceTable, PlaceTable, bool]:
@@ -336,6 +372,10 @@ class Run:
     run_id: str = ""
     log_file: Path = Path()
 
+    def checkpoint_file(self, kind: str = "") -> Path:
+        """This run's checkpoint: the best ("" kind), "last" or "final" (named by its run id)."""
+        return checkpoint_path(self.config.output_dir, self.run_id, kind)
+
     def checkpoint(self, epoch: int, resumable: bool) -> dict[str, Any]:
         """The head at `epoch` with the run's best metrics; resumable adds optimizer,
         scheduler, random and miner states (the _last and _final checkpoints)."""
@@ -398,7 +438,7 @@ def new_run(config: vpr.TrainConfig, data: TrainingData) -> Run:
                torch.Generator().manual_seed(config.seed), TrainState())
 
 
-def open_log(run: Run, loss_fn: vpr.HybridLoss, log_dir: Path, best_path: Path) -> CsvLogger:
+def open_log(run: Run, loss_fn: vpr.HybridLoss, log_dir: Path) -> CsvLogger:
     """Resumed: restore the run and continue its log. New: a new log, whose epoch 0 validates
     the untrained head (with --head residual that is PCA-whitening, so the best checkpoint is
     never worse on validation than the strongest frozen baseline)."""
@@ -407,9 +447,12 @@ def open_log(run: Run, loss_fn: vpr.HybridLoss, log_dir: Path, best_path: Path) 
     if config.resume:
         run.restore(config.resume)
         logger = CsvLogger(run.log_file, columns, continue_after_epoch=run.state.epoch)
+        earlier_best = Path(config.resume).parent / run.checkpoint_file().name
+        if not run.checkpoint_file().exists() and earlier_best.is_file():  # resumed into another --output_dir
+            refresh_latest_alias(earlier_best, run.checkpoint_file())
         print(f"run {run.run_id}: resumed after epoch {run.state.epoch} from {config.resume}, log {logger.path}", flush=True)
         return logger
-    run.run_id = new_run_id(config.model, config.seed, log_dir)
+    run.run_id = new_run_id(config.model, config.seed, log_dir, config.output_dir)
     logger = CsvLogger(log_dir / f"{run.run_id}.csv", columns)
     run.log_file = logger.path
     skipped = run.data.skipped_images
@@ -418,14 +461,22 @@ def open_log(run: Run, loss_fn: vpr.HybridLoss, log_dir: Path, best_path: Path) 
           f"{f' ({skipped} bad images skipped)' if skipped else ''}, "
           f"{len(np.unique(run.data.train.places))} places, log {logger.path}", flush=True)
     result, val_loss = validate(0, run.head, loss_fn, run.data, config, logger)
-    run.state = TrainState(best_recall=result.recalls, best_val_loss=math.inf if math.isnan(val_loss) else val_loss)
-    checkpoints.save_checkpoint(best_path, run.checkpoint(0, resumable=False))
+    print(validation_queries_line(result), flush=True)
+    run.state = TrainState(best_recall=result.recalls, best_val_loss=math.inf if math.isnan(val_loss) else val_loss,
+                           untrained_r1=result.recalls[1])
+    checkpoints.save_checkpoint(run.checkpoint_file(), run.checkpoint(0, resumable=False))
     print(f"epoch 0 (untrained head)  val R@1 {result.recalls[1]:.3f} R@5 {result.recalls[5]:.3f} "
           f"R@10 {result.recalls[10]:.3f}", flush=True)
     return logger
 
 
-def record_validation(run: Run, epoch: int, result: RecallResult, val_loss: float, best_path: Path) -> bool:
+def validation_queries_line(result: RecallResult) -> str:
+    """e.g. "val: 95 queries, 26 without a positive within 10 m": those no head can get right."""
+    rule = "in the train database with their label" if result.by_label else f"within {result.pos_threshold_m:g} m"
+    return f"val: {result.num_queries} queries, {result.num_queries_without_positive} without a positive {rule}"
+
+
+def record_validation(run: Run, epoch: int, result: RecallResult, val_loss: float) -> bool:
     """Update best metrics and patience; save the best checkpoint. Returns whether R@1 improved."""
     state = run.state
     improved = result.recalls[1] > state.best_recall[1]
@@ -434,14 +485,13 @@ def record_validation(run: Run, epoch: int, result: RecallResult, val_loss: floa
         state.best_val_loss = min(state.best_val_loss, val_loss)
     if improved:
         state.best_recall, state.best_epoch = result.recalls, epoch
-        checkpoints.save_checkpoint(best_path, run.checkpoint(epoch, resumable=False))
+        checkpoints.save_checkpoint(run.checkpoint_file(), run.checkpoint(epoch, resumable=False))
     patience = run.config.early_stopping_patience
     state.early_stopped = bool(patience and state.stale >= patience)
     return improved
 
 
-def train_and_validate(run: Run, epoch: int, loss_fn: vpr.HybridLoss, logger: CsvLogger,
-                       best_path: Path) -> RecallResult | None:
+def train_and_validate(run: Run, epoch: int, loss_fn: vpr.HybridLoss, logger: CsvLogger) -> RecallResult | None:
     """One epoch: batches mined with the current head, the optimiser steps and, when due,
     validation (saving a new best checkpoint); prints the epoch's line. The validation result,
     or None when this epoch is not validated."""
@@ -455,7 +505,7 @@ def train_and_validate(run: Run, epoch: int, loss_fn: vpr.HybridLoss, logger: Cs
     result = None
     if epoch % config.validate_every_n_epochs == 0 or epoch == config.epochs:
         result, val_loss = validate(epoch, run.head, loss_fn, data, config, logger)
-        improved = record_validation(run, epoch, result, val_loss, best_path)
+        improved = record_validation(run, epoch, result, val_loss)
         message += (f"  val R@1 {result.recalls[1]:.3f} R@5 {result.recalls[5]:.3f} R@10 {result.recalls[10]:.3f}"
                     f"{'  * best, saved' if improved else ''}")
     print(message, flush=True)
@@ -473,9 +523,8 @@ def train(config: vpr.TrainConfig, on_validation: ValidationCallback | None = No
     data = extract_training_data(config, train_table, val_table, by_label)
     run = new_run(config, data)
     loss_fn = hybrid_loss(config)
-    best_path, last_path, final_path = (checkpoint_path(config.output_dir, config.model, config.seed, kind)
-                                        for kind in ("", "last", "final"))
-    logger = open_log(run, loss_fn, log_dir, best_path)
+    logger = open_log(run, loss_fn, log_dir)
+    best_path, last_path, final_path = (run.checkpoint_file(kind) for kind in ("", "last", "final"))
     state = run.state
     # The run as of its last completed epoch: what Ctrl-C or SIGTERM saves (a resumed run then
     # logs exactly what the uninterrupted run logs). Saved at once, so that even a kill -9
@@ -486,7 +535,7 @@ def train(config: vpr.TrainConfig, on_validation: ValidationCallback | None = No
     try:
         with sigterm_as_interrupt():
             for epoch in range(state.epoch + 1, config.epochs + 1):
-                result = train_and_validate(run, epoch, loss_fn, logger, best_path)
+                result = train_and_validate(run, epoch, loss_fn, logger)
                 snapshot = copy.deepcopy(run.checkpoint(epoch, resumable=True))
                 if epoch % config.save_every_n_epochs == 0:
                     checkpoints.save_checkpoint(last_path, snapshot)
@@ -499,14 +548,19 @@ def train(config: vpr.TrainConfig, on_validation: ValidationCallback | None = No
         checkpoints.save_checkpoint(last_path, snapshot)
         done = snapshot["epochs_completed"]
         print(f"interrupted in epoch {done + 1}: the run as of epoch {done} is saved in {last_path}; "
-              f"continue it with the same flags and --resume {last_path}", file=sys.stderr, flush=True)
+              f"continue it with --resume {last_path}", file=sys.stderr, flush=True)
         raise
     finally:
         logger.close()
 
     checkpoints.save_checkpoint(final_path, run.checkpoint(state.epoch, resumable=True))
+    if state.best_epoch == 0:
+        print(f"no epoch beat the untrained head (val R@1 {state.best_recall[1]:.3f} at epoch 0): "
+              f"{best_path} holds the untrained head", flush=True)
+    refresh_latest_alias(best_path, latest_alias_path(config.output_dir, config.model, config.seed))
     result = TrainResult(run.run_id, state.best_recall, state.best_epoch, state.epoch, time.perf_counter() - started,
-                         best_path, run.log_file, final_path, state.early_stopped, data.skipped_images)
+                         best_path, run.log_file, final_path, state.early_stopped, data.skipped_images,
+                         state.untrained_r1)
     append_summary_row(log_dir / TRAINING_SUMMARY_NAME, summary_row(config, result))
     return result
 
@@ -516,6 +570,7 @@ def summary_row(config: vpr.TrainConfig, result: TrainResult) -> dict:
         "run_id": result.run_id, "model": config.model, "seed": config.seed,
         **{k: v for k, v in dataclasses.asdict(config).items() if k not in ("model", "seed")},
         "best_val_r1": result.best_recall[1], "best_val_r5": result.best_recall[5], "best_val_r10": result.best_recall[10],
+        "untrained_val_r1": result.untrained_r1,
         "best_epoch": result.best_epoch, "epochs_run": result.epochs_run, "skipped_images": result.skipped_images,
         "wall_time_s": round(result.wall_time_s, 2),
         "checkpoint": str(result.checkpoint), "log_file": str(result.log_file),
@@ -526,9 +581,14 @@ def main(argv: Sequence[str] | None = None) -> TrainResult:
     config = parse_args(argv)
     result = train(config)
     print(f"best val R@1 {result.best_recall[1]:.3f} R@5 {result.best_recall[5]:.3f} R@10 {result.best_recall[10]:.3f} "
-          f"at epoch {result.best_epoch}; checkpoint {result.checkpoint}; log {result.log_file}; "
+          f"at epoch {result.best_epoch}{NO_GAIN if result.best_epoch == 0 else ''}; checkpoint {result.checkpoint} "
+          f"(copied to {latest_alias_path(config.output_dir, config.model, config.seed)}); log {result.log_file}; "
           f"{result.wall_time_s:.1f} s")
     return result
+
+
+# Said when the best checkpoint is the untrained head (epoch 0): training added nothing on validation.
+NO_GAIN = " (no epoch beat the untrained head)"
 
 
 if __name__ == "__main__":

@@ -8,8 +8,10 @@
 Every training flag (and --config, VPR_* variables) sets the base configuration; the search
 space is the [tune.space] section of the config file, one entry per flag:
 `lr = { low = 1e-5, high = 1e-3, log = true }`, `hidden_dim = { choices = [256, 512] }`.
-Trials maximise the best validation Recall@1 and are pruned on the per-epoch validation R@1
-(median pruner). The study lives in --storage (a SQLite file by default; any database Optuna
+Trials maximise what training added: the best validation Recall@1 over the trained epochs
+(1 and later; epoch 0, the untrained head, is the same for every trial and does not count), and
+are pruned on the per-epoch validation R@1 (median pruner). A trial that never beats its
+untrained head is marked so, and when no trial did, the summary says so plainly. The study lives in --storage (a SQLite file by default; any database Optuna
 supports lets workers on many machines share it, see scripts/tune_slurm.sh). --n_jobs local
 worker processes share --n_trials exactly. Each trial logs under {log_dir}/{study}_trial{N}/;
 the best parameters are printed and written to {log_dir}/{study}_best.json.
@@ -152,7 +154,10 @@ def objective(trial, base: vpr.TrainConfig, dimensions: list[Dimension], study_n
                                  output_dir=str(trial_dir / "models"), resume=None)
     vpr.validate_train_config(config)  # a combination the space allows but training does not: the trial fails
 
+    trained_r1: list[float] = []  # validation R@1 of each validated epoch >= 1
+
     def report(epoch: int, result: RecallResult) -> None:
+        trained_r1.append(result.recalls[1])
         trial.report(result.recalls[1], epoch)
         if trial.should_prune():
             raise optuna.TrialPruned()
@@ -160,7 +165,18 @@ def objective(trial, base: vpr.TrainConfig, dimensions: list[Dimension], study_n
     result = train_vpr.train(config, on_validation=report)
     trial.set_user_attr("log_file", str(result.log_file))
     trial.set_user_attr("checkpoint", str(result.checkpoint))
-    return result.best_recall[1]
+    trial.set_user_attr("untrained_r1", result.untrained_r1)
+    return trial_score(trained_r1, result.untrained_r1, trial)
+
+
+def trial_score(trained_r1: list[float], untrained_r1: float, trial=None) -> float:
+    """A trial's value: its best validation R@1 over the trained epochs (>= 1), not epoch 0's
+    untrained head; with no trained epoch validated, the untrained R@1 (it added nothing).
+    Records on the trial whether it beat its untrained head."""
+    score = max(trained_r1) if trained_r1 else untrained_r1
+    if trial is not None:
+        trial.set_user_attr("improved_on_untrained_head", bool(score > untrained_r1))
+    return score
 
 
 def run_worker(base: vpr.TrainConfig, options: TuneOptions, dimensions: list[Dimension], n_trials: int, worker: int) -> int:
@@ -200,8 +216,20 @@ def best_summary(study) -> dict[str, Any]:
     complete = [t for t in trials if t.state.name == "COMPLETE"]
     if complete:
         best = study.best_trial
+        improved = [t.number for t in complete if t.user_attrs.get("improved_on_untrained_head")]
         summary.update(best_value=best.value, best_trial=best.number, best_params=best.params,
-                       best_log_file=best.user_attrs.get("log_file"))
+                       best_log_file=best.user_attrs.get("log_file"),
+                       best_untrained_r1=best.user_attrs.get("untrained_r1"),
+                       trials_improved_on_untrained_head=len(improved),
+                       improved_on_untrained_head=bool(best.user_attrs.get("improved_on_untrained_head")))
+        if not improved:
+            summary["verdict"] = (f"no trial improved on the untrained head (val R@1 "
+                                  f"{best.user_attrs.get('untrained_r1', float('nan')):.3f} at epoch 0): these "
+                                  f"parameters are not a tuning result; widen the search (lr, epochs) or keep the "
+                                  f"untrained head")
+        elif not summary["improved_on_untrained_head"]:
+            summary["verdict"] = (f"the best trial ({best.number}) did not improve on its untrained head; trials "
+                                  f"{', '.join(map(str, improved))} did")
     return summary
 
 
@@ -218,8 +246,12 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     path = log_dir / f"{safe_name(options.study_name)}_best.json"
     atomic_write(path, lambda p: p.write_text(json.dumps(summary, indent=2)))
     if "best_params" in summary:
-        print(f"best val R@1 {summary['best_value']:.3f} (trial {summary['best_trial']}): "
+        print(f"best val R@1 {summary['best_value']:.3f} over trained epochs (trial {summary['best_trial']}, untrained "
+              f"head {summary['best_untrained_r1']:.3f}; {summary['trials_improved_on_untrained_head']} of "
+              f"{summary['states'].get('COMPLETE', 0)} complete trials improved on it): "
               + " ".join(f"--{k} {v}" for k, v in summary["best_params"].items()))
+        if "verdict" in summary:
+            print(summary["verdict"])
     else:
         print(f"no trial completed ({summary['states']})")
     print(f"wrote {path}")

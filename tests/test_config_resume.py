@@ -14,7 +14,7 @@ from conftest import REPO, write_embeddings_parquet
 import train_vpr
 import vprkit.checkpoints
 import trainable_vpr as vpr
-from vprkit.checkpoints import checkpoint_path, save_checkpoint
+from vprkit.checkpoints import checkpoint_path, latest_alias_path, save_checkpoint
 from vprkit.cli import VPRError
 
 
@@ -134,19 +134,22 @@ def test_resumed_run_equals_the_uninterrupted_run(parquets, tmp_path, sampler):
     interrupted = _config(parquets, tmp_path / "parts", **extra)
     with pytest.raises(Stop):
         train_vpr.train(interrupted, on_validation=_stop_after(2))
-    last = checkpoint_path(interrupted.output_dir, "emb", 5, "last")
+    [last] = (tmp_path / "parts" / "models").glob("emb_seed5_*_last.pth")  # named by the run id
     saved = vpr.load_checkpoint(last)  # weights_only=True
-    assert saved["epochs_completed"] == 2
+    assert saved["epochs_completed"] == 2 and last == checkpoint_path(interrupted.output_dir, saved["run_id"], "last")
     assert saved["resume"]["random_states"]["numpy"]["state"]["state"] > 2**64  # a 128-bit Python int survived
-    resumed = train_vpr.train(dataclasses.replace(interrupted, resume=str(last)))
+    from_checkpoint_alone = train_vpr.parse_args(["--resume", str(last)])  # every setting from the checkpoint
+    assert from_checkpoint_alone == dataclasses.replace(interrupted, resume=str(last))
+    resumed = train_vpr.train(from_checkpoint_alone)
+    assert resumed.run_id == saved["run_id"] and resumed.checkpoint.parent == last.parent
 
     assert str(resumed.log_file) == saved["log_file"]  # the interrupted run's log, continued
     logs = [pd.read_csv(r.log_file) for r in (whole, resumed)]
     columns = COMPARED + (["ucb_stats"] if sampler == "ucb" else [])
     pd.testing.assert_frame_equal(logs[0][columns], logs[1][columns], check_exact=True)
     for kind in ("final", ""):
-        a = torch.load(checkpoint_path(whole.checkpoint.parent, "emb", 5, kind), weights_only=True)
-        b = torch.load(checkpoint_path(resumed.checkpoint.parent, "emb", 5, kind), weights_only=True)
+        a = torch.load(checkpoint_path(whole.checkpoint.parent, whole.run_id, kind), weights_only=True)
+        b = torch.load(checkpoint_path(resumed.checkpoint.parent, resumed.run_id, kind), weights_only=True)
         assert a["model_state_dict"].keys() == b["model_state_dict"].keys()
         for name, tensor in a["model_state_dict"].items():
             assert torch.equal(tensor, b["model_state_dict"][name]), (kind, name)
@@ -155,9 +158,23 @@ def test_resumed_run_equals_the_uninterrupted_run(parquets, tmp_path, sampler):
     assert (whole.best_recall, whole.best_epoch, whole.epochs_run) == (resumed.best_recall, resumed.best_epoch, 4)
 
 
-def test_resume_refuses_other_settings_and_plain_checkpoints(parquets, tmp_path):
+def test_resume_refuses_other_settings_and_plain_checkpoints(parquets, tmp_path, monkeypatch):
     config = _config(parquets, tmp_path, epochs=1)
     result = train_vpr.train(config)
+    final = str(result.final_checkpoint)
+    # beside --resume: what resume allows changes the run's settings, anything else is one line
+    extended = train_vpr.parse_args(["--resume", final, "--epochs", "3", "--num_workers", "2", "--lr", "0.001"])
+    assert (extended.epochs, extended.num_workers, extended.lr, extended.head) == (3, 2, 1e-3, "mlp")
+    with pytest.raises(VPRError, match=r"--lr 0.5 would change the run \(it used 0.001\); resume may change only"):
+        train_vpr.parse_args(["--resume", final, "--lr", "0.5"])
+    with pytest.raises(VPRError, match=r"--head residual would change the run \(it used mlp\)"):
+        train_vpr.parse_args(["--resume", final, "--head", "residual"])  # the default, given explicitly
+    monkeypatch.setenv("VPR_SEED", "6")
+    with pytest.raises(VPRError, match=r"--seed 6 would change the run \(it used 5\)"):
+        train_vpr.parse_args(["--resume", final])
+    monkeypatch.delenv("VPR_SEED")
+    with pytest.raises(VPRError, match=r"required: --train_csv, --val_csv \(or --resume CKPT\)"):
+        train_vpr.parse_args(["--epochs", "2"])
     with pytest.raises(VPRError, match="the run used --lr 0.001, not 0.5"):
         train_vpr.train(dataclasses.replace(config, lr=0.5, resume=str(result.final_checkpoint)))
     with pytest.raises(VPRError, match="not a resumable checkpoint"):

@@ -400,6 +400,26 @@ def test_raw_effnet_lite0_baseline_on_bgu_campus(real_feature_cache, tmp_path):
     assert set(payload["by_condition"]) == {"day", "night"}
 
 
+def test_visualize_names_the_picture_after_what_it_shows(data, checkpoint, tmp_path):
+    """Two checkpoints of one model and seed, the baseline and another query file: four pictures,
+    each named after its checkpoint's run id (or the baseline variant) and its queries."""
+    second = train_vpr.main([
+        "--train_csv", str(data["train"]), "--val_csv", str(data["val"]), "--model", TINY_MODEL, *TINY,
+        "--epochs", "1", "--batch_size", "8", "--images_per_place", "2", "--projection_dim", "16", "--lr", "1e-2",
+        "--pos_threshold_m", "30", "--cache_dir", str(data["cache"]),
+        "--log_dir", str(checkpoint.parent.parent / "logs"), "--output_dir", str(checkpoint.parent)])
+    plots = tmp_path / "plots"
+    show = ["--visualize", "1", "--plots_dir", str(plots)]
+    for model_path in (checkpoint, second.checkpoint):
+        eval_trained.main(eval_argv(data, "--model_path", str(model_path), *show))
+    eval_trained.main(eval_argv(data, "--model_path", str(checkpoint), *show, queries="val"))
+    eval_trained.main(eval_argv(data, "--baseline", "--model", TINY_MODEL, *show))
+    first_id = vpr.load_checkpoint(checkpoint)["run_id"]
+    assert sorted(p.name for p in plots.glob("*.png")) == sorted([
+        f"{first_id}_on_test_retrievals.png", f"{second.run_id}_on_test_retrievals.png",
+        f"{first_id}_on_val_retrievals.png", f"raw_{safe_name(TINY_MODEL)}_on_test_retrievals.png"])
+
+
 def test_run_experiment_demo_end_to_end(tmp_path, monkeypatch):
     """--demo generates the synthetic route (a short one here) and runs raw / PCA / trained on it;
     explicit flags win over the demo's settings, defaults take the demo's."""
@@ -420,4 +440,5 @@ def test_run_experiment_demo_end_to_end(tmp_path, monkeypatch):
     assert summary["epochs"].tolist() == [2]  # given explicitly
     assert summary["lr"].tolist() == [run_experiment.DEMO_SETTINGS["lr"]]  # left at the default
     assert summary["lr_schedule"].tolist() == ["cosine"]
-    assert (tmp_path / "trained_models" / f"trained_{safe_name(TINY_MODEL)}_seed42.pth").is_file()
+    assert (tmp_path / "trained_models" / f"trained_{safe_name(TINY_MODEL)}_seed42.pth").is_file()  # latest run's copy
+    assert Path(summary["checkpoint"].iloc[0]).name == f"{summary['run_id'].iloc[0]}.pth"

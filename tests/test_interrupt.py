@@ -16,7 +16,6 @@ import torch
 
 from conftest import REPO, write_embeddings_parquet
 import trainable_vpr as vpr
-from vprkit.checkpoints import checkpoint_path
 from vprkit.runlog import TRAINING_SUMMARY_NAME
 
 EPOCHS = 6
@@ -77,14 +76,15 @@ def _stop_mid_epoch(parquets, out: Path, sig: int, epoch: int = 3) -> subprocess
 
 def _final_numbers(out: Path) -> tuple[pd.DataFrame, dict]:
     log = pd.read_csv(next((out / "logs").glob("emb_seed3_*.csv")))
-    final = torch.load(checkpoint_path(out / "models", "emb", 3, "final"), weights_only=True)
+    [final_path] = (out / "models").glob("emb_seed3_*_final.pth")  # named by the run id
+    final = torch.load(final_path, weights_only=True)
     return log, final
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL], ids=["SIGTERM", "SIGKILL"])
 def test_resume_after_a_signal_mid_epoch_ends_like_the_uninterrupted_run(parquets, uninterrupted, tmp_path, sig):
     stopped = _stop_mid_epoch(parquets, tmp_path, sig)
-    last = checkpoint_path(tmp_path / "models", "emb", 3, "last")
+    [last] = (tmp_path / "models").glob("emb_seed3_*_last.pth")
     if sig == signal.SIGTERM:
         assert stopped.returncode == 130, stopped.stderr[-2000:]
         assert "Traceback" not in stopped.stderr
@@ -93,9 +93,10 @@ def test_resume_after_a_signal_mid_epoch_ends_like_the_uninterrupted_run(parquet
         assert (tmp_path / "logs").glob("*.csv") and next((tmp_path / "logs").glob("emb_*.csv")).read_text().endswith("\n")
     else:
         assert stopped.returncode == -signal.SIGKILL
-    assert not checkpoint_path(tmp_path / "models", "emb", 3, "final").exists()
+    assert not list((tmp_path / "models").glob("*_final.pth"))
 
-    resumed = subprocess.run(_argv(parquets, tmp_path, "--resume", str(last)), cwd=REPO, env=_env(),
+    # the checkpoint alone continues the run: every setting (data, folders, seed...) comes from it
+    resumed = subprocess.run([sys.executable, "train_vpr.py", "--resume", str(last)], cwd=REPO, env=_env(),
                              capture_output=True, text=True, timeout=300)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
 

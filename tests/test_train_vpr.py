@@ -142,6 +142,34 @@ def test_summary_appends_one_row_per_run(dataset, tmp_path):
     assert summary.seed.tolist() == [1, 2] and summary.run_id.is_unique
 
 
+def test_two_runs_of_one_model_and_seed_keep_their_own_files(dataset, tmp_path, capsys):
+    """Nothing replaced: each run's best, _last and _final checkpoints and log stay, each summary
+    row loads the weights of its own run, and trained_{model}_seed{seed}.pth is a copy of the
+    latest run's best."""
+    first = train_vpr.main(_argv(dataset, tmp_path, 7, "--epochs", "1", "--lr", "1e-3", "--head", "mlp"))
+    second = train_vpr.main(_argv(dataset, tmp_path, 7, "--epochs", "1", "--lr", "3e-2", "--head", "mlp"))
+    assert first.run_id != second.run_id
+    models = tmp_path / "models"
+    assert sorted(p.name for p in models.glob("*.pth")) == sorted(
+        [f"{r.run_id}{kind}.pth" for r in (first, second) for kind in ("", "_last", "_final")]
+        + [f"trained_{TINY_MODEL.replace(':', '_')}_seed7.pth"])
+    summary = pd.read_csv(tmp_path / "logs" / "training_summary.csv")
+    assert summary.run_id.tolist() == [first.run_id, second.run_id]
+    finals = {}
+    for row in summary.itertuples():
+        checkpoint = vpr.load_checkpoint(row.checkpoint)
+        assert checkpoint["run_id"] == row.run_id and checkpoint["log_file"] == row.log_file
+        assert Path(row.log_file) == tmp_path / "logs" / f"{row.run_id}.csv"
+        assert checkpoint["config"]["lr"] == row.lr  # the weights this row trained
+        finals[row.run_id] = vpr.load_checkpoint(models / f"{row.run_id}_final.pth")["model_state_dict"]
+    weights = [next(iter(finals[r.run_id].values())) for r in (first, second)]
+    assert not torch.equal(*weights)  # two different heads, both kept
+    alias = vpr.load_checkpoint(models / f"trained_{TINY_MODEL.replace(':', '_')}_seed7.pth")
+    latest = vpr.load_checkpoint(second.checkpoint)
+    assert alias["run_id"] == second.run_id
+    assert all(torch.equal(t, latest["model_state_dict"][k]) for k, t in alias["model_state_dict"].items())
+
+
 def _tensors(obj):
     if isinstance(obj, torch.Tensor):
         yield obj
@@ -155,7 +183,7 @@ def _tensors(obj):
 
 def test_checkpoint_contents(run42):
     path = run42.result.checkpoint
-    assert Path(path) == run42.out / "models" / "trained_timm_test_efficientnet_seed42.pth"
+    assert Path(path) == run42.out / "models" / f"{run42.result.run_id}.pth"  # named by the run id
     checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     assert CHECKPOINT_KEYS <= set(checkpoint)
     assert checkpoint["format_version"] == FORMAT_VERSION

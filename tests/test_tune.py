@@ -72,3 +72,39 @@ def test_missing_optuna_is_one_clear_line(monkeypatch):
     monkeypatch.setitem(__import__("sys").modules, "optuna", None)  # import optuna -> ImportError
     with pytest.raises(VPRError, match=r"tune_vpr.py needs Optuna: pip install optuna"):
         tune_vpr.require_optuna()
+
+
+def _tune(tmp_path, space: str, *extra: str) -> dict:
+    train = write_embeddings_parquet(tmp_path / "train.parquet", n_places=8, per_place=4, dim=16, seed=1)
+    val = write_embeddings_parquet(tmp_path / "val.parquet", n_places=8, per_place=2, dim=16, seed=2)
+    return tune_vpr.main(["--config", str(_config_file(tmp_path, space)), "--train_parquet", str(train),
+                          "--val_parquet", str(val), "--model", "emb", "--log_dir", str(tmp_path / "logs"),
+                          "--study_name", "s", "--n_trials", "2", "--head", "residual", "--projection_dim", "8",
+                          "--hidden_dim", "16", *extra])
+
+
+def test_trials_that_never_beat_the_untrained_head_are_scored_and_said_so(tmp_path, capsys):
+    """lr ~1e-12: no trial can change the head, so every trial's value is the untrained R@1 and
+    the summary says that no trial improved on it (epoch 0 does not count as a tuning result)."""
+    summary = _tune(tmp_path, "lr = { low = 1e-12, high = 2e-12 }\n")
+    assert summary["states"] == {"COMPLETE": 2}
+    assert summary["best_value"] == pytest.approx(summary["best_untrained_r1"])
+    assert summary["improved_on_untrained_head"] is False and summary["trials_improved_on_untrained_head"] == 0
+    assert summary["verdict"].startswith("no trial improved on the untrained head")
+    saved = json.loads((tmp_path / "logs" / "s_best.json").read_text())
+    assert saved["improved_on_untrained_head"] is False and "no trial improved" in saved["verdict"]
+    out = capsys.readouterr().out
+    assert "no trial improved on the untrained head" in out
+    assert out.count("no epoch beat the untrained head") == 2  # train_vpr's line, once per trial
+    assert "val: 16 queries, 0 without a positive" in out
+
+
+def test_trial_score_counts_trained_epochs_only():
+    assert tune_vpr.trial_score([0.5, 0.625], 0.75) == 0.625  # epoch 0's 0.75 is not the trial's value
+    assert tune_vpr.trial_score([0.5, 0.875], 0.75) == 0.875
+    assert tune_vpr.trial_score([], 0.75) == 0.75
+    trial = optuna.trial.FixedTrial({})
+    tune_vpr.trial_score([0.75], 0.75, trial)
+    assert trial.user_attrs["improved_on_untrained_head"] is False
+    tune_vpr.trial_score([0.8], 0.75, trial)
+    assert trial.user_attrs["improved_on_untrained_head"] is True

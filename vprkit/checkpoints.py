@@ -2,6 +2,7 @@
 (weights_only loading, format version, required keys)."""
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 from typing import Any, Callable
 
@@ -14,10 +15,24 @@ from vprkit.runlog import safe_name
 FORMAT_VERSION = 1
 
 
-def checkpoint_path(output_dir: str | Path, model: str, seed: int, kind: str = "") -> Path:
-    """trained_{model}_seed{seed}.pth (the best, DESIGN.md §6), or with kind "last" (resumable,
-    written every --save_every_n_epochs) or "final" (the end of the run) a _{kind} suffix."""
-    return Path(output_dir) / f"trained_{safe_name(model)}_seed{seed}{f'_{kind}' if kind else ''}.pth"
+def checkpoint_path(output_dir: str | Path, run_id: str, kind: str = "") -> Path:
+    """{run_id}.pth (the best checkpoint), or with kind "last" (resumable, written every
+    --save_every_n_epochs) or "final" (the end of the run) a _{kind} suffix. Named by the run
+    id, so no run ever replaces another run's weights (DESIGN.md §6)."""
+    return Path(output_dir) / f"{safe_name(run_id)}{f'_{kind}' if kind else ''}.pth"
+
+
+def latest_alias_path(output_dir: str | Path, model: str, seed: int) -> Path:
+    """trained_{model}_seed{seed}.pth: a copy of the best checkpoint of the latest finished run
+    of that model and seed (the documented short path). The run-id file is the real one; the
+    copy says which run it is (its run_id key), and replacing it loses nothing."""
+    return Path(output_dir) / f"trained_{safe_name(model)}_seed{seed}.pth"
+
+
+def refresh_latest_alias(best: str | Path, alias: str | Path) -> None:
+    """Replace the alias by a copy of `best`, atomically (a copy, not a symlink: it works on
+    every file system and survives moving the folder)."""
+    atomic_write(alias, lambda p: shutil.copyfile(best, p))
 
 
 def random_states(rng: np.random.Generator, generator: torch.Generator) -> dict[str, Any]:

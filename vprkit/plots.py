@@ -18,11 +18,10 @@ from matplotlib.figure import Figure  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 from vprkit.cli import atomic_write  # noqa: E402
-from vprkit.runlog import EXPERIMENT_VARIANTS  # noqa: E402
+from vprkit.runlog import EXPERIMENT_VARIANTS, experiment_recalls  # noqa: E402
 
 FIGURE_DPI = 110
-EXPERIMENT_RECALLS = ["recall@1", "recall@5", "recall@10"]
-VARIANT_LABELS = {"raw": "raw", "pca_whitened": "PCA-whitened", "trained": "trained"}
+VARIANT_LABELS = {"raw": "raw", "pca_whitened": "PCA-whitened", "vlad": "VLAD (training-free)", "trained": "trained"}
 LOSS_COLORS = {"train": "C0", "triplet": "C1", "contrastive": "C2", "val": "C3"}
 
 
@@ -83,11 +82,14 @@ def plot_experiment_bars(table: pd.DataFrame, name: str, path: Path) -> Path:
     models = list(dict.fromkeys(table["model"]))
     variants = [v for v in EXPERIMENT_VARIANTS if v in set(table["variant"])]
     variants += [v for v in dict.fromkeys(table["variant"]) if v not in variants]
-    scale = recall_scale(table[EXPERIMENT_RECALLS])
+    recalls = experiment_recalls(table.columns)
+    scale = recall_scale(table[recalls])
     width = 0.8 / len(variants)
     centers = np.arange(len(models))
-    fig, axes = plt.subplots(1, 3, figsize=(max(13, 3.2 * len(models) + 4), 5.5), sharey=True, layout="constrained")
-    for ax, column in zip(axes, EXPERIMENT_RECALLS):
+    fig, axes = plt.subplots(1, len(recalls), figsize=(max(4.5 * len(recalls), 3.2 * len(models) + 4), 5.5),
+                             sharey=True, layout="constrained", squeeze=False)
+    axes = axes[0]
+    for ax, column in zip(axes, recalls):
         values = table.pivot_table(index="model", columns="variant", values=column, aggfunc="last")
         for i, variant in enumerate(variants):
             heights = values.reindex(index=models, columns=variants)[variant].to_numpy() * scale
@@ -99,7 +101,7 @@ def plot_experiment_bars(table: pd.DataFrame, name: str, path: Path) -> Path:
         ax.set_xlabel("model")
         ax.grid(axis="y", alpha=0.3)
     axes[0].set_ylabel("recall (%)")
-    top = np.nanmax(table[EXPERIMENT_RECALLS].to_numpy(dtype=float)) * scale
+    top = np.nanmax(table[recalls].to_numpy(dtype=float)) * scale
     axes[0].set_ylim(0, (top if np.isfinite(top) and top > 0 else 100.0) * 1.12)
     fig.legend(*axes[0].get_legend_handles_labels(), loc="outside lower center", ncols=len(variants))
     fig.suptitle(f"Recall per model: raw vs PCA-whitened vs trained descriptors ({name})", fontsize=13, fontweight="bold")

@@ -6,6 +6,7 @@ import csv
 import io
 import json
 import math
+import re
 import time
 from pathlib import Path
 from typing import Any, Sequence
@@ -36,7 +37,7 @@ LOG_OPTIONAL_COLUMNS = ["ucb_stats"]
 
 
 SUMMARY_RESULT_COLUMNS = [
-    "best_val_r1", "best_val_r5", "best_val_r10", "best_epoch", "epochs_run", "skipped_images", "wall_time_s",
+    "best_val_r1", "best_val_r5", "best_val_r10", "untrained_val_r1", "best_epoch", "epochs_run", "skipped_images", "wall_time_s",
     "checkpoint", "log_file",
 ]
 
@@ -47,6 +48,15 @@ TRAINING_SUMMARY_NAME = "training_summary.csv"  # in --log_dir: one row per run
 EXPERIMENT_COLUMNS = ["model", "variant", "recall@1", "recall@5", "recall@10", "delta_r1_vs_raw"]
 
 
+REQUIRED_EXPERIMENT_RECALL = "recall@1"  # every experiment has it; the other recall@N follow run_experiment's --recall_at
+
+
+def experiment_recalls(columns: Sequence[str]) -> list[str]:
+    """The recall@N columns of an experiment table, by N (whatever --recall_at run_experiment had)."""
+    found = [c for c in columns if re.fullmatch(r"recall@\d+", str(c))]
+    return sorted(found, key=lambda c: int(c.split("@")[1]))
+
+
 EXPERIMENT_VARIANTS = ("raw", "pca_whitened", "trained")
 
 
@@ -54,19 +64,23 @@ def safe_name(text: str) -> str:
     return "".join(c if c.isalnum() or c in "-_." else "_" for c in text)
 
 
-def new_run_id(model: str, seed: int, log_dir: str | Path) -> str:
-    """{model}_seed{seed}_{YYYYmmdd_HHMMSS}, with a suffix if that log already exists. The log
-    file is created here, exclusively: runs started in the same second (tuning workers) get
-    different ids instead of writing into one log."""
+def new_run_id(model: str, seed: int, log_dir: str | Path, output_dir: str | Path | None = None) -> str:
+    """{model}_seed{seed}_{YYYYmmdd_HHMMSS}, with a suffix if that log (or, given output_dir,
+    that run's checkpoint) already exists. The log file is created here, exclusively: runs
+    started in the same second (tuning workers) get different ids instead of writing into one
+    log, and a checkpoint folder shared by several log folders never sees one id twice."""
     base = f"{safe_name(model)}_seed{seed}_{time.strftime('%Y%m%d_%H%M%S')}"
     run_id, n = base, 1
     while True:
+        taken = output_dir is not None and (Path(output_dir) / f"{run_id}.pth").exists()
         try:
-            (Path(log_dir) / f"{run_id}.csv").open("x").close()
-            return run_id
+            if not taken:
+                (Path(log_dir) / f"{run_id}.csv").open("x").close()
+                return run_id
         except FileExistsError:
-            n += 1
-            run_id = f"{base}_{n}"
+            pass
+        n += 1
+        run_id = f"{base}_{n}"
 
 
 class CsvLogger:

@@ -103,6 +103,28 @@ def parse_layered(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -
     return parser.parse_args(argv)
 
 
+def given_settings(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> set[str]:
+    """The settings some layer gives (a flag on the command line, a VPR_* variable, a key of the
+    --config file), as opposed to those left at their defaults, even where the given value
+    equals the default (what `--resume CKPT` must tell apart)."""
+    actions = {a.dest: a for a in parser._actions if a.dest not in _NOT_SETTINGS}
+    saved = {dest: (a.default, a.required) for dest, a in actions.items()}
+    try:  # parse once more with every default suppressed: only given flags end in the namespace
+        for action in actions.values():
+            action.default, action.required = argparse.SUPPRESS, False
+        given = set(vars(parser.parse_args(argv))) & set(actions)
+    finally:
+        for dest, (default, required) in saved.items():
+            actions[dest].default, actions[dest].required = default, required
+    given |= set(environment_settings(actions, os.environ))
+    probe = CliParser(add_help=False)
+    probe.add_argument("--config", default=None)
+    config_file = probe.parse_known_args(argv)[0].config
+    if config_file:
+        given |= set(read_config_file(config_file, actions, _sections_of(parser)))
+    return given
+
+
 def _sections_of(parser: argparse.ArgumentParser) -> dict[str, str]:
     """The TOML section of each setting: the title of its flag's group."""
     return {a.dest: group.title for group in parser._action_groups for a in group._group_actions
