@@ -429,7 +429,7 @@ def test_run_experiment_demo_end_to_end(tmp_path, monkeypatch):
 
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(demo_data, "generate_demo_dataset",
-                        functools.partial(demo_data.generate_demo_dataset, num_places=8))
+                        functools.partial(demo_data.generate_demo_dataset, num_places=16))
     table = run_experiment.main(["--demo", "--models", TINY_MODEL, *TINY, "--epochs", "2", "--batch_size", "8",
                                  "--images_per_place", "2", "--projection_dim", "16"])
     assert sorted(p.name for p in (tmp_path / "demo_data").glob("*.csv")) == ["database.csv", "test.csv", "train.csv", "val.csv"]
