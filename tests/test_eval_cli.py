@@ -415,7 +415,7 @@ def test_visualize_names_the_picture_after_what_it_shows(data, checkpoint, tmp_p
     eval_trained.main(eval_argv(data, "--model_path", str(checkpoint), *show, queries="val"))
     eval_trained.main(eval_argv(data, "--baseline", "--model", TINY_MODEL, *show))
     first_id = vpr.load_checkpoint(checkpoint)["run_id"]
-    assert sorted(p.name for p in plots.glob("*.png")) == sorted([
+    assert sorted(p.name for p in plots.glob("*_retrievals.png")) == sorted([
         f"{first_id}_on_test_retrievals.png", f"{second.run_id}_on_test_retrievals.png",
         f"{first_id}_on_val_retrievals.png", f"raw_{safe_name(TINY_MODEL)}_on_test_retrievals.png"])
 

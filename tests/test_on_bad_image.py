@@ -125,7 +125,7 @@ def test_training_records_the_skipped_count_in_log_and_summary(data, tmp_path, c
     assert summary.skipped_images.tolist() == [3] and summary.on_bad_image.tolist() == ["skip"]
     # the log and summary stay readable by analyze_metrics.py
     analyze_metrics.main([str(tmp_path / "logs"), "--output_dir", str(tmp_path / "plots")])
-    runs = pd.read_csv(tmp_path / "plots" / "runs_summary.csv")
+    runs = pd.read_csv(tmp_path / "plots" / "logs_runs_summary.csv")
     assert runs.run_id.tolist() == [result.run_id] and runs.skipped_images.tolist() == [3]
 
 
