@@ -39,7 +39,7 @@ DEFAULT_SMOOTH = 50
 FIGURE_DPI = 110
 RECALL_COLUMNS = ["val_r1", "val_r5", "val_r10"]
 EXPERIMENT_RECALLS = ["recall@1", "recall@5", "recall@10"]
-VARIANT_LABELS = {"raw": "raw", "pca_whitened": "PCA-whitened", "trained": "trained"}
+VARIANT_LABELS = {"raw": "raw", "pca_whitened": "PCA-whitened", "vlad": "VLAD (no training)", "trained": "trained"}
 LOSS_COLORS = {"train": "C0", "triplet": "C1", "contrastive": "C2", "val": "C3"}
 
 

@@ -32,7 +32,7 @@ from vprkit import checkpoints
 from vprkit.checkpoints import checkpoint_path, embeddings_backbone, random_states, restore_random_states
 from vprkit.cli import CliParser, VPRError, add_debug_flag, check_writable_dir, run_cli, sigterm_as_interrupt
 from vprkit.evaluation import RecallResult, evaluate_retrieval
-from vprkit.features import extract_both, extraction_settings
+from vprkit.features import extract_both, extraction_settings, pooling_config
 from vprkit.pairs import check_query_split, check_trainable, group_places, uses_labels
 from vprkit.places import PlaceTable, load_table
 from vprkit.runlog import CsvLogger, LOG_COLUMNS, LOG_EXTRA_COLUMNS, LOG_OPTIONAL_COLUMNS, TRAINING_SUMMARY_NAME, append_summary_row, new_run_id, read_summary_table
@@ -88,6 +88,7 @@ class TrainingData:
     backbone: dict[str, Any]
     train: Split
     val: Split
+    vocabulary: np.ndarray | None = None  # --pooling vlad: the centroids, stored in every checkpoint
 
     @property
     def skipped_images(self) -> int:
@@ -170,12 +171,22 @@ def extract_training_data(config: vpr.TrainConfig, train: PlaceTable, val: Place
                                f"{train.embeddings.shape[1]}; both must come from the same backbone")
         backbone = embeddings_backbone(config.model, config.train_csv, train.embeddings.shape[1])
         return TrainingData(backbone, split(train, train.embeddings), split(val, val.embeddings))
-    backbone = vpr.create_backbone(config.model, config.weights, config.image_size)
+    backbone = vpr.create_pooled_backbone(config.model, config.weights, config.image_size, pooling_config(config),
+                                          train.paths, extraction_settings(config), resumed_vocabulary(config))
     train, train_features, val, val_features = extract_both(
         backbone, train, val, extraction_settings(config), ("train", "val"), config.on_bad_image)
     if train.skipped or val.skipped:
         check_splits(config, train, val, by_label)
-    return TrainingData(backbone.info.as_dict(), split(train, train_features), split(val, val_features))
+    return TrainingData(backbone.info.as_dict(), split(train, train_features), split(val, val_features),
+                        backbone.vocabulary)
+
+
+def resumed_vocabulary(config: vpr.TrainConfig) -> np.ndarray | None:
+    """A resumed --pooling vlad run pools with its checkpoint's vocabulary, never a refitted one."""
+    if not config.resume or config.pooling != "vlad":
+        return None
+    saved = vpr.load_checkpoint(config.resume).get("vlad_vocabulary")
+    return None if saved is None else saved.numpy()
 
 
 def head_config_for(config: vpr.TrainConfig, in_dim: int) -> vpr.HeadConfig:
@@ -329,6 +340,8 @@ class Run:
             "run_id": self.run_id,
             "log_file": str(self.log_file),
         }
+        if self.data.vocabulary is not None:
+            payload["vlad_vocabulary"] = torch.from_numpy(self.data.vocabulary)
         if resumable:
             payload["resume"] = {
                 "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),

@@ -47,7 +47,7 @@ TRAINING_SUMMARY_NAME = "training_summary.csv"  # in --log_dir: one row per run
 EXPERIMENT_COLUMNS = ["model", "variant", "recall@1", "recall@5", "recall@10", "delta_r1_vs_raw"]
 
 
-EXPERIMENT_VARIANTS = ("raw", "pca_whitened", "trained")
+EXPERIMENT_VARIANTS = ("raw", "pca_whitened", "vlad", "trained")  # vlad: training-free, over local features
 
 
 def safe_name(text: str) -> str:
