@@ -70,9 +70,13 @@ def use_demo_data(args: argparse.Namespace, parser: argparse.ArgumentParser) -> 
 
     dataset = demo_data.generate_demo_dataset(DEMO_DIR)
     args.train_csv, args.val_csv, args.test_csv = str(dataset.train_csv), str(dataset.val_csv), str(dataset.test_csv)
+    applied = []
     for name, value in DEMO_SETTINGS.items():
         if getattr(args, name) == parser.get_default(name):
             setattr(args, name, value)
+            applied.append(f"--{name} {' '.join(map(str, value)) if isinstance(value, list) else value}")
+    if applied:  # the demo's recipe differs from the documented defaults: say so, in one line
+        print(f"demo settings (flags you give win): {' '.join(applied)}", flush=True)
 
 
 def training_free_vlad(model: str, config: vpr.TrainConfig, database, queries) -> Descriptors:

@@ -195,12 +195,33 @@ def head_config_for(config: vpr.TrainConfig, in_dim: int) -> vpr.HeadConfig:
 
 
 def initial_head(config: vpr.TrainConfig, data: TrainingData) -> torch.nn.Module:
-    """A fresh head; the residual head starts as PCA-whitening of the training features."""
+    """A fresh head; the residual head starts as PCA-whitening of the training features or as
+    the raw descriptor (--head_start; auto: the better on val R@1, ties to PCA-whitening, since
+    on effnet_lite2 PCA-whitening is worse than raw and on effnet_lite0 better)."""
     torch.manual_seed(config.seed)
     head = vpr.build_head(head_config_for(config, data.train.features.shape[1]))
-    if isinstance(head, vpr.ResidualHead):
-        head.init_pca_whitening(data.train.features)
-    return head
+    if not isinstance(head, vpr.ResidualHead):
+        return head
+    starts = {}
+    for start in ("pca_whitened", "raw"):
+        if config.head_start in ("auto", start):
+            starts[start] = copy.deepcopy(head)
+            init = starts[start].init_pca_whitening if start == "pca_whitened" else starts[start].init_raw
+            init(data.train.features)
+    if len(starts) == 1:
+        return next(iter(starts.values()))
+    recall = {start: val_recall(candidate, data, config).recalls[1] for start, candidate in starts.items()}
+    chosen = "raw" if recall["raw"] > recall["pca_whitened"] else "pca_whitened"
+    print(f"residual head start: {chosen} (val R@1 PCA-whitened {recall['pca_whitened']:.3f}, "
+          f"raw {recall['raw']:.3f}; --head_start auto)", flush=True)
+    return starts[chosen]
+
+
+def val_recall(head: torch.nn.Module, data: TrainingData, config: vpr.TrainConfig) -> RecallResult:
+    """Val queries against the train database (DESIGN.md §7), through the head."""
+    return evaluate_retrieval(vpr.embed(head, data.train.features), data.train.xyz, vpr.embed(head, data.val.features),
+                              data.val.xyz, config.pos_threshold_m, db_labels=data.train.labels,
+                              q_labels=data.val.labels)
 
 
 def hybrid_loss(config: vpr.TrainConfig) -> vpr.HybridLoss:
@@ -291,9 +312,7 @@ def validate(epoch: int, head, loss_fn, data: TrainingData, config: vpr.TrainCon
     """Val queries against the train database (DESIGN.md §7), plus the validation loss."""
     start = time.perf_counter()
     val_loss = validation_loss(head, loss_fn, data.val, config)
-    result = evaluate_retrieval(vpr.embed(head, data.train.features), data.train.xyz,
-                                    vpr.embed(head, data.val.features), data.val.xyz, config.pos_threshold_m,
-                                    db_labels=data.train.labels, q_labels=data.val.labels)
+    result = val_recall(head, data, config)
     logger.log("validation", epoch=epoch, val_loss=val_loss, val_r1=result.recalls[1], val_r5=result.recalls[5],
                val_r10=result.recalls[10], val_time=time.perf_counter() - start)
     return result, val_loss

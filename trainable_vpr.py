@@ -38,7 +38,7 @@ from vprkit.features import BackboneInfo, ExtractionSettings, check_weights_flag
 from vprkit.pooling import LocalPooling, PoolingConfig, num_feature_layers, vocabulary_fingerprint
 from vprkit.pairs import pair_relations
 from vprkit.places import IMAGE_ID_COLUMNS, _find_column, is_parquet
-from vprkit.evaluation import pca_whitening_matrix
+from vprkit.evaluation import l2_normalise, pca_by_eigh, pca_whitening_matrix
 from vprkit.checkpoints import read_checkpoint
 from vprkit.settings import check_choices, flag as _flag, registered
 
@@ -338,6 +338,21 @@ class ResidualHead(nn.Module):
         self.base.bias.zero_()
         self.base.weight[: len(weight)] = torch.from_numpy(weight)
         self.base.bias[: len(weight)] = torch.from_numpy(bias)
+
+    @torch.no_grad()
+    def init_raw(self, features: np.ndarray) -> None:
+        """Set the linear map so the head starts as the raw descriptor's cosine similarity:
+        the identity when projection_dim >= D, else the projection onto the top principal
+        directions (uncentred, unwhitened) of these (training) features, the closest
+        projection_dim-d approximation of the raw cosine on them."""
+        dim, out = features.shape[1], self.base.out_features
+        self.base.weight.zero_()
+        self.base.bias.zero_()
+        if out >= dim:
+            self.base.weight[:dim] = torch.eye(dim)
+            return
+        _, components, _ = pca_by_eigh(l2_normalise(features), min(out, len(features)), centre=False)
+        self.base.weight[: len(components)] = torch.from_numpy(components.astype(np.float32))
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         base = self.base(F.normalize(features, dim=-1))
@@ -825,6 +840,9 @@ def make_place_batches(
 SUPERVISIONS = ("auto", "gps", "labels")
 
 
+HEAD_STARTS = ("auto", "pca_whitened", "raw")
+
+
 NEG_SAMPLERS = ("hard", "random", "ucb")
 
 
@@ -847,6 +865,10 @@ class TrainConfig(ExtractionSettings):
     head: str = _flag("residual", "residual (starts as PCA-whitening, learns a correction), projection (the seed head) "
                       "or mlp (Linear-LayerNorm-GELU-Linear with a skip connection)", "model", choices=tuple(HEADS))
     projection_dim: int = _flag(256, "output descriptor dimension", "model", aliases=("--output_dim",))
+    head_start: str = _flag("auto", "residual head: its linear map starts as pca_whitened (PCA-whitening of the "
+                            "training features), raw (the raw cosine: identity, or the top principal directions when "
+                            "--projection_dim < D) or auto (whichever has the better val R@1)", "model",
+                            choices=HEAD_STARTS)
     hidden_dim: int = _flag(512, "hidden width of the residual and mlp heads", "model")
     dropout: float = _flag(0.1, "dropout in the head", "model")
     use_residual: bool = _flag(True, "mlp head: add a skip connection from the input", "model")

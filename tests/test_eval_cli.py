@@ -404,7 +404,7 @@ def test_raw_effnet_lite0_baseline_on_bgu_campus(real_feature_cache, tmp_path):
     assert set(payload["by_condition"]) == {"day", "night"}
 
 
-def test_run_experiment_demo_end_to_end(tmp_path, monkeypatch):
+def test_run_experiment_demo_end_to_end(tmp_path, monkeypatch, capsys):
     """--demo generates the synthetic route (a short one here) and runs raw / PCA / trained on it;
     explicit flags win over the demo's settings, defaults take the demo's."""
     import functools
@@ -417,6 +417,9 @@ def test_run_experiment_demo_end_to_end(tmp_path, monkeypatch):
     table = run_experiment.main(["--demo", "--models", TINY_MODEL, *TINY, "--epochs", "2", "--batch_size", "8",
                                  "--images_per_place", "2", "--projection_dim", "16", "--vlad_clusters", "4"])
     assert sorted(p.name for p in (tmp_path / "demo_data").glob("*.csv")) == ["test.csv", "train.csv", "val.csv"]
+    printed = capsys.readouterr().out
+    # the demo says which flags it set (epochs was given, so not that one)
+    assert "demo settings (flags you give win): --lr 0.001 --lr_schedule cosine\n" in printed
     assert table["variant"].tolist() == ["raw", "pca_whitened", "vlad", "trained"]
     assert table[["recall@1", "recall@5", "recall@10"]].stack().between(0, 1).all()
     assert len(list((tmp_path / "logs").glob("experiment_*.csv"))) == 1
