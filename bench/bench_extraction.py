@@ -101,10 +101,12 @@ class ForwardTimer:
 def set_allocator(without_malloc_fix: bool) -> bool:
     """The module's allocator setting, or (without_malloc_fix) glibc's default kept for the whole
     run: the pipeline's own call is replaced by a no-op. Returns whether the fix is on."""
+    import vprkit.features as features_module
+
     if without_malloc_fix:
-        keep_freed_memory_for_reuse = lambda: False  # looked up at call time by the pipeline
+        features_module.keep_freed_memory_for_reuse = lambda: False  # looked up at call time by the pipeline
         return False
-    return keep_freed_memory_for_reuse()
+    return features_module.keep_freed_memory_for_reuse()
 
 
 def gflops_per_image(model: torch.nn.Module, image_size: int) -> float:
