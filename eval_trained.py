@@ -34,11 +34,13 @@ import trainable_vpr as vpr
 from vprkit.checkpoints import EMBEDDINGS_ARCH, check_checkpoint_matches
 from vprkit.cli import CliParser, VPRError, add_debug_flag, atomic_write, check_writable_dir, check_writable_file, run_cli
 from vprkit.evaluation import Descriptors, EvalReport, evaluate_variant, format_report, load_eval_tables, pca_whitened
-from vprkit.features import Backbone, ExtractionSettings, frozen_descriptors, validate_extraction_flags
+from vprkit.features import (Backbone, ExtractionSettings, extraction_settings, frozen_descriptors,
+                             pooling_config, validate_extraction_flags)
 from vprkit.images import open_rgb
 from vprkit.localization import (LocalizationResult, draw_localization_figure, localization_json, localization_lines,
                                  localization_of_result)
 from vprkit.places import PlaceTable, export_embeddings_parquet, is_parquet
+from vprkit.pooling import PoolingConfig
 from vprkit.runlog import safe_name
 from vprkit.settings import add_config_args, add_config_file_flag, parse_layered
 
@@ -93,6 +95,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     if args.pca_whiten < 0:
         parser.error(f"--pca_whiten {args.pca_whiten}: must be 0 (off) or a number of dimensions")
     validate_extraction_flags(args)
+    if args.pooling != "backbone" and is_parquet(args.train_csv):
+        parser.error(f"--pooling {args.pooling}: embeddings parquets hold descriptors already pooled; drop --pooling")
     for path, flag in ((args.output_json, "--output_json"), (args.save_predictions, "--save_predictions")):
         check_writable_file(path, flag)
     if args.visualize > 0 or args.localization:
@@ -243,11 +247,13 @@ def backbone_for(args: argparse.Namespace, checkpoint: dict | None, database: Pl
     if trained_on_embeddings:
         raise VPRError(f"checkpoint {args.model_path} was trained on precomputed embeddings "
                            f"({checkpoint['backbone']['weights']}); evaluate it on embeddings parquets (--db_parquet, --test_parquet)")
-    if checkpoint is None:
-        return vpr.create_backbone(args.model, args.weights, args.image_size)
+    if checkpoint is None:  # a baseline: a VLAD vocabulary is fitted on the database
+        return vpr.create_pooled_backbone(args.model, args.weights, args.image_size, pooling_config(args),
+                                          database.paths, extraction_settings(args))
     saved = checkpoint["backbone"]
     weights = args.weights or checkpoint["config"].get("weights")
-    backbone = vpr.create_backbone(saved["name"], weights, args.image_size or saved.get("image_size", 0))
+    backbone = vpr.create_pooled_backbone(saved["name"], weights, args.image_size or saved.get("image_size", 0),
+                                          checkpoint_pooling(args, checkpoint), vocabulary=checkpoint_vocabulary(checkpoint))
     if backbone.info.weights != saved.get("weights"):
         raise VPRError(f"checkpoint {args.model_path} was trained on {saved['name']} weights {saved.get('weights')}, "
                            f"but the weights found now are {backbone.info.weights}; pass the same --weights")
@@ -258,11 +264,31 @@ def backbone_for(args: argparse.Namespace, checkpoint: dict | None, database: Pl
     return backbone
 
 
+def checkpoint_pooling(args: argparse.Namespace, checkpoint: dict) -> PoolingConfig:
+    """The checkpoint's pooling (--pooling etc. may only repeat it: its head was trained on it)."""
+    trained = pooling_config(checkpoint["config"])
+    asked = pooling_config(args)
+    if asked != PoolingConfig() and asked != trained:
+        raise VPRError(f"checkpoint {args.model_path} was trained on --pooling {trained.pooling} --feature_layer "
+                       f"{trained.feature_layer} --vlad_clusters {trained.vlad_clusters}; drop the pooling flags "
+                       f"(the checkpoint's are used)")
+    if trained.pooling == "vlad" and "vlad_vocabulary" not in checkpoint:
+        raise VPRError(f"checkpoint {args.model_path}: --pooling vlad but no VLAD vocabulary stored; retrain it")
+    return trained
+
+
+def checkpoint_vocabulary(checkpoint: dict) -> np.ndarray | None:
+    saved = checkpoint.get("vlad_vocabulary")
+    return None if saved is None else saved.numpy()
+
+
 def descriptors_for(args: argparse.Namespace, checkpoint: dict | None, name: str, raw: Descriptors) -> tuple[str, Descriptors]:
     """The variant asked for: the checkpoint's head, PCA-whitened or raw features."""
     if checkpoint is not None:
         head = vpr.head_from_checkpoint(checkpoint)
         return f"trained_{name}", Descriptors(vpr.embed(head, raw.database), vpr.embed(head, raw.queries))
+    if args.pooling != "backbone":
+        name = f"{args.pooling}_{name}"
     if args.pca_whiten:
         return f"pca_whitened_{name}", pca_whitened(raw, args.pca_whiten)
     return f"raw_{name}", raw
@@ -306,8 +332,11 @@ def main(argv: Sequence[str] | None = None) -> EvalReport:
     skipped = {"database": len(database.skipped), "queries": len(queries.skipped)}
     if any(skipped.values()):
         print(f"skipped bad images (--on_bad_image skip): {skipped['database']} database, {skipped['queries']} queries")
-    settings = {"variant": name, "model": model, "weights": weights, "correct_by": "label" if report.result.by_label else "distance",
-                "checkpoint": args.model_path, "run_id": checkpoint.get("run_id") if checkpoint else None, "db_csv": args.train_csv, "test_csv": args.test_csv,
+    settings = {"variant": name, "model": model, "weights": weights,
+                "pooling": backbone.info.pooling if backbone is not None else "backbone",
+                "correct_by": "label" if report.result.by_label else "distance",
+                "checkpoint": args.model_path, "run_id": checkpoint.get("run_id") if checkpoint else None,
+                "db_csv": args.train_csv, "test_csv": args.test_csv,
                 "camera_id": args.camera_id, "pos_threshold_m": threshold, "recall_at": args.recall_at,
                 "on_bad_image": args.on_bad_image, "skipped_images": skipped}
     write_outputs(args, report, database, queries, settings, localization)

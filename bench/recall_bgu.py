@@ -11,6 +11,12 @@ seeds. Each threshold's trained rows come from heads trained with that --pos_thr
 val.csv at 10 m, heads trained at 10 m score R@1 0.309 (mean of seeds 1-3) against 0.291 for
 heads trained at 25 m, so a user who localises to 10 m trains at 10 m. Nothing is tuned on
 test.csv. Writes bench/results/recall_bgu.csv.
+
+--pooling_rows adds descriptors pooled from the backbone's local features (--pooling gem / vlad,
+K=32): training-free at the last layer (-1) and at layer -2 (EfficientNet-Lite0's 112-channel
+14 x 14 stage), each raw and PCA-whitened (256 dims, fitted on train.csv), and the residual head
+of each --recipes trained on the pooled descriptors of --train_pooled. val.csv rows (val queries
+against train.csv) are printed first: defaults are decided there, never on test.
 """
 from __future__ import annotations
 
@@ -33,6 +39,7 @@ from vprkit.cli import atomic_write  # noqa: E402
 from vprkit.evaluation import Descriptors, evaluate_variant, fit_pca_whitening  # noqa: E402
 from vprkit.features import ExtractionSettings, extract_features  # noqa: E402
 from vprkit.places import PlaceTable, load_poses  # noqa: E402
+from vprkit.pooling import PoolingConfig  # noqa: E402
 
 DATA = REPO.parent / "shared" / "data" / "bgu_campus"
 SPLITS = ("train", "val", "test", "queries")
@@ -50,14 +57,29 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--epochs", type=int, default=15)
     parser.add_argument("--cache_dir", default=str(REPO / ".cache" / "features"))
     parser.add_argument("--out_dir", type=Path, default=REPO / "bench" / "results")
+    parser.add_argument("--recipes", nargs="+", default=list(RECIPES), choices=list(RECIPES))
+    parser.add_argument("--pooling_rows", action="store_true", help="add the gem / vlad rows (see above)")
+    parser.add_argument("--train_pooled", nargs="*", default=["vlad:-2", "gem:-2"], metavar="POOLING:LAYER",
+                        help="with --pooling_rows: pooled descriptors the recipes are trained on")
     return parser.parse_args()
+
+
+POOLED_ROWS = (("gem", -1), ("gem", -2), ("vlad", -1), ("vlad", -2))
+
+
+def pooled_features(pooling: str, layer: int, args: argparse.Namespace, tables: dict[str, PlaceTable],
+                    options: ExtractionSettings) -> dict[str, np.ndarray]:
+    """Every split pooled as --pooling POOLING --feature_layer LAYER (vocabulary: train.csv)."""
+    backbone = vpr.create_pooled_backbone(args.model, None, 0, PoolingConfig(pooling, layer, 32),
+                                          tables["train"].paths, options)
+    return {s: extract_features(backbone, t, options, s) for s, t in tables.items()}
 
 
 def recall_rows(name: str, seed: int | None, desc: dict[str, np.ndarray], tables: dict[str, PlaceTable],
                 thresholds: tuple[float, ...] = THRESHOLDS_M) -> list[dict]:
     """R@1/5/10 of one variant on test and queries at each threshold, overall and per condition."""
     rows = []
-    for split in ("test", "queries"):
+    for split in ("val", "test", "queries"):
         for threshold in thresholds:
             report = evaluate_variant(
                 name, Descriptors(desc["train"], desc[split]), tables["train"], tables[split], threshold, (1, 5, 10))
@@ -69,15 +91,15 @@ def recall_rows(name: str, seed: int | None, desc: dict[str, np.ndarray], tables
 
 
 def trained_descriptors(recipe: str, seed: int, threshold: float, args: argparse.Namespace,
-                        features: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    config = vpr.TrainConfig(**RECIPES[recipe], train_csv=str(args.data / "train.csv"), val_csv=str(args.data / "val.csv"),
+                        features: dict[str, np.ndarray], pooling: tuple[str, int] = ("backbone", -1)) -> dict[str, np.ndarray]:
+    config = vpr.TrainConfig(**RECIPES[recipe], pooling=pooling[0], feature_layer=pooling[1], train_csv=str(args.data / "train.csv"), val_csv=str(args.data / "val.csv"),
                              model=args.model, seed=seed, epochs=args.epochs, pos_threshold_m=threshold,
                              cache_dir=args.cache_dir, log_dir=str(args.out_dir / "logs"),
-                             output_dir=str(args.out_dir / f"models_{threshold:g}m"))
+                             output_dir=str(args.out_dir / f"models_{threshold:g}m_{pooling[0]}{pooling[1]}"))
     with contextlib.redirect_stdout(io.StringIO()):
         result = train_vpr.train(config)
     head = vpr.head_from_checkpoint(vpr.load_checkpoint(result.checkpoint))
-    print(f"  {recipe} recipe, {threshold:g} m, seed {seed}: best val R@1 {result.best_recall[1]:.3f} at epoch {result.best_epoch}", flush=True)
+    print(f"  {recipe} recipe on {pooling[0]} L{pooling[1]}, {threshold:g} m, seed {seed}: best val R@1 {result.best_recall[1]:.3f} at epoch {result.best_epoch}", flush=True)
     return {split: vpr.embed(head, feats) for split, feats in features.items()}
 
 
@@ -101,17 +123,34 @@ def main() -> None:
     rows = recall_rows("raw", None, features, tables)
     project = fit_pca_whitening(features["train"], 256)
     rows += recall_rows("pca_whitened", None, {s: project(f) for s, f in features.items()}, tables)
-    for recipe in ("seed", "default"):
+    for recipe in args.recipes:
         for threshold in THRESHOLDS_M:
             for seed in args.seeds:
                 descriptors = trained_descriptors(recipe, seed, threshold, args, features)
                 rows += recall_rows(f"{recipe} recipe", seed, descriptors, tables, (threshold,))
+    if args.pooling_rows:
+        pooled = {}
+        for pooling, layer in POOLED_ROWS:
+            pooled[pooling, layer] = pooled_features(pooling, layer, args, tables, options)
+            rows += recall_rows(f"{pooling} L{layer}", None, pooled[pooling, layer], tables)
+            project = fit_pca_whitening(pooled[pooling, layer]["train"], 256)
+            rows += recall_rows(f"{pooling} L{layer} pca_whitened", None,
+                                {s: project(f) for s, f in pooled[pooling, layer].items()}, tables)
+        for spec in args.train_pooled:
+            pooling, layer = spec.split(":")[0], int(spec.split(":")[1])
+            for recipe in args.recipes:
+                for threshold in THRESHOLDS_M:
+                    for seed in args.seeds:
+                        descriptors = trained_descriptors(recipe, seed, threshold, args, pooled[pooling, layer],
+                                                          (pooling, layer))
+                        rows += recall_rows(f"{recipe} recipe on {pooling} L{layer}", seed, descriptors, tables,
+                                            (threshold,))
 
     args.out_dir.mkdir(parents=True, exist_ok=True)
     atomic_write(args.out_dir / "recall_bgu.csv", lambda p: pd.DataFrame(rows).to_csv(p, index=False))
     table = summary_table(rows)
     print(f"\nR@1 on bgu_campus ({args.model}; database train.csv; trained rows: mean ± std over seeds {args.seeds})")
-    for split in ("test", "queries"):
+    for split in ("val", "test", "queries"):
         cols = [c for c in table.columns if c.startswith(split)]
         print("\n" + table[cols].to_string())
     print(f"\nall rows (R@1/5/10 per seed): {args.out_dir / 'recall_bgu.csv'}")

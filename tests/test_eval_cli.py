@@ -337,18 +337,18 @@ def test_run_experiment_writes_the_comparison_table(data, tmp_path):
     table = run_experiment.main([
         "--train_csv", str(data["train"]), "--val_csv", str(data["val"]), "--test_csv", str(data["test"]),
         "--models", TINY_MODEL, *TINY, "--epochs", "1", "--batch_size", "8", "--images_per_place", "2",
-        "--projection_dim", "16", "--cache_dir", str(data["cache"]), "--log_dir", str(logs),
+        "--projection_dim", "16", "--vlad_clusters", "4", "--cache_dir", str(data["cache"]), "--log_dir", str(logs),
         "--output_dir", str(tmp_path / "models"),
     ])
     written = list(logs.glob("experiment_*.csv"))
     assert len(written) == 1
     frame = pd.read_csv(written[0])
     assert list(frame.columns) == ["model", "variant", "recall@1", "recall@5", "recall@10", "delta_r1_vs_raw"]
-    assert frame["model"].tolist() == [TINY_MODEL] * 3
-    assert frame["variant"].tolist() == ["raw", "pca_whitened", "trained"]
+    assert frame["model"].tolist() == [TINY_MODEL] * 4
+    assert frame["variant"].tolist() == ["raw", "pca_whitened", "vlad", "trained"]
     rows = frame.set_index("variant")
     assert rows.loc["raw", "delta_r1_vs_raw"] == 0
-    for variant in ("pca_whitened", "trained"):
+    for variant in ("pca_whitened", "vlad", "trained"):
         expected = rows.loc[variant, "recall@1"] - rows.loc["raw", "recall@1"]
         assert rows.loc[variant, "delta_r1_vs_raw"] == pytest.approx(expected, abs=1.5e-4), variant
     for n in (1, 5, 10):
@@ -358,6 +358,11 @@ def test_run_experiment_writes_the_comparison_table(data, tmp_path):
     # the raw row is the same evaluation eval_trained --baseline does
     report = eval_trained.main(eval_argv(data, "--baseline", "--model", TINY_MODEL))
     assert rows.loc["raw", "recall@1"] == pytest.approx(report.result.recalls[1], abs=1e-4)
+    # and the vlad row eval_trained --baseline --pooling vlad (the database is the training set here)
+    report = eval_trained.main(eval_argv(data, "--baseline", "--model", TINY_MODEL, "--pooling", "vlad",
+                                         "--vlad_clusters", "4"))
+    assert report.name.startswith("raw_vlad_")
+    assert rows.loc["vlad", "recall@1"] == pytest.approx(report.result.recalls[1], abs=1e-4)
 
 
 # --------------------------------------------------------------------------------------------
@@ -420,7 +425,7 @@ def test_visualize_names_the_picture_after_what_it_shows(data, checkpoint, tmp_p
         f"{first_id}_on_val_retrievals.png", f"raw_{safe_name(TINY_MODEL)}_on_test_retrievals.png"])
 
 
-def test_run_experiment_demo_end_to_end(tmp_path, monkeypatch):
+def test_run_experiment_demo_end_to_end(tmp_path, monkeypatch, capsys):
     """--demo generates the synthetic route (a short one here) and runs raw / PCA / trained on it;
     explicit flags win over the demo's settings, defaults take the demo's."""
     import functools
@@ -431,9 +436,12 @@ def test_run_experiment_demo_end_to_end(tmp_path, monkeypatch):
     monkeypatch.setattr(demo_data, "generate_demo_dataset",
                         functools.partial(demo_data.generate_demo_dataset, num_places=16))
     table = run_experiment.main(["--demo", "--models", TINY_MODEL, *TINY, "--epochs", "2", "--batch_size", "8",
-                                 "--images_per_place", "2", "--projection_dim", "16"])
+                                 "--images_per_place", "2", "--projection_dim", "16", "--vlad_clusters", "4"])
     assert sorted(p.name for p in (tmp_path / "demo_data").glob("*.csv")) == ["database.csv", "test.csv", "train.csv", "val.csv"]
-    assert table["variant"].tolist() == ["raw", "pca_whitened", "trained"]
+    printed = capsys.readouterr().out
+    # the demo says which flags it set (epochs was given, so not that one)
+    assert "demo settings (flags you give win): --lr 0.001 --lr_schedule cosine\n" in printed
+    assert table["variant"].tolist() == ["raw", "pca_whitened", "vlad", "trained"]
     assert table[["recall@1", "recall@5", "recall@10"]].stack().between(0, 1).all()
     assert len(list((tmp_path / "logs").glob("experiment_*.csv"))) == 1
     summary = pd.read_csv(tmp_path / "logs" / "training_summary.csv")

@@ -135,7 +135,8 @@ def test_early_stopping_stops_when_validation_stalls(tiny, tmp_path):
 
 
 def test_epoch0_checkpoint_is_the_pca_whitening_baseline(tiny, tmp_path):
-    result = _train(tiny, tmp_path, "--epochs", "1", "--lr", "1e-12", "--projection_dim", "8")
+    result = _train(tiny, tmp_path, "--epochs", "1", "--lr", "1e-12", "--projection_dim", "8",
+                    "--head_start", "pca_whitened")
     checkpoint = vpr.load_checkpoint(result.checkpoint)
     head = vpr.head_from_checkpoint(checkpoint)
     train = load_poses(tiny.train)

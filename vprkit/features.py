@@ -23,6 +23,7 @@ from vprkit.cli import VPRError, atomic_write
 from vprkit.evaluation import Descriptors, check_queries
 from vprkit.images import DECODE_TAG, open_rgb
 from vprkit.places import ON_BAD_IMAGE, PlaceTable, check_on_bad_image
+from vprkit.pooling import POOLINGS, PoolingConfig
 from vprkit.settings import flag as _flag
 
 DEFAULT_CACHE_DIR = ".cache/features"
@@ -44,9 +45,16 @@ class BackboneInfo:
     std: tuple[float, float, float]
     interpolation: str
     feature_dim: int
+    pooling: str = "backbone"  # PoolingConfig.cache_tag: how the descriptor is pooled, at which layer
+    vocabulary: str = ""       # fingerprint of the VLAD vocabulary (vlad only)
 
     def as_dict(self) -> dict[str, Any]:
-        return {**dataclasses.asdict(self), "mean": list(self.mean), "std": list(self.std)}
+        """The cache key and checkpoint field; the backbone's own pooling adds no keys, so the
+        caches and checkpoints written before --pooling existed keep their keys."""
+        out = {**dataclasses.asdict(self), "mean": list(self.mean), "std": list(self.std)}
+        if self.pooling == "backbone":
+            del out["pooling"], out["vocabulary"]
+        return out
 
 
 class Backbone(Protocol):
@@ -206,6 +214,12 @@ class ExtractionSettings:
     weights: str | None = _flag(None, "backbone weights: a local state-dict FILE, or 'random' (default: pretrained)",
                                 "model")
     image_size: int = _flag(0, "square input side in pixels (0: the backbone's default, or the checkpoint's)", "model")
+    pooling: str = _flag("backbone", "global descriptor: backbone (its own pooled vector), gem (GeM p=3 over the local "
+                         "features of --feature_layer) or vlad (AnyLoc-style VLAD over them, vocabulary fitted on the "
+                         "training images, the database's for a baseline)", "model", choices=POOLINGS)
+    feature_layer: int = _flag(-1, "with --pooling gem/vlad: the layer whose local features are pooled (a ViT block, "
+                               "a CNN stage; -1 the last, negative counts from the end)", "model")
+    vlad_clusters: int = _flag(32, "with --pooling vlad: vocabulary size K (descriptor K x channels)", "model")
     batch_size: int = _flag(32, "images per extraction batch", "system")
     device: str = _flag("auto", "auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps", "system")
     num_workers: int = _flag(None, "image-decoding worker processes (default: a quarter of the CPU cores, at most 4)",
@@ -234,8 +248,18 @@ def extraction_settings(config: Any) -> ExtractionSettings:
     return ExtractionSettings(**{n: getattr(config, n) for n in names if hasattr(config, n)})
 
 
+POOLING_FLAGS = ("pooling", "feature_layer", "vlad_clusters")
+
+
+def pooling_config(config: Any) -> PoolingConfig:
+    """The pooling of any config, namespace or saved config dict (absent: the backbone's own)."""
+    get = config.get if isinstance(config, dict) else lambda name, default: getattr(config, name, default)
+    return PoolingConfig(get("pooling", "backbone"), get("feature_layer", -1), get("vlad_clusters", 32))
+
+
 def validate_extraction_flags(config: Any) -> None:
     """The values of the shared flags that cannot work, caught before any output."""
+    pooling_config(config)  # raises on an unknown pooling, a layer without gem/vlad, K < 1
     if config.batch_size < 1:
         raise VPRError(f"--batch_size {config.batch_size}: must be at least 1")
     if config.num_workers is not None and config.num_workers < 0:

@@ -57,7 +57,7 @@ def experiment_recalls(columns: Sequence[str]) -> list[str]:
     return sorted(found, key=lambda c: int(c.split("@")[1]))
 
 
-EXPERIMENT_VARIANTS = ("raw", "pca_whitened", "trained")
+EXPERIMENT_VARIANTS = ("raw", "pca_whitened", "vlad", "trained")  # vlad: training-free, over local features
 
 
 def safe_name(text: str) -> str:
