@@ -14,7 +14,7 @@ from conftest import REPO, write_embeddings_parquet
 import train_vpr
 import vprkit.checkpoints
 import trainable_vpr as vpr
-from vprkit.checkpoints import checkpoint_path, latest_alias_path, save_checkpoint
+from vprkit.checkpoints import checkpoint_path, save_checkpoint
 from vprkit.cli import VPRError
 
 

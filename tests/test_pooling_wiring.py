@@ -16,7 +16,7 @@ import train_vpr
 import trainable_vpr as vpr
 from vprkit import vocabulary as vocab
 from vprkit.evaluation import pca_by_eigh, pca_whitening_matrix
-from vprkit.features import BackboneInfo, ExtractionSettings, FeatureCache, extract_features
+from vprkit.features import ExtractionSettings, FeatureCache
 from vprkit.places import load_poses
 from vprkit.pooling import LocalPooling, PoolingConfig, layer_channels, num_feature_layers
 

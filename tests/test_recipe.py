@@ -13,7 +13,6 @@ import torch
 
 import train_vpr
 import trainable_vpr as vpr
-from vprkit.cli import VPRError
 from vprkit.evaluation import fit_pca_whitening
 from vprkit.features import ExtractionSettings, extract_features
 from vprkit.places import load_poses

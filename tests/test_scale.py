@@ -24,7 +24,7 @@ import sklearn.neighbors  # noqa: F401 - the module imports it lazily; importing
                           # tracemalloc would be slow and counted
 
 import trainable_vpr as vpr
-from vprkit.evaluation import evaluate_retrieval, l2_normalise
+from vprkit.evaluation import l2_normalise
 from vprkit.pairs import cluster_places, neighbours_within
 from vprkit.places import metric_to_xyz
 
