@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -35,7 +36,7 @@ from vprkit.checkpoints import EMBEDDINGS_ARCH, check_checkpoint_matches
 from vprkit.cli import CliParser, VPRError, add_debug_flag, atomic_write, check_writable_dir, check_writable_file, run_cli
 from vprkit.evaluation import Descriptors, EvalReport, evaluate_variant, format_report, load_eval_tables, pca_whitened
 from vprkit.features import (Backbone, ExtractionSettings, extraction_settings, frozen_descriptors,
-                             pooling_config, validate_extraction_flags)
+                             pooling_config, release_other_ranks, validate_extraction_flags)
 from vprkit.images import open_rgb
 from vprkit.localization import (LocalizationResult, draw_localization_figure, localization_json, localization_lines,
                                  localization_of_result)
@@ -321,6 +322,8 @@ def main(argv: Sequence[str] | None = None) -> EvalReport:
     database, queries = load_eval_tables(args, threshold, supervision)
     backbone = backbone_for(args, checkpoint, database)
     database, queries, raw = frozen_descriptors(args, backbone, database, queries, threshold, supervision)
+    if release_other_ranks() != 0:
+        sys.exit(0)  # torchrun: the other ranks only shared the extraction; rank 0 evaluates on the cache
     model, weights = source_identity(args, backbone, checkpoint, database.backbone)
     if args.export_parquet:
         export_parquets(args.export_parquet, raw, database, queries, model)

@@ -37,7 +37,7 @@ from vprkit.checkpoints import (checkpoint_path, embeddings_backbone, latest_ali
                                 refresh_latest_alias, restore_random_states)
 from vprkit.cli import CliParser, VPRError, add_debug_flag, check_writable_dir, run_cli, sigterm_as_interrupt
 from vprkit.evaluation import RecallResult, evaluate_retrieval
-from vprkit.features import extract_both, extraction_settings, pooling_config
+from vprkit.features import extract_both, extraction_settings, pooling_config, release_other_ranks
 from vprkit.pairs import check_query_split, check_trainable, group_places, uses_labels, warn_shared_images
 from vprkit.places import PlaceTable, load_table
 from vprkit.runlog import CsvLogger, LOG_COLUMNS, LOG_EXTRA_COLUMNS, LOG_OPTIONAL_COLUMNS, TRAINING_SUMMARY_NAME, append_summary_row, new_run_id, read_summary_table
@@ -236,6 +236,8 @@ def extract_training_data(config: vpr.TrainConfig, train: PlaceTable, val: Place
                                           train.paths, extraction_settings(config), resumed_vocabulary(config))
     train, train_features, val, val_features = extract_both(
         backbone, train, val, extraction_settings(config), ("train", "val"), config.on_bad_image)
+    if release_other_ranks() != 0:
+        sys.exit(0)  # torchrun: the other ranks only shared the extraction; rank 0 trains on the cache
     if train.skipped or val.skipped:
         check_splits(config, train, val, by_label)
     return TrainingData(backbone.info.as_dict(), split(train, train_features), split(val, val_features),

@@ -12,7 +12,6 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-import trainable_vpr as vpr  # noqa: E402
 from vprkit.cli import VPRError  # noqa: E402
 from vprkit.evaluation import RecallResult, evaluate_retrieval, fit_pca_whitening, l2_normalise, recall_at_n, recall_by_group  # noqa: E402
 

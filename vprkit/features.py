@@ -2,7 +2,7 @@
 
 Each image goes through the backbone once per configuration (BackboneInfo is the cache key);
 epochs, validation, evaluation and later runs read the cache. Under torchrun every rank extracts
-its share into the shared cache; release_other_ranks returns the rank and the script decides.
+its share into the shared cache; release_other_ranks returns the rank and the script decides to exit.
 """
 from __future__ import annotations
 
@@ -313,10 +313,11 @@ def distributed_rank_and_world() -> tuple[int, int]:
     return dist.get_rank(), world
 
 
-def release_other_ranks() -> None:
-    """Under torchrun, once every table's features are in the cache: ranks other than 0 exit,
-    rank 0 goes on alone (training and evaluation on cached features are cheap). A no-op in a
-    single process. Call it after the last extract_features of a script."""
+def release_other_ranks() -> int:
+    """Under torchrun, once every table's features are in the cache: leave the process group
+    and return this process's rank. The script decides: ranks other than 0 exit, rank 0 goes
+    on alone (training and evaluation on cached features are cheap). 0 in a single process.
+    Call it after the last extract_features of a script."""
     global _ranks_released
     rank, world = distributed_rank_and_world()
     if world > 1:
@@ -325,8 +326,7 @@ def release_other_ranks() -> None:
         dist.barrier()
         dist.destroy_process_group()
     _ranks_released = True
-    if rank != 0:
-        sys.exit(0)
+    return rank
 
 
 _allocator_tuned = False
@@ -486,11 +486,10 @@ def extract_table(backbone: Backbone, table: PlaceTable, options: ExtractionSett
 
 def extract_both(backbone: Backbone, first: PlaceTable, second: PlaceTable, options: ExtractionSettings,
                  labels: tuple[str, str], on_bad_image: str = "error") -> tuple[PlaceTable, np.ndarray, PlaceTable, np.ndarray]:
-    """A script's two tables (train and val, database and queries) through extract_table; then,
-    under torchrun, the other ranks leave and rank 0 goes on alone on the shared cache."""
+    """A script's two tables (train and val, database and queries) through extract_table (under
+    torchrun, each rank extracts its share into the shared cache and reads both tables back)."""
     first, first_features = extract_table(backbone, first, options, labels[0], on_bad_image)
     second, second_features = extract_table(backbone, second, options, labels[1], on_bad_image)
-    release_other_ranks()
     return first, first_features, second, second_features
 
 
