@@ -293,3 +293,22 @@ def test_real_process_exit_code_2_one_line_no_traceback(subprocess_runs, case):
     code, out, err = subprocess_runs[case]
     assert "Traceback" not in out
     assert_one_line_error(code, err, *SUBPROCESS_CASES[case][2])
+
+
+# --------------------------------------------------------------------------------------------
+# every script: a bad flag is one line and exit code 2 (CliParser), never argparse's usage text
+# --------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("script", ["train_vpr", "eval_trained", "run_experiment", "analyze_metrics", "tune_vpr",
+                                    "demo_data", "make_poses", "localize"])
+def test_every_script_answers_an_unknown_flag_in_one_line(capsys, script):
+    import importlib
+
+    module = importlib.import_module(script)
+    # the flags each script requires, so that the unknown one is what argparse reports
+    required = {"train_vpr": ["--train_csv", "t.csv", "--val_csv", "v.csv"],
+                "eval_trained": ["--train_csv", "d.csv", "--test_csv", "q.csv", "--baseline"],
+                "tune_vpr": ["--train_csv", "t.csv", "--val_csv", "v.csv"],
+                "make_poses": ["photos", "--output", "p.csv"],
+                "localize": ["--db_csv", "d.csv", "--query", "q", "--output", "m.csv"]}.get(script, [])
+    code, err = run_main(capsys, module.main, [*required, "--no_such_flag"])
+    assert_one_line_error(code, err, "--no_such_flag")
