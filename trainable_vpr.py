@@ -1,12 +1,12 @@
 """The training core of the VPR suite: what the product names, nothing else.
 
-1. frozen backbones  (BACKBONES registry, weight sources, create_backbone -> Backbone)
+1. frozen backbones  (BACKBONES registry, weight sources, create_backbone / create_pooled_backbone -> Backbone)
 2. heads             (HeadConfig, HEADS registry, build_head, embed)
-3. losses            (HybridLoss: per-item triplet and multi-positive InfoNCE losses)
-4. miners            (batch miners with one contract: mine(...) -> (anchors, positives, negatives);
-                      BatchHardMiner for hard/random negatives, UCBMiner for a bandit's choice)
-5. GPS and label mining over the data set (mine_hard_negatives, make_place_batches)
-6. the training configuration (TrainConfig, stored in every checkpoint) and its checks
+3. in-batch pairs, the loss and the miners (HybridLoss returns per-item losses; miners share one
+                      contract, mine(...) -> (anchors, positives, negatives): BatchMiner for
+                      hard/random negatives, UCBMiner for a bandit's choice of difficulty)
+4. GPS and label mining over the data set (mine_hard_negatives, make_place_batches)
+5. the training configuration (TrainConfig, stored in every checkpoint) and its checks
 
 The support code (command line, tables, the pair rule, features and cache, evaluation, logs,
 checkpoints) lives in the vprkit package beside this file; docs/DESIGN.md says where each idea lives.
@@ -42,6 +42,9 @@ from vprkit.hub import hub_endpoint, hub_unreachable_reason
 from vprkit.checkpoints import read_checkpoint
 from vprkit.settings import check_choices, flag as _flag, registered
 
+# ============================================================================================
+# 1. Frozen backbones (registry, weight sources, pooling)
+# ============================================================================================
 @dataclass(frozen=True)
 class BackboneSpec:
     arch: str                      # timm architecture
@@ -286,6 +289,9 @@ def backbone_descriptor(model: nn.Module, images: torch.Tensor) -> torch.Tensor:
     return model.forward_head(model.forward_features(images), pre_logits=True)
 
 
+# ============================================================================================
+# 2. Heads (a registry by name, rebuilt from the HeadConfig a checkpoint stores)
+# ============================================================================================
 PROJECTION_HIDDEN_MAX = 1024  # D//2 for every backbone's own vector; caps it for VLAD (K*C = 40,960 dims)
 
 
@@ -420,6 +426,9 @@ def embed(head: nn.Module, features: np.ndarray, batch_size: int = 4096, device:
     return torch.cat(outs).numpy() if outs else np.zeros((0, 0), np.float32)
 
 
+# ============================================================================================
+# 3. In-batch pairs, the hybrid loss and the miners
+# ============================================================================================
 def batch_pair_masks(xyz: torch.Tensor | np.ndarray | None, pos_threshold_m: float, neg_threshold_m: float,
                      labels: np.ndarray | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """In-batch relations (B x B, B is a batch, not the data set) by pair_relations: the
@@ -690,6 +699,9 @@ class UCBMiner:
         return f"pulls=[{', '.join(str(int(p)) for p in self.bandit.pulls)}]; mean_reward=[{means}]"
 
 
+# ============================================================================================
+# 4. GPS and label mining over the data set: spatial indexes only, never an N x N matrix
+# ============================================================================================
 def mine_hard_negatives(embeddings: np.ndarray, xyz: np.ndarray | None, neg_threshold_m: float, k: int = 10,
                         labels: np.ndarray | None = None, pos_threshold_m: float = 25.0,
                         chunk: int = 512, max_search_k: int = 512) -> np.ndarray:
@@ -828,6 +840,9 @@ def make_place_batches(
     return batches
 
 
+# ============================================================================================
+# 5. The training configuration (stored in every checkpoint), its checks; heads from checkpoints
+# ============================================================================================
 SUPERVISIONS = ("auto", "gps", "labels")
 
 
