@@ -98,6 +98,16 @@ def write_poses(
     return write_csv(folder / name, header, rows)
 
 
+def write_train_val(root: Path, seed: int = 1):
+    """A small training split (6 places x 4 images) and its validation split (the same 6 places,
+    2 images each) as poses CSVs with real JPEGs: (root, train, val)."""
+    import types
+
+    train = write_poses(root, place_positions(6, 4, seed=seed), name="train.csv", seed=seed)
+    val = write_poses(root, place_positions(6, 2, seed=seed + 1), name="val.csv", seed=seed + 1)
+    return types.SimpleNamespace(root=root, train=train, val=val)
+
+
 def place_positions(n_places: int, per_place: int, spacing_m: float = 300.0, jitter_m: float = 2.0,
                     seed: int = 0) -> np.ndarray:
     """Metric positions of n_places places on a line, at least spacing_m apart, per_place

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import TINY_MODEL, TINY_SIZE, assert_one_line_error, place_positions, run_main, write_poses
+from conftest import TINY_MODEL, TINY_SIZE, assert_one_line_error, run_main, write_train_val
 import eval_trained
 import train_vpr
 import trainable_vpr as vpr
@@ -25,10 +25,7 @@ VIT = "timm:test_vit"  # timm's tiny ViT (random weights): 4 patch tokens at 32 
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
-    root = tmp_path_factory.mktemp("pooling")
-    train = write_poses(root, place_positions(6, 4, seed=1), name="train.csv", seed=1)
-    val = write_poses(root, place_positions(6, 2, seed=2), name="val.csv", seed=2)
-    return types.SimpleNamespace(root=root, train=train, val=val)
+    return write_train_val(tmp_path_factory.mktemp("pooling"), seed=1)
 
 
 def _options(cache) -> ExtractionSettings:

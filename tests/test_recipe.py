@@ -4,7 +4,6 @@ seed / default recipes."""
 from __future__ import annotations
 
 import argparse
-import types
 
 import numpy as np
 import pandas as pd
@@ -17,7 +16,7 @@ from vprkit.evaluation import fit_pca_whitening
 from vprkit.features import ExtractionSettings, extract_features
 from vprkit.places import load_poses
 from vprkit.settings import add_config_args, add_config_file_flag, config_from_args, parse_layered
-from conftest import REPO, TINY_MODEL, TINY_SIZE, place_positions, write_poses
+from conftest import REPO, TINY_MODEL, TINY_SIZE, write_train_val
 
 SEED_RECIPE = REPO / "bench" / "seed_recipe.toml"
 
@@ -107,10 +106,7 @@ def test_cosine_schedule_decays_to_zero():
 # ---------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    root = tmp_path_factory.mktemp("recipe")
-    train = write_poses(root, place_positions(6, 4, seed=3), name="train.csv", seed=3)
-    val = write_poses(root, place_positions(6, 2, seed=4), name="val.csv", seed=4)
-    return types.SimpleNamespace(root=root, train=train, val=val)
+    return write_train_val(tmp_path_factory.mktemp("recipe"), seed=3)
 
 
 def _train(tiny, out, *extra: str) -> train_vpr.TrainResult:
