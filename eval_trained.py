@@ -70,7 +70,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                                                     "(with --model_path: checked against the checkpoint's)")
     what.add_argument("--head", default=None, choices=tuple(vpr.HEADS), help="with --model_path: check the checkpoint's head")
     what.add_argument("--pca_whiten", type=int, default=0, metavar="DIM",
-                      help="with --baseline: PCA-whiten the raw features to DIM dims, fitted on the database")
+                      help="PCA-whiten to DIM dims, fitted on the database at indexing time: the raw features "
+                           "(--baseline) or the trained head's output (--model_path)")
     add_eval_data_args(parser)
     out = parser.add_argument_group("outputs")
     out.add_argument("--output_json", help="write the results as JSON here")
@@ -284,10 +285,14 @@ def checkpoint_vocabulary(checkpoint: dict) -> np.ndarray | None:
 
 
 def descriptors_for(args: argparse.Namespace, checkpoint: dict | None, name: str, raw: Descriptors) -> tuple[str, Descriptors]:
-    """The variant asked for: the checkpoint's head, PCA-whitened or raw features."""
+    """The variant asked for: the checkpoint's head (with --pca_whiten, its output PCA-whitened on
+    this database at indexing time), PCA-whitened or raw features."""
     if checkpoint is not None:
         head = vpr.head_from_checkpoint(checkpoint)
-        return f"trained_{name}", Descriptors(vpr.embed(head, raw.database), vpr.embed(head, raw.queries))
+        trained = Descriptors(vpr.embed(head, raw.database), vpr.embed(head, raw.queries))
+        if args.pca_whiten:
+            return f"trained_whitened_{name}", pca_whitened(trained, args.pca_whiten)
+        return f"trained_{name}", trained
     if args.pooling != "backbone":
         name = f"{args.pooling}_{name}"
     if args.pca_whiten:

@@ -7,7 +7,8 @@
 
 For each backbone: the raw frozen features, PCA-whitened frozen features (fitted on the
 database), training-free VLAD over the local features of --feature_layer (vocabulary fitted on
-the training images) and a trained head are evaluated on the same cached features (each image goes
+the training images), a trained head, and the trained head's output PCA-whitened on the database
+(trained_whitened) are evaluated on the same cached features (each image goes
 through each backbone once), with the protocol of eval_trained.py. Every model's weights and
 every input are checked before the first model trains. Prints a comparison table and writes
 logs/experiment_{timestamp}.csv and, beside it, experiment_{timestamp}.json: its inputs,
@@ -150,6 +151,9 @@ def compare_backbone(model: str, args: argparse.Namespace) -> ModelRun:
     trained = train_vpr.train(config)
     head = vpr.head_from_checkpoint(vpr.load_checkpoint(trained.checkpoint))
     variants["trained"] = Descriptors(vpr.embed(head, raw.database), vpr.embed(head, raw.queries))
+    # The head's output PCA-whitened at indexing time on the database the user searches: whitening
+    # fitted on the target database adapts to it without training there (issue "local features").
+    variants["trained_whitened"] = pca_whitened(variants["trained"], config.projection_dim)
 
     reports = {}
     for variant, descriptors in variants.items():

@@ -344,11 +344,11 @@ def test_run_experiment_writes_the_comparison_table(data, tmp_path):
     assert len(written) == 1
     frame = pd.read_csv(written[0])
     assert list(frame.columns) == ["model", "variant", "recall@1", "recall@5", "recall@10", "delta_r1_vs_raw"]
-    assert frame["model"].tolist() == [TINY_MODEL] * 4
-    assert frame["variant"].tolist() == ["raw", "pca_whitened", "vlad", "trained"]
+    assert frame["model"].tolist() == [TINY_MODEL] * 5
+    assert frame["variant"].tolist() == ["raw", "pca_whitened", "vlad", "trained", "trained_whitened"]
     rows = frame.set_index("variant")
     assert rows.loc["raw", "delta_r1_vs_raw"] == 0
-    for variant in ("pca_whitened", "vlad", "trained"):
+    for variant in ("pca_whitened", "vlad", "trained", "trained_whitened"):
         expected = rows.loc[variant, "recall@1"] - rows.loc["raw", "recall@1"]
         assert rows.loc[variant, "delta_r1_vs_raw"] == pytest.approx(expected, abs=1.5e-4), variant
     for n in (1, 5, 10):
@@ -358,6 +358,12 @@ def test_run_experiment_writes_the_comparison_table(data, tmp_path):
     # the raw row is the same evaluation eval_trained --baseline does
     report = eval_trained.main(eval_argv(data, "--baseline", "--model", TINY_MODEL))
     assert rows.loc["raw", "recall@1"] == pytest.approx(report.result.recalls[1], abs=1e-4)
+    # and the trained_whitened row is eval_trained --model_path CKPT --pca_whiten projection_dim
+    [checkpoint] = [p for p in (tmp_path / "models").glob("*.pth") if not p.stem.endswith(("_last", "_final"))
+                    and not p.name.startswith("trained_")]
+    whitened = eval_trained.main(eval_argv(data, "--model_path", str(checkpoint), "--pca_whiten", "16"))
+    assert whitened.name.startswith("trained_whitened_")
+    assert rows.loc["trained_whitened", "recall@1"] == pytest.approx(whitened.result.recalls[1], abs=1e-4)
     # and the vlad row eval_trained --baseline --pooling vlad (the database is the training set here)
     report = eval_trained.main(eval_argv(data, "--baseline", "--model", TINY_MODEL, "--pooling", "vlad",
                                          "--vlad_clusters", "4"))
@@ -441,7 +447,7 @@ def test_run_experiment_demo_end_to_end(tmp_path, monkeypatch, capsys):
     printed = capsys.readouterr().out
     # the demo says which flags it set (epochs was given, so not that one)
     assert "demo settings (flags you give win): --lr 0.001 --lr_schedule cosine\n" in printed
-    assert table["variant"].tolist() == ["raw", "pca_whitened", "vlad", "trained"]
+    assert table["variant"].tolist() == ["raw", "pca_whitened", "vlad", "trained", "trained_whitened"]
     assert table[["recall@1", "recall@5", "recall@10"]].stack().between(0, 1).all()
     assert len(list((tmp_path / "logs").glob("experiment_*.csv"))) == 1
     summary = pd.read_csv(tmp_path / "logs" / "training_summary.csv")

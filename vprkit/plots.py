@@ -21,7 +21,7 @@ from vprkit.cli import atomic_write  # noqa: E402
 from vprkit.runlog import EXPERIMENT_VARIANTS, experiment_recalls  # noqa: E402
 
 FIGURE_DPI = 110
-VARIANT_LABELS = {"raw": "raw", "pca_whitened": "PCA-whitened", "vlad": "VLAD (training-free)", "trained": "trained"}
+VARIANT_LABELS = {"raw": "raw", "pca_whitened": "PCA-whitened", "vlad": "VLAD (training-free)", "trained": "trained", "trained_whitened": "trained + database whitening"}
 LOSS_COLORS = {"train": "C0", "triplet": "C1", "contrastive": "C2", "val": "C3"}
 
 

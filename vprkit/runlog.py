@@ -57,7 +57,8 @@ def experiment_recalls(columns: Sequence[str]) -> list[str]:
     return sorted(found, key=lambda c: int(c.split("@")[1]))
 
 
-EXPERIMENT_VARIANTS = ("raw", "pca_whitened", "vlad", "trained")  # vlad: training-free, over local features
+# vlad: training-free, over local features; trained_whitened: the head's output whitened on the database
+EXPERIMENT_VARIANTS = ("raw", "pca_whitened", "vlad", "trained", "trained_whitened")
 
 
 def safe_name(text: str) -> str:
