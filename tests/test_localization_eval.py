@@ -138,7 +138,7 @@ def test_run_experiment_draws_its_variants_on_one_figure(tmp_path, capsys):
     assert figure.is_file() and figure.stat().st_size > 10_000
     medians = {line.split()[1]: float(line.split("median")[1].split()[0])
                for line in printed.splitlines() if line.startswith(f"  {TINY_MODEL} ") and "median" in line}
-    assert set(medians) == {"raw", "pca_whitened", "trained"}
+    assert set(medians) == {"raw", "pca_whitened", "trained", "trained_whitened"}
     out = tmp_path / "raw.json"
     eval_trained.main(["--baseline", "--model", TINY_MODEL, "--train_csv", str(data["train"]), "--test_csv",
                        str(data["test"]), *TINY, "--cache_dir", str(cache), "--output_json", str(out)])
