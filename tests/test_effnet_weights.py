@@ -15,7 +15,8 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from trainable_vpr import create_backbone, load_effnet_lite_package_state_dict, map_effnet_lite_state_dict  # noqa: E402
+from trainable_vpr import create_backbone  # noqa: E402
+from vprkit.weights import load_effnet_lite_package_state_dict, map_effnet_lite_state_dict  # noqa: E402
 
 PHOTO = REPO.parent / "shared" / "data" / "bgu_campus" / "images" / "20251222_094711.jpg"
 VARIANTS = ["lite0", "lite2"]

@@ -13,6 +13,7 @@ from conftest import haversine_m
 from vprkit.cli import VPRError
 from vprkit.pairs import cluster_places, nearest_distance_m, neighbours_within
 from vprkit.places import EARTH_RADIUS_M, latlon_to_xyz, metric_to_xyz
+from vprkit.miners import batch_triplets
 
 
 def _chord(lat1, lon1, lat2, lon2) -> float:
@@ -380,14 +381,14 @@ def _triplet_case(seed=11):
 
 def test_batch_triplets_one_per_positive_pair():
     sim, pos, neg = _triplet_case()
-    a, p, n = vpr.batch_triplets(sim, pos, neg, 0.5, torch.Generator().manual_seed(0))
+    a, p, n = batch_triplets(sim, pos, neg, 0.5, torch.Generator().manual_seed(0))
     assert sorted(zip(a.tolist(), p.tolist())) == sorted(map(tuple, torch.nonzero(pos).tolist()))
     assert pos[a, p].all() and neg[a, n].all()
 
 
 def test_batch_triplets_hard_ratio_one_picks_most_similar_negative():
     sim, pos, neg = _triplet_case()
-    a, p, n = vpr.batch_triplets(sim, pos, neg, 1.0, torch.Generator().manual_seed(0))
+    a, p, n = batch_triplets(sim, pos, neg, 1.0, torch.Generator().manual_seed(0))
     for ai, ni in zip(a.tolist(), n.tolist()):
         candidates = torch.nonzero(neg[ai]).flatten()
         assert ni == int(candidates[sim[ai, candidates].argmax()])
@@ -399,7 +400,7 @@ def test_batch_triplets_hard_ratio_zero_random_valid_negatives():
     chosen: dict[int, set[int]] = {}
     generator = torch.Generator().manual_seed(0)
     for _ in range(30):
-        a, p, n = vpr.batch_triplets(sim, pos, neg, 0.0, generator)
+        a, p, n = batch_triplets(sim, pos, neg, 0.0, generator)
         assert neg[a, n].all(), "a random negative is a positive or in the ignore zone"
         assert not pos[a, n].any()
         for ai, ni in zip(a.tolist(), n.tolist()):
@@ -412,5 +413,5 @@ def test_batch_triplets_hard_ratio_zero_random_valid_negatives():
 def test_batch_triplets_skips_anchors_without_negatives():
     xyz = torch.tensor([[0.0, 0, 0], [1.0, 0, 0], [50.0, 0, 0], [51.0, 0, 0]], dtype=torch.float64)
     pos, neg = vpr.batch_pair_masks(xyz, 25.0, 100.0)  # two places in each other's ignore zone
-    a, p, n = vpr.batch_triplets(torch.eye(4), pos, neg, 0.5, torch.Generator().manual_seed(0))
+    a, p, n = batch_triplets(torch.eye(4), pos, neg, 0.5, torch.Generator().manual_seed(0))
     assert a.numel() == p.numel() == n.numel() == 0

@@ -11,6 +11,7 @@ import torch.nn.functional as F
 import trainable_vpr as vpr
 from vprkit.cli import VPRError
 from vprkit.places import metric_to_xyz
+from vprkit.miners import BatchMiner
 
 
 # --------------------------------------------------------------------------------------------
@@ -52,7 +53,7 @@ def _loss(emb, pos, neg, hard_neg_ratio: float = 0.5, **kwargs) -> vpr.LossParts
     """The hybrid loss on the triplets a BatchMiner mines, as training computes it."""
     emb = emb if isinstance(emb, torch.Tensor) else torch.tensor(emb, dtype=torch.float32)
     pos, neg = torch.as_tensor(pos), torch.as_tensor(neg)
-    triplets = vpr.BatchMiner(hard_neg_ratio).mine(emb.detach(), pos, neg, torch.Generator().manual_seed(0))
+    triplets = BatchMiner(hard_neg_ratio).mine(emb.detach(), pos, neg, torch.Generator().manual_seed(0))
     return vpr.HybridLoss(**kwargs)(emb, pos, neg, triplets)
 
 
