@@ -264,21 +264,10 @@ class DemoDataset:
     def csvs(self) -> dict[str, Path]:
         return {split: self.root / f"{split}.csv" for split in SPLITS}
 
-    @property
-    def db_csv(self) -> Path:
-        return self.csvs["database"]
-
-    @property
-    def train_csv(self) -> Path:
-        return self.csvs["train"]
-
-    @property
-    def val_csv(self) -> Path:
-        return self.csvs["val"]
-
-    @property
-    def test_csv(self) -> Path:
-        return self.csvs["test"]
+    db_csv = property(lambda self: self.csvs["database"])
+    train_csv = property(lambda self: self.csvs["train"])
+    val_csv = property(lambda self: self.csvs["val"])
+    test_csv = property(lambda self: self.csvs["test"])
 
     @property
     def num_images(self) -> int:
