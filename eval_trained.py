@@ -33,7 +33,7 @@ import pandas as pd
 
 import trainable_vpr as vpr
 from vprkit.checkpoints import EMBEDDINGS_ARCH, check_checkpoint_matches
-from vprkit.cli import CliParser, VPRError, add_debug_flag, atomic_write, check_writable_dir, check_writable_file, run_cli
+from vprkit.cli import CliParser, VPRError, add_debug_flag, atomic_write, check_writable_dir, check_writable_file, run_cli, write_png
 from vprkit.evaluation import Descriptors, EvalReport, evaluate_variant, format_report, load_eval_tables, pca_whitened
 from vprkit.features import (Backbone, ExtractionSettings, extraction_settings, frozen_descriptors,
                              pooling_config, release_other_ranks, validate_extraction_flags)
@@ -229,7 +229,7 @@ def draw_retrievals(report: EvalReport, database: PlaceTable, queries: PlaceTabl
             axes[r, 0].set_xlabel(f"no match {rule}\nin the database", fontsize=8, color="0.45")
     fig.suptitle(f"{report.name}: queries and top-{top} retrievals ({legend})", fontsize=11)
     path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write(path, lambda p: fig.savefig(p, dpi=80, format="png"))
+    write_png(fig, path, dpi=80)
     plt.close(fig)
 
 

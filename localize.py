@@ -32,7 +32,7 @@ import pandas as pd
 
 import trainable_vpr as vpr
 from vprkit.checkpoints import EMBEDDINGS_ARCH, check_checkpoint_matches
-from vprkit.cli import CliParser, VPRError, add_debug_flag, atomic_write, check_writable_file, run_cli
+from vprkit.cli import CliParser, VPRError, add_debug_flag, atomic_write, check_writable_file, run_cli, write_png
 from vprkit.evaluation import l2_normalise
 from vprkit.features import Backbone, ExtractionSettings, extract_table, extraction_settings, validate_extraction_flags
 from vprkit.places import (IMAGE_COLUMNS, LATLON_COLUMNS, METRIC_COLUMNS, PlaceTable, _find_column,
@@ -230,8 +230,7 @@ def draw_matches(frame: pd.DataFrame, path: Path, max_queries: int, title: str) 
             ax.set_title(cells[c][1], fontsize=8)
     fig.suptitle(title, fontsize=11)
     path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=80))
-    return path
+    return write_png(fig, path, dpi=80)
 
 
 # ============================================================================================

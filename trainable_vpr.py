@@ -615,12 +615,8 @@ def validate_train_config(config: TrainConfig) -> None:
         raise VPRError(f"--hard_neg_ratio {config.hard_neg_ratio:g}: must be between 0 and 1")
     if not 0.0 <= config.dropout < 1.0:
         raise VPRError(f"--dropout {config.dropout:g}: must be in [0, 1)")
-    if config.positive_selection not in ("gps", "feature"):
-        raise VPRError(f"--positive_selection {config.positive_selection}: choose gps or feature")
     if config.positive_top_k < 1:
         raise VPRError(f"--positive_top_k {config.positive_top_k}: must be at least 1")
-    if config.lr_schedule not in ("constant", "cosine"):
-        raise VPRError(f"--lr_schedule {config.lr_schedule}: choose constant or cosine")
     if config.early_stopping_patience < 0:
         raise VPRError(f"--early_stopping_patience {config.early_stopping_patience}: must be 0 (off) or more")
     for name in ("validate_every_n_epochs", "save_every_n_epochs", "ucb_bands", "projection_dim", "hidden_dim"):

@@ -113,3 +113,12 @@ def atomic_write(path: str | Path, write: Callable[[Path], None]) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+FIGURE_DPI = 110  # every figure of the suite (the pictures of images: 80, they are photo grids)
+
+
+def write_png(fig: Any, path: str | Path, dpi: int = FIGURE_DPI) -> Path:
+    """Save a matplotlib figure as PNG atomically (atomic_write): readers never see half a picture."""
+    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=dpi))
+    return Path(path)

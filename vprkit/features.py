@@ -30,7 +30,6 @@ DEFAULT_CACHE_DIR = ".cache/features"
 CACHE_FORMAT = 1  # part of every cache key: bump when what the cache stores changes
 
 
-FORMAT_VERSION = 1
 
 
 @dataclass(frozen=True)

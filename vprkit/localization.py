@@ -19,17 +19,16 @@ object API (no pyplot, so no GUI backend and no global figure state). No torch.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from vprkit.cli import atomic_write
+from vprkit.cli import write_png
 
 LOCALIZATION_THRESHOLDS_M: tuple[float, ...] = (5, 10, 25, 50, 100)
 PERCENTILES: dict[str, float] = {"median": 50.0, "p75": 75.0, "p90": 90.0}
-FIGURE_DPI = 110  # as analyze_metrics.py
 
 
 # ============================================================================================
@@ -169,7 +168,6 @@ class LocalizationResult:
     pos_threshold_m: float                       # the evaluation's positive threshold
     top1_correct: np.ndarray                     # Q: the top-1 is a positive (the PR labels)
     top1_similarity: np.ndarray                  # Q: the top-1 descriptor similarity (the PR scores)
-    pr_curve: PRCurve | None = field(default=None, repr=False)  # the known-place PR curve
 
     @property
     def num_queries(self) -> int:
@@ -208,7 +206,6 @@ def localization_from_ranking(
         pr_auc=pr_auc(similarity, correct),
         errors_m=errors, pos_threshold_m=float(pos_threshold_m),
         top1_correct=correct, top1_similarity=similarity,
-        pr_curve=known_place_pr(similarity, correct),
     )
 
 
@@ -302,8 +299,7 @@ def draw_localization_figure(curves: Mapping[str, LocalizationResult | np.ndarra
     fig.legend(*ax_recall.get_legend_handles_labels(), loc="outside lower center",
                ncols=min(len(named), 3), fontsize="small")
     fig.suptitle(title, fontsize=13, fontweight="bold")
-    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=FIGURE_DPI))
-    return path
+    return write_png(fig, path)
 
 
 # ============================================================================================

@@ -177,10 +177,12 @@ class UCBMiner:
         else:
             bands = similarity_rank_bands(embeddings @ embeddings.T, neg_mask, self.bandit.arms)
         anchors, positives = torch.nonzero(pos_mask & neg_mask.any(1, keepdim=True), as_tuple=True)
+        # per anchor, once: the bands it has negatives in (an anchor has several positives)
+        present_bands = {a: torch.unique(bands[a][bands[a] >= 0]) for a in set(anchors.tolist())}
         negatives, arms = [], []
         for anchor in anchors.tolist():
             wanted = self.bandit.select()
-            present = torch.unique(bands[anchor][bands[anchor] >= 0])
+            present = present_bands[anchor]
             arm = int(present[(present - wanted).abs().argmin()])
             choices = torch.nonzero(bands[anchor] == arm).flatten()
             negatives.append(int(choices[torch.randint(len(choices), (1,), generator=generator)]))

@@ -17,16 +17,15 @@ from matplotlib.axes import Axes  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
-from vprkit.cli import atomic_write  # noqa: E402
+from vprkit.cli import VPRError, write_png  # noqa: E402
 from vprkit.runlog import EXPERIMENT_VARIANTS, experiment_recalls  # noqa: E402
 
-FIGURE_DPI = 110
 VARIANT_LABELS = {"raw": "raw", "pca_whitened": "PCA-whitened", "vlad": "VLAD (training-free)", "trained": "trained", "trained_whitened": "trained + database whitening"}
 LOSS_COLORS = {"train": "C0", "triplet": "C1", "contrastive": "C2", "val": "C3"}
 
 
 def save_figure(fig: Figure, path: Path) -> Path:
-    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=FIGURE_DPI))
+    write_png(fig, path)
     plt.close(fig)
     return path
 
@@ -218,7 +217,6 @@ def plot_study(study: Any, path: Path) -> Path:
     trial value, one small panel per parameter."""
     trials = [t for t in study.trials if t.value is not None]
     if not trials:
-        from vprkit.cli import VPRError
 
         raise VPRError(f"study {study.study_name}: no completed trial yet; run tune_vpr.py first")
     maximize = study.direction.name == "MAXIMIZE"
