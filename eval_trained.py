@@ -41,7 +41,6 @@ from vprkit.images import open_rgb
 from vprkit.localization import (LocalizationResult, draw_localization_figure, localization_json, localization_lines,
                                  localization_of_result)
 from vprkit.places import PlaceTable, export_embeddings_parquet, is_parquet
-from vprkit.pooling import PoolingConfig
 from vprkit.runlog import safe_name
 from vprkit.settings import add_config_args, add_config_file_flag, parse_layered
 
@@ -252,36 +251,7 @@ def backbone_for(args: argparse.Namespace, checkpoint: dict | None, database: Pl
     if checkpoint is None:  # a baseline: a VLAD vocabulary is fitted on the database
         return vpr.create_pooled_backbone(args.model, args.weights, args.image_size, pooling_config(args),
                                           database.paths, extraction_settings(args))
-    saved = checkpoint["backbone"]
-    weights = args.weights or checkpoint["config"].get("weights")
-    backbone = vpr.create_pooled_backbone(saved["name"], weights, args.image_size or saved.get("image_size", 0),
-                                          checkpoint_pooling(args, checkpoint), vocabulary=checkpoint_vocabulary(checkpoint))
-    if backbone.info.weights != saved.get("weights"):
-        raise VPRError(f"checkpoint {args.model_path} was trained on {saved['name']} weights {saved.get('weights')}, "
-                           f"but the weights found now are {backbone.info.weights}; pass the same --weights")
-    in_dim = checkpoint["head_config"]["in_dim"]
-    if backbone.info.feature_dim != in_dim:
-        raise VPRError(f"checkpoint {args.model_path}: its head takes {in_dim}-dim features, "
-                           f"the backbone gives {backbone.info.feature_dim}")
-    return backbone
-
-
-def checkpoint_pooling(args: argparse.Namespace, checkpoint: dict) -> PoolingConfig:
-    """The checkpoint's pooling (--pooling etc. may only repeat it: its head was trained on it)."""
-    trained = pooling_config(checkpoint["config"])
-    asked = pooling_config(args)
-    if asked != PoolingConfig() and asked != trained:
-        raise VPRError(f"checkpoint {args.model_path} was trained on --pooling {trained.pooling} --feature_layer "
-                       f"{trained.feature_layer} --vlad_clusters {trained.vlad_clusters}; drop the pooling flags "
-                       f"(the checkpoint's are used)")
-    if trained.pooling == "vlad" and "vlad_vocabulary" not in checkpoint:
-        raise VPRError(f"checkpoint {args.model_path}: --pooling vlad but no VLAD vocabulary stored; retrain it")
-    return trained
-
-
-def checkpoint_vocabulary(checkpoint: dict) -> np.ndarray | None:
-    saved = checkpoint.get("vlad_vocabulary")
-    return None if saved is None else saved.numpy()
+    return vpr.checkpoint_backbone(checkpoint, args.model_path, args.weights, args.image_size, pooling_config(args))
 
 
 def descriptors_for(args: argparse.Namespace, checkpoint: dict | None, name: str, raw: Descriptors) -> tuple[str, Descriptors]:

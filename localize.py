@@ -33,8 +33,8 @@ import pandas as pd
 import trainable_vpr as vpr
 from vprkit.checkpoints import EMBEDDINGS_ARCH, check_checkpoint_matches
 from vprkit.cli import CliParser, VPRError, add_debug_flag, atomic_write, check_writable_file, run_cli, write_png
-from vprkit.evaluation import l2_normalise
-from vprkit.features import Backbone, ExtractionSettings, extract_table, extraction_settings, validate_extraction_flags
+from vprkit.evaluation import exact_search
+from vprkit.features import Backbone, ExtractionSettings, extract_table, extraction_settings, pooling_config, validate_extraction_flags
 from vprkit.places import (IMAGE_COLUMNS, LATLON_COLUMNS, METRIC_COLUMNS, PlaceTable, _find_column,
                            _find_column_pair, is_parquet, load_poses, read_csv_table)
 from vprkit.settings import add_config_args, add_config_file_flag, parse_layered
@@ -110,22 +110,20 @@ def query_table(query: str) -> PlaceTable:
                       frame=pd.DataFrame({"image_path": paths}))
 
 
-def backbone_and_head(args: argparse.Namespace) -> tuple[Backbone, object | None, float]:
+def backbone_and_head(args: argparse.Namespace, database_paths: Sequence[str]) -> tuple[Backbone, object | None, float]:
     """The backbone (the checkpoint's, same weights, or --model's), the trained head (None for
     --baseline) and the position threshold."""
-    if args.baseline:
-        return vpr.create_backbone(args.model, args.weights, args.image_size), None, args.pos_threshold_m or 25.0
+    if args.baseline:  # a VLAD vocabulary is fitted on the database
+        backbone = vpr.create_pooled_backbone(args.model, args.weights, args.image_size, pooling_config(args),
+                                              database_paths, extraction_settings(args))
+        return backbone, None, args.pos_threshold_m or 25.0
     checkpoint = vpr.load_checkpoint(args.model_path)
     check_checkpoint_matches(checkpoint, args.model_path, args.model)
     saved = checkpoint["backbone"]
     if saved.get("arch") == EMBEDDINGS_ARCH:
         raise VPRError(f"checkpoint {args.model_path} was trained on precomputed embeddings ({saved['weights']}); "
                        "it has no backbone to turn photos into features")
-    backbone = vpr.create_backbone(saved["name"], args.weights or checkpoint["config"].get("weights"),
-                                   args.image_size or saved.get("image_size", 0))
-    if backbone.info.weights != saved.get("weights"):
-        raise VPRError(f"checkpoint {args.model_path} was trained on {saved['name']} weights {saved.get('weights')}, "
-                       f"but the weights found now are {backbone.info.weights}; pass the same --weights")
+    backbone = vpr.checkpoint_backbone(checkpoint, args.model_path, args.weights, args.image_size, pooling_config(args))
     threshold = args.pos_threshold_m or checkpoint["config"].get("pos_threshold_m", 25.0)
     return backbone, vpr.head_from_checkpoint(checkpoint), threshold
 
@@ -133,20 +131,6 @@ def backbone_and_head(args: argparse.Namespace) -> tuple[Backbone, object | None
 # ============================================================================================
 # Matching and the position estimate
 # ============================================================================================
-def top_k_matches(db_desc: np.ndarray, q_desc: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """(Q x k database indices best first, their cosine similarities): exact inner-product
-    search on L2-normalised descriptors (faiss), ties broken by lower database index as in
-    vprkit.evaluation."""
-    import faiss
-
-    db = l2_normalise(db_desc)
-    index = faiss.IndexFlatIP(db.shape[1])
-    index.add(db)
-    scores, top = index.search(l2_normalise(q_desc), min(k, len(db)))
-    order = np.lexsort((top, -scores), axis=1)
-    return np.take_along_axis(top, order, axis=1), np.take_along_axis(scores, order, axis=1)
-
-
 def estimate_positions(db_xyz: np.ndarray, top: np.ndarray, scores: np.ndarray,
                        pos_threshold_m: float) -> tuple[np.ndarray, np.ndarray]:
     """(Q x 3 estimated xyz, Q support counts): per query the similarity-weighted mean of its
@@ -240,13 +224,13 @@ def main(argv: Sequence[str] | None = None) -> pd.DataFrame:
     args = parse_args(argv)
     queries = query_table(args.query)
     database = load_poses(args.db_csv, args.image_root, on_bad_image=args.on_bad_image)
-    backbone, head, threshold = backbone_and_head(args)
+    backbone, head, threshold = backbone_and_head(args, database.paths)
     options = extraction_settings(args)
     database, db_features = extract_table(backbone, database, options, "database", args.on_bad_image)
     queries, q_features = extract_table(backbone, queries, options, "queries", args.on_bad_image)
     if head is not None:
         db_features, q_features = vpr.embed(head, db_features), vpr.embed(head, q_features)
-    top, scores = top_k_matches(db_features, q_features, args.top_k)
+    top, scores = exact_search(db_features, q_features, args.top_k)
     frame = matches_frame(database, queries, top, scores, threshold)
     atomic_write(args.output, lambda p: frame.to_csv(p, index=False))
     estimated = "with position estimates" if any(c.startswith("est_") for c in frame.columns) else "(no positions)"

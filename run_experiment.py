@@ -92,15 +92,20 @@ def use_demo_data(args: argparse.Namespace, parser: argparse.ArgumentParser) -> 
         print(f"demo settings (flags you give win): {' '.join(applied)}", flush=True)
 
 
+def final_eval_args(args: argparse.Namespace) -> argparse.Namespace:
+    """The flags of the final evaluation: the database is --db_csv, else the training images."""
+    return argparse.Namespace(**{**vars(args), "train_csv": args.db_csv or args.train_csv})
+
+
 def check_before_training(args: argparse.Namespace) -> None:
     """Every input and every model's weights, before the first model trains (nothing written
     yet): the test and database tables, each model's training splits, and its backbone built
     once (an unavailable download stops here with the hub's one-line reason)."""
+    config = config_from_args(args, vpr.TrainConfig, model=args.models[0])
+    database, _ = load_eval_tables(final_eval_args(args), config.pos_threshold_m, config.supervision)
     for model in args.models:
         config = config_from_args(args, vpr.TrainConfig, model=model)
-        eval_args = argparse.Namespace(**{**vars(args), "train_csv": args.db_csv or args.train_csv})
-        database, _ = load_eval_tables(eval_args, config.pos_threshold_m, config.supervision)
-        train_vpr.load_splits(config)
+        train_vpr.load_splits(config)  # per model: a parquet's backbone must agree with --model
         if database.embeddings is None:
             vpr.create_backbone(model, config.weights, config.image_size)  # freed at once; built again to train
 
@@ -129,8 +134,7 @@ def compare_backbone(model: str, args: argparse.Namespace) -> ModelRun:
     """Raw, PCA-whitened, training-free VLAD and trained descriptors of one backbone on the final
     queries, each with its localization view (no VLAD row for embeddings parquets: no images)."""
     config = config_from_args(args, vpr.TrainConfig, model=model)
-    eval_args = argparse.Namespace(**{**vars(args), "train_csv": args.db_csv or args.train_csv})
-    database, queries = load_eval_tables(eval_args, config.pos_threshold_m, config.supervision)
+    database, queries = load_eval_tables(final_eval_args(args), config.pos_threshold_m, config.supervision)
     backbone = None
     if database.embeddings is None:
         train = load_table(config.train_csv, config.image_root, config.camera_id, config.on_bad_image)

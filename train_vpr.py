@@ -43,6 +43,7 @@ from vprkit.places import PlaceTable, load_table
 from vprkit.runlog import CsvLogger, LOG_COLUMNS, LOG_EXTRA_COLUMNS, LOG_OPTIONAL_COLUMNS, TRAINING_SUMMARY_NAME, append_summary_row, new_run_id, read_summary_table
 from vprkit.settings import add_config_args, add_config_file_flag, config_from_args, given_settings, parse_layered
 from vprkit.miners import BatchMiner, UCBMiner, load_difficulty_parquet
+from vprkit.checkpoints import checkpoint_vocabulary
 
 
 @dataclass
@@ -249,8 +250,7 @@ def resumed_vocabulary(config: vpr.TrainConfig) -> np.ndarray | None:
     """A resumed --pooling vlad run pools with its checkpoint's vocabulary, never a refitted one."""
     if not config.resume or config.pooling != "vlad":
         return None
-    saved = vpr.load_checkpoint(config.resume).get("vlad_vocabulary")
-    return None if saved is None else saved.numpy()
+    return checkpoint_vocabulary(vpr.load_checkpoint(config.resume))
 
 
 def head_config_for(config: vpr.TrainConfig, in_dim: int) -> vpr.HeadConfig:

@@ -29,12 +29,12 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from vprkit.cli import VPRError
-from vprkit.features import BackboneInfo, ExtractionSettings, validate_extraction_flags
+from vprkit.features import BackboneInfo, ExtractionSettings, pooling_config, validate_extraction_flags
 from vprkit.pooling import LocalPooling, PoolingConfig, num_feature_layers, vocabulary_fingerprint
 from vprkit.pairs import pair_relations
 from vprkit.places import is_parquet
 from vprkit.evaluation import l2_normalise, pca_by_eigh, pca_whitening_matrix
-from vprkit.checkpoints import read_checkpoint
+from vprkit.checkpoints import checkpoint_vocabulary, read_checkpoint
 from vprkit.miners import Triplets
 from vprkit.weights import create_timm_model
 from vprkit.settings import check_choices, flag as _flag, registered
@@ -145,6 +145,32 @@ def create_pooled_backbone(name: str, weights: str | None, image_size: int, conf
             raise VPRError("--pooling vlad: no images to fit the VLAD vocabulary on")
         vocabulary = vlad_vocabulary(backbone, config, fit_on, options or ExtractionSettings())
     return pool_backbone(backbone, config, vocabulary)
+
+
+def checkpoint_backbone(checkpoint: dict[str, Any], path: str | Path, weights: str | None = None, image_size: int = 0,
+                        asked: PoolingConfig | None = None) -> Backbone:
+    """The frozen backbone a checkpoint's head was trained on: its name, input size, pooling and
+    VLAD vocabulary, and the same weights (checked; `weights` may point at the file again). The
+    pooling flags the user gave (`asked`) may only repeat the checkpoint's."""
+    saved = checkpoint["backbone"]
+    trained = pooling_config(checkpoint["config"])
+    if asked is not None and asked != PoolingConfig() and asked != trained:
+        raise VPRError(f"checkpoint {path} was trained on --pooling {trained.pooling} --feature_layer "
+                       f"{trained.feature_layer} --vlad_clusters {trained.vlad_clusters}; drop the pooling flags "
+                       f"(the checkpoint's are used)")
+    if trained.pooling == "vlad" and "vlad_vocabulary" not in checkpoint:
+        raise VPRError(f"checkpoint {path}: --pooling vlad but no VLAD vocabulary stored; retrain it")
+    backbone = create_pooled_backbone(saved["name"], weights or checkpoint["config"].get("weights"),
+                                      image_size or saved.get("image_size", 0), trained,
+                                      vocabulary=checkpoint_vocabulary(checkpoint))
+    if backbone.info.weights != saved.get("weights"):
+        raise VPRError(f"checkpoint {path} was trained on {saved['name']} weights {saved.get('weights')}, "
+                       f"but the weights found now are {backbone.info.weights}; pass the same --weights")
+    in_dim = checkpoint["head_config"]["in_dim"]
+    if backbone.info.feature_dim != in_dim:
+        raise VPRError(f"checkpoint {path}: its head takes {in_dim}-dim features, "
+                       f"the backbone gives {backbone.info.feature_dim}")
+    return backbone
 
 
 def backbone_descriptor(model: nn.Module, images: torch.Tensor) -> torch.Tensor:

@@ -98,6 +98,12 @@ def read_checkpoint(path: str | Path, build_head: Callable[[dict[str, Any]], Any
     return checkpoint
 
 
+def checkpoint_vocabulary(checkpoint: dict[str, Any]) -> np.ndarray | None:
+    """The VLAD vocabulary a --pooling vlad checkpoint was trained with (None for other poolings)."""
+    saved = checkpoint.get("vlad_vocabulary")
+    return None if saved is None else saved.numpy()
+
+
 def check_checkpoint_matches(checkpoint: dict[str, Any], path: str | Path, model: str | None = None,
                              head: str | None = None) -> None:
     """A checkpoint of the backbone and head the user asked for (None: not asked)."""

@@ -45,6 +45,21 @@ def recall_at_n(correct: np.ndarray, recall_at: Sequence[int]) -> dict[int, floa
     return {n: float(hits[:, min(n, max(hits.shape[1], 1)) - 1].mean()) for n in recall_at}
 
 
+def exact_search(db_desc: np.ndarray, q_desc: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """(Q x k database indices best first, their cosine similarities): exact inner-product search
+    on L2-normalised descriptors (faiss). faiss keeps the right set under exact ties but may list
+    tied items in any order; the order is made deterministic (lower database index first), so
+    R@1 cannot depend on k."""
+    import faiss
+
+    db = l2_normalise(db_desc)
+    index = faiss.IndexFlatIP(db.shape[1])
+    index.add(db)
+    scores, top = index.search(l2_normalise(q_desc), min(k, len(db)))
+    order = np.lexsort((top, -scores), axis=1)
+    return np.take_along_axis(top, order, axis=1), np.take_along_axis(scores, order, axis=1)
+
+
 def evaluate_retrieval(
     db_desc: np.ndarray, db_xyz: np.ndarray | None, q_desc: np.ndarray, q_xyz: np.ndarray | None,
     pos_threshold_m: float = 25.0, recall_at: Sequence[int] = (1, 5, 10),
@@ -56,21 +71,11 @@ def evaluate_retrieval(
     query's label (and within pos_threshold_m when there are positions too). Queries without
     any positive in the database count as misses and are counted. Distances are NaN without
     positions."""
-    import faiss
-
     if len(q_desc) == 0:
         raise VPRError("no queries to evaluate")
     if len(db_desc) == 0:
         raise VPRError("the database is empty")
-    db = l2_normalise(db_desc)
-    index = faiss.IndexFlatIP(db.shape[1])
-    index.add(db)
-    k = min(max(recall_at), len(db))
-    scores, top = index.search(l2_normalise(q_desc), k)
-    # faiss keeps the right set under exact ties but may list tied items in any order; make
-    # the order deterministic (lower database index first) so R@1 cannot depend on k.
-    order = np.lexsort((top, -scores), axis=1)
-    top, scores = np.take_along_axis(top, order, axis=1), np.take_along_axis(scores, order, axis=1)
+    top, scores = exact_search(db_desc, q_desc, max(recall_at))
     by_label = db_labels is not None and q_labels is not None
     if not by_label and (db_xyz is None or q_xyz is None):
         raise VPRError("evaluation needs positions or place labels on both the database and the queries")

@@ -55,6 +55,11 @@ class BackboneInfo:
             del out["pooling"], out["vocabulary"]
         return out
 
+    @property
+    def file_stem(self) -> str:
+        """The backbone's name as a file-name part (timm:ARCH and hub ids hold ':' and '/')."""
+        return self.name.replace(":", "_").replace("/", "_")
+
 
 class Backbone(Protocol):
     """What extraction needs of a frozen backbone (trainable_vpr.Backbone is one): its module,
@@ -106,8 +111,7 @@ class FeatureCache:
         config = {"backbone": info.as_dict(), "dtype": dtype, "precision": precision, "format": CACHE_FORMAT,
                   "decode": DECODE_TAG}
         digest = hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()[:16]
-        safe_name = info.name.replace(":", "_").replace("/", "_")
-        self.dir = Path(cache_dir) / f"{safe_name}-{digest}"
+        self.dir = Path(cache_dir) / f"{info.file_stem}-{digest}"
         self.dtype = dtype
         self.dir.mkdir(parents=True, exist_ok=True)
         config_path = self.dir / "config.json"
@@ -247,7 +251,6 @@ def extraction_settings(config: Any) -> ExtractionSettings:
     return ExtractionSettings(**{n: getattr(config, n) for n in names if hasattr(config, n)})
 
 
-POOLING_FLAGS = ("pooling", "feature_layer", "vlad_clusters")
 
 
 def pooling_config(config: Any) -> PoolingConfig:

@@ -36,6 +36,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from vprkit.cli import VPRError
+from vprkit.evaluation import l2_normalise
 
 POOLINGS = ("backbone", "gem", "vlad")
 DEFAULT_VOCABULARY_SAMPLE = 50_000  # local features kept overall to fit a vocabulary
@@ -217,7 +218,7 @@ def fit_vlad_vocabulary(samples: np.ndarray, k: int, seed: int = 0) -> np.ndarra
     if not np.isfinite(samples).all():
         raise VPRError("--pooling vlad: the sampled local features contain NaN or inf; check the backbone "
                        "weights and --precision")
-    samples = np.ascontiguousarray(samples / np.maximum(np.linalg.norm(samples, axis=1, keepdims=True), 1e-12))
+    samples = np.ascontiguousarray(l2_normalise(samples))
     kmeans = faiss.Kmeans(samples.shape[1], k, niter=KMEANS_ITERATIONS, seed=seed, spherical=True, verbose=False,
                           min_points_per_centroid=1, max_points_per_centroid=math.ceil(samples.shape[0] / k) + 1)
     kmeans.train(samples)

@@ -58,8 +58,7 @@ def vocabulary_path(cache_dir: str | Path, info: BackboneInfo, tag: str, paths: 
                                         "seed": VOCABULARY_SEED}, sort_keys=True).encode())
     for path in paths:
         digest.update(image_fingerprint(path).encode())
-    name = info.name.replace(":", "_").replace("/", "_")
-    return Path(cache_dir) / "vocabularies" / f"{name}-{tag}-{digest.hexdigest()[:16]}.npy"
+    return Path(cache_dir) / "vocabularies" / f"{info.file_stem}-{tag}-{digest.hexdigest()[:16]}.npy"
 
 
 def fit_vocabulary_on_images(backbone: Backbone, config: PoolingConfig, paths: Sequence[str],
