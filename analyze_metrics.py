@@ -40,7 +40,7 @@ from vprkit.places import numeric_column  # noqa: E402
 from vprkit.plots import (RunCurve, plot_batch_loss, plot_epoch_losses, plot_loss_parts,  # noqa: E402
                           show_no_data, show_text_panel)
 from vprkit.plots import plot_comparison, plot_experiment_bars, plot_study, recall_scale, save_figure  # noqa: E402
-from vprkit.runlog import (EXPERIMENT_COLUMNS, LOG_COLUMNS, REQUIRED_EXPERIMENT_RECALL, SUMMARY_RESULT_COLUMNS,  # noqa: E402
+from vprkit.runlog import (EXPERIMENT_COLUMNS, LOG_COLUMNS, EXPERIMENT_REQUIRED, SUMMARY_RESULT_COLUMNS,  # noqa: E402
                            TRAINING_SUMMARY_NAME, experiment_recalls, safe_name)
 
 EXPERIMENT_PATTERN = "experiment_*.csv"
@@ -158,7 +158,7 @@ def csv_header(path: Path, quiet: bool = False) -> list[str]:
 
 
 def is_experiment_header(header: Sequence[str]) -> bool:
-    return {"model", "variant", REQUIRED_EXPERIMENT_RECALL} <= set(header)
+    return set(EXPERIMENT_REQUIRED) <= set(header)
 
 
 # ============================================================================================
@@ -238,7 +238,7 @@ def read_training_summary(path: Path | None) -> pd.DataFrame | None:
 
 def read_experiment_csv(path: Path) -> pd.DataFrame:
     table = read_csv_text(path)
-    missing = [c for c in ["model", "variant", REQUIRED_EXPERIMENT_RECALL] if c not in table.columns]
+    missing = [c for c in EXPERIMENT_REQUIRED if c not in table.columns]
     if missing:
         raise VPRError(f"{path}: not an experiment CSV (missing columns {', '.join(missing)}); "
                        f"expected {', '.join(EXPERIMENT_COLUMNS)}")

@@ -120,13 +120,12 @@ class ModelRun:
     trained: train_vpr.TrainResult
 
 
-def training_free_vlad(model: str, config: vpr.TrainConfig, database, queries) -> Descriptors:
+def training_free_vlad(base: vpr.Backbone, config: vpr.TrainConfig, train_paths: Sequence[str], database,
+                       queries) -> Descriptors:
     """VLAD (--vlad_clusters, --feature_layer) over the backbone's local features, its vocabulary
     fitted on the training images: what a user gets without training (AnyLoc)."""
     vlad = PoolingConfig("vlad", config.feature_layer, config.vlad_clusters)
-    train = load_table(config.train_csv, config.image_root, config.camera_id, config.on_bad_image)
-    backbone = vpr.create_pooled_backbone(model, config.weights, config.image_size, vlad, train.paths,
-                                          extraction_settings(config))
+    backbone = vpr.with_pooling(base, vlad, train_paths, extraction_settings(config))
     return frozen_descriptors(config, backbone, database, queries, config.pos_threshold_m, config.supervision)[2]
 
 
@@ -135,11 +134,11 @@ def compare_backbone(model: str, args: argparse.Namespace) -> ModelRun:
     queries, each with its localization view (no VLAD row for embeddings parquets: no images)."""
     config = config_from_args(args, vpr.TrainConfig, model=model)
     database, queries = load_eval_tables(final_eval_args(args), config.pos_threshold_m, config.supervision)
-    backbone = None
-    if database.embeddings is None:
-        train = load_table(config.train_csv, config.image_root, config.camera_id, config.on_bad_image)
-        backbone = vpr.create_pooled_backbone(model, config.weights, config.image_size, pooling_config(config),
-                                              train.paths, extraction_settings(config))
+    base = backbone = None
+    if database.embeddings is None:  # one backbone, pooled as asked and, for the vlad row, with VLAD
+        train_paths = load_table(config.train_csv, config.image_root, config.camera_id, config.on_bad_image).paths
+        base = vpr.create_backbone(model, config.weights, config.image_size)
+        backbone = vpr.with_pooling(base, pooling_config(config), train_paths, extraction_settings(config))
     database, queries, raw = frozen_descriptors(config, backbone, database, queries, config.pos_threshold_m,
                                                           config.supervision)
     variants = {"raw": raw, "pca_whitened": pca_whitened(raw, config.projection_dim)}
@@ -147,7 +146,7 @@ def compare_backbone(model: str, args: argparse.Namespace) -> ModelRun:
         variants["vlad"] = raw
     elif backbone is not None:
         try:
-            variants["vlad"] = training_free_vlad(model, config, database, queries)
+            variants["vlad"] = training_free_vlad(base, config, train_paths, database, queries)
         except VPRError as exc:  # e.g. fewer local features than --vlad_clusters: the other rows still stand
             print(f"no vlad row for {model}: {exc}", flush=True)
 

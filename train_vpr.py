@@ -222,11 +222,12 @@ def check_outputs(config: vpr.TrainConfig) -> Path:
     return log_dir
 
 
-def extract_training_data(config: vpr.TrainConfig, train: PlaceTable, val: PlaceTable,
-                          by_label: bool) -> TrainingData:
+def extract_training_data(config: vpr.TrainConfig, train: PlaceTable, val: PlaceTable, by_label: bool,
+                          resumed: dict | None = None) -> TrainingData:
     """Both splits with their features: embeddings parquets as they are, poses CSVs through
     the frozen backbone (and the cache); with --on_bad_image skip, images that cannot be
-    decoded are left out, and the splits checked again."""
+    decoded are left out, and the splits checked again. A resumed --pooling vlad run pools with
+    its checkpoint's vocabulary, never a refitted one."""
     split = lambda table, features: Split.of(table, features, by_label, config.pos_threshold_m)  # noqa: E731
     if train.embeddings is not None:
         if train.embeddings.shape[1] != val.embeddings.shape[1]:
@@ -235,7 +236,8 @@ def extract_training_data(config: vpr.TrainConfig, train: PlaceTable, val: Place
         backbone = embeddings_backbone(config.model, config.train_csv, train.embeddings.shape[1])
         return TrainingData(backbone, split(train, train.embeddings), split(val, val.embeddings))
     backbone = vpr.create_pooled_backbone(config.model, config.weights, config.image_size, pooling_config(config),
-                                          train.paths, extraction_settings(config), resumed_vocabulary(config))
+                                          train.paths, extraction_settings(config),
+                                          checkpoint_vocabulary(resumed) if resumed else None)
     train, train_features, val, val_features = extract_both(
         backbone, train, val, extraction_settings(config), ("train", "val"), config.on_bad_image)
     if release_other_ranks() != 0:
@@ -244,13 +246,6 @@ def extract_training_data(config: vpr.TrainConfig, train: PlaceTable, val: Place
         check_splits(config, train, val, by_label)
     return TrainingData(backbone.info.as_dict(), split(train, train_features), split(val, val_features),
                         backbone.vocabulary)
-
-
-def resumed_vocabulary(config: vpr.TrainConfig) -> np.ndarray | None:
-    """A resumed --pooling vlad run pools with its checkpoint's vocabulary, never a refitted one."""
-    if not config.resume or config.pooling != "vlad":
-        return None
-    return checkpoint_vocabulary(vpr.load_checkpoint(config.resume))
 
 
 def head_config_for(config: vpr.TrainConfig, in_dim: int) -> vpr.HeadConfig:
@@ -437,9 +432,9 @@ class Run:
             }
         return payload
 
-    def restore(self, path: str) -> None:
-        """Continue the run saved in a resumable checkpoint (same settings, checked)."""
-        saved = vpr.load_checkpoint(path)
+    def restore(self, saved: dict[str, Any], path: str) -> None:
+        """Continue the run saved in a resumable checkpoint `saved`, read from `path` (same
+        settings, checked)."""
         if "resume" not in saved:
             raise VPRError(f"--resume {path}: not a resumable checkpoint; give the run's _last or _final checkpoint")
         changed = [k for k, v in saved["config"].items()
@@ -473,14 +468,14 @@ def new_run(config: vpr.TrainConfig, data: TrainingData) -> Run:
                torch.Generator().manual_seed(config.seed), TrainState())
 
 
-def open_log(run: Run, loss_fn: vpr.HybridLoss, log_dir: Path) -> CsvLogger:
+def open_log(run: Run, loss_fn: vpr.HybridLoss, log_dir: Path, resumed: dict | None = None) -> CsvLogger:
     """Resumed: restore the run and continue its log. New: a new log, whose epoch 0 validates
     the untrained head (with --head residual that is PCA-whitening, so the best checkpoint is
     never worse on validation than the strongest frozen baseline)."""
     config = run.config
     columns = LOG_COLUMNS + LOG_EXTRA_COLUMNS + (LOG_OPTIONAL_COLUMNS if isinstance(run.miner, UCBMiner) else [])
     if config.resume:
-        run.restore(config.resume)
+        run.restore(resumed, config.resume)
         logger = CsvLogger(run.log_file, columns, continue_after_epoch=run.state.epoch)
         earlier_best = Path(config.resume).parent / run.checkpoint_file().name
         if not run.checkpoint_file().exists() and earlier_best.is_file():  # resumed into another --output_dir
@@ -555,10 +550,11 @@ def train(config: vpr.TrainConfig, on_validation: ValidationCallback | None = No
     train_table, val_table, by_label = load_splits(config)
     config = named_after_embeddings(config, train_table, val_table)
     log_dir = check_outputs(config)
-    data = extract_training_data(config, train_table, val_table, by_label)
+    resumed = vpr.load_checkpoint(config.resume) if config.resume else None  # read once
+    data = extract_training_data(config, train_table, val_table, by_label, resumed)
     run = new_run(config, data)
     loss_fn = hybrid_loss(config)
-    logger = open_log(run, loss_fn, log_dir)
+    logger = open_log(run, loss_fn, log_dir, resumed)
     best_path, last_path, final_path = (run.checkpoint_file(kind) for kind in ("", "last", "final"))
     state = run.state
     # The run as of its last completed epoch: what Ctrl-C or SIGTERM saves (a resumed run then

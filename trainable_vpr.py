@@ -134,10 +134,16 @@ def pool_backbone(backbone: Backbone, config: PoolingConfig, vocabulary: np.ndar
 def create_pooled_backbone(name: str, weights: str | None, image_size: int, config: PoolingConfig,
                            fit_on: Sequence[str] = (), options: ExtractionSettings | None = None,
                            vocabulary: np.ndarray | None = None) -> Backbone:
-    """create_backbone, pooled as `config` says. For vlad without a `vocabulary` (a checkpoint's),
-    the vocabulary is read from or fitted into the cache folder on the images `fit_on` (the
-    training images; the database's for a baseline), extracting with `options`."""
-    backbone = create_backbone(name, weights, image_size)
+    """create_backbone, pooled as `config` says (with_pooling)."""
+    return with_pooling(create_backbone(name, weights, image_size), config, fit_on, options, vocabulary)
+
+
+def with_pooling(backbone: Backbone, config: PoolingConfig, fit_on: Sequence[str] = (),
+                 options: ExtractionSettings | None = None, vocabulary: np.ndarray | None = None) -> Backbone:
+    """The backbone pooled as `config` says. For vlad without a `vocabulary` (a checkpoint's), the
+    vocabulary is read from or fitted into the cache folder on the images `fit_on` (the training
+    images; the database's for a baseline), extracting with `options`. One backbone can be
+    pooled several ways (run_experiment's rows) without building it again."""
     if config.pooling == "vlad" and vocabulary is None:
         from vprkit.vocabulary import vlad_vocabulary
 

@@ -187,8 +187,9 @@ def sample_tokens(local: torch.Tensor, per_image: int, generator: torch.Generato
     `generator` (a CPU torch.Generator) makes the sample reproducible."""
     batch, num_tokens, _ = local.shape
     keep = min(per_image, num_tokens)
-    order = torch.rand(batch, num_tokens, generator=generator).argsort(dim=1)[:, :keep]
-    picked = torch.gather(local.detach().float().cpu(), 1, order.unsqueeze(-1).expand(-1, -1, local.shape[-1]))
+    order = torch.rand(batch, num_tokens, generator=generator).argsort(dim=1)[:, :keep].to(local.device)
+    # gather on the device, then copy only the kept tokens (not every token of the batch) to the CPU
+    picked = torch.gather(local.detach(), 1, order.unsqueeze(-1).expand(-1, -1, local.shape[-1])).float().cpu()
     return picked.reshape(-1, local.shape[-1])
 
 

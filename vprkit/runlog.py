@@ -48,7 +48,8 @@ TRAINING_SUMMARY_NAME = "training_summary.csv"  # in --log_dir: one row per run
 EXPERIMENT_COLUMNS = ["model", "variant", "recall@1", "recall@5", "recall@10", "delta_r1_vs_raw"]
 
 
-REQUIRED_EXPERIMENT_RECALL = "recall@1"  # every experiment has it; the other recall@N follow run_experiment's --recall_at
+# every experiment CSV has these; the other recall@N columns follow run_experiment's --recall_at
+EXPERIMENT_REQUIRED = ("model", "variant", "recall@1")
 
 
 def experiment_recalls(columns: Sequence[str]) -> list[str]:
