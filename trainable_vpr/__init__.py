@@ -1,0 +1,62 @@
+"""The training core of the VPR suite: what the product names, nothing else.
+
+One small module per piece (import this package as `vpr`; every public name is here):
+- backbones: frozen backbones (BACKBONES registry, create_backbone / create_pooled_backbone;
+  where the weights come from: vprkit/weights.py)
+- heads: HeadConfig, the HEADS registry, build_head, embed
+- losses: in-batch pairs and HybridLoss (per-item losses; the miners share one contract in
+  vprkit/miners.py)
+- mining: GPS and label mining over the data set (mine_hard_negatives, make_place_batches)
+- config: TrainConfig (stored in every checkpoint) and its checks
+
+The support code (command line, tables, the pair rule, features and cache, evaluation, logs)
+lives in the vprkit package beside it; docs/DESIGN.md says where each idea lives.
+Dependencies run one way: vprkit <- trainable_vpr <- scripts.
+"""
+from trainable_vpr.backbones import (  # noqa: F401
+    BackboneSpec,
+    BACKBONES,
+    OFFLINE_BACKBONES,
+    TIMM_PREFIX,
+    Backbone,
+    create_backbone,
+    pool_backbone,
+    create_pooled_backbone,
+    with_pooling,
+    checkpoint_backbone,
+    backbone_descriptor,
+)
+from trainable_vpr.heads import (  # noqa: F401
+    PROJECTION_HIDDEN_MAX,
+    ProjectionHead,
+    ResidualHead,
+    MLPHead,
+    HeadConfig,
+    HEADS,
+    build_head,
+    check_input_dim,
+    embed,
+)
+from trainable_vpr.losses import (  # noqa: F401
+    batch_pair_masks,
+    select_positives_by_feature,
+    LossParts,
+    LOSS_DISTANCES,
+    HybridLoss,
+)
+from trainable_vpr.mining import (  # noqa: F401
+    mine_hard_negatives,
+    hard_negative_places,
+    make_place_batches,
+)
+from trainable_vpr.config import (  # noqa: F401
+    SUPERVISIONS,
+    HEAD_STARTS,
+    NEG_SAMPLERS,
+    TrainConfig,
+    validate_train_config,
+    effective_hard_neg_ratio,
+    set_determinism,
+    head_from_checkpoint,
+    load_checkpoint,
+)

