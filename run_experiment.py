@@ -90,6 +90,7 @@ def use_demo_data(args: argparse.Namespace, parser: argparse.ArgumentParser) -> 
             applied.append(f"--{name} {' '.join(map(str, value)) if isinstance(value, list) else value}")
     if applied:  # the demo's recipe differs from the documented defaults: say so, in one line
         print(f"demo settings (flags you give win): {' '.join(applied)}", flush=True)
+    print(f"demo seed: {args.seed} (--seed N for another; the README says how much the result varies)", flush=True)
 
 
 def final_eval_args(args: argparse.Namespace) -> argparse.Namespace:
