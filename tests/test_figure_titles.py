@@ -9,7 +9,6 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 import analyze_metrics  # noqa: E402
-
 from vprkit.plots import data_name  # noqa: E402
 from vprkit.runlog import LOG_COLUMNS  # noqa: E402
 
