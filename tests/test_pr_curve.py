@@ -8,7 +8,7 @@ import pytest
 
 from vprkit.evaluation import evaluate_retrieval
 from vprkit.places import metric_to_xyz
-from vprkit.pr_curve import draw_pr_figure, pr_curves_frame, pr_line, top1_pr_curve, top1_pr_of_result
+from vprkit.pr_curve import draw_pr_figure, pr_line, top1_pr_curve, top1_pr_of_result
 
 # Five queries: top-1 similarity and whether that top-1 is a positive by the pair rule.
 SCORES = np.array([0.9, 0.8, 0.7, 0.6, 0.5])
@@ -111,16 +111,16 @@ def test_queries_without_a_positive_are_negatives():
     assert curve.recall_at_100_precision == 0.0
 
 
-def test_csv_table_and_figure(tmp_path):
-    curves = {"raw": top1_pr_curve(SCORES, CORRECT), "trained": top1_pr_curve(SCORES, np.ones(5, bool))}
-    table = pr_curves_frame(curves)
-    assert list(table.columns) == ["name", "precision", "recall", "threshold"]
-    assert table["name"].tolist() == ["raw"] * 6 + ["trained"] * 6
+def test_csv_and_figure(tmp_path):
     path = tmp_path / "x_pr.csv"
-    table.to_csv(path, index=False)
+    top1_pr_curve(SCORES, CORRECT).frame().to_csv(path, index=False)
     back = pd.read_csv(path)
-    assert back.loc[back["name"] == "raw", "recall"].tolist() == pytest.approx([r for _, _, r in HAND_POINTS])
-    png = draw_pr_figure(curves, tmp_path / "x_pr.png", "two curves")
+    assert back["recall"].tolist() == pytest.approx([r for _, _, r in HAND_POINTS])
+    assert back["threshold"].isna().tolist() == [True] + [False] * 5  # the added point has no threshold
+    curves = {"raw": top1_pr_curve(SCORES, CORRECT), "trained": top1_pr_curve(SCORES, np.ones(5, bool)),
+              "none right": top1_pr_curve(SCORES, np.zeros(5, bool))}
+    png = draw_pr_figure(curves, tmp_path / "x_pr.png", "three curves")
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["x_pr.csv", "x_pr.png"]  # no temporary file left
     with pytest.raises(ValueError):
         draw_pr_figure({}, tmp_path / "none.png", "none")

@@ -113,15 +113,6 @@ def pr_line(curve: Top1PR) -> str:
             f"{fmt(curve.recall_at_100_precision)} ({curve.num_correct} of {curve.num_queries} top-1 correct)")
 
 
-def pr_curves_frame(curves: Mapping[str, Top1PR]) -> "Any":
-    """Several curves as one table: a `name` column, then precision, recall, threshold."""
-    import pandas as pd
-
-    frames = [curve.frame().assign(name=name) for name, curve in curves.items()]
-    table = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=["precision", "recall", "threshold", "name"])
-    return table[["name", "precision", "recall", "threshold"]]
-
-
 def draw_pr_figure(curves: Mapping[str, Top1PR], path: str | Path, title: str) -> Path:
     """One PNG with each named curve (precision against recall, as steps between the points
     the area is computed from), AUC-PR and recall at 100 % precision in the legend. Atomic."""
