@@ -31,14 +31,19 @@ Pure numpy / scikit-learn; matplotlib only when a figure is drawn (object API, n
 from __future__ import annotations
 
 import math
+import textwrap
 import warnings
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from vprkit.cli import write_png
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 
 @dataclass
@@ -60,7 +65,7 @@ class Top1PR:
         return {"auc_pr": _finite_or_none(self.auc_pr),
                 "recall_at_100_precision": _finite_or_none(self.recall_at_100_precision)}
 
-    def frame(self) -> "Any":
+    def frame(self) -> pd.DataFrame:
         """A pandas DataFrame (precision, recall, threshold), one row per point from the highest
         threshold down; the added point (recall 0, precision 1) first, with an empty threshold."""
         import pandas as pd
@@ -72,6 +77,10 @@ class Top1PR:
 
 def _finite_or_none(value: float) -> float | None:
     return float(value) if math.isfinite(value) else None
+
+
+def _fmt(value: float) -> str:
+    return f"{value:.3f}" if math.isfinite(value) else "-"
 
 
 def top1_pr_curve(top1_similarity: np.ndarray, top1_correct: np.ndarray) -> Top1PR:
@@ -108,23 +117,23 @@ def top1_pr_of_result(result: Any) -> Top1PR:
 
 def pr_line(curve: Top1PR) -> str:
     """One printable line: AUC-PR and recall at 100 % precision."""
-    fmt = lambda v: "-" if not math.isfinite(v) else f"{v:.3f}"  # noqa: E731
-    return (f"  top-1 PR     AUC-PR {fmt(curve.auc_pr)} (trapezoid), recall at 100% precision "
-            f"{fmt(curve.recall_at_100_precision)} ({curve.num_correct} of {curve.num_queries} top-1 correct)")
+    return (f"  top-1 PR     AUC-PR {_fmt(curve.auc_pr)} (trapezoid), recall at 100% precision "
+            f"{_fmt(curve.recall_at_100_precision)} ({curve.num_correct} of {curve.num_queries} top-1 correct)")
 
 
 def draw_pr_figure(curves: Mapping[str, Top1PR], path: str | Path, title: str) -> Path:
     """One PNG with each named curve (precision against recall, as steps between the points
     the area is computed from), AUC-PR and recall at 100 % precision in the legend. Atomic."""
-    from matplotlib.figure import Figure  # lazily, and without pyplot: no GUI backend is touched
+    from matplotlib.figure import (
+        Figure,  # lazily, and without pyplot: no GUI backend is touched
+    )
 
     if not curves:
         raise ValueError("draw_pr_figure: no curves to draw")
     fig = Figure(figsize=(7, 6), layout="constrained")
     ax = fig.subplots()
     for i, (name, curve) in enumerate(curves.items()):
-        fmt = lambda v: "-" if not math.isfinite(v) else f"{v:.3f}"  # noqa: E731
-        label = f"{name}: AUC-PR {fmt(curve.auc_pr)}, R@100%P {fmt(curve.recall_at_100_precision)}"
+        label = f"{name}: AUC-PR {_fmt(curve.auc_pr)}, R@100%P {_fmt(curve.recall_at_100_precision)}"
         ax.plot(curve.recall[::-1], curve.precision[::-1], color=f"C{i % 10}", lw=2, marker=".", ms=3, label=label)
     ax.set_xlim(0, 1.02)
     ax.set_ylim(0, 1.02)
@@ -132,5 +141,5 @@ def draw_pr_figure(curves: Mapping[str, Top1PR], path: str | Path, title: str) -
     ax.set_ylabel("precision (correct / accepted top-1 matches)")
     ax.grid(alpha=0.3)
     ax.legend(loc="lower left", fontsize="small")
-    ax.set_title(title, fontsize=11)
+    ax.set_title(textwrap.fill(title, 80), fontsize=10)  # long data names wrap instead of leaving the figure
     return write_png(fig, Path(path))
