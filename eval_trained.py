@@ -15,10 +15,14 @@ backbone features as embeddings parquets.
 
 Localization view (positions on both sides): R@1 within 5, 10, 25, 50 and 100 m and the median
 / p75 / p90 distance from each query to its top-1 database image are printed and written to
---output_json (recall_at_threshold_m, top1_error_m), with pr_auc, the average precision of the
-top-1 similarity as a "known place" detector. --localization (or --visualize) draws them as
+--output_json (recall_at_threshold_m, top1_error_m). --localization (or --visualize) draws them as
 PLOTS_DIR/{variant}_{model}[_{checkpoint}]_{queries}_localization.png. Labels-only evaluations
-have no distances: recall_at_threshold_m and top1_error_m are null there, pr_auc is by label.
+have no distances: recall_at_threshold_m and top1_error_m are null there.
+
+Top-1 precision-recall (VPR-Bench's, vprkit.pr_curve; positions or labels): AUC-PR (trapezoid)
+and recall at 100 % precision are printed and written to --output_json (auc_pr,
+recall_at_100_precision); --pr_curve (or --visualize) writes the curve as
+PLOTS_DIR/{variant}_{model}[_{checkpoint}]_{queries}_pr.csv (precision, recall, threshold) and _pr.png.
 """
 from __future__ import annotations
 
@@ -41,6 +45,7 @@ from vprkit.images import open_rgb
 from vprkit.localization import (LocalizationResult, draw_localization_figure, localization_json, localization_lines,
                                  localization_of_result)
 from vprkit.places import PlaceTable, export_embeddings_parquet, is_parquet
+from vprkit.pr_curve import Top1PR, draw_pr_figure, pr_line, top1_pr_of_result
 from vprkit.runlog import safe_name
 from vprkit.settings import add_config_args, add_config_file_flag, parse_layered
 
@@ -79,7 +84,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     out.add_argument("--localization", action="store_true",
                      help="draw the localization view (R@1 against distance threshold, cumulative top-1 error) as "
                           "PLOTS_DIR/{variant}_{model}[_{checkpoint}]_{queries}_localization.png (also drawn with --visualize)")
-    out.add_argument("--plots_dir", default="plots", help="folder of the --visualize and --localization pictures")
+    out.add_argument("--pr_curve", action="store_true",
+                     help="write the top-1 precision-recall curve (VPR-Bench) as PLOTS_DIR/{variant}_{model}[_{checkpoint}]"
+                          "_{queries}_pr.csv (precision, recall, threshold) and _pr.png (also with --visualize)")
+    out.add_argument("--plots_dir", default="plots", help="folder of the --visualize, --localization and --pr_curve outputs")
     out.add_argument("--export_parquet", metavar="DIR", help="write the raw backbone features of the database and the "
                      "queries as embeddings parquets DIR/{csv name}.parquet (input for --train_parquet)")
     add_config_file_flag(parser)
@@ -100,7 +108,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         parser.error(f"--pooling {args.pooling}: embeddings parquets hold descriptors already pooled; drop --pooling")
     for path, flag in ((args.output_json, "--output_json"), (args.save_predictions, "--save_predictions")):
         check_writable_file(path, flag)
-    if args.visualize > 0 or args.localization:
+    if args.visualize > 0 or args.localization or args.pr_curve:
         check_writable_dir(args.plots_dir, "--plots_dir")
     return args
 
@@ -139,11 +147,13 @@ def figure_stem(args: Any, report: EvalReport) -> str:
 
 
 def write_outputs(args: Any, report: EvalReport, database: PlaceTable, queries: PlaceTable,
-                  settings: dict[str, Any], localization: LocalizationResult | None = None) -> None:
-    """JSON, predictions CSV, retrieval and localization pictures, each only when asked for,
-    each atomically."""
+                  settings: dict[str, Any], localization: LocalizationResult | None = None,
+                  pr: Top1PR | None = None) -> None:
+    """JSON, predictions CSV, retrieval and localization pictures, the top-1 PR curve, each only
+    when asked for, each atomically."""
+    pr = top1_pr_of_result(report.result) if pr is None else pr
     if args.output_json:
-        payload = {**report.as_dict(), **localization_json(report.result, localization), "settings": settings}
+        payload = {**report.as_dict(), **localization_json(localization), **pr.summary(), "settings": settings}
         atomic_write(args.output_json, lambda p: p.write_text(json.dumps(payload, indent=2)))
         print(f"wrote {args.output_json}")
     if args.save_predictions:
@@ -163,6 +173,12 @@ def write_outputs(args: Any, report: EvalReport, database: PlaceTable, queries: 
         print(f"wrote {path}")
     elif args.localization:
         print("no localization picture: the database or the queries have no positions (labels only)")
+    if args.visualize > 0 or args.pr_curve:
+        csv_path, png_path = (Path(args.plots_dir) / f"{figure_stem(args, report)}_pr.{ext}" for ext in ("csv", "png"))
+        atomic_write(csv_path, lambda p: pr.frame().to_csv(p, index=False))
+        draw_pr_figure({report.name: pr}, png_path, f"{report.name}: top-1 precision-recall of "
+                       f"{Path(args.test_csv).name} against {Path(args.train_csv).name}")
+        print(f"wrote {csv_path} and {png_path}")
 
 
 def retrieval_captions(report: EvalReport, database: PlaceTable, queries: PlaceTable, q: int,
@@ -307,6 +323,8 @@ def main(argv: Sequence[str] | None = None) -> EvalReport:
     print(format_report(report, args.recall_at))
     localization = localization_of_result(report.result, database.xyz, queries.xyz)
     print(localization_lines(localization))
+    pr = top1_pr_of_result(report.result)
+    print(pr_line(pr))
     skipped = {"database": len(database.skipped), "queries": len(queries.skipped)}
     if any(skipped.values()):
         print(f"skipped bad images (--on_bad_image skip): {skipped['database']} database, {skipped['queries']} queries")
@@ -317,7 +335,7 @@ def main(argv: Sequence[str] | None = None) -> EvalReport:
                 "db_csv": args.train_csv, "test_csv": args.test_csv,
                 "camera_id": args.camera_id, "pos_threshold_m": threshold, "recall_at": args.recall_at,
                 "on_bad_image": args.on_bad_image, "skipped_images": skipped}
-    write_outputs(args, report, database, queries, settings, localization)
+    write_outputs(args, report, database, queries, settings, localization, pr)
     return report
 
 

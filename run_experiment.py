@@ -15,8 +15,10 @@ logs/experiment_{timestamp}.csv and, beside it, experiment_{timestamp}.json: its
 threshold, supervision, recall_at, models, and each model's checkpoint, run id and log (or why
 it failed); where the data has positions also experiment_{timestamp}_localization.png: every
 variant of every model on one localization figure (R@1 against distance threshold, cumulative
-top-1 error), with the median top-1 error per variant printed. A model that fails after others
-were measured does not lose their rows.
+top-1 error), with the median top-1 error per variant printed. The CSV also holds each
+variant's top-1 precision-recall summary (auc_pr, recall_at_100_precision; VPR-Bench's, see
+vprkit.pr_curve), and experiment_{timestamp}_pr.png draws every variant's curve.
+A model that fails after others were measured does not lose their rows.
 """
 from __future__ import annotations
 
@@ -41,6 +43,7 @@ from vprkit.features import extraction_settings, frozen_descriptors, pooling_con
 from vprkit.localization import LocalizationResult, draw_localization_figure, localization_of_result
 from vprkit.places import load_table
 from vprkit.pooling import PoolingConfig
+from vprkit.pr_curve import draw_pr_figure, top1_pr_of_result
 
 DEMO_DIR = Path("demo_data")
 # Demo settings where the user left the defaults: ~120 training images give few steps per epoch,
@@ -185,7 +188,7 @@ def draw_experiment_localization(runs: dict[str, ModelRun], path: Path, title: s
 
 def comparison_table(reports_by_model: dict[str, dict[str, EvalReport]], recall_at: Sequence[int]) -> pd.DataFrame:
     """model x variant x Recall@N (variants in EXPERIMENT_VARIANTS order), plus the change in R@1
-    against the raw backbone."""
+    against the raw backbone and the top-1 precision-recall summary (empty where undefined)."""
     rows = []
     for model, reports in reports_by_model.items():
         raw_r1 = reports["raw"].result.recalls[1]
@@ -193,6 +196,7 @@ def comparison_table(reports_by_model: dict[str, dict[str, EvalReport]], recall_
             row = {"model": model, "variant": variant}
             row.update({f"recall@{n}": round(report.result.recalls[n], 4) for n in recall_at})
             row["delta_r1_vs_raw"] = round(report.result.recalls[1] - raw_r1, 4)
+            row.update({k: v if v is None else round(v, 4) for k, v in top1_pr_of_result(report.result).summary().items()})
             rows.append(row)
     return pd.DataFrame(rows)
 
@@ -255,6 +259,10 @@ def main(argv: Sequence[str] | None = None) -> pd.DataFrame:
                                               f"{Path(database).name}")
         if figure is not None:
             print(f"wrote {figure}")
+        curves = {report.name: top1_pr_of_result(report.result) for run in runs.values() for report in run.reports.values()}
+        pr_figure = draw_pr_figure(curves, csv_path.with_name(f"{csv_path.stem}_pr.png"), f"{csv_path.stem}: top-1 "
+                                   f"precision-recall of {Path(args.test_csv).name} against {Path(database).name}")
+        print(f"wrote {pr_figure}")
     print(f"wrote {json_path}")
     if failed:
         measured = f"the rows of {', '.join(runs)} are in {csv_path}" if runs else "no model was measured"
