@@ -36,7 +36,7 @@ from vprkit.cli import CliParser, VPRError, add_debug_flag, atomic_write, check_
 from vprkit.evaluation import exact_search
 from vprkit.features import Backbone, ExtractionSettings, extract_table, extraction_settings, pooling_config, validate_extraction_flags
 from vprkit.places import (IMAGE_COLUMNS, LATLON_COLUMNS, METRIC_COLUMNS, PlaceTable, _find_column,
-                           _find_column_pair, is_parquet, load_poses, read_csv_table)
+                           _find_column_pair, is_parquet, load_table, read_csv_table)
 from vprkit.settings import add_config_args, add_config_file_flag, parse_layered
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
@@ -223,7 +223,7 @@ def draw_matches(frame: pd.DataFrame, path: Path, max_queries: int, title: str) 
 def main(argv: Sequence[str] | None = None) -> pd.DataFrame:
     args = parse_args(argv)
     queries = query_table(args.query)
-    database = load_poses(args.db_csv, args.image_root, on_bad_image=args.on_bad_image)
+    database = load_table(args.db_csv, args.image_root, on_bad_image=args.on_bad_image)
     backbone, head, threshold = backbone_and_head(args, database.paths)
     options = extraction_settings(args)
     database, db_features = extract_table(backbone, database, options, "database", args.on_bad_image)

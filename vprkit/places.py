@@ -244,6 +244,15 @@ def load_poses(
     check_on_bad_image(on_bad_image)
     path = Path(path)
     frame = read_csv_table(path, "poses CSV")
+    return poses_table(frame, path, Path(image_root) if image_root else path.parent, "--image_root" if image_root
+                       else "the CSV folder", camera_id, check_images, on_bad_image)
+
+
+def poses_table(frame: pd.DataFrame, path: Path, root: Path, root_name: str, camera_id: str | None = None,
+                check_images: bool = True, on_bad_image: str = "error") -> PlaceTable:
+    """The PlaceTable of a poses frame (the columns of a poses CSV) read from `path`: relative
+    image paths resolve against `root` (named `root_name` in messages). Shared by poses CSVs and
+    the benchmark layouts (vprkit.benchmarks), which build such a frame."""
     image_col = _find_column(frame.columns, IMAGE_COLUMNS)
     if image_col is None:
         raise VPRError(
@@ -260,14 +269,13 @@ def load_poses(
     if blank.size:
         raise VPRError(f"{path}: row {_file_line(frame, int(blank[0]))}: no image file in column '{image_col}' "
                        f"({blank.size} such row(s)); fill it in or remove the row")
-    root = Path(image_root) if image_root else path.parent
     paths = [str(p) if os.path.isabs(p) else str(root / p) for p in frame[image_col].astype(str)]
     duplicated = pd.Series(paths).duplicated()
     if duplicated.any():
         row = int(np.flatnonzero(duplicated.to_numpy())[0])
         raise VPRError(f"{path}: row {_file_line(frame, row)}: image {frame[image_col].iloc[row]} is listed twice; remove duplicate rows")
     missing = [row for row, image in enumerate(paths) if check_images and not os.path.isfile(image)]
-    resolved = f"relative paths resolve against {'--image_root' if image_root else 'the CSV folder'} {root}"
+    resolved = f"relative paths resolve against {root_name} {root}"
     if missing and len(missing) == len(paths):  # a wrong root, not a few bad rows: skipping would leave nothing
         raise VPRError(f"{path}: none of its {len(paths)} image files exists (e.g. {paths[0]}; {resolved}); "
                        f"check --image_root, or move the CSV next to its images")
@@ -399,10 +407,15 @@ def _embedding_matrix(column: pd.Series, path: Path) -> np.ndarray:
 
 def load_table(path: str | Path, image_root: str | Path | None = None, camera_id: str | None = None,
                on_bad_image: str = "error") -> PlaceTable:
-    """A poses CSV or, by its .parquet suffix, an embeddings parquet: one entry point for every script."""
+    """A poses CSV or, by its .parquet suffix, an embeddings parquet, or a benchmark layout (a
+    folder of @-named images, an MSLS city folder or CSV, a GSV-Cities dataframe: vprkit.benchmarks):
+    one entry point for every script."""
     if is_parquet(path):
         return load_embeddings_parquet(path, camera_id)
-    return load_poses(path, image_root, camera_id, on_bad_image=on_bad_image)
+    from vprkit.benchmarks import load_benchmark  # here: vprkit.benchmarks builds on this module
+
+    benchmark = load_benchmark(path, image_root, camera_id, on_bad_image)
+    return benchmark if benchmark is not None else load_poses(path, image_root, camera_id, on_bad_image=on_bad_image)
 
 
 def export_embeddings_parquet(table: PlaceTable, features: np.ndarray, path: str | Path,
