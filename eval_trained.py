@@ -54,9 +54,9 @@ def add_eval_data_args(parser: argparse.ArgumentParser) -> None:
     """The data flags evaluation shares with training (same cache, same images)."""
     group = parser.add_argument_group("data")
     group.add_argument("--train_csv", "--db_csv", "--db_parquet", "--train_parquet", dest="train_csv", required=True,
-                       help="poses CSV or embeddings parquet of the database images")
+                       help="poses CSV, benchmark folder (vprkit.benchmarks) or embeddings parquet of the database images")
     group.add_argument("--test_csv", "--test_parquet", dest="test_csv", required=True,
-                       help="poses CSV or embeddings parquet of the query images")
+                       help="poses CSV, benchmark folder (vprkit.benchmarks) or embeddings parquet of the query images")
     group.add_argument("--supervision", default=None, choices=vpr.SUPERVISIONS,
                        help="what makes a retrieval correct: gps, labels or auto (default: the checkpoint's, else auto)")
     group.add_argument("--pos_threshold_m", type=float, default=None,

@@ -49,7 +49,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     what.add_argument("--baseline", action="store_true", help="match with the raw frozen backbone given by --model")
     what.add_argument("--model", default=None, help=f"backbone for --baseline: {', '.join(vpr.BACKBONES)} or timm:ARCH")
     data = parser.add_argument_group("data")
-    data.add_argument("--db_csv", "--train_csv", dest="db_csv", required=True, help="poses CSV of the database images")
+    data.add_argument("--db_csv", "--train_csv", dest="db_csv", required=True, help="poses CSV or benchmark folder (vprkit.benchmarks) of the database images")
     data.add_argument("--query", required=True, metavar="PHOTOS_OR_CSV",
                       help="a folder of photos, or a CSV with an image column (no positions needed)")
     data.add_argument("--top_k", type=int, default=5, help="database matches per query")

@@ -58,8 +58,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     exp = parser.add_argument_group("experiment")
     exp.add_argument("--demo", action="store_true",
                      help=f"generate the built-in synthetic route under {DEMO_DIR}/ and run on it with effnet_lite0")
-    exp.add_argument("--test_csv", "--test_parquet", dest="test_csv", help="poses CSV or embeddings parquet of the final queries")
-    exp.add_argument("--db_csv", "--db_parquet", dest="db_csv", help="database of the final evaluation (default: --train_csv)")
+    exp.add_argument("--test_csv", "--test_parquet", dest="test_csv", help="poses CSV, benchmark folder (vprkit.benchmarks) or embeddings parquet of the final queries")
+    exp.add_argument("--db_csv", "--db_parquet", dest="db_csv", help="database of the final evaluation, like --test_csv (default: --train_csv)")
     exp.add_argument("--models", "--model", dest="models", nargs="+", default=["dinov2_b"],
                      help=f"backbones to compare: {', '.join(vpr.BACKBONES)} or timm:ARCH")
     exp.add_argument("--recall_at", type=int, nargs="+", default=[1, 5, 10], help="the N of Recall@N")

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 import eval_trained
+import localize
 import make_poses
 from conftest import assert_one_line_error, haversine_m, run_main, write_csv, write_jpeg
 from vprkit.benchmarks import parse_at_name
@@ -186,6 +187,12 @@ def test_msls_postprocessed_gives_utm_positions_night_conditions_and_drops_panor
         assert table.labels is None  # MSLS's positives are by distance
 
 
+def test_msls_city_folder_itself_says_which_subfolder_to_give(tmp_path):
+    write_msls_city(tmp_path / "cph" / "query")
+    with pytest.raises(VPRError, match="an MSLS city; give its query/ or database/ folder"):
+        load_table(tmp_path / "cph")
+
+
 def test_msls_raw_csv_gives_lat_lon(tmp_path):
     city = write_msls_city(tmp_path / "query")
     table = load_table(city / "raw.csv")
@@ -249,3 +256,12 @@ def test_eval_trained_baseline_on_downloader_folders(tmp_path, capsys):
     assert report.result.recalls[8] == pytest.approx(0.8)
     assert report.result.num_queries_without_positive == 1
     assert "night" in out and "day" in out  # the condition breakdown from the notes
+
+
+def test_localize_takes_a_downloader_folder_as_database(tmp_path, capsys):
+    database = write_folder(tmp_path / "database", msls_like_names("database"), seed=1)
+    queries = write_folder(tmp_path / "queries", msls_like_names("queries")[:2], seed=2)
+    frame = localize.main(["--baseline", *TINY, "--db_csv", str(database), "--query", str(queries), "--top_k", "2",
+                           "--output", str(tmp_path / "matches.csv"), "--cache_dir", str(tmp_path / "cache")])
+    assert len(frame) == 4 and {"db_easting", "db_northing", "est_easting"} <= set(frame.columns)
+    assert set(frame["db_easting"]) <= {parse_at_name(n).east for n in msls_like_names("database")}

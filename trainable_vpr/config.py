@@ -39,9 +39,9 @@ class TrainConfig(ExtractionSettings):
     extraction flags come from ExtractionSettings), and every checkpoint stores it."""
 
     # data
-    train_csv: str = _flag(None, "poses CSV or embeddings parquet of the training images (also the validation database)",
+    train_csv: str = _flag(None, "poses CSV, benchmark folder (vprkit.benchmarks) or embeddings parquet of the training images (also the validation database)",
                            "data", required=True, aliases=("--train_parquet",))
-    val_csv: str = _flag(None, "poses CSV or embeddings parquet of the validation queries (chooses the best epoch)",
+    val_csv: str = _flag(None, "poses CSV, benchmark folder (vprkit.benchmarks) or embeddings parquet of the validation queries (chooses the best epoch)",
                          "data", required=True, aliases=("--val_parquet",))
     supervision: str = _flag("auto", "which images show the same place: gps (positions), labels (place_id/building_id/"
                              "label, gated by positions when present) or auto (labels when every table has them)",

@@ -69,6 +69,13 @@ class AtName:
     fields: dict[str, str]
 
     @property
+    def zone_key(self) -> str:
+        """What must agree for two UTM positions to be comparable: the zone number and the
+        hemisphere (the letter's 8-degree latitude band does not change the coordinates)."""
+        number = self.fields.get("utm_zone_number", "")
+        return f"{int(number)}{self.hemisphere}" if number else ""
+
+    @property
     def condition(self) -> str | None:
         word = self.fields.get("note", "").strip().lower().replace("-", "_").split("_")[0]
         return word if word in CONDITION_WORDS else None
@@ -101,12 +108,6 @@ def parse_at_name(path: str | Path) -> AtName:
     return AtName(coordinates[0], coordinates[1], zone, hemisphere, fields)
 
 
-def _zone_key(name: AtName) -> str:
-    """What must agree for two UTM positions to be comparable: the zone number and hemisphere
-    (the letter's 8-degree band does not change the coordinates)."""
-    return name.zone.rstrip("ABCDEFGHJKLMNPQRSTUVWXYZ") + name.hemisphere if name.zone else ""
-
-
 def at_folder_images(folder: Path) -> list[Path]:
     """The images of an @-named folder (recursive, sorted); a folder without images is an error."""
     images = find_images(folder)
@@ -130,7 +131,7 @@ def at_folder_frame(folder: str | Path, relative_to: Path | None = None) -> pd.D
     names = [parse_at_name(image) for image in images]
     zones: dict[str, Path] = {}
     for image, name in zip(images, names):
-        key = _zone_key(name)
+        key = name.zone_key
         if key and key not in zones:
             zones[key] = image.relative_to(folder)
     if len(zones) > 1:
@@ -143,7 +144,7 @@ def at_folder_frame(folder: str | Path, relative_to: Path | None = None) -> pd.D
         "easting": [n.east for n in names],
         "northing": [n.north for n in names],
         "utm_zone": [n.zone for n in names],
-        **{column: [n.fields.get(column, "") for n in names] for column in ("pano_id", "heading", "timestamp", "note")},
+        **{column: [n.fields.get(column, "") for n in names] for column in AT_FRAME_COLUMNS[4:]},
     })
     conditions = [n.condition for n in names]
     if any(conditions):
@@ -255,6 +256,8 @@ def load_benchmark(path: str | Path, image_root: str | Path | None = None, camer
         for name in MSLS_FILES:
             if (path / name).is_file():
                 return load_msls(path / name, image_root, camera_id, on_bad_image)
+        if any((path / part / name).is_file() for part in ("query", "database") for name in MSLS_FILES):
+            raise VPRError(f"folder {path}: an MSLS city; give its query/ or database/ folder (one per flag)")
         at_folder_images(path)  # a folder without images: that error first
         return load_at_folder(path, camera_id, on_bad_image)
     if path.is_file() and path.name in MSLS_FILES:
