@@ -32,11 +32,11 @@ import numpy as np
 import pandas as pd
 
 import trainable_vpr as vpr
-from vprkit.checkpoints import EMBEDDINGS_ARCH, check_checkpoint_matches
+from trainable_vpr.model import PlaceDescriptor, load_model
 from vprkit.cli import CliParser, VPRError, add_debug_flag, atomic_write, check_writable_dir, check_writable_file, run_cli, write_png
 from vprkit.evaluation import Descriptors, EvalReport, evaluate_variant, format_report, load_eval_tables, pca_whitened
 from vprkit.features import (Backbone, ExtractionSettings, extraction_settings, frozen_descriptors,
-                             pooling_config, release_other_ranks, validate_extraction_flags)
+                             release_other_ranks, validate_extraction_flags)
 from vprkit.images import open_rgb
 from vprkit.localization import (LocalizationResult, draw_localization_figure, localization_json, localization_lines,
                                  localization_of_result)
@@ -235,31 +235,23 @@ def draw_retrievals(report: EvalReport, database: PlaceTable, queries: PlaceTabl
 # ---------------------------------------------------------------------------------------------
 # This script's own steps
 # ---------------------------------------------------------------------------------------------
-def backbone_for(args: argparse.Namespace, checkpoint: dict | None, database: PlaceTable) -> Backbone | None:
-    """The backbone to evaluate: the checkpoint's (checked against --model and --head) or
-    --model's; None for embeddings parquets (checked against the checkpoint's head)."""
-    if checkpoint is not None:
-        check_checkpoint_matches(checkpoint, args.model_path, args.model, args.head)
-    trained_on_embeddings = checkpoint is not None and checkpoint["backbone"].get("arch") == EMBEDDINGS_ARCH
-    if database.embeddings is not None:
-        if checkpoint is not None:
-            vpr.check_input_dim(checkpoint["head_config"], database.embeddings.shape[1], args.train_csv)
+def model_for(args: argparse.Namespace, checkpoint: dict | None, database: PlaceTable) -> PlaceDescriptor | None:
+    """The descriptor to evaluate (trainable_vpr.model.load_model): the checkpoint's (checked
+    against --model and --head) or --model's; for embeddings parquets the checkpoint's head alone
+    (checked against their width), None for a baseline on them (the embeddings are the descriptors)."""
+    if database.embeddings is not None and checkpoint is None:
         return None
-    if trained_on_embeddings:
-        raise VPRError(f"checkpoint {args.model_path} was trained on precomputed embeddings "
-                           f"({checkpoint['backbone']['weights']}); evaluate it on embeddings parquets (--db_parquet, --test_parquet)")
-    if checkpoint is None:  # a baseline: a VLAD vocabulary is fitted on the database
-        return vpr.create_pooled_backbone(args.model, args.weights, args.image_size, pooling_config(args),
-                                          database.paths, extraction_settings(args))
-    return vpr.checkpoint_backbone(checkpoint, args.model_path, args.weights, args.image_size, pooling_config(args))
+    embeddings_dim = database.embeddings.shape[1] if database.embeddings is not None else None
+    return load_model(args.model_path, args.model, extraction_settings(args), database.paths, checkpoint, args.head,
+                      embeddings_dim, args.train_csv)
 
 
-def descriptors_for(args: argparse.Namespace, checkpoint: dict | None, name: str, raw: Descriptors) -> tuple[str, Descriptors]:
+def descriptors_for(args: argparse.Namespace, model: PlaceDescriptor | None, name: str,
+                    raw: Descriptors) -> tuple[str, Descriptors]:
     """The variant asked for: the checkpoint's head (with --pca_whiten, its output PCA-whitened on
     this database at indexing time), PCA-whitened or raw features."""
-    if checkpoint is not None:
-        head = vpr.head_from_checkpoint(checkpoint)
-        trained = Descriptors(vpr.embed(head, raw.database), vpr.embed(head, raw.queries))
+    if model is not None and model.head is not None:
+        trained = model.describe(raw)
         if args.pca_whiten:
             return f"trained_whitened_{name}", pca_whitened(trained, args.pca_whiten)
         return f"trained_{name}", trained
@@ -295,14 +287,15 @@ def main(argv: Sequence[str] | None = None) -> EvalReport:
     threshold = args.pos_threshold_m or (checkpoint["config"]["pos_threshold_m"] if checkpoint else 25.0)
     supervision = args.supervision or (checkpoint["config"].get("supervision", "gps") if checkpoint else "auto")
     database, queries = load_eval_tables(args, threshold, supervision)
-    backbone = backbone_for(args, checkpoint, database)
+    model = model_for(args, checkpoint, database)
+    backbone = model.frozen if model is not None else None  # the frozen part: its features come through the cache
     database, queries, raw = frozen_descriptors(args, backbone, database, queries, threshold, supervision)
     if release_other_ranks() != 0:
         sys.exit(0)  # torchrun: the other ranks only shared the extraction; rank 0 evaluates on the cache
-    model, weights = source_identity(args, backbone, checkpoint, database.backbone)
+    model_name, weights = source_identity(args, backbone, checkpoint, database.backbone)
     if args.export_parquet:
-        export_parquets(args.export_parquet, raw, database, queries, model)
-    name, descriptors = descriptors_for(args, checkpoint, model, raw)
+        export_parquets(args.export_parquet, raw, database, queries, model_name)
+    name, descriptors = descriptors_for(args, model, model_name, raw)
     report = evaluate_variant(name, descriptors, database, queries, threshold, args.recall_at, supervision)
     print(format_report(report, args.recall_at))
     localization = localization_of_result(report.result, database.xyz, queries.xyz)
@@ -310,7 +303,7 @@ def main(argv: Sequence[str] | None = None) -> EvalReport:
     skipped = {"database": len(database.skipped), "queries": len(queries.skipped)}
     if any(skipped.values()):
         print(f"skipped bad images (--on_bad_image skip): {skipped['database']} database, {skipped['queries']} queries")
-    settings = {"variant": name, "model": model, "weights": weights,
+    settings = {"variant": name, "model": model_name, "weights": weights,
                 "pooling": backbone.info.pooling if backbone is not None else "backbone",
                 "correct_by": "label" if report.result.by_label else "distance",
                 "checkpoint": args.model_path, "run_id": checkpoint.get("run_id") if checkpoint else None,

@@ -31,12 +31,12 @@ import numpy as np
 import pandas as pd
 
 import trainable_vpr as vpr
-from vprkit.checkpoints import EMBEDDINGS_ARCH, check_checkpoint_matches
+from trainable_vpr.model import describe_table, load_model
 from vprkit.cli import CliParser, VPRError, add_debug_flag, atomic_write, check_writable_file, run_cli, write_png
 from vprkit.evaluation import exact_search
-from vprkit.features import Backbone, ExtractionSettings, extract_table, extraction_settings, pooling_config, validate_extraction_flags
-from vprkit.places import (IMAGE_COLUMNS, LATLON_COLUMNS, METRIC_COLUMNS, PlaceTable, _find_column,
-                           _find_column_pair, is_parquet, load_poses, read_csv_table)
+from vprkit.features import ExtractionSettings, extraction_settings, validate_extraction_flags
+from vprkit.places import (IMAGE_COLUMNS, LATLON_COLUMNS, METRIC_COLUMNS, PlaceTable, find_column,
+                           find_column_pair, is_parquet, load_poses, read_csv_table)
 from vprkit.settings import add_config_args, add_config_file_flag, parse_layered
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
@@ -95,7 +95,7 @@ def query_table(query: str) -> PlaceTable:
                            f"give a folder of photos or a CSV of image paths")
     elif path.is_file():
         frame = read_csv_table(path, "query CSV")
-        column = _find_column(frame.columns, IMAGE_COLUMNS)
+        column = find_column(frame.columns, IMAGE_COLUMNS)
         if column is None:
             raise VPRError(f"--query {path}: no image column; expected one of {', '.join(IMAGE_COLUMNS)}")
         paths = [p if Path(p).is_absolute() else str(path.parent / p) for p in frame[column].astype(str)]
@@ -108,24 +108,6 @@ def query_table(query: str) -> PlaceTable:
         raise VPRError(f"--query {path}: image {missing[0]} not found ({len(missing)} missing); fix the path")
     return PlaceTable(source=str(path), paths=paths, xyz=None, coord_kind="none",
                       frame=pd.DataFrame({"image_path": paths}))
-
-
-def backbone_and_head(args: argparse.Namespace, database_paths: Sequence[str]) -> tuple[Backbone, object | None, float]:
-    """The backbone (the checkpoint's, same weights, or --model's), the trained head (None for
-    --baseline) and the position threshold."""
-    if args.baseline:  # a VLAD vocabulary is fitted on the database
-        backbone = vpr.create_pooled_backbone(args.model, args.weights, args.image_size, pooling_config(args),
-                                              database_paths, extraction_settings(args))
-        return backbone, None, args.pos_threshold_m or 25.0
-    checkpoint = vpr.load_checkpoint(args.model_path)
-    check_checkpoint_matches(checkpoint, args.model_path, args.model)
-    saved = checkpoint["backbone"]
-    if saved.get("arch") == EMBEDDINGS_ARCH:
-        raise VPRError(f"checkpoint {args.model_path} was trained on precomputed embeddings ({saved['weights']}); "
-                       "it has no backbone to turn photos into features")
-    backbone = vpr.checkpoint_backbone(checkpoint, args.model_path, args.weights, args.image_size, pooling_config(args))
-    threshold = args.pos_threshold_m or checkpoint["config"].get("pos_threshold_m", 25.0)
-    return backbone, vpr.head_from_checkpoint(checkpoint), threshold
 
 
 # ============================================================================================
@@ -163,8 +145,8 @@ def matches_frame(database: PlaceTable, queries: PlaceTable, top: np.ndarray, sc
         "db_image": np.asarray(database.paths)[db_index],
         "similarity": scores.ravel().round(5),
     })
-    columns = _find_column_pair(database.frame.columns, LATLON_COLUMNS) or \
-        _find_column_pair(database.frame.columns, METRIC_COLUMNS)
+    columns = find_column_pair(database.frame.columns, LATLON_COLUMNS) or \
+        find_column_pair(database.frame.columns, METRIC_COLUMNS)
     if database.labels is not None:
         frame["db_label"] = database.labels[db_index]
     if columns is not None and database.xyz is not None:
@@ -224,12 +206,12 @@ def main(argv: Sequence[str] | None = None) -> pd.DataFrame:
     args = parse_args(argv)
     queries = query_table(args.query)
     database = load_poses(args.db_csv, args.image_root, on_bad_image=args.on_bad_image)
-    backbone, head, threshold = backbone_and_head(args, database.paths)
+    checkpoint = vpr.load_checkpoint(args.model_path) if args.model_path else None
     options = extraction_settings(args)
-    database, db_features = extract_table(backbone, database, options, "database", args.on_bad_image)
-    queries, q_features = extract_table(backbone, queries, options, "queries", args.on_bad_image)
-    if head is not None:
-        db_features, q_features = vpr.embed(head, db_features), vpr.embed(head, q_features)
+    model = load_model(args.model_path, args.model, options, database.paths, checkpoint)  # baseline vlad: fitted on the database
+    threshold = args.pos_threshold_m or (checkpoint["config"].get("pos_threshold_m", 25.0) if checkpoint else 25.0)
+    database, db_features = describe_table(model, database, options, "database", args.on_bad_image)
+    queries, q_features = describe_table(model, queries, options, "queries", args.on_bad_image)
     top, scores = exact_search(db_features, q_features, args.top_k)
     frame = matches_frame(database, queries, top, scores, threshold)
     atomic_write(args.output, lambda p: frame.to_csv(p, index=False))
