@@ -35,6 +35,7 @@ import pandas as pd
 
 import train_vpr
 import trainable_vpr as vpr
+from trainable_vpr.model import PlaceDescriptor
 from vprkit.cli import CliParser, VPRError, add_debug_flag, atomic_write, check_writable_dir, run_cli
 from vprkit.runlog import EXPERIMENT_VARIANTS
 from vprkit.settings import add_config_args, add_config_file_flag, config_from_args, parse_layered
@@ -156,8 +157,10 @@ def compare_backbone(model: str, args: argparse.Namespace) -> ModelRun:
 
     print(f"\n=== {model}: training ({config.epochs} epochs)", flush=True)
     trained = train_vpr.train(config)
-    head = vpr.head_from_checkpoint(vpr.load_checkpoint(trained.checkpoint))
-    variants["trained"] = Descriptors(vpr.embed(head, raw.database), vpr.embed(head, raw.queries))
+    # the trained descriptor: the frozen backbone built above (None for embeddings) and the checkpoint's head
+    model = PlaceDescriptor(backbone, vpr.head_from_checkpoint(vpr.load_checkpoint(trained.checkpoint)),
+                            str(trained.checkpoint))
+    variants["trained"] = model.describe(raw)
     # The head's output PCA-whitened at indexing time on the database the user searches: whitening
     # fitted on the target database adapts to it without training there (issue "local features").
     variants["trained_whitened"] = pca_whitened(variants["trained"], config.projection_dim)

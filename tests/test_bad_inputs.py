@@ -18,7 +18,7 @@ from conftest import (TINY_MODEL, TINY_SIZE, assert_one_line_error, place_positi
 import eval_trained
 import run_experiment
 import train_vpr
-from vprkit.checkpoints import FORMAT_VERSION
+from trainable_vpr.checkpoints import FORMAT_VERSION
 
 TINY = ["--model", TINY_MODEL, "--weights", "random", "--image_size", str(TINY_SIZE), "--num_workers", "0",
         "--device", "cpu"]
