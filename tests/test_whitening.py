@@ -176,3 +176,18 @@ def test_positive_pairs_sample_when_there_are_too_many(with_xyz):
     assert set(zip(first.tolist(), second.tolist())) <= everything
     again = positive_pairs(xyz, labels, 20.0, max_pairs=500)
     np.testing.assert_array_equal(first, again[0])  # seeded
+
+
+def test_choose_shrinkage_can_search_another_database_with_the_rotation_refitted_on_it():
+    train, labels, centres = nuisance_set(14)
+    val, val_labels, _ = nuisance_set(15, per_place=1, centres=centres)
+    db, db_labels, _ = nuisance_set(16, per_place=2, centres=centres)
+    plain = choose_shrinkage(train, label_pairs(labels), None, val, None, dim=4, grid=(0.1, 0.5),
+                             db_labels=labels, val_labels=val_labels)
+    same = choose_shrinkage(train, label_pairs(labels), None, val, None, dim=4, grid=(0.1, 0.5), db_labels=labels,
+                            val_labels=val_labels, database=train, refit_on_database=True)
+    assert same.val_r1 == plain.val_r1  # refitting on the training features changes nothing
+    other = choose_shrinkage(train, label_pairs(labels), None, val, None, dim=4, grid=(0.1, 0.5), db_labels=db_labels,
+                             val_labels=val_labels, database=db, refit_on_database=True)
+    np.testing.assert_allclose(other.whitening.mean, l2_normalise(db).mean(axis=0), atol=1e-5)
+    assert other.val_r1[other.shrinkage] == r1(other.whitening.apply(db), db_labels, other.whitening.apply(val), val_labels)

@@ -162,18 +162,24 @@ class ShrinkageChoice:
 def choose_shrinkage(features: np.ndarray, pos_pairs: tuple[np.ndarray, np.ndarray], db_xyz: np.ndarray | None,
                      val_features: np.ndarray, val_xyz: np.ndarray | None, pos_threshold_m: float = 25.0,
                      dim: int = 256, grid: Sequence[float] = SHRINKAGE_GRID, whiten_rotation: bool = False,
-                     db_labels: np.ndarray | None = None, val_labels: np.ndarray | None = None) -> ShrinkageChoice:
-    """The shrinkage of `grid` with the best validation R@1 (validation queries against the
-    training features as the database, vprkit.evaluation.evaluate_retrieval). A tie goes to the
-    larger shrinkage (the more regularised, closer to PCA-whitening): with 95 validation
-    queries one query is a point, and no gain below that is real."""
+                     db_labels: np.ndarray | None = None, val_labels: np.ndarray | None = None,
+                     database: np.ndarray | None = None, refit_on_database: bool = False) -> ShrinkageChoice:
+    """The shrinkage of `grid` with the best validation R@1: validation queries searched
+    (vprkit.evaluation.evaluate_retrieval) in `database` (default: the training features, the
+    protocol of validation during training; db_xyz / db_labels describe the database), with the
+    rotation refitted on that database when `refit_on_database`. A tie goes to the larger
+    shrinkage (the more regularised): with 95 validation queries one query is a point, and no
+    gain below that is real."""
     if not len(grid):
         raise VPRError("learned whitening: the shrinkage grid is empty")
+    database = features if database is None else database
     scores: dict[float, float] = {}
     fitted: dict[float, Whitening] = {}
     for s in sorted(set(float(g) for g in grid)):
         fitted[s] = fit_learned_whitening(features, pos_pairs, dim, s, whiten_rotation)
-        result = evaluate_retrieval(fitted[s].apply(features), db_xyz, fitted[s].apply(val_features), val_xyz,
+        if refit_on_database:
+            fitted[s] = fitted[s].refit_rotation(database)
+        result = evaluate_retrieval(fitted[s].apply(database), db_xyz, fitted[s].apply(val_features), val_xyz,
                                     pos_threshold_m, (1,), db_labels, val_labels)
         scores[s] = result.recalls[1]
     best = max(scores, key=lambda s: (scores[s], s))
