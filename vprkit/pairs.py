@@ -208,8 +208,12 @@ def positive_pairs(xyz: np.ndarray | None, labels: np.ndarray | None, pos_thresh
     """Index arrays (i, j), i < j, of the positive pairs of one table by pair_relations
     (learned whitening's supervision). Memory stays bounded: candidates come from a KD-tree in
     chunks of rows (with positions) or from label groups (labels only), never an N x N matrix;
-    when there are more than max_pairs, a seeded uniform sample of max_pairs of them."""
+    when there are more than max_pairs, a seeded uniform sample of about max_pairs of them (labels
+    only: exactly max_pairs; with positions each candidate within pos_threshold_m is kept with
+    probability max_pairs / candidates, so with labels too somewhat fewer)."""
     rng = np.random.default_rng(seed)
+    if xyz is not None and len(xyz) == 0:
+        return np.zeros(0, np.int64), np.zeros(0, np.int64)
     if xyz is None:
         if labels is None:
             raise VPRError("positive pairs need positions or place labels")
