@@ -34,6 +34,7 @@ import trainable_vpr as vpr
 from vprkit.checkpoints import EMBEDDINGS_ARCH, check_checkpoint_matches
 from vprkit.cli import CliParser, VPRError, add_debug_flag, atomic_write, check_writable_file, run_cli, write_png
 from vprkit.evaluation import exact_search
+from vprkit.exports import image_folder_and_names, write_retrieval_pairs
 from vprkit.features import Backbone, ExtractionSettings, extract_table, extraction_settings, pooling_config, validate_extraction_flags
 from vprkit.places import (IMAGE_COLUMNS, LATLON_COLUMNS, METRIC_COLUMNS, PlaceTable, _find_column,
                            _find_column_pair, is_parquet, load_poses, read_csv_table)
@@ -58,6 +59,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                            "(default: the checkpoint's, else 25)")
     out = parser.add_argument_group("outputs")
     out.add_argument("--output", required=True, metavar="CSV", help="the matches, one row per query and rank")
+    out.add_argument("--pairs", metavar="TXT", help="write hloc's retrieval pairs here: `query db` per line, the top-k "
+                     "of each query, names relative to the images' common folder")
     out.add_argument("--picture", metavar="PNG", help="draw each query with its top-k matches here")
     out.add_argument("--picture_queries", type=int, default=8, metavar="N", help="at most N queries in --picture")
     add_config_args(parser, ExtractionSettings, skip=("camera_id",))
@@ -78,6 +81,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     validate_extraction_flags(args)
     check_writable_file(args.output, "--output")
     check_writable_file(args.picture, "--picture")
+    check_writable_file(args.pairs, "--pairs")
     return args
 
 
@@ -233,6 +237,10 @@ def main(argv: Sequence[str] | None = None) -> pd.DataFrame:
     top, scores = exact_search(db_features, q_features, args.top_k)
     frame = matches_frame(database, queries, top, scores, threshold)
     atomic_write(args.output, lambda p: frame.to_csv(p, index=False))
+    if args.pairs:
+        image_dir, names = image_folder_and_names([*database.paths, *queries.paths])
+        write_retrieval_pairs(args.pairs, names[len(database):], names[:len(database)], top)
+        print(f"wrote {args.pairs} (hloc retrieval pairs, names relative to {image_dir})")
     estimated = "with position estimates" if any(c.startswith("est_") for c in frame.columns) else "(no positions)"
     print(f"{len(queries)} queries x top-{top.shape[1]} of {len(database)} database images {estimated}: wrote {args.output}")
     if args.picture:
