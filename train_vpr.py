@@ -507,7 +507,8 @@ def open_log(run: Run, loss_fn: vpr.HybridLoss, log_dir: Path, resumed: dict | N
 def open_tensorboard(run: Run, log_dir: Path) -> None:
     """--tensorboard: the run's SummaryWriter under {log_dir}/tensorboard/{run_id}."""
     if run.config.tensorboard:
-        run.tensorboard = TensorBoardLog(tensorboard_dir(log_dir, run.run_id))
+        run.tensorboard = TensorBoardLog(tensorboard_dir(log_dir, run.run_id),
+                                         purge_step=run.state.epoch + 1 if run.config.resume else None)
         print(f"tensorboard: {run.tensorboard.folder}", flush=True)
 
 

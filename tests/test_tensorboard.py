@@ -24,10 +24,15 @@ from vprkit.cli import VPRError  # noqa: E402
 from vprkit.tensorboard_log import BEST_R1_TAG, TensorBoardLog, hparam_values, require_tensorboard  # noqa: E402
 
 
-def scalars(folder: Path) -> dict[str, dict[int, float]]:
+def events(folder: Path) -> dict[str, list[tuple[int, float]]]:
+    """Every scalar event as TensorBoard reads it: tag -> [(step, value), ...] in written order."""
     acc = EventAccumulator(str(folder))
     acc.Reload()
-    return {tag: {e.step: e.value for e in acc.Scalars(tag)} for tag in acc.Tags()["scalars"]}
+    return {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
+
+
+def scalars(folder: Path) -> dict[str, dict[int, float]]:
+    return {tag: dict(steps) for tag, steps in events(folder).items()}
 
 
 def test_log_rows_become_scalars_at_their_epoch(tmp_path):
@@ -129,3 +134,43 @@ def test_a_run_writes_scalars_that_match_its_csv_log(data, tmp_path):
     assert flags["lr_schedule"].string_value == "cosine" and flags["epochs"].number_value == 2
     assert flags["tensorboard"].number_value == 1 and flags["model"].string_value == TINY_MODEL  # bools as 0/1
     assert "tensorboard" in summary.columns and bool(summary["tensorboard"].iloc[-1])
+
+
+def test_a_resumed_run_replaces_the_interrupted_epochs(tmp_path):
+    """Interrupted in epoch 3 with its last checkpoint at epoch 2: the resumed run's events from
+    epoch 3 on replace the interrupted ones (purge_step), so its TensorBoard equals the
+    uninterrupted run's, as its CSV log does."""
+    import dataclasses
+
+    from conftest import write_embeddings_parquet
+    import trainable_vpr as vpr
+
+    train = write_embeddings_parquet(tmp_path / "train.parquet", n_places=6, per_place=5, seed=1)
+    val = write_embeddings_parquet(tmp_path / "val.parquet", n_places=6, per_place=2, seed=2)
+
+    def config(out: str) -> vpr.TrainConfig:
+        return vpr.TrainConfig(train_csv=str(train), val_csv=str(val), model="emb", epochs=4, batch_size=8,
+                               head="mlp", hidden_dim=32, projection_dim=8, lr=1e-2, lr_schedule="cosine", seed=5,
+                               device="cpu", save_every_n_epochs=2, tensorboard=True,
+                               log_dir=str(tmp_path / out / "logs"), output_dir=str(tmp_path / out / "models"))
+
+    class Stop(Exception):
+        pass
+
+    def stop_at_3(epoch, result):
+        if epoch == 3:
+            raise Stop
+
+    whole = train_vpr.train(config("whole"))
+    with pytest.raises(Stop):
+        train_vpr.train(config("parts"), on_validation=stop_at_3)
+    [last] = (tmp_path / "parts" / "models").glob("*_last.pth")
+    resumed_config = train_vpr.parse_args(["--resume", str(last)])
+    assert resumed_config == dataclasses.replace(config("parts"), resume=str(last))
+    resumed = train_vpr.train(resumed_config)
+    a = events(tmp_path / "whole" / "logs" / "tensorboard" / whole.run_id)
+    b = events(tmp_path / "parts" / "logs" / "tensorboard" / resumed.run_id)
+    assert sorted(a) == sorted(b) and [step for step, _ in a["val/recall@1"]] == [0, 1, 2, 3, 4]
+    for tag in a:  # epoch 3 once, not the interrupted run's and the resumed run's
+        assert [s for s, _ in b[tag]] == [s for s, _ in a[tag]], tag
+        assert [v for _, v in b[tag]] == pytest.approx([v for _, v in a[tag]], rel=1e-6, abs=1e-7), tag

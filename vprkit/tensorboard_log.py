@@ -55,12 +55,14 @@ def _number(value: Any) -> float | None:
 class TensorBoardLog:
     """The scalars of one run. Call it with each CSV log row (CsvLogger's on_row hook)."""
 
-    def __init__(self, folder: str | Path):
+    def __init__(self, folder: str | Path, purge_step: int | None = None):
+        """purge_step: a resumed run's first new epoch; the events the interrupted run wrote from
+        there on are dropped (SummaryWriter's purge_step), as the CSV log drops its rows."""
         require_tensorboard()
         from torch.utils.tensorboard import SummaryWriter
 
         self.folder = Path(folder)
-        self._writer = SummaryWriter(log_dir=str(self.folder))
+        self._writer = SummaryWriter(log_dir=str(self.folder), purge_step=purge_step)
 
     def __call__(self, event: str, values: Mapping[str, Any]) -> None:
         """A CSV log row: `epoch` rows give the loss parts, `validation` rows R@N and the
