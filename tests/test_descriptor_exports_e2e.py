@@ -10,17 +10,16 @@ import h5py
 import numpy as np
 import pandas as pd
 import pytest
-
 from conftest import TINY_MODEL, assert_one_line_error, run_main, write_jpeg
 from test_eval_cli import TINY, write_tiny_dataset
 from test_exports import hloc_get_descriptors, hloc_list_h5_names, hloc_parse_retrieval
 
-import eval_trained  # noqa: E402
-import localize  # noqa: E402
-import train_vpr  # noqa: E402
-import trainable_vpr as vpr  # noqa: E402
-from vprkit.features import ExtractionSettings, extract_features  # noqa: E402
-from vprkit.places import load_poses  # noqa: E402
+import eval_trained
+import localize
+import train_vpr
+import trainable_vpr as vpr
+from vprkit.features import ExtractionSettings, extract_features
+from vprkit.places import load_poses
 
 
 @pytest.fixture(scope="module")

@@ -10,9 +10,16 @@ import numpy as np
 import pytest
 
 from vprkit.cli import VPRError
-from vprkit.exports import (DATABASE_NPY, HLOC_GLOBAL_FEATURES, QUERIES_NPY, image_folder_and_names,
-                            retrieval_pairs_text, save_descriptors, write_hloc_global_features,
-                            write_retrieval_pairs)
+from vprkit.exports import (
+    DATABASE_NPY,
+    HLOC_GLOBAL_FEATURES,
+    QUERIES_NPY,
+    image_folder_and_names,
+    retrieval_pairs_text,
+    save_descriptors,
+    write_hloc_global_features,
+    write_retrieval_pairs,
+)
 
 
 def hloc_list_h5_names(path: Path) -> list[str]:

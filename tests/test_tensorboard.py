@@ -11,17 +11,21 @@ import pandas as pd
 import pytest
 
 pytest.importorskip("tensorboard")
-from tensorboard.backend.event_processing.event_accumulator import EventAccumulator  # noqa: E402
-from tensorboard.plugins.hparams.plugin_data_pb2 import HParamsPluginData  # noqa: E402
+from conftest import TINY_MODEL, assert_one_line_error, run_main
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from tensorboard.plugins.hparams.plugin_data_pb2 import HParamsPluginData
+from test_eval_cli import TINY, write_tiny_dataset
 
-from conftest import TINY_MODEL, assert_one_line_error, run_main  # noqa: E402
-from test_eval_cli import TINY, write_tiny_dataset  # noqa: E402
-
-import run_experiment  # noqa: E402
-import train_vpr  # noqa: E402
-import tune_vpr  # noqa: E402
-from vprkit.cli import VPRError  # noqa: E402
-from vprkit.tensorboard_log import BEST_R1_TAG, TensorBoardLog, hparam_values, require_tensorboard  # noqa: E402
+import run_experiment
+import train_vpr
+import tune_vpr
+from vprkit.cli import VPRError
+from vprkit.tensorboard_log import (
+    BEST_R1_TAG,
+    TensorBoardLog,
+    hparam_values,
+    require_tensorboard,
+)
 
 
 def events(folder: Path) -> dict[str, list[tuple[int, float]]]:
@@ -143,6 +147,7 @@ def test_a_resumed_run_replaces_the_interrupted_epochs(tmp_path):
     import dataclasses
 
     from conftest import write_embeddings_parquet
+
     import trainable_vpr as vpr
 
     train = write_embeddings_parquet(tmp_path / "train.parquet", n_places=6, per_place=5, seed=1)

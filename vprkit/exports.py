@@ -17,8 +17,8 @@ that cannot be written is one VPRError line. No torch here.
 from __future__ import annotations
 
 import os
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Callable, Sequence
 
 import numpy as np
 

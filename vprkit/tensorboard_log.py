@@ -9,8 +9,9 @@ writes anything.
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 from vprkit.cli import VPRError
 
