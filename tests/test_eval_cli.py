@@ -343,7 +343,8 @@ def test_run_experiment_writes_the_comparison_table(data, tmp_path):
     written = list(logs.glob("experiment_*.csv"))
     assert len(written) == 1
     frame = pd.read_csv(written[0])
-    assert list(frame.columns) == ["model", "variant", "recall@1", "recall@5", "recall@10", "delta_r1_vs_raw"]
+    assert list(frame.columns) == ["model", "variant", "recall@1", "recall@5", "recall@10", "delta_r1_vs_raw", "auc_pr",
+                                     "recall_at_100_precision"]
     assert frame["model"].tolist() == [TINY_MODEL] * 5
     assert frame["variant"].tolist() == ["raw", "pca_whitened", "vlad", "trained", "trained_whitened"]
     rows = frame.set_index("variant")
