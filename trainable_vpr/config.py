@@ -85,6 +85,10 @@ class TrainConfig(ExtractionSettings):
     ucb_warmup_samples: int = _flag(1000, "ucb: draws spread round-robin over the bands before UCB1 decides")
     difficulty_parquet: str | None = _flag(None, "ucb: external bands, a parquet of image_id, neighbor_building_ids, "
                                            "neighbor_bands (needs place labels)", "data")
+    augment_views: int = _flag(0, "K augmented views per training image (random crop, colour jitter, night-like "
+                               "darkening on every second), extracted once and cached; each step a batch row reads "
+                               "the original or one of its K views, uniformly (0: off; never for validation, "
+                               "database or queries)")
     validate_every_n_epochs: int = _flag(1, "validate (and maybe save the best checkpoint) every N epochs and after the last")
     save_every_n_epochs: int = _flag(1, "write the resumable _last checkpoint every N epochs")
     resume: str | None = _flag(None, "continue the run of this _last (or _final) checkpoint: head, optimizer, scheduler, "
@@ -123,6 +127,11 @@ def validate_train_config(config: TrainConfig) -> None:
         raise VPRError("--ucb_warmup_samples and --ucb_exploration_constant must be 0 or more")
     if config.difficulty_parquet and config.neg_sampler != "ucb":
         raise VPRError(f"--difficulty_parquet {config.difficulty_parquet}: only used with --neg_sampler ucb")
+    if config.augment_views < 0:
+        raise VPRError(f"--augment_views {config.augment_views}: must be 0 (off) or more")
+    if config.augment_views and (is_parquet(config.train_csv) or is_parquet(config.val_csv)):
+        raise VPRError(f"--augment_views {config.augment_views}: embeddings parquets have no images to augment; "
+                       f"drop --augment_views or train on poses CSVs (images)")
     if config.pooling != "backbone" and (is_parquet(config.train_csv) or is_parquet(config.val_csv)):
         raise VPRError(f"--pooling {config.pooling}: embeddings parquets hold descriptors already pooled; "
                        f"drop --pooling or train on poses CSVs (images)")
