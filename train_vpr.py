@@ -352,7 +352,8 @@ def train_one_epoch(epoch: int, head, optimizer, scheduler, loss_fn, split: Spli
     start = time.perf_counter()
     for number, batch in enumerate(batches, start=1):
         tick = time.perf_counter()
-        picks = view_picks(config.seed, epoch, number, len(batch), config.augment_views) if split.views is not None else None
+        picks = None if split.views is None else view_picks(config.seed, epoch, number, len(batch),
+                                                            config.augment_views)
         parts = batch_loss(head, loss_fn, split, batch, config, generator, miner, picks)
         optimizer.zero_grad(set_to_none=True)
         parts.total.backward()

@@ -74,16 +74,16 @@ def crop_box(width: int, height: int, scale: tuple[float, float], ratio: tuple[f
     for _ in range(10):
         target = area * _uniform(generator, *scale)
         aspect = math.exp(_uniform(generator, *log_ratio))
-        w, h = int(round(math.sqrt(target * aspect))), int(round(math.sqrt(target / aspect)))
+        w, h = round(math.sqrt(target * aspect)), round(math.sqrt(target / aspect))
         if 0 < w <= width and 0 < h <= height:
             top = int(torch.randint(0, height - h + 1, (1,), generator=generator))
             left = int(torch.randint(0, width - w + 1, (1,), generator=generator))
             return top, left, h, w
     in_ratio = width / height  # fallback: the central crop, as torchvision's
     if in_ratio < ratio[0]:
-        w, h = width, int(round(width / ratio[0]))
+        w, h = width, round(width / ratio[0])
     elif in_ratio > ratio[1]:
-        w, h = int(round(height * ratio[1])), height
+        w, h = round(height * ratio[1]), height
     else:
         w, h = width, height
     return (height - h) // 2, (width - w) // 2, h, w
