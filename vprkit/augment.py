@@ -91,26 +91,28 @@ def crop_box(width: int, height: int, scale: tuple[float, float], ratio: tuple[f
 
 def augment_image(image: Image.Image, recipe: AugmentRecipe, view: int, seed: int) -> Image.Image:
     """One augmented view of an RGB image (its crop at its own size; extraction resizes it as it
-    resizes originals). The operations are torchvision.transforms.v2.functional's; only the random
-    draws are ours (a per-view generator, see crop_box)."""
+    resizes originals). The operations are torchvision.transforms.v2.functional's, on the PIL image
+    (its PIL kernels: single-threaded C; the tensor kernels on one small image wait on torch's thread
+    pool, 100x slower on a busy machine); the tint and noise are numpy. Only the random draws are
+    ours (a per-view generator, see crop_box)."""
     from torchvision.transforms.v2 import functional as TF
 
     generator = torch.Generator().manual_seed(seed)
-    pixels = TF.to_dtype(TF.to_image(image), torch.float32, scale=True)
-    top, left, h, w = crop_box(pixels.shape[-1], pixels.shape[-2], recipe.crop_scale, recipe.crop_ratio, generator)
-    pixels = TF.crop(pixels, top, left, h, w)
-    pixels = TF.adjust_brightness(pixels, _uniform(generator, 1 - recipe.brightness, 1 + recipe.brightness))
-    pixels = TF.adjust_contrast(pixels, _uniform(generator, 1 - recipe.contrast, 1 + recipe.contrast))
-    pixels = TF.adjust_saturation(pixels, _uniform(generator, 1 - recipe.saturation, 1 + recipe.saturation))
-    pixels = TF.adjust_hue(pixels, _uniform(generator, -recipe.hue, recipe.hue))
+    top, left, h, w = crop_box(image.width, image.height, recipe.crop_scale, recipe.crop_ratio, generator)
+    image = TF.crop(image, top, left, h, w)
+    image = TF.adjust_brightness(image, _uniform(generator, 1 - recipe.brightness, 1 + recipe.brightness))
+    image = TF.adjust_contrast(image, _uniform(generator, 1 - recipe.contrast, 1 + recipe.contrast))
+    image = TF.adjust_saturation(image, _uniform(generator, 1 - recipe.saturation, 1 + recipe.saturation))
+    image = TF.adjust_hue(image, _uniform(generator, -recipe.hue, recipe.hue))
     if recipe.night_every and view % recipe.night_every == 0:
-        pixels = TF.adjust_gamma(pixels, _uniform(generator, *recipe.night_gamma))
-        pixels = TF.adjust_brightness(pixels, _uniform(generator, *recipe.night_brightness))
-        pixels = pixels * torch.tensor(recipe.night_tint).view(3, 1, 1)
+        image = TF.adjust_gamma(image, _uniform(generator, *recipe.night_gamma))
+        image = TF.adjust_brightness(image, _uniform(generator, *recipe.night_brightness))
         sigma = _uniform(generator, *recipe.night_noise)
-        pixels = pixels + sigma * torch.randn(pixels.shape, generator=generator)
-    pixels = pixels.clamp(0.0, 1.0)
-    return TF.to_pil_image(TF.to_dtype(pixels, torch.uint8, scale=True))
+        noise = np.random.default_rng(int(torch.randint(0, 2**62, (1,), generator=generator)))
+        pixels = np.asarray(image, dtype=np.float32) / 255.0 * np.asarray(recipe.night_tint, np.float32)
+        pixels += sigma * noise.standard_normal(pixels.shape, dtype=np.float32)
+        image = Image.fromarray((pixels.clip(0.0, 1.0) * 255.0 + 0.5).astype(np.uint8))
+    return image
 
 
 @dataclass(frozen=True)
