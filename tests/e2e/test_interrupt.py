@@ -34,7 +34,8 @@ def parquets(tmp_path_factory) -> tuple[Path, Path]:
 def _argv(parquets, out: Path, *extra: str) -> list[str]:
     train, val = parquets
     return [sys.executable, "train_vpr.py", "--train_parquet", str(train), "--val_parquet", str(val), "--model", "emb",
-            "--epochs", str(EPOCHS), "--batch_size", "8", "--head", "mlp", "--hidden_dim", "32", "--projection_dim", "8",
+            "--epochs", str(EPOCHS), "--batch_size", "8", "--head", "mlp", "--hidden_dim", "32",
+            "--projection_dim", "8",
             "--lr", "1e-3", "--lr_schedule", "cosine", "--seed", "3", "--device", "cpu",
             "--log_dir", str(out / "logs"), "--output_dir", str(out / "models"), *extra]
 
@@ -90,7 +91,8 @@ def test_resume_after_a_signal_mid_epoch_ends_like_the_uninterrupted_run(parquet
         assert "Traceback" not in stopped.stderr
         assert f"--resume {last}" in stopped.stderr  # says how to go on
         assert vpr.load_checkpoint(last)["epochs_completed"] == 2  # the epoch it was in is redone
-        assert (tmp_path / "logs").glob("*.csv") and next((tmp_path / "logs").glob("emb_*.csv")).read_text().endswith("\n")
+        assert (tmp_path / "logs").glob("*.csv")
+        assert next((tmp_path / "logs").glob("emb_*.csv")).read_text().endswith("\n")
     else:
         assert stopped.returncode == -signal.SIGKILL
     assert not list((tmp_path / "models").glob("*_final.pth"))

@@ -26,7 +26,8 @@ def asymmetric_image(width: int = 48, height: int = 32, seed: int = 0) -> Image.
     rng = np.random.default_rng(seed)
     red = 255 * x / (width - 1)
     green = 255 * y / (height - 1)
-    blue = 200 * np.exp(-(((x - 0.2 * width) ** 2) + ((y - 0.25 * height) ** 2)) / (0.02 * width * height)) + rng.uniform(0, 40)
+    blue = (200 * np.exp(-(((x - 0.2 * width) ** 2) + ((y - 0.25 * height) ** 2)) / (0.02 * width * height))
+            + rng.uniform(0, 40))
     return Image.fromarray(np.stack([red, green, blue], axis=2).clip(0, 255).astype(np.uint8))
 
 

@@ -232,7 +232,8 @@ BAD_INPUTS = {
     "text in a number column": (LOG.replace("2.5,0.55,0.75,0.80", "2.5,high,0.75,0.80"),
                                 "row 9, column 'val_r1': 'high' is not a number"),
     "other events only": (f"{HEADER}\n{T},started,,,,,,,,,,,,,,,\n", "no batch, epoch or validation rows yet"),
-    "experiment with text recall": (EXPERIMENT.replace("0.61,", "61%,"), "row 2, column 'recall@1': '61%' is not a number"),
+    "experiment with text recall": (EXPERIMENT.replace("0.61,", "61%,"),
+                                    "row 2, column 'recall@1': '61%' is not a number"),
     "experiment without recall columns": ("model,variant,r1\nx,raw,0.5\n", "not a run log"),
 }
 

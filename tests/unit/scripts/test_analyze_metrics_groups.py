@@ -25,7 +25,8 @@ def make_mixed_folder(folder: Path) -> None:
         "effnet_lite0_seed42_20250101_120000": "effnet_lite0,42,bgu/train.csv,bgu/val.csv,10,gps,residual,0.001",
         "effnet_lite0_seed42_20250101_130000": "effnet_lite0,42,bgu/train.csv,bgu/val.csv,10,gps,mlp,0.001",
         "dinov2_b_seed42_20250101_140000": "dinov2_b,42,bgu/train.csv,bgu/val.csv,10,gps,residual,0.001",
-        "effnet_lite0_seed42_20250101_150000": "effnet_lite0,42,demo_data/train.csv,demo_data/val.csv,25,gps,residual,0.001",
+        "effnet_lite0_seed42_20250101_150000":
+            "effnet_lite0,42,demo_data/train.csv,demo_data/val.csv,25,gps,residual,0.001",
     }
     rows = [SUMMARY_HEADER]
     for i, (run_id, config) in enumerate(runs.items()):

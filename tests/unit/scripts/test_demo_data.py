@@ -49,7 +49,8 @@ def test_each_csv_holds_its_drives_over_its_stretch(demo):
     assert demo_data.stretches(NUM_PLACES) == STRETCHES
     expected = {  # (drive, places)
         "database": {(demo_data.DAY_A.name, p) for p in STRETCHES["all"]},
-        "train": {(d.name, p) for d in (demo_data.DAY_A, demo_data.NIGHT_A, demo_data.NIGHT_A2) for p in STRETCHES["train"]}
+        "train": {(d.name, p) for d in (demo_data.DAY_A, demo_data.NIGHT_A,
+                                        demo_data.NIGHT_A2) for p in STRETCHES["train"]}
         | {(demo_data.DAY_A.name, p) for p in STRETCHES["val"]},
         "val": {(d.name, p) for d in (demo_data.DAY_B, demo_data.NIGHT_B) for p in STRETCHES["val"]},
         "test": {(d.name, p) for d in (demo_data.DAY_B, demo_data.NIGHT_B) for p in STRETCHES["test"]},
@@ -57,7 +58,8 @@ def test_each_csv_holds_its_drives_over_its_stretch(demo):
     for split in SPLITS:
         rows = _rows(data, split)
         assert tuple(pd.read_csv(data.csvs[split]).columns) == CSV_COLUMNS
-        assert set(zip(rows.drive, rows.place)) == expected[split] and len(rows) == len(expected[split]) == data.counts[split]
+        assert set(zip(rows.drive,
+                       rows.place)) == expected[split] and len(rows) == len(expected[split]) == data.counts[split]
         assert set(rows.camera_id) == {"side"}
         assert all(not Path(p).is_absolute() and (data.root / p).is_file() for p in rows.image_path)
     assert data.num_images == 10 + (3 * 5 + 2) + 2 * 2 + 2 * 3  # rows: day A pictures are in two CSVs
@@ -68,7 +70,8 @@ def test_each_csv_holds_its_drives_over_its_stretch(demo):
 def test_database_is_day_training_has_both_conditions_queries_both(demo):
     data, _ = demo
     conditions = {split: sorted(set(_rows(data, split).condition)) for split in SPLITS}
-    assert conditions == {"database": ["day"], "train": ["day", "night"], "val": ["day", "night"], "test": ["day", "night"]}
+    assert conditions == {"database": ["day"], "train": ["day", "night"], "val": ["day", "night"], "test": ["day",
+                                                                                                            "night"]}
     assert conditions == data.conditions
     table = load_poses(data.train_csv)  # the suite's own loader reads the condition column
     assert sorted(set(table.conditions)) == ["day", "night"]

@@ -146,7 +146,8 @@ def test_visualize_writes_a_png(baseline):
     _, paths = baseline
     pngs = list(paths["plots"].glob("*_retrievals.png"))
     assert len(pngs) == 1
-    assert [p.name for p in paths["plots"].glob("*_localization.png")] == ["raw_timm_test_efficientnet_test_localization.png"]
+    assert ([p.name for p in paths["plots"].glob("*_localization.png")]
+            == ["raw_timm_test_efficientnet_test_localization.png"])
     with Image.open(pngs[0]) as image:
         assert image.format == "PNG"
         assert image.width > 100 and image.height > 100
@@ -234,7 +235,8 @@ def test_trained_checkpoint_evaluates(data, checkpoint, tmp_path):
 
 
 def test_checkpoint_with_another_model_flag_is_an_error(capsys, data, checkpoint):
-    code, err = run_main(capsys, eval_trained.main, eval_argv(data, "--model_path", str(checkpoint), "--model", "effnet_lite0"))
+    code, err = run_main(capsys, eval_trained.main, eval_argv(data, "--model_path", str(checkpoint), "--model",
+                                                              "effnet_lite0"))
     assert_one_line_error(code, err, "effnet_lite0", TINY_MODEL)
 
 
@@ -258,7 +260,8 @@ def test_truncated_checkpoint_is_an_error(capsys, data, checkpoint, tmp_path):
 
 
 def test_query_csv_with_a_header_only_is_an_error(capsys, data):
-    code, err = run_main(capsys, eval_trained.main, eval_argv(data, "--baseline", "--model", TINY_MODEL, queries="empty"))
+    code, err = run_main(capsys, eval_trained.main, eval_argv(data, "--baseline", "--model", TINY_MODEL,
+                                                              queries="empty"))
     assert_one_line_error(code, err, "empty.csv", "no rows")
 
 
@@ -353,7 +356,8 @@ def test_raw_effnet_lite0_baseline_on_bgu_campus(real_feature_cache, tmp_path):
     # queries without a database image within 25 m, by a plain haversine over all pairs: 69
     # (the data README says 67, but two of its "with positives" queries, IMG20251224101534 and
     # IMG20251224103801, are 25.03 m and 25.11 m from their nearest database image)
-    assert payload["num_queries_without_positive"] == _haversine_misses(campus / "train.csv", campus / "queries.csv", 25.0)
+    assert payload["num_queries_without_positive"] == _haversine_misses(campus / "train.csv", campus / "queries.csv",
+                                                                        25.0)
     assert 0.38 <= payload["recall@1"] <= 0.50  # reference 0.44
     assert payload["recall@1"] < payload["recall@5"] < payload["recall@10"]
     assert set(payload["by_condition"]) == {"day", "night"}
@@ -391,7 +395,8 @@ def test_run_experiment_demo_end_to_end(tmp_path, monkeypatch, capsys):
                         functools.partial(demo_data.generate_demo_dataset, num_places=16))
     table = run_experiment.main(["--demo", "--models", TINY_MODEL, *TINY, "--epochs", "2", "--batch_size", "8",
                                  "--images_per_place", "2", "--projection_dim", "16", "--vlad_clusters", "4"])
-    assert sorted(p.name for p in (tmp_path / "demo_data").glob("*.csv")) == ["database.csv", "test.csv", "train.csv", "val.csv"]
+    assert sorted(p.name for p in (tmp_path / "demo_data").glob("*.csv")) == ["database.csv", "test.csv", "train.csv",
+                                                                              "val.csv"]
     printed = capsys.readouterr().out
     # the demo says which flags it set (epochs was given, so not that one)
     assert "demo settings (flags you give win): --lr 0.001 --lr_schedule cosine\n" in printed

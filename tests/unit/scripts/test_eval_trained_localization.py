@@ -52,7 +52,8 @@ def test_json_holds_hand_computed_localization(example):
     np.testing.assert_array_equal(report.result.top_indices[:, 0], np.arange(5))  # each query finds its own image
     payload = json.loads((out / "r.json").read_text())
     # errors 3, 8, 20, 40, 150 m: within 5 m one of five, 10 m two, 25 m three, 50 and 100 m four
-    assert payload["recall_at_threshold_m"] == pytest.approx({"5": 0.2, "10": 0.4, "25": 0.6, "50": 0.8, "100": 0.8}, abs=1e-6)
+    assert payload["recall_at_threshold_m"] == pytest.approx({"5": 0.2, "10": 0.4, "25": 0.6, "50": 0.8, "100": 0.8},
+                                                             abs=1e-6)
     # sorted errors 3 8 20 40 150: median 20, p75 at rank 3 = 40, p90 at rank 3.6 = 40 + 0.6 * 110 = 106
     assert payload["top1_error_m"] == pytest.approx({"median": 20.0, "p75": 40.0, "p90": 106.0}, abs=1e-3)
     assert payload["recall@1"] == pytest.approx(payload["recall_at_threshold_m"]["25"])  # same rule at 25 m
@@ -80,7 +81,8 @@ def test_pr_auc_hand_computed_on_embeddings_with_positions(tmp_path):
     queries.to_parquet(tmp_path / "q.parquet", index=False)
     out = tmp_path / "r.json"
     eval_trained.main(["--baseline", "--db_parquet", str(tmp_path / "db.parquet"), "--test_parquet",
-                       str(tmp_path / "q.parquet"), "--pos_threshold_m", "25", "--output_json", str(out), "--device", "cpu"])
+                       str(tmp_path / "q.parquet"), "--pos_threshold_m", "25", "--output_json", str(out),
+                       "--device", "cpu"])
     payload = json.loads(out.read_text())
     assert payload["pr_auc"] == pytest.approx((1 + 1 + 3 / 5) / 3, abs=1e-6)
     assert payload["top1_error_m"] == pytest.approx({"median": 20.0, "p75": 40.0, "p90": 106.0}, abs=1e-3)
@@ -128,7 +130,8 @@ def test_run_experiment_draws_its_variants_on_one_figure(tmp_path, capsys):
 
     data = write_tiny_dataset(tmp_path / "data")
     logs, cache = tmp_path / "logs", tmp_path / "cache"
-    run_experiment.main(["--train_csv", str(data["train"]), "--val_csv", str(data["val"]), "--test_csv", str(data["test"]),
+    run_experiment.main(["--train_csv", str(data["train"]), "--val_csv", str(data["val"]), "--test_csv",
+                         str(data["test"]),
                          "--models", TINY_MODEL, *TINY, "--epochs", "1", "--batch_size", "8", "--images_per_place", "2",
                          "--projection_dim", "16", "--cache_dir", str(cache), "--log_dir", str(logs),
                          "--output_dir", str(tmp_path / "models")])

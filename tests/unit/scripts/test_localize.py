@@ -82,7 +82,8 @@ def test_top_1_estimate_is_the_top_1_position_and_latlon_round_trips(scene, tmp_
 def test_csv_of_image_paths_as_queries(scene, tmp_path):
     pd.DataFrame({"image": ["photos/b_new.jpg"]}).to_csv(scene / "q.csv", index=False)
     out = tmp_path / "m.csv"
-    localize.main(localize_argv(scene, out, "--top_k", "2") [:7] + ["--query", str(scene / "q.csv"), "--output", str(out),
+    localize.main(localize_argv(scene, out, "--top_k", "2") [:7] + ["--query", str(scene / "q.csv"), "--output",
+                                                                    str(out),
                   "--cache_dir", str(scene / "cache"), *TINY, "--top_k", "2"])
     frame = pd.read_csv(out)
     assert len(frame) == 2 and Path(frame["db_image"].iloc[0]).name == "3.jpg"

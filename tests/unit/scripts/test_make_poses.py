@@ -59,7 +59,8 @@ def test_folder_of_photos_becomes_poses_csv(tmp_path, capsys):
     assert out.strip() == f"wrote 4 rows to {output}"
     warnings = err.strip().splitlines()
     assert len(warnings) == 2, err
-    assert warnings[0].startswith("warning: 2 of 7 image files") and "no GPS" in warnings[0] and "scans/no_gps_0.jpg" in warnings[0]
+    assert warnings[0].startswith("warning: 2 of 7 image files")
+    assert "no GPS" in warnings[0] and "scans/no_gps_0.jpg" in warnings[0]
     assert warnings[1].startswith("warning: 1 of 7 image files") and "not readable" in warnings[1]
     assert_rows(read_rows(output), [want for _, want in PHOTOS.values()])
 

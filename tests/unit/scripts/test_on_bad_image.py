@@ -46,7 +46,8 @@ def test_missing_images_are_left_out_and_counted_at_load_time(tmp_path, capsys):
     with pytest.raises(VPRError, match=r"row 3: image file .*poses_001.jpg not found .*2 missing in all"):
         load_poses(csv)
     table = load_poses(csv, on_bad_image="skip")
-    assert len(table) == 4 and [p.rsplit("_", 1)[1] for p in table.paths] == ["000.jpg", "002.jpg", "003.jpg", "005.jpg"]
+    assert len(table) == 4 and [p.rsplit("_", 1)[1] for p in table.paths] == ["000.jpg", "002.jpg", "003.jpg",
+                                                                              "005.jpg"]
     np.testing.assert_array_equal(table.xyz[:, 0], [0.0, 60.0, 90.0, 150.0])  # positions stay with their images
     assert [reason for _, reason in table.skipped] == ["row 3: file not found", "row 6: file not found"]
     err = capsys.readouterr().err

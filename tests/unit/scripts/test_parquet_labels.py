@@ -46,7 +46,8 @@ def test_labels_only_parquet_has_no_positions(tmp_path):
     (pd.DataFrame({"embedding": [[1.0, 2.0], [1.0]], "label": ["a", "b"]}), "row 2: embedding of length 1, expected 2"),
     (pd.DataFrame({"embedding": [[1.0, 2.0], [np.nan, 1.0]], "label": ["a", "b"]}), "row 2: the embedding holds NaN"),
     (pd.DataFrame({"embedding": [[1.0, 2.0]], "colour": ["red"]}), "neither a label column"),
-    (pd.DataFrame({"embedding": [[1.0, 2.0], [3.0, 4.0]], "place_id": ["a", None]}), "row 2: column 'place_id' is empty"),
+    (pd.DataFrame({"embedding": [[1.0, 2.0], [3.0, 4.0]], "place_id": ["a", None]}),
+     "row 2: column 'place_id' is empty"),
 ])
 def test_bad_parquet_is_one_line_naming_the_row(tmp_path, frame, message):
     path = tmp_path / "bad.parquet"
@@ -135,7 +136,8 @@ def _train_argv(tmp_path, train, val, *extra):
 
 def test_train_and_evaluate_from_parquet_labels_only(tmp_path, no_images):
     train, val = _parquets(tmp_path)
-    result = train_vpr.main(_train_argv(tmp_path, train, val, "--head", "mlp", "--output_dim", "8", "--hidden_dim", "32"))
+    result = train_vpr.main(_train_argv(tmp_path, train, val, "--head", "mlp", "--output_dim", "8",
+                                        "--hidden_dim", "32"))
     checkpoint = vpr.load_checkpoint(result.checkpoint)
     assert checkpoint["backbone"]["arch"] == EMBEDDINGS_ARCH and checkpoint["backbone"]["feature_dim"] == 16
     assert checkpoint["head_config"]["type"] == "mlp" and checkpoint["head_config"]["projection_dim"] == 8
@@ -162,7 +164,8 @@ def test_embedding_dimension_is_checked_against_the_head(tmp_path, no_images):
     result = train_vpr.main(_train_argv(tmp_path, train, val, "--epochs", "1"))
     wide = write_embeddings_parquet(tmp_path / "wide.parquet", dim=24)
     with pytest.raises(VPRError, match="24-dim features, but the head takes 16-dim input"):
-        eval_trained.main(["--model_path", str(result.checkpoint), "--db_parquet", str(wide), "--test_parquet", str(wide)])
+        eval_trained.main(["--model_path", str(result.checkpoint), "--db_parquet", str(wide), "--test_parquet",
+                           str(wide)])
     with pytest.raises(VPRError, match="16-dim embeddings, but .* has 24"):
         train_vpr.main(_train_argv(tmp_path, wide, val))
 

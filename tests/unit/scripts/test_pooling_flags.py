@@ -109,7 +109,8 @@ def test_pooled_descriptor_is_local_pooling(tiny_backbone):
 # end to end
 # ---------------------------------------------------------------------------------------------
 def _common(model: str, cache) -> list[str]:
-    return ["--model", model, "--weights", "random", "--image_size", str(TINY_SIZE), "--batch_size", "8", "--num_workers", "0",
+    return ["--model", model, "--weights", "random", "--image_size", str(TINY_SIZE), "--batch_size", "8",
+            "--num_workers", "0",
             "--device", "cpu", "--cache_dir", str(cache)]
 
 

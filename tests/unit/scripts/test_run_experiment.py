@@ -47,7 +47,8 @@ def test_an_unavailable_second_backbone_stops_before_anything_is_written(data, t
     assert done.returncode == 2, done.stderr[-2000:]
     lines = [line for line in done.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and "Traceback" not in done.stderr, done.stderr
-    assert lines[0].startswith("error: --model dinov2_b: cannot get the pretrained weights") and "HF_HUB_OFFLINE" in lines[0]
+    assert lines[0].startswith("error: --model dinov2_b: cannot get the pretrained weights")
+    assert "HF_HUB_OFFLINE" in lines[0]
     assert "training" not in done.stdout
     written = [p for folder in ("logs", "models") for p in (tmp_path / folder).rglob("*") if p.is_file()]
     assert written == []  # no log, checkpoint, summary or experiment CSV (the folders were checked writable)

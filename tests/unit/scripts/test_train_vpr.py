@@ -309,12 +309,14 @@ def _cli_cases(root: Path, good_train: Path, good_val: Path) -> dict[str, tuple[
     # every image more than pos_threshold_m from every other
     far = write_poses(root / "far", [(i * 40.0, 0.0) for i in range(12)], name="train.csv")
     cases["no_positives"] = (base(far), "pos_threshold_m")
-    cases["pos_ge_neg"] = (base(good_train, "--pos_threshold_m", "100", "--neg_threshold_m", "100"), "--pos_threshold_m")
+    cases["pos_ge_neg"] = (base(good_train, "--pos_threshold_m", "100", "--neg_threshold_m", "100"),
+                           "--pos_threshold_m")
     cases["epochs_0"] = (base(good_train, "--epochs", "0"), "--epochs")
     return cases
 
 
-CLI_CASES = ["missing_column", "unknown_camera", "missing_image", "non_numeric", "no_positives", "pos_ge_neg", "epochs_0"]
+CLI_CASES = ["missing_column", "unknown_camera", "missing_image", "non_numeric", "no_positives", "pos_ge_neg",
+             "epochs_0"]
 # One real process per stage that can fail (CSV loading, flag validation, after extraction):
 # every process pays torch's import (~5 s of CPU), so the full list runs in-process below.
 SUBPROCESS_CASES = ["missing_column", "epochs_0", "no_positives"]

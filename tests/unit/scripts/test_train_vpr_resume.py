@@ -220,6 +220,8 @@ def test_eval_trained_reads_the_same_layers(tmp_path, monkeypatch):
     import eval_trained
 
     monkeypatch.setenv("VPR_POS_THRESHOLD_M", "40")
-    path = _toml(tmp_path, "[paths]\ntrain_csv = \"db.csv\"\ntest_csv = \"q.csv\"\n[training]\nepochs = 3  # a training key: skipped\n")
-    args = eval_trained.parse_args(["--config", str(path), "--baseline", "--model", "effnet_lite0", "--recall_at", "1", "3"])
+    path = _toml(tmp_path, "[paths]\ntrain_csv = \"db.csv\"\ntest_csv = \"q.csv\"\n"
+                           "[training]\nepochs = 3  # a training key: skipped\n")
+    args = eval_trained.parse_args(["--config", str(path), "--baseline", "--model", "effnet_lite0",
+                                    "--recall_at", "1", "3"])
     assert (args.train_csv, args.test_csv, args.pos_threshold_m, args.recall_at) == ("db.csv", "q.csv", 40.0, [1, 3])

@@ -20,7 +20,8 @@ def _config_file(tmp_path, space: str):
 
 
 def test_search_space_from_the_config_file(tmp_path):
-    path = _config_file(tmp_path, 'lr = { low = 1e-4, high = 1e-2, log = true }\nhead = { choices = ["mlp", "projection"] }\n'
+    path = _config_file(tmp_path,
+                        'lr = { low = 1e-4, high = 1e-2, log = true }\nhead = { choices = ["mlp", "projection"] }\n'
                                   "hidden_dim = { low = 16, high = 64, step = 16 }\n")
     space = {d.name: d for d in tune_vpr.search_space(str(path))}
     assert space["lr"] == tune_vpr.Dimension("lr", 1e-4, 1e-2, True)
@@ -50,7 +51,8 @@ def test_worker_shares_are_exact():
 def test_two_workers_share_one_sqlite_study(tmp_path):
     train = write_embeddings_parquet(tmp_path / "train.parquet", n_places=6, per_place=4, seed=1)
     val = write_embeddings_parquet(tmp_path / "val.parquet", n_places=6, per_place=2, seed=2)
-    config = _config_file(tmp_path, 'lr = { low = 1e-4, high = 1e-2, log = true }\nhead = { choices = ["mlp", "projection"] }\n')
+    config = _config_file(tmp_path,
+                          'lr = { low = 1e-4, high = 1e-2, log = true }\nhead = { choices = ["mlp", "projection"] }\n')
     logs = tmp_path / "logs"
     summary = tune_vpr.main(["--config", str(config), "--train_parquet", str(train), "--val_parquet", str(val),
                              "--model", "emb", "--log_dir", str(logs), "--study_name", "tiny", "--n_trials", "4",

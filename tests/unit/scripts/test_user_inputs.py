@@ -268,7 +268,8 @@ def test_export_writes_the_backbone_and_training_is_named_after_it(exported, tmp
     assert load_table(exported / "train.parquet").backbone == TINY_MODEL
     result = train_vpr.main(_train_parquet_argv(exported, tmp_path))  # no --model: the default is not used
     assert result.run_id.startswith("timm_test_efficientnet_seed42_")
-    assert result.checkpoint.name == f"{result.run_id}.pth" and result.run_id.startswith("timm_test_efficientnet_seed42_")
+    assert result.checkpoint.name == f"{result.run_id}.pth"
+    assert result.run_id.startswith("timm_test_efficientnet_seed42_")
     saved = torch.load(result.checkpoint, weights_only=True)
     assert saved["backbone"]["name"] == TINY_MODEL and saved["config"]["model"] == TINY_MODEL
     summary = pd.read_csv(tmp_path / "logs" / "training_summary.csv")

@@ -201,7 +201,8 @@ def test_loss_on_real_masks_from_positions():
     pos, neg = vpr.batch_pair_masks(xyz, 25.0, 100.0)
     emb = F.normalize(torch.randn(8, 6), dim=1)
     parts = _loss(emb, pos, neg, temperature=0.3)
-    assert parts.contrastive.item() == pytest.approx(ref_contrastive(emb.numpy(), pos.numpy(), neg.numpy(), 0.3), rel=1e-4)
+    assert parts.contrastive.item() == pytest.approx(ref_contrastive(emb.numpy(), pos.numpy(), neg.numpy(), 0.3),
+                                                     rel=1e-4)
 
 
 # --------------------------------------------------------------------------------------------
@@ -211,7 +212,8 @@ def test_projection_head_structure_shape_and_unit_norm():
     torch.manual_seed(0)
     head = vpr.ProjectionHead(64, projection_dim=16, dropout=0.1)
     layers = list(head.net)
-    assert [type(m) for m in layers] == [torch.nn.Linear, torch.nn.BatchNorm1d, torch.nn.ReLU, torch.nn.Dropout, torch.nn.Linear]
+    assert [type(m) for m in layers] == [torch.nn.Linear, torch.nn.BatchNorm1d, torch.nn.ReLU, torch.nn.Dropout,
+                                         torch.nn.Linear]
     assert (layers[0].in_features, layers[0].out_features) == (64, 32)
     assert (layers[4].in_features, layers[4].out_features) == (32, 16)
     assert layers[3].p == 0.1

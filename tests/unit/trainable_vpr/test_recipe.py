@@ -74,7 +74,8 @@ def _parse(*argv: str) -> vpr.TrainConfig:
     parser = argparse.ArgumentParser()
     add_config_file_flag(parser)
     add_config_args(parser, vpr.TrainConfig)
-    return config_from_args(parse_layered(parser, ["--train_csv", "t.csv", "--val_csv", "v.csv", *argv]), vpr.TrainConfig)
+    return config_from_args(parse_layered(parser, ["--train_csv", "t.csv", "--val_csv", "v.csv", *argv]),
+                            vpr.TrainConfig)
 
 
 def test_default_recipe_is_the_residual_head_and_the_seed_recipe_file_restores_the_seed_flags():
@@ -113,7 +114,8 @@ def _train(tiny, out, *extra: str) -> train_vpr.TrainResult:
     return train_vpr.main([
         "--train_csv", str(tiny.train), "--val_csv", str(tiny.val), "--model", TINY_MODEL, "--weights", "random",
         "--image_size", str(TINY_SIZE), "--batch_size", "8", "--num_workers", "0", "--device", "cpu",
-        "--cache_dir", str(tiny.root / "cache"), "--log_dir", str(out / "logs"), "--output_dir", str(out / "models"), *extra,
+        "--cache_dir", str(tiny.root / "cache"), "--log_dir", str(out / "logs"), "--output_dir", str(out / "models"),
+        *extra,
     ])
 
 

@@ -8,7 +8,8 @@ import pytest
 
 
 from vprkit.cli import VPRError  # noqa: E402
-from vprkit.evaluation import RecallResult, evaluate_retrieval, fit_pca_whitening, l2_normalise, recall_at_n, recall_by_group  # noqa: E402
+from vprkit.evaluation import (RecallResult, evaluate_retrieval, fit_pca_whitening, l2_normalise,  # noqa: E402
+                               recall_at_n, recall_by_group)
 
 RECALL_AT = (1, 2, 3, 5, 10, 25)
 

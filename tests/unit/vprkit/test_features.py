@@ -15,7 +15,8 @@ from helpers import TINY_MODEL, TINY_SIZE, write_jpeg, write_poses
 import vprkit.features
 import trainable_vpr as vpr
 from vprkit.cli import VPRError
-from vprkit.features import ExtractionSettings, FeatureCache, _ImageDataset, _iterate_descriptors, extract_features, extraction_settings
+from vprkit.features import (ExtractionSettings, FeatureCache, _ImageDataset, _iterate_descriptors, extract_features,
+                             extraction_settings)
 from vprkit.places import load_poses
 
 N = 10
@@ -198,7 +199,8 @@ def test_no_cache_gives_the_same_features(tmp_path, table, tiny_backbone, capsys
 
 
 def test_extraction_options_follow_no_cache_flag():
-    config = vpr.TrainConfig(train_csv="a", val_csv="b", cache_dir="somewhere", no_cache=True, batch_size=8, num_workers=0)
+    config = vpr.TrainConfig(train_csv="a", val_csv="b", cache_dir="somewhere", no_cache=True, batch_size=8,
+                             num_workers=0)
     assert extraction_settings(config).cache_folder is None
     config.no_cache = False
     options = extraction_settings(config)

@@ -17,7 +17,8 @@ import vprkit.features
 import trainable_vpr as vpr
 from vprkit.cli import VPRError
 from vprkit.evaluation import l2_normalise
-from vprkit.features import ExtractionSettings, FeatureCache, _cpu_supports_bf16, extract_features, image_fingerprint, resolve_precision
+from vprkit.features import (ExtractionSettings, FeatureCache, _cpu_supports_bf16, extract_features, image_fingerprint,
+                             resolve_precision)
 from vprkit.places import load_poses
 
 

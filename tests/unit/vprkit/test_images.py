@@ -11,8 +11,8 @@ from PIL import Image
 from PIL.TiffImagePlugin import IFDRational
 
 from helpers import SHARED
-from helpers.exif_photos import (BEER_SHEVA, NEW_YORK, NEW_YORK_DEGREES, STORE_TRANSPOSE, SYDNEY, asymmetric_image, dms, photo_exif,
-                         save_photo)
+from helpers.exif_photos import (BEER_SHEVA, NEW_YORK, NEW_YORK_DEGREES, STORE_TRANSPOSE, SYDNEY, asymmetric_image, dms,
+                                 photo_exif, save_photo)
 from vprkit.cli import VPRError
 from vprkit.images import PhotoExif, camera_name, exif_timestamp, open_rgb, read_photo_exif
 
@@ -64,7 +64,8 @@ def test_open_rgb_converts_grey_and_alpha_to_rgb(tmp_path):
 
 def test_open_rgb_leaves_untagged_images_alone(tmp_path):
     upright = asymmetric_image()
-    np.testing.assert_array_equal(np.asarray(open_rgb(save_photo(tmp_path / "plain.png", upright))), np.asarray(upright))
+    np.testing.assert_array_equal(np.asarray(open_rgb(save_photo(tmp_path / "plain.png", upright))),
+                                  np.asarray(upright))
 
 
 @pytest.fixture(scope="module")
@@ -87,7 +88,8 @@ def test_rotated_photo_gets_the_feature_of_its_upright_copy(tmp_path, effnet_lit
 
     info = effnet_lite0.info
     transform = transforms.Compose([
-        transforms.Resize((info.image_size, info.image_size), interpolation=transforms.InterpolationMode.BICUBIC, antialias=True),
+        transforms.Resize((info.image_size, info.image_size), interpolation=transforms.InterpolationMode.BICUBIC,
+                          antialias=True),
         transforms.ToTensor(), transforms.Normalize(info.mean, info.std)])
     upright = upright_picture()
     rotated_path = rotated_copy(tmp_path, upright, 6, suffix)
@@ -146,7 +148,8 @@ def test_exif_timestamp(value, expected):
     dict(BEER_SHEVA, lat=dms(95, 0, 0)),                             # beyond the pole
 ])
 def test_photos_without_a_usable_position_give_none(tmp_path, gps):
-    assert read_photo_exif(save_photo(tmp_path / "p.jpg", exif=photo_exif(**gps, make="Canon", taken="2023:12:22 16:05:11"))) is None
+    assert read_photo_exif(save_photo(tmp_path / "p.jpg", exif=photo_exif(**gps, make="Canon",
+                                                                          taken="2023:12:22 16:05:11"))) is None
 
 
 def test_gps_seconds_as_fractions(tmp_path):

@@ -239,7 +239,8 @@ def test_latlon_out_of_range(tmp_path, lat, lon, what):
 
 def test_latlon_at_the_limits_accepted(tmp_path):
     rels = _images(tmp_path, 2)
-    csv = write_csv(tmp_path / "p.csv", ["image_path", "lat", "lon"], [[rels[0], 90.0, 180.0], [rels[1], -90.0, -180.0]])
+    csv = write_csv(tmp_path / "p.csv", ["image_path", "lat", "lon"], [[rels[0], 90.0, 180.0], [rels[1], -90.0,
+                                                                                                -180.0]])
     assert len(load_poses(csv)) == 2
 
 

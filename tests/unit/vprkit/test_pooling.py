@@ -283,7 +283,8 @@ def test_local_pooling_vlad_on_a_vit_end_to_end():
 
 
 @pytest.mark.parametrize("config, dim", [(PoolingConfig("gem", 2), 32), (PoolingConfig("gem", -1), 256),
-                                         (PoolingConfig("vlad", -1, 4), 4 * 256), (PoolingConfig("vlad", 0, 3), 3 * 16)])
+                                         (PoolingConfig("vlad", -1, 4), 4 * 256), (PoolingConfig("vlad", 0, 3),
+                                                                                   3 * 16)])
 def test_local_pooling_output_dim_matches_the_output(config, dim):
     model = _frozen("test_efficientnet")
     centroids = np.random.default_rng(0).normal(size=(config.vlad_clusters, dim // config.vlad_clusters)) \

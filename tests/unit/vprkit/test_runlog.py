@@ -48,7 +48,8 @@ def test_two_processes_appending_at_once_keep_every_row_exactly_once(tmp_path):
         rows = table[table.writer == writer]
         assert rows.i.tolist() == list(range(ROWS_PER_WRITER))
     b_rows = table[table.writer == "b"]
-    assert (b_rows.b_only == [f"b{i}" for i in b_rows.i]).all() and table.loc[table.writer == "a", "b_only"].isna().all()
+    assert (b_rows.b_only == [f"b{i}" for i in b_rows.i]).all() and table.loc[table.writer == "a",
+                                                                              "b_only"].isna().all()
     assert path.read_text().count("run_id") == 1  # one header
     assert sorted(p.name for p in path.parent.iterdir()) == ["training_summary.csv", "training_summary.csv.lock"]
 
@@ -103,7 +104,8 @@ def test_a_checkpoint_that_fails_to_save_keeps_the_previous_one(tmp_path):
     path = tmp_path / "trained.pth"
     head = vpr.ProjectionHead(16, 8)
     payload = {"model_state_dict": head.state_dict(), "backbone": {"name": TINY_MODEL}, "config": {},
-               "head_config": {"type": "projection", "in_dim": 16, "projection_dim": 8, "hidden_dim": 8, "dropout": 0.1}}
+               "head_config": {"type": "projection", "in_dim": 16, "projection_dim": 8, "hidden_dim": 8,
+                               "dropout": 0.1}}
     save_checkpoint(path, payload)
     before = path.read_bytes()
     with pytest.raises((pickle.PicklingError, AttributeError)):  # which one depends on the Python version
