@@ -268,6 +268,7 @@ def test_folder_without_run_logs_is_an_error(tmp_path, capsys, files, message):
     assert err.count("\n") == 1 and err.startswith(f"error: {folder}") and message in err
 
 
+@pytest.mark.slow
 def test_command_line_error_has_no_traceback(tmp_path):
     """The real script, as a user runs it: exit code 2 and one line on stderr."""
     bad = write(tmp_path / "poses.csv", "image_path,lat,lon\na.jpg,45.0,7.0\n")

@@ -63,6 +63,7 @@ def test_labels_fall_back_to_seed_when_only_the_seed_differs():
     assert analyze_metrics.run_labels(rows) == ["m seed=1", "m seed=2"]
 
 
+@pytest.mark.slow
 def test_no_torch_at_start_up():
     proc = subprocess.run([sys.executable, "-X", "importtime", "analyze_metrics.py", "--help"], cwd=REPO,
                           capture_output=True, text=True, timeout=120)

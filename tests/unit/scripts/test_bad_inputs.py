@@ -289,6 +289,7 @@ def subprocess_runs(files, tmp_path_factory) -> dict[str, tuple[int, str, str]]:
     return runs
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", SUBPROCESS_CASES)
 def test_real_process_exit_code_2_one_line_no_traceback(subprocess_runs, case):
     code, out, err = subprocess_runs[case]

@@ -154,6 +154,7 @@ def test_rejects_bad_parameters(tmp_path, kwargs, flag):
 
 @pytest.mark.parametrize("argv, says", [(["--nonsense"], "unrecognized arguments: --nonsense"),
                                         (["--num_places", "2"], "--num_places must be at least 4")])
+@pytest.mark.slow
 def test_command_line_answers_a_bad_flag_with_one_line_and_exit_code_2(tmp_path, argv, says):
     done = subprocess.run([sys.executable, str(Path(demo_data.__file__)), str(tmp_path / "out"), *argv],
                           capture_output=True, text=True, timeout=60)

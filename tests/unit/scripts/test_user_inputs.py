@@ -303,6 +303,7 @@ def test_two_backbones_in_one_parquet_is_an_error(exported, tmp_path):
 # --------------------------------------------------------------------------------------------
 # the hub, asked where HF_ENDPOINT says (real processes)
 # --------------------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_a_refusing_hub_endpoint_is_one_line_naming_it_within_seconds(tmp_path):
     with socket.socket() as probe:  # a port nobody listens on: connections are refused
         probe.bind(("127.0.0.1", 0))

@@ -72,6 +72,7 @@ def _eval_command(data: Path, cache: Path, out_json: Path) -> list[str]:
             "--cache_dir", str(cache), "--output_json", str(out_json)]
 
 
+@pytest.mark.slow
 def test_torchrun_two_processes_give_what_one_process_gives(tmp_path):
     data = tmp_path / "data"
     write_poses(data, [(i * 40.0, 0.0) for i in range(14)], name="db.csv", seed=0)

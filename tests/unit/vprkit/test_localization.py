@@ -159,6 +159,7 @@ def test_figure_with_three_variants(tmp_path):
         draw_localization_figure({}, tmp_path / "empty.png", "nothing")
 
 
+@pytest.mark.slow
 def test_importing_the_module_does_not_import_torch_or_matplotlib():
     code = ("import vprkit.localization, sys; "
             "assert 'torch' not in sys.modules, 'torch'; assert 'matplotlib' not in sys.modules, 'matplotlib'")

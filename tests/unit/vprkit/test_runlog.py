@@ -31,6 +31,7 @@ def _append_rows(path: str, writer: str, count: int, start_together) -> None:
         append_summary_row(path, row)
 
 
+@pytest.mark.slow
 def test_two_processes_appending_at_once_keep_every_row_exactly_once(tmp_path):
     path = tmp_path / "logs" / "training_summary.csv"
     context = multiprocessing.get_context("fork")  # the children share the imported modules: no 5 s import each

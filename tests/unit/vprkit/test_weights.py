@@ -69,6 +69,8 @@ def case(request):
     return variant, x, _logits(ref, x)
 
 
+# These three compare against the reference on a real photo (../shared) with two networks each: slow.
+@pytest.mark.slow
 def test_mapped_timm_matches_reference(case):
     variant, x, expected = case
     actual = _logits(_timm_model_with_package_weights(variant), x)
@@ -76,6 +78,7 @@ def test_mapped_timm_matches_reference(case):
     _assert_same_logits(actual, expected)
 
 
+@pytest.mark.slow
 def test_random_weights_do_not_match(case):
     variant, x, expected = case
     model = copy.deepcopy(_timm_model_with_package_weights(variant))
@@ -87,6 +90,7 @@ def test_random_weights_do_not_match(case):
         _assert_same_logits(_logits(model, x), expected)
 
 
+@pytest.mark.slow
 def test_misordered_source_does_not_match(case):
     """Swapping two same-shape tensors in the source order passes the mapping's checks
     but must break the equality: the proof can detect an ordering mistake."""
