@@ -74,6 +74,7 @@ def test_no_torch_at_start_up():
     assert "optuna" not in imported
 
 
+@pytest.mark.slow
 def test_study_figure_from_a_sqlite_study(tmp_path, capsys):
     optuna = pytest.importorskip("optuna")
     optuna.logging.set_verbosity(optuna.logging.WARNING)

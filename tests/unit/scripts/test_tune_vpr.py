@@ -48,6 +48,7 @@ def test_worker_shares_are_exact():
     assert sum(tune_vpr.worker_shares(17, 4)) == 17
 
 
+@pytest.mark.slow
 def test_two_workers_share_one_sqlite_study(tmp_path):
     train = write_embeddings_parquet(tmp_path / "train.parquet", n_places=6, per_place=4, seed=1)
     val = write_embeddings_parquet(tmp_path / "val.parquet", n_places=6, per_place=2, seed=2)
