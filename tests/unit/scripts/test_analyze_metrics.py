@@ -164,6 +164,7 @@ def make_logs_folder(folder: Path) -> None:
     ]) + "\n")
 
 
+@pytest.mark.slow
 def test_folder_of_runs_writes_figures_comparison_and_summary_table(tmp_path, capsys):
     make_logs_folder(tmp_path / "logs")
     plots = tmp_path / "plots"
@@ -195,6 +196,7 @@ def test_folder_of_runs_writes_figures_comparison_and_summary_table(tmp_path, ca
     assert not (plots / "just_started_plots.png").exists()
 
 
+@pytest.mark.slow
 def test_runs_pattern_chooses_the_runs(tmp_path, capsys):
     make_logs_folder(tmp_path / "logs")
     plots = tmp_path / "plots"

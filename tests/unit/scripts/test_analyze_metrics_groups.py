@@ -35,6 +35,7 @@ def make_mixed_folder(folder: Path) -> None:
     write(folder / "training_summary.csv", "\n".join(rows) + "\n")
 
 
+@pytest.mark.slow
 def test_runs_grouped_by_data_and_labelled_by_what_differs(tmp_path, capsys):
     make_mixed_folder(tmp_path / "logs")
     plots = tmp_path / "plots"

@@ -321,6 +321,7 @@ def test_run_experiment_writes_the_comparison_table(data, tmp_path):
     assert rows.loc["vlad", "recall@1"] == pytest.approx(report.result.recalls[1], abs=1e-4)
 
 
+@pytest.mark.slow
 def test_visualize_names_the_picture_after_what_it_shows(data, checkpoint, tmp_path):
     """Two checkpoints of one model and seed, the baseline and another query file: four pictures,
     each named after its checkpoint's run id (or the baseline variant) and its queries."""
