@@ -39,7 +39,7 @@ from vprkit.cli import CliParser, VPRError, add_debug_flag, atomic_write, check_
 from vprkit.places import numeric_column  # noqa: E402
 from vprkit.plots import (RunCurve, plot_batch_loss, plot_epoch_losses, plot_loss_parts,  # noqa: E402
                           show_no_data, show_text_panel)
-from vprkit.plots import plot_comparison, plot_experiment_bars, plot_study, recall_scale, save_figure  # noqa: E402
+from vprkit.plots import data_name, plot_comparison, plot_experiment_bars, plot_study, recall_scale, save_figure  # noqa: E402
 from vprkit.runlog import (EXPERIMENT_COLUMNS, LOG_COLUMNS, EXPERIMENT_REQUIRED, SUMMARY_RESULT_COLUMNS,  # noqa: E402
                            TRAINING_SUMMARY_NAME, experiment_recalls, safe_name)
 
@@ -390,9 +390,10 @@ def run_summary_lines(summary: RunSummary, scale: float) -> list[str]:
 class RunGroup:
     """Runs that are comparable: same training and validation data, same positive rule."""
 
-    title: str              # what they share, for headings and figure titles
+    title: str              # what they share, for headings (the data as recorded)
     stem: str               # the same as a file-name stem
     table: pd.DataFrame     # their rows of the runs table, with a `label` column: what differs
+    figure_title: str = ""  # the title, the data named by folder and file (vprkit.plots.data_name)
 
 
 def comparable_groups(table: pd.DataFrame) -> list[RunGroup]:
@@ -408,15 +409,18 @@ def comparable_groups(table: pd.DataFrame) -> list[RunGroup]:
         if first.get("train_csv"):
             train, val = Path(first["train_csv"]), Path(first.get("val_csv") or "-")
             threshold = f"{float(first['pos_threshold_m']):g} m" if first.get("pos_threshold_m") else "threshold ?"
-            title = f"train {train} | val {val} | positives within {threshold}" + \
+            rule = f" | positives within {threshold}" + \
                 (f" | {first['supervision']}" if first.get("supervision") not in (None, "", "gps") else "")
+            title = f"train {train} | val {val}{rule}"
+            figure_title = f"train {data_name(train)} | val {data_name(val)}{rule}"
             stem = safe_name(f"{train.parent.name}_{train.stem}_{val.stem}_{threshold.replace(' ', '')}")
         else:
             title, stem = "runs whose data training_summary.csv does not record", "unrecorded_data"
+            figure_title = title
         stem = next(f"{stem}_{n}" if n else stem for n in range(len(table) + 1) if (f"{stem}_{n}" if n else stem) not in stems)
         stems.add(stem)
         rows["label"] = run_labels(rows)
-        groups.append(RunGroup(title, stem, rows))
+        groups.append(RunGroup(title, stem, rows, figure_title))
     return groups
 
 
@@ -655,7 +659,7 @@ def main(argv: Sequence[str] | None = None) -> None:
                                by_run[row["run_id"]].epochs.dropna(subset=["val_r1"])["val_r1"].to_numpy(),
                                None if pd.isna(row["best_val_r1"]) else row["best_val_r1"], bar_text(row))
                       for _, row in group.table.iterrows()]
-            figure = plot_comparison(curves, f"Comparable runs: {group.title}", output_dir / f"comparison_{group.stem}.png")
+            figure = plot_comparison(curves, f"Comparable runs: {group.figure_title}", output_dir / f"comparison_{group.stem}.png")
             print(f"comparison figure {figure}")
         table_path = output_dir / f"{safe_name(Path(args.path).resolve().name)}_runs_summary.csv"
         atomic_write(table_path, lambda tmp: table.to_csv(tmp, index=False))

@@ -15,10 +15,14 @@ backbone features as embeddings parquets.
 
 Localization view (positions on both sides): R@1 within 5, 10, 25, 50 and 100 m and the median
 / p75 / p90 distance from each query to its top-1 database image are printed and written to
---output_json (recall_at_threshold_m, top1_error_m), with pr_auc, the average precision of the
-top-1 similarity as a "known place" detector. --localization (or --visualize) draws them as
+--output_json (recall_at_threshold_m, top1_error_m). --localization (or --visualize) draws them as
 PLOTS_DIR/{variant}_{model}[_{checkpoint}]_{queries}_localization.png. Labels-only evaluations
-have no distances: recall_at_threshold_m and top1_error_m are null there, pr_auc is by label.
+have no distances: recall_at_threshold_m and top1_error_m are null there.
+
+Top-1 precision-recall (VPR-Bench's, vprkit.pr_curve; positions or labels): AUC-PR (trapezoid)
+and recall at 100 % precision are printed and written to --output_json (auc_pr,
+recall_at_100_precision); --pr_curve (or --visualize) writes the curve as
+PLOTS_DIR/{variant}_{model}[_{checkpoint}]_{queries}_pr.csv (precision, recall, threshold) and _pr.png.
 """
 from __future__ import annotations
 
@@ -28,19 +32,18 @@ import sys
 from pathlib import Path
 from typing import Any, Sequence
 
-import numpy as np
-import pandas as pd
 
 import trainable_vpr as vpr
-from vprkit.checkpoints import EMBEDDINGS_ARCH, check_checkpoint_matches
-from vprkit.cli import CliParser, VPRError, add_debug_flag, atomic_write, check_writable_dir, check_writable_file, run_cli, write_png
+from trainable_vpr.model import PlaceDescriptor, load_model
+from vprkit.cli import CliParser, VPRError, add_debug_flag, atomic_write, check_writable_dir, check_writable_file, run_cli
 from vprkit.evaluation import Descriptors, EvalReport, evaluate_variant, format_report, load_eval_tables, pca_whitened
 from vprkit.features import (Backbone, ExtractionSettings, extraction_settings, frozen_descriptors,
-                             pooling_config, release_other_ranks, validate_extraction_flags)
-from vprkit.images import open_rgb
+                             release_other_ranks, validate_extraction_flags)
+from vprkit.predictions import draw_retrievals, evaluation_rows, predictions_frame
 from vprkit.localization import (LocalizationResult, draw_localization_figure, localization_json, localization_lines,
                                  localization_of_result)
 from vprkit.places import PlaceTable, export_embeddings_parquet, is_parquet
+from vprkit.pr_curve import Top1PR, draw_pr_figure, pr_line, top1_pr_of_result
 from vprkit.runlog import safe_name
 from vprkit.settings import add_config_args, add_config_file_flag, parse_layered
 
@@ -49,9 +52,9 @@ def add_eval_data_args(parser: argparse.ArgumentParser) -> None:
     """The data flags evaluation shares with training (same cache, same images)."""
     group = parser.add_argument_group("data")
     group.add_argument("--train_csv", "--db_csv", "--db_parquet", "--train_parquet", dest="train_csv", required=True,
-                       help="poses CSV or embeddings parquet of the database images")
+                       help="poses CSV, benchmark folder (vprkit.benchmarks) or embeddings parquet of the database images")
     group.add_argument("--test_csv", "--test_parquet", dest="test_csv", required=True,
-                       help="poses CSV or embeddings parquet of the query images")
+                       help="poses CSV, benchmark folder (vprkit.benchmarks) or embeddings parquet of the query images")
     group.add_argument("--supervision", default=None, choices=vpr.SUPERVISIONS,
                        help="what makes a retrieval correct: gps, labels or auto (default: the checkpoint's, else auto)")
     group.add_argument("--pos_threshold_m", type=float, default=None,
@@ -79,7 +82,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     out.add_argument("--localization", action="store_true",
                      help="draw the localization view (R@1 against distance threshold, cumulative top-1 error) as "
                           "PLOTS_DIR/{variant}_{model}[_{checkpoint}]_{queries}_localization.png (also drawn with --visualize)")
-    out.add_argument("--plots_dir", default="plots", help="folder of the --visualize and --localization pictures")
+    out.add_argument("--pr_curve", action="store_true",
+                     help="write the top-1 precision-recall curve (VPR-Bench) as PLOTS_DIR/{variant}_{model}[_{checkpoint}]"
+                          "_{queries}_pr.csv (precision, recall, threshold) and _pr.png (also with --visualize)")
+    out.add_argument("--plots_dir", default="plots", help="folder of the --visualize, --localization and --pr_curve outputs")
     out.add_argument("--export_parquet", metavar="DIR", help="write the raw backbone features of the database and the "
                      "queries as embeddings parquets DIR/{csv name}.parquet (input for --train_parquet)")
     add_config_file_flag(parser)
@@ -100,35 +106,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         parser.error(f"--pooling {args.pooling}: embeddings parquets hold descriptors already pooled; drop --pooling")
     for path, flag in ((args.output_json, "--output_json"), (args.save_predictions, "--save_predictions")):
         check_writable_file(path, flag)
-    if args.visualize > 0 or args.localization:
+    if args.visualize > 0 or args.localization or args.pr_curve:
         check_writable_dir(args.plots_dir, "--plots_dir")
     return args
-
-
-def predictions_frame(report: EvalReport, database: PlaceTable, queries: PlaceTable) -> pd.DataFrame:
-    """One row per (query, rank): the retrieved database image, its distance (empty without
-    positions), its place labels when both tables have them, correct or not."""
-    res = report.result
-    q_count, k = res.top_indices.shape
-    q_index = np.repeat(np.arange(q_count), k)
-    db_index = res.top_indices.ravel()
-    frame = pd.DataFrame({
-        "query_index": q_index,
-        "query_image": np.asarray(queries.paths)[q_index],
-        "rank": np.tile(np.arange(1, k + 1), q_count),
-        "db_index": db_index,
-        "db_image": np.asarray(database.paths)[db_index],
-        "distance_m": res.top_distances_m.ravel(),  # unrounded: `correct` is decided on this value; NaN (empty) without positions
-        "similarity": res.top_scores.ravel().round(5),
-        "correct": res.correct.ravel(),
-        "query_has_positive": np.repeat(res.has_positive, k),
-    })
-    if queries.labels is not None and database.labels is not None:
-        frame.insert(2, "query_label", queries.labels[q_index])
-        frame.insert(frame.columns.get_loc("db_image") + 1, "db_label", database.labels[db_index])
-    if queries.conditions is not None:
-        frame.insert(2, "condition", queries.conditions[q_index])
-    return frame
 
 
 def figure_stem(args: Any, report: EvalReport) -> str:
@@ -139,22 +119,27 @@ def figure_stem(args: Any, report: EvalReport) -> str:
 
 
 def write_outputs(args: Any, report: EvalReport, database: PlaceTable, queries: PlaceTable,
-                  settings: dict[str, Any], localization: LocalizationResult | None = None) -> None:
-    """JSON, predictions CSV, retrieval and localization pictures, each only when asked for,
-    each atomically."""
+                  settings: dict[str, Any], localization: LocalizationResult | None = None,
+                  pr: Top1PR | None = None) -> None:
+    """JSON, predictions CSV, retrieval and localization pictures, the top-1 PR curve, each only
+    when asked for, each atomically."""
+    pr = top1_pr_of_result(report.result) if pr is None else pr
     if args.output_json:
-        payload = {**report.as_dict(), **localization_json(report.result, localization), "settings": settings}
+        payload = {**report.as_dict(), **localization_json(localization), **pr.summary(), "settings": settings}
         atomic_write(args.output_json, lambda p: p.write_text(json.dumps(payload, indent=2)))
         print(f"wrote {args.output_json}")
     if args.save_predictions:
-        frame = predictions_frame(report, database, queries)
+        res = report.result
+        frame = predictions_frame(database, queries, res.top_indices, res.top_scores, res)
         atomic_write(args.save_predictions, lambda p: frame.to_csv(p, index=False))
         print(f"wrote {args.save_predictions}")
     if args.visualize > 0 and database.embeddings is not None:
         raise VPRError("--visualize needs images; embeddings parquets have none")
     if args.visualize > 0:
         path = Path(args.plots_dir) / f"{picture_stem(report.name, settings)}_retrievals.png"
-        draw_retrievals(report, database, queries, args.visualize, path)
+        rows, legend = evaluation_rows(report.result, database, queries, args.visualize)
+        top = len(rows[0].matches) if rows else 0
+        draw_retrievals(rows, path, f"{report.name}: queries and top-{top} retrievals ({legend})")
         print(f"wrote {path}")
     if (args.visualize > 0 or args.localization) and localization is not None:
         path = Path(args.plots_dir) / f"{figure_stem(args, report)}_localization.png"
@@ -163,24 +148,12 @@ def write_outputs(args: Any, report: EvalReport, database: PlaceTable, queries: 
         print(f"wrote {path}")
     elif args.localization:
         print("no localization picture: the database or the queries have no positions (labels only)")
-
-
-def retrieval_captions(report: EvalReport, database: PlaceTable, queries: PlaceTable, q: int,
-                       top: int) -> tuple[str, list[str], str]:
-    """(query caption, one caption per retrieval, legend) of one picture row, in the rule's own
-    terms: place labels for a labelled run (metres too only where there are positions), metres
-    for a GPS run."""
-    res = report.result
-    positions = database.xyz is not None and queries.xyz is not None
-    retrieved = res.top_indices[q, :top]
-    condition = f" ({queries.conditions[q]})" if queries.conditions is not None else ""
-    if res.by_label:
-        metres = [f"  {res.top_distances_m[q, r]:.0f} m" if positions else "" for r in range(top)]
-        captions = [f"#{r + 1}  {database.labels[i]}{metres[r]}" for r, i in enumerate(retrieved)]
-        legend = "green: same place label" + (f" within {res.pos_threshold_m:g} m" if positions else "")
-        return f"query {queries.labels[q]}{condition}", captions, legend
-    captions = [f"#{r + 1}  {res.top_distances_m[q, r]:.0f} m" for r in range(top)]
-    return f"query{condition}", captions, f"green: within {res.pos_threshold_m:g} m"
+    if args.visualize > 0 or args.pr_curve:
+        csv_path, png_path = (Path(args.plots_dir) / f"{figure_stem(args, report)}_pr.{ext}" for ext in ("csv", "png"))
+        atomic_write(csv_path, lambda p: pr.frame().to_csv(p, index=False))
+        draw_pr_figure({report.name: pr}, png_path, f"{report.name}: top-1 precision-recall of "
+                       f"{Path(args.test_csv).name} against {Path(args.train_csv).name}")
+        print(f"wrote {csv_path} and {png_path}")
 
 
 def picture_stem(variant: str, settings: dict[str, Any]) -> str:
@@ -191,75 +164,26 @@ def picture_stem(variant: str, settings: dict[str, Any]) -> str:
     return safe_name(f"{what}_on_{Path(settings['test_csv']).stem}")
 
 
-def draw_retrievals(report: EvalReport, database: PlaceTable, queries: PlaceTable, count: int,
-                    path: Path, top: int = 5) -> None:
-    """A grid: each row a query and its top retrievals framed green (correct by the run's rule)
-    or red, captioned with place labels (labelled runs) or distances (GPS runs); images upright."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    res = report.result
-    rows = np.linspace(0, res.num_queries - 1, num=min(count, res.num_queries)).round().astype(int)
-    top = min(top, res.top_indices.shape[1])
-    fig, axes = plt.subplots(len(rows), top + 1, figsize=(2.2 * (top + 1), 2.6 * len(rows) + 0.6), squeeze=False,
-                             layout="constrained")
-    legend = ""
-    for r, q in enumerate(rows):
-        query_caption, captions, legend = retrieval_captions(report, database, queries, q, top)
-        cells = [(queries.paths[q], query_caption, "black")]
-        for rank in range(top):
-            cells.append((database.paths[res.top_indices[q, rank]], captions[rank],
-                          "tab:green" if res.correct[q, rank] else "tab:red"))
-        for c, (image_path, title, colour) in enumerate(cells):
-            ax = axes[r, c]
-            image = open_rgb(image_path)
-            image.thumbnail((320, 320))  # phone photos are 12 MP; the cells are 2 inches wide
-            ax.imshow(image)
-            ax.set_title(title, fontsize=9, color=colour)
-            ax.set_xticks([])
-            ax.set_yticks([])
-            for spine in ax.spines.values():
-                spine.set_edgecolor(colour)
-                spine.set_linewidth(4 if c else 1)
-        if not res.has_positive[q]:  # no database image could be right: the red frames are no fault of the model
-            rule = "of its place label" if res.by_label else f"within {res.pos_threshold_m:g} m"
-            axes[r, 0].set_xlabel(f"no match {rule}\nin the database", fontsize=8, color="0.45")
-    fig.suptitle(f"{report.name}: queries and top-{top} retrievals ({legend})", fontsize=11)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    write_png(fig, path, dpi=80)
-    plt.close(fig)
-
-
 # ---------------------------------------------------------------------------------------------
 # This script's own steps
 # ---------------------------------------------------------------------------------------------
-def backbone_for(args: argparse.Namespace, checkpoint: dict | None, database: PlaceTable) -> Backbone | None:
-    """The backbone to evaluate: the checkpoint's (checked against --model and --head) or
-    --model's; None for embeddings parquets (checked against the checkpoint's head)."""
-    if checkpoint is not None:
-        check_checkpoint_matches(checkpoint, args.model_path, args.model, args.head)
-    trained_on_embeddings = checkpoint is not None and checkpoint["backbone"].get("arch") == EMBEDDINGS_ARCH
-    if database.embeddings is not None:
-        if checkpoint is not None:
-            vpr.check_input_dim(checkpoint["head_config"], database.embeddings.shape[1], args.train_csv)
+def model_for(args: argparse.Namespace, checkpoint: dict | None, database: PlaceTable) -> PlaceDescriptor | None:
+    """The descriptor to evaluate (trainable_vpr.model.load_model): the checkpoint's (checked
+    against --model and --head) or --model's; for embeddings parquets the checkpoint's head alone
+    (checked against their width), None for a baseline on them (the embeddings are the descriptors)."""
+    if database.embeddings is not None and checkpoint is None:
         return None
-    if trained_on_embeddings:
-        raise VPRError(f"checkpoint {args.model_path} was trained on precomputed embeddings "
-                           f"({checkpoint['backbone']['weights']}); evaluate it on embeddings parquets (--db_parquet, --test_parquet)")
-    if checkpoint is None:  # a baseline: a VLAD vocabulary is fitted on the database
-        return vpr.create_pooled_backbone(args.model, args.weights, args.image_size, pooling_config(args),
-                                          database.paths, extraction_settings(args))
-    return vpr.checkpoint_backbone(checkpoint, args.model_path, args.weights, args.image_size, pooling_config(args))
+    embeddings_dim = database.embeddings.shape[1] if database.embeddings is not None else None
+    return load_model(args.model_path, args.model, extraction_settings(args), database.paths, checkpoint, args.head,
+                      embeddings_dim, args.train_csv)
 
 
-def descriptors_for(args: argparse.Namespace, checkpoint: dict | None, name: str, raw: Descriptors) -> tuple[str, Descriptors]:
+def descriptors_for(args: argparse.Namespace, model: PlaceDescriptor | None, name: str,
+                    raw: Descriptors) -> tuple[str, Descriptors]:
     """The variant asked for: the checkpoint's head (with --pca_whiten, its output PCA-whitened on
     this database at indexing time), PCA-whitened or raw features."""
-    if checkpoint is not None:
-        head = vpr.head_from_checkpoint(checkpoint)
-        trained = Descriptors(vpr.embed(head, raw.database), vpr.embed(head, raw.queries))
+    if model is not None and model.head is not None:
+        trained = model.describe(raw)
         if args.pca_whiten:
             return f"trained_whitened_{name}", pca_whitened(trained, args.pca_whiten)
         return f"trained_{name}", trained
@@ -295,29 +219,32 @@ def main(argv: Sequence[str] | None = None) -> EvalReport:
     threshold = args.pos_threshold_m or (checkpoint["config"]["pos_threshold_m"] if checkpoint else 25.0)
     supervision = args.supervision or (checkpoint["config"].get("supervision", "gps") if checkpoint else "auto")
     database, queries = load_eval_tables(args, threshold, supervision)
-    backbone = backbone_for(args, checkpoint, database)
+    model = model_for(args, checkpoint, database)
+    backbone = model.frozen if model is not None else None  # the frozen part: its features come through the cache
     database, queries, raw = frozen_descriptors(args, backbone, database, queries, threshold, supervision)
     if release_other_ranks() != 0:
         sys.exit(0)  # torchrun: the other ranks only shared the extraction; rank 0 evaluates on the cache
-    model, weights = source_identity(args, backbone, checkpoint, database.backbone)
+    model_name, weights = source_identity(args, backbone, checkpoint, database.backbone)
     if args.export_parquet:
-        export_parquets(args.export_parquet, raw, database, queries, model)
-    name, descriptors = descriptors_for(args, checkpoint, model, raw)
+        export_parquets(args.export_parquet, raw, database, queries, model_name)
+    name, descriptors = descriptors_for(args, model, model_name, raw)
     report = evaluate_variant(name, descriptors, database, queries, threshold, args.recall_at, supervision)
     print(format_report(report, args.recall_at))
     localization = localization_of_result(report.result, database.xyz, queries.xyz)
     print(localization_lines(localization))
+    pr = top1_pr_of_result(report.result)
+    print(pr_line(pr))
     skipped = {"database": len(database.skipped), "queries": len(queries.skipped)}
     if any(skipped.values()):
         print(f"skipped bad images (--on_bad_image skip): {skipped['database']} database, {skipped['queries']} queries")
-    settings = {"variant": name, "model": model, "weights": weights,
+    settings = {"variant": name, "model": model_name, "weights": weights,
                 "pooling": backbone.info.pooling if backbone is not None else "backbone",
                 "correct_by": "label" if report.result.by_label else "distance",
                 "checkpoint": args.model_path, "run_id": checkpoint.get("run_id") if checkpoint else None,
                 "db_csv": args.train_csv, "test_csv": args.test_csv,
                 "camera_id": args.camera_id, "pos_threshold_m": threshold, "recall_at": args.recall_at,
                 "on_bad_image": args.on_bad_image, "skipped_images": skipped}
-    write_outputs(args, report, database, queries, settings, localization)
+    write_outputs(args, report, database, queries, settings, localization, pr)
     return report
 
 

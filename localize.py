@@ -31,12 +31,13 @@ import numpy as np
 import pandas as pd
 
 import trainable_vpr as vpr
-from vprkit.checkpoints import EMBEDDINGS_ARCH, check_checkpoint_matches
-from vprkit.cli import CliParser, VPRError, add_debug_flag, atomic_write, check_writable_file, run_cli, write_png
+from trainable_vpr.model import describe_table, load_model
+from vprkit.cli import CliParser, VPRError, add_debug_flag, atomic_write, check_writable_file, run_cli
 from vprkit.evaluation import exact_search
-from vprkit.features import Backbone, ExtractionSettings, extract_table, extraction_settings, pooling_config, validate_extraction_flags
-from vprkit.places import (IMAGE_COLUMNS, LATLON_COLUMNS, METRIC_COLUMNS, PlaceTable, _find_column,
-                           _find_column_pair, is_parquet, load_poses, read_csv_table)
+from vprkit.predictions import draw_retrievals, frame_rows, predictions_frame
+from vprkit.features import ExtractionSettings, extraction_settings, validate_extraction_flags
+from vprkit.places import (IMAGE_COLUMNS, LATLON_COLUMNS, METRIC_COLUMNS, PlaceTable, find_column,
+                           find_column_pair, is_parquet, load_table, read_csv_table)
 from vprkit.settings import add_config_args, add_config_file_flag, parse_layered
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
@@ -49,7 +50,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     what.add_argument("--baseline", action="store_true", help="match with the raw frozen backbone given by --model")
     what.add_argument("--model", default=None, help=f"backbone for --baseline: {', '.join(vpr.BACKBONES)} or timm:ARCH")
     data = parser.add_argument_group("data")
-    data.add_argument("--db_csv", "--train_csv", dest="db_csv", required=True, help="poses CSV of the database images")
+    data.add_argument("--db_csv", "--train_csv", dest="db_csv", required=True, help="poses CSV or benchmark folder (vprkit.benchmarks) of the database images")
     data.add_argument("--query", required=True, metavar="PHOTOS_OR_CSV",
                       help="a folder of photos, or a CSV with an image column (no positions needed)")
     data.add_argument("--top_k", type=int, default=5, help="database matches per query")
@@ -95,7 +96,7 @@ def query_table(query: str) -> PlaceTable:
                            f"give a folder of photos or a CSV of image paths")
     elif path.is_file():
         frame = read_csv_table(path, "query CSV")
-        column = _find_column(frame.columns, IMAGE_COLUMNS)
+        column = find_column(frame.columns, IMAGE_COLUMNS)
         if column is None:
             raise VPRError(f"--query {path}: no image column; expected one of {', '.join(IMAGE_COLUMNS)}")
         paths = [p if Path(p).is_absolute() else str(path.parent / p) for p in frame[column].astype(str)]
@@ -108,24 +109,6 @@ def query_table(query: str) -> PlaceTable:
         raise VPRError(f"--query {path}: image {missing[0]} not found ({len(missing)} missing); fix the path")
     return PlaceTable(source=str(path), paths=paths, xyz=None, coord_kind="none",
                       frame=pd.DataFrame({"image_path": paths}))
-
-
-def backbone_and_head(args: argparse.Namespace, database_paths: Sequence[str]) -> tuple[Backbone, object | None, float]:
-    """The backbone (the checkpoint's, same weights, or --model's), the trained head (None for
-    --baseline) and the position threshold."""
-    if args.baseline:  # a VLAD vocabulary is fitted on the database
-        backbone = vpr.create_pooled_backbone(args.model, args.weights, args.image_size, pooling_config(args),
-                                              database_paths, extraction_settings(args))
-        return backbone, None, args.pos_threshold_m or 25.0
-    checkpoint = vpr.load_checkpoint(args.model_path)
-    check_checkpoint_matches(checkpoint, args.model_path, args.model)
-    saved = checkpoint["backbone"]
-    if saved.get("arch") == EMBEDDINGS_ARCH:
-        raise VPRError(f"checkpoint {args.model_path} was trained on precomputed embeddings ({saved['weights']}); "
-                       "it has no backbone to turn photos into features")
-    backbone = vpr.checkpoint_backbone(checkpoint, args.model_path, args.weights, args.image_size, pooling_config(args))
-    threshold = args.pos_threshold_m or checkpoint["config"].get("pos_threshold_m", 25.0)
-    return backbone, vpr.head_from_checkpoint(checkpoint), threshold
 
 
 # ============================================================================================
@@ -153,20 +136,12 @@ def xyz_to_latlon(xyz: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 def matches_frame(database: PlaceTable, queries: PlaceTable, top: np.ndarray, scores: np.ndarray,
                   pos_threshold_m: float) -> pd.DataFrame:
-    """One row per (query, rank), see the module docstring."""
-    q_count, k = top.shape
-    q_index = np.repeat(np.arange(q_count), k)
-    db_index = top.ravel()
-    frame = pd.DataFrame({
-        "query_image": np.asarray(queries.paths)[q_index],
-        "rank": np.tile(np.arange(1, k + 1), q_count),
-        "db_image": np.asarray(database.paths)[db_index],
-        "similarity": scores.ravel().round(5),
-    })
-    columns = _find_column_pair(database.frame.columns, LATLON_COLUMNS) or \
-        _find_column_pair(database.frame.columns, METRIC_COLUMNS)
-    if database.labels is not None:
-        frame["db_label"] = database.labels[db_index]
+    """The prediction table (vprkit.predictions) plus the database rows' positions as written and
+    the position estimates, see the module docstring."""
+    frame = predictions_frame(database, queries, top, scores)
+    q_index, db_index = frame["query_index"].to_numpy(), frame["db_index"].to_numpy()
+    columns = find_column_pair(database.frame.columns, LATLON_COLUMNS) or \
+        find_column_pair(database.frame.columns, METRIC_COLUMNS)
     if columns is not None and database.xyz is not None:
         names = ("lat", "lon") if database.coord_kind == "latlon" else columns
         for name, column in zip(names, columns):
@@ -180,56 +155,18 @@ def matches_frame(database: PlaceTable, queries: PlaceTable, top: np.ndarray, sc
 
 
 # ============================================================================================
-# The picture
-# ============================================================================================
-def draw_matches(frame: pd.DataFrame, path: Path, max_queries: int, title: str) -> Path:
-    """A grid: each row a query and its top-k matches, captioned with similarity and the
-    match's label or position."""
-    from matplotlib.figure import Figure  # object API: no GUI backend, no global state
-
-    from vprkit.images import open_rgb
-
-    queries = list(dict.fromkeys(frame["query_image"]))[:max_queries]
-    k = int(frame["rank"].max())
-    fig = Figure(figsize=(2.3 * (k + 1), 2.5 * len(queries) + 0.6), layout="constrained")
-    axes = fig.subplots(len(queries), k + 1, squeeze=False)
-    position_columns = [c for c in frame.columns if c.startswith("db_") and c not in ("db_image", "db_label")]
-    for r, query in enumerate(queries):
-        rows = frame[frame["query_image"] == query].sort_values("rank")
-        cells = [(query, f"query {Path(query).name}"[:28])]
-        for _, row in rows.iterrows():
-            where = str(row["db_label"]) if "db_label" in row else \
-                ", ".join(f"{row[c]:.5f}" if "lat" in c or "lon" in c else f"{row[c]:.0f}" for c in position_columns)
-            cells.append((row["db_image"], f"#{row['rank']} sim {row['similarity']:.2f}\n{where}"))
-        for c in range(k + 1):
-            ax = axes[r, c]
-            ax.set_xticks([])
-            ax.set_yticks([])
-            if c >= len(cells):
-                ax.axis("off")
-                continue
-            image = open_rgb(cells[c][0])
-            image.thumbnail((320, 320))
-            ax.imshow(image)
-            ax.set_title(cells[c][1], fontsize=8)
-    fig.suptitle(title, fontsize=11)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    return write_png(fig, path, dpi=80)
-
-
-# ============================================================================================
 # main
 # ============================================================================================
 def main(argv: Sequence[str] | None = None) -> pd.DataFrame:
     args = parse_args(argv)
     queries = query_table(args.query)
-    database = load_poses(args.db_csv, args.image_root, on_bad_image=args.on_bad_image)
-    backbone, head, threshold = backbone_and_head(args, database.paths)
+    database = load_table(args.db_csv, args.image_root, on_bad_image=args.on_bad_image)
+    checkpoint = vpr.load_checkpoint(args.model_path) if args.model_path else None
     options = extraction_settings(args)
-    database, db_features = extract_table(backbone, database, options, "database", args.on_bad_image)
-    queries, q_features = extract_table(backbone, queries, options, "queries", args.on_bad_image)
-    if head is not None:
-        db_features, q_features = vpr.embed(head, db_features), vpr.embed(head, q_features)
+    model = load_model(args.model_path, args.model, options, database.paths, checkpoint)  # baseline vlad: fitted on the database
+    threshold = args.pos_threshold_m or (checkpoint["config"].get("pos_threshold_m", 25.0) if checkpoint else 25.0)
+    database, db_features = describe_table(model, database, options, "database", args.on_bad_image)
+    queries, q_features = describe_table(model, queries, options, "queries", args.on_bad_image)
     top, scores = exact_search(db_features, q_features, args.top_k)
     frame = matches_frame(database, queries, top, scores, threshold)
     atomic_write(args.output, lambda p: frame.to_csv(p, index=False))
@@ -237,7 +174,8 @@ def main(argv: Sequence[str] | None = None) -> pd.DataFrame:
     print(f"{len(queries)} queries x top-{top.shape[1]} of {len(database)} database images {estimated}: wrote {args.output}")
     if args.picture:
         model = Path(args.model_path).name if args.model_path else f"raw {args.model}"
-        print(f"wrote {draw_matches(frame, Path(args.picture), args.picture_queries, f'{model}: photos of {Path(args.query).name} and their top-{top.shape[1]} matches in {Path(args.db_csv).name}')}")
+        title = f"{model}: photos of {Path(args.query).name} and their top-{top.shape[1]} matches in {Path(args.db_csv).name}"
+        print(f"wrote {draw_retrievals(frame_rows(frame, args.picture_queries), Path(args.picture), title)}")
     return frame
 
 

@@ -15,6 +15,12 @@ with it). lat/lon are WGS84 degrees (south and west negative); camera_id is the 
 ("unknown" if not recorded); timestamp_local is the EXIF capture time, YYYY-MM-DDTHH:MM:SS (empty if
 not recorded).
 
+A folder of @-named images as VPR-datasets-downloader writes them
+(@UTM_east@UTM_north@zone_number@zone_letter@lat@lon@pano_id@tile@heading@pitch@roll@height@timestamp@note@.jpg)
+is read from the names instead of EXIF: image_path, easting, northing (the UTM fields, metres),
+utm_zone, pano_id, heading, timestamp, note, and condition where a note names one (MSLS day/night).
+The scripts also take such a folder directly wherever they take a poses CSV.
+
 Photos without GPS, and files that are not readable images, are left out: one warning line each
 with their count. A folder with no GPS-tagged photo is an error. The CSV is written atomically;
 an existing file is kept unless --overwrite.
@@ -29,15 +35,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
-from PIL import Image
-
+from vprkit.benchmarks import at_folder_frame, has_at_names
 from vprkit.cli import CliParser, VPRError, add_debug_flag, atomic_write, check_writable_file, run_cli
-from vprkit.images import PhotoExif, read_photo_exif
+from vprkit.images import PhotoExif, find_images, image_suffixes, read_photo_exif
 
 CSV_COLUMNS = ("image_path", "lat", "lon", "camera_id", "timestamp_local")
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".tif", ".tiff", ".webp")
 UNKNOWN_CAMERA = "unknown"  # camera_id of photos without Make/Model (an empty cell would read back as "nan")
-PLUGIN_SUFFIXES = (".heic", ".heif")  # only where a Pillow plugin (e.g. pillow-heif) registered them
 
 
 @dataclass
@@ -58,22 +61,6 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--overwrite", action="store_true", help="replace an existing --output file")
     add_debug_flag(parser)
     return parser.parse_args(argv)
-
-
-def image_suffixes() -> tuple[str, ...]:
-    """The suffixes to look for: the common ones, plus HEIC/HEIF where Pillow can open them."""
-    registered = Image.registered_extensions()
-    return IMAGE_SUFFIXES + tuple(s for s in PLUGIN_SUFFIXES if s in registered)
-
-
-def find_images(folder: Path) -> list[Path]:
-    """Image files under `folder` by suffix (any case), hidden names left out, in sorted order."""
-    suffixes = image_suffixes()
-    found = []
-    for root, dirs, files in os.walk(folder):
-        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
-        found += [Path(root) / f for f in files if not f.startswith(".") and Path(f).suffix.lower() in suffixes]
-    return sorted(found)
 
 
 def scan_photos(paths: Sequence[Path]) -> PhotoScan:
@@ -129,6 +116,11 @@ def main(argv: Sequence[str] | None = None) -> Path:
     images = find_images(folder)
     if not images:
         raise VPRError(f"PHOTO_DIR {folder}: no image files ({', '.join(image_suffixes())}) in it or its subfolders")
+    if has_at_names(images):  # a benchmark folder (VPR-datasets-downloader): positions from the names
+        frame = at_folder_frame(folder, relative_to=output.resolve().parent)
+        atomic_write(output, lambda p: frame.to_csv(p, index=False))
+        print(f"wrote {len(frame)} rows to {output} (positions from the @UTM_east@UTM_north@ file names)")
+        return output
     scan = scan_photos(images)
     if not scan.photos:
         raise VPRError(f"PHOTO_DIR {folder}: none of its {len(images)} image files has a GPS position in its EXIF "

@@ -15,8 +15,10 @@ logs/experiment_{timestamp}.csv and, beside it, experiment_{timestamp}.json: its
 threshold, supervision, recall_at, models, and each model's checkpoint, run id and log (or why
 it failed); where the data has positions also experiment_{timestamp}_localization.png: every
 variant of every model on one localization figure (R@1 against distance threshold, cumulative
-top-1 error), with the median top-1 error per variant printed. A model that fails after others
-were measured does not lose their rows.
+top-1 error), with the median top-1 error per variant printed. The CSV also holds each
+variant's top-1 precision-recall summary (auc_pr, recall_at_100_precision; VPR-Bench's, see
+vprkit.pr_curve), and experiment_{timestamp}_pr.png draws every variant's curve.
+A model that fails after others were measured does not lose their rows.
 """
 from __future__ import annotations
 
@@ -33,6 +35,7 @@ import pandas as pd
 
 import train_vpr
 import trainable_vpr as vpr
+from trainable_vpr.model import PlaceDescriptor
 from vprkit.cli import CliParser, VPRError, add_debug_flag, atomic_write, check_writable_dir, run_cli
 from vprkit.runlog import EXPERIMENT_VARIANTS
 from vprkit.settings import add_config_args, add_config_file_flag, config_from_args, parse_layered
@@ -41,12 +44,13 @@ from vprkit.features import extraction_settings, frozen_descriptors, pooling_con
 from vprkit.localization import LocalizationResult, draw_localization_figure, localization_of_result
 from vprkit.places import load_table
 from vprkit.pooling import PoolingConfig
+from vprkit.pr_curve import draw_pr_figure, top1_pr_of_result
 
 DEMO_DIR = Path("demo_data")
 # Demo settings where the user left the defaults: ~120 training images give few steps per epoch,
 # so a larger, decaying learning rate (chosen on the earlier demo's val.csv: R@1 0.61 -> 0.66-0.69
 # over seeds 42, 1, 2, where lr 1e-4 left the head at its PCA-whitening start; not re-chosen on
-# today's demo, where the head's start decides the test result, see README "The demo").
+# today's demo, where the head's start decides the test result, see docs/benchmarks.md "The demo").
 DEMO_SETTINGS = {"models": ["effnet_lite0"], "epochs": 15, "lr": 1e-3, "lr_schedule": "cosine"}
 
 
@@ -55,8 +59,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     exp = parser.add_argument_group("experiment")
     exp.add_argument("--demo", action="store_true",
                      help=f"generate the built-in synthetic route under {DEMO_DIR}/ and run on it with effnet_lite0")
-    exp.add_argument("--test_csv", "--test_parquet", dest="test_csv", help="poses CSV or embeddings parquet of the final queries")
-    exp.add_argument("--db_csv", "--db_parquet", dest="db_csv", help="database of the final evaluation (default: --train_csv)")
+    exp.add_argument("--test_csv", "--test_parquet", dest="test_csv", help="poses CSV, benchmark folder (vprkit.benchmarks) or embeddings parquet of the final queries")
+    exp.add_argument("--db_csv", "--db_parquet", dest="db_csv", help="database of the final evaluation, like --test_csv (default: --train_csv)")
     exp.add_argument("--models", "--model", dest="models", nargs="+", default=["dinov2_b"],
                      help=f"backbones to compare: {', '.join(vpr.BACKBONES)} or timm:ARCH")
     exp.add_argument("--recall_at", type=int, nargs="+", default=[1, 5, 10], help="the N of Recall@N")
@@ -90,6 +94,7 @@ def use_demo_data(args: argparse.Namespace, parser: argparse.ArgumentParser) -> 
             applied.append(f"--{name} {' '.join(map(str, value)) if isinstance(value, list) else value}")
     if applied:  # the demo's recipe differs from the documented defaults: say so, in one line
         print(f"demo settings (flags you give win): {' '.join(applied)}", flush=True)
+    print(f"demo seed: {args.seed} (--seed N for another; the README says how much the result varies)", flush=True)
 
 
 def final_eval_args(args: argparse.Namespace) -> argparse.Namespace:
@@ -152,8 +157,10 @@ def compare_backbone(model: str, args: argparse.Namespace) -> ModelRun:
 
     print(f"\n=== {model}: training ({config.epochs} epochs)", flush=True)
     trained = train_vpr.train(config)
-    head = vpr.head_from_checkpoint(vpr.load_checkpoint(trained.checkpoint))
-    variants["trained"] = Descriptors(vpr.embed(head, raw.database), vpr.embed(head, raw.queries))
+    # the trained descriptor: the frozen backbone built above (None for embeddings) and the checkpoint's head
+    model = PlaceDescriptor(backbone, vpr.head_from_checkpoint(vpr.load_checkpoint(trained.checkpoint)),
+                            str(trained.checkpoint))
+    variants["trained"] = model.describe(raw)
     # The head's output PCA-whitened at indexing time on the database the user searches: whitening
     # fitted on the target database adapts to it without training there (issue "local features").
     variants["trained_whitened"] = pca_whitened(variants["trained"], config.projection_dim)
@@ -184,7 +191,7 @@ def draw_experiment_localization(runs: dict[str, ModelRun], path: Path, title: s
 
 def comparison_table(reports_by_model: dict[str, dict[str, EvalReport]], recall_at: Sequence[int]) -> pd.DataFrame:
     """model x variant x Recall@N (variants in EXPERIMENT_VARIANTS order), plus the change in R@1
-    against the raw backbone."""
+    against the raw backbone and the top-1 precision-recall summary (empty where undefined)."""
     rows = []
     for model, reports in reports_by_model.items():
         raw_r1 = reports["raw"].result.recalls[1]
@@ -192,6 +199,7 @@ def comparison_table(reports_by_model: dict[str, dict[str, EvalReport]], recall_
             row = {"model": model, "variant": variant}
             row.update({f"recall@{n}": round(report.result.recalls[n], 4) for n in recall_at})
             row["delta_r1_vs_raw"] = round(report.result.recalls[1] - raw_r1, 4)
+            row.update({k: v if v is None else round(v, 4) for k, v in top1_pr_of_result(report.result).summary().items()})
             rows.append(row)
     return pd.DataFrame(rows)
 
@@ -254,6 +262,10 @@ def main(argv: Sequence[str] | None = None) -> pd.DataFrame:
                                               f"{Path(database).name}")
         if figure is not None:
             print(f"wrote {figure}")
+        curves = {report.name: top1_pr_of_result(report.result) for run in runs.values() for report in run.reports.values()}
+        pr_figure = draw_pr_figure(curves, csv_path.with_name(f"{csv_path.stem}_pr.png"), f"{csv_path.stem}: top-1 "
+                                   f"precision-recall of {Path(args.test_csv).name} against {Path(database).name}")
+        print(f"wrote {pr_figure}")
     print(f"wrote {json_path}")
     if failed:
         measured = f"the rows of {', '.join(runs)} are in {csv_path}" if runs else "no model was measured"

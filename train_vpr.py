@@ -32,9 +32,9 @@ import numpy as np
 import torch
 
 import trainable_vpr as vpr
-from vprkit import checkpoints
-from vprkit.checkpoints import (checkpoint_path, embeddings_backbone, latest_alias_path, random_states,
-                                refresh_latest_alias, restore_random_states)
+from trainable_vpr import checkpoints
+from trainable_vpr.checkpoints import (checkpoint_path, checkpoint_payload, checkpoint_vocabulary, embeddings_backbone,
+                                       latest_alias_path, random_states, refresh_latest_alias, restore_random_states)
 from vprkit.cli import CliParser, VPRError, add_debug_flag, check_writable_dir, run_cli, sigterm_as_interrupt
 from vprkit.evaluation import RecallResult, evaluate_retrieval
 from vprkit.features import extract_both, extraction_settings, pooling_config, release_other_ranks
@@ -42,8 +42,7 @@ from vprkit.pairs import check_query_split, check_trainable, group_places, uses_
 from vprkit.places import PlaceTable, load_table
 from vprkit.runlog import CsvLogger, LOG_COLUMNS, LOG_EXTRA_COLUMNS, LOG_OPTIONAL_COLUMNS, TRAINING_SUMMARY_NAME, append_summary_row, new_run_id, read_summary_table
 from vprkit.settings import add_config_args, add_config_file_flag, config_from_args, given_settings, parse_layered
-from vprkit.miners import BatchMiner, UCBMiner, load_difficulty_parquet
-from vprkit.checkpoints import checkpoint_vocabulary
+from vprkit.miners import BatchMiner, Miner, UCBMiner, load_difficulty_parquet
 
 
 @dataclass
@@ -288,7 +287,7 @@ def hybrid_loss(config: vpr.TrainConfig) -> vpr.HybridLoss:
                           config.contrastive_weight, config.loss_distance)
 
 
-def triplet_miner(config: vpr.TrainConfig) -> BatchMiner | UCBMiner:
+def triplet_miner(config: vpr.TrainConfig) -> Miner:
     """--neg_sampler ucb: a UCB1 bandit picks each negative's difficulty band; hard / random: the
     hardest in-batch negative for a share hard_neg_ratio of the triplets, random for the rest."""
     if config.neg_sampler != "ucb":
@@ -312,7 +311,7 @@ def epoch_batches(config: vpr.TrainConfig, head: torch.nn.Module, split: Split, 
 
 
 def batch_loss(head: torch.nn.Module, loss_fn: vpr.HybridLoss, split: Split, batch: np.ndarray, config: vpr.TrainConfig,
-               generator: torch.Generator, miner: BatchMiner | UCBMiner) -> vpr.LossParts:
+               generator: torch.Generator, miner: Miner) -> vpr.LossParts:
     """The hybrid loss of one batch on the miner's triplets; the miner is rewarded with their losses."""
     frozen = torch.from_numpy(split.features[batch])
     xyz, labels = split.take(batch)
@@ -330,7 +329,7 @@ def batch_loss(head: torch.nn.Module, loss_fn: vpr.HybridLoss, split: Split, bat
 
 def train_one_epoch(epoch: int, head, optimizer, scheduler, loss_fn, split: Split, batches: list[np.ndarray],
                     config: vpr.TrainConfig, generator: torch.Generator, logger: CsvLogger,
-                    miner: BatchMiner | UCBMiner) -> dict[str, float]:
+                    miner: Miner) -> dict[str, float]:
     head.train()
     sums = np.zeros(3)
     start = time.perf_counter()
@@ -346,7 +345,8 @@ def train_one_epoch(epoch: int, head, optimizer, scheduler, loss_fn, split: Spli
         logger.log("batch", epoch=epoch, batch=number, train_loss=values[0], triplet_loss=values[1],
                    contrastive_loss=values[2], batch_time=time.perf_counter() - tick)
     averages = dict(zip(("avg_train_loss", "avg_triplet_loss", "avg_contrastive_loss"), sums / max(len(batches), 1)))
-    extra = {"ucb_stats": miner.stats()} if isinstance(miner, UCBMiner) else {}
+    stats = miner.stats()
+    extra = {"ucb_stats": stats} if stats is not None else {}
     logger.log("epoch", epoch=epoch, epoch_time=time.perf_counter() - start, **averages, **extra)
     return averages
 
@@ -393,7 +393,7 @@ class Run:
     head: torch.nn.Module
     optimizer: torch.optim.Optimizer
     scheduler: Any
-    miner: BatchMiner | UCBMiner
+    miner: Miner
     rng: np.random.Generator
     generator: torch.Generator
     state: TrainState
@@ -408,29 +408,22 @@ class Run:
         """The head at `epoch` with the run's best metrics; resumable adds optimizer,
         scheduler, random and miner states (the _last and _final checkpoints)."""
         state = self.state
-        payload = {
-            "model_state_dict": {k: v.detach().clone() for k, v in self.head.state_dict().items()},
-            "head_config": head_config_for(self.config, self.data.train.features.shape[1]).as_dict(),
-            "backbone": self.data.backbone,
-            "config": dataclasses.asdict(self.config),
+        progress = {
             "best_val_recall": {f"recall@{n}": r for n, r in state.best_recall.items()},
             "best_val_epoch": state.best_epoch,
             "best_val_loss": state.best_val_loss,
             "early_stopped": state.early_stopped,
             "epoch": epoch,
             "epochs_completed": state.epoch,
-            "run_id": self.run_id,
-            "log_file": str(self.log_file),
         }
-        if self.data.vocabulary is not None:
-            payload["vlad_vocabulary"] = torch.from_numpy(self.data.vocabulary)
-        if resumable:
-            payload["resume"] = {
-                "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
-                "random_states": random_states(self.rng, self.generator), "train_state": state.as_checkpoint(),
-                "sampler": self.miner.bandit.state_dict() if isinstance(self.miner, UCBMiner) else None,
-            }
-        return payload
+        resume = None if not resumable else {
+            "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+            "random_states": random_states(self.rng, self.generator), "train_state": state.as_checkpoint(),
+            "sampler": self.miner.state_dict(),
+        }
+        return checkpoint_payload(self.head, head_config_for(self.config, self.data.train.features.shape[1]),
+                                  self.data.backbone, self.config, progress, self.run_id, self.log_file,
+                                  self.data.vocabulary, resume)
 
     def restore(self, saved: dict[str, Any], path: str) -> None:
         """Continue the run saved in a resumable checkpoint `saved`, read from `path` (same
@@ -448,8 +441,7 @@ class Run:
         self.optimizer.load_state_dict(saved["resume"]["optimizer"])
         self.scheduler.load_state_dict(saved["resume"]["scheduler"])
         restore_random_states(saved["resume"]["random_states"], self.rng, self.generator)
-        if isinstance(self.miner, UCBMiner):
-            self.miner.bandit.load_state_dict(saved["resume"]["sampler"])
+        self.miner.load_state_dict(saved["resume"]["sampler"])
         self.state = TrainState.from_checkpoint(saved["resume"]["train_state"])
         self.run_id, self.log_file = saved["run_id"], Path(saved["log_file"])
 
@@ -473,7 +465,7 @@ def open_log(run: Run, loss_fn: vpr.HybridLoss, log_dir: Path, resumed: dict | N
     the untrained head (with --head residual that is PCA-whitening, so the best checkpoint is
     never worse on validation than the strongest frozen baseline)."""
     config = run.config
-    columns = LOG_COLUMNS + LOG_EXTRA_COLUMNS + (LOG_OPTIONAL_COLUMNS if isinstance(run.miner, UCBMiner) else [])
+    columns = LOG_COLUMNS + LOG_EXTRA_COLUMNS + (LOG_OPTIONAL_COLUMNS if run.miner.stats() is not None else [])
     if config.resume:
         run.restore(resumed, config.resume)
         logger = CsvLogger(run.log_file, columns, continue_after_epoch=run.state.epoch)

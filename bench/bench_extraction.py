@@ -67,6 +67,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 import trainable_vpr as vpr  # noqa: E402
+import vprkit.features  # noqa: E402
 from vprkit.cli import atomic_write  # noqa: E402
 from vprkit.features import Backbone, ExtractionSettings, _ImageDataset, _cpu_supports_bf16, extract_features  # noqa: E402
 from vprkit.places import PlaceTable, load_poses  # noqa: E402
@@ -76,12 +77,12 @@ OUT_DIR = REPO / "bench" / "results"
 
 
 class ForwardTimer:
-    """Wraps vpr.backbone_descriptor (looked up at call time by the pipeline) to time forwards."""
+    """Wraps vprkit.features.backbone_descriptor (looked up at call time by Backbone.descriptor) to time forwards."""
 
     def __init__(self):
         self.seconds = 0.0
         self.calls = 0
-        self._original = vpr.backbone_descriptor
+        self._original = vprkit.features.backbone_descriptor
 
     def __enter__(self):
         def timed(model, images):
@@ -91,11 +92,11 @@ class ForwardTimer:
             self.calls += 1
             return out
 
-        vpr.backbone_descriptor = timed
+        vprkit.features.backbone_descriptor = timed
         return self
 
     def __exit__(self, *exc):
-        vpr.backbone_descriptor = self._original
+        vprkit.features.backbone_descriptor = self._original
 
 
 def set_allocator(without_malloc_fix: bool) -> bool:

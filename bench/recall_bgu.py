@@ -35,6 +35,7 @@ sys.path.insert(0, str(REPO))
 
 import train_vpr  # noqa: E402
 import trainable_vpr as vpr  # noqa: E402
+from trainable_vpr.model import PlaceDescriptor  # noqa: E402
 from vprkit.cli import atomic_write  # noqa: E402
 from vprkit.evaluation import Descriptors, evaluate_variant, fit_pca_whitening  # noqa: E402
 from vprkit.features import ExtractionSettings, extract_features  # noqa: E402
@@ -98,9 +99,9 @@ def trained_descriptors(recipe: str, seed: int, threshold: float, args: argparse
                              output_dir=str(args.out_dir / f"models_{threshold:g}m_{pooling[0]}{pooling[1]}"))
     with contextlib.redirect_stdout(io.StringIO()):
         result = train_vpr.train(config)
-    head = vpr.head_from_checkpoint(vpr.load_checkpoint(result.checkpoint))
+    model = PlaceDescriptor.from_checkpoint(result.checkpoint, with_backbone=False)  # the features are the cache's
     print(f"  {recipe} recipe on {pooling[0]} L{pooling[1]}, {threshold:g} m, seed {seed}: best val R@1 {result.best_recall[1]:.3f} at epoch {result.best_epoch}", flush=True)
-    return {split: vpr.embed(head, feats) for split, feats in features.items()}
+    return {split: model.describe_features(feats) for split, feats in features.items()}
 
 
 def summary_table(rows: list[dict]) -> pd.DataFrame:

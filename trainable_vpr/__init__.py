@@ -8,6 +8,9 @@ One small module per piece (import this package as `vpr`; every public name is h
   vprkit/miners.py)
 - mining: GPS and label mining over the data set (mine_hard_negatives, make_place_batches)
 - config: TrainConfig (stored in every checkpoint) and its checks
+- checkpoints: the one home of checkpoints (paths, payload, save, load, rebuild)
+- model: PlaceDescriptor, the whole descriptor as one nn.Module (preprocessing, frozen backbone,
+  pooling, head), and describe_table (a table's descriptors through the feature cache)
 
 The support code (command line, tables, the pair rule, features and cache, evaluation, logs)
 lives in the vprkit package beside it; docs/DESIGN.md says where each idea lives.
@@ -23,7 +26,6 @@ from trainable_vpr.backbones import (  # noqa: F401
     pool_backbone,
     create_pooled_backbone,
     with_pooling,
-    checkpoint_backbone,
     backbone_descriptor,
 )
 from trainable_vpr.heads import (  # noqa: F401
@@ -57,6 +59,9 @@ from trainable_vpr.config import (  # noqa: F401
     validate_train_config,
     effective_hard_neg_ratio,
     set_determinism,
+)
+from trainable_vpr.checkpoints import (  # noqa: F401
+    checkpoint_backbone,
     head_from_checkpoint,
     load_checkpoint,
 )

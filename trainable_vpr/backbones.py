@@ -3,18 +3,16 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Any, Sequence
+from typing import Sequence
 
 import numpy as np
 import timm
 import timm.data
-import torch
-import torch.nn as nn
-from vprkit.checkpoints import checkpoint_vocabulary
 from vprkit.cli import VPRError
-from vprkit.features import (
+from vprkit.features import (  # noqa: F401 - Backbone and backbone_descriptor are named through trainable_vpr
+    Backbone,
     BackboneInfo,
+    backbone_descriptor,
     ExtractionSettings,
     pooling_config,
 )
@@ -48,23 +46,6 @@ OFFLINE_BACKBONES = tuple(n for n, s in BACKBONES.items() if s.offline_package)
 
 
 TIMM_PREFIX = "timm:"  # "timm:ARCH" accepts any timm architecture (e.g. timm:test_vit for tests)
-
-
-@dataclass
-class Backbone:
-    """A frozen backbone: its module, the info that identifies its output (cache key and
-    checkpoint field), and the global descriptor of a batch of images: the backbone's own pooled
-    vector, or with `pooling` (--pooling gem/vlad) its local features pooled as they are extracted."""
-
-    model: nn.Module
-    info: BackboneInfo
-    pooling: LocalPooling | None = None
-    vocabulary: np.ndarray | None = None  # --pooling vlad: the centroids as fitted (checkpoints store them)
-
-    def descriptor(self, images: torch.Tensor) -> torch.Tensor:
-        if self.pooling is not None:
-            return self.pooling(images)
-        return backbone_descriptor(self.model, images)
 
 
 def _spec_for(name: str) -> BackboneSpec:
@@ -136,34 +117,3 @@ def with_pooling(backbone: Backbone, config: PoolingConfig, fit_on: Sequence[str
             raise VPRError("--pooling vlad: no images to fit the VLAD vocabulary on")
         vocabulary = vlad_vocabulary(backbone, config, fit_on, options or ExtractionSettings())
     return pool_backbone(backbone, config, vocabulary)
-
-
-def checkpoint_backbone(checkpoint: dict[str, Any], path: str | Path, weights: str | None = None, image_size: int = 0,
-                        asked: PoolingConfig | None = None) -> Backbone:
-    """The frozen backbone a checkpoint's head was trained on: its name, input size, pooling and
-    VLAD vocabulary, and the same weights (checked; `weights` may point at the file again). The
-    pooling flags the user gave (`asked`) may only repeat the checkpoint's."""
-    saved = checkpoint["backbone"]
-    trained = pooling_config(checkpoint["config"])
-    if asked is not None and asked != PoolingConfig() and asked != trained:
-        raise VPRError(f"checkpoint {path} was trained on --pooling {trained.pooling} --feature_layer "
-                       f"{trained.feature_layer} --vlad_clusters {trained.vlad_clusters}; drop the pooling flags "
-                       f"(the checkpoint's are used)")
-    if trained.pooling == "vlad" and "vlad_vocabulary" not in checkpoint:
-        raise VPRError(f"checkpoint {path}: --pooling vlad but no VLAD vocabulary stored; retrain it")
-    backbone = create_pooled_backbone(saved["name"], weights or checkpoint["config"].get("weights"),
-                                      image_size or saved.get("image_size", 0), trained,
-                                      vocabulary=checkpoint_vocabulary(checkpoint))
-    if backbone.info.weights != saved.get("weights"):
-        raise VPRError(f"checkpoint {path} was trained on {saved['name']} weights {saved.get('weights')}, "
-                       f"but the weights found now are {backbone.info.weights}; pass the same --weights")
-    in_dim = checkpoint["head_config"]["in_dim"]
-    if backbone.info.feature_dim != in_dim:
-        raise VPRError(f"checkpoint {path}: its head takes {in_dim}-dim features, "
-                       f"the backbone gives {backbone.info.feature_dim}")
-    return backbone
-
-
-def backbone_descriptor(model: nn.Module, images: torch.Tensor) -> torch.Tensor:
-    """The global descriptor: the backbone's pooled pre-logits feature."""
-    return model.forward_head(model.forward_features(images), pre_logits=True)

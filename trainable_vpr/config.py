@@ -1,15 +1,11 @@
-"""The training configuration (stored in every checkpoint) and its checks; heads from checkpoints."""
+"""The training configuration (stored in every checkpoint) and its checks."""
 from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
-import torch.nn as nn
-from vprkit.checkpoints import read_checkpoint
 from vprkit.cli import VPRError
 from vprkit.features import (
     ExtractionSettings,
@@ -20,7 +16,7 @@ from vprkit.settings import check_choices, registered
 from vprkit.settings import flag as _flag
 
 from trainable_vpr.backbones import BACKBONES, _spec_for
-from trainable_vpr.heads import HEADS, build_head
+from trainable_vpr.heads import HEADS
 from trainable_vpr.losses import LOSS_DISTANCES
 
 SUPERVISIONS = ("auto", "gps", "labels")
@@ -39,9 +35,9 @@ class TrainConfig(ExtractionSettings):
     extraction flags come from ExtractionSettings), and every checkpoint stores it."""
 
     # data
-    train_csv: str = _flag(None, "poses CSV or embeddings parquet of the training images (also the validation database)",
+    train_csv: str = _flag(None, "poses CSV, benchmark folder (vprkit.benchmarks) or embeddings parquet of the training images (also the validation database)",
                            "data", required=True, aliases=("--train_parquet",))
-    val_csv: str = _flag(None, "poses CSV or embeddings parquet of the validation queries (chooses the best epoch)",
+    val_csv: str = _flag(None, "poses CSV, benchmark folder (vprkit.benchmarks) or embeddings parquet of the validation queries (chooses the best epoch)",
                          "data", required=True, aliases=("--val_parquet",))
     supervision: str = _flag("auto", "which images show the same place: gps (positions), labels (place_id/building_id/"
                              "label, gated by positions when present) or auto (labels when every table has them)",
@@ -147,14 +143,3 @@ def set_determinism(seed: int) -> None:
     torch.use_deterministic_algorithms(True, warn_only=True)
     if hasattr(torch.backends, "cudnn"):
         torch.backends.cudnn.benchmark = False
-
-
-def head_from_checkpoint(checkpoint: dict[str, Any]) -> nn.Module:
-    head = build_head(checkpoint["head_config"])
-    head.load_state_dict(checkpoint["model_state_dict"])
-    return head.eval()
-
-
-def load_checkpoint(path: str | Path) -> dict[str, Any]:
-    """A checkpoint of this suite, checked (vprkit.checkpoints.read_checkpoint) down to its head."""
-    return read_checkpoint(path, head_from_checkpoint)

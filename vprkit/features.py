@@ -14,7 +14,7 @@ import sys
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Protocol, Sequence
+from typing import Any, Iterable, Sequence
 
 import numpy as np
 import torch
@@ -61,14 +61,27 @@ class BackboneInfo:
         return self.name.replace(":", "_").replace("/", "_")
 
 
-class Backbone(Protocol):
-    """What extraction needs of a frozen backbone (trainable_vpr.Backbone is one): its module,
-    the info that keys the cache, and the descriptor of a batch of images."""
+@dataclass
+class Backbone:
+    """A frozen backbone: its module, the info that identifies its output (cache key and
+    checkpoint field), and the global descriptor of a batch of images: the backbone's own pooled
+    vector, or with `pooling` (--pooling gem/vlad: vprkit.pooling.LocalPooling) its local features
+    pooled as they are extracted. Built by trainable_vpr.create_backbone / pool_backbone."""
 
     model: torch.nn.Module
     info: BackboneInfo
+    pooling: torch.nn.Module | None = None
+    vocabulary: np.ndarray | None = None  # --pooling vlad: the centroids as fitted (checkpoints store them)
 
-    def descriptor(self, images: torch.Tensor) -> torch.Tensor: ...
+    def descriptor(self, images: torch.Tensor) -> torch.Tensor:
+        if self.pooling is not None:
+            return self.pooling(images)
+        return backbone_descriptor(self.model, images)
+
+
+def backbone_descriptor(model: torch.nn.Module, images: torch.Tensor) -> torch.Tensor:
+    """The global descriptor: the backbone's pooled pre-logits feature."""
+    return model.forward_head(model.forward_features(images), pre_logits=True)
 
 
 def resolve_device(device: str) -> torch.device:
@@ -129,8 +142,9 @@ class FeatureCache:
                 array = np.load(shard, mmap_mode="r")
                 if array.shape[0] != len(keys):
                     raise ValueError("row count differs from key count")
-            except (OSError, ValueError, EOFError):
-                # A shard cut short (disk full, kill -9 mid-write): drop it, it is rebuilt.
+            except (OSError, ValueError, EOFError) as exc:
+                # A shard or its key list cut short (disk full, kill -9 mid-write): drop it, it is rebuilt.
+                warn_damaged_cache_entry(shard, exc, "its images are extracted again")
                 keys_path.unlink(missing_ok=True)
                 shard.unlink(missing_ok=True)
                 continue
@@ -144,7 +158,7 @@ class FeatureCache:
     def add(self, keys: Sequence[str], features: np.ndarray) -> None:
         """Store one shard: features[i] belongs to keys[i]."""
         shard = self.dir / f"shard-{uuid.uuid4().hex}.npy"
-        atomic_write(shard, lambda p: _save_npy(p, np.ascontiguousarray(features, dtype=self.dtype)))
+        atomic_write(shard, lambda p: save_npy(p, np.ascontiguousarray(features, dtype=self.dtype)))
         atomic_write(shard.with_name(shard.name.replace(".npy", ".keys.json")), lambda p: p.write_text(json.dumps(list(keys))))
         self._arrays[shard] = np.load(shard, mmap_mode="r")
         for row, key in enumerate(keys):
@@ -165,9 +179,29 @@ class FeatureCache:
         return out
 
 
-def _save_npy(path: Path, array: np.ndarray) -> None:
+def save_npy(path: Path, array: np.ndarray) -> None:
+    """np.save to an open file (np.save given a path would add .npy to atomic_write's temporary name)."""
     with open(path, "wb") as handle:
         np.save(handle, array)
+
+
+def warn_damaged_cache_entry(path: Path, exc: BaseException, action: str) -> None:
+    """One line on stderr: a cached file could not be read; what happens instead (refit, re-extract)."""
+    reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:120]
+    print(f"warning: damaged cache entry {path} ({type(exc).__name__}: {reason}); {action}", file=sys.stderr, flush=True)
+
+
+def load_cached_npy(path: Path, action: str) -> np.ndarray | None:
+    """A cached array, or None when it is missing, or unreadable (truncated, not .npy): then it is
+    warned about in one line and removed, and the caller rebuilds it (`action` says how)."""
+    if not path.is_file():
+        return None
+    try:
+        return np.load(path)
+    except (OSError, ValueError, EOFError) as exc:
+        warn_damaged_cache_entry(path, exc, action)
+        path.unlink(missing_ok=True)
+        return None
 
 
 class _ImageDataset(torch.utils.data.Dataset):
@@ -362,7 +396,7 @@ def default_num_workers() -> int:
     return max(0, min(4, (os.cpu_count() or 1) // 4))
 
 
-def _iterate_descriptors(backbone: Backbone, paths: Sequence[str], options: ExtractionSettings, desc: str,
+def iterate_descriptors(backbone: Backbone, paths: Sequence[str], options: ExtractionSettings, desc: str,
                          precision: str, failed: list[tuple[str, str]] | None = None
                          ) -> Iterable[tuple[np.ndarray, np.ndarray]]:
     """Yield (row indices, descriptors) batch by batch, with a progress bar. An image that
@@ -411,7 +445,7 @@ def _extract_into_cache(backbone: Backbone, table: PlaceTable, keys: list[str], 
     """Extract the missing images and store them shard by shard (chunk_size images each)."""
     pending_rows: list[int] = []
     pending_feats: list[np.ndarray] = []
-    for rows, feats in _iterate_descriptors(backbone, [table.paths[i] for i in missing], options, desc, precision,
+    for rows, feats in iterate_descriptors(backbone, [table.paths[i] for i in missing], options, desc, precision,
                                             failed):
         pending_rows.extend(missing[r] for r in rows)
         pending_feats.append(feats)
@@ -442,7 +476,7 @@ def extract_features(backbone: Backbone, table: PlaceTable, options: ExtractionS
         if world > 1:
             raise VPRError("--no_cache cannot be combined with torchrun: the ranks share their work through the cache")
         out: np.ndarray | None = None
-        for rows, feats in _iterate_descriptors(backbone, table.paths, options, f"extract {name}", precision, failed):
+        for rows, feats in iterate_descriptors(backbone, table.paths, options, f"extract {name}", precision, failed):
             out = np.full((len(table), *feats.shape[1:]), np.nan, np.float32) if out is None else out
             out[rows] = feats
         print(f"features [{name}]: {len(table)} extracted (cache disabled)", flush=True)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import datetime as dt
 import math
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
@@ -23,6 +24,26 @@ from vprkit.cli import VPRError
 
 # Part of every feature-cache key: change it whenever decoding changes what pixels a file gives.
 DECODE_TAG = "exif-upright"
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".tif", ".tiff", ".webp")
+PLUGIN_SUFFIXES = (".heic", ".heif")  # only where a Pillow plugin (e.g. pillow-heif) registered them
+
+
+def image_suffixes() -> tuple[str, ...]:
+    """The suffixes to look for: the common ones, plus HEIC/HEIF where Pillow can open them."""
+    registered = Image.registered_extensions()
+    return IMAGE_SUFFIXES + tuple(s for s in PLUGIN_SUFFIXES if s in registered)
+
+
+def find_images(folder: Path) -> list[Path]:
+    """Image files under `folder` and its subfolders by suffix (any case), hidden names left
+    out, in sorted order (make_poses.py, benchmark folders)."""
+    suffixes = image_suffixes()
+    found = []
+    for root, dirs, files in os.walk(folder):
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        found += [Path(root) / f for f in files if not f.startswith(".") and Path(f).suffix.lower() in suffixes]
+    return sorted(found)
 
 
 def open_rgb(path: str | Path) -> Image.Image:

@@ -7,11 +7,11 @@ metric xyz, the ranked database indices and similarities per query) this module 
 - R@1 at distance thresholds (5, 10, 25, 50, 100 m): the share of ALL evaluated queries whose
   top-1 database image lies within the threshold;
 - the median, 75th and 90th percentile of the top-1 error in metres;
-- the precision-recall view of the top-1 similarity as a "known place" detector (accept the
-  match when its similarity is high enough; it is right when the top-1 is a positive), and its
-  area (average precision);
 - a two-panel figure of several variants (raw / PCA-whitened / trained): R@1 against threshold
   and the cumulative distribution of the top-1 error.
+
+The precision-recall curve of the top-1 similarity (VPR-Bench's AUC-PR) needs no positions and
+lives in vprkit.pr_curve.
 
 Pure numpy / scikit-learn; matplotlib is imported only when a figure is drawn, through its
 object API (no pyplot, so no GUI backend and no global figure state). No torch.
@@ -88,62 +88,6 @@ def top1_error_percentiles(errors_m: np.ndarray) -> dict[str, float]:
     return {name: float(v) for name, v in zip(PERCENTILES, values)}
 
 
-@dataclass
-class PRCurve:
-    """The top-1 similarity as a known-place detector: accept a query's match when its
-    similarity is >= a threshold. precision[i], recall[i] hold for thresholds[i]
-    (sklearn.metrics.precision_recall_curve: precision and recall have one more entry, the
-    point (recall 0, precision 1) with no threshold). Empty arrays when there is no query or no
-    correct top-1 (no positive: recall is undefined)."""
-
-    precision: np.ndarray
-    recall: np.ndarray
-    thresholds: np.ndarray
-    num_positive: int                # queries whose top-1 is correct
-    num_negative: int                # queries whose top-1 is wrong
-
-
-def _detector_inputs(top1_similarity: np.ndarray, top1_correct: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    scores = np.asarray(_top1_column(top1_similarity, "top1_similarity"), dtype=np.float64)
-    correct = np.asarray(_top1_column(top1_correct, "top1_correct"), dtype=bool)
-    if scores.shape != correct.shape:
-        raise ValueError(f"top1_similarity has {len(scores)} entries, top1_correct {len(correct)}")
-    return scores, correct
-
-
-def known_place_pr(top1_similarity: np.ndarray, top1_correct: np.ndarray) -> PRCurve:
-    """Precision-recall curve of the top-1 similarity as a detector of a correct top-1 match
-    (scikit-learn's precision_recall_curve). Either argument may be Q x K (first column used)."""
-    from sklearn.metrics import precision_recall_curve
-
-    scores, correct = _detector_inputs(top1_similarity, top1_correct)
-    positives = int(correct.sum())
-    if positives == 0:
-        empty = np.zeros(0)
-        return PRCurve(empty, empty, empty, 0, len(correct))
-    precision, recall, thresholds = precision_recall_curve(correct, scores)
-    return PRCurve(precision, recall, thresholds, positives, len(correct) - positives)
-
-
-def pr_auc(top1_similarity: np.ndarray, top1_correct: np.ndarray) -> float:
-    """Area under the known-place precision-recall curve, as average precision
-    (sklearn.metrics.average_precision_score: the mean of precision at each correct match,
-    sum (R_n - R_{n-1}) P_n). Chosen over the trapezoidal auc(recall, precision), which
-    interpolates linearly between PR points and so overstates the area.
-
-    Chance level is the share of correct top-1 matches. NaN when no top-1 is correct (no
-    positive: nothing to detect) or there are no queries; 1.0 when every top-1 is correct (no
-    negative: every threshold has precision 1)."""
-    from sklearn.metrics import average_precision_score
-
-    scores, correct = _detector_inputs(top1_similarity, top1_correct)
-    if not correct.any():
-        return float("nan")
-    if correct.all():
-        return 1.0
-    return float(average_precision_score(correct, scores))
-
-
 # ============================================================================================
 # The result
 # ============================================================================================
@@ -163,11 +107,8 @@ class LocalizationResult:
 
     recall_at_threshold_m: dict[float, float]    # threshold (m) -> R@1 over all queries
     top1_error_m: dict[str, float]               # "median", "p75", "p90" -> metres
-    pr_auc: float                                # known-place average precision (NaN: no correct top-1)
     errors_m: np.ndarray                         # Q: metres from each query to its top-1
     pos_threshold_m: float                       # the evaluation's positive threshold
-    top1_correct: np.ndarray                     # Q: the top-1 is a positive (the PR labels)
-    top1_similarity: np.ndarray                  # Q: the top-1 descriptor similarity (the PR scores)
 
     @property
     def num_queries(self) -> int:
@@ -175,37 +116,24 @@ class LocalizationResult:
 
     def to_json(self) -> dict[str, Any]:
         """The keys `--output_json` holds: recall_at_threshold_m ({"5": r, ...}), top1_error_m
-        ({"median", "p75", "p90"} in metres) and pr_auc; undefined values are null."""
+        ({"median", "p75", "p90"} in metres); undefined values are null."""
         return {
             "recall_at_threshold_m": {_threshold_key(t): _json_number(r) for t, r in self.recall_at_threshold_m.items()},
             "top1_error_m": {name: _json_number(v) for name, v in self.top1_error_m.items()},
-            "pr_auc": _json_number(self.pr_auc),
         }
 
 
 def localization_from_ranking(
-    db_xyz: np.ndarray, q_xyz: np.ndarray, ranked_or_top1: np.ndarray, top1_similarity: np.ndarray,
-    pos_threshold_m: float, thresholds: Sequence[float] = LOCALIZATION_THRESHOLDS_M,
-    top1_correct: np.ndarray | None = None,
+    db_xyz: np.ndarray, q_xyz: np.ndarray, ranked_or_top1: np.ndarray, pos_threshold_m: float,
+    thresholds: Sequence[float] = LOCALIZATION_THRESHOLDS_M,
 ) -> LocalizationResult:
     """The localization view from an evaluation's ranking: `ranked_or_top1` is Q x K database
-    indices best first (RecallResult.top_indices) or the top-1 index per query;
-    `top1_similarity` the matching similarities (RecallResult.top_scores, or one per query).
-
-    A top-1 is correct (the known-place detector's label) when it lies within pos_threshold_m;
-    pass `top1_correct` (e.g. RecallResult.correct[:, 0]) where correctness is decided by place
-    labels instead."""
+    indices best first (RecallResult.top_indices) or the top-1 index per query."""
     errors = top1_errors_m(db_xyz, q_xyz, ranked_or_top1)
-    similarity = np.asarray(_top1_column(top1_similarity, "top1_similarity"), dtype=np.float64)
-    correct = errors <= pos_threshold_m if top1_correct is None else np.asarray(_top1_column(top1_correct, "top1_correct"), dtype=bool)
-    if not len(similarity) == len(correct) == len(errors):
-        raise ValueError(f"{len(errors)} queries, {len(similarity)} similarities, {len(correct)} correctness flags")
     return LocalizationResult(
         recall_at_threshold_m=recall_at_thresholds(errors, thresholds),
         top1_error_m=top1_error_percentiles(errors),
-        pr_auc=pr_auc(similarity, correct),
         errors_m=errors, pos_threshold_m=float(pos_threshold_m),
-        top1_correct=correct, top1_similarity=similarity,
     )
 
 
@@ -307,24 +235,18 @@ def draw_localization_figure(curves: Mapping[str, LocalizationResult | np.ndarra
 # ============================================================================================
 def localization_of_result(result: Any, db_xyz: np.ndarray | None, q_xyz: np.ndarray | None) -> LocalizationResult | None:
     """The localization view of an evaluation (a vprkit.evaluation.RecallResult: top_indices,
-    top_scores, correct, pos_threshold_m, by_label), or None when the database or the queries
-    have no positions (a labels-only evaluation: there is no distance to measure). Where
-    correctness is decided by place labels, the known-place detector's labels are the label
-    correctness of the top-1 (result.correct[:, 0])."""
+    pos_threshold_m), or None when the database or the queries have no positions (a labels-only
+    evaluation: there is no distance to measure)."""
     if db_xyz is None or q_xyz is None:
         return None
-    return localization_from_ranking(db_xyz, q_xyz, result.top_indices, result.top_scores, result.pos_threshold_m,
-                                     top1_correct=result.correct[:, 0] if result.by_label else None)
+    return localization_from_ranking(db_xyz, q_xyz, result.top_indices, result.pos_threshold_m)
 
 
-def localization_json(result: Any, localization: LocalizationResult | None) -> dict[str, Any]:
-    """The `--output_json` keys of the localization view. Without positions (labels only)
-    recall_at_threshold_m and top1_error_m are null, and pr_auc is that of the top-1 similarity
-    as a detector of a top-1 of the query's label (it needs no distances)."""
+def localization_json(localization: LocalizationResult | None) -> dict[str, Any]:
+    """The `--output_json` keys of the localization view; both null without positions (labels only)."""
     if localization is not None:
         return localization.to_json()
-    return {"recall_at_threshold_m": None, "top1_error_m": None,
-            "pr_auc": _json_number(pr_auc(result.top_scores, result.correct))}
+    return {"recall_at_threshold_m": None, "top1_error_m": None}
 
 
 def localization_lines(localization: LocalizationResult | None) -> str:
@@ -333,7 +255,5 @@ def localization_lines(localization: LocalizationResult | None) -> str:
         return "localization: no positions (labels only): no distances to report"
     recalls = "  ".join(f"{t:g} m {r:.3f}" for t, r in localization.recall_at_threshold_m.items())
     error = localization.top1_error_m
-    auc = "-" if not math.isfinite(localization.pr_auc) else f"{localization.pr_auc:.3f}"
     return (f"  R@1 within   {recalls}\n"
-            f"  top-1 error  median {_fmt_m(error['median'])}, p75 {_fmt_m(error['p75'])}, p90 {_fmt_m(error['p90'])}; "
-            f"known-place PR-AUC {auc}")
+            f"  top-1 error  median {_fmt_m(error['median'])}, p75 {_fmt_m(error['p75'])}, p90 {_fmt_m(error['p90'])}")

@@ -1,6 +1,8 @@
 """Miners: which triplets a training batch learns from. One contract, pytorch-metric-learning
 style: mine(embeddings, pos_mask, neg_mask, generator, ids, labels) -> (anchors, positives,
-negatives), then reward(triplet_items, margin) with the per-triplet losses those triplets gave.
+negatives), then reward(triplet_items, margin) with the per-triplet losses those triplets gave;
+stats() is the miner's line in the run log (None: it logs nothing), state_dict() / load_state_dict()
+what a resumable checkpoint keeps of it (None: nothing). The training loop knows only this `Miner`.
 
 BatchMiner (--neg_sampler hard / random) mixes the hardest and random in-batch negatives;
 UCBMiner (--neg_sampler ucb) lets a UCB1 bandit choose each negative's difficulty band (similarity
@@ -11,14 +13,14 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Protocol, Sequence
 
 import numpy as np
 import pandas as pd
 import torch
 
 from vprkit.cli import VPRError
-from vprkit.places import IMAGE_ID_COLUMNS, _find_column
+from vprkit.places import IMAGE_ID_COLUMNS, find_column
 
 Triplets = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # (anchors, positives, negatives) batch indices
 
@@ -46,6 +48,21 @@ def batch_triplets(
     return anchors, positives, negatives
 
 
+class Miner(Protocol):
+    """What the training loop asks of a miner (see the module docstring)."""
+
+    def mine(self, embeddings: torch.Tensor, pos_mask: torch.Tensor, neg_mask: torch.Tensor,
+             generator: torch.Generator, ids: Sequence[str] = (), labels: np.ndarray | None = None) -> Triplets: ...
+
+    def reward(self, triplet_items: torch.Tensor, margin: float) -> None: ...
+
+    def stats(self) -> str | None: ...
+
+    def state_dict(self) -> dict[str, Any] | None: ...
+
+    def load_state_dict(self, state: dict[str, Any] | None) -> None: ...
+
+
 class BatchMiner:
     """--neg_sampler hard / random: one triplet per (anchor, positive) pair; a share
     hard_neg_ratio take the anchor's hardest in-batch negative, the rest a random one."""
@@ -59,6 +76,15 @@ class BatchMiner:
 
     def reward(self, triplet_items: torch.Tensor, margin: float) -> None:
         """Nothing to learn: the mix of hard and random negatives is fixed."""
+
+    def stats(self) -> str | None:
+        return None  # nothing to log
+
+    def state_dict(self) -> dict[str, Any] | None:
+        return None  # stateless
+
+    def load_state_dict(self, state: dict[str, Any] | None) -> None:
+        pass
 
 
 class UCB1Bandit:
@@ -140,7 +166,7 @@ def load_difficulty_parquet(path: str | Path) -> DifficultyTable:
         frame = pd.read_parquet(path)
     except Exception as exc:  # noqa: BLE001
         raise VPRError(f"--difficulty_parquet {path}: not a readable parquet file ({str(exc).splitlines()[0][:160]})") from None
-    id_col = _find_column(frame.columns, IMAGE_ID_COLUMNS)
+    id_col = find_column(frame.columns, IMAGE_ID_COLUMNS)
     missing = [c for c in ("neighbor_building_ids", "neighbor_bands") if c not in frame.columns]
     if id_col is None or missing:
         raise VPRError(f"--difficulty_parquet {path}: needs an image_id column and list columns neighbor_building_ids, "
@@ -200,3 +226,9 @@ class UCBMiner:
         """Per-band pulls and mean rewards, for the run log (the ucb_stats column)."""
         means = ", ".join(f"{m:.4f}" for m in self.bandit.mean_rewards())
         return f"pulls=[{', '.join(str(int(p)) for p in self.bandit.pulls)}]; mean_reward=[{means}]"
+
+    def state_dict(self) -> dict[str, Any] | None:
+        return self.bandit.state_dict()
+
+    def load_state_dict(self, state: dict[str, Any] | None) -> None:
+        self.bandit.load_state_dict(state)

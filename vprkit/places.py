@@ -114,7 +114,7 @@ class PlaceTable:
         return table
 
 
-def _find_column(columns: Sequence[str], aliases: Sequence[str]) -> str | None:
+def find_column(columns: Sequence[str], aliases: Sequence[str]) -> str | None:
     lower = {c.lower().strip(): c for c in columns}
     for alias in aliases:
         if alias in lower:
@@ -122,9 +122,9 @@ def _find_column(columns: Sequence[str], aliases: Sequence[str]) -> str | None:
     return None
 
 
-def _find_column_pair(columns: Sequence[str], pairs: Sequence[tuple[str, str]]) -> tuple[str, str] | None:
+def find_column_pair(columns: Sequence[str], pairs: Sequence[tuple[str, str]]) -> tuple[str, str] | None:
     for a, b in pairs:
-        ca, cb = _find_column(columns, [a]), _find_column(columns, [b])
+        ca, cb = find_column(columns, [a]), find_column(columns, [b])
         if ca and cb:
             return ca, cb
     return None
@@ -200,7 +200,7 @@ def numeric_column(frame: pd.DataFrame, column: str, path: str | Path, required:
 
 
 def _positions_from_frame(frame: pd.DataFrame, path: Path) -> tuple[np.ndarray, str]:
-    latlon = _find_column_pair(frame.columns, LATLON_COLUMNS)
+    latlon = find_column_pair(frame.columns, LATLON_COLUMNS)
     if latlon:
         lat, lon = (numeric_column(frame, c, path) for c in latlon)
         for name, values, limit in (("latitude", lat, 90.0), ("longitude", lon, 180.0)):
@@ -208,7 +208,7 @@ def _positions_from_frame(frame: pd.DataFrame, path: Path) -> tuple[np.ndarray, 
             if bad.size:
                 raise VPRError(f"{path}: row {_file_line(frame, bad[0])}: {name} {values[bad[0]]} is outside ±{limit:g} degrees")
         return latlon_to_xyz(lat, lon), "latlon"
-    metric = _find_column_pair(frame.columns, METRIC_COLUMNS)
+    metric = find_column_pair(frame.columns, METRIC_COLUMNS)
     if metric:
         x, y = (numeric_column(frame, c, path) for c in metric)
         return metric_to_xyz(x, y), "metric"
@@ -244,7 +244,16 @@ def load_poses(
     check_on_bad_image(on_bad_image)
     path = Path(path)
     frame = read_csv_table(path, "poses CSV")
-    image_col = _find_column(frame.columns, IMAGE_COLUMNS)
+    return poses_table(frame, path, Path(image_root) if image_root else path.parent, "--image_root" if image_root
+                       else "the CSV folder", camera_id, check_images, on_bad_image)
+
+
+def poses_table(frame: pd.DataFrame, path: Path, root: Path, root_name: str, camera_id: str | None = None,
+                check_images: bool = True, on_bad_image: str = "error") -> PlaceTable:
+    """The PlaceTable of a poses frame (the columns of a poses CSV) read from `path`: relative
+    image paths resolve against `root` (named `root_name` in messages). Shared by poses CSVs and
+    the benchmark layouts (vprkit.benchmarks), which build such a frame."""
+    image_col = find_column(frame.columns, IMAGE_COLUMNS)
     if image_col is None:
         raise VPRError(
             f"{path}: no image column; expected one of {', '.join(IMAGE_COLUMNS)}"
@@ -252,7 +261,7 @@ def load_poses(
         )
     frame = _keep_camera(frame, path, camera_id)
     labels = _label_column(frame, path)
-    if labels is not None and not _find_column_pair(frame.columns, LATLON_COLUMNS + METRIC_COLUMNS):
+    if labels is not None and not find_column_pair(frame.columns, LATLON_COLUMNS + METRIC_COLUMNS):
         xyz, coord_kind = None, "none"  # labels only: the label pair rule (like a labels-only parquet)
     else:
         xyz, coord_kind = _positions_from_frame(frame, path)
@@ -260,14 +269,13 @@ def load_poses(
     if blank.size:
         raise VPRError(f"{path}: row {_file_line(frame, int(blank[0]))}: no image file in column '{image_col}' "
                        f"({blank.size} such row(s)); fill it in or remove the row")
-    root = Path(image_root) if image_root else path.parent
     paths = [str(p) if os.path.isabs(p) else str(root / p) for p in frame[image_col].astype(str)]
     duplicated = pd.Series(paths).duplicated()
     if duplicated.any():
         row = int(np.flatnonzero(duplicated.to_numpy())[0])
         raise VPRError(f"{path}: row {_file_line(frame, row)}: image {frame[image_col].iloc[row]} is listed twice; remove duplicate rows")
     missing = [row for row, image in enumerate(paths) if check_images and not os.path.isfile(image)]
-    resolved = f"relative paths resolve against {'--image_root' if image_root else 'the CSV folder'} {root}"
+    resolved = f"relative paths resolve against {root_name} {root}"
     if missing and len(missing) == len(paths):  # a wrong root, not a few bad rows: skipping would leave nothing
         raise VPRError(f"{path}: none of its {len(paths)} image files exists (e.g. {paths[0]}; {resolved}); "
                        f"check --image_root, or move the CSV next to its images")
@@ -290,7 +298,7 @@ def _keep_camera(frame: pd.DataFrame, path: Path, camera_id: str | None) -> pd.D
     """The rows of --camera_id (all rows when None); keeps the file's row numbers for messages."""
     if camera_id is None:
         return frame
-    camera_col = _find_column(frame.columns, CAMERA_COLUMNS)
+    camera_col = find_column(frame.columns, CAMERA_COLUMNS)
     if camera_col is None:
         raise VPRError(f"{path}: --camera_id {camera_id} given but the file has no camera_id/camera column"
                        f"{_closest_name_hint(frame.columns, CAMERA_COLUMNS)}")
@@ -301,13 +309,13 @@ def _keep_camera(frame: pd.DataFrame, path: Path, camera_id: str | None) -> pd.D
 
 
 def _optional_column(frame: pd.DataFrame, aliases: Sequence[str]) -> np.ndarray | None:
-    col = _find_column(frame.columns, aliases)
+    col = find_column(frame.columns, aliases)
     return None if col is None else frame[col].astype(str).to_numpy()
 
 
 def _label_column(frame: pd.DataFrame, path: Path) -> np.ndarray | None:
     """Place labels (place_id, building_id or label) as strings; an empty cell is an error."""
-    col = _find_column(frame.columns, LABEL_COLUMNS)
+    col = find_column(frame.columns, LABEL_COLUMNS)
     if col is None:
         return None
     missing = np.flatnonzero(frame[col].isna().to_numpy())
@@ -351,18 +359,18 @@ def load_embeddings_parquet(path: str | Path, camera_id: str | None = None) -> P
     if frame.empty:
         raise VPRError(f"embeddings parquet {path}: no rows")
     frame = _keep_camera(frame.set_axis(pd.RangeIndex(-1, len(frame) - 1)), path, camera_id)  # _file_line: row 1 = first
-    column = _find_column(frame.columns, [EMBEDDING_COLUMN])
+    column = find_column(frame.columns, [EMBEDDING_COLUMN])
     if column is None:
         raise VPRError(f"{path}: no '{EMBEDDING_COLUMN}' column (one list of floats per row)"
                        f"{_closest_name_hint(frame.columns, [EMBEDDING_COLUMN])}")
     embeddings = _embedding_matrix(frame[column], path)
     labels = _label_column(frame, path)
-    has_positions = bool(_find_column_pair(frame.columns, LATLON_COLUMNS + METRIC_COLUMNS))
+    has_positions = bool(find_column_pair(frame.columns, LATLON_COLUMNS + METRIC_COLUMNS))
     if labels is None and not has_positions:
         raise VPRError(f"{path}: neither a label column ({', '.join(LABEL_COLUMNS)}) nor position columns "
                        "(lat/lon, easting/northing, x/y): nothing defines which images show the same place")
     xyz, coord_kind = _positions_from_frame(frame, path) if has_positions else (None, "none")
-    id_col = _find_column(frame.columns, IMAGE_ID_COLUMNS)
+    id_col = find_column(frame.columns, IMAGE_ID_COLUMNS)
     ids = frame[id_col].astype(str).tolist() if id_col else [f"{path.name}#{i}" for i in range(len(frame))]
     return PlaceTable(source=str(path), paths=ids, xyz=xyz, coord_kind=coord_kind, frame=frame.reset_index(drop=True),
                       cameras=_optional_column(frame, CAMERA_COLUMNS), labels=labels,
@@ -373,7 +381,7 @@ def load_embeddings_parquet(path: str | Path, camera_id: str | None = None) -> P
 def _backbone_of(frame: pd.DataFrame, path: Path) -> str | None:
     """The `backbone` column's one name (None without the column or with empty cells); two
     names are an error: one head cannot be trained or evaluated on two backbones' embeddings."""
-    column = _find_column(frame.columns, [BACKBONE_COLUMN])
+    column = find_column(frame.columns, [BACKBONE_COLUMN])
     if column is None:
         return None
     names = sorted({str(v).strip() for v in frame[column].dropna() if str(v).strip()})
@@ -399,10 +407,15 @@ def _embedding_matrix(column: pd.Series, path: Path) -> np.ndarray:
 
 def load_table(path: str | Path, image_root: str | Path | None = None, camera_id: str | None = None,
                on_bad_image: str = "error") -> PlaceTable:
-    """A poses CSV or, by its .parquet suffix, an embeddings parquet: one entry point for every script."""
+    """A poses CSV or, by its .parquet suffix, an embeddings parquet, or a benchmark layout (a
+    folder of @-named images, an MSLS city folder or CSV, a GSV-Cities dataframe: vprkit.benchmarks):
+    one entry point for every script."""
     if is_parquet(path):
         return load_embeddings_parquet(path, camera_id)
-    return load_poses(path, image_root, camera_id, on_bad_image=on_bad_image)
+    from vprkit.benchmarks import load_benchmark  # here: vprkit.benchmarks builds on this module
+
+    benchmark = load_benchmark(path, image_root, camera_id, on_bad_image)
+    return benchmark if benchmark is not None else load_poses(path, image_root, camera_id, on_bad_image=on_bad_image)
 
 
 def export_embeddings_parquet(table: PlaceTable, features: np.ndarray, path: str | Path,

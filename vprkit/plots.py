@@ -30,6 +30,13 @@ def save_figure(fig: Figure, path: Path) -> Path:
     return path
 
 
+def data_name(path: str | Path) -> str:
+    """A data file as a figure names it: its folder and file name (`bgu_campus/train.csv`), never
+    the absolute path it was given as (long, and it names the user's machine)."""
+    path = Path(path)
+    return f"{path.parent.name}/{path.name}" if path.parent.name else path.name
+
+
 def recall_scale(values: pd.Series | pd.DataFrame) -> float:
     """100 to show recalls in percent: they are fractions (DESIGN.md §7); values > 1 are percent already."""
     return 1.0 if np.any(np.asarray(values, dtype=float) > 1.0) else 100.0

@@ -28,8 +28,6 @@ import hashlib
 import inspect
 import math
 from dataclasses import dataclass
-from typing import Iterable
-
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -191,18 +189,6 @@ def sample_tokens(local: torch.Tensor, per_image: int, generator: torch.Generato
     # gather on the device, then copy only the kept tokens (not every token of the batch) to the CPU
     picked = torch.gather(local.detach(), 1, order.unsqueeze(-1).expand(-1, -1, local.shape[-1])).float().cpu()
     return picked.reshape(-1, local.shape[-1])
-
-
-def sample_local_features(model: nn.Module, image_batches: Iterable[torch.Tensor], layer: int, num_images: int,
-                          budget: int = DEFAULT_VOCABULARY_SAMPLE, seed: int = 0) -> np.ndarray:
-    """Local features sampled from the image batches as they stream by, about `budget` of them
-    overall ((M, C) float32); only the sample is kept. The caller sets grad mode and autocast."""
-    generator = torch.Generator().manual_seed(seed)
-    per_image = tokens_per_image(num_images, budget)
-    parts = [sample_tokens(local_features(model, images, layer), per_image, generator) for images in image_batches]
-    if not parts:
-        raise VPRError("--pooling vlad: no images to fit the VLAD vocabulary on")
-    return torch.cat(parts).numpy()
 
 
 def fit_vlad_vocabulary(samples: np.ndarray, k: int, seed: int = 0) -> np.ndarray:

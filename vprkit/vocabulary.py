@@ -10,16 +10,16 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 import torch
 
-from vprkit.cli import atomic_write
-from vprkit.features import (Backbone, BackboneInfo, ExtractionSettings, _iterate_descriptors, _save_npy, distributed_rank_and_world,
-                             image_fingerprint, resolve_device, resolve_precision)
+from vprkit.cli import VPRError, atomic_write
+from vprkit.features import (Backbone, BackboneInfo, ExtractionSettings, distributed_rank_and_world, image_fingerprint,
+                             iterate_descriptors, load_cached_npy, resolve_device, resolve_precision, save_npy,
+                             warn_damaged_cache_entry)
 from vprkit.pooling import (DEFAULT_VOCABULARY_SAMPLE, PoolingConfig, check_vocabulary, fit_vlad_vocabulary,
                             layer_channels, local_features, num_feature_layers, resolve_layer, sample_tokens,
                             tokens_per_image)
@@ -28,18 +28,15 @@ MAX_VOCABULARY_IMAGES = 1000  # images whose local features are sampled: bounds 
 VOCABULARY_SEED = 0
 
 
-@dataclass
-class _TokenSampler:
-    """A Backbone whose 'descriptor' is a random sample of each image's local features
-    (B, per_image, C), so the extraction loop (device, precision, bad images) streams them."""
+class _TokenSample(torch.nn.Module):
+    """Pooling that keeps a random sample of each image's local features (B, per_image, C): as a
+    Backbone's pooling it lets the extraction loop (device, precision, bad images) stream them."""
 
-    model: torch.nn.Module
-    info: BackboneInfo
-    layer: int
-    per_image: int
-    generator: torch.Generator
+    def __init__(self, model: torch.nn.Module, layer: int, per_image: int, generator: torch.Generator):
+        super().__init__()
+        self.model, self.layer, self.per_image, self.generator = model, layer, per_image, generator
 
-    def descriptor(self, images: torch.Tensor) -> torch.Tensor:
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
         local = local_features(self.model, images, self.layer)
         return sample_tokens(local, self.per_image, self.generator).reshape(len(images), -1, local.shape[-1])
 
@@ -66,12 +63,12 @@ def fit_vocabulary_on_images(backbone: Backbone, config: PoolingConfig, paths: S
     """(K, C) centroids fitted on about `budget` local features sampled from `paths` as they
     stream through the backbone (only the sample is kept)."""
     layer = resolve_layer(num_feature_layers(backbone.model), config.feature_layer)
-    sampler = _TokenSampler(backbone.model, backbone.info, layer, tokens_per_image(len(paths), budget),
-                            torch.Generator().manual_seed(VOCABULARY_SEED))
+    sampler = Backbone(backbone.model, backbone.info, _TokenSample(backbone.model, layer, tokens_per_image(len(paths), budget),
+                                                                   torch.Generator().manual_seed(VOCABULARY_SEED)))
     precision = resolve_precision(options.precision, resolve_device(options.device))
     failed: list[tuple[str, str]] | None = [] if options.on_bad_image == "skip" else None
     parts = [tokens.reshape(-1, tokens.shape[-1]) for _, tokens in
-             _iterate_descriptors(sampler, paths, options, f"vlad vocabulary {backbone.info.name}", precision, failed)]
+             iterate_descriptors(sampler, paths, options, f"vlad vocabulary {backbone.info.name}", precision, failed)]
     samples = np.concatenate(parts) if parts else np.zeros((0, layer_channels(backbone.model, layer)), np.float32)
     return fit_vlad_vocabulary(samples, config.vlad_clusters, VOCABULARY_SEED)
 
@@ -88,17 +85,26 @@ def vlad_vocabulary(backbone: Backbone, config: PoolingConfig, paths: Sequence[s
     tag = config.cache_tag(num_feature_layers(backbone.model))
     path = vocabulary_path(options.cache_folder, backbone.info, tag, sample)
     rank, world = distributed_rank_and_world()
-    if not path.is_file() and rank == 0:
-        centroids = fit_vocabulary_on_images(backbone, config, sample, options)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write(path, lambda p: _save_npy(p, centroids))
-        print(f"vlad vocabulary: K={config.vlad_clusters} fitted on {len(sample)} images, stored in {path}", flush=True)
-    elif rank == 0:
-        print(f"vlad vocabulary: reused {path}", flush=True)
+    centroids = None
+    if rank == 0:
+        centroids = load_cached_npy(path, "fitting it again")
+        if centroids is not None:
+            try:
+                check_vocabulary(centroids, config.vlad_clusters, channels, str(path))
+                print(f"vlad vocabulary: reused {path}", flush=True)
+            except VPRError as exc:  # a file of another shape under this key: damaged too
+                warn_damaged_cache_entry(path, exc, "fitting it again")
+                centroids = None
+        if centroids is None:
+            centroids = fit_vocabulary_on_images(backbone, config, sample, options)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            atomic_write(path, lambda p: save_npy(p, centroids))
+            print(f"vlad vocabulary: K={config.vlad_clusters} fitted on {len(sample)} images, stored in {path}", flush=True)
     if world > 1:
         import torch.distributed as dist
 
         dist.barrier()
-    centroids = np.load(path)
+        if rank != 0:  # rank 0 has fitted or checked it
+            centroids = np.load(path)
     check_vocabulary(centroids, config.vlad_clusters, channels, str(path))
     return centroids

@@ -18,7 +18,7 @@ from helpers import (TINY, TINY_MODEL, TINY_OPTIONS, assert_one_line_error, plac
 import eval_trained
 import run_experiment
 import train_vpr
-from vprkit.checkpoints import FORMAT_VERSION
+from trainable_vpr.checkpoints import FORMAT_VERSION
 
 
 def _edit_line(csv: Path, line: int, column: int, value: str) -> Path:

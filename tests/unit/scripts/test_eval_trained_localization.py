@@ -57,17 +57,19 @@ def test_json_holds_hand_computed_localization(example):
     # sorted errors 3 8 20 40 150: median 20, p75 at rank 3 = 40, p90 at rank 3.6 = 40 + 0.6 * 110 = 106
     assert payload["top1_error_m"] == pytest.approx({"median": 20.0, "p75": 40.0, "p90": 106.0}, abs=1e-3)
     assert payload["recall@1"] == pytest.approx(payload["recall_at_threshold_m"]["25"])  # same rule at 25 m
-    # every top-1 similarity is 1 up to float noise here; pr_auc is checked by hand on parquets below
+    # every top-1 similarity is 1 up to float noise here; the PR summary is checked by hand on parquets below
     top1 = pd.read_csv(out / "p.csv").query("rank == 1")
     assert list(top1["correct"]) == [True, True, True, False, False]
-    assert 0.0 < payload["pr_auc"] <= 1.0
+    assert 0.0 < payload["auc_pr"] <= 1.0 and "pr_auc" not in payload
 
 
-def test_pr_auc_hand_computed_on_embeddings_with_positions(tmp_path):
+def test_top1_pr_hand_computed_on_embeddings_with_positions(tmp_path):
     """Database: unit vectors e0..e4 at 1 km spacing; query i = cos(t) e_i + sin(t) e_9 at
     ERRORS_M[i] from database image i, so its top-1 is image i with similarity cos(t) = SIMS[i].
-    Ranked by similarity: 0.9 right, 0.8 right, 0.7 wrong, 0.6 wrong, 0.5 right (within 25 m):
-    average precision = (1/1 + 2/2 + 3/5) / 3 = 0.8667."""
+    Ranked by similarity: 0.9 right, 0.8 right, 0.7 wrong, 0.6 wrong, 0.5 right (within 25 m).
+    Points (recall, precision): (0, 1) added, t 0.9 (1/3, 1), 0.8 (2/3, 1), 0.7 (2/3, 2/3),
+    0.6 (2/3, 1/2), 0.5 (1, 3/5). Trapezoids: 1/3 + 1/3 + 0 + 0 + (1/2 + 3/5)/2 * 1/3 = 51/60;
+    recall at 100 % precision 2/3 (t 0.8). The curve CSV and figure are written with --pr_curve."""
     sims = [0.9, 0.8, 0.5, 0.7, 0.6]
     eye = np.eye(10, dtype=np.float32)
     east = 500_000.0 + 1000.0 * np.arange(5)
@@ -82,9 +84,15 @@ def test_pr_auc_hand_computed_on_embeddings_with_positions(tmp_path):
     out = tmp_path / "r.json"
     eval_trained.main(["--baseline", "--db_parquet", str(tmp_path / "db.parquet"), "--test_parquet",
                        str(tmp_path / "q.parquet"), "--pos_threshold_m", "25", "--output_json", str(out),
-                       "--device", "cpu"])
+                       "--device", "cpu", "--pr_curve", "--plots_dir", str(tmp_path / "plots")])
     payload = json.loads(out.read_text())
-    assert payload["pr_auc"] == pytest.approx((1 + 1 + 3 / 5) / 3, abs=1e-6)
+    assert payload["auc_pr"] == pytest.approx(51 / 60, abs=1e-6)
+    assert payload["recall_at_100_precision"] == pytest.approx(2 / 3, abs=1e-6)
+    curve = pd.read_csv(tmp_path / "plots" / "raw_embeddings_q_pr.csv")
+    assert list(curve.columns) == ["precision", "recall", "threshold"]
+    assert curve["recall"].tolist() == pytest.approx([0, 1 / 3, 2 / 3, 2 / 3, 2 / 3, 1], abs=1e-6)
+    assert curve["precision"].tolist() == pytest.approx([1, 1, 1, 2 / 3, 1 / 2, 3 / 5], abs=1e-6)
+    assert (tmp_path / "plots" / "raw_embeddings_q_pr.png").read_bytes()[:4] == b"\x89PNG"
     assert payload["top1_error_m"] == pytest.approx({"median": 20.0, "p75": 40.0, "p90": 106.0}, abs=1e-3)
     assert payload["recall_at_threshold_m"]["25"] == pytest.approx(0.6)
 
@@ -118,7 +126,7 @@ def test_labels_only_evaluation_has_null_distances(tmp_path):
     payload = json.loads(out.read_text())
     assert payload["recall_at_threshold_m"] is None and payload["top1_error_m"] is None
     assert payload["correct_by"] == "label"
-    assert 0.0 < payload["pr_auc"] <= 1.0
+    assert 0.0 < payload["auc_pr"] <= 1.0  # the top-1 PR needs no distances: by label here
     assert not list((tmp_path / "plots").glob("*.png"))
 
 
@@ -139,6 +147,9 @@ def test_run_experiment_draws_its_variants_on_one_figure(tmp_path, capsys):
     [csv_path] = logs.glob("experiment_*.csv")
     figure = csv_path.with_name(f"{csv_path.stem}_localization.png")
     assert figure.is_file() and figure.stat().st_size > 10_000
+    assert csv_path.with_name(f"{csv_path.stem}_pr.png").is_file()  # every variant's top-1 PR curve
+    table = pd.read_csv(csv_path)
+    assert table[["auc_pr", "recall_at_100_precision"]].apply(lambda c: c.between(0, 1)).all().all()
     medians = {line.split()[1]: float(line.split("median")[1].split()[0])
                for line in printed.splitlines() if line.startswith(f"  {TINY_MODEL} ") and "median" in line}
     assert set(medians) == {"raw", "pca_whitened", "trained", "trained_whitened"}

@@ -14,7 +14,7 @@ import eval_trained
 import train_vpr
 import vprkit.features
 import trainable_vpr as vpr
-from vprkit.checkpoints import EMBEDDINGS_ARCH
+from trainable_vpr.checkpoints import EMBEDDINGS_ARCH
 from vprkit.cli import VPRError
 from vprkit.evaluation import evaluate_retrieval, l2_normalise
 from vprkit.pairs import group_places

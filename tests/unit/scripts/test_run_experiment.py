@@ -91,7 +91,8 @@ def test_a_model_failing_later_keeps_the_rows_already_measured(partial):
     table = pd.read_csv(csv_path)
     assert table["model"].tolist() == [TINY_MODEL] * 4
     assert table["variant"].tolist() == ["raw", "pca_whitened", "trained", "trained_whitened"]
-    assert list(table.columns) == ["model", "variant", "recall@1", "recall@20", "delta_r1_vs_raw"]
+    assert list(table.columns) == ["model", "variant", "recall@1", "recall@20", "delta_r1_vs_raw", "auc_pr",
+                                   "recall_at_100_precision"]
 
 
 def test_the_experiment_records_its_inputs_and_checkpoints(partial, data):

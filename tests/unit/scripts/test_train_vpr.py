@@ -17,7 +17,7 @@ import torch
 from helpers import TINY_MODEL, TINY_SIZE, place_positions, run_processes_at_once, write_poses
 import train_vpr
 import trainable_vpr as vpr
-from vprkit.checkpoints import FORMAT_VERSION, save_checkpoint
+from trainable_vpr.checkpoints import FORMAT_VERSION, save_checkpoint
 from vprkit.cli import VPRError, run_cli
 from vprkit.evaluation import evaluate_retrieval
 from vprkit.features import ExtractionSettings, extract_features

@@ -12,9 +12,9 @@ import torch
 
 from helpers import REPO, write_embeddings_parquet
 import train_vpr
-import vprkit.checkpoints
+import trainable_vpr.checkpoints
 import trainable_vpr as vpr
-from vprkit.checkpoints import checkpoint_path, save_checkpoint
+from trainable_vpr.checkpoints import checkpoint_path, save_checkpoint
 from vprkit.cli import VPRError
 
 
@@ -192,7 +192,7 @@ def test_validate_and_save_every_n_epochs_and_early_stop_fields(parquets, tmp_pa
         original(path, payload)
 
     validated = []
-    monkeypatch.setattr(vprkit.checkpoints, "save_checkpoint", spy)
+    monkeypatch.setattr(trainable_vpr.checkpoints, "save_checkpoint", spy)
     result = train_vpr.train(config, on_validation=lambda epoch, r: validated.append(epoch))
     log = pd.read_csv(result.log_file)
     assert log[log.event == "validation"].epoch.tolist() == [0, 2, 4, 5]  # and after the last epoch

@@ -15,8 +15,8 @@ from helpers import TINY_MODEL, TINY_SIZE, write_jpeg, write_poses
 import vprkit.features
 import trainable_vpr as vpr
 from vprkit.cli import VPRError
-from vprkit.features import (ExtractionSettings, FeatureCache, _ImageDataset, _iterate_descriptors, extract_features,
-                             extraction_settings)
+from vprkit.features import (ExtractionSettings, FeatureCache, _ImageDataset, extract_features, extraction_settings,
+                             iterate_descriptors)
 from vprkit.places import load_poses
 
 N = 10
@@ -38,13 +38,13 @@ def _options(tmp_path, **kwargs):
 def spy(monkeypatch):
     """Records the image paths that go through the backbone."""
     seen: list[str] = []
-    original = _iterate_descriptors
+    original = iterate_descriptors
 
     def wrapper(backbone, paths, options, desc, *rest):
         seen.extend(paths)
         yield from original(backbone, paths, options, desc, *rest)
 
-    monkeypatch.setattr(vprkit.features, "_iterate_descriptors", wrapper)
+    monkeypatch.setattr(vprkit.features, "iterate_descriptors", wrapper)
     return seen
 
 
@@ -231,7 +231,7 @@ def test_an_interrupted_extraction_resumes_where_it_stopped(tmp_path, table, tin
     only the images after, and the next call extracts just those."""
     options = _options(tmp_path, chunk_size=4, batch_size=2)
     reference = extract_features(tiny_backbone, table, _options(tmp_path / "reference"))
-    original = _iterate_descriptors
+    original = iterate_descriptors
 
     def stopped_after_four_batches(*args, **kwargs):
         for number, item in enumerate(original(*args, **kwargs)):
@@ -239,11 +239,11 @@ def test_an_interrupted_extraction_resumes_where_it_stopped(tmp_path, table, tin
                 raise KeyboardInterrupt
             yield item
 
-    monkeypatch.setattr(vprkit.features, "_iterate_descriptors", stopped_after_four_batches)
+    monkeypatch.setattr(vprkit.features, "iterate_descriptors", stopped_after_four_batches)
     with pytest.raises(KeyboardInterrupt):
         extract_features(tiny_backbone, table, options)
     assert len(_shards(tmp_path)) == 2  # 2 shards of 4 images written before the interruption
-    monkeypatch.setattr(vprkit.features, "_iterate_descriptors", original)
+    monkeypatch.setattr(vprkit.features, "iterate_descriptors", original)
     capsys.readouterr()
     resumed = extract_features(tiny_backbone, table, options)
     assert _counts(capsys.readouterr().out) == (8, N, N - 8)

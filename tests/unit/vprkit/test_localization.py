@@ -1,5 +1,5 @@
 """The localization view (vprkit.localization): top-1 error in metres, R@1 at distance thresholds,
-percentiles, the known-place precision-recall area, the JSON keys, the figure, and its agreement
+percentiles, the JSON keys, the figure, and its agreement
 with evaluate_retrieval's Recall@1."""
 from __future__ import annotations
 
@@ -17,9 +17,7 @@ from helpers import REPO
 from vprkit.localization import (
     LOCALIZATION_THRESHOLDS_M,
     draw_localization_figure,
-    known_place_pr,
     localization_from_ranking,
-    pr_auc,
     recall_at_thresholds,
     top1_error_percentiles,
     top1_errors_m,
@@ -68,51 +66,17 @@ def test_percentiles_by_hand():
     assert got == pytest.approx({"median": 10.5, "p75": 14.75, "p90": 21.5})
 
 
-def test_pr_auc_is_average_precision_by_hand():
-    scores = np.array([0.9, 0.8, 0.7, 0.6])
-    correct = np.array([True, False, True, False])
-    # correct matches at ranks 1 and 3: precision 1 and 2/3 -> AP = (1 + 2/3) / 2 = 5/6
-    # (the trapezoidal area through the same points would be larger)
-    assert pr_auc(scores, correct) == pytest.approx(5 / 6)
-    # tied scores are one threshold: {0.9, 0.9} gives P = 1/2 at R = 1/2, then P = 2/3 at R = 1
-    # -> 0.5 * 0.5 + 0.5 * 2/3 = 7/12
-    assert pr_auc(np.array([0.9, 0.9, 0.5]), np.array([True, False, True])) == pytest.approx(7 / 12)
-    curve = known_place_pr(scores, correct)
-    at = list(curve.thresholds).index(0.7)  # accept the top-1 when similarity >= 0.7: 3 accepted, 2 right
-    assert (curve.precision[at], curve.recall[at]) == pytest.approx((2 / 3, 1.0))
-    assert (curve.num_positive, curve.num_negative) == (2, 2)
-
-
-def test_pr_auc_without_positive_or_negative():
-    assert np.isnan(pr_auc(np.array([0.9, 0.1]), np.array([False, False])))
-    assert pr_auc(np.array([0.9, 0.1]), np.array([True, True])) == 1.0
-    assert known_place_pr(np.array([0.9, 0.1]), np.array([False, False])).precision.size == 0
-
-
 def test_result_and_its_json_keys():
-    scores = np.array([0.9, 0.4, 0.8, 0.7])
-    result = localization_from_ranking(line_xyz(DB_X), line_xyz(Q_X), TOP1, scores, pos_threshold_m=10.0)
-    # correct within 10 m: errors 3 and 10 -> queries 0 and 3 (scores 0.9, 0.7); wrong: 0.8, 0.4
-    # ranked 0.9 (right), 0.8 (wrong), 0.7 (right): AP = (1 + 2/3) / 2
-    assert result.top1_correct.tolist() == [True, False, False, True]
-    assert result.pr_auc == pytest.approx(5 / 6)
+    result = localization_from_ranking(line_xyz(DB_X), line_xyz(Q_X), TOP1, pos_threshold_m=10.0)
     payload = result.to_json()
-    assert set(payload) == {"recall_at_threshold_m", "top1_error_m", "pr_auc"}
+    assert set(payload) == {"recall_at_threshold_m", "top1_error_m"}
     assert payload["recall_at_threshold_m"] == {"5": 0.25, "10": 0.5, "25": 0.75, "50": 1.0, "100": 1.0}
     assert payload["top1_error_m"] == pytest.approx({"median": 10.5, "p75": 14.75, "p90": 21.5})
     json.dumps(payload, allow_nan=False)  # valid JSON
-    # no correct top-1 at 1 m: pr_auc is undefined and written as null, not NaN
-    nothing = localization_from_ranking(line_xyz(DB_X), line_xyz(Q_X), TOP1, scores, pos_threshold_m=1.0)
-    assert nothing.to_json()["pr_auc"] is None
+    # no queries: undefined values are written as null, not NaN
+    nothing = localization_from_ranking(line_xyz(DB_X), np.zeros((0, 3)), np.zeros(0, int), pos_threshold_m=1.0)
+    assert nothing.to_json()["top1_error_m"] == {"median": None, "p75": None, "p90": None}
     json.dumps(nothing.to_json(), allow_nan=False)
-
-
-def test_labels_decide_correctness_when_given():
-    scores = np.array([0.9, 0.4, 0.8, 0.7])
-    labelled = np.array([False, True, True, False])
-    result = localization_from_ranking(line_xyz(DB_X), line_xyz(Q_X), TOP1, scores, 10.0, top1_correct=labelled)
-    assert result.top1_correct.tolist() == labelled.tolist()
-    assert result.recall_at_threshold_m[10.0] == 0.5  # the distance view is unchanged
 
 
 def test_out_of_range_top1_is_refused():
@@ -139,15 +103,14 @@ def test_agrees_with_recall_at_1_of_evaluate_retrieval(pos_threshold_m):
     result, db_xyz, q_xyz = synthetic_evaluation(pos_threshold_m)
     assert result.num_queries_without_positive > 0  # the denominator question matters here
     assert 0.0 < result.recalls[1] < 1.0
-    view = localization_from_ranking(db_xyz, q_xyz, result.top_indices, result.top_scores, pos_threshold_m)
+    view = localization_from_ranking(db_xyz, q_xyz, result.top_indices, pos_threshold_m)
     assert view.recall_at_threshold_m[pos_threshold_m] == result.recalls[1]
-    assert view.top1_correct.tolist() == result.correct[:, 0].tolist()
     np.testing.assert_allclose(view.errors_m, result.top_distances_m[:, 0])
 
 
 def test_figure_with_three_variants(tmp_path):
     result, db_xyz, q_xyz = synthetic_evaluation(25.0)
-    trained = localization_from_ranking(db_xyz, q_xyz, result.top_indices, result.top_scores, 25.0)
+    trained = localization_from_ranking(db_xyz, q_xyz, result.top_indices, 25.0)
     rng = np.random.default_rng(0)
     curves = {"raw": trained.errors_m * 3 + 5, "pca_whitened": rng.exponential(40, size=48), "trained": trained}
     path = draw_localization_figure(curves, tmp_path / "plots" / "run_localization.png", "synthetic: 3 variants")

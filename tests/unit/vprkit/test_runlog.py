@@ -15,7 +15,7 @@ from helpers import TINY_MODEL, TINY_SIZE, place_positions, write_poses
 import train_vpr
 import trainable_vpr as vpr
 import vprkit.runlog
-from vprkit.checkpoints import save_checkpoint
+from trainable_vpr.checkpoints import save_checkpoint
 from vprkit.cli import VPRError, atomic_write
 from vprkit.runlog import append_summary_row, new_run_id
 

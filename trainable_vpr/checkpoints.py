@@ -1,16 +1,24 @@
-"""Checkpoints: where they are written, what they hold, how they are read back safely
-(weights_only loading, format version, required keys)."""
+"""Checkpoints, in one place: where they are written, what they hold (checkpoint_payload), how they
+are saved (atomically), read back safely (weights_only loading, format version, required keys, the
+head rebuilt) and rebuilt (head_from_checkpoint, checkpoint_backbone; the whole descriptor:
+trainable_vpr.model.PlaceDescriptor.from_checkpoint). The file format is DESIGN.md §6's."""
 from __future__ import annotations
 
+import dataclasses
 import shutil
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
-
+import torch.nn as nn
 from vprkit.cli import VPRError, atomic_write
+from vprkit.features import Backbone, pooling_config
+from vprkit.pooling import PoolingConfig
 from vprkit.runlog import safe_name
+
+from trainable_vpr.backbones import create_pooled_backbone
+from trainable_vpr.heads import HeadConfig, build_head
 
 FORMAT_VERSION = 1
 
@@ -64,10 +72,39 @@ def save_checkpoint(path: str | Path, payload: dict[str, Any]) -> None:
 CHECKPOINT_KEYS = ("model_state_dict", "head_config", "backbone", "config")
 
 
-def read_checkpoint(path: str | Path, build_head: Callable[[dict[str, Any]], Any]) -> dict[str, Any]:
+def checkpoint_payload(head: nn.Module, head_config: HeadConfig, backbone: dict[str, Any], config: Any,
+                       progress: dict[str, Any], run_id: str, log_file: str | Path,
+                       vocabulary: np.ndarray | None = None, resume: dict[str, Any] | None = None) -> dict[str, Any]:
+    """What a checkpoint holds (DESIGN.md §6): the head's weights (a copy) and config, the backbone's
+    info dict, the whole training config, the run's `progress` (best metrics, epochs), its run id and
+    log, the VLAD vocabulary (vlad pooling) and, for a resumable checkpoint, the `resume` states."""
+    payload = {
+        "model_state_dict": {k: v.detach().clone() for k, v in head.state_dict().items()},
+        "head_config": head_config.as_dict(),
+        "backbone": backbone,
+        "config": dataclasses.asdict(config),
+        **progress,
+        "run_id": run_id,
+        "log_file": str(log_file),
+    }
+    if vocabulary is not None:
+        payload["vlad_vocabulary"] = torch.from_numpy(vocabulary)
+    if resume is not None:
+        payload["resume"] = resume
+    return payload
+
+
+def head_from_checkpoint(checkpoint: dict[str, Any]) -> nn.Module:
+    """The trained head of a checkpoint, in eval mode."""
+    head = build_head(checkpoint["head_config"])
+    head.load_state_dict(checkpoint["model_state_dict"])
+    return head.eval()
+
+
+def load_checkpoint(path: str | Path) -> dict[str, Any]:
     """Load a checkpoint with weights_only=True (a pickle that would run code is refused) and
-    check it is one of ours, complete, of a format this version reads, and that build_head
-    (trainable_vpr.head_from_checkpoint) rebuilds its head from it."""
+    check it is one of ours, complete, of a format this version reads, and that its head is
+    rebuilt from it."""
     path = Path(path)
     if not path.is_file():
         raise VPRError(f"checkpoint {path}: file not found; check the path")
@@ -90,7 +127,7 @@ def read_checkpoint(path: str | Path, build_head: Callable[[dict[str, Any]], Any
         raise VPRError(f"checkpoint {path}: not a checkpoint of this suite (expected keys {', '.join(CHECKPOINT_KEYS)}); "
                        f"give a .pth written by train_vpr.py")
     try:
-        build_head(checkpoint)
+        head_from_checkpoint(checkpoint)
     except (KeyError, TypeError, ValueError, RuntimeError, VPRError) as exc:
         reason = " ".join(str(exc).split())[:240] or type(exc).__name__
         raise VPRError(f"checkpoint {path}: its head weights do not fit its head_config ({reason}); "
@@ -114,3 +151,29 @@ def check_checkpoint_matches(checkpoint: dict[str, Any], path: str | Path, model
     if head and head != trained_head:
         raise VPRError(f"checkpoint {path} holds a {trained_head} head, not --head {head}; "
                        f"drop --head or give a checkpoint with a {head} head")
+
+
+def checkpoint_backbone(checkpoint: dict[str, Any], path: str | Path, weights: str | None = None, image_size: int = 0,
+                        asked: PoolingConfig | None = None) -> Backbone:
+    """The frozen backbone a checkpoint's head was trained on: its name, input size, pooling and
+    VLAD vocabulary, and the same weights (checked; `weights` may point at the file again). The
+    pooling flags the user gave (`asked`) may only repeat the checkpoint's."""
+    saved = checkpoint["backbone"]
+    trained = pooling_config(checkpoint["config"])
+    if asked is not None and asked != PoolingConfig() and asked != trained:
+        raise VPRError(f"checkpoint {path} was trained on --pooling {trained.pooling} --feature_layer "
+                       f"{trained.feature_layer} --vlad_clusters {trained.vlad_clusters}; drop the pooling flags "
+                       f"(the checkpoint's are used)")
+    if trained.pooling == "vlad" and "vlad_vocabulary" not in checkpoint:
+        raise VPRError(f"checkpoint {path}: --pooling vlad but no VLAD vocabulary stored; retrain it")
+    backbone = create_pooled_backbone(saved["name"], weights or checkpoint["config"].get("weights"),
+                                      image_size or saved.get("image_size", 0), trained,
+                                      vocabulary=checkpoint_vocabulary(checkpoint))
+    if backbone.info.weights != saved.get("weights"):
+        raise VPRError(f"checkpoint {path} was trained on {saved['name']} weights {saved.get('weights')}, "
+                       f"but the weights found now are {backbone.info.weights}; pass the same --weights")
+    in_dim = checkpoint["head_config"]["in_dim"]
+    if backbone.info.feature_dim != in_dim:
+        raise VPRError(f"checkpoint {path}: its head takes {in_dim}-dim features, "
+                       f"the backbone gives {backbone.info.feature_dim}")
+    return backbone
