@@ -2,11 +2,7 @@
 the run was given: analyze_metrics' comparison figure of comparable runs (issue 20, section 5)."""
 from __future__ import annotations
 
-import sys
 from pathlib import Path
-
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
 
 import analyze_metrics  # noqa: E402
 from vprkit.plots import data_name  # noqa: E402

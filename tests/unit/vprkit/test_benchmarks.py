@@ -12,14 +12,10 @@ import pytest
 import eval_trained
 import localize
 import make_poses
-from conftest import assert_one_line_error, haversine_m, run_main, write_csv, write_jpeg
+from helpers import TINY, assert_one_line_error, haversine_m, run_main, write_csv, write_jpeg
 from vprkit.benchmarks import parse_at_name
 from vprkit.cli import VPRError
 from vprkit.places import latlon_to_xyz, load_table
-
-TINY = ["--model", "timm:test_efficientnet", "--weights", "random", "--image_size", "32", "--num_workers", "0",
-        "--device", "cpu"]
-
 
 def coord(num: float, left: int, right: int) -> str:
     """The downloader's util.format_coord: `left` integer digits (sign included), `right` decimals."""

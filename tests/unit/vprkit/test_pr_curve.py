@@ -126,12 +126,14 @@ def test_csv_and_figure(tmp_path):
         draw_pr_figure({}, tmp_path / "none.png", "none")
 
 
+@pytest.mark.slow
 def test_importing_the_module_does_not_import_torch_or_matplotlib():
     import subprocess
     import sys
-    from pathlib import Path
+
+    from helpers import REPO
 
     code = ("import vprkit.pr_curve, sys; "
             "assert 'torch' not in sys.modules, 'torch'; assert 'matplotlib' not in sys.modules, 'matplotlib'")
-    done = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True)
+    done = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr

@@ -11,7 +11,7 @@ import pandas as pd
 import pytest
 import torch
 
-from conftest import SHARED, TINY_MODEL, TINY_SIZE
+from helpers import SHARED, TINY_MODEL, TINY_SIZE, requires_shared
 import trainable_vpr as vpr
 from trainable_vpr.checkpoints import checkpoint_payload, save_checkpoint
 from trainable_vpr.model import PlaceDescriptor, describe_table, load_model
@@ -105,7 +105,7 @@ def test_forward_takes_any_input_size(scene):
     assert float((small * large).sum()) > 0.99
 
 
-@pytest.mark.skipif(not (SHARED / "bgu_campus").is_dir(), reason=f"real test data not available: {SHARED}")
+@requires_shared
 def test_forward_equals_the_cached_path_on_real_photos(tmp_path):
     """effnet_lite0 (pretrained, from its PyPI package) on four bgu_campus photos at full size."""
     table = load_poses(SHARED / "bgu_campus" / "val.csv").subset(np.arange(4))
