@@ -201,3 +201,56 @@ def uses_labels(supervision: str, *tables: PlaceTable) -> bool:
             raise VPRError(f"{missing}: no positions, so GPS supervision is impossible; use --supervision auto or labels")
         return False
     return True
+
+
+def positive_pairs(xyz: np.ndarray | None, labels: np.ndarray | None, pos_threshold_m: float,
+                   max_pairs: int = 200_000, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Index arrays (i, j), i < j, of the positive pairs of one table by pair_relations
+    (learned whitening's supervision). Memory stays bounded: candidates come from a KD-tree in
+    chunks of rows (with positions) or from label groups (labels only), never an N x N matrix;
+    when there are more than max_pairs, a seeded uniform sample of about max_pairs of them (labels
+    only: exactly max_pairs; with positions each candidate within pos_threshold_m is kept with
+    probability max_pairs / candidates, so with labels too somewhat fewer)."""
+    rng = np.random.default_rng(seed)
+    if xyz is not None and len(xyz) == 0:
+        return np.zeros(0, np.int64), np.zeros(0, np.int64)
+    if xyz is None:
+        if labels is None:
+            raise VPRError("positive pairs need positions or place labels")
+        groups = pd.factorize(np.asarray(labels))[0]
+        order = np.argsort(groups, kind="stable")
+        members = np.split(order, np.cumsum(np.bincount(groups))[:-1]) if len(groups) else []
+        sizes = np.array([len(m) * (len(m) - 1) // 2 for m in members], dtype=np.int64)
+        if sizes.sum() <= max_pairs:
+            pairs = [m[np.array(np.triu_indices(len(m), 1))] for m in members if len(m) > 1]
+            if not pairs:
+                return np.zeros(0, np.int64), np.zeros(0, np.int64)
+            first, second = np.concatenate(pairs, axis=1).astype(np.int64)
+            return first, second
+        group = rng.choice(len(members), max_pairs, p=sizes / sizes.sum())  # a pair uniformly among all pairs
+        first, second = np.empty(max_pairs, np.int64), np.empty(max_pairs, np.int64)
+        for g in np.unique(group):
+            rows = np.flatnonzero(group == g)
+            picks = np.array([rng.choice(members[g], 2, replace=False) for _ in rows])
+            first[rows], second[rows] = picks.min(axis=1), picks.max(axis=1)
+        return first, second
+    from sklearn.neighbors import KDTree
+
+    tree = KDTree(xyz)
+    total = int((tree.query_radius(xyz, r=pos_threshold_m, count_only=True) - 1).sum()) // 2  # candidate pairs i < j
+    keep = min(1.0, max_pairs / max(total, 1))
+    firsts, seconds = [], []
+    for start in range(0, len(xyz), 4096):
+        found = tree.query_radius(xyz[start:start + 4096], r=pos_threshold_m)
+        first = np.concatenate([np.full(len(f), start + n, np.int64) for n, f in enumerate(found)])
+        second = np.concatenate(found).astype(np.int64)
+        mask = second > first
+        if keep < 1.0:
+            mask &= rng.random(len(first)) < keep
+        first, second = first[mask], second[mask]
+        lab = None if labels is None else np.asarray(labels)
+        positive, _ = pair_relations(xyz[first], xyz[second], None if lab is None else lab[first],
+                                     None if lab is None else lab[second], pos_threshold_m, pos_threshold_m)
+        firsts.append(first[positive])
+        seconds.append(second[positive])
+    return np.concatenate(firsts)[:max_pairs], np.concatenate(seconds)[:max_pairs]
