@@ -59,7 +59,8 @@ def test_shrinkage_one_with_whitened_rotation_is_pca_whitening():
     queries, _, _ = nuisance_set(3, per_place=1, centres=centres)
     learned = fit_learned_whitening(train, label_pairs(labels), dim=6, shrinkage=1.0, whiten_rotation=True)
     pca = fit_pca_whitening(train, 6)
-    np.testing.assert_allclose(similarities(learned.apply, train, queries), similarities(pca, train, queries), atol=2e-4)
+    np.testing.assert_allclose(similarities(learned.apply, train, queries), similarities(pca, train, queries),
+                               atol=2e-4)
 
 
 def test_shrinkage_one_alone_is_plain_pca_rotation():
@@ -70,7 +71,8 @@ def test_shrinkage_one_alone_is_plain_pca_rotation():
     learned = fit_learned_whitening(train, label_pairs(labels), dim=6, shrinkage=1.0)
     pca = PCA(6, svd_solver="full").fit(l2_normalise(train))
     plain = lambda x: l2_normalise(pca.transform(l2_normalise(x)))  # noqa: E731
-    np.testing.assert_allclose(similarities(learned.apply, train, queries), similarities(plain, train, queries), atol=2e-4)
+    np.testing.assert_allclose(similarities(learned.apply, train, queries), similarities(plain, train, queries),
+                               atol=2e-4)
     # and the learned correction (s < 1) changes the descriptors
     other = fit_learned_whitening(train, label_pairs(labels), dim=6, shrinkage=0.3)
     assert np.abs(similarities(other.apply, train, queries) - similarities(plain, train, queries)).max() > 0.05
@@ -80,7 +82,8 @@ def test_refit_rotation_on_the_training_features_changes_nothing_and_on_another_
     train, labels, centres = nuisance_set(6)
     fitted = fit_learned_whitening(train, label_pairs(labels), dim=5, shrinkage=0.3)
     same = fitted.refit_rotation(train)
-    np.testing.assert_allclose(similarities(same.apply, train, train), similarities(fitted.apply, train, train), atol=1e-4)
+    np.testing.assert_allclose(similarities(same.apply, train, train), similarities(fitted.apply, train, train),
+                               atol=1e-4)
     shifted = train + np.float32(3.0) * np.eye(train.shape[1], dtype=np.float32)[5]
     moved = fitted.refit_rotation(shifted)
     np.testing.assert_allclose(moved.mean, l2_normalise(shifted).mean(axis=0), atol=1e-5)
@@ -190,4 +193,5 @@ def test_choose_shrinkage_can_search_another_database_with_the_rotation_refitted
     other = choose_shrinkage(train, label_pairs(labels), None, val, None, dim=4, grid=(0.1, 0.5), db_labels=db_labels,
                              val_labels=val_labels, database=db, refit_on_database=True)
     np.testing.assert_allclose(other.whitening.mean, l2_normalise(db).mean(axis=0), atol=1e-5)
-    assert other.val_r1[other.shrinkage] == r1(other.whitening.apply(db), db_labels, other.whitening.apply(val), val_labels)
+    assert other.val_r1[other.shrinkage] == r1(other.whitening.apply(db), db_labels, other.whitening.apply(val),
+                                               val_labels)
