@@ -342,6 +342,7 @@ def test_visualize_names_the_picture_after_what_it_shows(data, checkpoint, tmp_p
         f"{first_id}_on_val_retrievals.png", f"raw_{safe_name(TINY_MODEL)}_on_test_retrievals.png"])
 
 
+@pytest.mark.slow
 def test_run_experiment_demo_end_to_end(tmp_path, monkeypatch, capsys):
     """--demo generates the synthetic route (a short one here) and runs raw / PCA / trained on it;
     explicit flags win over the demo's settings, defaults take the demo's."""
