@@ -11,10 +11,11 @@ import pandas as pd
 import pytest
 
 pytest.importorskip("tensorboard")
-from conftest import TINY_MODEL, assert_one_line_error, run_main
+from helpers import TINY_MODEL, assert_one_line_error, run_main
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from tensorboard.plugins.hparams.plugin_data_pb2 import HParamsPluginData
-from test_eval_cli import TINY, write_tiny_dataset
+from helpers import TINY_OPTIONS as TINY
+from helpers.tiny_dataset import write_tiny_dataset
 
 import run_experiment
 import train_vpr
@@ -146,7 +147,7 @@ def test_a_resumed_run_replaces_the_interrupted_epochs(tmp_path):
     uninterrupted run's, as its CSV log does."""
     import dataclasses
 
-    from conftest import write_embeddings_parquet
+    from helpers import write_embeddings_parquet
 
     import trainable_vpr as vpr
 

@@ -10,9 +10,10 @@ import h5py
 import numpy as np
 import pandas as pd
 import pytest
-from conftest import TINY_MODEL, assert_one_line_error, run_main, write_jpeg
-from test_eval_cli import TINY, write_tiny_dataset
-from test_exports import hloc_get_descriptors, hloc_list_h5_names, hloc_parse_retrieval
+from helpers import TINY_MODEL, assert_one_line_error, run_main, write_jpeg
+from helpers import TINY_OPTIONS as TINY
+from helpers.tiny_dataset import write_tiny_dataset
+from helpers.hloc import hloc_get_descriptors, hloc_list_h5_names, hloc_parse_retrieval
 
 import eval_trained
 import localize
@@ -48,7 +49,8 @@ def expected_names(data) -> tuple[list[str], list[str]]:
 
 def test_baseline_descriptors_npy_and_hloc_h5(data, tmp_path):
     out, pred = tmp_path / "desc", tmp_path / "pred.csv"
-    report = eval_trained.main(eval_argv(data, out, "--baseline", "--model", TINY_MODEL, "--save_predictions", str(pred)))
+    report = eval_trained.main(eval_argv(data, out, "--baseline", "--model", TINY_MODEL,
+                                         "--save_predictions", str(pred)))
     db, q = read_npy(out)
     assert db.dtype == np.float32 and q.dtype == np.float32
     assert db.shape[0] == 20 and q.shape[0] == 11 and db.shape[1] == q.shape[1] > 0
@@ -92,7 +94,8 @@ def test_trained_checkpoint_saves_the_heads_output(data, tmp_path):
     result = train_vpr.main([
         "--train_csv", str(data["train"]), "--val_csv", str(data["val"]), "--model", TINY_MODEL, *TINY,
         "--epochs", "1", "--batch_size", "8", "--images_per_place", "2", "--projection_dim", "16",
-        "--cache_dir", str(data["cache"]), "--log_dir", str(tmp_path / "logs"), "--output_dir", str(tmp_path / "models")])
+        "--cache_dir", str(data["cache"]), "--log_dir", str(tmp_path / "logs"),
+        "--output_dir", str(tmp_path / "models")])
     report = eval_trained.main(["--model_path", str(result.checkpoint), "--train_csv", str(data["train"]), "--test_csv",
                                 str(data["test"]), "--cache_dir", str(data["cache"]), "--num_workers", "0",
                                 "--device", "cpu", "--save_descriptors", str(out)])

@@ -60,7 +60,8 @@ def test_official_dinov2_layout_is_converted_and_resampled():
     assert "mask_token" not in adapted
     missing, unexpected = target.load_state_dict(adapted, strict=True)
     assert not missing and not unexpected
-    torch.testing.assert_close(target.pos_embed.data, resample_abs_pos_embed(source["pos_embed"], [3, 3]), rtol=0, atol=0)
+    expected = resample_abs_pos_embed(source["pos_embed"], [3, 3])
+    torch.testing.assert_close(target.pos_embed.data, expected, rtol=0, atol=0)
     assert torch.equal(target.blocks[1].ls2.gamma, source["blocks.1.ls2.gamma"])
     with torch.no_grad():
         assert torch.isfinite(target(torch.rand(1, 3, 42, 42))).all()
@@ -78,8 +79,8 @@ def test_official_dinov2_with_registers_layout_is_converted():
     target.load_state_dict(adapt_state_dict(official, target), strict=True)
     assert torch.equal(target.reg_token.data, registers)
     torch.testing.assert_close(target.cls_token.data, cls_token + pos_embed[:, :1], rtol=0, atol=0)
-    torch.testing.assert_close(target.pos_embed.data, resample_abs_pos_embed(pos_embed[:, 1:], [3, 3], num_prefix_tokens=0),
-                               rtol=0, atol=0)
+    expected = resample_abs_pos_embed(pos_embed[:, 1:], [3, 3], num_prefix_tokens=0)
+    torch.testing.assert_close(target.pos_embed.data, expected, rtol=0, atol=0)
 
 
 def test_official_layout_file_loads_through_weights_flag(tmp_path):
@@ -94,7 +95,8 @@ def test_official_layout_file_loads_through_weights_flag(tmp_path):
 def test_a_wrong_weights_file_stays_one_line(tmp_path, content):
     vit = timm.create_model("test_vit", pretrained=False, num_classes=0).state_dict()
     state = {
-        "other width": lambda: timm.create_model("test_vit", pretrained=False, num_classes=0, embed_dim=32).state_dict(),
+        "other width": lambda: timm.create_model("test_vit", pretrained=False, num_classes=0,
+                                                 embed_dim=32).state_dict(),
         "other network": lambda: timm.create_model("resnet18", pretrained=False).state_dict(),
         "not a dict": lambda: torch.zeros(3),
         "odd grid": lambda: {**vit, "pos_embed": torch.randn(1, 1 + 15, 64)},  # 15 positions: no square grid
