@@ -132,13 +132,20 @@ def export(model: PlaceDescriptor, output: Path) -> None:
     example = (torch.rand(TRACE_SHAPE, generator=torch.Generator().manual_seed(0)),)
     if output.suffix.lower() == ".pt2":
         program = torch.export.export(model, example, dynamic_shapes=dynamic_shapes())
-        atomic_write(output, lambda p: torch.export.save(program, p))
+        atomic_write(output, lambda p: save_program(program, p))
         return
     # external_data=False: the weights inside the one file (up to ONNX's 2 GB), not in FILE.onnx.data
     onnx_program = torch.onnx.export(model, example, dynamo=True, dynamic_shapes=dynamic_shapes(),
                                      input_names=["images"], output_names=["descriptors"], opset_version=ONNX_OPSET,
                                      verbose=False)
     atomic_write(output, lambda p: onnx_program.save(str(p), external_data=False))
+
+
+def save_program(program: torch.export.ExportedProgram, path: Path) -> None:
+    """torch.export.save through an open file: given a path, it warns about one not ending in .pt2
+    (atomic_write's temporary file)."""
+    with open(path, "wb") as handle:
+        torch.export.save(program, handle)
 
 
 def run_exported(output: Path, images: torch.Tensor) -> np.ndarray | None:
