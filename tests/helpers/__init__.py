@@ -184,3 +184,19 @@ def run_processes_at_once(commands: dict[str, list[str]], timeout: float = 300) 
         out, err = proc.communicate(timeout=timeout)
         runs[name] = (proc.returncode, out, err)
     return runs
+
+
+def write_smooth_image(path: Path, seed: int, size: tuple[int, int] = (72, 56)) -> Path:
+    """A photo-like PNG: smooth colour gradients, little pixel noise (a resize barely changes it,
+    so descriptors through PIL's and through torch's resize agree closely)."""
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    w, h = size
+    y, x = np.mgrid[0:h, 0:w] / max(w, h)
+    channels = [np.sin(rng.uniform(2, 9) * x + rng.uniform(0, 6)) * np.cos(rng.uniform(2, 9) * y + rng.uniform(0, 6))
+                for _ in range(3)]
+    pixels = (np.stack(channels, -1) * 0.45 + 0.5 + rng.normal(0, 0.01, (h, w, 3))).clip(0, 1)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray((pixels * 255).astype(np.uint8)).save(path)
+    return path
