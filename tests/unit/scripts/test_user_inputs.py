@@ -27,6 +27,14 @@ from vprkit.pairs import check_trainable, has_pair_beyond
 from vprkit.places import load_poses, load_table
 
 
+def picture_captions(result, database, queries, q: int, top: int) -> tuple[str, list[str], str]:
+    """(query caption, match captions, legend) of query q in the retrieval picture."""
+    from vprkit.predictions import evaluation_rows
+
+    rows, legend = evaluation_rows(result, database, queries, result.num_queries, top)
+    return rows[q].query_caption, [caption for _, caption, _ in rows[q].matches], legend
+
+
 def _options(tmp_path: Path) -> ExtractionSettings:
     return ExtractionSettings(cache_dir=str(tmp_path / "cache"), num_workers=0, device="cpu", batch_size=4)
 
@@ -125,8 +133,8 @@ def test_a_labels_only_csv_trains_evaluates_and_speaks_in_labels(labelled, tmp_p
     assert (frame.correct == (frame.query_label == frame.db_label)).all()
     assert ",," in predictions.read_text().splitlines()[1]
     assert len(list(picture.glob("*_retrievals.png"))) == 1
-    query_caption, captions, legend = eval_trained.retrieval_captions(
-        report, load_poses(labelled.train), load_poses(labelled.test), 0, 5)
+    query_caption, captions, legend = picture_captions(
+        report.result, load_poses(labelled.train), load_poses(labelled.test), 0, 5)
     assert query_caption == "query hall_0" and legend == "green: same place label"
     top = report.result.top_indices[0, :5]
     assert captions == [f"#{r + 1}  {load_poses(labelled.train).labels[i]}" for r, i in enumerate(top)]
@@ -153,10 +161,10 @@ def test_labelled_captions_keep_metres_only_with_positions(tmp_path, tiny_backbo
     descriptors = np.eye(4, dtype=np.float32)
     labelled = EvalReport("x", evaluate_retrieval(descriptors, table.xyz, descriptors, table.xyz, 25.0,
                                                   db_labels=table.labels, q_labels=table.labels))
-    query, captions, legend = eval_trained.retrieval_captions(labelled, table, table, 0, 2)
+    query, captions, legend = picture_captions(labelled.result, table, table, 0, 2)
     assert query == "query a" and captions[0] == "#1  a  0 m" and legend == "green: same place label within 25 m"
     gps = EvalReport("x", evaluate_retrieval(descriptors, table.xyz, descriptors, table.xyz, 25.0))
-    query, captions, legend = eval_trained.retrieval_captions(gps, table, table, 0, 2)
+    query, captions, legend = picture_captions(gps.result, table, table, 0, 2)
     assert query == "query" and captions[0] == "#1  0 m" and legend == "green: within 25 m"
 
 
