@@ -11,7 +11,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from conftest import TINY_MODEL, TINY_SIZE, place_positions, write_embeddings_parquet, write_poses
+from helpers import TINY_MODEL, TINY_SIZE, place_positions, write_embeddings_parquet, write_poses
 from PIL import Image
 
 import train_vpr
