@@ -23,7 +23,6 @@ near-duplicates around the top-1 refine it. est_support says how many matches it
 """
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 from typing import Sequence
 
@@ -32,53 +31,20 @@ import pandas as pd
 
 import trainable_vpr as vpr
 from vprkit.checkpoints import EMBEDDINGS_ARCH, check_checkpoint_matches
-from vprkit.cli import CliParser, VPRError, add_debug_flag, atomic_write, check_writable_file, run_cli, write_png
+from vprkit.cli import VPRError, atomic_write, run_cli, write_png
+from vprkit.configs import DEFAULT_POS_THRESHOLD_M
 from vprkit.evaluation import exact_search
-from vprkit.features import Backbone, ExtractionSettings, extract_table, extraction_settings, pooling_config, validate_extraction_flags
+from vprkit.features import Backbone, extract_table, extraction_settings, pooling_config
 from vprkit.places import (IMAGE_COLUMNS, LATLON_COLUMNS, METRIC_COLUMNS, PlaceTable, _find_column,
-                           _find_column_pair, is_parquet, load_poses, read_csv_table)
-from vprkit.settings import add_config_args, add_config_file_flag, parse_layered
+                           _find_column_pair, load_poses, read_csv_table)
+from vprkit.settings import config_parser, parse_config
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
 
 
-def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    parser = CliParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    what = parser.add_argument_group("model")
-    what.add_argument("--model_path", help="a trained checkpoint (its backbone and head come from it)")
-    what.add_argument("--baseline", action="store_true", help="match with the raw frozen backbone given by --model")
-    what.add_argument("--model", default=None, help=f"backbone for --baseline: {', '.join(vpr.BACKBONES)} or timm:ARCH")
-    data = parser.add_argument_group("data")
-    data.add_argument("--db_csv", "--train_csv", dest="db_csv", required=True, help="poses CSV of the database images")
-    data.add_argument("--query", required=True, metavar="PHOTOS_OR_CSV",
-                      help="a folder of photos, or a CSV with an image column (no positions needed)")
-    data.add_argument("--top_k", type=int, default=5, help="database matches per query")
-    data.add_argument("--pos_threshold_m", type=float, default=None,
-                      help="matches within this many metres of the top-1 share in the position estimate "
-                           "(default: the checkpoint's, else 25)")
-    out = parser.add_argument_group("outputs")
-    out.add_argument("--output", required=True, metavar="CSV", help="the matches, one row per query and rank")
-    out.add_argument("--picture", metavar="PNG", help="draw each query with its top-k matches here")
-    out.add_argument("--picture_queries", type=int, default=8, metavar="N", help="at most N queries in --picture")
-    add_config_args(parser, ExtractionSettings, skip=("camera_id",))
-    add_config_file_flag(parser)
-    add_debug_flag(parser)
-    args = parse_layered(parser, argv)
-    if bool(args.model_path) == bool(args.baseline):
-        parser.error("give either --model_path CKPT or --baseline --model NAME")
-    if args.baseline and not args.model:
-        parser.error("--baseline needs --model NAME")
-    if args.top_k < 1:
-        parser.error(f"--top_k {args.top_k}: must be at least 1")
-    if args.pos_threshold_m is not None and args.pos_threshold_m <= 0:
-        parser.error(f"--pos_threshold_m {args.pos_threshold_m:g}: must be positive")
-    if is_parquet(args.db_csv):
-        parser.error(f"--db_csv {args.db_csv}: localize.py matches photos, so the database must be images "
-                     "(a poses CSV), not an embeddings parquet")
-    validate_extraction_flags(args)
-    check_writable_file(args.output, "--output")
-    check_writable_file(args.picture, "--picture")
-    return args
+def parse_args(argv: Sequence[str] | None) -> vpr.LocalizeConfig:
+    parser = config_parser(vpr.LocalizeConfig, __doc__.split("\n\n")[0], skip=("camera_id",))
+    return parse_config(parser, vpr.LocalizeConfig, argv)
 
 
 # ============================================================================================
@@ -110,13 +76,13 @@ def query_table(query: str) -> PlaceTable:
                       frame=pd.DataFrame({"image_path": paths}))
 
 
-def backbone_and_head(args: argparse.Namespace, database_paths: Sequence[str]) -> tuple[Backbone, object | None, float]:
+def backbone_and_head(args: vpr.LocalizeConfig, database_paths: Sequence[str]) -> tuple[Backbone, object | None, float]:
     """The backbone (the checkpoint's, same weights, or --model's), the trained head (None for
     --baseline) and the position threshold."""
     if args.baseline:  # a VLAD vocabulary is fitted on the database
         backbone = vpr.create_pooled_backbone(args.model, args.weights, args.image_size, pooling_config(args),
                                               database_paths, extraction_settings(args))
-        return backbone, None, args.pos_threshold_m or 25.0
+        return backbone, None, args.pos_threshold_m or DEFAULT_POS_THRESHOLD_M
     checkpoint = vpr.load_checkpoint(args.model_path)
     check_checkpoint_matches(checkpoint, args.model_path, args.model)
     saved = checkpoint["backbone"]
@@ -124,7 +90,7 @@ def backbone_and_head(args: argparse.Namespace, database_paths: Sequence[str]) -
         raise VPRError(f"checkpoint {args.model_path} was trained on precomputed embeddings ({saved['weights']}); "
                        "it has no backbone to turn photos into features")
     backbone = vpr.checkpoint_backbone(checkpoint, args.model_path, args.weights, args.image_size, pooling_config(args))
-    threshold = args.pos_threshold_m or checkpoint["config"].get("pos_threshold_m", 25.0)
+    threshold = args.pos_threshold_m or checkpoint["config"].get("pos_threshold_m", DEFAULT_POS_THRESHOLD_M)
     return backbone, vpr.head_from_checkpoint(checkpoint), threshold
 
 

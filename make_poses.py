@@ -31,8 +31,10 @@ from typing import Sequence
 
 from PIL import Image
 
-from vprkit.cli import CliParser, VPRError, add_debug_flag, atomic_write, check_writable_file, run_cli
+from vprkit.cli import VPRError, atomic_write, check_writable_file, run_cli
+from vprkit.configs import MakePosesConfig
 from vprkit.images import PhotoExif, read_photo_exif
+from vprkit.settings import config_parser, parse_config
 
 CSV_COLUMNS = ("image_path", "lat", "lon", "camera_id", "timestamp_local")
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".tif", ".tiff", ".webp")
@@ -49,15 +51,9 @@ class PhotoScan:
     unreadable: list[Path] = field(default_factory=list)
 
 
-def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    parser = CliParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("photo_dir", metavar="PHOTO_DIR", help="folder of photos (searched recursively)")
-    parser.add_argument("--output", required=True, metavar="CSV",
-                        help="poses CSV to write; image paths in it are relative to its folder, so train_vpr.py "
-                             "--train_csv CSV finds them without --image_root")
-    parser.add_argument("--overwrite", action="store_true", help="replace an existing --output file")
-    add_debug_flag(parser)
-    return parser.parse_args(argv)
+def parse_args(argv: Sequence[str] | None) -> MakePosesConfig:
+    parser = config_parser(MakePosesConfig, __doc__, config_file=False, formatter=argparse.RawDescriptionHelpFormatter)
+    return parse_config(parser, MakePosesConfig, argv, layered=False)
 
 
 def image_suffixes() -> tuple[str, ...]:

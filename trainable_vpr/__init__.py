@@ -7,7 +7,8 @@ One small module per piece (import this package as `vpr`; every public name is h
 - losses: in-batch pairs and HybridLoss (per-item losses; the miners share one contract in
   vprkit/miners.py)
 - mining: GPS and label mining over the data set (mine_hard_negatives, make_place_batches)
-- config: TrainConfig (stored in every checkpoint) and its checks
+- config: TrainConfig (stored in every checkpoint) and the configs of the scripts that apply a
+  model (EvalConfig, LocalizeConfig, ExperimentConfig, TuneConfig), each with its checks
 
 The support code (command line, tables, the pair rule, features and cache, evaluation, logs)
 lives in the vprkit package beside it; docs/DESIGN.md says where each idea lives.
@@ -53,7 +54,13 @@ from trainable_vpr.config import (  # noqa: F401
     SUPERVISIONS,
     HEAD_STARTS,
     NEG_SAMPLERS,
+    DEFAULT_MODEL,
     TrainConfig,
+    ModelSource,
+    EvalConfig,
+    LocalizeConfig,
+    ExperimentConfig,
+    TuneConfig,
     validate_train_config,
     effective_hard_neg_ratio,
     set_determinism,
