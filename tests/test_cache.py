@@ -28,7 +28,7 @@ def table(tmp_path):
 
 
 def _options(tmp_path, **kwargs):
-    values = dict(batch_size=4, num_workers=0, device="cpu", cache_dir=str(tmp_path / "cache"))
+    values = dict(extract_batch_size=4, num_workers=0, device="cpu", cache_dir=str(tmp_path / "cache"))
     values.update(kwargs)
     return ExtractionSettings(**values)
 

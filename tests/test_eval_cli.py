@@ -104,7 +104,7 @@ def baseline(data):
     paths = {"json": out / "result.json", "predictions": out / "pred.csv", "plots": out / "plots"}
     report = eval_trained.main(eval_argv(
         data, "--baseline", "--model", TINY_MODEL, "--output_json", str(paths["json"]),
-        "--save_predictions", str(paths["predictions"]), "--visualize", "2", "--plots_dir", str(paths["plots"])))
+        "--save_predictions", str(paths["predictions"]), "--visualize", "2", "--plot_dir", str(paths["plots"])))
     return report, paths
 
 
@@ -116,7 +116,7 @@ def checkpoint(data) -> Path:
         "--train_csv", str(data["train"]), "--val_csv", str(data["val"]), "--model", TINY_MODEL, *TINY,
         "--epochs", "1", "--batch_size", "8", "--images_per_place", "2", "--projection_dim", "16",
         "--pos_threshold_m", "30", "--cache_dir", str(data["cache"]),
-        "--log_dir", str(out / "logs"), "--output_dir", str(out / "models"),
+        "--log_dir", str(out / "logs"), "--checkpoint_dir", str(out / "models"),
     ])
     assert result.checkpoint.is_file()
     return result.checkpoint
@@ -338,7 +338,7 @@ def test_run_experiment_writes_the_comparison_table(data, tmp_path):
         "--train_csv", str(data["train"]), "--val_csv", str(data["val"]), "--test_csv", str(data["test"]),
         "--models", TINY_MODEL, *TINY, "--epochs", "1", "--batch_size", "8", "--images_per_place", "2",
         "--projection_dim", "16", "--vlad_clusters", "4", "--cache_dir", str(data["cache"]), "--log_dir", str(logs),
-        "--output_dir", str(tmp_path / "models"),
+        "--checkpoint_dir", str(tmp_path / "models"),
     ])
     written = list(logs.glob("experiment_*.csv"))
     assert len(written) == 1
@@ -418,9 +418,9 @@ def test_visualize_names_the_picture_after_what_it_shows(data, checkpoint, tmp_p
         "--train_csv", str(data["train"]), "--val_csv", str(data["val"]), "--model", TINY_MODEL, *TINY,
         "--epochs", "1", "--batch_size", "8", "--images_per_place", "2", "--projection_dim", "16", "--lr", "1e-2",
         "--pos_threshold_m", "30", "--cache_dir", str(data["cache"]),
-        "--log_dir", str(checkpoint.parent.parent / "logs"), "--output_dir", str(checkpoint.parent)])
+        "--log_dir", str(checkpoint.parent.parent / "logs"), "--checkpoint_dir", str(checkpoint.parent)])
     plots = tmp_path / "plots"
-    show = ["--visualize", "1", "--plots_dir", str(plots)]
+    show = ["--visualize", "1", "--plot_dir", str(plots)]
     for model_path in (checkpoint, second.checkpoint):
         eval_trained.main(eval_argv(data, "--model_path", str(model_path), *show))
     eval_trained.main(eval_argv(data, "--model_path", str(checkpoint), *show, queries="val"))

@@ -36,7 +36,7 @@ def _argv(parquets, out: Path, *extra: str) -> list[str]:
     return [sys.executable, "train_vpr.py", "--train_parquet", str(train), "--val_parquet", str(val), "--model", "emb",
             "--epochs", str(EPOCHS), "--batch_size", "8", "--head", "mlp", "--hidden_dim", "32", "--projection_dim", "8",
             "--lr", "1e-3", "--lr_schedule", "cosine", "--seed", "3", "--device", "cpu",
-            "--log_dir", str(out / "logs"), "--output_dir", str(out / "models"), *extra]
+            "--log_dir", str(out / "logs"), "--checkpoint_dir", str(out / "models"), *extra]
 
 
 def _env() -> dict[str, str]:

@@ -42,7 +42,7 @@ def example(tmp_path_factory):
     out = root / "out"
     argv = ["--baseline", "--model", TINY_MODEL, "--train_csv", str(paths["db"]), "--test_csv", str(paths["queries"]),
             *TINY, "--cache_dir", str(root / "cache"), "--pos_threshold_m", "25", "--output_json", str(out / "r.json"),
-            "--save_predictions", str(out / "p.csv"), "--localization", "--plots_dir", str(out / "plots")]
+            "--save_predictions", str(out / "p.csv"), "--localization", "--plot_dir", str(out / "plots")]
     report = eval_trained.main(argv)
     return report, paths, out
 
@@ -101,7 +101,7 @@ def test_no_picture_without_the_flag(example, tmp_path):
     _, paths, _ = example
     plots = tmp_path / "plots"
     eval_trained.main(["--baseline", "--model", TINY_MODEL, "--train_csv", str(paths["db"]), "--test_csv",
-                       str(paths["queries"]), *TINY, "--no_cache", "--plots_dir", str(plots)])
+                       str(paths["queries"]), *TINY, "--no_cache", "--plot_dir", str(plots)])
     assert not plots.exists() or not list(plots.iterdir())
 
 
@@ -112,7 +112,7 @@ def test_labels_only_evaluation_has_null_distances(tmp_path):
     q = write_embeddings_parquet(tmp_path / "q.parquet", seed=1)
     out = tmp_path / "r.json"
     eval_trained.main(["--baseline", "--db_parquet", str(db), "--test_parquet", str(q), "--output_json", str(out),
-                       "--device", "cpu", "--localization", "--plots_dir", str(tmp_path / "plots")])
+                       "--device", "cpu", "--localization", "--plot_dir", str(tmp_path / "plots")])
     payload = json.loads(out.read_text())
     assert payload["recall_at_threshold_m"] is None and payload["top1_error_m"] is None
     assert payload["correct_by"] == "label"
@@ -131,7 +131,7 @@ def test_run_experiment_draws_its_variants_on_one_figure(tmp_path, capsys):
     run_experiment.main(["--train_csv", str(data["train"]), "--val_csv", str(data["val"]), "--test_csv", str(data["test"]),
                          "--models", TINY_MODEL, *TINY, "--epochs", "1", "--batch_size", "8", "--images_per_place", "2",
                          "--projection_dim", "16", "--cache_dir", str(cache), "--log_dir", str(logs),
-                         "--output_dir", str(tmp_path / "models")])
+                         "--checkpoint_dir", str(tmp_path / "models")])
     printed = capsys.readouterr().out
     [csv_path] = logs.glob("experiment_*.csv")
     figure = csv_path.with_name(f"{csv_path.stem}_localization.png")

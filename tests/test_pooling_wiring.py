@@ -118,7 +118,7 @@ def test_vlad_on_a_vit_end_to_end(data, tmp_path, capsys):
     result = train_vpr.main(["--train_csv", str(data.train), "--val_csv", str(data.val), *_common(VIT, cache),
                              "--epochs", "1", "--images_per_place", "2", "--pooling", "vlad", "--vlad_clusters", "4",
                              "--feature_layer", "-2", "--log_dir", str(tmp_path / "logs"),
-                             "--output_dir", str(tmp_path / "models")])
+                             "--checkpoint_dir", str(tmp_path / "models")])
     checkpoint = vpr.load_checkpoint(result.checkpoint)
     stored = list((cache / "vocabularies").glob("*.npy"))
     assert len(stored) == 1
@@ -150,7 +150,7 @@ def test_gem_on_the_tiny_cnn_end_to_end(data, tmp_path):
     result = train_vpr.main(["--train_csv", str(data.train), "--val_csv", str(data.val),
                              *_common(TINY_MODEL, cache), "--epochs", "1", "--images_per_place", "2",
                              "--pooling", "gem", "--feature_layer", "-2", "--head", "projection",
-                             "--log_dir", str(tmp_path / "logs"), "--output_dir", str(tmp_path / "models")])
+                             "--log_dir", str(tmp_path / "logs"), "--checkpoint_dir", str(tmp_path / "models")])
     checkpoint = vpr.load_checkpoint(result.checkpoint)
     model = vpr.create_backbone(TINY_MODEL, "random", TINY_SIZE).model
     assert checkpoint["head_config"]["in_dim"] == layer_channels(model, -2)
