@@ -91,7 +91,7 @@ def main() -> None:
         n = len(train)
         backbone = vpr.create_backbone(config.model)
         cached = extraction_settings(config)
-        no_cache = ExtractionSettings(batch_size=config.batch_size, num_workers=config.num_workers,
+        no_cache = ExtractionSettings(extract_batch_size=config.extract_batch_size, num_workers=config.num_workers,
                                          device=config.device, cache_dir=None)
         with quiet():
             extract_features(backbone, train.subset(np.arange(min(n, 32))), no_cache)  # warm-up

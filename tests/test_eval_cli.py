@@ -93,7 +93,7 @@ def data(tmp_path_factory) -> dict[str, Path]:
 
 
 def eval_argv(data, *extra: str, queries: str = "test") -> list[str]:
-    return ["--train_csv", str(data["train"]), "--test_csv", str(data[queries]),
+    return ["--db_csv", str(data["train"]), "--test_csv", str(data[queries]),
             "--cache_dir", str(data["cache"]), *TINY, *extra]
 
 
@@ -187,7 +187,7 @@ def test_no_condition_breakdown_without_a_condition_column(data, tmp_path):
     queries = tmp_path / "queries.csv"
     frame.to_csv(queries, index=False)
     out = tmp_path / "r.json"
-    eval_trained.main(["--train_csv", str(data["train"]), "--test_csv", str(queries), "--cache_dir", str(data["cache"]),
+    eval_trained.main(["--db_csv", str(data["train"]), "--test_csv", str(queries), "--cache_dir", str(data["cache"]),
                        *TINY, "--baseline", "--model", TINY_MODEL, "--output_json", str(out)])
     assert "by_condition" not in json.loads(out.read_text())
 
@@ -244,7 +244,7 @@ def test_predictions_correct_column_agrees_with_the_distance_column_at_the_thres
     pd.DataFrame({"image_path": ["q.jpg", "b.jpg"], "easting": [1000.0, 3001.0],
                   "northing": [0.0, 0.0]}).to_csv(tmp_path / "q.csv", index=False)
     pred = tmp_path / "p.csv"
-    eval_trained.main(["--train_csv", str(tmp_path / "db.csv"), "--test_csv", str(tmp_path / "q.csv"), *TINY,
+    eval_trained.main(["--db_csv", str(tmp_path / "db.csv"), "--test_csv", str(tmp_path / "q.csv"), *TINY,
                        "--no_cache", "--baseline", "--model", TINY_MODEL, "--save_predictions", str(pred)])
     frame = pd.read_csv(pred)
     assert len(frame) == 4 and frame.loc[frame["query_index"] == 0, "distance_m"].min() == pytest.approx(25.004)
@@ -256,7 +256,7 @@ def test_predictions_correct_column_agrees_with_the_distance_column_at_the_thres
 # --------------------------------------------------------------------------------------------
 def test_trained_checkpoint_evaluates(data, checkpoint, tmp_path):
     out, pred = tmp_path / "r.json", tmp_path / "p.csv"
-    report = eval_trained.main(["--model_path", str(checkpoint), "--train_csv", str(data["train"]),
+    report = eval_trained.main(["--model_path", str(checkpoint), "--db_csv", str(data["train"]),
                                 "--test_csv", str(data["test"]), "--num_workers", "0", "--device", "cpu",
                                 "--cache_dir", str(data["cache"]), "--output_json", str(out),
                                 "--save_predictions", str(pred)])
@@ -396,7 +396,7 @@ def _haversine_misses(db_csv: Path, q_csv: Path, threshold_m: float) -> int:
 def test_raw_effnet_lite0_baseline_on_bgu_campus(real_feature_cache, tmp_path):
     campus = SHARED_DATA / "bgu_campus"
     out = tmp_path / "campus.json"
-    eval_trained.main(["--baseline", "--model", "effnet_lite0", "--train_csv", str(campus / "train.csv"),
+    eval_trained.main(["--baseline", "--model", "effnet_lite0", "--db_csv", str(campus / "train.csv"),
                        "--test_csv", str(campus / "queries.csv"), "--pos_threshold_m", "25",
                        "--cache_dir", str(real_feature_cache), "--num_workers", str(min(4, os.cpu_count() or 1)),
                        "--output_json", str(out)])

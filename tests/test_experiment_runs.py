@@ -110,7 +110,7 @@ def test_analyze_metrics_reads_any_recall_at(partial, tmp_path, capsys):
     out, _ = partial
     [csv_path] = (out / "logs").glob("experiment_*.csv")
     table = pd.read_csv(csv_path)
-    analyze_metrics.main([str(csv_path), "--checkpoint_dir", str(tmp_path / "plots")])
+    analyze_metrics.main([str(csv_path), "--plot_dir", str(tmp_path / "plots")])
     assert (tmp_path / "plots" / f"{csv_path.stem}_bars.png").is_file()
     printed = capsys.readouterr().out
     header = next(line for line in printed.splitlines() if "variant" in line and "recall@" in line).split()

@@ -40,7 +40,7 @@ def example(tmp_path_factory):
     root = tmp_path_factory.mktemp("loc_example")
     paths = write_example(root)
     out = root / "out"
-    argv = ["--baseline", "--model", TINY_MODEL, "--train_csv", str(paths["db"]), "--test_csv", str(paths["queries"]),
+    argv = ["--baseline", "--model", TINY_MODEL, "--db_csv", str(paths["db"]), "--test_csv", str(paths["queries"]),
             *TINY, "--cache_dir", str(root / "cache"), "--pos_threshold_m", "25", "--output_json", str(out / "r.json"),
             "--save_predictions", str(out / "p.csv"), "--localization", "--plot_dir", str(out / "plots")]
     report = eval_trained.main(argv)
@@ -100,7 +100,7 @@ def test_localization_picture_is_named_after_what_it_shows(example):
 def test_no_picture_without_the_flag(example, tmp_path):
     _, paths, _ = example
     plots = tmp_path / "plots"
-    eval_trained.main(["--baseline", "--model", TINY_MODEL, "--train_csv", str(paths["db"]), "--test_csv",
+    eval_trained.main(["--baseline", "--model", TINY_MODEL, "--db_csv", str(paths["db"]), "--test_csv",
                        str(paths["queries"]), *TINY, "--no_cache", "--plot_dir", str(plots)])
     assert not plots.exists() or not list(plots.iterdir())
 
@@ -140,6 +140,6 @@ def test_run_experiment_draws_its_variants_on_one_figure(tmp_path, capsys):
                for line in printed.splitlines() if line.startswith(f"  {TINY_MODEL} ") and "median" in line}
     assert set(medians) == {"raw", "pca_whitened", "trained", "trained_whitened"}
     out = tmp_path / "raw.json"
-    eval_trained.main(["--baseline", "--model", TINY_MODEL, "--train_csv", str(data["train"]), "--test_csv",
+    eval_trained.main(["--baseline", "--model", TINY_MODEL, "--db_csv", str(data["train"]), "--test_csv",
                        str(data["test"]), *TINY, "--cache_dir", str(cache), "--output_json", str(out)])
     assert medians["raw"] == pytest.approx(json.loads(out.read_text())["top1_error_m"]["median"], abs=0.05)

@@ -26,7 +26,7 @@ TINY = ["--model", TINY_MODEL, "--weights", "random", "--image_size", str(TINY_S
 
 
 def _options(tmp_path, cache: bool = True) -> ExtractionSettings:
-    return ExtractionSettings(batch_size=4, num_workers=0, device="cpu",
+    return ExtractionSettings(extract_batch_size=4, num_workers=0, device="cpu",
                                  cache_dir=str(tmp_path / "cache") if cache else None)
 
 
@@ -124,7 +124,7 @@ def test_training_records_the_skipped_count_in_log_and_summary(data, tmp_path, c
     summary = pd.read_csv(tmp_path / "logs" / "training_summary.csv")
     assert summary.skipped_images.tolist() == [3] and summary.on_bad_image.tolist() == ["skip"]
     # the log and summary stay readable by analyze_metrics.py
-    analyze_metrics.main([str(tmp_path / "logs"), "--checkpoint_dir", str(tmp_path / "plots")])
+    analyze_metrics.main([str(tmp_path / "logs"), "--plot_dir", str(tmp_path / "plots")])
     runs = pd.read_csv(tmp_path / "plots" / "logs_runs_summary.csv")
     assert runs.run_id.tolist() == [result.run_id] and runs.skipped_images.tolist() == [3]
 
@@ -144,7 +144,7 @@ def test_skipping_that_leaves_no_place_with_two_images_stops_before_any_output(t
 
 def test_evaluation_reports_the_skipped_count(data, tmp_path, capsys):
     out = tmp_path / "r.json"
-    eval_trained.main(["--baseline", "--train_csv", str(data.train), "--test_csv", str(data.val), *TINY,
+    eval_trained.main(["--baseline", "--db_csv", str(data.train), "--test_csv", str(data.val), *TINY,
                        "--cache_dir", str(tmp_path / "cache"), "--on_bad_image", "skip", "--output_json", str(out)])
     payload = json.loads(out.read_text())
     assert payload["num_queries"] == 5

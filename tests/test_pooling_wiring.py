@@ -29,7 +29,7 @@ def data(tmp_path_factory):
 
 
 def _options(cache) -> ExtractionSettings:
-    return ExtractionSettings(cache_dir=str(cache), num_workers=0, device="cpu", batch_size=8)
+    return ExtractionSettings(cache_dir=str(cache), num_workers=0, device="cpu", extract_batch_size=8)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -132,7 +132,7 @@ def test_vlad_on_a_vit_end_to_end(data, tmp_path, capsys):
     # silently) and reads the features training cached
     stored[0].unlink()
     capsys.readouterr()
-    report = eval_trained.main(["--model_path", str(result.checkpoint), "--train_csv", str(data.train),
+    report = eval_trained.main(["--model_path", str(result.checkpoint), "--db_csv", str(data.train),
                                 "--test_csv", str(data.val), "--device", "cpu", "--num_workers", "0",
                                 "--cache_dir", str(cache)])
     out = capsys.readouterr().out
@@ -140,7 +140,7 @@ def test_vlad_on_a_vit_end_to_end(data, tmp_path, capsys):
     assert report.result.recalls[1] == pytest.approx(result.best_recall[1])
     # other pooling flags than the checkpoint's: refused in one line
     code, err = run_main(capsys, eval_trained.main, [
-        "--model_path", str(result.checkpoint), "--train_csv", str(data.train), "--test_csv", str(data.val),
+        "--model_path", str(result.checkpoint), "--db_csv", str(data.train), "--test_csv", str(data.val),
         "--device", "cpu", "--num_workers", "0", "--cache_dir", str(cache), "--pooling", "gem"])
     assert_one_line_error(code, err, "--pooling vlad", "drop the pooling flags")
 
@@ -155,14 +155,14 @@ def test_gem_on_the_tiny_cnn_end_to_end(data, tmp_path):
     model = vpr.create_backbone(TINY_MODEL, "random", TINY_SIZE).model
     assert checkpoint["head_config"]["in_dim"] == layer_channels(model, -2)
     assert "vlad_vocabulary" not in checkpoint
-    report = eval_trained.main(["--model_path", str(result.checkpoint), "--train_csv", str(data.train),
+    report = eval_trained.main(["--model_path", str(result.checkpoint), "--db_csv", str(data.train),
                                 "--test_csv", str(data.val), "--device", "cpu", "--num_workers", "0",
                                 "--cache_dir", str(cache)])
     assert report.result.recalls[1] == pytest.approx(result.best_recall[1])
 
 
 def test_pooling_flag_errors(data, tmp_path, capsys):
-    base = ["--train_csv", str(data.train), "--test_csv", str(data.val), "--baseline",
+    base = ["--db_csv", str(data.train), "--test_csv", str(data.val), "--baseline",
             *_common(TINY_MODEL, tmp_path / "cache")]
     code, err = run_main(capsys, eval_trained.main, [*base, "--feature_layer", "-2"])
     assert_one_line_error(code, err, "--feature_layer -2", "--pooling gem")

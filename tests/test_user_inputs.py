@@ -118,7 +118,7 @@ def test_a_labels_only_csv_trains_evaluates_and_speaks_in_labels(labelled, tmp_p
     log = pd.read_csv(result.log_file)
     assert (log.loc[log.event == "epoch", "avg_train_loss"] > 0).all()  # something to learn from
     predictions, picture = out / "pred.csv", out / "plots"
-    report = eval_trained.main(["--model_path", str(result.checkpoint), "--train_csv", str(labelled.train),
+    report = eval_trained.main(["--model_path", str(result.checkpoint), "--db_csv", str(labelled.train),
                                 "--test_csv", str(labelled.test), *common, "--save_predictions", str(predictions),
                                 "--visualize", "2", "--plot_dir", str(picture)])
     assert report.result.by_label and report.result.num_queries == 10
@@ -214,7 +214,7 @@ def test_the_same_images_in_train_and_val_give_one_warning_line(tmp_path, capsys
                     "--log_dir", str(tmp_path / "logs"), "--checkpoint_dir", str(tmp_path / "models")])
     warnings = [line for line in capsys.readouterr().err.splitlines() if line.startswith("warning:")]
     assert len(warnings) == 1 and "3 of the 3 validation images" in warnings[0] and "train.csv" in warnings[0]
-    eval_trained.main(["--baseline", *common[:-4], "--train_csv", str(train), "--test_csv", str(tmp_path / "val.csv")])
+    eval_trained.main(["--baseline", *common[:-4], "--db_csv", str(train), "--test_csv", str(tmp_path / "val.csv")])
     warnings = [line for line in capsys.readouterr().err.splitlines() if line.startswith("warning:")]
     assert len(warnings) == 1 and "3 of the 3 query images" in warnings[0]
 
@@ -253,7 +253,7 @@ def exported(tmp_path_factory):
     root = tmp_path_factory.mktemp("export")
     train = write_poses(root, place_positions(5, 4, seed=1), name="train.csv", seed=1)
     val = write_poses(root, place_positions(5, 1, seed=2), name="val.csv", seed=2)
-    eval_trained.main(["--baseline", *TINY, "--cache_dir", str(root / "cache"), "--train_csv", str(train),
+    eval_trained.main(["--baseline", *TINY, "--cache_dir", str(root / "cache"), "--db_csv", str(train),
                        "--test_csv", str(val), "--export_parquet", str(root / "emb")])
     return root / "emb"
 
@@ -314,11 +314,12 @@ def test_a_refusing_hub_endpoint_is_one_line_naming_it_within_seconds(tmp_path):
     env = {k: v for k, v in os.environ.items() if k.upper() not in
            ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY")}
     env.update(OMP_NUM_THREADS="1", HF_ENDPOINT=endpoint, HF_HOME=str(tmp_path / "hf"))  # no cached weights
-    data = ["--train_csv", str(train), "--device", "cpu", "--cache_dir", str(tmp_path / "cache")]
+    data = ["--device", "cpu", "--cache_dir", str(tmp_path / "cache")]
     commands = {
-        "train": ["train_vpr.py", *data, "--val_csv", str(val), "--model", "dinov2_b",
+        "train": ["train_vpr.py", "--train_csv", str(train), *data, "--val_csv", str(val), "--model", "dinov2_b",
                   "--log_dir", str(tmp_path / "logs"), "--checkpoint_dir", str(tmp_path / "models")],
-        "eval": ["eval_trained.py", *data, "--test_csv", str(val), "--baseline", "--model", "dinov2_b"],
+        "eval": ["eval_trained.py", "--db_csv", str(train), *data, "--test_csv", str(val), "--baseline", "--model",
+                 "dinov2_b"],
     }
     start = time.perf_counter()
     procs = {name: subprocess.Popen([sys.executable, *argv], cwd=REPO, env=env, stdout=subprocess.PIPE,
