@@ -34,7 +34,7 @@ import pandas as pd  # noqa: E402
 from matplotlib.axes import Axes  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
-from vprkit.cli import VPRError, atomic_write, check_writable_dir, run_cli  # noqa: E402
+from vprkit.cli import CliParser, VPRError, atomic_write, check_writable_dir, run_cli  # noqa: E402
 from vprkit.configs import AnalyzeConfig  # noqa: E402
 from vprkit.places import numeric_column  # noqa: E402
 from vprkit.settings import config_parser, parse_config  # noqa: E402
@@ -56,10 +56,13 @@ LABEL_SKIP = {"run_id", "seed", *GROUP_COLUMNS, "log_dir", "output_dir", "checkp
 TABLE_WIDTH = 100
 
 
+def build_parser() -> CliParser:
+    return config_parser(AnalyzeConfig, "Plot and summarise VPR training logs, folders of runs and experiment CSVs.",
+                         config_file=False)
+
+
 def parse_args(argv: Sequence[str] | None) -> AnalyzeConfig:
-    parser = config_parser(AnalyzeConfig, "Plot and summarise VPR training logs, folders of runs and experiment CSVs.",
-                           config_file=False)
-    return parse_config(parser, AnalyzeConfig, argv, layered=False)
+    return parse_config(build_parser(), AnalyzeConfig, argv, layered=False)
 
 
 # ============================================================================================

@@ -38,7 +38,7 @@ from typing import Callable, Sequence
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
-from vprkit.cli import VPRError, atomic_write, run_cli
+from vprkit.cli import CliParser, VPRError, atomic_write, run_cli
 from vprkit.configs import DemoDataConfig
 from vprkit.places import EARTH_RADIUS_M  # no torch: the generator stays quick to start
 from vprkit.settings import config_parser, parse_config
@@ -360,9 +360,12 @@ def generate_demo_dataset(out_dir: str | Path, seed: int = 0, num_places: int = 
     return _dataset(root, manifest, generated=True)
 
 
+def build_parser() -> CliParser:
+    return config_parser(DemoDataConfig, __doc__.split("\n")[0], config_file=False)
+
+
 def main(argv: Sequence[str] | None = None) -> DemoDataset:
-    parser = config_parser(DemoDataConfig, __doc__.split("\n")[0], config_file=False)
-    args = parse_config(parser, DemoDataConfig, argv, layered=False)
+    args = parse_config(build_parser(), DemoDataConfig, argv, layered=False)
     data = generate_demo_dataset(args.out_dir, seed=args.seed, num_places=args.num_places, spacing_m=args.spacing_m,
                                  force=args.force, progress=print)
     state = "generated" if data.generated else "already there"

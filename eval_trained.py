@@ -32,7 +32,7 @@ import pandas as pd
 
 import trainable_vpr as vpr
 from vprkit.checkpoints import EMBEDDINGS_ARCH, check_checkpoint_matches
-from vprkit.cli import VPRError, atomic_write, run_cli, write_png
+from vprkit.cli import CliParser, VPRError, atomic_write, run_cli, write_png
 from vprkit.evaluation import Descriptors, EvalReport, evaluate_variant, format_report, load_eval_tables, pca_whitened
 from vprkit.features import Backbone, extraction_settings, frozen_descriptors, pooling_config, release_other_ranks
 from vprkit.images import open_rgb
@@ -44,9 +44,12 @@ from vprkit.runlog import safe_name
 from vprkit.settings import config_parser, parse_config
 
 
+def build_parser() -> CliParser:
+    return config_parser(vpr.EvalConfig, __doc__.split("\n\n")[0])
+
+
 def parse_args(argv: Sequence[str] | None) -> vpr.EvalConfig:
-    parser = config_parser(vpr.EvalConfig, __doc__.split("\n\n")[0])
-    return parse_config(parser, vpr.EvalConfig, argv)
+    return parse_config(build_parser(), vpr.EvalConfig, argv)
 
 
 def predictions_frame(report: EvalReport, database: PlaceTable, queries: PlaceTable) -> pd.DataFrame:

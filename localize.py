@@ -31,7 +31,7 @@ import pandas as pd
 
 import trainable_vpr as vpr
 from vprkit.checkpoints import EMBEDDINGS_ARCH, check_checkpoint_matches
-from vprkit.cli import VPRError, atomic_write, run_cli, write_png
+from vprkit.cli import CliParser, VPRError, atomic_write, run_cli, write_png
 from vprkit.configs import DEFAULT_POS_THRESHOLD_M
 from vprkit.evaluation import exact_search
 from vprkit.features import Backbone, extract_table, extraction_settings, pooling_config
@@ -42,9 +42,12 @@ from vprkit.settings import config_parser, parse_config
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
 
 
+def build_parser() -> CliParser:
+    return config_parser(vpr.LocalizeConfig, __doc__.split("\n\n")[0], skip=("camera_id",))
+
+
 def parse_args(argv: Sequence[str] | None) -> vpr.LocalizeConfig:
-    parser = config_parser(vpr.LocalizeConfig, __doc__.split("\n\n")[0], skip=("camera_id",))
-    return parse_config(parser, vpr.LocalizeConfig, argv)
+    return parse_config(build_parser(), vpr.LocalizeConfig, argv)
 
 
 # ============================================================================================

@@ -31,7 +31,7 @@ from typing import Sequence
 
 from PIL import Image
 
-from vprkit.cli import VPRError, atomic_write, check_writable_file, run_cli
+from vprkit.cli import CliParser, VPRError, atomic_write, check_writable_file, run_cli
 from vprkit.configs import MakePosesConfig
 from vprkit.images import PhotoExif, read_photo_exif
 from vprkit.settings import config_parser, parse_config
@@ -51,9 +51,12 @@ class PhotoScan:
     unreadable: list[Path] = field(default_factory=list)
 
 
+def build_parser() -> CliParser:
+    return config_parser(MakePosesConfig, __doc__, config_file=False, formatter=argparse.RawDescriptionHelpFormatter)
+
+
 def parse_args(argv: Sequence[str] | None) -> MakePosesConfig:
-    parser = config_parser(MakePosesConfig, __doc__, config_file=False, formatter=argparse.RawDescriptionHelpFormatter)
-    return parse_config(parser, MakePosesConfig, argv, layered=False)
+    return parse_config(build_parser(), MakePosesConfig, argv, layered=False)
 
 
 def image_suffixes() -> tuple[str, ...]:

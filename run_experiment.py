@@ -33,7 +33,7 @@ import pandas as pd
 
 import train_vpr
 import trainable_vpr as vpr
-from vprkit.cli import VPRError, atomic_write, check_writable_dir, run_cli
+from vprkit.cli import CliParser, VPRError, atomic_write, check_writable_dir, run_cli
 from vprkit.runlog import EXPERIMENT_VARIANTS
 from vprkit.settings import config_from_args, config_parser, parse_layered
 from vprkit.evaluation import Descriptors, EvalReport, evaluate_variant, format_report, load_eval_tables, pca_whitened
@@ -50,9 +50,13 @@ DEMO_DIR = Path("demo_data")
 DEMO_SETTINGS = {"models": ["effnet_lite0"], "epochs": 15, "lr": 1e-3, "lr_schedule": "cosine"}
 
 
+def build_parser() -> CliParser:
+    return config_parser(vpr.ExperimentConfig, __doc__.split("\n\n")[0], skip=("model",),
+                         optional=("train_csv", "val_csv", "test_csv", "db_csv"))  # --demo gives them
+
+
 def parse_args(argv: Sequence[str] | None) -> vpr.ExperimentConfig:
-    parser = config_parser(vpr.ExperimentConfig, __doc__.split("\n\n")[0], skip=("model",),
-                           optional=("train_csv", "val_csv", "test_csv", "db_csv"))
+    parser = build_parser()
     args = parse_layered(parser, argv)
     if args.demo:
         use_demo_data(args, parser)

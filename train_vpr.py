@@ -34,7 +34,7 @@ import trainable_vpr as vpr
 from vprkit import checkpoints
 from vprkit.checkpoints import (checkpoint_path, embeddings_backbone, latest_alias_path, random_states,
                                 refresh_latest_alias, restore_random_states)
-from vprkit.cli import VPRError, check_writable_dir, run_cli, sigterm_as_interrupt
+from vprkit.cli import CliParser, VPRError, check_writable_dir, run_cli, sigterm_as_interrupt
 from vprkit.evaluation import RecallResult, evaluate_retrieval
 from vprkit.features import extract_both, extraction_settings, pooling_config, release_other_ranks
 from vprkit.pairs import check_query_split, check_trainable, group_places, uses_labels, warn_shared_images
@@ -133,9 +133,13 @@ RESUMABLE_CHANGES = {"resume", "epochs", "early_stopping_patience", "save_every_
 ValidationCallback = Callable[[int, RecallResult], None]
 
 
+def build_parser() -> CliParser:
+    return config_parser(vpr.TrainConfig, __doc__.split("\n\n")[0],
+                         optional=("train_csv", "val_csv"))  # --resume CKPT alone needs neither
+
+
 def parse_args(argv: Sequence[str] | None) -> vpr.TrainConfig:
-    parser = config_parser(vpr.TrainConfig, __doc__.split("\n\n")[0],
-                           optional=("train_csv", "val_csv"))  # --resume CKPT alone needs neither
+    parser = build_parser()
     args = parse_layered(parser, argv)
     if args.resume:
         config = resumed_config(args.resume, config_from_args(args, vpr.TrainConfig), given_settings(parser, argv))

@@ -28,7 +28,7 @@ from typing import Any, Sequence
 
 import train_vpr
 import trainable_vpr as vpr
-from vprkit.cli import VPRError, atomic_write, check_writable_dir, run_cli
+from vprkit.cli import CliParser, VPRError, atomic_write, check_writable_dir, run_cli
 from vprkit.evaluation import RecallResult
 from vprkit.runlog import safe_name
 from vprkit.settings import config_from_args, config_parser, parse_layered
@@ -64,9 +64,12 @@ class TuneOptions:
     sampler_seed: int
 
 
+def build_parser() -> CliParser:
+    return config_parser(vpr.TuneConfig, __doc__.split("\n\n")[0])
+
+
 def parse_args(argv: Sequence[str] | None) -> tuple[vpr.TrainConfig, TuneOptions]:
-    parser = config_parser(vpr.TuneConfig, __doc__.split("\n\n")[0])
-    args = parse_layered(parser, argv)
+    args = parse_layered(build_parser(), argv)
     tune = config_from_args(args, vpr.TuneConfig)
     tune.validate()
     config = tune.train_config()
