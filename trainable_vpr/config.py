@@ -1,8 +1,9 @@
-"""The training configuration (stored in every checkpoint) and its checks; heads from checkpoints."""
+"""The training configuration (stored in every checkpoint) and the configs of the scripts that apply a model
+(evaluation, localize, the experiment, tuning), each with its checks; heads from checkpoints."""
 from __future__ import annotations
 
-import os
 import dataclasses
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -10,11 +11,23 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn as nn
+
+from trainable_vpr.backbones import BACKBONES, _spec_for
+from trainable_vpr.heads import HEADS, build_head
+from trainable_vpr.losses import LOSS_DISTANCES
 from vprkit.checkpoints import read_checkpoint
 from vprkit.cli import VPRError, check_writable_dir, check_writable_file
-from vprkit.configs import SUPERVISIONS  # noqa: F401 (re-exported by trainable_vpr)
-from vprkit.configs import (DEFAULT_POS_THRESHOLD_M, DatabaseTable, PlotDir, PosThreshold, RecallAt, StudyName,
-                            Supervision, TestTable)
+from vprkit.configs import (
+    DEFAULT_POS_THRESHOLD_M,
+    SUPERVISIONS,  # noqa: F401 (re-exported by trainable_vpr)
+    DatabaseTable,
+    PlotDir,
+    PosThreshold,
+    RecallAt,
+    StudyName,
+    Supervision,
+    TestTable,
+)
 from vprkit.features import (
     ExtractionSettings,
     validate_extraction_flags,
@@ -22,10 +35,6 @@ from vprkit.features import (
 from vprkit.places import is_parquet
 from vprkit.settings import check_choices, registered
 from vprkit.settings import flag as _flag
-
-from trainable_vpr.backbones import BACKBONES, _spec_for
-from trainable_vpr.heads import HEADS, build_head
-from trainable_vpr.losses import LOSS_DISTANCES
 
 DEFAULT_MODEL = "dinov2_b"  # the backbone a training run uses when --model is not given
 DEFAULT_HEAD = "residual"
@@ -141,7 +150,7 @@ class TrainConfig(ExtractionSettings, BackboneName, HeadName, Supervision, PosTh
         validate_train_config(self)
 
     @classmethod
-    def from_saved(cls, saved: dict[str, Any], **changes: Any) -> "TrainConfig":
+    def from_saved(cls, saved: dict[str, Any], **changes: Any) -> TrainConfig:
         """The config a checkpoint stores, from any version of this suite: keys of fields that were
         renamed are read under their new names, unknown keys are left out."""
         renamed = {"output_dir": "checkpoint_dir"}
@@ -256,8 +265,8 @@ class ExperimentConfig(TrainConfig, DatabaseTable, TestTable, RecallAt):
 
     demo: bool = _flag(False, "generate the built-in synthetic route under demo_data/ and run on it with effnet_lite0",
                        "experiment")
-    models: list[str] = _flag([DEFAULT_MODEL], f"backbones to compare: {', '.join(BACKBONES)} or timm:ARCH",
-                              "experiment", aliases=("--model",))
+    models: list[str] = _flag(  # noqa: RUF009 (flag() gives a list default a default_factory)
+        [DEFAULT_MODEL], f"backbones to compare: {', '.join(BACKBONES)} or timm:ARCH", "experiment", aliases=("--model",))
 
     def train_config(self, model: str) -> TrainConfig:
         """The training config of one backbone."""

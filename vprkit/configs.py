@@ -57,8 +57,8 @@ class TestTable:
 
 @dataclass
 class RecallAt:
-    recall_at: list[int] = flag(list(DEFAULT_RECALL_AT), "the N of Recall@N", "evaluation",
-                                old_sections=("data", "experiment"))
+    recall_at: list[int] = flag(  # noqa: RUF009 (flag() gives a list default a default_factory)
+        list(DEFAULT_RECALL_AT), "the N of Recall@N", "evaluation", old_sections=("data", "experiment"))
 
     def check_recall_at(self) -> None:
         if any(n <= 0 for n in self.recall_at):
