@@ -210,7 +210,7 @@ def named_after_embeddings(config: vpr.TrainConfig, train: PlaceTable, val: Plac
     return dataclasses.replace(config, model=given or saved or EMBEDDINGS_MODEL)
 
 
-DEFAULT_MODEL = next(f.default for f in dataclasses.fields(vpr.TrainConfig) if f.name == "model")
+DEFAULT_MODEL = vpr.DEFAULT_MODEL
 
 
 def check_outputs(config: vpr.TrainConfig) -> Path:

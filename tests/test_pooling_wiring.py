@@ -109,13 +109,13 @@ def test_pooled_descriptor_is_local_pooling(tiny_backbone):
 # end to end
 # ---------------------------------------------------------------------------------------------
 def _common(model: str, cache) -> list[str]:
-    return ["--model", model, "--weights", "random", "--image_size", str(TINY_SIZE), "--batch_size", "8", "--num_workers", "0",
+    return ["--model", model, "--weights", "random", "--image_size", str(TINY_SIZE), "--extract_batch_size", "8", "--num_workers", "0",
             "--device", "cpu", "--cache_dir", str(cache)]
 
 
 def test_vlad_on_a_vit_end_to_end(data, tmp_path, capsys):
     cache = tmp_path / "cache"
-    result = train_vpr.main(["--train_csv", str(data.train), "--val_csv", str(data.val), *_common(VIT, cache),
+    result = train_vpr.main(["--train_csv", str(data.train), "--val_csv", str(data.val), *_common(VIT, cache), "--batch_size", "8",
                              "--epochs", "1", "--images_per_place", "2", "--pooling", "vlad", "--vlad_clusters", "4",
                              "--feature_layer", "-2", "--log_dir", str(tmp_path / "logs"),
                              "--checkpoint_dir", str(tmp_path / "models")])
@@ -148,7 +148,7 @@ def test_vlad_on_a_vit_end_to_end(data, tmp_path, capsys):
 def test_gem_on_the_tiny_cnn_end_to_end(data, tmp_path):
     cache = tmp_path / "cache"
     result = train_vpr.main(["--train_csv", str(data.train), "--val_csv", str(data.val),
-                             *_common(TINY_MODEL, cache), "--epochs", "1", "--images_per_place", "2",
+                             *_common(TINY_MODEL, cache), "--batch_size", "8", "--epochs", "1", "--images_per_place", "2",
                              "--pooling", "gem", "--feature_layer", "-2", "--head", "projection",
                              "--log_dir", str(tmp_path / "logs"), "--checkpoint_dir", str(tmp_path / "models")])
     checkpoint = vpr.load_checkpoint(result.checkpoint)
