@@ -180,6 +180,17 @@ def test_old_toml_keys_keep_working_with_a_warning(tmp_path, capsys):
     assert len(lines) == 2 and all("deprecated" in line for line in lines), lines
 
 
+def test_the_example_config_toml_is_read_by_training_and_evaluation(capsys):
+    """config.toml (train_vpr's keys, aliases such as output_dim included) is readable by eval_trained,
+    which skips the training keys and reads its old train_csv as the database, with one warning."""
+    config = train_vpr.parse_args(["--config", str(REPO / "config.toml")])
+    assert config.checkpoint_dir == "trained_models" and config.projection_dim == 256
+    assert _warnings(capsys) == []
+    args = eval_trained.parse_args(["--config", str(REPO / "config.toml"), "--test_csv", "q.csv", "--baseline"])
+    assert args.db_csv.endswith("train.csv") and args.model == "effnet_lite0"
+    assert len(_warnings(capsys)) == 1
+
+
 def test_a_new_key_in_a_wrong_section_is_still_an_error(tmp_path):
     path = _toml(tmp_path, '[training]\ncheckpoint_dir = "x"\n')
     with pytest.raises(VPRError, match=r"\[system\]"):

@@ -89,7 +89,12 @@ def registered(cls: type) -> type:
 
 
 def known_settings() -> set[str]:
-    return {f.name for cls in _REGISTERED.values() for f in dataclasses.fields(cls)}
+    """Every registered setting's name, aliases and old forms, as TOML keys."""
+    names = set()
+    for cls in _REGISTERED.values():
+        for f in dataclasses.fields(cls):
+            names |= {f.name, *(o.lstrip("-") for o in (*f.metadata.get("aliases", ()), *f.metadata.get("deprecated", ())))}
+    return names
 
 
 def add_config_args(parser: argparse.ArgumentParser, cls: type, skip: Sequence[str] = (),
