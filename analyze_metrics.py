@@ -16,7 +16,6 @@ written last line is left out. Recalls are fractions in the CSV files and shown 
 """
 from __future__ import annotations
 
-import argparse
 import fnmatch
 import io
 import math
@@ -35,8 +34,10 @@ import pandas as pd  # noqa: E402
 from matplotlib.axes import Axes  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
-from vprkit.cli import CliParser, VPRError, add_debug_flag, atomic_write, check_writable_dir, run_cli  # noqa: E402
+from vprkit.cli import CliParser, VPRError, atomic_write, check_writable_dir, run_cli  # noqa: E402
+from vprkit.configs import AnalyzeConfig  # noqa: E402
 from vprkit.places import numeric_column  # noqa: E402
+from vprkit.settings import config_parser, parse_config  # noqa: E402
 from vprkit.plots import (RunCurve, plot_batch_loss, plot_epoch_losses, plot_loss_parts,  # noqa: E402
                           show_no_data, show_text_panel)
 from vprkit.plots import data_name, plot_comparison, plot_experiment_bars, plot_study, recall_scale, save_figure  # noqa: E402
@@ -49,33 +50,19 @@ RECALL_COLUMNS = ["val_r1", "val_r5", "val_r10"]
 # Runs are comparable when they trained and validated on the same data with the same positive
 # rule; within such a group each run is labelled by the settings that differ (LABEL_SKIP: never).
 GROUP_COLUMNS = ["train_csv", "val_csv", "pos_threshold_m", "supervision"]
-LABEL_SKIP = {"run_id", "seed", *GROUP_COLUMNS, "log_dir", "output_dir", "cache_dir", "device", "num_workers",
+LABEL_SKIP = {"run_id", "seed", *GROUP_COLUMNS, "log_dir", "output_dir", "checkpoint_dir", "cache_dir", "device",
+              "num_workers", "extract_batch_size",
               "resume", "config", "no_cache", "image_root", "debug", "tensorboard"}
 TABLE_WIDTH = 100
 
 
-def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    parser = CliParser(
-        description="Plot and summarise VPR training logs, folders of runs and experiment CSVs.")
-    parser.add_argument("path", nargs="?", help="a run log (logs/RUN.csv), an experiment CSV, or a folder of them (logs/)")
-    parser.add_argument("--study", metavar="STORAGE_URL", help="plot a tuning study instead, e.g. sqlite:///tune.db "
-                        "(tune_vpr.py's --storage): trial values and parameter importance")
-    parser.add_argument("--study_name", help="the study in --study's storage (default: its only study)")
-    parser.add_argument("--output_dir", default="plots",
-                        help="where figures and runs_summary.csv are written (default: %(default)s)")
-    parser.add_argument(
-        "--smooth", type=int, default=None, metavar="N",
-        help=f"moving-average window for batch losses (default: {DEFAULT_SMOOTH}, smaller when there are few batches)",
-    )
-    parser.add_argument("--runs", default=None, metavar="PATTERN",
-                        help="glob on log file names choosing the runs in a folder, e.g. 'dinov2_b_*' (default: all)")
-    add_debug_flag(parser)
-    args = parser.parse_args(argv)
-    if not args.path and not args.study:
-        parser.error("give a run log, an experiment CSV or a folder of them, or --study STORAGE_URL")
-    if args.smooth is not None and args.smooth < 1:
-        raise VPRError(f"--smooth {args.smooth}: the window must be at least 1 batch")
-    return args
+def build_parser() -> CliParser:
+    return config_parser(AnalyzeConfig, "Plot and summarise VPR training logs, folders of runs and experiment CSVs.",
+                         config_file=False)
+
+
+def parse_args(argv: Sequence[str] | None) -> AnalyzeConfig:
+    return parse_config(build_parser(), AnalyzeConfig, argv, layered=False)
 
 
 # ============================================================================================
@@ -612,12 +599,12 @@ def plot_tuning_study(storage: str, name: str | None, output_dir: Path) -> Path:
 def main(argv: Sequence[str] | None = None) -> None:
     args = parse_args(argv)
     if args.study:
-        print(f"study figure {plot_tuning_study(args.study, args.study_name, check_writable_dir(args.output_dir, '--output_dir'))}")
+        print(f"study figure {plot_tuning_study(args.study, args.study_name, check_writable_dir(args.plot_dir, '--plot_dir'))}")
         if not args.path:
             return
     inputs = find_inputs(Path(args.path), args.runs)
     training_summary = read_training_summary(inputs.training_summary)  # checked before any figure is written
-    output_dir = check_writable_dir(args.output_dir, "--output_dir")
+    output_dir = check_writable_dir(args.plot_dir, "--plot_dir")
 
     # 1. every run: read its log, summarise it, draw its figure
     logs: list[RunLog] = []

@@ -38,8 +38,10 @@ from typing import Callable, Sequence
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
-from vprkit.cli import CliParser, VPRError, add_debug_flag, atomic_write, run_cli
+from vprkit.cli import CliParser, VPRError, atomic_write, run_cli
+from vprkit.configs import DemoDataConfig
 from vprkit.places import EARTH_RADIUS_M  # no torch: the generator stays quick to start
+from vprkit.settings import config_parser, parse_config
 
 GENERATOR_VERSION = 2  # bump when the pictures or CSVs change for the same parameters
 MANIFEST_NAME = "manifest.json"
@@ -358,15 +360,12 @@ def generate_demo_dataset(out_dir: str | Path, seed: int = 0, num_places: int = 
     return _dataset(root, manifest, generated=True)
 
 
+def build_parser() -> CliParser:
+    return config_parser(DemoDataConfig, __doc__.split("\n")[0], config_file=False)
+
+
 def main(argv: Sequence[str] | None = None) -> DemoDataset:
-    parser = CliParser(description=__doc__.split("\n")[0])
-    parser.add_argument("out_dir", nargs="?", default="demo_data", help="folder to write into (default: demo_data)")
-    parser.add_argument("--seed", type=int, default=0, help="random seed of the street and the drives (default: 0)")
-    parser.add_argument("--num_places", type=int, default=72, help="places along the route (default: 72)")
-    parser.add_argument("--spacing_m", type=float, default=18.0, help="metres between consecutive places (default: 18)")
-    parser.add_argument("--force", action="store_true", help="regenerate even if a complete data set is there")
-    add_debug_flag(parser)
-    args = parser.parse_args(argv)
+    args = parse_config(build_parser(), DemoDataConfig, argv, layered=False)
     data = generate_demo_dataset(args.out_dir, seed=args.seed, num_places=args.num_places, spacing_m=args.spacing_m,
                                  force=args.force, progress=print)
     state = "generated" if data.generated else "already there"

@@ -155,7 +155,7 @@ def pipeline(backbone: Backbone, table: PlaceTable, batch_size: int, workers: in
              precision: str = "fp32") -> tuple[float, float]:
     """(total seconds, seconds inside forward passes) of one extract_features with a fresh cache."""
     with tempfile.TemporaryDirectory(prefix="bench_extraction_") as cache_dir:
-        options = ExtractionSettings(batch_size=batch_size, num_workers=workers, device="cpu", cache_dir=cache_dir,
+        options = ExtractionSettings(extract_batch_size=batch_size, num_workers=workers, device="cpu", cache_dir=cache_dir,
                                         precision=precision)
         with ForwardTimer() as timer, contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
             start = time.perf_counter()
@@ -168,7 +168,7 @@ def pipeline(backbone: Backbone, table: PlaceTable, batch_size: int, workers: in
 def cache_bytes_per_image(backbone: Backbone, table: PlaceTable, batch_size: int) -> float:
     """Bytes on disk (shards + key lists + config) of one extraction's cache, per image."""
     with tempfile.TemporaryDirectory(prefix="bench_cache_bytes_") as cache_dir:
-        options = ExtractionSettings(batch_size=batch_size, num_workers=0, device="cpu", cache_dir=cache_dir)
+        options = ExtractionSettings(extract_batch_size=batch_size, num_workers=0, device="cpu", cache_dir=cache_dir)
         with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
             extract_features(backbone, table, options, "bench")
         return sum(f.stat().st_size for f in Path(cache_dir).rglob("*") if f.is_file()) / len(table)
@@ -188,7 +188,7 @@ def pooling_rows(models: list[str], table: PlaceTable, batch_size: int, repeats:
         start = time.perf_counter()
         centroids = None
         if pooling == "vlad":
-            options = ExtractionSettings(batch_size=batch_size, num_workers=0, device="cpu", cache_dir="unused")
+            options = ExtractionSettings(extract_batch_size=batch_size, num_workers=0, device="cpu", cache_dir="unused")
             with contextlib.redirect_stderr(io.StringIO()):
                 centroids = fit_vocabulary_on_images(backbone, config, table.paths, options)
         fit_s = time.perf_counter() - start

@@ -81,7 +81,7 @@ def main() -> None:
         tmp = Path(tmp)
         config = vpr.TrainConfig(train_csv=str(args.data / "train.csv"), val_csv=str(args.data / "val.csv"),
                                  model=args.model, device="cpu", num_workers=args.num_workers,
-                                 cache_dir=str(tmp / "cache"), log_dir=str(tmp / "logs"), output_dir=str(tmp / "models"))
+                                 cache_dir=str(tmp / "cache"), log_dir=str(tmp / "logs"), checkpoint_dir=str(tmp / "models"))
         vpr.validate_train_config(config)
         vpr.set_determinism(config.seed)
         train = load_poses(config.train_csv)
@@ -91,7 +91,7 @@ def main() -> None:
         n = len(train)
         backbone = vpr.create_backbone(config.model)
         cached = extraction_settings(config)
-        no_cache = ExtractionSettings(batch_size=config.batch_size, num_workers=config.num_workers,
+        no_cache = ExtractionSettings(extract_batch_size=config.extract_batch_size, num_workers=config.num_workers,
                                          device=config.device, cache_dir=None)
         with quiet():
             extract_features(backbone, train.subset(np.arange(min(n, 32))), no_cache)  # warm-up
