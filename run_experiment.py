@@ -48,9 +48,7 @@ from vprkit.pr_curve import draw_pr_figure, top1_pr_of_result
 
 DEMO_DIR = Path("demo_data")
 # Demo settings where the user left the defaults: ~120 training images give few steps per epoch,
-# so a larger, decaying learning rate (chosen on the earlier demo's val.csv: R@1 0.61 -> 0.66-0.69
-# over seeds 42, 1, 2, where lr 1e-4 left the head at its PCA-whitening start; not re-chosen on
-# today's demo, where the head's start decides the test result, see docs/benchmarks.md "The demo").
+# so a larger, decaying learning rate (how it was chosen: docs/benchmarks.md, "The demo").
 DEMO_SETTINGS = {"models": ["effnet_lite0"], "epochs": 15, "lr": 1e-3, "lr_schedule": "cosine"}
 
 
