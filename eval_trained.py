@@ -36,7 +36,8 @@ import trainable_vpr as vpr
 from trainable_vpr.model import PlaceDescriptor, load_model
 from vprkit.cli import CliParser, VPRError, atomic_write, run_cli
 from vprkit.configs import DEFAULT_POS_THRESHOLD_M
-from vprkit.evaluation import Descriptors, EvalReport, evaluate_variant, format_report, l2_normalise, load_eval_tables, pca_whitened
+from vprkit.evaluation import (Descriptors, EvalReport, evaluate_variant, format_report, l2_normalise, load_eval_tables,
+                               pca_whitened)
 from vprkit.exports import save_descriptors
 from vprkit.features import Backbone, extraction_settings, frozen_descriptors, release_other_ranks
 from vprkit.localization import (LocalizationResult, draw_localization_figure, localization_json, localization_lines,
@@ -161,7 +162,8 @@ def export_parquets(folder: str, raw: Descriptors, database: PlaceTable, queries
 def main(argv: Sequence[str] | None = None) -> EvalReport:
     args = parse_args(argv)
     checkpoint = vpr.load_checkpoint(args.model_path) if args.model_path else None
-    threshold = args.pos_threshold_m or (checkpoint["config"]["pos_threshold_m"] if checkpoint else DEFAULT_POS_THRESHOLD_M)
+    threshold = args.pos_threshold_m or (checkpoint["config"]["pos_threshold_m"] if checkpoint
+                                         else DEFAULT_POS_THRESHOLD_M)
     supervision = args.supervision or (checkpoint["config"].get("supervision", "gps") if checkpoint else "auto")
     database, queries = load_eval_tables(args.db_csv, args.test_csv, threshold, supervision, args.image_root,
                                          args.camera_id, args.on_bad_image)
@@ -182,7 +184,8 @@ def main(argv: Sequence[str] | None = None) -> EvalReport:
     pr = top1_pr_of_result(report.result)
     print(pr_line(pr))
     if args.save_descriptors:
-        image_dir, files = save_descriptors(args.save_descriptors, database.paths, queries.paths,  # as searched: L2-normalised
+        # as searched: L2-normalised
+        image_dir, files = save_descriptors(args.save_descriptors, database.paths, queries.paths,
                                             l2_normalise(descriptors.database), l2_normalise(descriptors.queries))
         print(f"wrote {name} descriptors: {', '.join(str(f) for f in files)} (hloc names relative to {image_dir})")
     skipped = {"database": len(database.skipped), "queries": len(queries.skipped)}

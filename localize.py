@@ -133,9 +133,10 @@ def main(argv: Sequence[str] | None = None) -> pd.DataFrame:
     database = load_table(args.db_csv, args.image_root, on_bad_image=args.on_bad_image)
     checkpoint = vpr.load_checkpoint(args.model_path) if args.model_path else None
     options = extraction_settings(args)
-    model = load_model(args.model_path, args.model, options, database.paths, checkpoint)  # baseline vlad: fitted on the database
-    threshold = args.pos_threshold_m or (checkpoint["config"].get("pos_threshold_m", DEFAULT_POS_THRESHOLD_M) if checkpoint
-                                     else DEFAULT_POS_THRESHOLD_M)
+    # baseline vlad: fitted on the database
+    model = load_model(args.model_path, args.model, options, database.paths, checkpoint)
+    threshold = args.pos_threshold_m or (checkpoint["config"].get("pos_threshold_m", DEFAULT_POS_THRESHOLD_M)
+                                         if checkpoint else DEFAULT_POS_THRESHOLD_M)
     database, db_features = describe_table(model, database, options, "database", args.on_bad_image)
     queries, q_features = describe_table(model, queries, options, "queries", args.on_bad_image)
     top, scores = exact_search(db_features, q_features, args.top_k)
@@ -146,10 +147,12 @@ def main(argv: Sequence[str] | None = None) -> pd.DataFrame:
         write_retrieval_pairs(args.pairs, names[len(database):], names[:len(database)], top)
         print(f"wrote {args.pairs} (hloc retrieval pairs, names relative to {image_dir})")
     estimated = "with position estimates" if any(c.startswith("est_") for c in frame.columns) else "(no positions)"
-    print(f"{len(queries)} queries x top-{top.shape[1]} of {len(database)} database images {estimated}: wrote {args.output}")
+    print(f"{len(queries)} queries x top-{top.shape[1]} of {len(database)} database images {estimated}: "
+          f"wrote {args.output}")
     if args.picture:
         model = Path(args.model_path).name if args.model_path else f"raw {args.model}"
-        title = f"{model}: photos of {Path(args.query).name} and their top-{top.shape[1]} matches in {Path(args.db_csv).name}"
+        title = (f"{model}: photos of {Path(args.query).name} and their top-{top.shape[1]} matches in "
+                 f"{Path(args.db_csv).name}")
         print(f"wrote {draw_retrievals(frame_rows(frame, args.picture_queries), Path(args.picture), title)}")
     return frame
 

@@ -14,7 +14,8 @@ from typing import ClassVar
 from vprkit.cli import VPRError
 from vprkit.settings import check_choices, flag
 
-DEFAULT_POS_THRESHOLD_M = 25.0  # positives (correct matches) within this many metres, unless a checkpoint says otherwise
+# positives (correct matches) within this many metres, unless a checkpoint says otherwise
+DEFAULT_POS_THRESHOLD_M = 25.0
 DEFAULT_RECALL_AT = (1, 5, 10)
 SUPERVISIONS = ("auto", "gps", "labels")
 

@@ -93,7 +93,8 @@ def known_settings() -> set[str]:
     names = set()
     for cls in _REGISTERED.values():
         for f in dataclasses.fields(cls):
-            names |= {f.name, *(o.lstrip("-") for o in (*f.metadata.get("aliases", ()), *f.metadata.get("deprecated", ())))}
+            names |= {f.name, *(o.lstrip("-")
+                                for o in (*f.metadata.get("aliases", ()), *f.metadata.get("deprecated", ())))}
     return names
 
 
@@ -121,8 +122,9 @@ def add_config_args(parser: argparse.ArgumentParser, cls: type, skip: Sequence[s
                                         help=meta["help"])
         else:
             required = meta.get("required", False) and f.name not in optional
-            action = group.add_argument(f"--{f.name}", *meta.get("aliases", ()), type=kind, nargs=nargs, default=default,
-                                        required=required, choices=meta.get("choices"), help=meta["help"], **extra)
+            action = group.add_argument(f"--{f.name}", *meta.get("aliases", ()), type=kind, nargs=nargs,
+                                        default=default, required=required, choices=meta.get("choices"),
+                                        help=meta["help"], **extra)
         action.old_sections = tuple(meta.get("old_sections", ()))
     taken = set(parser._option_string_actions)
     renamed = getattr(cls, "DEPRECATED_FLAGS", {})  # a script's own old forms: {"--old": "field"}
@@ -134,8 +136,8 @@ def add_config_args(parser: argparse.ArgumentParser, cls: type, skip: Sequence[s
             if real.required:  # given by its old form counts too: checked after parsing (check_required)
                 real.required, real.required_flag = False, True
             kind, nargs = _flag_type(hints[f.name])
-            parser.add_argument(*old, dest=f.name, action=DeprecatedFlag, new_flag=f"--{f.name}", help=argparse.SUPPRESS,
-                                default=argparse.SUPPRESS, type=None if kind is bool else kind,
+            parser.add_argument(*old, dest=f.name, action=DeprecatedFlag, new_flag=f"--{f.name}",
+                                help=argparse.SUPPRESS, default=argparse.SUPPRESS, type=None if kind is bool else kind,
                                 nargs=0 if kind is bool else nargs)
             taken.update(old)
 
@@ -149,8 +151,8 @@ def _group_rank(title: str) -> tuple[int, str]:
 
 def _flag_type(hint: Any) -> tuple[type, str | None]:
     """(scalar type, nargs) of a field's type hint: list[X] is a list flag of X."""
-    options = [a for a in typing.get_args(hint) if a is not type(None)] if typing.get_origin(hint) not in (list, tuple) \
-        else [hint]
+    options = ([a for a in typing.get_args(hint) if a is not type(None)]
+               if typing.get_origin(hint) not in (list, tuple) else [hint])
     options = options or [hint]
     if typing.get_origin(options[0]) in (list, tuple):
         return _scalar_type(typing.get_args(options[0])[0]), "+"
@@ -341,7 +343,8 @@ def read_config_file(path: str | Path, actions: dict[str, argparse.Action],
             continue
         name = SECTION_ALIASES.get(section, section)
         if name not in valid_sections or not isinstance(table, dict):
-            raise VPRError(f"--config {path}: unknown section [{section}]; use {', '.join(f'[{s}]' for s in valid_sections)}")
+            raise VPRError(f"--config {path}: unknown section [{section}]; "
+                           f"use {', '.join(f'[{s}]' for s in valid_sections)}")
         for key, value in table.items():
             where = f"{path} [{section}] {key}"
             if key in aliases:

@@ -75,7 +75,8 @@ def test_an_option_string_means_one_setting_in_every_script():
             for option in action.option_strings:
                 if option in ("--output", "--seed"):  # SAME_NAME_OTHER_FILE
                     continue
-                dest = "model" if action.dest == "models" else action.dest  # run_experiment: --model NAME = --models NAME
+                # run_experiment: --model NAME = --models NAME
+                dest = "model" if action.dest == "models" else action.dest
                 assert seen.setdefault(option, dest) == dest, (name, option)
 
 

@@ -116,9 +116,9 @@ def _common(model: str, cache) -> list[str]:
 
 def test_vlad_on_a_vit_end_to_end(data, tmp_path, capsys):
     cache = tmp_path / "cache"
-    result = train_vpr.main(["--train_csv", str(data.train), "--val_csv", str(data.val), *_common(VIT, cache), "--batch_size", "8",
-                             "--epochs", "1", "--images_per_place", "2", "--pooling", "vlad", "--vlad_clusters", "4",
-                             "--feature_layer", "-2", "--log_dir", str(tmp_path / "logs"),
+    result = train_vpr.main(["--train_csv", str(data.train), "--val_csv", str(data.val), *_common(VIT, cache),
+                             "--batch_size", "8", "--epochs", "1", "--images_per_place", "2", "--pooling", "vlad",
+                             "--vlad_clusters", "4", "--feature_layer", "-2", "--log_dir", str(tmp_path / "logs"),
                              "--checkpoint_dir", str(tmp_path / "models")])
     checkpoint = vpr.load_checkpoint(result.checkpoint)
     stored = list((cache / "vocabularies").glob("*.npy"))
@@ -149,9 +149,10 @@ def test_vlad_on_a_vit_end_to_end(data, tmp_path, capsys):
 def test_gem_on_the_tiny_cnn_end_to_end(data, tmp_path):
     cache = tmp_path / "cache"
     result = train_vpr.main(["--train_csv", str(data.train), "--val_csv", str(data.val),
-                             *_common(TINY_MODEL, cache), "--batch_size", "8", "--epochs", "1", "--images_per_place", "2",
-                             "--pooling", "gem", "--feature_layer", "-2", "--head", "projection",
-                             "--log_dir", str(tmp_path / "logs"), "--checkpoint_dir", str(tmp_path / "models")])
+                             *_common(TINY_MODEL, cache), "--batch_size", "8", "--epochs", "1",
+                             "--images_per_place", "2", "--pooling", "gem", "--feature_layer", "-2",
+                             "--head", "projection", "--log_dir", str(tmp_path / "logs"),
+                             "--checkpoint_dir", str(tmp_path / "models")])
     checkpoint = vpr.load_checkpoint(result.checkpoint)
     model = vpr.create_backbone(TINY_MODEL, "random", TINY_SIZE).model
     assert checkpoint["head_config"]["in_dim"] == layer_channels(model, -2)

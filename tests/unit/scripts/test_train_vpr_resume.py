@@ -137,7 +137,8 @@ def test_resumed_run_equals_the_uninterrupted_run(parquets, tmp_path, sampler):
         train_vpr.train(interrupted, on_validation=_stop_after(2))
     [last] = (tmp_path / "parts" / "models").glob("emb_seed5_*_last.pth")  # named by the run id
     saved = vpr.load_checkpoint(last)  # weights_only=True
-    assert saved["epochs_completed"] == 2 and last == checkpoint_path(interrupted.checkpoint_dir, saved["run_id"], "last")
+    assert saved["epochs_completed"] == 2
+    assert last == checkpoint_path(interrupted.checkpoint_dir, saved["run_id"], "last")
     assert saved["resume"]["random_states"]["numpy"]["state"]["state"] > 2**64  # a 128-bit Python int survived
     from_checkpoint_alone = train_vpr.parse_args(["--resume", str(last)])  # every setting from the checkpoint
     assert from_checkpoint_alone == dataclasses.replace(interrupted, resume=str(last))

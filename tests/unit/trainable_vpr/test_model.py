@@ -37,8 +37,8 @@ def scene(tmp_path_factory):
 
 
 def _options(root: Path, **kwargs) -> ExtractionSettings:
-    return ExtractionSettings(**{"extract_batch_size": 4, "num_workers": 0, "device": "cpu", "cache_dir": str(root / "cache"),
-                                 **kwargs})
+    return ExtractionSettings(**{"extract_batch_size": 4, "num_workers": 0, "device": "cpu",
+                                 "cache_dir": str(root / "cache"), **kwargs})
 
 
 def _tensors(paths) -> torch.Tensor:

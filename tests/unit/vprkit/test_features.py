@@ -204,7 +204,8 @@ def test_extraction_options_follow_no_cache_flag():
     assert extraction_settings(config).cache_folder is None
     config.no_cache = False
     options = extraction_settings(config)
-    assert (options.cache_dir, options.extract_batch_size, options.num_workers) == ("somewhere", 8, 0)  # not the training batch
+    # not the training batch
+    assert (options.cache_dir, options.extract_batch_size, options.num_workers) == ("somewhere", 8, 0)
 
 
 def test_unreadable_image_names_the_file(tmp_path, table, tiny_backbone):
