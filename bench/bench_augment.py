@@ -68,7 +68,7 @@ def main() -> None:
         config = vpr.TrainConfig(train_csv=str(args.data / "train.csv"), val_csv=str(args.data / "val.csv"),
                                  model=args.model, device="cpu", augment_views=args.views,
                                  cache_dir=args.cache_dir or str(tmp / "cache"), log_dir=str(tmp / "logs"),
-                                 output_dir=str(tmp / "models"))
+                                 checkpoint_dir=str(tmp / "models"))
         vpr.validate_train_config(config)
         vpr.set_determinism(config.seed)
         train, val = load_poses(config.train_csv), load_poses(config.val_csv)

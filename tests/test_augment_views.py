@@ -59,7 +59,7 @@ def spy(monkeypatch):
 
 
 def _options(tmp_path) -> ExtractionSettings:
-    return ExtractionSettings(batch_size=4, num_workers=0, device="cpu", cache_dir=str(tmp_path / "cache"))
+    return ExtractionSettings(extract_batch_size=4, num_workers=0, device="cpu", cache_dir=str(tmp_path / "cache"))
 
 
 def _pixels(image: Image.Image) -> np.ndarray:
@@ -177,7 +177,7 @@ def test_batch_features_read_one_view_per_row():
 def _config(dataset, out, **changes) -> vpr.TrainConfig:
     values = dict(train_csv=str(dataset.train), val_csv=str(dataset.val), model=TINY_MODEL, weights="random",
                   image_size=TINY_SIZE, epochs=2, batch_size=BATCH, num_workers=0, device="cpu", seed=42,
-                  cache_dir=str(dataset.root / "cache"), log_dir=str(out / "logs"), output_dir=str(out / "models"))
+                  cache_dir=str(dataset.root / "cache"), log_dir=str(out / "logs"), checkpoint_dir=str(out / "models"))
     return vpr.TrainConfig(**{**values, **changes})
 
 
