@@ -20,7 +20,6 @@ test.csv or queries.csv. Writes {out_dir}/frozen_bgu_{model}.csv.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import sys
 from pathlib import Path
 
@@ -49,7 +48,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--weights", default=None, help="backbone weights FILE (as the scripts' --weights)")
     parser.add_argument("--image_size", type=int, default=0)
     parser.add_argument("--cache_dir", default=str(REPO / ".cache" / "features"))
-    parser.add_argument("--feature_layer", type=int, default=-2, help="layer of the pooled rows (without --choose_layer)")
+    parser.add_argument("--feature_layer", type=int, default=-2,
+                        help="layer of the pooled rows (without --choose_layer)")
     parser.add_argument("--choose_layer", type=int, nargs="*", default=[], metavar="LAYER",
                         help="candidate layers; the pooled rows use the one with the best VLAD val.csv R@1 at 25 m")
     parser.add_argument("--pooled", nargs="*", default=["gem", "vlad"], choices=["gem", "vlad"])
@@ -99,7 +99,8 @@ def closed_form_rows(name: str, feats: dict[str, np.ndarray], tables: dict[str, 
         choice = choose_shrinkage(feats["train"], pairs, train.xyz, feats["val"], tables["val"].xyz, threshold,
                                   args.dim, args.grid)
         grid = " ".join(f"{s:g}:{r:.3f}" for s, r in choice.val_r1.items())
-        notes.append(f"{name} learned_whitened, {threshold:g} m: val R@1 by shrinkage {grid} -> s = {choice.shrinkage:g}")
+        notes.append(f"{name} learned_whitened, {threshold:g} m: val R@1 by shrinkage {grid} "
+                     f"-> s = {choice.shrinkage:g}")
         print("  " + notes[-1], flush=True)
         rows += [dict(row, shrinkage=choice.shrinkage) for row in recall_rows(
             f"{name} learned_whitened", None, {s: choice.whitening.apply(f) for s, f in feats.items()}, tables,
