@@ -158,9 +158,13 @@ def compare_backbone(model: str, args: argparse.Namespace) -> ModelRun:
     print(f"\n=== {model}: training ({config.epochs} epochs)", flush=True)
     trained = train_vpr.train(config)
     # the trained descriptor: the frozen backbone built above (None for embeddings) and the checkpoint's head
-    model = PlaceDescriptor(backbone, vpr.head_from_checkpoint(vpr.load_checkpoint(trained.checkpoint)),
+    frozen, frozen_raw = backbone, raw
+    if config.head in vpr.LOCAL_HEADS:  # the head aggregates the local features: the cache's, streamed
+        frozen = vpr.local_backbone(backbone, config.feature_layer, config.local_features_per_image)
+        frozen_raw = frozen_descriptors(config, frozen, database, queries, config.pos_threshold_m, config.supervision)[2]
+    model = PlaceDescriptor(frozen, vpr.head_from_checkpoint(vpr.load_checkpoint(trained.checkpoint)),
                             str(trained.checkpoint))
-    variants["trained"] = model.describe(raw)
+    variants["trained"] = model.describe(frozen_raw)
     # The head's output PCA-whitened at indexing time on the database the user searches: whitening
     # fitted on the target database adapts to it without training there (issue "local features").
     variants["trained_whitened"] = pca_whitened(variants["trained"], config.projection_dim)

@@ -238,6 +238,9 @@ def extract_training_data(config: vpr.TrainConfig, train: PlaceTable, val: Place
     backbone = vpr.create_pooled_backbone(config.model, config.weights, config.image_size, pooling_config(config),
                                           train.paths, extraction_settings(config),
                                           checkpoint_vocabulary(resumed) if resumed else None)
+    if config.head in vpr.LOCAL_HEADS:  # the head aggregates: the cache holds the local features (float16)
+        backbone = vpr.local_backbone(backbone, config.feature_layer, config.local_features_per_image)
+        print(vpr.local_features_line(backbone), flush=True)
     train, train_features, val, val_features = extract_both(
         backbone, train, val, extraction_settings(config), ("train", "val"), config.on_bad_image)
     if release_other_ranks() != 0:
@@ -249,8 +252,10 @@ def extract_training_data(config: vpr.TrainConfig, train: PlaceTable, val: Place
 
 
 def head_config_for(config: vpr.TrainConfig, in_dim: int) -> vpr.HeadConfig:
+    """in_dim: the width of the features (a local feature's channels for --head netvlad)."""
     return vpr.HeadConfig(config.head, in_dim, config.projection_dim, config.hidden_dim, config.dropout,
-                          config.use_residual, config.use_layer_norm)
+                          config.use_residual, config.use_layer_norm,
+                          config.vlad_clusters if config.head in vpr.LOCAL_HEADS else 0)
 
 
 def initial_head(config: vpr.TrainConfig, data: TrainingData) -> torch.nn.Module:
@@ -258,7 +263,12 @@ def initial_head(config: vpr.TrainConfig, data: TrainingData) -> torch.nn.Module
     the raw descriptor (--head_start; auto: the better on val R@1, ties to PCA-whitening, since
     on effnet_lite2 PCA-whitening is worse than raw and on effnet_lite0 better)."""
     torch.manual_seed(config.seed)
-    head = vpr.build_head(head_config_for(config, data.train.features.shape[1]))
+    head = vpr.build_head(head_config_for(config, data.train.features.shape[-1]))
+    if isinstance(head, vpr.NetVLADHead):
+        head.init_vocabulary(data.vocabulary)
+        print(f"netvlad head start: the VLAD vocabulary (K={config.vlad_clusters}, assignment scale "
+              f"{vpr.NETVLAD_ASSIGNMENT_SCALE:g}): epoch 0 is the training-free --pooling vlad", flush=True)
+        return head
     if not isinstance(head, vpr.ResidualHead):
         return head
     starts = {}
@@ -423,7 +433,7 @@ class Run:
             "random_states": random_states(self.rng, self.generator), "train_state": state.as_checkpoint(),
             "sampler": self.miner.state_dict(),
         }
-        return checkpoint_payload(self.head, head_config_for(self.config, self.data.train.features.shape[1]),
+        return checkpoint_payload(self.head, head_config_for(self.config, self.data.train.features.shape[-1]),
                                   self.data.backbone, self.config, progress, self.run_id, self.log_file,
                                   self.data.vocabulary, resume)
 
@@ -438,7 +448,7 @@ class Run:
             key = changed[0]
             raise VPRError(f"--resume {path}: the run used --{key} {saved['config'][key]}, not "
                                f"{getattr(self.config, key)}; resume with the run's settings")
-        vpr.check_input_dim(saved["head_config"], self.data.train.features.shape[1], self.config.train_csv)
+        vpr.check_input_dim(saved["head_config"], self.data.train.features.shape[-1], self.config.train_csv)
         self.head.load_state_dict(saved["model_state_dict"])
         self.optimizer.load_state_dict(saved["resume"]["optimizer"])
         self.scheduler.load_state_dict(saved["resume"]["scheduler"])

@@ -27,12 +27,18 @@ from trainable_vpr.backbones import (  # noqa: F401
     create_pooled_backbone,
     with_pooling,
     backbone_descriptor,
+    DEFAULT_LOCAL_FEATURES_PER_IMAGE,
+    local_backbone,
+    local_features_line,
 )
 from trainable_vpr.heads import (  # noqa: F401
     PROJECTION_HIDDEN_MAX,
     ProjectionHead,
     ResidualHead,
     MLPHead,
+    NetVLADHead,
+    NETVLAD_ASSIGNMENT_SCALE,
+    LOCAL_HEADS,
     HeadConfig,
     HEADS,
     build_head,

@@ -17,8 +17,8 @@ from vprkit.features import Backbone, pooling_config
 from vprkit.pooling import PoolingConfig
 from vprkit.runlog import safe_name
 
-from trainable_vpr.backbones import create_pooled_backbone
-from trainable_vpr.heads import HeadConfig, build_head
+from trainable_vpr.backbones import DEFAULT_LOCAL_FEATURES_PER_IMAGE, create_pooled_backbone, local_backbone
+from trainable_vpr.heads import LOCAL_HEADS, HeadConfig, build_head
 
 FORMAT_VERSION = 1
 
@@ -169,6 +169,9 @@ def checkpoint_backbone(checkpoint: dict[str, Any], path: str | Path, weights: s
     backbone = create_pooled_backbone(saved["name"], weights or checkpoint["config"].get("weights"),
                                       image_size or saved.get("image_size", 0), trained,
                                       vocabulary=checkpoint_vocabulary(checkpoint))
+    if checkpoint["head_config"].get("type") in LOCAL_HEADS:  # the head aggregates the local features itself
+        backbone = local_backbone(backbone, trained.feature_layer,
+                                  checkpoint["config"].get("local_features_per_image", DEFAULT_LOCAL_FEATURES_PER_IMAGE))
     if backbone.info.weights != saved.get("weights"):
         raise VPRError(f"checkpoint {path} was trained on {saved['name']} weights {saved.get('weights')}, "
                        f"but the weights found now are {backbone.info.weights}; pass the same --weights")

@@ -16,8 +16,8 @@ from vprkit.settings import check_choices, registered
 from vprkit.settings import flag as _flag
 from vprkit.tensorboard_log import require_tensorboard
 
-from trainable_vpr.backbones import BACKBONES, _spec_for
-from trainable_vpr.heads import HEADS
+from trainable_vpr.backbones import BACKBONES, DEFAULT_LOCAL_FEATURES_PER_IMAGE, _spec_for
+from trainable_vpr.heads import HEADS, LOCAL_HEADS
 from trainable_vpr.losses import LOSS_DISTANCES
 
 SUPERVISIONS = ("auto", "gps", "labels")
@@ -45,8 +45,14 @@ class TrainConfig(ExtractionSettings):
                              "data", choices=SUPERVISIONS)
     # model
     model: str = _flag("dinov2_b", f"backbone: {', '.join(BACKBONES)} or timm:ARCH", "model")
-    head: str = _flag("residual", "residual (starts as PCA-whitening, learns a correction), projection (the seed head) "
-                      "or mlp (Linear-LayerNorm-GELU-Linear with a skip connection)", "model", choices=tuple(HEADS))
+    head: str = _flag("residual", "residual (starts as PCA-whitening, learns a correction), projection (the seed head), "
+                      "mlp (Linear-LayerNorm-GELU-Linear with a skip connection) or netvlad (a learnable VLAD over the "
+                      "cached local features of --feature_layer, started at --pooling vlad's vocabulary: epoch 0 is the "
+                      "training-free VLAD; needs --pooling vlad; output K x C, --projection_dim unused)", "model",
+                      choices=tuple(HEADS))
+    local_features_per_image: int = _flag(DEFAULT_LOCAL_FEATURES_PER_IMAGE, "--head netvlad: the most local features "
+                                          "cached per image (float16); an image with more positions keeps a fixed "
+                                          "seeded sample of them (printed)", "model")
     projection_dim: int = _flag(256, "output descriptor dimension", "model", aliases=("--output_dim",))
     head_start: str = _flag("auto", "residual head: its linear map starts as pca_whitened (PCA-whitening of the "
                             "training features), raw (the raw cosine: identity, or the top principal directions when "
@@ -127,6 +133,15 @@ def validate_train_config(config: TrainConfig) -> None:
             raise VPRError(f"--{name} {getattr(config, name)}: must be at least 1")
     if config.ucb_warmup_samples < 0 or config.ucb_exploration_constant < 0:
         raise VPRError("--ucb_warmup_samples and --ucb_exploration_constant must be 0 or more")
+    if config.head in LOCAL_HEADS:
+        if config.pooling != "vlad":
+            raise VPRError(f"--head {config.head}: a learnable VLAD starts from --pooling vlad's vocabulary; add "
+                           f"--pooling vlad (with --feature_layer and --vlad_clusters)")
+        if config.positive_selection == "feature":
+            raise VPRError(f"--positive_selection feature: not with --head {config.head} (its input is local "
+                           f"features, not descriptors); use --positive_selection gps")
+        if config.local_features_per_image < 1:
+            raise VPRError(f"--local_features_per_image {config.local_features_per_image}: must be at least 1")
     if config.difficulty_parquet and config.neg_sampler != "ucb":
         raise VPRError(f"--difficulty_parquet {config.difficulty_parquet}: only used with --neg_sampler ucb")
     if config.pooling != "backbone" and (is_parquet(config.train_csv) or is_parquet(config.val_csv)):

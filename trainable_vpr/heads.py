@@ -94,6 +94,55 @@ class MLPHead(nn.Module):
         return F.normalize(out if self.skip is None else out + self.skip(features), dim=-1)
 
 
+NETVLAD_ASSIGNMENT_SCALE = 1e4  # alpha of the untrained soft assignment: hard to float32 precision (see NetVLADHead)
+
+
+class NetVLADHead(nn.Module):
+    """NetVLAD (Arandjelovic et al., CVPR 2016) over local features (B, T, C) -> (B, K*C).
+
+    Tokens are L2-normalised; the soft assignment of token x to cluster k is softmax_k(w_k . x + b_k);
+    the residuals (x - c_k), weighted by it, are summed per cluster, intra-normalised, flattened and
+    L2-normalised. Assignment (w, b) and centres c are separate parameters, as in the paper.
+    `init_vocabulary` starts it from the VLAD vocabulary: c = the unit centroids, w = alpha * c,
+    b = 0, so the assignment is softmax(alpha * cosine), which for alpha -> inf is the hard
+    cosine assignment of vprkit.pooling.vlad (the training-free `vlad` row). At alpha = 1e4 a token
+    whose two nearest centroids differ by more than 0.002 in cosine gets exp(-20) of weight on the
+    runner-up: on float32 tokens the start IS hard VLAD (deviation 0.0 in tests/test_netvlad.py);
+    from the float16 cache a near tie can flip, a deviation below 1e-3 there, with the same R@1.
+    The price of an exact start: the softmax is saturated, so at first the gradients reach mostly
+    the centres (the residuals), little the assignment. No projection after it: the output is the
+    VLAD dimension (K x C), so epoch 0 is that row."""
+
+    def __init__(self, in_dim: int, clusters: int):
+        super().__init__()
+        self.clusters = clusters
+        self.assign = nn.Linear(in_dim, clusters)
+        self.centres = nn.Parameter(torch.zeros(clusters, in_dim))
+        nn.init.normal_(self.centres, std=in_dim ** -0.5)
+
+    @torch.no_grad()
+    def init_vocabulary(self, centroids: np.ndarray, scale: float = NETVLAD_ASSIGNMENT_SCALE) -> None:
+        centres = F.normalize(torch.as_tensor(np.asarray(centroids, np.float32)), dim=-1)
+        if tuple(centres.shape) != tuple(self.centres.shape):
+            raise VPRError(f"--head netvlad: vocabulary of shape {tuple(centres.shape)}, the head takes "
+                           f"{tuple(self.centres.shape)}; match --vlad_clusters and --feature_layer")
+        self.centres.copy_(centres)
+        self.assign.weight.copy_(scale * centres)
+        self.assign.bias.zero_()
+
+    def forward(self, local: torch.Tensor) -> torch.Tensor:
+        tokens = F.normalize(local.float(), dim=-1)                             # (B, T, C)
+        soft = torch.softmax(self.assign(tokens), dim=-1)                       # (B, T, K)
+        # sum_t a_tk (x_t - c_k) = (a^T x)_k - (sum_t a_tk) c_k
+        residuals = soft.transpose(1, 2) @ tokens - soft.sum(dim=1).unsqueeze(-1) * self.centres
+        residuals = F.normalize(residuals, dim=-1)
+        return F.normalize(residuals.flatten(1), dim=-1)
+
+    @property
+    def output_dim(self) -> int:
+        return self.centres.numel()
+
+
 @dataclass(frozen=True)
 class HeadConfig:
     """Everything that rebuilds a head; stored in checkpoints as a dict (as_dict / from_dict)."""
@@ -105,6 +154,7 @@ class HeadConfig:
     dropout: float = 0.1
     use_residual: bool = True    # mlp head only
     use_layer_norm: bool = True  # mlp head only
+    clusters: int = 0            # netvlad head only: K (its input is C-dim local features)
 
     def as_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -120,7 +170,10 @@ HEADS: dict[str, Callable[[HeadConfig], nn.Module]] = {
     "projection": lambda c: ProjectionHead(c.in_dim, c.projection_dim, c.dropout),
     "residual": lambda c: ResidualHead(c.in_dim, c.projection_dim, c.hidden_dim, c.dropout),
     "mlp": lambda c: MLPHead(c.in_dim, c.projection_dim, c.hidden_dim, c.dropout, c.use_residual, c.use_layer_norm),
+    "netvlad": lambda c: NetVLADHead(c.in_dim, c.clusters),
 }
+
+LOCAL_HEADS = ("netvlad",)  # heads over local features (T x C per image), not one descriptor
 
 
 def build_head(head_config: HeadConfig | dict[str, Any]) -> nn.Module:
@@ -142,5 +195,7 @@ def check_input_dim(head_config: dict[str, Any], dim: int, source: str) -> None:
 def embed(head: nn.Module, features: np.ndarray, batch_size: int = 4096, device: str | torch.device = "cpu") -> np.ndarray:
     """Head outputs for cached features (eval mode), N x P float32."""
     head.eval()
+    # local features (T x C per image, possibly streamed from the cache): about 64 MB of input per chunk
+    batch_size = max(1, min(batch_size, (1 << 24) // max(1, int(np.prod(features.shape[1:])))))
     outs = [head(torch.from_numpy(features[i:i + batch_size]).to(device)).cpu() for i in range(0, len(features), batch_size)]
     return torch.cat(outs).numpy() if outs else np.zeros((0, 0), np.float32)

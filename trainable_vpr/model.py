@@ -79,6 +79,8 @@ class PlaceDescriptor(nn.Module):
     # -- describing -------------------------------------------------------------------------
     @property
     def output_dim(self) -> int:
+        if self.head is not None and hasattr(self.head, "output_dim"):
+            return int(self.head.output_dim)
         if self.head is not None:
             return int(next(p for p in reversed(list(self.head.parameters())) if p.ndim == 2).shape[0])
         return self.frozen.info.feature_dim

@@ -164,6 +164,11 @@ class FeatureCache:
         for row, key in enumerate(keys):
             self._index[key] = (shard, row)
 
+    def row_shape(self, key: str) -> tuple[int, ...]:
+        """The shape of one cached image's features (D, or T x C for local features)."""
+        shard, _ = self._index[key]
+        return tuple(self._arrays[shard].shape[1:])
+
     def get(self, keys: Sequence[str]) -> np.ndarray:
         """Features of the given images (all must be cached), as float32, in order."""
         first_shard, _ = self._index[keys[0]]
@@ -177,6 +182,62 @@ class FeatureCache:
         for shard, (positions, rows) in by_shard.items():
             out[positions] = self._arrays[shard][rows]
         return out
+
+
+def is_local(info: BackboneInfo) -> bool:
+    """Whether the cache holds local features per image (T, C) rather than one descriptor:
+    LocalTokens (--head netvlad) and block inputs (--train_blocks). Stored in float16, streamed."""
+    return info.pooling.startswith(("local-", "blocks-"))
+
+
+class CachedRows:
+    """Rows of a FeatureCache read on demand: an array-like of shape (N, *row) whose indexing
+    (an int, a slice, an index or boolean array) reads only those rows from the memory-mapped
+    shards, as float32. Local features (T x C per image) stay on disk: a training batch or an
+    embedding chunk is all that is in memory at once, however many images the table has."""
+
+    def __init__(self, cache: "FeatureCache", keys: Sequence[str], row_shape: tuple[int, ...]):
+        self.cache, self.keys, self.row_shape = cache, list(keys), tuple(row_shape)
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return (len(self.keys), *self.row_shape)
+
+    @property
+    def ndim(self) -> int:
+        return 1 + len(self.row_shape)
+
+    dtype = np.dtype(np.float32)
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+    def take(self, rows: np.ndarray | Sequence[int]) -> "CachedRows":
+        """A view of these rows (no reading)."""
+        return CachedRows(self.cache, [self.keys[int(i)] for i in np.asarray(rows).reshape(-1)], self.row_shape)
+
+    def __getitem__(self, index: Any) -> np.ndarray:
+        if isinstance(index, (int, np.integer)):
+            return self.cache.get([self.keys[int(index)]])[0]
+        if isinstance(index, slice):
+            keys = self.keys[index]
+        else:
+            array = np.asarray(index)
+            array = np.flatnonzero(array) if array.dtype == bool else array.reshape(-1)
+            keys = [self.keys[int(i)] for i in array]
+        if not keys:
+            return np.zeros((0, *self.row_shape), np.float32)
+        return self.cache.get(keys)
+
+    def __array__(self, dtype: Any = None, copy: Any = None) -> np.ndarray:
+        """The whole table in memory (what streaming avoids; for small tables and tests)."""
+        out = self[:]
+        return out if dtype is None else out.astype(dtype)
+
+
+def take_rows(features: Any, rows: np.ndarray) -> Any:
+    """features[rows] of an array, or a CachedRows view of them (not read)."""
+    return features.take(rows) if isinstance(features, CachedRows) else features[rows]
 
 
 def save_npy(path: Path, array: np.ndarray) -> None:
@@ -481,7 +542,9 @@ def extract_features(backbone: Backbone, table: PlaceTable, options: ExtractionS
             out[rows] = feats
         print(f"features [{name}]: {len(table)} extracted (cache disabled)", flush=True)
         return np.full((len(table), backbone.info.feature_dim), np.nan, np.float32) if out is None else out
-    cache = FeatureCache(options.cache_folder, backbone.info, options.cache_dtype, precision)
+    local = is_local(backbone.info)
+    cache_dtype = "float16" if local else options.cache_dtype  # local features: float16 (half the disk, streamed)
+    cache = FeatureCache(options.cache_folder, backbone.info, cache_dtype, precision)
     keys = [image_fingerprint(p) for p in table.paths]
     missing = [i for i, k in enumerate(keys) if k not in cache]
     if rank == 0:
@@ -494,7 +557,17 @@ def extract_features(backbone: Backbone, table: PlaceTable, options: ExtractionS
         import torch.distributed as dist
 
         dist.barrier()
-        cache = FeatureCache(options.cache_folder, backbone.info, options.cache_dtype, precision)  # every rank's shards
+        cache = FeatureCache(options.cache_folder, backbone.info, cache_dtype, precision)  # every rank's shards
+    if local:  # streamed from the shards, never read whole (CachedRows); unreadable images: no row
+        readable = [k for k in keys if k in cache]
+        if failed is not None:
+            reported = {image for image, _ in failed}
+            failed.extend((table.paths[i], "unreadable (reported by another process)") for i in range(len(keys))
+                          if keys[i] not in cache and table.paths[i] not in reported)
+        elif len(readable) < len(keys):
+            raise VPRError(f"features [{name}]: {len(keys) - len(readable)} images missing from the cache after extraction")
+        row_shape = cache.row_shape(readable[0]) if readable else (0, backbone.info.feature_dim)
+        return CachedRows(cache, [k if k in cache else readable[0] for k in keys], row_shape)
     if failed is None:
         return cache.get(keys)
     readable = np.array([i for i, key in enumerate(keys) if key in cache], dtype=np.int64)
@@ -517,7 +590,7 @@ def extract_table(backbone: Backbone, table: PlaceTable, options: ExtractionSett
         return table, extract_features(backbone, table, options, label)
     failed: list[tuple[str, str]] = []
     features = extract_features(backbone, table, options, label, failed)
-    return table.skip(failed), features[table.rows_without(image for image, _ in failed)]
+    return table.skip(failed), take_rows(features, table.rows_without(image for image, _ in failed))
 
 
 def extract_both(backbone: Backbone, first: PlaceTable, second: PlaceTable, options: ExtractionSettings,
