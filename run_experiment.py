@@ -162,6 +162,10 @@ def compare_backbone(model: str, args: argparse.Namespace) -> ModelRun:
     if config.head in vpr.LOCAL_HEADS:  # the head aggregates the local features: the cache's, streamed
         frozen = vpr.local_backbone(backbone, config.feature_layer, config.local_features_per_image)
         frozen_raw = frozen_descriptors(config, frozen, database, queries, config.pos_threshold_m, config.supervision)[2]
+    if config.train_blocks:  # the backbone with its trained blocks, from the checkpoint (another cache entry)
+        frozen = PlaceDescriptor.from_checkpoint(trained.checkpoint, weights=config.weights,
+                                                 image_size=config.image_size).frozen
+        frozen_raw = frozen_descriptors(config, frozen, database, queries, config.pos_threshold_m, config.supervision)[2]
     model = PlaceDescriptor(frozen, vpr.head_from_checkpoint(vpr.load_checkpoint(trained.checkpoint)),
                             str(trained.checkpoint))
     variants["trained"] = model.describe(frozen_raw)

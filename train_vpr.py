@@ -32,12 +32,14 @@ import numpy as np
 import torch
 
 import trainable_vpr as vpr
+from trainable_vpr import blocks as trained_blocks
 from trainable_vpr import checkpoints
 from trainable_vpr.checkpoints import (checkpoint_path, checkpoint_payload, checkpoint_vocabulary, embeddings_backbone,
                                        latest_alias_path, random_states, refresh_latest_alias, restore_random_states)
 from vprkit.cli import CliParser, VPRError, add_debug_flag, check_writable_dir, run_cli, sigterm_as_interrupt
 from vprkit.evaluation import RecallResult, evaluate_retrieval
-from vprkit.features import extract_both, extraction_settings, pooling_config, release_other_ranks
+from vprkit.features import (distributed_rank_and_world, extract_both, extraction_settings, pooling_config,
+                             release_other_ranks)
 from vprkit.pairs import check_query_split, check_trainable, group_places, uses_labels, warn_shared_images
 from vprkit.places import PlaceTable, load_table
 from vprkit.runlog import CsvLogger, LOG_COLUMNS, LOG_EXTRA_COLUMNS, LOG_OPTIONAL_COLUMNS, TRAINING_SUMMARY_NAME, append_summary_row, new_run_id, read_summary_table
@@ -97,6 +99,7 @@ class TrainingData:
     train: Split
     val: Split
     vocabulary: np.ndarray | None = None  # --pooling vlad: the centroids, stored in every checkpoint
+    tail: trained_blocks.BlockTail | None = None  # --train_blocks: the trained blocks (features: their cached input)
 
     @property
     def skipped_images(self) -> int:
@@ -241,14 +244,22 @@ def extract_training_data(config: vpr.TrainConfig, train: PlaceTable, val: Place
     if config.head in vpr.LOCAL_HEADS:  # the head aggregates: the cache holds the local features (float16)
         backbone = vpr.local_backbone(backbone, config.feature_layer, config.local_features_per_image)
         print(vpr.local_features_line(backbone), flush=True)
+    tail = None
+    if config.train_blocks:  # the cache holds the input of the last N blocks (float16); they train on it
+        tail = trained_blocks.BlockTail(backbone.model, config.train_blocks)
+        backbone = trained_blocks.block_input_backbone(backbone, config.train_blocks)
+        print(f"train_blocks: the last {config.train_blocks} of {len(trained_blocks.block_list(backbone.model))} "
+              f"blocks train at --backbone_lr {config.backbone_lr:g}; their input is cached", flush=True)
     train, train_features, val, val_features = extract_both(
         backbone, train, val, extraction_settings(config), ("train", "val"), config.on_bad_image)
-    if release_other_ranks() != 0:
+    if tail is None and release_other_ranks() != 0:
         sys.exit(0)  # torchrun: the other ranks only shared the extraction; rank 0 trains on the cache
     if train.skipped or val.skipped:
         check_splits(config, train, val, by_label)
-    return TrainingData(backbone.info.as_dict(), split(train, train_features), split(val, val_features),
-                        backbone.vocabulary)
+    # a --train_blocks checkpoint names the frozen backbone (its trained blocks are stored apart)
+    info = backbone.info if tail is None else dataclasses.replace(backbone.info, pooling="backbone")
+    return TrainingData(info.as_dict(), split(train, train_features), split(val, val_features), backbone.vocabulary,
+                        tail)
 
 
 def head_config_for(config: vpr.TrainConfig, in_dim: int) -> vpr.HeadConfig:
@@ -262,6 +273,11 @@ def initial_head(config: vpr.TrainConfig, data: TrainingData) -> torch.nn.Module
     """A fresh head; the residual head starts as PCA-whitening of the training features or as
     the raw descriptor (--head_start; auto: the better on val R@1, ties to PCA-whitening, since
     on effnet_lite2 PCA-whitening is worse than raw and on effnet_lite0 better)."""
+    if data.tail is not None:  # the head starts on the frozen descriptors (the tail as loaded), then trains with it
+        frozen = {name: dataclasses.replace(split, features=vpr.embed(data.tail, split.features))
+                  for name, split in (("train", data.train), ("val", data.val))}
+        return trained_blocks.BlocksAndHead(data.tail, initial_head(config, dataclasses.replace(data, **frozen,
+                                                                                                tail=None)))
     torch.manual_seed(config.seed)
     head = vpr.build_head(head_config_for(config, data.train.features.shape[-1]))
     if isinstance(head, vpr.NetVLADHead):
@@ -329,13 +345,21 @@ def batch_loss(head: torch.nn.Module, loss_fn: vpr.HybridLoss, split: Split, bat
     pos_mask, neg_mask = vpr.batch_pair_masks(xyz, config.pos_threshold_m, config.neg_threshold_m, labels)
     if config.positive_selection == "feature":
         pos_mask = vpr.select_positives_by_feature(pos_mask, frozen, config.positive_top_k)
-    embeddings = head(frozen)
+    embeddings = trained_blocks.distributed_batch_embeddings(head, frozen, *training_world(head))
     ids, place_labels = [split.table.paths[i] for i in batch], split.table.labels  # difficulty tables are keyed by these
     triplets = miner.mine(embeddings.detach(), pos_mask, neg_mask, generator, ids,
                           None if place_labels is None else place_labels[batch])
     parts = loss_fn(embeddings, pos_mask, neg_mask, triplets)
     miner.reward(parts.triplet_items, config.triplet_margin)
     return parts
+
+
+def training_world(head: torch.nn.Module) -> tuple[int, int]:
+    """(rank, world) of a --train_blocks run under torchrun (every rank trains its share of each
+    batch); (0, 1) otherwise (rank 0 alone trains a head on the cache)."""
+    if isinstance(head, trained_blocks.BlocksAndHead):
+        return distributed_rank_and_world()
+    return 0, 1
 
 
 def train_one_epoch(epoch: int, head, optimizer, scheduler, loss_fn, split: Split, batches: list[np.ndarray],
@@ -349,6 +373,7 @@ def train_one_epoch(epoch: int, head, optimizer, scheduler, loss_fn, split: Spli
         parts = batch_loss(head, loss_fn, split, batch, config, generator, miner)
         optimizer.zero_grad(set_to_none=True)
         parts.total.backward()
+        trained_blocks.all_reduce_gradients(head, training_world(head)[1])
         optimizer.step()
         scheduler.step()
         values = np.array([parts.total.item(), parts.triplet.item(), parts.contrastive.item()])
@@ -433,9 +458,20 @@ class Run:
             "random_states": random_states(self.rng, self.generator), "train_state": state.as_checkpoint(),
             "sampler": self.miner.state_dict(),
         }
-        return checkpoint_payload(self.head, head_config_for(self.config, self.data.train.features.shape[-1]),
-                                  self.data.backbone, self.config, progress, self.run_id, self.log_file,
-                                  self.data.vocabulary, resume)
+        blocks = isinstance(self.head, trained_blocks.BlocksAndHead)
+        payload = checkpoint_payload(self.head.head if blocks else self.head, head_config_for(self.config, self.head_in_dim),
+                                     self.data.backbone, self.config, progress, self.run_id, self.log_file,
+                                     self.data.vocabulary, resume)
+        if blocks:  # only the trained blocks' modules, beside the head
+            payload["trained_blocks"] = trained_blocks.trained_blocks_payload(self.head.tail)
+        return payload
+
+    @property
+    def head_in_dim(self) -> int:
+        """The head's input width: the features' (the descriptor's with --train_blocks)."""
+        if isinstance(self.head, trained_blocks.BlocksAndHead):
+            return int(self.data.backbone["feature_dim"])
+        return int(self.data.train.features.shape[-1])
 
     def restore(self, saved: dict[str, Any], path: str) -> None:
         """Continue the run saved in a resumable checkpoint `saved`, read from `path` (same
@@ -448,8 +484,12 @@ class Run:
             key = changed[0]
             raise VPRError(f"--resume {path}: the run used --{key} {saved['config'][key]}, not "
                                f"{getattr(self.config, key)}; resume with the run's settings")
-        vpr.check_input_dim(saved["head_config"], self.data.train.features.shape[-1], self.config.train_csv)
-        self.head.load_state_dict(saved["model_state_dict"])
+        vpr.check_input_dim(saved["head_config"], self.head_in_dim, self.config.train_csv)
+        if isinstance(self.head, trained_blocks.BlocksAndHead):
+            self.head.head.load_state_dict(saved["model_state_dict"])
+            self.head.tail.load_state_dict(saved["trained_blocks"]["state_dict"])
+        else:
+            self.head.load_state_dict(saved["model_state_dict"])
         self.optimizer.load_state_dict(saved["resume"]["optimizer"])
         self.scheduler.load_state_dict(saved["resume"]["scheduler"])
         restore_random_states(saved["resume"]["random_states"], self.rng, self.generator)
@@ -466,7 +506,13 @@ def print_config(config: vpr.TrainConfig) -> None:
 def new_run(config: vpr.TrainConfig, data: TrainingData) -> Run:
     """A fresh head, optimizer, schedule, triplet miner and random generators."""
     head = initial_head(config, data)
-    optimizer = torch.optim.AdamW(head.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    groups: list[dict[str, Any]] = [{"params": list(head.parameters()), "lr": config.lr}]
+    if isinstance(head, trained_blocks.BlocksAndHead):  # the blocks at --backbone_lr
+        for param in head.tail.parameters():
+            param.requires_grad_(True)
+        groups = [{"params": list(head.head.parameters()), "lr": config.lr},
+                  {"params": list(head.tail.parameters()), "lr": config.backbone_lr}]
+    optimizer = torch.optim.AdamW(groups, lr=config.lr, weight_decay=config.weight_decay)
     scheduler = lr_scheduler(optimizer, config, math.ceil(len(data.train) / config.batch_size))
     return Run(config, data, head, optimizer, scheduler, triplet_miner(config), np.random.default_rng(config.seed),
                torch.Generator().manual_seed(config.seed), TrainState())
@@ -563,6 +609,12 @@ def train(config: vpr.TrainConfig, on_validation: ValidationCallback | None = No
     started = time.perf_counter()
     vpr.set_determinism(config.seed)
     print_config(config)
+    if config.train_blocks and distributed_rank_and_world()[0] != 0:
+        # torchrun: every rank trains its share of each batch; rank 0 alone writes the run's files
+        import tempfile
+
+        scratch = tempfile.mkdtemp(prefix="vpr-rank-")
+        config = dataclasses.replace(config, log_dir=scratch, output_dir=scratch, tensorboard=False)
     train_table, val_table, by_label = load_splits(config)
     config = named_after_embeddings(config, train_table, val_table)
     log_dir = check_outputs(config)

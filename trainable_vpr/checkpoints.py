@@ -179,4 +179,8 @@ def checkpoint_backbone(checkpoint: dict[str, Any], path: str | Path, weights: s
     if backbone.info.feature_dim != in_dim:
         raise VPRError(f"checkpoint {path}: its head takes {in_dim}-dim features, "
                        f"the backbone gives {backbone.info.feature_dim}")
+    if "trained_blocks" in checkpoint:  # --train_blocks: the trained blocks go back into the backbone
+        from trainable_vpr.blocks import load_trained_blocks
+
+        backbone = load_trained_blocks(backbone, checkpoint["trained_blocks"])
     return backbone

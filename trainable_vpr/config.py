@@ -58,6 +58,10 @@ class TrainConfig(ExtractionSettings):
                             "training features), raw (the raw cosine: identity, or the top principal directions when "
                             "--projection_dim < D) or auto (whichever has the better val R@1)", "model",
                             choices=HEAD_STARTS)
+    train_blocks: int = _flag(0, "train the backbone's last N blocks (ViT blocks; EfficientNet/ResNet blocks; ConvNeXt "
+                              "stages) with the head, at cache speed: their input is cached once (float16); 0: frozen",
+                              "model")
+    backbone_lr: float = _flag(1e-5, "AdamW learning rate of the blocks trained by --train_blocks", "model")
     hidden_dim: int = _flag(512, "hidden width of the residual and mlp heads", "model")
     dropout: float = _flag(0.1, "dropout in the head", "model")
     use_residual: bool = _flag(True, "mlp head: add a skip connection from the input", "model")
@@ -133,6 +137,13 @@ def validate_train_config(config: TrainConfig) -> None:
             raise VPRError(f"--{name} {getattr(config, name)}: must be at least 1")
     if config.ucb_warmup_samples < 0 or config.ucb_exploration_constant < 0:
         raise VPRError("--ucb_warmup_samples and --ucb_exploration_constant must be 0 or more")
+    if config.train_blocks < 0 or config.backbone_lr <= 0:
+        raise VPRError(f"--train_blocks {config.train_blocks} / --backbone_lr {config.backbone_lr:g}: give 0 or more "
+                       f"blocks and a positive learning rate")
+    if config.train_blocks and (config.pooling != "backbone" or config.head in LOCAL_HEADS
+                                or is_parquet(config.train_csv) or config.positive_selection == "feature"):
+        raise VPRError(f"--train_blocks {config.train_blocks}: only with --pooling backbone, a descriptor head "
+                       f"(residual, projection, mlp), images (not embeddings parquets) and --positive_selection gps")
     if config.head in LOCAL_HEADS:
         if config.pooling != "vlad":
             raise VPRError(f"--head {config.head}: a learnable VLAD starts from --pooling vlad's vocabulary; add "
