@@ -273,7 +273,7 @@ def initial_head(config: vpr.TrainConfig, data: TrainingData) -> torch.nn.Module
     """A fresh head; the residual head starts as PCA-whitening of the training features or as
     the raw descriptor (--head_start; auto: the better on val R@1, ties to PCA-whitening, since
     on effnet_lite2 PCA-whitening is worse than raw and on effnet_lite0 better)."""
-    if data.tail is not None:  # the head starts on the frozen descriptors (the tail as loaded), then trains with it
+    if getattr(data, "tail", None) is not None:  # the head starts on the frozen descriptors (the tail as loaded), then trains with it
         frozen = {name: dataclasses.replace(split, features=vpr.embed(data.tail, split.features))
                   for name, split in (("train", data.train), ("val", data.val))}
         return trained_blocks.BlocksAndHead(data.tail, initial_head(config, dataclasses.replace(data, **frozen,
