@@ -166,9 +166,9 @@ def compare_backbone(model: str, args: argparse.Namespace) -> ModelRun:
         frozen = PlaceDescriptor.from_checkpoint(trained.checkpoint, weights=config.weights,
                                                  image_size=config.image_size).frozen
         frozen_raw = frozen_descriptors(config, frozen, database, queries, config.pos_threshold_m, config.supervision)[2]
-    model = PlaceDescriptor(frozen, vpr.head_from_checkpoint(vpr.load_checkpoint(trained.checkpoint)),
-                            str(trained.checkpoint))
-    variants["trained"] = model.describe(frozen_raw)
+    descriptor = PlaceDescriptor(frozen, vpr.head_from_checkpoint(vpr.load_checkpoint(trained.checkpoint)),
+                                 str(trained.checkpoint))
+    variants["trained"] = descriptor.describe(frozen_raw)
     # The head's output PCA-whitened at indexing time on the database the user searches: whitening
     # fitted on the target database adapts to it without training there (issue "local features").
     variants["trained_whitened"] = pca_whitened(variants["trained"], config.projection_dim)
