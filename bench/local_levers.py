@@ -51,7 +51,8 @@ def epoch_time(log_file: Path) -> float:
 def main() -> None:
     global DATA
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--data", default=str(REPO.parent / "shared" / "data" / "bgu_campus"), help="the bgu_campus folder")
+    parser.add_argument("--data", default=str(REPO.parent / "shared" / "data" / "bgu_campus"),
+                        help="the bgu_campus folder")
     parser.add_argument("--model", default="effnet_lite0")
     parser.add_argument("--cache_dir", required=True)
     parser.add_argument("--epochs", type=int, default=5)
@@ -70,17 +71,19 @@ def main() -> None:
     frozen = {"raw": PlaceDescriptor.baseline(args.model, None, 0, PoolingConfig(), (), options),
               "vlad": PlaceDescriptor.baseline(args.model, None, 0, vlad,
                                                load_poses(DATA / "train.csv").paths, options)}
-    rows = [{"row": name, "seed": "-", "val_r1": recall_at_1(m, options, "val"), "test_r1": recall_at_1(m, options, "test"),
-             "epoch_s": np.nan} for name, m in frozen.items()]
+    rows = [{"row": name, "seed": "-", "val_r1": recall_at_1(m, options, "val"),
+             "test_r1": recall_at_1(m, options, "test"), "epoch_s": np.nan} for name, m in frozen.items()]
     levers = {"default": {},
               "netvlad": {"head": "netvlad", "pooling": "vlad", "feature_layer": args.feature_layer},
-              f"train_blocks_{args.train_blocks}": {"train_blocks": args.train_blocks, "backbone_lr": args.backbone_lr}}
+              f"train_blocks_{args.train_blocks}": {"train_blocks": args.train_blocks,
+                                                    "backbone_lr": args.backbone_lr}}
     for seed in args.seeds:
         for name, changes in levers.items():
             config = dataclasses.replace(base, seed=seed, **changes)
             result = train_vpr.train(config)
             model = PlaceDescriptor.from_checkpoint(result.checkpoint)
-            rows.append({"row": name, "seed": seed, "val_r1": result.best_recall[1], "untrained_val_r1": result.untrained_r1,
+            rows.append({"row": name, "seed": seed, "val_r1": result.best_recall[1],
+                         "untrained_val_r1": result.untrained_r1,
                          "best_epoch": result.best_epoch, "test_r1": recall_at_1(model, options, "test"),
                          "epoch_s": epoch_time(result.log_file)})
             print(rows[-1], flush=True)

@@ -150,7 +150,8 @@ def load_trained_blocks(backbone: Backbone, saved: dict[str, Any]) -> Backbone:
     for key, value in sorted(saved["state_dict"].items()):
         digest.update(key.encode())
         digest.update(value.detach().cpu().contiguous().numpy().tobytes())
-    info = dataclasses.replace(backbone.info, weights=f"{backbone.info.weights}+blocks{tail.count}:{digest.hexdigest()[:16]}")
+    weights = f"{backbone.info.weights}+blocks{tail.count}:{digest.hexdigest()[:16]}"
+    info = dataclasses.replace(backbone.info, weights=weights)
     return Backbone(backbone.model, info, backbone.pooling, backbone.vocabulary)
 
 

@@ -107,7 +107,7 @@ class NetVLADHead(nn.Module):
     b = 0, so the assignment is softmax(alpha * cosine), which for alpha -> inf is the hard
     cosine assignment of vprkit.pooling.vlad (the training-free `vlad` row). At alpha = 1e4 a token
     whose two nearest centroids differ by more than 0.002 in cosine gets exp(-20) of weight on the
-    runner-up: on float32 tokens the start IS hard VLAD (deviation 0.0 in tests/test_netvlad.py);
+    runner-up: on float32 tokens the start IS hard VLAD (deviation 0.0 in tests/unit/trainable_vpr/test_netvlad.py);
     from the float16 cache a near tie can flip, a deviation below 1e-3 there, with the same R@1.
     The price of an exact start: the softmax is saturated, so at first the gradients reach mostly
     the centres (the residuals), little the assignment. No projection after it: the output is the

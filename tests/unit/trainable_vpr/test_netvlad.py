@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import TINY_MODEL, assert_one_line_error, run_main, write_train_val
+from helpers import TINY_MODEL, assert_one_line_error, run_main, write_train_val
 import eval_trained
 import run_experiment  # noqa: F401 - the scripts that apply the head import cleanly
 import train_vpr
@@ -64,6 +64,7 @@ def test_untrained_head_is_hard_vlad_on_random_tokens():
         assert float((vpr.NetVLADHead(16, 8)(tokens) - hard).abs().max()) > 0.05
 
 
+@pytest.mark.slow
 def test_epoch_zero_equals_the_training_free_vlad(data, tmp_path, capsys):
     """The run's epoch-0 val R@1 is the --pooling vlad features' val R@1 (the vlad row's
     computation); the untrained head's descriptors from the float16 cache are within 1e-3 of them
@@ -101,6 +102,7 @@ def test_epoch_zero_equals_the_training_free_vlad(data, tmp_path, capsys):
     assert saved["head_config"]["clusters"] == K
 
 
+@pytest.mark.slow
 def test_forward_equals_the_cached_path_and_cache_is_float16_and_bounded(data, tmp_path):
     cache = tmp_path / "cache"
     result = train_vpr.main(["--train_csv", str(data.train), "--val_csv", str(data.val),
@@ -122,7 +124,8 @@ def test_forward_equals_the_cached_path_and_cache_is_float16_and_bounded(data, t
     _, cached = describe_table(model, table, options)
     with torch.no_grad():
         direct = model(_tensors(table.paths)).numpy()
-    assert direct.shape == cached.shape == (len(table), K * model.frozen.info.feature_dim) == (len(table), model.output_dim)
+    dim = K * model.frozen.info.feature_dim
+    assert direct.shape == cached.shape == (len(table), dim) and model.output_dim == dim
     cosines = (direct * cached).sum(axis=1)
     assert cosines.min() >= 0.999
     assert (direct @ direct.T)[~np.eye(len(direct), dtype=bool)].max() < 0.999  # not a constant output

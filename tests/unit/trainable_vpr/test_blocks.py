@@ -13,7 +13,7 @@ import pandas as pd
 import pytest
 import torch
 
-from conftest import REPO, TINY_MODEL, assert_one_line_error, run_main, write_train_val
+from helpers import REPO, TINY_MODEL, assert_one_line_error, run_main, write_train_val
 import eval_trained
 import train_vpr
 import trainable_vpr as vpr
@@ -49,6 +49,7 @@ def test_the_tail_on_the_block_input_is_the_backbone_descriptor(model, count):
     assert float(reference.std()) > 0  # not a trivial output
 
 
+@pytest.mark.slow
 def test_epoch_zero_is_the_frozen_model_and_the_checkpoint_holds_only_the_blocks(data, tmp_path, capsys):
     frozen = train_vpr.main(["--train_csv", str(data.train), "--val_csv", str(data.val),
                              *_flags(tmp_path / "frozen", "--epochs", "1")])
@@ -121,6 +122,7 @@ def _torchrun(tmp_path, ranks: int, data) -> pd.DataFrame:
     return pd.read_csv(log)
 
 
+@pytest.mark.slow
 def test_two_cpu_ranks_train_as_one(data, tmp_path):
     """Each rank runs the blocks on its half of every batch; the batch's loss sees the whole batch
     (gathered), and the gradients are summed over the ranks: the same losses and weights as 1 rank."""
