@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 
 import train_vpr
 import trainable_vpr as vpr
@@ -163,3 +164,24 @@ def test_resume_keeps_the_start(splits, tmp_path):
     assert checkpoint["head_config"]["identity_base"] is True
     assert checkpoint["head_start"]["chosen"] == "raw"
     assert resumed.epochs_run == 2
+
+
+@pytest.mark.parametrize("scores, chosen", [
+    ({"raw": 0.6, "pca_whitened": 0.5, "learned_whitened": 0.5}, "raw"),
+    ({"raw": 0.5, "pca_whitened": 0.5, "learned_whitened": 0.5}, "pca_whitened"),  # ties: PCA-whitening
+    ({"raw": 0.4, "pca_whitened": 0.5, "learned_whitened": 0.55}, "learned_whitened"),
+    ({"raw": 0.6, "pca_whitened": 0.5, "learned_whitened": 0.6}, "learned_whitened"),  # ties: learned before raw
+])
+def test_choice_is_the_best_score_ties_to_the_preference(splits, scores, chosen):
+    train, val = table(splits["train"]), table(splits["val"])
+    fit = vpr.FitData(train.embeddings, train.xyz, None, train.embeddings, train.xyz, None, val.embeddings, val.xyz,
+                      None, 25.0)
+    config = vpr.HeadConfig("residual", DIM, projection_dim=8, hidden_dim=16)
+    def score(head):  # which start a head is: by its base
+        if isinstance(head.base, torch.nn.Identity):
+            return scores["raw"]
+        pca = vpr.start_head("pca_whitened", config, fit).head
+        return scores["pca_whitened" if torch.equal(head.base.weight, pca.base.weight) else "learned_whitened"]
+    choice = vpr.choose_start("auto", config, fit, score)
+    assert choice.chosen.name == chosen
+    assert {n: c.val_r1 for n, c in choice.candidates.items()} == scores
