@@ -281,14 +281,19 @@ def initial_head(config: vpr.TrainConfig, data: TrainingData) -> tuple[torch.nn.
     head_config = head_config_for(config, data.train.features.shape[1])
     if config.head != "residual":
         return vpr.build_head(head_config), head_config, None
-    database, val = data.val_database, data.val
-    fit = vpr.FitData(data.train.features, data.train.xyz, data.train.labels, database.features, database.xyz,
-                      database.labels, val.features, val.xyz, val.labels, config.pos_threshold_m)
-    choice = vpr.choose_start(config.head_start, head_config, fit,
+    choice = vpr.choose_start(config.head_start, head_config, start_fit_data(config, data),
                               lambda head: val_recall(head, data, config).recalls[1], config.seed)
     print(f"residual head start: {choice.text()} (--head_start {config.head_start}; val queries against "
           f"{config.val_db_csv or 'the training images'})", flush=True)
     return choice.chosen.head, choice.chosen.head_config, choice
+
+
+def start_fit_data(config: vpr.TrainConfig, data: TrainingData) -> vpr.FitData:
+    """What the head's starts are fitted on (training features, their pairs) and chosen on (val
+    queries against the validation database)."""
+    database, val = data.val_database, data.val
+    return vpr.FitData(data.train.features, data.train.xyz, data.train.labels, database.features, database.xyz,
+                       database.labels, val.features, val.xyz, val.labels, config.pos_threshold_m)
 
 
 def val_recall(head: torch.nn.Module, data: TrainingData, config: vpr.TrainConfig) -> RecallResult:

@@ -185,3 +185,39 @@ def test_choice_is_the_best_score_ties_to_the_preference(splits, scores, chosen)
     choice = vpr.choose_start("auto", config, fit, score)
     assert choice.chosen.name == chosen
     assert {n: c.val_r1 for n, c in choice.candidates.items()} == scores
+
+
+@pytest.mark.parametrize("start, frozen", [("raw", "raw"), ("pca_whitened", "pca_whitened"),
+                                           ("learned_whitened", "learned_whitened")])
+def test_experiment_trained_row_equals_the_start_when_nothing_improves(splits, tmp_path, start, frozen):
+    import run_experiment
+
+    test = write_split(tmp_path / "test.parquet", 2, seed=5, shift=1.0)
+    table_ = run_experiment.main([
+        "--train_parquet", str(splits["train"]), "--val_parquet", str(splits["val"]), "--test_parquet", str(test),
+        "--models", "synthetic", "--epochs", "1", "--lr", "1e-12", "--batch_size", "8", "--projection_dim", "8",
+        "--hidden_dim", "16", "--head_start", start, "--log_dir", str(tmp_path / "logs"),
+        "--output_dir", str(tmp_path / "models")])
+    rows = table_.set_index("variant")
+    assert set(rows.index) >= {"raw", "pca_whitened", "learned_whitened", "start", "trained"}
+    recalls = [c for c in rows.columns if c.startswith("recall@")]
+    # database = the training images: the frozen row fitted there, the start and the kept head agree to the digit
+    assert rows.loc["trained", recalls].tolist() == rows.loc["start", recalls].tolist()
+    assert rows.loc["start", recalls].tolist() == rows.loc[frozen, recalls].tolist()
+
+
+def test_experiment_with_another_database_keeps_trained_equal_to_start(splits, tmp_path):
+    import run_experiment
+
+    test = write_split(tmp_path / "test.parquet", 2, seed=5, shift=1.0)
+    table_ = run_experiment.main([
+        "--train_parquet", str(splits["train"]), "--val_parquet", str(splits["val"]), "--test_parquet", str(test),
+        "--db_parquet", str(splits["val_db"]), "--val_db_parquet", str(splits["val_db"]),
+        "--models", "synthetic", "--epochs", "1", "--lr", "1e-12", "--batch_size", "8", "--projection_dim", "8",
+        "--hidden_dim", "16", "--log_dir", str(tmp_path / "logs"), "--output_dir", str(tmp_path / "models")])
+    rows = table_.set_index("variant")
+    recalls = [c for c in rows.columns if c.startswith("recall@")]
+    assert rows.loc["trained", recalls].tolist() == rows.loc["start", recalls].tolist()
+    record = __import__("json").loads(next((tmp_path / "logs").glob("experiment_*.json")).read_text())
+    assert record["val_db_csv"] == str(splits["val_db"])
+    assert record["models"]["synthetic"]["head_start"]["chosen"] in vpr.START_NAMES

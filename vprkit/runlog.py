@@ -60,8 +60,10 @@ def experiment_recalls(columns: Sequence[str]) -> list[str]:
     return sorted(found, key=lambda c: int(c.split("@")[1]))
 
 
-# vlad: training-free, over local features; trained_whitened: the head's output whitened on the database
-EXPERIMENT_VARIANTS = ("raw", "pca_whitened", "vlad", "trained", "trained_whitened")
+# learned_whitened: whitening learned from the training pairs (shrinkage chosen on val); vlad:
+# training-free, over local features; start: the untrained head validation chose (fitted on the
+# training set); trained_whitened: the head's output whitened on the database
+EXPERIMENT_VARIANTS = ("raw", "pca_whitened", "learned_whitened", "vlad", "start", "trained", "trained_whitened")
 
 
 def safe_name(text: str) -> str:
