@@ -158,7 +158,7 @@ def main() -> None:
         for spec in args.train_pooled:
             pooling, layer = spec.split(":")[0], int(spec.split(":")[1])
             for recipe in args.recipes:
-                    for threshold in args.thresholds:
+                for threshold in args.thresholds:
                     for seed in args.seeds:
                         descriptors = trained_descriptors(recipe, seed, threshold, args, pooled[pooling, layer],
                                                           (pooling, layer))
