@@ -193,3 +193,7 @@ def run_processes_at_once(commands: dict[str, list[str]], timeout: float = 300) 
         out, err = proc.communicate(timeout=timeout)
         runs[name] = (proc.returncode, out, err)
     return runs
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: end-to-end runs on the real data (minutes without a warm cache)")
