@@ -4,7 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: setup demo test bench clean
+.PHONY: setup demo lint test test-fast bench clean
 
 $(STAMP): requirements.txt requirements-dev.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -17,8 +17,16 @@ setup: $(STAMP)
 demo: $(STAMP)
 	$(PY) run_experiment.py --demo
 
-test: $(STAMP)
-	$(PY) -m pytest -q tests
+# What CI runs (.ci/run): the lint, then every layer (tests/unit and tests/e2e).
+test: lint
+	$(PY) -m pytest -q
+
+lint: $(STAMP)
+	$(PY) -m ruff check .
+
+# The quick loop while editing: the unit layer without the tests marked slow (tests/README.md).
+test-fast: $(STAMP)
+	$(PY) -m pytest -q tests/unit -m "not slow"
 
 clean:
 	rm -rf logs trained_models plots .cache demo_data bench/results

@@ -50,7 +50,7 @@ RECALL_COLUMNS = ["val_r1", "val_r5", "val_r10"]
 # rule; within such a group each run is labelled by the settings that differ (LABEL_SKIP: never).
 GROUP_COLUMNS = ["train_csv", "val_csv", "pos_threshold_m", "supervision"]
 LABEL_SKIP = {"run_id", "seed", *GROUP_COLUMNS, "log_dir", "output_dir", "cache_dir", "device", "num_workers",
-              "resume", "config", "no_cache", "image_root", "debug"}
+              "resume", "config", "no_cache", "image_root", "debug", "tensorboard"}
 TABLE_WIDTH = 100
 
 

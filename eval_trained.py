@@ -36,7 +36,9 @@ from typing import Any, Sequence
 import trainable_vpr as vpr
 from trainable_vpr.model import PlaceDescriptor, load_model
 from vprkit.cli import CliParser, VPRError, add_debug_flag, atomic_write, check_writable_dir, check_writable_file, run_cli
-from vprkit.evaluation import Descriptors, EvalReport, evaluate_variant, format_report, load_eval_tables, pca_whitened
+from vprkit.evaluation import (Descriptors, EvalReport, evaluate_variant, format_report, l2_normalise, load_eval_tables,
+                               pca_whitened)
+from vprkit.exports import save_descriptors
 from vprkit.features import (Backbone, ExtractionSettings, extraction_settings, frozen_descriptors,
                              release_other_ranks, validate_extraction_flags)
 from vprkit.predictions import draw_retrievals, evaluation_rows, predictions_frame
@@ -88,6 +90,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     out.add_argument("--plots_dir", default="plots", help="folder of the --visualize, --localization and --pr_curve outputs")
     out.add_argument("--export_parquet", metavar="DIR", help="write the raw backbone features of the database and the "
                      "queries as embeddings parquets DIR/{csv name}.parquet (input for --train_parquet)")
+    out.add_argument("--save_descriptors", metavar="DIR", help="write the evaluated descriptors as DIR/database_descriptors.npy "
+                     "and queries_descriptors.npy (L2-normalised float32, table row order, as VPR-methods-evaluation) and hloc's "
+                     "DIR/global-feats.h5 (names relative to the images' common folder)")
     add_config_file_flag(parser)
     add_debug_flag(parser)
     args = parse_layered(parser, argv)
@@ -108,6 +113,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         check_writable_file(path, flag)
     if args.visualize > 0 or args.localization or args.pr_curve:
         check_writable_dir(args.plots_dir, "--plots_dir")
+    if args.save_descriptors:
+        check_writable_dir(args.save_descriptors, "--save_descriptors")
     return args
 
 
@@ -234,6 +241,10 @@ def main(argv: Sequence[str] | None = None) -> EvalReport:
     print(localization_lines(localization))
     pr = top1_pr_of_result(report.result)
     print(pr_line(pr))
+    if args.save_descriptors:
+        image_dir, files = save_descriptors(args.save_descriptors, database.paths, queries.paths,  # as searched: L2-normalised
+                                            l2_normalise(descriptors.database), l2_normalise(descriptors.queries))
+        print(f"wrote {name} descriptors: {', '.join(str(f) for f in files)} (hloc names relative to {image_dir})")
     skipped = {"database": len(database.skipped), "queries": len(queries.skipped)}
     if any(skipped.values()):
         print(f"skipped bad images (--on_bad_image skip): {skipped['database']} database, {skipped['queries']} queries")

@@ -38,6 +38,7 @@ from vprkit.predictions import draw_retrievals, frame_rows, predictions_frame
 from vprkit.features import ExtractionSettings, extraction_settings, validate_extraction_flags
 from vprkit.places import (IMAGE_COLUMNS, LATLON_COLUMNS, METRIC_COLUMNS, PlaceTable, find_column,
                            find_column_pair, is_parquet, load_table, read_csv_table)
+from vprkit.exports import image_folder_and_names, write_retrieval_pairs
 from vprkit.settings import add_config_args, add_config_file_flag, parse_layered
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
@@ -59,6 +60,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                            "(default: the checkpoint's, else 25)")
     out = parser.add_argument_group("outputs")
     out.add_argument("--output", required=True, metavar="CSV", help="the matches, one row per query and rank")
+    out.add_argument("--pairs", metavar="TXT", help="write hloc's retrieval pairs here: `query db` per line, the top-k "
+                     "of each query, names relative to the images' common folder")
     out.add_argument("--picture", metavar="PNG", help="draw each query with its top-k matches here")
     out.add_argument("--picture_queries", type=int, default=8, metavar="N", help="at most N queries in --picture")
     add_config_args(parser, ExtractionSettings, skip=("camera_id",))
@@ -79,6 +82,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     validate_extraction_flags(args)
     check_writable_file(args.output, "--output")
     check_writable_file(args.picture, "--picture")
+    check_writable_file(args.pairs, "--pairs")
     return args
 
 
@@ -170,6 +174,10 @@ def main(argv: Sequence[str] | None = None) -> pd.DataFrame:
     top, scores = exact_search(db_features, q_features, args.top_k)
     frame = matches_frame(database, queries, top, scores, threshold)
     atomic_write(args.output, lambda p: frame.to_csv(p, index=False))
+    if args.pairs:
+        image_dir, names = image_folder_and_names([*database.paths, *queries.paths])
+        write_retrieval_pairs(args.pairs, names[len(database):], names[:len(database)], top)
+        print(f"wrote {args.pairs} (hloc retrieval pairs, names relative to {image_dir})")
     estimated = "with position estimates" if any(c.startswith("est_") for c in frame.columns) else "(no positions)"
     print(f"{len(queries)} queries x top-{top.shape[1]} of {len(database)} database images {estimated}: wrote {args.output}")
     if args.picture:

@@ -172,9 +172,9 @@ def compare_backbone(model: str, args: argparse.Namespace) -> ModelRun:
     print(f"\n=== {model}: training ({config.epochs} epochs)", flush=True)
     trained = train_vpr.train(config)
     # the trained descriptor: the frozen backbone built above (None for embeddings) and the checkpoint's head
-    model = PlaceDescriptor(backbone, vpr.head_from_checkpoint(vpr.load_checkpoint(trained.checkpoint)),
-                            str(trained.checkpoint))
-    variants["trained"] = model.describe(raw)
+    descriptor = PlaceDescriptor(backbone, vpr.head_from_checkpoint(vpr.load_checkpoint(trained.checkpoint)),
+                                 str(trained.checkpoint))
+    variants["trained"] = descriptor.describe(raw)
     # The head's output PCA-whitened at indexing time on the database the user searches: whitening
     # fitted on the target database adapts to it without training there (issue "local features").
     variants["trained_whitened"] = pca_whitened(variants["trained"], config.projection_dim)

@@ -41,6 +41,7 @@ from vprkit.features import extract_both, extract_table, extraction_settings, po
 from vprkit.pairs import check_query_split, check_trainable, group_places, uses_labels, warn_shared_images
 from vprkit.places import PlaceTable, load_table
 from vprkit.runlog import CsvLogger, LOG_COLUMNS, LOG_EXTRA_COLUMNS, LOG_OPTIONAL_COLUMNS, TRAINING_SUMMARY_NAME, append_summary_row, new_run_id, read_summary_table
+from vprkit.tensorboard_log import TensorBoardLog, tensorboard_dir
 from vprkit.settings import add_config_args, add_config_file_flag, config_from_args, given_settings, parse_layered
 from vprkit.miners import BatchMiner, Miner, UCBMiner, load_difficulty_parquet
 
@@ -134,7 +135,7 @@ class TrainState:
 # folders); any other difference would make the resumed run a different run. `--resume CKPT`
 # alone takes every setting from the checkpoint; a flag beside it may change only these.
 RESUMABLE_CHANGES = {"resume", "epochs", "early_stopping_patience", "save_every_n_epochs", "validate_every_n_epochs",
-                     "device", "num_workers", "cache_dir", "no_cache", "log_dir", "output_dir", "precision"}
+                     "device", "num_workers", "cache_dir", "no_cache", "log_dir", "output_dir", "precision", "tensorboard"}
 
 # Called after each validation with (epoch, result); it may raise to stop the run (tune_vpr.py prunes so).
 ValidationCallback = Callable[[int, RecallResult], None]
@@ -425,6 +426,7 @@ class Run:
     start_head: torch.nn.Module | None = None  # the untrained head (a copy; None when resumed)
     run_id: str = ""
     log_file: Path = Path()
+    tensorboard: TensorBoardLog | None = None  # --tensorboard: fed the log's rows (CsvLogger on_row)
 
     def checkpoint_file(self, kind: str = "") -> Path:
         """This run's checkpoint: the best ("" kind), "last" or "final" (named by its run id)."""
@@ -504,14 +506,16 @@ def open_log(run: Run, loss_fn: vpr.HybridLoss, log_dir: Path, resumed: dict | N
     columns = LOG_COLUMNS + LOG_EXTRA_COLUMNS + (LOG_OPTIONAL_COLUMNS if run.miner.stats() is not None else [])
     if config.resume:
         run.restore(resumed, config.resume)
-        logger = CsvLogger(run.log_file, columns, continue_after_epoch=run.state.epoch)
+        open_tensorboard(run, log_dir)
+        logger = CsvLogger(run.log_file, columns, continue_after_epoch=run.state.epoch, on_row=run.tensorboard)
         earlier_best = Path(config.resume).parent / run.checkpoint_file().name
         if not run.checkpoint_file().exists() and earlier_best.is_file():  # resumed into another --output_dir
             refresh_latest_alias(earlier_best, run.checkpoint_file())
         print(f"run {run.run_id}: resumed after epoch {run.state.epoch} from {config.resume}, log {logger.path}", flush=True)
         return logger
     run.run_id = new_run_id(config.model, config.seed, log_dir, config.output_dir)
-    logger = CsvLogger(log_dir / f"{run.run_id}.csv", columns)
+    open_tensorboard(run, log_dir)
+    logger = CsvLogger(log_dir / f"{run.run_id}.csv", columns, on_row=run.tensorboard)
     run.log_file = logger.path
     skipped = run.data.skipped_images
     logger.log("data", epoch=0, skipped_images=skipped, val_database=config.val_db_csv or config.train_csv,
@@ -536,6 +540,14 @@ def start_text(start: dict[str, Any] | None) -> str:
     if not start:
         return ""
     return f"{start['chosen']}; " + " ".join(f"{name}={r1:.4f}" for name, r1 in start["val_r1"].items())
+
+
+def open_tensorboard(run: Run, log_dir: Path) -> None:
+    """--tensorboard: the run's SummaryWriter under {log_dir}/tensorboard/{run_id}."""
+    if run.config.tensorboard:
+        run.tensorboard = TensorBoardLog(tensorboard_dir(log_dir, run.run_id),
+                                         purge_step=run.state.epoch + 1 if run.config.resume else None)
+        print(f"tensorboard: {run.tensorboard.folder}", flush=True)
 
 
 def validation_queries_line(result: RecallResult) -> str:
@@ -565,6 +577,8 @@ def train_and_validate(run: Run, epoch: int, loss_fn: vpr.HybridLoss, logger: Cs
     or None when this epoch is not validated."""
     config, data = run.config, run.data
     batches = epoch_batches(config, run.head, data.train, run.rng)
+    if run.tensorboard is not None:  # the rate this epoch starts with (the schedule steps per batch)
+        run.tensorboard.learning_rate(epoch, run.optimizer.param_groups[0]["lr"])
     averages = train_one_epoch(epoch, run.head, run.optimizer, run.scheduler, loss_fn, data.train, batches, config,
                                run.generator, logger, run.miner)
     run.state.epoch = epoch
@@ -613,6 +627,8 @@ def train(config: vpr.TrainConfig, on_validation: ValidationCallback | None = No
                 if state.early_stopped:
                     print(f"early stop: no better val R@1 for {state.stale} validations", flush=True)
                     break
+            if run.tensorboard is not None:
+                run.tensorboard.hparams(dataclasses.asdict(config), state.best_recall[1])
     except KeyboardInterrupt:
         checkpoints.save_checkpoint(last_path, snapshot)
         done = snapshot["epochs_completed"]
@@ -621,6 +637,8 @@ def train(config: vpr.TrainConfig, on_validation: ValidationCallback | None = No
         raise
     finally:
         logger.close()
+        if run.tensorboard is not None:
+            run.tensorboard.close()
 
     checkpoints.save_checkpoint(final_path, run.checkpoint(state.epoch, resumable=True))
     if state.best_epoch == 0:

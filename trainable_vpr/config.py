@@ -14,6 +14,7 @@ from vprkit.features import (
 from vprkit.places import is_parquet
 from vprkit.settings import check_choices, registered
 from vprkit.settings import flag as _flag
+from vprkit.tensorboard_log import require_tensorboard
 
 from trainable_vpr.backbones import BACKBONES, _spec_for
 from trainable_vpr.heads import HEADS
@@ -98,11 +99,16 @@ class TrainConfig(ExtractionSettings):
     # system and outputs
     log_dir: str = _flag("logs", "folder of run logs and training_summary.csv", "system")
     output_dir: str = _flag("trained_models", "folder of checkpoints", "system")
+    tensorboard: bool = _flag(False, "also write TensorBoard scalars (loss parts, val R@N, learning rate per epoch; "
+                              "flags and best val R@1 as hparams) under LOG_DIR/tensorboard/RUN_ID (needs the "
+                              "tensorboard package)", "system")
 
 
 def validate_train_config(config: TrainConfig) -> None:
     """Flag combinations that cannot train, caught before any work is done."""
     validate_extraction_flags(config)
+    if config.tensorboard:
+        require_tensorboard()  # before anything is written
     check_choices(config)  # a config built in code (run_experiment, tune_vpr, tests) is checked like parsed flags
     if config.epochs <= 0:
         raise VPRError(f"--epochs {config.epochs}: must be at least 1")

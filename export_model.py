@@ -1,0 +1,195 @@
+#!/usr/bin/env python3
+"""Export a trained checkpoint, or a frozen backbone, as one self-contained model file.
+
+    python export_model.py --model_path trained_models/trained_effnet_lite0_seed42.pth --output vpr.pt2
+    python export_model.py --model_path trained_models/trained_effnet_lite0_seed42.pth --output vpr.onnx
+    python export_model.py --baseline --model effnet_lite0 --output effnet_lite0.onnx
+    python export_model.py --baseline --model dinov2_s --pooling vlad --db_csv data/train.csv --output anyloc.pt2
+
+The file is the whole descriptor (trainable_vpr.model.PlaceDescriptor, DESIGN.md §6): it takes
+float32 RGB images [B, 3, H, W] in [0, 1], any batch size and any H and W (at least 2 pixels),
+resizes them to the backbone's square input (bicubic, antialiased), normalises, runs the frozen
+backbone, its pooling (with the VLAD vocabulary) and the head, and returns L2-normalised
+descriptors [B, D] float32. The suffix chooses the format: .pt2 (torch.export; load with
+torch.export.load(FILE).module()) or .onnx (torch.onnx.export(dynamo=True), opset 18, input
+`images`, output `descriptors`; needs the onnx and onnxscript packages). The written file is
+loaded back and checked against the model on a batch of another size before the script ends.
+
+A --pooling vlad baseline needs its vocabulary: it is fitted on the --db_csv images (the
+database you will search), as eval_trained.py and localize.py fit it, through the same cache.
+An existing --output is kept unless --overwrite.
+"""
+from __future__ import annotations
+
+import argparse
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+
+import trainable_vpr as vpr
+from trainable_vpr.model import PlaceDescriptor, load_model
+from vprkit.cli import CliParser, VPRError, add_debug_flag, atomic_write, check_writable_file, run_cli
+from vprkit.features import ExtractionSettings, extraction_settings, pooling_config, validate_extraction_flags
+from vprkit.places import is_parquet, load_table
+from vprkit.settings import add_config_args, add_config_file_flag, flag, parse_layered
+
+FORMATS = (".pt2", ".onnx")
+ONNX_OPSET = 18  # the first opset whose Resize has antialias (the suite's resize is antialiased)
+TRACE_SHAPE = (2, 3, 181, 243)  # the example batch traced: odd, non-square, so no size is baked in
+CHECK_SHAPE = (3, 3, 97, 130)   # the batch the written file is checked on: another batch size and size
+MIN_COSINE = 0.999
+
+
+@dataclass
+class ExportSettings:
+    """This script's own flags (the backbone, weights, input size and pooling flags are
+    ExtractionSettings', shared with every script)."""
+
+    model_path: str | None = flag(None, "a trained checkpoint to export (its backbone, pooling and head come from it)",
+                                  "model")
+    baseline: bool = flag(False, "export the raw frozen backbone given by --model instead", "model")
+    model: str | None = flag(None, f"backbone for --baseline: {', '.join(vpr.BACKBONES)} or timm:ARCH "
+                                   "(with --model_path: checked against the checkpoint's)", "model")
+    db_csv: str | None = flag(None, "--baseline --pooling vlad: the database images (poses CSV or benchmark folder) "
+                                    "the VLAD vocabulary is fitted on", "data", aliases=("--train_csv",))
+    output: str = flag(None, "the model file to write: FILE.pt2 (torch.export) or FILE.onnx (ONNX)", "outputs",
+                       required=True)
+    overwrite: bool = flag(False, "replace an existing --output file", "outputs")
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = CliParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    add_config_args(parser, ExportSettings)
+    add_config_args(parser, ExtractionSettings, skip=("camera_id",))
+    add_config_file_flag(parser)
+    add_debug_flag(parser)
+    args = parse_layered(parser, argv)
+    if bool(args.model_path) == bool(args.baseline):
+        parser.error("give either --model_path CKPT or --baseline --model NAME")
+    if args.baseline and not args.model:
+        parser.error("--baseline needs --model NAME")
+    validate_extraction_flags(args)
+    return args
+
+
+# ---------------------------------------------------------------------------------------------
+# The steps
+# ---------------------------------------------------------------------------------------------
+def check_output(args: argparse.Namespace) -> Path:
+    """A known suffix, a writable folder, no file replaced without --overwrite, and for ONNX the
+    exporter's packages: all before any model is built."""
+    output = Path(args.output)
+    if output.suffix.lower() not in FORMATS:
+        raise VPRError(f"--output {output}: unknown model format {output.suffix or '(no suffix)'!r}; "
+                       f"name the file .pt2 (torch.export) or .onnx (ONNX)")
+    if output.exists() and not args.overwrite:
+        raise VPRError(f"--output {output}: the file exists; pass --overwrite to replace it, or choose another path")
+    check_writable_file(output, "--output")
+    if output.suffix.lower() == ".onnx":
+        require_onnx_exporter()
+    return output
+
+
+def require_onnx_exporter() -> None:
+    """torch.onnx.export(dynamo=True) needs onnx and onnxscript (optional dependencies)."""
+    for package in ("onnx", "onnxscript"):
+        try:
+            __import__(package)
+        except ImportError:
+            raise VPRError(f"--output .onnx: the {package} package is not installed; pip install onnx onnxscript "
+                           f"(and onnxruntime to run the file), or export .pt2") from None
+
+
+def build_model(args: argparse.Namespace) -> PlaceDescriptor:
+    """The descriptor to export, as the other scripts build it (trainable_vpr.model.load_model).
+    A --pooling vlad baseline fits its vocabulary on the --db_csv images."""
+    settings = extraction_settings(args)
+    fit_on: Sequence[str] = ()
+    if args.baseline and pooling_config(settings).pooling == "vlad":
+        if not args.db_csv:
+            raise VPRError("--pooling vlad: the VLAD vocabulary is fitted on the database images; give --db_csv "
+                           "(the poses CSV or benchmark folder you will search)")
+        if is_parquet(args.db_csv):
+            raise VPRError(f"--db_csv {args.db_csv}: an embeddings parquet has no images to fit a vocabulary on; "
+                           f"give a poses CSV or a benchmark folder")
+        fit_on = load_table(args.db_csv, args.image_root, on_bad_image=args.on_bad_image).paths
+    model = load_model(args.model_path, args.model, settings, fit_on)
+    return model.cpu().eval()
+
+
+def dynamic_shapes() -> tuple[dict[int, torch.export.Dim], ...]:
+    """Batch, height and width free; the model resizes to its input size inside."""
+    return ({0: torch.export.Dim("batch", min=1), 2: torch.export.Dim("height", min=2),
+             3: torch.export.Dim("width", min=2)},)
+
+
+def export(model: PlaceDescriptor, output: Path) -> None:
+    """Trace the model on TRACE_SHAPE and write it atomically in the format of output's suffix."""
+    example = (torch.rand(TRACE_SHAPE, generator=torch.Generator().manual_seed(0)),)
+    if output.suffix.lower() == ".pt2":
+        program = torch.export.export(model, example, dynamic_shapes=dynamic_shapes())
+        atomic_write(output, lambda p: save_program(program, p))
+        return
+    # external_data=False: the weights inside the one file (up to ONNX's 2 GB), not in FILE.onnx.data
+    onnx_program = torch.onnx.export(model, example, dynamo=True, dynamic_shapes=dynamic_shapes(),
+                                     input_names=["images"], output_names=["descriptors"], opset_version=ONNX_OPSET,
+                                     verbose=False)
+    atomic_write(output, lambda p: onnx_program.save(str(p), external_data=False))
+
+
+def save_program(program: torch.export.ExportedProgram, path: Path) -> None:
+    """torch.export.save through an open file: given a path, it warns about one not ending in .pt2
+    (atomic_write's temporary file)."""
+    with open(path, "wb") as handle:
+        torch.export.save(program, handle)
+
+
+def run_exported(output: Path, images: torch.Tensor) -> np.ndarray | None:
+    """The written file's descriptors of `images`, read back with the library that defines the
+    format (torch.export.load, onnxruntime); None for ONNX when onnxruntime is not installed."""
+    if output.suffix.lower() == ".pt2":
+        with torch.no_grad():
+            return torch.export.load(output).module()(images).numpy()
+    try:
+        import onnxruntime
+    except ImportError:
+        return None
+    session = onnxruntime.InferenceSession(str(output), providers=["CPUExecutionProvider"])
+    return session.run(None, {"images": images.numpy()})[0]
+
+
+def check_exported(model: PlaceDescriptor, output: Path) -> str:
+    """The written file agrees with the model on CHECK_SHAPE (cosine >= MIN_COSINE per image)."""
+    images = torch.rand(CHECK_SHAPE, generator=torch.Generator().manual_seed(1))
+    exported = run_exported(output, images)
+    if exported is None:
+        return "not checked: onnxruntime is not installed"
+    with torch.no_grad():
+        expected = model(images).numpy()
+    cosine = float((exported * expected).sum(axis=1).min())
+    if exported.shape != expected.shape or not cosine >= MIN_COSINE:
+        raise VPRError(f"--output {output}: the exported model disagrees with the suite's (shape {exported.shape} vs "
+                       f"{expected.shape}, min cosine {cosine:.4f}); report this backbone and format")
+    return f"checked on a {'x'.join(map(str, CHECK_SHAPE))} batch: min cosine {cosine:.6f}"
+
+
+def main(argv: Sequence[str] | None = None) -> Path:
+    args = parse_args(argv)
+    output = check_output(args)
+    model = build_model(args)
+    started = time.perf_counter()
+    export(model, output)
+    seconds = time.perf_counter() - started
+    check = check_exported(model, output)
+    what = Path(args.model_path).name if args.model_path else f"raw {args.model}"
+    print(f"wrote {output} ({what}: [B, 3, H, W] float32 RGB in [0, 1] -> [B, {model.output_dim}] L2-normalised; "
+          f"{output.stat().st_size / 2**20:.1f} MiB, exported in {seconds:.1f} s; {check})")
+    return output
+
+
+if __name__ == "__main__":
+    run_cli(main)
