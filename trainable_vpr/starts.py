@@ -87,7 +87,8 @@ class StartChoice:
 def start_head(name: str, head_config: HeadConfig, data: FitData, seed: int = 0) -> HeadStart:
     """The untrained residual head that is exactly the frozen descriptor `name`."""
     if name == "raw":
-        config = dataclasses.replace(head_config, type="residual", identity_base=True, projection_dim=head_config.in_dim)
+        config = dataclasses.replace(head_config, type="residual", identity_base=True,
+                                     projection_dim=head_config.in_dim)
         return HeadStart(name, build_head(config), config, f"raw ({config.in_dim}-d, the descriptor itself)")
     config = dataclasses.replace(head_config, type="residual", identity_base=False)
     head = build_head(config)

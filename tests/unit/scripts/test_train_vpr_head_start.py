@@ -52,7 +52,8 @@ def splits(tmp_path_factory):
 def train(splits, out: Path, *extra: str) -> train_vpr.TrainResult:
     return train_vpr.main(["--train_parquet", str(splits["train"]), "--val_parquet", str(splits["val"]),
                            "--model", "synthetic", "--epochs", "1", "--batch_size", "8", "--projection_dim", "8",
-                           "--hidden_dim", "16", "--device", "cpu", "--num_workers", "0", "--log_dir", str(out / "logs"),
+                           "--hidden_dim", "16", "--device", "cpu", "--num_workers", "0",
+                           "--log_dir", str(out / "logs"),
                            "--output_dir", str(out / "models"), *extra])
 
 
