@@ -18,7 +18,6 @@ run: its settings come from the checkpoint.
 """
 from __future__ import annotations
 
-import argparse
 import copy
 import dataclasses
 import math
@@ -35,14 +34,14 @@ import trainable_vpr as vpr
 from trainable_vpr import checkpoints
 from trainable_vpr.checkpoints import (checkpoint_path, checkpoint_payload, checkpoint_vocabulary, embeddings_backbone,
                                        latest_alias_path, random_states, refresh_latest_alias, restore_random_states)
-from vprkit.cli import CliParser, VPRError, add_debug_flag, check_writable_dir, run_cli, sigterm_as_interrupt
+from vprkit.cli import CliParser, VPRError, check_writable_dir, run_cli, sigterm_as_interrupt
 from vprkit.evaluation import RecallResult, evaluate_retrieval
 from vprkit.features import extract_both, extract_table, extraction_settings, pooling_config, release_other_ranks
 from vprkit.pairs import check_query_split, check_trainable, group_places, uses_labels, warn_shared_images
 from vprkit.places import PlaceTable, load_table
 from vprkit.runlog import CsvLogger, LOG_COLUMNS, LOG_EXTRA_COLUMNS, LOG_OPTIONAL_COLUMNS, TRAINING_SUMMARY_NAME, append_summary_row, new_run_id, read_summary_table
 from vprkit.tensorboard_log import TensorBoardLog, tensorboard_dir
-from vprkit.settings import add_config_args, add_config_file_flag, config_from_args, given_settings, parse_layered
+from vprkit.settings import config_from_args, config_parser, given_settings, parse_layered
 from vprkit.miners import BatchMiner, Miner, UCBMiner, load_difficulty_parquet
 
 
@@ -135,19 +134,20 @@ class TrainState:
 # folders); any other difference would make the resumed run a different run. `--resume CKPT`
 # alone takes every setting from the checkpoint; a flag beside it may change only these.
 RESUMABLE_CHANGES = {"resume", "epochs", "early_stopping_patience", "save_every_n_epochs", "validate_every_n_epochs",
-                     "device", "num_workers", "cache_dir", "no_cache", "log_dir", "output_dir", "precision", "tensorboard"}
+                     "device", "num_workers", "cache_dir", "no_cache", "log_dir", "checkpoint_dir", "precision",
+                     "extract_batch_size", "tensorboard"}
 
 # Called after each validation with (epoch, result); it may raise to stop the run (tune_vpr.py prunes so).
 ValidationCallback = Callable[[int, RecallResult], None]
 
 
+def build_parser() -> CliParser:
+    return config_parser(vpr.TrainConfig, __doc__.split("\n\n")[0],
+                         optional=("train_csv", "val_csv"))  # --resume CKPT alone needs neither
+
+
 def parse_args(argv: Sequence[str] | None) -> vpr.TrainConfig:
-    parser = CliParser(
-        description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
-    )
-    add_config_file_flag(parser)
-    add_config_args(parser, vpr.TrainConfig, optional=("train_csv", "val_csv"))  # --resume CKPT alone needs neither
-    add_debug_flag(parser)
+    parser = build_parser()
     args = parse_layered(parser, argv)
     if args.resume:
         config = resumed_config(args.resume, config_from_args(args, vpr.TrainConfig), given_settings(parser, argv))
@@ -168,8 +168,7 @@ def resumed_config(path: str, parsed: vpr.TrainConfig, given: set[str]) -> vpr.T
     if "resume" not in saved:
         raise VPRError(f"--resume {path}: not a resumable checkpoint; give the run's _last or _final checkpoint")
     fields = {f.name for f in dataclasses.fields(vpr.TrainConfig)}
-    values = {**dataclasses.asdict(vpr.TrainConfig(train_csv="", val_csv="")),
-              **{k: v for k, v in saved["config"].items() if k in fields}}
+    values = dataclasses.asdict(vpr.TrainConfig.from_saved(saved["config"]))
     for name in sorted(given & fields):
         now = getattr(parsed, name)
         if name in RESUMABLE_CHANGES:
@@ -224,13 +223,13 @@ def named_after_embeddings(config: vpr.TrainConfig, train: PlaceTable, val: Plac
     return dataclasses.replace(config, model=given or saved or EMBEDDINGS_MODEL)
 
 
-DEFAULT_MODEL = next(f.default for f in dataclasses.fields(vpr.TrainConfig) if f.name == "model")
+DEFAULT_MODEL = vpr.DEFAULT_MODEL
 
 
 def check_outputs(config: vpr.TrainConfig) -> Path:
     """Writable output folders and a summary this run can append to; returns the log folder."""
     log_dir = check_writable_dir(config.log_dir, "--log_dir")
-    check_writable_dir(config.output_dir, "--output_dir")
+    check_writable_dir(config.checkpoint_dir, "--checkpoint_dir")
     read_summary_table(log_dir / TRAINING_SUMMARY_NAME)
     return log_dir
 
@@ -430,7 +429,7 @@ class Run:
 
     def checkpoint_file(self, kind: str = "") -> Path:
         """This run's checkpoint: the best ("" kind), "last" or "final" (named by its run id)."""
-        return checkpoint_path(self.config.output_dir, self.run_id, kind)
+        return checkpoint_path(self.config.checkpoint_dir, self.run_id, kind)
 
     def checkpoint(self, epoch: int, resumable: bool) -> dict[str, Any]:
         """The head at `epoch` with the run's best metrics; resumable adds optimizer,
@@ -509,11 +508,11 @@ def open_log(run: Run, loss_fn: vpr.HybridLoss, log_dir: Path, resumed: dict | N
         open_tensorboard(run, log_dir)
         logger = CsvLogger(run.log_file, columns, continue_after_epoch=run.state.epoch, on_row=run.tensorboard)
         earlier_best = Path(config.resume).parent / run.checkpoint_file().name
-        if not run.checkpoint_file().exists() and earlier_best.is_file():  # resumed into another --output_dir
+        if not run.checkpoint_file().exists() and earlier_best.is_file():  # resumed into another --checkpoint_dir
             refresh_latest_alias(earlier_best, run.checkpoint_file())
         print(f"run {run.run_id}: resumed after epoch {run.state.epoch} from {config.resume}, log {logger.path}", flush=True)
         return logger
-    run.run_id = new_run_id(config.model, config.seed, log_dir, config.output_dir)
+    run.run_id = new_run_id(config.model, config.seed, log_dir, config.checkpoint_dir)
     open_tensorboard(run, log_dir)
     logger = CsvLogger(log_dir / f"{run.run_id}.csv", columns, on_row=run.tensorboard)
     run.log_file = logger.path
@@ -644,7 +643,7 @@ def train(config: vpr.TrainConfig, on_validation: ValidationCallback | None = No
     if state.best_epoch == 0:
         print(f"no epoch beat the untrained head (val R@1 {state.best_recall[1]:.3f} at epoch 0): "
               f"{best_path} holds the untrained head", flush=True)
-    refresh_latest_alias(best_path, latest_alias_path(config.output_dir, config.model, config.seed))
+    refresh_latest_alias(best_path, latest_alias_path(config.checkpoint_dir, config.model, config.seed))
     result = TrainResult(run.run_id, state.best_recall, state.best_epoch, state.epoch, time.perf_counter() - started,
                          best_path, run.log_file, final_path, state.early_stopped, data.skipped_images,
                          state.untrained_r1, run.start, run.start_head)
@@ -670,7 +669,7 @@ def main(argv: Sequence[str] | None = None) -> TrainResult:
     result = train(config)
     print(f"best val R@1 {result.best_recall[1]:.3f} R@5 {result.best_recall[5]:.3f} R@10 {result.best_recall[10]:.3f} "
           f"at epoch {result.best_epoch}{NO_GAIN if result.best_epoch == 0 else ''}; checkpoint {result.checkpoint} "
-          f"(copied to {latest_alias_path(config.output_dir, config.model, config.seed)}); log {result.log_file}; "
+          f"(copied to {latest_alias_path(config.checkpoint_dir, config.model, config.seed)}); log {result.log_file}; "
           f"{result.wall_time_s:.1f} s")
     return result
 

@@ -99,7 +99,7 @@ def trained_descriptors(recipe: str, seed: int, threshold: float, args: argparse
     config = vpr.TrainConfig(**RECIPES[recipe], pooling=pooling[0], feature_layer=pooling[1], train_csv=str(args.data / "train.csv"), val_csv=str(args.data / "val.csv"),
                              model=args.model, seed=seed, epochs=args.epochs, pos_threshold_m=threshold,
                              cache_dir=args.cache_dir, log_dir=str(args.out_dir / "logs"),
-                             output_dir=str(args.out_dir / f"models_{threshold:g}m_{pooling[0]}{pooling[1]}"))
+                             checkpoint_dir=str(args.out_dir / f"models_{threshold:g}m_{pooling[0]}{pooling[1]}"))
     with contextlib.redirect_stdout(io.StringIO()):
         result = train_vpr.train(config)
     model = PlaceDescriptor.from_checkpoint(result.checkpoint, with_backbone=False)  # the features are the cache's

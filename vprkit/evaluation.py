@@ -182,12 +182,14 @@ class Descriptors:
     queries: np.ndarray
 
 
-def load_eval_tables(args: Any, pos_threshold_m: float, supervision: str = "auto") -> tuple[PlaceTable, PlaceTable]:
+def load_eval_tables(db_csv: str, test_csv: str, pos_threshold_m: float, supervision: str = "auto",
+                     image_root: str | None = None, camera_id: str | None = None,
+                     on_bad_image: str = "error") -> tuple[PlaceTable, PlaceTable]:
     """Database and queries (poses CSVs or embeddings parquets), checked: comparable
     positions, some query with a positive by the rule of `supervision`; queries that repeat
     database images are one warning line."""
-    database = load_table(args.train_csv, args.image_root, args.camera_id, args.on_bad_image)
-    queries = load_table(args.test_csv, args.image_root, args.camera_id, args.on_bad_image)
+    database = load_table(db_csv, image_root, camera_id, on_bad_image)
+    queries = load_table(test_csv, image_root, camera_id, on_bad_image)
     check_queries(database, queries, pos_threshold_m, supervision)
     warn_shared_images(database, queries, "query")
     return database, queries

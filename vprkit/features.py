@@ -257,7 +257,8 @@ class ExtractionSettings:
     feature_layer: int = _flag(-1, "with --pooling gem/vlad: the layer whose local features are pooled (a ViT block, "
                                "a CNN stage; -1 the last, negative counts from the end)", "model")
     vlad_clusters: int = _flag(32, "with --pooling vlad: vocabulary size K (descriptor K x channels)", "model")
-    batch_size: int = _flag(32, "images per extraction batch", "system")
+    extract_batch_size: int = _flag(32, "images per extraction batch (the backbone's forward pass)", "system",
+                                    deprecated=("--batch_size",))
     device: str = _flag("auto", "auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps", "system")
     num_workers: int = _flag(None, "image-decoding worker processes (default: a quarter of the CPU cores, at most 4)",
                              "system")
@@ -279,8 +280,8 @@ class ExtractionSettings:
         return None if self.no_cache else self.cache_dir
 
 
-def extraction_settings(config: Any) -> ExtractionSettings:
-    """The extraction settings of any config or namespace that has their flags."""
+def extraction_settings(config: ExtractionSettings) -> ExtractionSettings:
+    """The extraction settings alone, of a config that extends them (TrainConfig, EvalConfig...)."""
     names = [f.name for f in dataclasses.fields(ExtractionSettings)]
     return ExtractionSettings(**{n: getattr(config, n) for n in names if hasattr(config, n)})
 
@@ -293,11 +294,11 @@ def pooling_config(config: Any) -> PoolingConfig:
     return PoolingConfig(get("pooling", "backbone"), get("feature_layer", -1), get("vlad_clusters", 32))
 
 
-def validate_extraction_flags(config: Any) -> None:
+def validate_extraction_flags(config: ExtractionSettings) -> None:
     """The values of the shared flags that cannot work, caught before any output."""
     pooling_config(config)  # raises on an unknown pooling, a layer without gem/vlad, K < 1
-    if config.batch_size < 1:
-        raise VPRError(f"--batch_size {config.batch_size}: must be at least 1")
+    if config.extract_batch_size < 1:
+        raise VPRError(f"--extract_batch_size {config.extract_batch_size}: must be at least 1")
     if config.num_workers is not None and config.num_workers < 0:
         raise VPRError(f"--num_workers {config.num_workers}: must be 0 (decode in this process) or more")
     if config.image_size < 0:
@@ -414,7 +415,7 @@ def iterate_descriptors(backbone: Backbone, paths: Sequence[str], options: Extra
     model = model.to(memory_format=memory_format)
     autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
     loader = torch.utils.data.DataLoader(
-        _ImageDataset(paths, backbone.info), batch_size=options.batch_size, shuffle=False,
+        _ImageDataset(paths, backbone.info), batch_size=options.extract_batch_size, shuffle=False,
         num_workers=options.num_workers, persistent_workers=False, pin_memory=device.type == "cuda",
     )
     with torch.inference_mode(), torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
@@ -529,14 +530,14 @@ def extract_both(backbone: Backbone, first: PlaceTable, second: PlaceTable, opti
     return first, first_features, second, second_features
 
 
-def frozen_descriptors(args: Any, backbone: Backbone | None, database: PlaceTable, queries: PlaceTable,
+def frozen_descriptors(options: ExtractionSettings, backbone: Backbone | None, database: PlaceTable, queries: PlaceTable,
                        pos_threshold_m: float, supervision: str = "auto") -> tuple[PlaceTable, PlaceTable, Descriptors]:
     """The frozen descriptors: the parquets' embeddings, or the backbone's features (cache);
     with --on_bad_image skip, images that cannot be decoded are left out of tables and features."""
     if backbone is None:
         return database, queries, Descriptors(database.embeddings, queries.embeddings)
     database, db_features, queries, q_features = extract_both(
-        backbone, database, queries, extraction_settings(args), ("database", "queries"), args.on_bad_image)
+        backbone, database, queries, extraction_settings(options), ("database", "queries"), options.on_bad_image)
     if database.skipped or queries.skipped:
         check_queries(database, queries, pos_threshold_m, supervision)
     return database, queries, Descriptors(db_features, q_features)

@@ -39,8 +39,8 @@ LOG_OPTIONAL_COLUMNS = ["ucb_stats"]
 
 
 SUMMARY_RESULT_COLUMNS = [
-    "best_val_r1", "best_val_r5", "best_val_r10", "untrained_val_r1", "head_start", "best_epoch", "epochs_run", "skipped_images", "wall_time_s",
-    "checkpoint", "log_file",
+    "best_val_r1", "best_val_r5", "best_val_r10", "untrained_val_r1", "head_start", "best_epoch", "epochs_run",
+    "skipped_images", "wall_time_s", "checkpoint", "log_file",
 ]
 
 
@@ -114,7 +114,8 @@ class CsvLogger:
 
     def _keep_epochs_up_to(self, last_epoch: int) -> None:
         if not self.path.is_file():
-            raise VPRError(f"run log {self.path}: not found; the run to resume wrote it (restore it, or start a new run)")
+            raise VPRError(f"run log {self.path}: not found; the run to resume wrote it "
+                           f"(restore it, or start a new run)")
         rows = list(csv.reader(io.StringIO(self.path.read_text())))
         if not rows or rows[0] != self.columns:
             raise VPRError(f"run log {self.path}: its columns differ from this run's; resume with the same settings")

@@ -29,7 +29,7 @@ def data(tmp_path_factory):
 
 
 def _options(cache) -> ExtractionSettings:
-    return ExtractionSettings(cache_dir=str(cache), num_workers=0, device="cpu", batch_size=8)
+    return ExtractionSettings(cache_dir=str(cache), num_workers=0, device="cpu", extract_batch_size=8)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -109,7 +109,7 @@ def test_pooled_descriptor_is_local_pooling(tiny_backbone):
 # end to end
 # ---------------------------------------------------------------------------------------------
 def _common(model: str, cache) -> list[str]:
-    return ["--model", model, "--weights", "random", "--image_size", str(TINY_SIZE), "--batch_size", "8",
+    return ["--model", model, "--weights", "random", "--image_size", str(TINY_SIZE), "--extract_batch_size", "8",
             "--num_workers", "0",
             "--device", "cpu", "--cache_dir", str(cache)]
 
@@ -117,9 +117,9 @@ def _common(model: str, cache) -> list[str]:
 def test_vlad_on_a_vit_end_to_end(data, tmp_path, capsys):
     cache = tmp_path / "cache"
     result = train_vpr.main(["--train_csv", str(data.train), "--val_csv", str(data.val), *_common(VIT, cache),
-                             "--epochs", "1", "--images_per_place", "2", "--pooling", "vlad", "--vlad_clusters", "4",
-                             "--feature_layer", "-2", "--log_dir", str(tmp_path / "logs"),
-                             "--output_dir", str(tmp_path / "models")])
+                             "--batch_size", "8", "--epochs", "1", "--images_per_place", "2", "--pooling", "vlad",
+                             "--vlad_clusters", "4", "--feature_layer", "-2", "--log_dir", str(tmp_path / "logs"),
+                             "--checkpoint_dir", str(tmp_path / "models")])
     checkpoint = vpr.load_checkpoint(result.checkpoint)
     stored = list((cache / "vocabularies").glob("*.npy"))
     assert len(stored) == 1
@@ -133,7 +133,7 @@ def test_vlad_on_a_vit_end_to_end(data, tmp_path, capsys):
     # silently) and reads the features training cached
     stored[0].unlink()
     capsys.readouterr()
-    report = eval_trained.main(["--model_path", str(result.checkpoint), "--train_csv", str(data.train),
+    report = eval_trained.main(["--model_path", str(result.checkpoint), "--db_csv", str(data.train),
                                 "--test_csv", str(data.val), "--device", "cpu", "--num_workers", "0",
                                 "--cache_dir", str(cache)])
     out = capsys.readouterr().out
@@ -141,7 +141,7 @@ def test_vlad_on_a_vit_end_to_end(data, tmp_path, capsys):
     assert report.result.recalls[1] == pytest.approx(result.best_recall[1])
     # other pooling flags than the checkpoint's: refused in one line
     code, err = run_main(capsys, eval_trained.main, [
-        "--model_path", str(result.checkpoint), "--train_csv", str(data.train), "--test_csv", str(data.val),
+        "--model_path", str(result.checkpoint), "--db_csv", str(data.train), "--test_csv", str(data.val),
         "--device", "cpu", "--num_workers", "0", "--cache_dir", str(cache), "--pooling", "gem"])
     assert_one_line_error(code, err, "--pooling vlad", "drop the pooling flags")
 
@@ -149,21 +149,22 @@ def test_vlad_on_a_vit_end_to_end(data, tmp_path, capsys):
 def test_gem_on_the_tiny_cnn_end_to_end(data, tmp_path):
     cache = tmp_path / "cache"
     result = train_vpr.main(["--train_csv", str(data.train), "--val_csv", str(data.val),
-                             *_common(TINY_MODEL, cache), "--epochs", "1", "--images_per_place", "2",
-                             "--pooling", "gem", "--feature_layer", "-2", "--head", "projection",
-                             "--log_dir", str(tmp_path / "logs"), "--output_dir", str(tmp_path / "models")])
+                             *_common(TINY_MODEL, cache), "--batch_size", "8", "--epochs", "1",
+                             "--images_per_place", "2", "--pooling", "gem", "--feature_layer", "-2",
+                             "--head", "projection", "--log_dir", str(tmp_path / "logs"),
+                             "--checkpoint_dir", str(tmp_path / "models")])
     checkpoint = vpr.load_checkpoint(result.checkpoint)
     model = vpr.create_backbone(TINY_MODEL, "random", TINY_SIZE).model
     assert checkpoint["head_config"]["in_dim"] == layer_channels(model, -2)
     assert "vlad_vocabulary" not in checkpoint
-    report = eval_trained.main(["--model_path", str(result.checkpoint), "--train_csv", str(data.train),
+    report = eval_trained.main(["--model_path", str(result.checkpoint), "--db_csv", str(data.train),
                                 "--test_csv", str(data.val), "--device", "cpu", "--num_workers", "0",
                                 "--cache_dir", str(cache)])
     assert report.result.recalls[1] == pytest.approx(result.best_recall[1])
 
 
 def test_pooling_flag_errors(data, tmp_path, capsys):
-    base = ["--train_csv", str(data.train), "--test_csv", str(data.val), "--baseline",
+    base = ["--db_csv", str(data.train), "--test_csv", str(data.val), "--baseline",
             *_common(TINY_MODEL, tmp_path / "cache")]
     code, err = run_main(capsys, eval_trained.main, [*base, "--feature_layer", "-2"])
     assert_one_line_error(code, err, "--feature_layer -2", "--pooling gem")

@@ -83,7 +83,7 @@ def test_training_checks_the_summary_before_writing_anything(tmp_path):
         train_vpr.main(["--train_csv", str(train), "--val_csv", str(val), "--model", TINY_MODEL, "--weights", "random",
                         "--image_size", str(TINY_SIZE), "--num_workers", "0", "--device", "cpu", "--epochs", "1",
                         "--batch_size", "8", "--cache_dir", str(tmp_path / "cache"), "--log_dir", str(summary.parent),
-                        "--output_dir", str(tmp_path / "models")])
+                        "--checkpoint_dir", str(tmp_path / "models")])
     assert [p.name for p in summary.parent.iterdir()] == ["training_summary.csv"]
     assert not (tmp_path / "cache").exists()  # stopped before the extraction
 
