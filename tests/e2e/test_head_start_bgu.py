@@ -26,7 +26,7 @@ def test_bgu_epoch0_equals_the_chosen_frozen_descriptor(tmp_path):
     cache = os.environ.get("BGU_CACHE_DIR", str(REPO / ".cache" / "features"))
     result = train_vpr.main(["--train_csv", str(BGU / "train.csv"), "--val_csv", str(BGU / "val.csv"),
                              "--model", "effnet_lite0", "--epochs", "1", "--lr", "1e-12", "--cache_dir", cache,
-                             "--log_dir", str(tmp_path / "logs"), "--output_dir", str(tmp_path / "models")])
+                             "--log_dir", str(tmp_path / "logs"), "--checkpoint_dir", str(tmp_path / "models")])
     train, val = load_poses(BGU / "train.csv"), load_poses(BGU / "val.csv")
     backbone = vpr.create_backbone("effnet_lite0")
     options = ExtractionSettings(cache_dir=cache)

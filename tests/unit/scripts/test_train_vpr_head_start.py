@@ -54,7 +54,7 @@ def train(splits, out: Path, *extra: str) -> train_vpr.TrainResult:
                            "--model", "synthetic", "--epochs", "1", "--batch_size", "8", "--projection_dim", "8",
                            "--hidden_dim", "16", "--device", "cpu", "--num_workers", "0",
                            "--log_dir", str(out / "logs"),
-                           "--output_dir", str(out / "models"), *extra])
+                           "--checkpoint_dir", str(out / "models"), *extra])
 
 
 def table(path: Path):
@@ -145,7 +145,7 @@ def test_val_db_without_positives_for_the_val_queries_is_one_line(splits, tmp_pa
     frame.to_parquet(far, index=False)
     code, err = run_main(capsys, train_vpr.main, [
         "--train_parquet", str(splits["train"]), "--val_parquet", str(splits["val"]), "--val_db_parquet", str(far),
-        "--log_dir", str(tmp_path / "logs"), "--output_dir", str(tmp_path / "models")])
+        "--log_dir", str(tmp_path / "logs"), "--checkpoint_dir", str(tmp_path / "models")])
     assert_one_line_error(code, err, "far.parquet", "val.parquet")
     assert not (tmp_path / "models").exists() or not any((tmp_path / "models").iterdir())
 
@@ -153,7 +153,7 @@ def test_val_db_without_positives_for_the_val_queries_is_one_line(splits, tmp_pa
 def test_val_db_of_another_kind_is_one_line(splits, tmp_path, capsys):
     code, err = run_main(capsys, train_vpr.main, [
         "--train_parquet", str(splits["train"]), "--val_parquet", str(splits["val"]), "--val_db_csv", "db.csv",
-        "--log_dir", str(tmp_path / "logs"), "--output_dir", str(tmp_path / "models")])
+        "--log_dir", str(tmp_path / "logs"), "--checkpoint_dir", str(tmp_path / "models")])
     assert_one_line_error(code, err, "--val_db_csv", "parquet")
 
 
@@ -199,7 +199,7 @@ def test_experiment_trained_row_equals_the_start_when_nothing_improves(splits, t
         "--train_parquet", str(splits["train"]), "--val_parquet", str(splits["val"]), "--test_parquet", str(test),
         "--models", "synthetic", "--epochs", "1", "--lr", "1e-12", "--batch_size", "8", "--projection_dim", "8",
         "--hidden_dim", "16", "--head_start", start, "--log_dir", str(tmp_path / "logs"),
-        "--output_dir", str(tmp_path / "models")])
+        "--checkpoint_dir", str(tmp_path / "models")])
     rows = table_.set_index("variant")
     assert set(rows.index) >= {"raw", "pca_whitened", "learned_whitened", "start", "trained"}
     recalls = [c for c in rows.columns if c.startswith("recall@")]
@@ -217,7 +217,7 @@ def test_experiment_with_another_database_keeps_trained_equal_to_start(splits, t
         "--train_parquet", str(splits["train"]), "--val_parquet", str(splits["val"]), "--test_parquet", str(test),
         "--db_parquet", str(splits["val_db"]), "--val_db_parquet", str(splits["val_db"]),
         "--models", "synthetic", "--epochs", "1", "--lr", "1e-12", "--batch_size", "8", "--projection_dim", "8",
-        "--hidden_dim", "16", "--log_dir", str(tmp_path / "logs"), "--output_dir", str(tmp_path / "models")])
+        "--hidden_dim", "16", "--log_dir", str(tmp_path / "logs"), "--checkpoint_dir", str(tmp_path / "models")])
     rows = table_.set_index("variant")
     recalls = [c for c in rows.columns if c.startswith("recall@")]
     assert rows.loc["trained", recalls].tolist() == rows.loc["start", recalls].tolist()
