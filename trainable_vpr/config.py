@@ -197,8 +197,8 @@ def validate_train_config(config: TrainConfig) -> None:
     if config.difficulty_parquet and config.neg_sampler != "ucb":
         raise VPRError(f"--difficulty_parquet {config.difficulty_parquet}: only used with --neg_sampler ucb")
     if config.val_db_csv and is_parquet(config.val_db_csv) != is_parquet(config.train_csv):
-        raise VPRError(f"--val_db_csv {config.val_db_csv}: give the same kind of input as --train_csv "
-                       f"({'an embeddings parquet' if is_parquet(config.train_csv) else 'images: a poses CSV or folder'})")
+        kind = "an embeddings parquet" if is_parquet(config.train_csv) else "images: a poses CSV or folder"
+        raise VPRError(f"--val_db_csv {config.val_db_csv}: give the same kind of input as --train_csv ({kind})")
     if config.pooling != "backbone" and (is_parquet(config.train_csv) or is_parquet(config.val_csv)):
         raise VPRError(f"--pooling {config.pooling}: embeddings parquets hold descriptors already pooled; "
                        f"drop --pooling or train on poses CSVs (images)")
