@@ -34,6 +34,7 @@ import trainable_vpr as vpr
 from trainable_vpr import checkpoints
 from trainable_vpr.checkpoints import (checkpoint_path, checkpoint_payload, checkpoint_vocabulary, embeddings_backbone,
                                        latest_alias_path, random_states, refresh_latest_alias, restore_random_states)
+from vprkit.augment import extract_views, view_picks
 from vprkit.cli import CliParser, VPRError, check_writable_dir, run_cli, sigterm_as_interrupt
 from vprkit.evaluation import RecallResult, evaluate_retrieval
 from vprkit.features import extract_both, extract_table, extraction_settings, pooling_config, release_other_ranks
@@ -71,6 +72,7 @@ class Split:
     features: np.ndarray
     labels: np.ndarray | None
     places: np.ndarray  # place of each image, for batches (group_places)
+    views: np.ndarray | None = None  # --augment_views K: K x N x D features of the augmented views (training only)
 
     @classmethod
     def of(cls, table: PlaceTable, features: np.ndarray, by_label: bool, pos_threshold_m: float) -> "Split":
@@ -87,6 +89,16 @@ class Split:
     def take(self, batch: np.ndarray) -> tuple[np.ndarray | None, np.ndarray | None]:
         """(positions, labels) of a batch, either None when not used."""
         return (None if self.xyz is None else self.xyz[batch]), (None if self.labels is None else self.labels[batch])
+
+    def batch_features(self, batch: np.ndarray, picks: np.ndarray | None = None) -> np.ndarray:
+        """The frozen features of a batch's rows: row j reads view picks[j] of its image (0: the
+        original; vprkit.augment.view_picks), or the originals when no picks are given."""
+        rows = self.features[batch]
+        if picks is None or self.views is None or not picks.any():
+            return rows
+        augmented = picks > 0
+        rows[augmented] = self.views[picks[augmented] - 1, batch[augmented]]
+        return rows
 
 
 @dataclass
@@ -259,12 +271,17 @@ def extract_training_data(config: vpr.TrainConfig, train: PlaceTable, val: Place
     if val_db is not None:
         val_db, val_db_features = extract_table(backbone, val_db, extraction_settings(config), "val_db",
                                                 config.on_bad_image)
+    # views of the training images only, after --on_bad_image skip left out the ones that do not decode
+    views = extract_views(backbone, train, extraction_settings(config), config.augment_views) \
+        if config.augment_views else None
     if release_other_ranks() != 0:
         sys.exit(0)  # torchrun: the other ranks only shared the extraction; rank 0 trains on the cache
     if train.skipped or val.skipped or (val_db is not None and val_db.skipped):
         check_splits(config, train, val, by_label, val_db)
-    return TrainingData(backbone.info.as_dict(), split(train, train_features), split(val, val_features),
-                        backbone.vocabulary, None if val_db is None else split(val_db, val_db_features))
+    train_split = split(train, train_features)
+    train_split.views = views
+    return TrainingData(backbone.info.as_dict(), train_split, split(val, val_features), backbone.vocabulary,
+                        None if val_db is None else split(val_db, val_db_features))
 
 
 def head_config_for(config: vpr.TrainConfig, in_dim: int) -> vpr.HeadConfig:
@@ -334,9 +351,10 @@ def epoch_batches(config: vpr.TrainConfig, head: torch.nn.Module, split: Split, 
 
 
 def batch_loss(head: torch.nn.Module, loss_fn: vpr.HybridLoss, split: Split, batch: np.ndarray, config: vpr.TrainConfig,
-               generator: torch.Generator, miner: Miner) -> vpr.LossParts:
-    """The hybrid loss of one batch on the miner's triplets; the miner is rewarded with their losses."""
-    frozen = torch.from_numpy(split.features[batch])
+               generator: torch.Generator, miner: Miner, picks: np.ndarray | None = None) -> vpr.LossParts:
+    """The hybrid loss of one batch on the miner's triplets; the miner is rewarded with their losses.
+    `picks`: the view each row reads (--augment_views; None: the originals)."""
+    frozen = torch.from_numpy(split.batch_features(batch, picks))
     xyz, labels = split.take(batch)
     pos_mask, neg_mask = vpr.batch_pair_masks(xyz, config.pos_threshold_m, config.neg_threshold_m, labels)
     if config.positive_selection == "feature":
@@ -358,7 +376,9 @@ def train_one_epoch(epoch: int, head, optimizer, scheduler, loss_fn, split: Spli
     start = time.perf_counter()
     for number, batch in enumerate(batches, start=1):
         tick = time.perf_counter()
-        parts = batch_loss(head, loss_fn, split, batch, config, generator, miner)
+        picks = None if split.views is None else view_picks(config.seed, epoch, number, len(batch),
+                                                            config.augment_views)
+        parts = batch_loss(head, loss_fn, split, batch, config, generator, miner, picks)
         optimizer.zero_grad(set_to_none=True)
         parts.total.backward()
         optimizer.step()

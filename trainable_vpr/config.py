@@ -133,6 +133,10 @@ class TrainConfig(ExtractionSettings, BackboneName, HeadName, Supervision, PosTh
     ucb_warmup_samples: int = _flag(1000, "ucb: draws spread round-robin over the bands before UCB1 decides")
     difficulty_parquet: str | None = _flag(None, "ucb: external bands, a parquet of image_id, neighbor_building_ids, "
                                            "neighbor_bands (needs place labels)", "data")
+    augment_views: int = _flag(0, "K augmented views per training image (random crop, colour jitter, night-like "
+                               "darkening on every second), extracted once and cached; each step a batch row reads "
+                               "the original or one of its K views, uniformly (0: off; never for validation, "
+                               "database or queries)")
     validate_every_n_epochs: int = _flag(1, "validate (and maybe save the best checkpoint) every N epochs and after the last")
     save_every_n_epochs: int = _flag(1, "write the resumable _last checkpoint every N epochs")
     resume: str | None = _flag(None, "continue the run of this _last (or _final) checkpoint: head, optimizer, scheduler, "
@@ -199,6 +203,11 @@ def validate_train_config(config: TrainConfig) -> None:
     if config.val_db_csv and is_parquet(config.val_db_csv) != is_parquet(config.train_csv):
         kind = "an embeddings parquet" if is_parquet(config.train_csv) else "images: a poses CSV or folder"
         raise VPRError(f"--val_db_csv {config.val_db_csv}: give the same kind of input as --train_csv ({kind})")
+    if config.augment_views < 0:
+        raise VPRError(f"--augment_views {config.augment_views}: must be 0 (off) or more")
+    if config.augment_views and (is_parquet(config.train_csv) or is_parquet(config.val_csv)):
+        raise VPRError(f"--augment_views {config.augment_views}: embeddings parquets have no images to augment; "
+                       f"drop --augment_views or train on poses CSVs (images)")
     if config.pooling != "backbone" and (is_parquet(config.train_csv) or is_parquet(config.val_csv)):
         raise VPRError(f"--pooling {config.pooling}: embeddings parquets hold descriptors already pooled; "
                        f"drop --pooling or train on poses CSVs (images)")

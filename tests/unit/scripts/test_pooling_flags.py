@@ -4,7 +4,6 @@ end-to-end runs (VLAD on a random-weight ViT, GeM on the tiny CNN), the PCA that
 VLAD's dimension and the residual head's start (the better of raw and PCA-whitened on val)."""
 from __future__ import annotations
 
-
 import numpy as np
 import pytest
 import torch
