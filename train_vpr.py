@@ -37,7 +37,7 @@ from trainable_vpr.checkpoints import (checkpoint_path, checkpoint_payload, chec
 from vprkit.augment import extract_views, view_picks
 from vprkit.cli import CliParser, VPRError, check_writable_dir, run_cli, sigterm_as_interrupt
 from vprkit.evaluation import RecallResult, evaluate_retrieval
-from vprkit.features import extract_both, extraction_settings, pooling_config, release_other_ranks
+from vprkit.features import extract_both, extract_table, extraction_settings, pooling_config, release_other_ranks
 from vprkit.pairs import check_query_split, check_trainable, group_places, uses_labels, warn_shared_images
 from vprkit.places import PlaceTable, load_table
 from vprkit.runlog import CsvLogger, LOG_COLUMNS, LOG_EXTRA_COLUMNS, LOG_OPTIONAL_COLUMNS, TRAINING_SUMMARY_NAME, append_summary_row, new_run_id, read_summary_table
@@ -59,6 +59,8 @@ class TrainResult:
     early_stopped: bool = False
     skipped_images: int = 0  # left out by --on_bad_image skip
     untrained_r1: float = math.nan  # val R@1 of the untrained head (epoch 0): what training must beat
+    head_start: dict[str, Any] | None = None  # the residual head's start (StartChoice.record()), None for other heads
+    start_head: torch.nn.Module | None = None  # the untrained head itself (run_experiment's `start` row)
 
 
 @dataclass
@@ -108,10 +110,16 @@ class TrainingData:
     train: Split
     val: Split
     vocabulary: np.ndarray | None = None  # --pooling vlad: the centroids, stored in every checkpoint
+    val_db: Split | None = None  # --val_db_csv: the validation database (None: the training images)
+
+    @property
+    def val_database(self) -> Split:
+        """The database validation searches: --val_db_csv, else the training images."""
+        return self.train if self.val_db is None else self.val_db
 
     @property
     def skipped_images(self) -> int:
-        return len(self.train.table.skipped) + len(self.val.table.skipped)
+        return sum(len(s.table.skipped) for s in (self.train, self.val, self.val_db) if s is not None)
 
 
 @dataclass
@@ -184,21 +192,26 @@ def resumed_config(path: str, parsed: vpr.TrainConfig, given: set[str]) -> vpr.T
     return vpr.TrainConfig(**values)
 
 
-def load_splits(config: vpr.TrainConfig) -> tuple[PlaceTable, PlaceTable, bool]:
-    """Both splits (poses CSVs or embeddings parquets) and whether place labels supervise them,
-    checked: every input problem is found here, before any output is written."""
+def load_splits(config: vpr.TrainConfig) -> tuple[PlaceTable, PlaceTable, bool, PlaceTable | None]:
+    """Both splits (poses CSVs or embeddings parquets), whether place labels supervise them and
+    the validation database (--val_db_csv; None: the training images), checked: every input
+    problem is found here, before any output is written."""
     train = load_table(config.train_csv, config.image_root, config.camera_id, config.on_bad_image)
     val = load_table(config.val_csv, config.image_root, config.camera_id, config.on_bad_image)
-    by_label = uses_labels(config.supervision, train, val)
-    check_splits(config, train, val, by_label)
-    warn_shared_images(train, val, "validation")
-    return train, val, by_label
+    val_db = None if not config.val_db_csv else load_table(config.val_db_csv, config.image_root, config.camera_id,
+                                                           config.on_bad_image)
+    by_label = uses_labels(config.supervision, train, val, *([val_db] if val_db is not None else []))
+    check_splits(config, train, val, by_label, val_db)
+    warn_shared_images(train if val_db is None else val_db, val, "validation")
+    return train, val, by_label, val_db
 
 
-def check_splits(config: vpr.TrainConfig, train: PlaceTable, val: PlaceTable, by_label: bool) -> None:
-    """Places with positives to learn from, and validation queries with a positive in the database."""
+def check_splits(config: vpr.TrainConfig, train: PlaceTable, val: PlaceTable, by_label: bool,
+                 val_db: PlaceTable | None = None) -> None:
+    """Places with positives to learn from, and validation queries with a positive in the
+    validation database (--val_db_csv, else the training images)."""
     check_trainable(train, config.pos_threshold_m, train.labels if by_label else None, config.neg_threshold_m)
-    check_query_split(train, val, config.pos_threshold_m, by_label)
+    check_query_split(train if val_db is None else val_db, val, config.pos_threshold_m, by_label)
 
 
 EMBEDDINGS_MODEL = "embeddings"  # a run on embeddings whose backbone neither the parquet nor --model names
@@ -234,33 +247,41 @@ def check_outputs(config: vpr.TrainConfig) -> Path:
 
 
 def extract_training_data(config: vpr.TrainConfig, train: PlaceTable, val: PlaceTable, by_label: bool,
-                          resumed: dict | None = None) -> TrainingData:
+                          resumed: dict | None = None, val_db: PlaceTable | None = None) -> TrainingData:
     """Both splits with their features: embeddings parquets as they are, poses CSVs through
     the frozen backbone (and the cache); with --on_bad_image skip, images that cannot be
     decoded are left out, and the splits checked again. A resumed --pooling vlad run pools with
-    its checkpoint's vocabulary, never a refitted one."""
+    its checkpoint's vocabulary, never a refitted one. The validation database (--val_db_csv)
+    goes through the same frozen model and cache."""
     split = lambda table, features: Split.of(table, features, by_label, config.pos_threshold_m)  # noqa: E731
     if train.embeddings is not None:
-        if train.embeddings.shape[1] != val.embeddings.shape[1]:
-            raise VPRError(f"{config.val_csv}: {val.embeddings.shape[1]}-dim embeddings, but {config.train_csv} has "
+        for other, source in ((val, config.val_csv), (val_db, config.val_db_csv)):
+            if other is not None and train.embeddings.shape[1] != other.embeddings.shape[1]:
+                raise VPRError(f"{source}: {other.embeddings.shape[1]}-dim embeddings, but {config.train_csv} has "
                                f"{train.embeddings.shape[1]}; both must come from the same backbone")
         backbone = embeddings_backbone(config.model, config.train_csv, train.embeddings.shape[1])
-        return TrainingData(backbone, split(train, train.embeddings), split(val, val.embeddings))
+        return TrainingData(backbone, split(train, train.embeddings), split(val, val.embeddings),
+                            val_db=None if val_db is None else split(val_db, val_db.embeddings))
     backbone = vpr.create_pooled_backbone(config.model, config.weights, config.image_size, pooling_config(config),
                                           train.paths, extraction_settings(config),
                                           checkpoint_vocabulary(resumed) if resumed else None)
     train, train_features, val, val_features = extract_both(
         backbone, train, val, extraction_settings(config), ("train", "val"), config.on_bad_image)
+    val_db_features = None
+    if val_db is not None:
+        val_db, val_db_features = extract_table(backbone, val_db, extraction_settings(config), "val_db",
+                                                config.on_bad_image)
     # views of the training images only, after --on_bad_image skip left out the ones that do not decode
     views = extract_views(backbone, train, extraction_settings(config), config.augment_views) \
         if config.augment_views else None
     if release_other_ranks() != 0:
         sys.exit(0)  # torchrun: the other ranks only shared the extraction; rank 0 trains on the cache
-    if train.skipped or val.skipped:
-        check_splits(config, train, val, by_label)
+    if train.skipped or val.skipped or (val_db is not None and val_db.skipped):
+        check_splits(config, train, val, by_label, val_db)
     train_split = split(train, train_features)
     train_split.views = views
-    return TrainingData(backbone.info.as_dict(), train_split, split(val, val_features), backbone.vocabulary)
+    return TrainingData(backbone.info.as_dict(), train_split, split(val, val_features), backbone.vocabulary,
+                        None if val_db is None else split(val_db, val_db_features))
 
 
 def head_config_for(config: vpr.TrainConfig, in_dim: int) -> vpr.HeadConfig:
@@ -268,33 +289,36 @@ def head_config_for(config: vpr.TrainConfig, in_dim: int) -> vpr.HeadConfig:
                           config.use_residual, config.use_layer_norm)
 
 
-def initial_head(config: vpr.TrainConfig, data: TrainingData) -> torch.nn.Module:
-    """A fresh head; the residual head starts as PCA-whitening of the training features or as
-    the raw descriptor (--head_start; auto: the better on val R@1, ties to PCA-whitening, since
-    on effnet_lite2 PCA-whitening is worse than raw and on effnet_lite0 better)."""
+def initial_head(config: vpr.TrainConfig, data: TrainingData) -> tuple[torch.nn.Module, vpr.HeadConfig,
+                                                                        vpr.StartChoice | None]:
+    """A fresh head, its config and, for the residual head, its start (trainable_vpr.starts): the
+    frozen descriptor --head_start names (auto: the best on val R@1 of raw, PCA-whitened and learned
+    whitening), which the untrained head reproduces exactly."""
     torch.manual_seed(config.seed)
-    head = vpr.build_head(head_config_for(config, data.train.features.shape[1]))
-    if not isinstance(head, vpr.ResidualHead):
-        return head
-    starts = {}
-    for start in ("pca_whitened", "raw"):
-        if config.head_start in ("auto", start):
-            starts[start] = copy.deepcopy(head)
-            init = starts[start].init_pca_whitening if start == "pca_whitened" else starts[start].init_raw
-            init(data.train.features)
-    if len(starts) == 1:
-        return next(iter(starts.values()))
-    recall = {start: val_recall(candidate, data, config).recalls[1] for start, candidate in starts.items()}
-    chosen = "raw" if recall["raw"] > recall["pca_whitened"] else "pca_whitened"
-    print(f"residual head start: {chosen} (val R@1 PCA-whitened {recall['pca_whitened']:.3f}, "
-          f"raw {recall['raw']:.3f}; --head_start auto)", flush=True)
-    return starts[chosen]
+    head_config = head_config_for(config, data.train.features.shape[1])
+    if config.head != "residual":
+        return vpr.build_head(head_config), head_config, None
+    choice = vpr.choose_start(config.head_start, head_config, start_fit_data(config, data),
+                              lambda head: val_recall(head, data, config).recalls[1], config.seed)
+    print(f"residual head start: {choice.text()} (--head_start {config.head_start}; val queries against "
+          f"{config.val_db_csv or 'the training images'})", flush=True)
+    return choice.chosen.head, choice.chosen.head_config, choice
+
+
+def start_fit_data(config: vpr.TrainConfig, data: TrainingData) -> vpr.FitData:
+    """What the head's starts are fitted on (training features, their pairs) and chosen on (val
+    queries against the validation database)."""
+    database, val = data.val_database, data.val
+    return vpr.FitData(data.train.features, data.train.xyz, data.train.labels, database.features, database.xyz,
+                       database.labels, val.features, val.xyz, val.labels, config.pos_threshold_m)
 
 
 def val_recall(head: torch.nn.Module, data: TrainingData, config: vpr.TrainConfig) -> RecallResult:
-    """Val queries against the train database (DESIGN.md §7), through the head."""
-    return evaluate_retrieval(vpr.embed(head, data.train.features), data.train.xyz, vpr.embed(head, data.val.features),
-                              data.val.xyz, config.pos_threshold_m, db_labels=data.train.labels,
+    """Val queries against the validation database (--val_db_csv, else the training images;
+    DESIGN.md §7), through the head."""
+    database = data.val_database
+    return evaluate_retrieval(vpr.embed(head, database.features), database.xyz, vpr.embed(head, data.val.features),
+                              data.val.xyz, config.pos_threshold_m, db_labels=database.labels,
                               q_labels=data.val.labels)
 
 
@@ -387,7 +411,7 @@ def validation_loss(head, loss_fn: vpr.HybridLoss, split: Split, config: vpr.Tra
 
 def validate(epoch: int, head, loss_fn, data: TrainingData, config: vpr.TrainConfig,
              logger: CsvLogger) -> tuple[RecallResult, float]:
-    """Val queries against the train database (DESIGN.md §7), plus the validation loss."""
+    """Val queries against the validation database (DESIGN.md §7), plus the validation loss."""
     start = time.perf_counter()
     val_loss = validation_loss(head, loss_fn, data.val, config)
     result = val_recall(head, data, config)
@@ -416,6 +440,9 @@ class Run:
     rng: np.random.Generator
     generator: torch.Generator
     state: TrainState
+    head_config: vpr.HeadConfig | None = None
+    start: dict[str, Any] | None = None  # StartChoice.record() of a residual head (resumed: the checkpoint's)
+    start_head: torch.nn.Module | None = None  # the untrained head (a copy; None when resumed)
     run_id: str = ""
     log_file: Path = Path()
     tensorboard: TensorBoardLog | None = None  # --tensorboard: fed the log's rows (CsvLogger on_row)
@@ -435,13 +462,14 @@ class Run:
             "early_stopped": state.early_stopped,
             "epoch": epoch,
             "epochs_completed": state.epoch,
+            **({"head_start": self.start} if self.start is not None else {}),
         }
         resume = None if not resumable else {
             "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
             "random_states": random_states(self.rng, self.generator), "train_state": state.as_checkpoint(),
             "sampler": self.miner.state_dict(),
         }
-        return checkpoint_payload(self.head, head_config_for(self.config, self.data.train.features.shape[1]),
+        return checkpoint_payload(self.head, self.head_config,
                                   self.data.backbone, self.config, progress, self.run_id, self.log_file,
                                   self.data.vocabulary, resume)
 
@@ -464,6 +492,7 @@ class Run:
         self.miner.load_state_dict(saved["resume"]["sampler"])
         self.state = TrainState.from_checkpoint(saved["resume"]["train_state"])
         self.run_id, self.log_file = saved["run_id"], Path(saved["log_file"])
+        self.start = saved.get("head_start")
 
 
 def print_config(config: vpr.TrainConfig) -> None:
@@ -471,13 +500,21 @@ def print_config(config: vpr.TrainConfig) -> None:
     print("config: " + " ".join(f"{k}={v}" for k, v in dataclasses.asdict(config).items()), flush=True)
 
 
-def new_run(config: vpr.TrainConfig, data: TrainingData) -> Run:
-    """A fresh head, optimizer, schedule, triplet miner and random generators."""
-    head = initial_head(config, data)
+def new_run(config: vpr.TrainConfig, data: TrainingData, resumed: dict | None = None) -> Run:
+    """A fresh head, optimizer, schedule, triplet miner and random generators. A resumed run's head
+    is rebuilt from its checkpoint's head config (its start was chosen when the run began)."""
+    if resumed is not None:
+        head_config, choice = vpr.HeadConfig.from_dict(resumed["head_config"]), None
+        head = vpr.build_head(head_config)
+    else:
+        head, head_config, choice = initial_head(config, data)
     optimizer = torch.optim.AdamW(head.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     scheduler = lr_scheduler(optimizer, config, math.ceil(len(data.train) / config.batch_size))
-    return Run(config, data, head, optimizer, scheduler, triplet_miner(config), np.random.default_rng(config.seed),
-               torch.Generator().manual_seed(config.seed), TrainState())
+    run = Run(config, data, head, optimizer, scheduler, triplet_miner(config), np.random.default_rng(config.seed),
+              torch.Generator().manual_seed(config.seed), TrainState(), head_config,
+              None if choice is None else choice.record())
+    run.start_head = None if choice is None else copy.deepcopy(choice.chosen.head)
+    return run
 
 
 def open_log(run: Run, loss_fn: vpr.HybridLoss, log_dir: Path, resumed: dict | None = None) -> CsvLogger:
@@ -500,8 +537,10 @@ def open_log(run: Run, loss_fn: vpr.HybridLoss, log_dir: Path, resumed: dict | N
     logger = CsvLogger(log_dir / f"{run.run_id}.csv", columns, on_row=run.tensorboard)
     run.log_file = logger.path
     skipped = run.data.skipped_images
-    logger.log("data", epoch=0, skipped_images=skipped)
-    print(f"run {run.run_id}: {len(run.data.train)} train / {len(run.data.val)} val images"
+    logger.log("data", epoch=0, skipped_images=skipped, val_database=config.val_db_csv or config.train_csv,
+               head_start=start_text(run.start))
+    val_db = f" against {len(run.data.val_db)} val database images" if run.data.val_db is not None else ""
+    print(f"run {run.run_id}: {len(run.data.train)} train / {len(run.data.val)} val images{val_db}"
           f"{f' ({skipped} bad images skipped)' if skipped else ''}, "
           f"{len(np.unique(run.data.train.places))} places, log {logger.path}", flush=True)
     result, val_loss = validate(0, run.head, loss_fn, run.data, config, logger)
@@ -509,9 +548,17 @@ def open_log(run: Run, loss_fn: vpr.HybridLoss, log_dir: Path, resumed: dict | N
     run.state = TrainState(best_recall=result.recalls, best_val_loss=math.inf if math.isnan(val_loss) else val_loss,
                            untrained_r1=result.recalls[1])
     checkpoints.save_checkpoint(run.checkpoint_file(), run.checkpoint(0, resumable=False))
-    print(f"epoch 0 (untrained head)  val R@1 {result.recalls[1]:.3f} R@5 {result.recalls[5]:.3f} "
+    started_as = f": {run.start['label']}" if run.start else ""
+    print(f"epoch 0 (untrained head{started_as})  val R@1 {result.recalls[1]:.3f} R@5 {result.recalls[5]:.3f} "
           f"R@10 {result.recalls[10]:.3f}", flush=True)
     return logger
+
+
+def start_text(start: dict[str, Any] | None) -> str:
+    """The start record in one cell: "learned_whitened; raw=0.505 pca_whitened=0.568 learned_whitened=0.663"."""
+    if not start:
+        return ""
+    return f"{start['chosen']}; " + " ".join(f"{name}={r1:.4f}" for name, r1 in start["val_r1"].items())
 
 
 def open_tensorboard(run: Run, log_dir: Path) -> None:
@@ -524,7 +571,7 @@ def open_tensorboard(run: Run, log_dir: Path) -> None:
 
 def validation_queries_line(result: RecallResult) -> str:
     """e.g. "val: 95 queries, 26 without a positive within 10 m": those no head can get right."""
-    rule = "in the train database with their label" if result.by_label else f"within {result.pos_threshold_m:g} m"
+    rule = "in the database with their label" if result.by_label else f"within {result.pos_threshold_m:g} m"
     return f"val: {result.num_queries} queries, {result.num_queries_without_positive} without a positive {rule}"
 
 
@@ -571,12 +618,12 @@ def train(config: vpr.TrainConfig, on_validation: ValidationCallback | None = No
     started = time.perf_counter()
     vpr.set_determinism(config.seed)
     print_config(config)
-    train_table, val_table, by_label = load_splits(config)
+    train_table, val_table, by_label, val_db_table = load_splits(config)
     config = named_after_embeddings(config, train_table, val_table)
     log_dir = check_outputs(config)
     resumed = vpr.load_checkpoint(config.resume) if config.resume else None  # read once
-    data = extract_training_data(config, train_table, val_table, by_label, resumed)
-    run = new_run(config, data)
+    data = extract_training_data(config, train_table, val_table, by_label, resumed, val_db_table)
+    run = new_run(config, data, resumed)
     loss_fn = hybrid_loss(config)
     logger = open_log(run, loss_fn, log_dir, resumed)
     best_path, last_path, final_path = (run.checkpoint_file(kind) for kind in ("", "last", "final"))
@@ -619,7 +666,7 @@ def train(config: vpr.TrainConfig, on_validation: ValidationCallback | None = No
     refresh_latest_alias(best_path, latest_alias_path(config.checkpoint_dir, config.model, config.seed))
     result = TrainResult(run.run_id, state.best_recall, state.best_epoch, state.epoch, time.perf_counter() - started,
                          best_path, run.log_file, final_path, state.early_stopped, data.skipped_images,
-                         state.untrained_r1)
+                         state.untrained_r1, run.start, run.start_head)
     append_summary_row(log_dir / TRAINING_SUMMARY_NAME, summary_row(config, result))
     return result
 
@@ -630,6 +677,7 @@ def summary_row(config: vpr.TrainConfig, result: TrainResult) -> dict:
         **{k: v for k, v in dataclasses.asdict(config).items() if k not in ("model", "seed")},
         "best_val_r1": result.best_recall[1], "best_val_r5": result.best_recall[5], "best_val_r10": result.best_recall[10],
         "untrained_val_r1": result.untrained_r1,
+        "head_start": start_text(result.head_start),
         "best_epoch": result.best_epoch, "epochs_run": result.epochs_run, "skipped_images": result.skipped_images,
         "wall_time_s": round(result.wall_time_s, 2),
         "checkpoint": str(result.checkpoint), "log_file": str(result.log_file),

@@ -38,7 +38,7 @@ DEFAULT_HEAD = "residual"
 DEFAULT_SUPERVISION = "auto"
 
 
-HEAD_STARTS = ("auto", "pca_whitened", "raw")
+HEAD_STARTS = ("auto", "raw", "pca_whitened", "learned_whitened")
 
 
 NEG_SAMPLERS = ("hard", "random", "ucb")
@@ -87,11 +87,17 @@ class TrainConfig(ExtractionSettings, BackboneName, HeadName, Supervision, PosTh
                            "data", required=True, aliases=("--train_parquet",))
     val_csv: str = _flag(None, "poses CSV, benchmark folder (vprkit.benchmarks) or embeddings parquet of the validation queries (chooses the best epoch)",
                          "data", required=True, aliases=("--val_parquet",))
+    val_db_csv: str | None = _flag(None, "poses CSV, benchmark folder or embeddings parquet of the validation database "
+                                   "the val queries are searched in (default: --train_csv); e.g. the day map for night "
+                                   "val queries, so validation measures the user's task", "data",
+                                   aliases=("--val_db_parquet",))
     # model
     projection_dim: int = _flag(256, "output descriptor dimension", "model", aliases=("--output_dim",))
-    head_start: str = _flag("auto", "residual head: its linear map starts as pca_whitened (PCA-whitening of the "
-                            "training features), raw (the raw cosine: identity, or the top principal directions when "
-                            "--projection_dim < D) or auto (whichever has the better val R@1)", "model",
+    head_start: str = _flag("auto", "residual head: its linear map starts as raw (the identity: the raw descriptor "
+                            "at its own dimension), pca_whitened (PCA-whitening of the training features, "
+                            "--projection_dim), learned_whitened (whitening learned from the training set's positive "
+                            "pairs, shrinkage chosen on val R@1, --projection_dim) or auto (the best of them on val "
+                            "R@1); the untrained head is exactly that frozen descriptor", "model",
                             choices=HEAD_STARTS)
     hidden_dim: int = _flag(512, "hidden width of the residual and mlp heads", "model")
     dropout: float = _flag(0.1, "dropout in the head", "model")
@@ -194,6 +200,9 @@ def validate_train_config(config: TrainConfig) -> None:
         raise VPRError("--ucb_warmup_samples and --ucb_exploration_constant must be 0 or more")
     if config.difficulty_parquet and config.neg_sampler != "ucb":
         raise VPRError(f"--difficulty_parquet {config.difficulty_parquet}: only used with --neg_sampler ucb")
+    if config.val_db_csv and is_parquet(config.val_db_csv) != is_parquet(config.train_csv):
+        kind = "an embeddings parquet" if is_parquet(config.train_csv) else "images: a poses CSV or folder"
+        raise VPRError(f"--val_db_csv {config.val_db_csv}: give the same kind of input as --train_csv ({kind})")
     if config.augment_views < 0:
         raise VPRError(f"--augment_views {config.augment_views}: must be 0 (off) or more")
     if config.augment_views and (is_parquet(config.train_csv) or is_parquet(config.val_csv)):
