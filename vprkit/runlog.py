@@ -117,8 +117,12 @@ class CsvLogger:
             raise VPRError(f"run log {self.path}: not found; the run to resume wrote it "
                            f"(restore it, or start a new run)")
         rows = list(csv.reader(io.StringIO(self.path.read_text())))
-        if not rows or rows[0] != self.columns:
+        if not rows or not set(rows[0]) <= set(self.columns):
             raise VPRError(f"run log {self.path}: its columns differ from this run's; resume with the same settings")
+        if rows[0] != self.columns:  # a log of an earlier version: its rows under today's columns, new cells empty
+            where = {name: i for i, name in enumerate(rows[0])}
+            rows = [self.columns] + [[r[where[c]] if c in where and where[c] < len(r) else "" for c in self.columns]
+                                     for r in rows[1:] if r]
         epoch = self.columns.index("epoch")
         kept = [rows[0]] + [r for r in rows[1:] if r and r[epoch] and int(r[epoch]) <= last_epoch]
         atomic_write(self.path, lambda p: p.write_text(_csv_text(kept)))
