@@ -16,7 +16,6 @@ written last line is left out. Recalls are fractions in the CSV files and shown 
 """
 from __future__ import annotations
 
-import argparse
 import fnmatch
 import io
 import math
@@ -35,8 +34,10 @@ import pandas as pd  # noqa: E402
 from matplotlib.axes import Axes  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
-from vprkit.cli import CliParser, VPRError, add_debug_flag, atomic_write, check_writable_dir, run_cli  # noqa: E402
+from vprkit.cli import CliParser, VPRError, atomic_write, check_writable_dir, run_cli  # noqa: E402
+from vprkit.configs import AnalyzeConfig  # noqa: E402
 from vprkit.places import numeric_column  # noqa: E402
+from vprkit.settings import config_parser, parse_config  # noqa: E402
 from vprkit.plots import (RunCurve, plot_batch_loss, plot_epoch_losses, plot_loss_parts,  # noqa: E402
                           show_no_data, show_text_panel)
 from vprkit.plots import data_name, plot_comparison, plot_experiment_bars, plot_study, recall_scale, save_figure  # noqa: E402
@@ -49,33 +50,19 @@ RECALL_COLUMNS = ["val_r1", "val_r5", "val_r10"]
 # Runs are comparable when they trained and validated on the same data with the same positive
 # rule; within such a group each run is labelled by the settings that differ (LABEL_SKIP: never).
 GROUP_COLUMNS = ["train_csv", "val_csv", "pos_threshold_m", "supervision"]
-LABEL_SKIP = {"run_id", "seed", *GROUP_COLUMNS, "log_dir", "output_dir", "cache_dir", "device", "num_workers",
+LABEL_SKIP = {"run_id", "seed", *GROUP_COLUMNS, "log_dir", "output_dir", "checkpoint_dir", "cache_dir", "device",
+              "num_workers", "extract_batch_size",
               "resume", "config", "no_cache", "image_root", "debug", "tensorboard"}
 TABLE_WIDTH = 100
 
 
-def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    parser = CliParser(
-        description="Plot and summarise VPR training logs, folders of runs and experiment CSVs.")
-    parser.add_argument("path", nargs="?", help="a run log (logs/RUN.csv), an experiment CSV, or a folder of them (logs/)")
-    parser.add_argument("--study", metavar="STORAGE_URL", help="plot a tuning study instead, e.g. sqlite:///tune.db "
-                        "(tune_vpr.py's --storage): trial values and parameter importance")
-    parser.add_argument("--study_name", help="the study in --study's storage (default: its only study)")
-    parser.add_argument("--output_dir", default="plots",
-                        help="where figures and runs_summary.csv are written (default: %(default)s)")
-    parser.add_argument(
-        "--smooth", type=int, default=None, metavar="N",
-        help=f"moving-average window for batch losses (default: {DEFAULT_SMOOTH}, smaller when there are few batches)",
-    )
-    parser.add_argument("--runs", default=None, metavar="PATTERN",
-                        help="glob on log file names choosing the runs in a folder, e.g. 'dinov2_b_*' (default: all)")
-    add_debug_flag(parser)
-    args = parser.parse_args(argv)
-    if not args.path and not args.study:
-        parser.error("give a run log, an experiment CSV or a folder of them, or --study STORAGE_URL")
-    if args.smooth is not None and args.smooth < 1:
-        raise VPRError(f"--smooth {args.smooth}: the window must be at least 1 batch")
-    return args
+def build_parser() -> CliParser:
+    return config_parser(AnalyzeConfig, "Plot and summarise VPR training logs, folders of runs and experiment CSVs.",
+                         config_file=False)
+
+
+def parse_args(argv: Sequence[str] | None) -> AnalyzeConfig:
+    return parse_config(build_parser(), AnalyzeConfig, argv, layered=False)
 
 
 # ============================================================================================
@@ -382,7 +369,8 @@ def run_summary_lines(summary: RunSummary, scale: float) -> list[str]:
         f"validation {format_duration(summary.val_time_s)})",
     ]
     if summary.untrained_val_r1 is not None:
-        lines.insert(3, f"before training    val R@1 {summary.untrained_val_r1 * scale:.1f} % (epoch 0, untrained head)")
+        lines.insert(3, f"before training    val R@1 {summary.untrained_val_r1 * scale:.1f} % "
+                        f"(epoch 0, untrained head)")
     return lines
 
 
@@ -417,7 +405,8 @@ def comparable_groups(table: pd.DataFrame) -> list[RunGroup]:
         else:
             title, stem = "runs whose data training_summary.csv does not record", "unrecorded_data"
             figure_title = title
-        stem = next(f"{stem}_{n}" if n else stem for n in range(len(table) + 1) if (f"{stem}_{n}" if n else stem) not in stems)
+        stem = next(f"{stem}_{n}" if n else stem for n in range(len(table) + 1)
+                    if (f"{stem}_{n}" if n else stem) not in stems)
         stems.add(stem)
         rows["label"] = run_labels(rows)
         groups.append(RunGroup(title, stem, rows, figure_title))
@@ -437,11 +426,13 @@ def run_labels(rows: pd.DataFrame) -> list[str]:
     labels = [" ".join(_cell(row[c]) if c == "model" else f"{c}={_cell(row[c])}" for c in differing if pd.notna(row[c]))
               for _, row in rows.iterrows()]
     if "model" in rows.columns and "model" not in differing:
-        labels = [(f"{row['model']} " if pd.notna(row["model"]) else "") + label for label, (_, row) in zip(labels, rows.iterrows())]
+        labels = [(f"{row['model']} " if pd.notna(row["model"]) else "") + label
+                  for label, (_, row) in zip(labels, rows.iterrows())]
     for extra in ("seed", "run_id"):
         counts = pd.Series(labels).value_counts()
         if (counts > 1).any() and extra in rows.columns:
-            labels = [f"{label} {extra}={_cell(row[extra])}".strip() if counts[label] > 1 and pd.notna(row[extra]) else label
+            labels = [f"{label} {extra}={_cell(row[extra])}".strip()
+                      if counts[label] > 1 and pd.notna(row[extra]) else label
                       for label, (_, row) in zip(labels, rows.iterrows())]
     return [" ".join(label.split()) or run_id for label, run_id in zip(labels, rows["run_id"])]
 
@@ -453,12 +444,13 @@ def printable_group(group: RunGroup) -> tuple[str, str]:
     log's sum of epoch and validation times (runs the summary does not have), which leaves out
     model loading and feature extraction and so is shorter."""
     table = group.table
-    config = [c for c in table.columns if c not in {"run_id", "label", "model", *LABEL_SKIP, *RunSummary.__dataclass_fields__,
-                                                     *SUMMARY_RESULT_COLUMNS}]
+    config = [c for c in table.columns if c not in {"run_id", "label", "model", *LABEL_SKIP,
+                                                     *RunSummary.__dataclass_fields__, *SUMMARY_RESULT_COLUMNS}]
     shared = [c for c in config if len(table) > 1 and table[c].notna().any() and table[c].nunique() == 1]
     scale = recall_scale(table[["best_val_r1", "best_val_r5", "best_val_r10"]])
     wall = table["wall_time_s"] if "wall_time_s" in table.columns else pd.Series([None] * len(table), index=table.index)
-    header = f"{'epochs':>6} {'best':>4} {'R@1 %':>6} {'R@5 %':>6} {'R@10 %':>6} {'train_loss':>10} {'val_loss':>8} {'time':>9}"
+    header = (f"{'epochs':>6} {'best':>4} {'R@1 %':>6} {'R@5 %':>6} {'R@10 %':>6} "
+              f"{'train_loss':>10} {'val_loss':>8} {'time':>9}")
     width = TABLE_WIDTH - len(header) - 1
     lines = [f"{'run':<{width}} {header}"]
     for _, row in table.iterrows():
@@ -575,7 +567,8 @@ def bar_text(row: pd.Series) -> str:
     if pd.isna(row["best_val_r1"]):
         return "no validation yet"
     scale = recall_scale(pd.Series([row["best_val_r1"]]))
-    return f"{row['best_val_r1'] * scale:.1f}% (epoch {int(row['best_epoch'])}{', unfinished' if row['unfinished_epoch'] else ''})"
+    return (f"{row['best_val_r1'] * scale:.1f}% "
+            f"(epoch {int(row['best_epoch'])}{', unfinished' if row['unfinished_epoch'] else ''})")
 
 
 def experiment_table_text(table: pd.DataFrame) -> str:
@@ -602,7 +595,8 @@ def plot_tuning_study(storage: str, name: str | None, output_dir: Path) -> Path:
         raise VPRError(f"--study {storage}: not an optuna storage ({str(exc).splitlines()[0][:120]}); "
                        f"give e.g. sqlite:///tune.db") from None
     if name is None and len(names) != 1:
-        raise VPRError(f"--study {storage}: holds {len(names)} studies ({', '.join(names) or 'none'}); pick one with --study_name")
+        raise VPRError(f"--study {storage}: holds {len(names)} studies ({', '.join(names) or 'none'}); "
+                       f"pick one with --study_name")
     if name is not None and name not in names:
         raise VPRError(f"--study_name {name}: not in {storage}; its studies: {', '.join(names) or 'none'}")
     study = optuna.load_study(study_name=name or names[0], storage=storage)
@@ -612,12 +606,13 @@ def plot_tuning_study(storage: str, name: str | None, output_dir: Path) -> Path:
 def main(argv: Sequence[str] | None = None) -> None:
     args = parse_args(argv)
     if args.study:
-        print(f"study figure {plot_tuning_study(args.study, args.study_name, check_writable_dir(args.output_dir, '--output_dir'))}")
+        plot_dir = check_writable_dir(args.plot_dir, "--plot_dir")
+        print(f"study figure {plot_tuning_study(args.study, args.study_name, plot_dir)}")
         if not args.path:
             return
     inputs = find_inputs(Path(args.path), args.runs)
     training_summary = read_training_summary(inputs.training_summary)  # checked before any figure is written
-    output_dir = check_writable_dir(args.output_dir, "--output_dir")
+    output_dir = check_writable_dir(args.plot_dir, "--plot_dir")
 
     # 1. every run: read its log, summarise it, draw its figure
     logs: list[RunLog] = []
@@ -659,7 +654,8 @@ def main(argv: Sequence[str] | None = None) -> None:
                                by_run[row["run_id"]].epochs.dropna(subset=["val_r1"])["val_r1"].to_numpy(),
                                None if pd.isna(row["best_val_r1"]) else row["best_val_r1"], bar_text(row))
                       for _, row in group.table.iterrows()]
-            figure = plot_comparison(curves, f"Comparable runs: {group.figure_title}", output_dir / f"comparison_{group.stem}.png")
+            figure = plot_comparison(curves, f"Comparable runs: {group.figure_title}",
+                                     output_dir / f"comparison_{group.stem}.png")
             print(f"comparison figure {figure}")
         table_path = output_dir / f"{safe_name(Path(args.path).resolve().name)}_runs_summary.csv"
         atomic_write(table_path, lambda tmp: table.to_csv(tmp, index=False))

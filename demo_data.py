@@ -38,8 +38,10 @@ from typing import Callable, Sequence
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
-from vprkit.cli import CliParser, VPRError, add_debug_flag, atomic_write, run_cli
+from vprkit.cli import CliParser, VPRError, atomic_write, run_cli
+from vprkit.configs import DemoDataConfig
 from vprkit.places import EARTH_RADIUS_M  # no torch: the generator stays quick to start
+from vprkit.settings import config_parser, parse_config
 
 GENERATOR_VERSION = 2  # bump when the pictures or CSVs change for the same parameters
 MANIFEST_NAME = "manifest.json"
@@ -61,7 +63,8 @@ class Drive:
     condition: str  # "day" or "night"
 
 
-DAY_A, NIGHT_A, NIGHT_A2 = Drive("2024-05-14_day", "day"), Drive("2024-05-14_night", "night"), Drive("2024-06-20_night", "night")
+DAY_A, NIGHT_A, NIGHT_A2 = (Drive("2024-05-14_day", "day"), Drive("2024-05-14_night", "night"),
+                            Drive("2024-06-20_night", "night"))
 DAY_B, NIGHT_B = Drive("2024-09-02_day", "day"), Drive("2024-09-02_night", "night")
 DRIVES = (DAY_A, NIGHT_A, NIGHT_A2, DAY_B, NIGHT_B)
 CONTENTS: dict[str, tuple[tuple[Drive, str], ...]] = {  # each CSV: which drive's pictures of which stretch
@@ -145,7 +148,8 @@ def render_strip(street: Street, length_m: float, night: bool, drive_seed: Seque
     By night, which windows are lit depends on `drive_seed` (one set per night drive)."""
     width, height = int((length_m + 2 * MARGIN_M) * PX_PER_M), int((SKY_M + GROUND_M) * PX_PER_M)
     paint: Callable[[Sequence[float]], tuple[int, int, int]] = (lambda c: _rgb(_by_night(c))) if night else _rgb
-    sky = np.linspace((0.01, 0.02, 0.06), (0.04, 0.05, 0.12), height) if night else np.linspace((0.45, 0.65, 0.92), (0.8, 0.88, 0.95), height)
+    sky = (np.linspace((0.01, 0.02, 0.06), (0.04, 0.05, 0.12), height) if night
+           else np.linspace((0.45, 0.65, 0.92), (0.8, 0.88, 0.95), height))
     strip = Image.fromarray(np.repeat((sky * 255).astype(np.uint8)[:, None], width, axis=1))
     glow = Image.new("RGB", (width, height)) if night else None
     draw, lights = ImageDraw.Draw(strip), (ImageDraw.Draw(glow) if glow else None)
@@ -162,7 +166,8 @@ def render_strip(street: Street, length_m: float, night: bool, drive_seed: Seque
             draw.rectangle(box(b.x0 - 0.3, top, b.x1 + 0.3, top + 0.6), fill=paint(b.trim))
         elif b.roof == "gable":
             x0, z_peak, x1, z_base = box(b.x0, top, b.x1, top + min(4.0, (b.x1 - b.x0) / 3))
-            draw.polygon([(x0, z_base), (x1, z_base), ((x0 + x1) / 2, z_peak)], fill=paint(tuple(c * 0.7 for c in b.trim)))
+            draw.polygon([(x0, z_base), (x1, z_base), ((x0 + x1) / 2, z_peak)],
+                         fill=paint(tuple(c * 0.7 for c in b.trim)))
         cell = (b.x1 - b.x0) / b.cols
         door = b.x0 + b.door * (b.x1 - b.x0)
         for floor in range(1 if b.sign else 0, b.floors):
@@ -184,12 +189,14 @@ def render_strip(street: Street, length_m: float, night: bool, drive_seed: Seque
             draw.rectangle(box(b.x0 + 0.5, 0.3, b.x1 - 0.5, 2.6), fill=paint((0.2, 0.24, 0.28)))
             shines = night and lit[-1]
             sign = (1.0, 1.0, 0.95) if shines else b.sign
-            draw.rectangle(box(b.x0 + 0.3, 2.7, b.x1 - 0.3, 3.5 if b.floor_h > 3.4 else 3.3), fill=_rgb(b.sign) if shines else paint(b.sign))
+            draw.rectangle(box(b.x0 + 0.3, 2.7, b.x1 - 0.3, 3.5 if b.floor_h > 3.4 else 3.3),
+                           fill=_rgb(b.sign) if shines else paint(b.sign))
             letters = np.random.default_rng([b.uid, 7]).uniform(0.3, 0.9, size=int((b.x1 - b.x0) / 0.8))
             for k, size in enumerate(letters):
                 x = b.x0 + 0.8 + k * 0.8
                 if x + 0.5 < b.x1 - 0.6:
-                    draw.rectangle(box(x, 2.85, x + 0.5 * size, 3.15), fill=_rgb(sign) if shines else paint((0.97, 0.97, 0.97)))
+                    draw.rectangle(box(x, 2.85, x + 0.5 * size, 3.15),
+                                   fill=_rgb(sign) if shines else paint((0.97, 0.97, 0.97)))
             if shines:
                 lights.rectangle(box(b.x0, 2.7, b.x1, 3.4), fill=_rgb(b.sign))
         draw.rectangle(box(door - 0.6, 0, door + 0.6, 2.3), fill=paint(tuple(c * 0.45 for c in b.trim)))
@@ -198,7 +205,8 @@ def render_strip(street: Street, length_m: float, night: bool, drive_seed: Seque
         draw.ellipse(box(t - 2.2, 2.4, t + 2.2, 6.6), fill=paint((0.22, 0.42, 0.18)))
     for lamp in street.lamps:
         draw.rectangle(box(lamp - 0.08, 0, lamp + 0.08, 5.0), fill=paint((0.25, 0.25, 0.27)))
-        draw.rectangle(box(lamp - 0.35, 4.8, lamp + 0.35, 5.2), fill=_rgb((1.0, 0.9, 0.6)) if night else paint((0.3, 0.3, 0.3)))
+        draw.rectangle(box(lamp - 0.35, 4.8, lamp + 0.35, 5.2),
+                       fill=_rgb((1.0, 0.9, 0.6)) if night else paint((0.3, 0.3, 0.3)))
         if night:
             lights.ellipse(box(lamp - 4, 0, lamp + 4, 7), fill=(120, 90, 45))
     draw.rectangle(box(street.x_start, -GROUND_M, street.x_start + width / PX_PER_M, 0), fill=paint((0.55, 0.55, 0.53)))
@@ -213,21 +221,25 @@ def take_picture(strip: Image.Image, street: Street, s_m: float, night: bool, ba
     """The camera at `s_m` metres along the route: an affine view of the strip (jittered along the
     street, in height, zoom and roll), maybe a parked car in front, exposure, colour balance, noise."""
     w, h = size
-    along, up, zoom, roll = rng.normal(0, 1.0), rng.normal(0, 0.4), math.exp(rng.normal(0, 0.05)), math.radians(rng.normal(0, 1.2))
+    along, up, zoom, roll = (rng.normal(0, 1.0), rng.normal(0, 0.4), math.exp(rng.normal(0, 0.05)),
+                             math.radians(rng.normal(0, 1.2)))
     k = zoom * VIEW_W_M * PX_PER_M / w  # strip pixels per picture pixel
     centre_z = -1.5 + VIEW_W_M * h / w / 2 + up  # the picture's bottom edge shows the pavement 1.5 m below ground
     cx, cy = (s_m + along - street.x_start) * PX_PER_M, strip.height - (centre_z + GROUND_M) * PX_PER_M
     a, b, d, e = k * math.cos(roll), -k * math.sin(roll), k * math.sin(roll), k * math.cos(roll)
-    picture = strip.transform(size, Image.Transform.AFFINE, (a, b, cx - a * w / 2 - b * h / 2, d, e, cy - d * w / 2 - e * h / 2),
+    picture = strip.transform(size, Image.Transform.AFFINE,
+                              (a, b, cx - a * w / 2 - b * h / 2, d, e, cy - d * w / 2 - e * h / 2),
                               resample=Image.Resampling.BILINEAR)
     if rng.random() < 0.3:  # a parked car hides part of the ground floor
         scale, x = w / VIEW_W_M, rng.uniform(-0.1, 0.9) * w
         body = _rgb(_near(rng, SIGNS[rng.integers(len(SIGNS))], 0.1))
         car = ImageDraw.Draw(picture)
-        car.rectangle([x, h - 1.4 * scale, x + 4.4 * scale, h - 0.3 * scale], fill=tuple(c // 6 for c in body) if night else body)
+        car.rectangle([x, h - 1.4 * scale, x + 4.4 * scale, h - 0.3 * scale],
+                      fill=tuple(c // 6 for c in body) if night else body)
         car.rectangle([x + 1.0 * scale, h - 2.0 * scale, x + 3.4 * scale, h - 1.4 * scale], fill=(20, 24, 30))
     gain = math.exp(rng.normal(0, 0.15 if night else 0.08))
-    pixels = np.asarray(picture, np.float32) * balance * gain + rng.normal(0, 4.0 if night else 2.0, (h, w, 1)).astype(np.float32)
+    pixels = (np.asarray(picture, np.float32) * balance * gain
+              + rng.normal(0, 4.0 if night else 2.0, (h, w, 1)).astype(np.float32))
     return Image.fromarray(np.clip(pixels + 0.5, 0, 255).astype(np.uint8))
 
 
@@ -333,7 +345,8 @@ def generate_demo_dataset(out_dir: str | Path, seed: int = 0, num_places: int = 
                 if (drive, place) not in shots:
                     rng = np.random.default_rng([seed, number, 3, place])
                     relative = f"images/{drive.name}/{place:03d}.jpg"
-                    picture = take_picture(strips[key], street, place * spacing_m, night, balance, rng, tuple(image_size))
+                    picture = take_picture(strips[key], street, place * spacing_m, night, balance, rng,
+                                           tuple(image_size))
                     buffer = io.BytesIO()
                     picture.save(buffer, format="JPEG", quality=jpeg_quality)
                     _write(root / relative, buffer.getvalue())
@@ -358,15 +371,12 @@ def generate_demo_dataset(out_dir: str | Path, seed: int = 0, num_places: int = 
     return _dataset(root, manifest, generated=True)
 
 
+def build_parser() -> CliParser:
+    return config_parser(DemoDataConfig, __doc__.split("\n")[0], config_file=False)
+
+
 def main(argv: Sequence[str] | None = None) -> DemoDataset:
-    parser = CliParser(description=__doc__.split("\n")[0])
-    parser.add_argument("out_dir", nargs="?", default="demo_data", help="folder to write into (default: demo_data)")
-    parser.add_argument("--seed", type=int, default=0, help="random seed of the street and the drives (default: 0)")
-    parser.add_argument("--num_places", type=int, default=72, help="places along the route (default: 72)")
-    parser.add_argument("--spacing_m", type=float, default=18.0, help="metres between consecutive places (default: 18)")
-    parser.add_argument("--force", action="store_true", help="regenerate even if a complete data set is there")
-    add_debug_flag(parser)
-    args = parser.parse_args(argv)
+    args = parse_config(build_parser(), DemoDataConfig, argv, layered=False)
     data = generate_demo_dataset(args.out_dir, seed=args.seed, num_places=args.num_places, spacing_m=args.spacing_m,
                                  force=args.force, progress=print)
     state = "generated" if data.generated else "already there"

@@ -2,11 +2,11 @@
 """Recall@N of a trained checkpoint, or of the raw frozen backbone, on a database and queries.
 
     python eval_trained.py --model_path trained_models/trained_effnet_lite0_seed42.pth \\
-        --train_csv data/train.csv --test_csv data/test.csv
-    python eval_trained.py --baseline --model effnet_lite0 --train_csv data/train.csv --test_csv data/test.csv
+        --db_csv data/train.csv --test_csv data/test.csv
+    python eval_trained.py --baseline --model effnet_lite0 --db_csv data/train.csv --test_csv data/test.csv
     python eval_trained.py --model_path CKPT --db_parquet emb/train.parquet --test_parquet emb/test.parquet
 
-Protocol (DESIGN.md §7): the --train_csv (or --db_csv) images are the database, the
+Protocol (DESIGN.md §7): the --db_csv images are the database (the training images, say), the
 --test_csv images the queries; a query is correct at N if one of its top-N database images
 (exact search on normalised descriptors) lies within --pos_threshold_m, or with place labels
 has the query's label. Embeddings parquets skip the backbone. Prints a table, and optionally
@@ -16,17 +16,16 @@ backbone features as embeddings parquets.
 Localization view (positions on both sides): R@1 within 5, 10, 25, 50 and 100 m and the median
 / p75 / p90 distance from each query to its top-1 database image are printed and written to
 --output_json (recall_at_threshold_m, top1_error_m). --localization (or --visualize) draws them as
-PLOTS_DIR/{variant}_{model}[_{checkpoint}]_{queries}_localization.png. Labels-only evaluations
+PLOT_DIR/{variant}_{model}[_{checkpoint}]_{queries}_localization.png. Labels-only evaluations
 have no distances: recall_at_threshold_m and top1_error_m are null there.
 
 Top-1 precision-recall (VPR-Bench's, vprkit.pr_curve; positions or labels): AUC-PR (trapezoid)
 and recall at 100 % precision are printed and written to --output_json (auc_pr,
 recall_at_100_precision); --pr_curve (or --visualize) writes the curve as
-PLOTS_DIR/{variant}_{model}[_{checkpoint}]_{queries}_pr.csv (precision, recall, threshold) and _pr.png.
+PLOT_DIR/{variant}_{model}[_{checkpoint}]_{queries}_pr.csv (precision, recall, threshold) and _pr.png.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from pathlib import Path
@@ -35,97 +34,37 @@ from typing import Any, Sequence
 
 import trainable_vpr as vpr
 from trainable_vpr.model import PlaceDescriptor, load_model
-from vprkit.cli import CliParser, VPRError, add_debug_flag, atomic_write, check_writable_dir, check_writable_file, run_cli
+from vprkit.cli import CliParser, VPRError, atomic_write, run_cli
+from vprkit.configs import DEFAULT_POS_THRESHOLD_M
 from vprkit.evaluation import (Descriptors, EvalReport, evaluate_variant, format_report, l2_normalise, load_eval_tables,
                                pca_whitened)
 from vprkit.exports import save_descriptors
-from vprkit.features import (Backbone, ExtractionSettings, extraction_settings, frozen_descriptors,
-                             release_other_ranks, validate_extraction_flags)
-from vprkit.predictions import draw_retrievals, evaluation_rows, predictions_frame
+from vprkit.features import Backbone, extraction_settings, frozen_descriptors, release_other_ranks
 from vprkit.localization import (LocalizationResult, draw_localization_figure, localization_json, localization_lines,
                                  localization_of_result)
-from vprkit.places import PlaceTable, export_embeddings_parquet, is_parquet
+from vprkit.places import PlaceTable, export_embeddings_parquet
 from vprkit.pr_curve import Top1PR, draw_pr_figure, pr_line, top1_pr_of_result
+from vprkit.predictions import draw_retrievals, evaluation_rows, predictions_frame
 from vprkit.runlog import safe_name
-from vprkit.settings import add_config_args, add_config_file_flag, parse_layered
+from vprkit.settings import config_parser, parse_config
 
 
-def add_eval_data_args(parser: argparse.ArgumentParser) -> None:
-    """The data flags evaluation shares with training (same cache, same images)."""
-    group = parser.add_argument_group("data")
-    group.add_argument("--train_csv", "--db_csv", "--db_parquet", "--train_parquet", dest="train_csv", required=True,
-                       help="poses CSV, benchmark folder (vprkit.benchmarks) or embeddings parquet of the database images")
-    group.add_argument("--test_csv", "--test_parquet", dest="test_csv", required=True,
-                       help="poses CSV, benchmark folder (vprkit.benchmarks) or embeddings parquet of the query images")
-    group.add_argument("--supervision", default=None, choices=vpr.SUPERVISIONS,
-                       help="what makes a retrieval correct: gps, labels or auto (default: the checkpoint's, else auto)")
-    group.add_argument("--pos_threshold_m", type=float, default=None,
-                       help="a retrieval is correct within this many metres (default: the checkpoint's, else 25)")
-    group.add_argument("--recall_at", type=int, nargs="+", default=[1, 5, 10], help="the N of Recall@N")
-    add_config_args(parser, ExtractionSettings)  # images and extraction: the flags training has too
+def build_parser() -> CliParser:
+    return config_parser(vpr.EvalConfig, __doc__.split("\n\n")[0])
 
 
-def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    parser = CliParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    what = parser.add_argument_group("model")
-    what.add_argument("--model_path", help="a trained checkpoint (its backbone and settings come from it)")
-    what.add_argument("--baseline", action="store_true", help="evaluate the raw frozen backbone given by --model")
-    what.add_argument("--model", default=None, help=f"backbone for --baseline: {', '.join(vpr.BACKBONES)} or timm:ARCH "
-                                                    "(with --model_path: checked against the checkpoint's)")
-    what.add_argument("--head", default=None, choices=tuple(vpr.HEADS), help="with --model_path: check the checkpoint's head")
-    what.add_argument("--pca_whiten", type=int, default=0, metavar="DIM",
-                      help="PCA-whiten to DIM dims, fitted on the database at indexing time: the raw features "
-                           "(--baseline) or the trained head's output (--model_path)")
-    add_eval_data_args(parser)
-    out = parser.add_argument_group("outputs")
-    out.add_argument("--output_json", help="write the results as JSON here")
-    out.add_argument("--save_predictions", metavar="CSV", help="write each query's top-N retrievals here")
-    out.add_argument("--visualize", type=int, default=0, metavar="K", help="draw K queries with their top-5 retrievals")
-    out.add_argument("--localization", action="store_true",
-                     help="draw the localization view (R@1 against distance threshold, cumulative top-1 error) as "
-                          "PLOTS_DIR/{variant}_{model}[_{checkpoint}]_{queries}_localization.png (also drawn with --visualize)")
-    out.add_argument("--pr_curve", action="store_true",
-                     help="write the top-1 precision-recall curve (VPR-Bench) as PLOTS_DIR/{variant}_{model}[_{checkpoint}]"
-                          "_{queries}_pr.csv (precision, recall, threshold) and _pr.png (also with --visualize)")
-    out.add_argument("--plots_dir", default="plots", help="folder of the --visualize, --localization and --pr_curve outputs")
-    out.add_argument("--export_parquet", metavar="DIR", help="write the raw backbone features of the database and the "
-                     "queries as embeddings parquets DIR/{csv name}.parquet (input for --train_parquet)")
-    out.add_argument("--save_descriptors", metavar="DIR", help="write the evaluated descriptors as DIR/database_descriptors.npy "
-                     "and queries_descriptors.npy (L2-normalised float32, table row order, as VPR-methods-evaluation) and hloc's "
-                     "DIR/global-feats.h5 (names relative to the images' common folder)")
-    add_config_file_flag(parser)
-    add_debug_flag(parser)
-    args = parse_layered(parser, argv)
-    if bool(args.model_path) == bool(args.baseline):
-        parser.error("give either --model_path CKPT or --baseline --model NAME")
-    if args.baseline and not args.model and not is_parquet(args.train_csv):
-        parser.error("--baseline needs --model NAME")
-    if any(n <= 0 for n in args.recall_at):
-        parser.error("--recall_at values must be positive")
-    if args.pos_threshold_m is not None and args.pos_threshold_m <= 0:
-        parser.error(f"--pos_threshold_m {args.pos_threshold_m:g}: must be positive")
-    if args.pca_whiten < 0:
-        parser.error(f"--pca_whiten {args.pca_whiten}: must be 0 (off) or a number of dimensions")
-    validate_extraction_flags(args)
-    if args.pooling != "backbone" and is_parquet(args.train_csv):
-        parser.error(f"--pooling {args.pooling}: embeddings parquets hold descriptors already pooled; drop --pooling")
-    for path, flag in ((args.output_json, "--output_json"), (args.save_predictions, "--save_predictions")):
-        check_writable_file(path, flag)
-    if args.visualize > 0 or args.localization or args.pr_curve:
-        check_writable_dir(args.plots_dir, "--plots_dir")
-    if args.save_descriptors:
-        check_writable_dir(args.save_descriptors, "--save_descriptors")
-    return args
+def parse_args(argv: Sequence[str] | None) -> vpr.EvalConfig:
+    return parse_config(build_parser(), vpr.EvalConfig, argv)
 
 
-def figure_stem(args: Any, report: EvalReport) -> str:
+def figure_stem(args: vpr.EvalConfig, report: EvalReport) -> str:
     """What a picture shows, as a file-name stem: variant and model (report.name), the
     checkpoint's file stem for a trained head, and the query CSV's stem."""
     parts = [report.name, *([Path(args.model_path).stem] if args.model_path else []), Path(args.test_csv).stem]
     return safe_name("_".join(parts))
 
 
-def write_outputs(args: Any, report: EvalReport, database: PlaceTable, queries: PlaceTable,
+def write_outputs(args: vpr.EvalConfig, report: EvalReport, database: PlaceTable, queries: PlaceTable,
                   settings: dict[str, Any], localization: LocalizationResult | None = None,
                   pr: Top1PR | None = None) -> None:
     """JSON, predictions CSV, retrieval and localization pictures, the top-1 PR curve, each only
@@ -143,23 +82,23 @@ def write_outputs(args: Any, report: EvalReport, database: PlaceTable, queries: 
     if args.visualize > 0 and database.embeddings is not None:
         raise VPRError("--visualize needs images; embeddings parquets have none")
     if args.visualize > 0:
-        path = Path(args.plots_dir) / f"{picture_stem(report.name, settings)}_retrievals.png"
+        path = Path(args.plot_dir) / f"{picture_stem(report.name, settings)}_retrievals.png"
         rows, legend = evaluation_rows(report.result, database, queries, args.visualize)
         top = len(rows[0].matches) if rows else 0
         draw_retrievals(rows, path, f"{report.name}: queries and top-{top} retrievals ({legend})")
         print(f"wrote {path}")
     if (args.visualize > 0 or args.localization) and localization is not None:
-        path = Path(args.plots_dir) / f"{figure_stem(args, report)}_localization.png"
+        path = Path(args.plot_dir) / f"{figure_stem(args, report)}_localization.png"
         draw_localization_figure({report.name: localization}, path, f"{report.name}: localization of "
-                                 f"{Path(args.test_csv).name} against {Path(args.train_csv).name}")
+                                 f"{Path(args.test_csv).name} against {Path(args.db_csv).name}")
         print(f"wrote {path}")
     elif args.localization:
         print("no localization picture: the database or the queries have no positions (labels only)")
     if args.visualize > 0 or args.pr_curve:
-        csv_path, png_path = (Path(args.plots_dir) / f"{figure_stem(args, report)}_pr.{ext}" for ext in ("csv", "png"))
+        csv_path, png_path = (Path(args.plot_dir) / f"{figure_stem(args, report)}_pr.{ext}" for ext in ("csv", "png"))
         atomic_write(csv_path, lambda p: pr.frame().to_csv(p, index=False))
         draw_pr_figure({report.name: pr}, png_path, f"{report.name}: top-1 precision-recall of "
-                       f"{Path(args.test_csv).name} against {Path(args.train_csv).name}")
+                       f"{Path(args.test_csv).name} against {Path(args.db_csv).name}")
         print(f"wrote {csv_path} and {png_path}")
 
 
@@ -174,7 +113,7 @@ def picture_stem(variant: str, settings: dict[str, Any]) -> str:
 # ---------------------------------------------------------------------------------------------
 # This script's own steps
 # ---------------------------------------------------------------------------------------------
-def model_for(args: argparse.Namespace, checkpoint: dict | None, database: PlaceTable) -> PlaceDescriptor | None:
+def model_for(args: vpr.EvalConfig, checkpoint: dict | None, database: PlaceTable) -> PlaceDescriptor | None:
     """The descriptor to evaluate (trainable_vpr.model.load_model): the checkpoint's (checked
     against --model and --head) or --model's; for embeddings parquets the checkpoint's head alone
     (checked against their width), None for a baseline on them (the embeddings are the descriptors)."""
@@ -182,10 +121,10 @@ def model_for(args: argparse.Namespace, checkpoint: dict | None, database: Place
         return None
     embeddings_dim = database.embeddings.shape[1] if database.embeddings is not None else None
     return load_model(args.model_path, args.model, extraction_settings(args), database.paths, checkpoint, args.head,
-                      embeddings_dim, args.train_csv)
+                      embeddings_dim, args.db_csv)
 
 
-def descriptors_for(args: argparse.Namespace, model: PlaceDescriptor | None, name: str,
+def descriptors_for(args: vpr.EvalConfig, model: PlaceDescriptor | None, name: str,
                     raw: Descriptors) -> tuple[str, Descriptors]:
     """The variant asked for: the checkpoint's head (with --pca_whiten, its output PCA-whitened on
     this database at indexing time), PCA-whitened or raw features."""
@@ -201,7 +140,7 @@ def descriptors_for(args: argparse.Namespace, model: PlaceDescriptor | None, nam
     return f"raw_{name}", raw
 
 
-def source_identity(args: argparse.Namespace, backbone: Backbone | None, checkpoint: dict | None,
+def source_identity(args: vpr.EvalConfig, backbone: Backbone | None, checkpoint: dict | None,
                     database_backbone: str | None = None) -> tuple[str, str]:
     """(model name, weights identity) of the descriptors, for names and the JSON settings
     (database_backbone: the embeddings parquet's `backbone` column)."""
@@ -209,7 +148,7 @@ def source_identity(args: argparse.Namespace, backbone: Backbone | None, checkpo
         return backbone.info.name, backbone.info.weights
     if checkpoint is not None:
         return checkpoint["backbone"]["name"], checkpoint["backbone"]["weights"]
-    return args.model or database_backbone or "embeddings", f"embeddings:{Path(args.train_csv).name}"
+    return args.model or database_backbone or "embeddings", f"embeddings:{Path(args.db_csv).name}"
 
 
 def export_parquets(folder: str, raw: Descriptors, database: PlaceTable, queries: PlaceTable, backbone: str) -> None:
@@ -223,12 +162,15 @@ def export_parquets(folder: str, raw: Descriptors, database: PlaceTable, queries
 def main(argv: Sequence[str] | None = None) -> EvalReport:
     args = parse_args(argv)
     checkpoint = vpr.load_checkpoint(args.model_path) if args.model_path else None
-    threshold = args.pos_threshold_m or (checkpoint["config"]["pos_threshold_m"] if checkpoint else 25.0)
+    threshold = args.pos_threshold_m or (checkpoint["config"]["pos_threshold_m"] if checkpoint
+                                         else DEFAULT_POS_THRESHOLD_M)
     supervision = args.supervision or (checkpoint["config"].get("supervision", "gps") if checkpoint else "auto")
-    database, queries = load_eval_tables(args, threshold, supervision)
+    database, queries = load_eval_tables(args.db_csv, args.test_csv, threshold, supervision, args.image_root,
+                                         args.camera_id, args.on_bad_image)
     model = model_for(args, checkpoint, database)
     backbone = model.frozen if model is not None else None  # the frozen part: its features come through the cache
-    database, queries, raw = frozen_descriptors(args, backbone, database, queries, threshold, supervision)
+    database, queries, raw = frozen_descriptors(extraction_settings(args), backbone, database, queries, threshold,
+                                                supervision)
     if release_other_ranks() != 0:
         sys.exit(0)  # torchrun: the other ranks only shared the extraction; rank 0 evaluates on the cache
     model_name, weights = source_identity(args, backbone, checkpoint, database.backbone)
@@ -242,7 +184,8 @@ def main(argv: Sequence[str] | None = None) -> EvalReport:
     pr = top1_pr_of_result(report.result)
     print(pr_line(pr))
     if args.save_descriptors:
-        image_dir, files = save_descriptors(args.save_descriptors, database.paths, queries.paths,  # as searched: L2-normalised
+        # as searched: L2-normalised
+        image_dir, files = save_descriptors(args.save_descriptors, database.paths, queries.paths,
                                             l2_normalise(descriptors.database), l2_normalise(descriptors.queries))
         print(f"wrote {name} descriptors: {', '.join(str(f) for f in files)} (hloc names relative to {image_dir})")
     skipped = {"database": len(database.skipped), "queries": len(queries.skipped)}
@@ -252,7 +195,7 @@ def main(argv: Sequence[str] | None = None) -> EvalReport:
                 "pooling": backbone.info.pooling if backbone is not None else "backbone",
                 "correct_by": "label" if report.result.by_label else "distance",
                 "checkpoint": args.model_path, "run_id": checkpoint.get("run_id") if checkpoint else None,
-                "db_csv": args.train_csv, "test_csv": args.test_csv,
+                "db_csv": args.db_csv, "test_csv": args.test_csv,
                 "camera_id": args.camera_id, "pos_threshold_m": threshold, "recall_at": args.recall_at,
                 "on_bad_image": args.on_bad_image, "skipped_images": skipped}
     write_outputs(args, report, database, queries, settings, localization, pr)

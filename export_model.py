@@ -21,9 +21,7 @@ An existing --output is kept unless --overwrite.
 """
 from __future__ import annotations
 
-import argparse
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
@@ -32,10 +30,10 @@ import torch
 
 import trainable_vpr as vpr
 from trainable_vpr.model import PlaceDescriptor, load_model
-from vprkit.cli import CliParser, VPRError, add_debug_flag, atomic_write, check_writable_file, run_cli
-from vprkit.features import ExtractionSettings, extraction_settings, pooling_config, validate_extraction_flags
+from vprkit.cli import CliParser, VPRError, atomic_write, check_writable_file, run_cli
+from vprkit.features import extraction_settings, pooling_config
 from vprkit.places import is_parquet, load_table
-from vprkit.settings import add_config_args, add_config_file_flag, flag, parse_layered
+from vprkit.settings import config_parser, parse_config
 
 FORMATS = (".pt2", ".onnx")
 ONNX_OPSET = 18  # the first opset whose Resize has antialias (the suite's resize is antialiased)
@@ -44,42 +42,18 @@ CHECK_SHAPE = (3, 3, 97, 130)   # the batch the written file is checked on: anot
 MIN_COSINE = 0.999
 
 
-@dataclass
-class ExportSettings:
-    """This script's own flags (the backbone, weights, input size and pooling flags are
-    ExtractionSettings', shared with every script)."""
-
-    model_path: str | None = flag(None, "a trained checkpoint to export (its backbone, pooling and head come from it)",
-                                  "model")
-    baseline: bool = flag(False, "export the raw frozen backbone given by --model instead", "model")
-    model: str | None = flag(None, f"backbone for --baseline: {', '.join(vpr.BACKBONES)} or timm:ARCH "
-                                   "(with --model_path: checked against the checkpoint's)", "model")
-    db_csv: str | None = flag(None, "--baseline --pooling vlad: the database images (poses CSV or benchmark folder) "
-                                    "the VLAD vocabulary is fitted on", "data", aliases=("--train_csv",))
-    output: str = flag(None, "the model file to write: FILE.pt2 (torch.export) or FILE.onnx (ONNX)", "outputs",
-                       required=True)
-    overwrite: bool = flag(False, "replace an existing --output file", "outputs")
+def build_parser() -> CliParser:
+    return config_parser(vpr.ExportConfig, __doc__.split("\n\n")[0], skip=("camera_id",), optional=("db_csv",))
 
 
-def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    parser = CliParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    add_config_args(parser, ExportSettings)
-    add_config_args(parser, ExtractionSettings, skip=("camera_id",))
-    add_config_file_flag(parser)
-    add_debug_flag(parser)
-    args = parse_layered(parser, argv)
-    if bool(args.model_path) == bool(args.baseline):
-        parser.error("give either --model_path CKPT or --baseline --model NAME")
-    if args.baseline and not args.model:
-        parser.error("--baseline needs --model NAME")
-    validate_extraction_flags(args)
-    return args
+def parse_args(argv: Sequence[str] | None) -> vpr.ExportConfig:
+    return parse_config(build_parser(), vpr.ExportConfig, argv)
 
 
 # ---------------------------------------------------------------------------------------------
 # The steps
 # ---------------------------------------------------------------------------------------------
-def check_output(args: argparse.Namespace) -> Path:
+def check_output(args: vpr.ExportConfig) -> Path:
     """A known suffix, a writable folder, no file replaced without --overwrite, and for ONNX the
     exporter's packages: all before any model is built."""
     output = Path(args.output)
@@ -104,7 +78,7 @@ def require_onnx_exporter() -> None:
                            f"(and onnxruntime to run the file), or export .pt2") from None
 
 
-def build_model(args: argparse.Namespace) -> PlaceDescriptor:
+def build_model(args: vpr.ExportConfig) -> PlaceDescriptor:
     """The descriptor to export, as the other scripts build it (trainable_vpr.model.load_model).
     A --pooling vlad baseline fits its vocabulary on the --db_csv images."""
     settings = extraction_settings(args)

@@ -23,7 +23,6 @@ near-duplicates around the top-1 refine it. est_support says how many matches it
 """
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 from typing import Sequence
 
@@ -32,58 +31,25 @@ import pandas as pd
 
 import trainable_vpr as vpr
 from trainable_vpr.model import describe_table, load_model
-from vprkit.cli import CliParser, VPRError, add_debug_flag, atomic_write, check_writable_file, run_cli
+from vprkit.cli import CliParser, VPRError, atomic_write, run_cli
+from vprkit.configs import DEFAULT_POS_THRESHOLD_M
 from vprkit.evaluation import exact_search
-from vprkit.predictions import draw_retrievals, frame_rows, predictions_frame
-from vprkit.features import ExtractionSettings, extraction_settings, validate_extraction_flags
-from vprkit.places import (IMAGE_COLUMNS, LATLON_COLUMNS, METRIC_COLUMNS, PlaceTable, find_column,
-                           find_column_pair, is_parquet, load_table, read_csv_table)
 from vprkit.exports import image_folder_and_names, write_retrieval_pairs
-from vprkit.settings import add_config_args, add_config_file_flag, parse_layered
+from vprkit.features import extraction_settings
+from vprkit.places import (IMAGE_COLUMNS, LATLON_COLUMNS, METRIC_COLUMNS, PlaceTable, find_column,
+                           find_column_pair, load_table, read_csv_table)
+from vprkit.predictions import draw_retrievals, frame_rows, predictions_frame
+from vprkit.settings import config_parser, parse_config
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
 
 
-def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    parser = CliParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    what = parser.add_argument_group("model")
-    what.add_argument("--model_path", help="a trained checkpoint (its backbone and head come from it)")
-    what.add_argument("--baseline", action="store_true", help="match with the raw frozen backbone given by --model")
-    what.add_argument("--model", default=None, help=f"backbone for --baseline: {', '.join(vpr.BACKBONES)} or timm:ARCH")
-    data = parser.add_argument_group("data")
-    data.add_argument("--db_csv", "--train_csv", dest="db_csv", required=True, help="poses CSV or benchmark folder (vprkit.benchmarks) of the database images")
-    data.add_argument("--query", required=True, metavar="PHOTOS_OR_CSV",
-                      help="a folder of photos, or a CSV with an image column (no positions needed)")
-    data.add_argument("--top_k", type=int, default=5, help="database matches per query")
-    data.add_argument("--pos_threshold_m", type=float, default=None,
-                      help="matches within this many metres of the top-1 share in the position estimate "
-                           "(default: the checkpoint's, else 25)")
-    out = parser.add_argument_group("outputs")
-    out.add_argument("--output", required=True, metavar="CSV", help="the matches, one row per query and rank")
-    out.add_argument("--pairs", metavar="TXT", help="write hloc's retrieval pairs here: `query db` per line, the top-k "
-                     "of each query, names relative to the images' common folder")
-    out.add_argument("--picture", metavar="PNG", help="draw each query with its top-k matches here")
-    out.add_argument("--picture_queries", type=int, default=8, metavar="N", help="at most N queries in --picture")
-    add_config_args(parser, ExtractionSettings, skip=("camera_id",))
-    add_config_file_flag(parser)
-    add_debug_flag(parser)
-    args = parse_layered(parser, argv)
-    if bool(args.model_path) == bool(args.baseline):
-        parser.error("give either --model_path CKPT or --baseline --model NAME")
-    if args.baseline and not args.model:
-        parser.error("--baseline needs --model NAME")
-    if args.top_k < 1:
-        parser.error(f"--top_k {args.top_k}: must be at least 1")
-    if args.pos_threshold_m is not None and args.pos_threshold_m <= 0:
-        parser.error(f"--pos_threshold_m {args.pos_threshold_m:g}: must be positive")
-    if is_parquet(args.db_csv):
-        parser.error(f"--db_csv {args.db_csv}: localize.py matches photos, so the database must be images "
-                     "(a poses CSV), not an embeddings parquet")
-    validate_extraction_flags(args)
-    check_writable_file(args.output, "--output")
-    check_writable_file(args.picture, "--picture")
-    check_writable_file(args.pairs, "--pairs")
-    return args
+def build_parser() -> CliParser:
+    return config_parser(vpr.LocalizeConfig, __doc__.split("\n\n")[0], skip=("camera_id",))
+
+
+def parse_args(argv: Sequence[str] | None) -> vpr.LocalizeConfig:
+    return parse_config(build_parser(), vpr.LocalizeConfig, argv)
 
 
 # ============================================================================================
@@ -167,8 +133,10 @@ def main(argv: Sequence[str] | None = None) -> pd.DataFrame:
     database = load_table(args.db_csv, args.image_root, on_bad_image=args.on_bad_image)
     checkpoint = vpr.load_checkpoint(args.model_path) if args.model_path else None
     options = extraction_settings(args)
-    model = load_model(args.model_path, args.model, options, database.paths, checkpoint)  # baseline vlad: fitted on the database
-    threshold = args.pos_threshold_m or (checkpoint["config"].get("pos_threshold_m", 25.0) if checkpoint else 25.0)
+    # baseline vlad: fitted on the database
+    model = load_model(args.model_path, args.model, options, database.paths, checkpoint)
+    threshold = args.pos_threshold_m or (checkpoint["config"].get("pos_threshold_m", DEFAULT_POS_THRESHOLD_M)
+                                         if checkpoint else DEFAULT_POS_THRESHOLD_M)
     database, db_features = describe_table(model, database, options, "database", args.on_bad_image)
     queries, q_features = describe_table(model, queries, options, "queries", args.on_bad_image)
     top, scores = exact_search(db_features, q_features, args.top_k)
@@ -179,10 +147,12 @@ def main(argv: Sequence[str] | None = None) -> pd.DataFrame:
         write_retrieval_pairs(args.pairs, names[len(database):], names[:len(database)], top)
         print(f"wrote {args.pairs} (hloc retrieval pairs, names relative to {image_dir})")
     estimated = "with position estimates" if any(c.startswith("est_") for c in frame.columns) else "(no positions)"
-    print(f"{len(queries)} queries x top-{top.shape[1]} of {len(database)} database images {estimated}: wrote {args.output}")
+    print(f"{len(queries)} queries x top-{top.shape[1]} of {len(database)} database images {estimated}: "
+          f"wrote {args.output}")
     if args.picture:
         model = Path(args.model_path).name if args.model_path else f"raw {args.model}"
-        title = f"{model}: photos of {Path(args.query).name} and their top-{top.shape[1]} matches in {Path(args.db_csv).name}"
+        title = (f"{model}: photos of {Path(args.query).name} and their top-{top.shape[1]} matches in "
+                 f"{Path(args.db_csv).name}")
         print(f"wrote {draw_retrievals(frame_rows(frame, args.picture_queries), Path(args.picture), title)}")
     return frame
 

@@ -36,8 +36,10 @@ from pathlib import Path
 from typing import Sequence
 
 from vprkit.benchmarks import at_folder_frame, has_at_names
-from vprkit.cli import CliParser, VPRError, add_debug_flag, atomic_write, check_writable_file, run_cli
+from vprkit.cli import CliParser, VPRError, atomic_write, check_writable_file, run_cli
+from vprkit.configs import MakePosesConfig
 from vprkit.images import PhotoExif, find_images, image_suffixes, read_photo_exif
+from vprkit.settings import config_parser, parse_config
 
 CSV_COLUMNS = ("image_path", "lat", "lon", "camera_id", "timestamp_local")
 UNKNOWN_CAMERA = "unknown"  # camera_id of photos without Make/Model (an empty cell would read back as "nan")
@@ -52,15 +54,12 @@ class PhotoScan:
     unreadable: list[Path] = field(default_factory=list)
 
 
-def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    parser = CliParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("photo_dir", metavar="PHOTO_DIR", help="folder of photos (searched recursively)")
-    parser.add_argument("--output", required=True, metavar="CSV",
-                        help="poses CSV to write; image paths in it are relative to its folder, so train_vpr.py "
-                             "--train_csv CSV finds them without --image_root")
-    parser.add_argument("--overwrite", action="store_true", help="replace an existing --output file")
-    add_debug_flag(parser)
-    return parser.parse_args(argv)
+def build_parser() -> CliParser:
+    return config_parser(MakePosesConfig, __doc__, config_file=False, formatter=argparse.RawDescriptionHelpFormatter)
+
+
+def parse_args(argv: Sequence[str] | None) -> MakePosesConfig:
+    return parse_config(build_parser(), MakePosesConfig, argv, layered=False)
 
 
 def scan_photos(paths: Sequence[Path]) -> PhotoScan:

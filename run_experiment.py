@@ -6,10 +6,12 @@
     python run_experiment.py --demo        # the built-in synthetic route, no download
 
 For each backbone: the raw frozen features, PCA-whitened frozen features (fitted on the
-database), training-free VLAD over the local features of --feature_layer (vocabulary fitted on
-the training images), a trained head, and the trained head's output PCA-whitened on the database
-(trained_whitened) are evaluated on the same cached features (each image goes
-through each backbone once), with the protocol of eval_trained.py. Every model's weights and
+database), learned whitening (fitted on the training images' positive pairs, shrinkage chosen on
+val), training-free VLAD over the local features of --feature_layer (vocabulary fitted on the
+training images), the start (the untrained head validation chose, fitted on the training images:
+when no epoch beats it, the trained row equals it), a trained head, and the trained head's output
+PCA-whitened on the database (trained_whitened) are evaluated on the same cached features (each
+image goes through each backbone once), with the protocol of eval_trained.py. Every model's weights and
 every input are checked before the first model trains. Prints a comparison table and writes
 logs/experiment_{timestamp}.csv and, beside it, experiment_{timestamp}.json: its inputs,
 threshold, supervision, recall_at, models, and each model's checkpoint, run id and log (or why
@@ -36,9 +38,9 @@ import pandas as pd
 import train_vpr
 import trainable_vpr as vpr
 from trainable_vpr.model import PlaceDescriptor
-from vprkit.cli import CliParser, VPRError, add_debug_flag, atomic_write, check_writable_dir, run_cli
+from vprkit.cli import CliParser, VPRError, atomic_write, check_writable_dir, run_cli
 from vprkit.runlog import EXPERIMENT_VARIANTS
-from vprkit.settings import add_config_args, add_config_file_flag, config_from_args, parse_layered
+from vprkit.settings import config_from_args, config_parser, parse_layered
 from vprkit.evaluation import Descriptors, EvalReport, evaluate_variant, format_report, load_eval_tables, pca_whitened
 from vprkit.features import extraction_settings, frozen_descriptors, pooling_config
 from vprkit.localization import LocalizationResult, draw_localization_figure, localization_of_result
@@ -48,36 +50,23 @@ from vprkit.pr_curve import draw_pr_figure, top1_pr_of_result
 
 DEMO_DIR = Path("demo_data")
 # Demo settings where the user left the defaults: ~120 training images give few steps per epoch,
-# so a larger, decaying learning rate (chosen on the earlier demo's val.csv: R@1 0.61 -> 0.66-0.69
-# over seeds 42, 1, 2, where lr 1e-4 left the head at its PCA-whitening start; not re-chosen on
-# today's demo, where the head's start decides the test result, see docs/benchmarks.md "The demo").
+# so a larger, decaying learning rate (how it was chosen: docs/benchmarks.md, "The demo").
 DEMO_SETTINGS = {"models": ["effnet_lite0"], "epochs": 15, "lr": 1e-3, "lr_schedule": "cosine"}
 
 
-def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    parser = CliParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    exp = parser.add_argument_group("experiment")
-    exp.add_argument("--demo", action="store_true",
-                     help=f"generate the built-in synthetic route under {DEMO_DIR}/ and run on it with effnet_lite0")
-    exp.add_argument("--test_csv", "--test_parquet", dest="test_csv", help="poses CSV, benchmark folder (vprkit.benchmarks) or embeddings parquet of the final queries")
-    exp.add_argument("--db_csv", "--db_parquet", dest="db_csv", help="database of the final evaluation, like --test_csv (default: --train_csv)")
-    exp.add_argument("--models", "--model", dest="models", nargs="+", default=["dinov2_b"],
-                     help=f"backbones to compare: {', '.join(vpr.BACKBONES)} or timm:ARCH")
-    exp.add_argument("--recall_at", type=int, nargs="+", default=[1, 5, 10], help="the N of Recall@N")
-    add_config_file_flag(parser)
-    add_config_args(parser, vpr.TrainConfig, skip=("model",), optional=("train_csv", "val_csv"))
-    add_debug_flag(parser)
+def build_parser() -> CliParser:
+    return config_parser(vpr.ExperimentConfig, __doc__.split("\n\n")[0], skip=("model",),
+                         optional=("train_csv", "val_csv", "test_csv", "db_csv"))  # --demo gives them
+
+
+def parse_args(argv: Sequence[str] | None) -> vpr.ExperimentConfig:
+    parser = build_parser()
     args = parse_layered(parser, argv)
     if args.demo:
         use_demo_data(args, parser)
-    missing = [f"--{name}" for name in ("train_csv", "val_csv", "test_csv") if not getattr(args, name)]
-    if missing:
-        parser.error(f"missing {', '.join(missing)} (or use --demo)")
-    if sorted(set(args.recall_at)) != sorted(args.recall_at) or 1 not in args.recall_at:
-        parser.error("--recall_at must list distinct values including 1")
-    for model in args.models:  # every backbone's flags checked before the first one runs for long
-        vpr.validate_train_config(config_from_args(args, vpr.TrainConfig, model=model))
-    return args
+    config = config_from_args(args, vpr.ExperimentConfig)
+    config.validate()
+    return config
 
 
 def use_demo_data(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
@@ -97,19 +86,19 @@ def use_demo_data(args: argparse.Namespace, parser: argparse.ArgumentParser) -> 
     print(f"demo seed: {args.seed} (--seed N for another; the README says how much the result varies)", flush=True)
 
 
-def final_eval_args(args: argparse.Namespace) -> argparse.Namespace:
-    """The flags of the final evaluation: the database is --db_csv, else the training images."""
-    return argparse.Namespace(**{**vars(args), "train_csv": args.db_csv or args.train_csv})
+def final_tables(config: vpr.ExperimentConfig, train: vpr.TrainConfig):
+    """The final evaluation's database (--db_csv, else the training images) and queries, checked."""
+    return load_eval_tables(config.db_csv or config.train_csv, config.test_csv, train.pos_threshold_m,
+                            train.supervision, config.image_root, config.camera_id, config.on_bad_image)
 
 
-def check_before_training(args: argparse.Namespace) -> None:
+def check_before_training(args: vpr.ExperimentConfig) -> None:
     """Every input and every model's weights, before the first model trains (nothing written
     yet): the test and database tables, each model's training splits, and its backbone built
     once (an unavailable download stops here with the hub's one-line reason)."""
-    config = config_from_args(args, vpr.TrainConfig, model=args.models[0])
-    database, _ = load_eval_tables(final_eval_args(args), config.pos_threshold_m, config.supervision)
+    database, _ = final_tables(args, args.train_config(args.models[0]))
     for model in args.models:
-        config = config_from_args(args, vpr.TrainConfig, model=model)
+        config = args.train_config(model)
         train_vpr.load_splits(config)  # per model: a parquet's backbone must agree with --model
         if database.embeddings is None:
             vpr.create_backbone(model, config.weights, config.image_size)  # freed at once; built again to train
@@ -134,11 +123,22 @@ def training_free_vlad(base: vpr.Backbone, config: vpr.TrainConfig, train_paths:
     return frozen_descriptors(config, backbone, database, queries, config.pos_threshold_m, config.supervision)[2]
 
 
-def compare_backbone(model: str, args: argparse.Namespace) -> ModelRun:
+def learned_whitened(config: vpr.TrainConfig, raw: Descriptors) -> tuple[Descriptors, str]:
+    """The learned-whitening row (trainable_vpr.starts): fitted on the training images' pairs,
+    shrinkage chosen on val queries against the validation database, as the head's start is;
+    the features come from the cache training filled. Returns the descriptors and their label."""
+    train_table, val_table, by_label, val_db = train_vpr.load_splits(config)
+    data = train_vpr.extract_training_data(config, train_table, val_table, by_label, None, val_db)
+    start = vpr.start_head("learned_whitened", train_vpr.head_config_for(config, data.train.features.shape[1]),
+                           train_vpr.start_fit_data(config, data), config.seed)
+    return PlaceDescriptor(None, start.head).describe(raw), f"({start.label.split('(', 1)[1]}"
+
+
+def compare_backbone(model: str, args: vpr.ExperimentConfig) -> ModelRun:
     """Raw, PCA-whitened, training-free VLAD and trained descriptors of one backbone on the final
     queries, each with its localization view (no VLAD row for embeddings parquets: no images)."""
-    config = config_from_args(args, vpr.TrainConfig, model=model)
-    database, queries = load_eval_tables(final_eval_args(args), config.pos_threshold_m, config.supervision)
+    config = args.train_config(model)
+    database, queries = final_tables(args, config)
     base = backbone = None
     if database.embeddings is None:  # one backbone, pooled as asked and, for the vlad row, with VLAD
         train_paths = load_table(config.train_csv, config.image_root, config.camera_id, config.on_bad_image).paths
@@ -147,6 +147,7 @@ def compare_backbone(model: str, args: argparse.Namespace) -> ModelRun:
     database, queries, raw = frozen_descriptors(config, backbone, database, queries, config.pos_threshold_m,
                                                           config.supervision)
     variants = {"raw": raw, "pca_whitened": pca_whitened(raw, config.projection_dim)}
+    labels = {"pca_whitened": f"({variants['pca_whitened'].database.shape[1]}-d, fitted on the database)"}
     if backbone is not None and config.pooling == "vlad":
         variants["vlad"] = raw
     elif backbone is not None:
@@ -172,10 +173,15 @@ def compare_backbone(model: str, args: argparse.Namespace) -> ModelRun:
     # The head's output PCA-whitened at indexing time on the database the user searches: whitening
     # fitted on the target database adapts to it without training there (issue "local features").
     variants["trained_whitened"] = pca_whitened(variants["trained"], config.projection_dim)
+    variants["learned_whitened"], labels["learned_whitened"] = learned_whitened(config, raw)
+    if trained.start_head is not None:  # the untrained head validation chose: what training must beat
+        variants["start"] = PlaceDescriptor(None, trained.start_head).describe(raw)
+        labels["start"] = f"= {trained.head_start['label']}"
 
     reports = {}
     for variant, descriptors in variants.items():
-        report = evaluate_variant(f"{model} {variant}", descriptors, database, queries,
+        name = f"{model} {variant}" + (f" {labels[variant]}" if variant in labels else "")
+        report = evaluate_variant(name, descriptors, database, queries,
                                                config.pos_threshold_m, args.recall_at, config.supervision)
         print(format_report(report, args.recall_at), flush=True)
         reports[variant] = report
@@ -212,17 +218,19 @@ def comparison_table(reports_by_model: dict[str, dict[str, EvalReport]], recall_
     return pd.DataFrame(rows)
 
 
-def experiment_record(args: argparse.Namespace, runs: dict[str, ModelRun], failed: dict[str, str]) -> dict:
+def experiment_record(args: vpr.ExperimentConfig, runs: dict[str, ModelRun], failed: dict[str, str]) -> dict:
     """The experiment's inputs and what each model gave: the JSON beside the experiment CSV."""
     models = {}
     for model in args.models:
         if model in runs:
             trained = runs[model].trained
             models[model] = {"run_id": trained.run_id, "checkpoint": str(trained.checkpoint),
-                             "log_file": str(trained.log_file), "best_epoch": trained.best_epoch}
+                             "log_file": str(trained.log_file), "best_epoch": trained.best_epoch,
+                             "head_start": trained.head_start}
         elif model in failed:
             models[model] = {"failed": failed[model]}
-    return {"train_csv": args.train_csv, "val_csv": args.val_csv, "test_csv": args.test_csv,
+    return {"train_csv": args.train_csv, "val_csv": args.val_csv, "val_db_csv": args.val_db_csv or args.train_csv,
+            "test_csv": args.test_csv,
             "db_csv": args.db_csv or args.train_csv, "pos_threshold_m": args.pos_threshold_m,
             "supervision": args.supervision, "recall_at": list(args.recall_at), "models": models}
 
@@ -242,7 +250,7 @@ def main(argv: Sequence[str] | None = None) -> pd.DataFrame:
         raise VPRError("run_experiment.py does not run under torchrun; fill the cache with "
                            "`torchrun ... train_vpr.py` or `torchrun ... eval_trained.py`, then run it in one process")
     log_dir = check_writable_dir(args.log_dir, "--log_dir")  # (made if missing, left empty)
-    check_writable_dir(args.output_dir, "--output_dir")
+    check_writable_dir(args.checkpoint_dir, "--checkpoint_dir")
     check_before_training(args)
     runs: dict[str, ModelRun] = {}
     failed: dict[str, str] = {}

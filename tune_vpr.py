@@ -18,7 +18,6 @@ the best parameters are printed and written to {log_dir}/{study}_best.json.
 """
 from __future__ import annotations
 
-import argparse
 import concurrent.futures
 import dataclasses
 import json
@@ -29,10 +28,10 @@ from typing import Any, Sequence
 
 import train_vpr
 import trainable_vpr as vpr
-from vprkit.cli import CliParser, VPRError, add_debug_flag, atomic_write, check_writable_dir, run_cli
+from vprkit.cli import CliParser, VPRError, atomic_write, check_writable_dir, run_cli
 from vprkit.evaluation import RecallResult
 from vprkit.runlog import safe_name
-from vprkit.settings import add_config_args, add_config_file_flag, config_from_args, parse_layered
+from vprkit.settings import config_from_args, config_parser, parse_layered
 
 # Used when the config file has no [tune.space]: the settings that matter most on small routes.
 DEFAULT_SPACE: dict[str, dict[str, Any]] = {
@@ -65,26 +64,18 @@ class TuneOptions:
     sampler_seed: int
 
 
+def build_parser() -> CliParser:
+    return config_parser(vpr.TuneConfig, __doc__.split("\n\n")[0])
+
+
 def parse_args(argv: Sequence[str] | None) -> tuple[vpr.TrainConfig, TuneOptions]:
-    parser = CliParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    tune = parser.add_argument_group("tuning")
-    tune.add_argument("--storage", default=None, help="Optuna storage URL (default: sqlite:///{log_dir}/{study}.db)")
-    tune.add_argument("--study_name", default="vpr_tune", help="study name (workers with the same name and storage share it)")
-    tune.add_argument("--n_trials", type=int, default=20, help="trials this invocation runs, shared by its workers")
-    tune.add_argument("--n_jobs", type=int, default=1, help="local worker processes")
-    tune.add_argument("--sampler_seed", type=int, default=None,
-                      help="seed of the TPE sampler, + worker index (default: --seed); give each SLURM task its own")
-    add_config_file_flag(parser)
-    add_config_args(parser, vpr.TrainConfig)
-    add_debug_flag(parser)
-    args = parse_layered(parser, argv)
-    if args.n_trials < 1 or args.n_jobs < 1:
-        raise VPRError(f"--n_trials {args.n_trials} and --n_jobs {args.n_jobs}: both must be at least 1")
-    config = config_from_args(args, vpr.TrainConfig)
-    vpr.validate_train_config(config)
-    storage = args.storage or f"sqlite:///{Path(config.log_dir).resolve() / safe_name(args.study_name)}.db"
-    sampler_seed = config.seed if args.sampler_seed is None else args.sampler_seed
-    return config, TuneOptions(storage, args.study_name, args.n_trials, args.n_jobs, args.config, sampler_seed)
+    args = parse_layered(build_parser(), argv)
+    tune = config_from_args(args, vpr.TuneConfig)
+    tune.validate()
+    config = tune.train_config()
+    storage = tune.storage or f"sqlite:///{Path(config.log_dir).resolve() / safe_name(tune.study_name)}.db"
+    sampler_seed = config.seed if tune.sampler_seed is None else tune.sampler_seed
+    return config, TuneOptions(storage, tune.study_name, tune.n_trials, tune.n_jobs, args.config, sampler_seed)
 
 
 def require_optuna():
@@ -151,7 +142,7 @@ def objective(trial, base: vpr.TrainConfig, dimensions: list[Dimension], study_n
     optuna = require_optuna()
     trial_dir = Path(base.log_dir) / f"{safe_name(study_name)}_trial{trial.number:04d}"
     config = dataclasses.replace(base, **suggest(trial, dimensions), log_dir=str(trial_dir),
-                                 output_dir=str(trial_dir / "models"), resume=None)
+                                 checkpoint_dir=str(trial_dir / "models"), resume=None)
     vpr.validate_train_config(config)  # a combination the space allows but training does not: the trial fails
 
     trained_r1: list[float] = []  # validation R@1 of each validated epoch >= 1

@@ -155,9 +155,10 @@ def pipeline(backbone: Backbone, table: PlaceTable, batch_size: int, workers: in
              precision: str = "fp32") -> tuple[float, float]:
     """(total seconds, seconds inside forward passes) of one extract_features with a fresh cache."""
     with tempfile.TemporaryDirectory(prefix="bench_extraction_") as cache_dir:
-        options = ExtractionSettings(batch_size=batch_size, num_workers=workers, device="cpu", cache_dir=cache_dir,
-                                        precision=precision)
-        with ForwardTimer() as timer, contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+        options = ExtractionSettings(extract_batch_size=batch_size, num_workers=workers, device="cpu",
+                                     cache_dir=cache_dir, precision=precision)
+        with (ForwardTimer() as timer, contextlib.redirect_stdout(io.StringIO()),
+              contextlib.redirect_stderr(io.StringIO())):
             start = time.perf_counter()
             feats = extract_features(backbone, table, options, "bench")
             total = time.perf_counter() - start
@@ -168,7 +169,7 @@ def pipeline(backbone: Backbone, table: PlaceTable, batch_size: int, workers: in
 def cache_bytes_per_image(backbone: Backbone, table: PlaceTable, batch_size: int) -> float:
     """Bytes on disk (shards + key lists + config) of one extraction's cache, per image."""
     with tempfile.TemporaryDirectory(prefix="bench_cache_bytes_") as cache_dir:
-        options = ExtractionSettings(batch_size=batch_size, num_workers=0, device="cpu", cache_dir=cache_dir)
+        options = ExtractionSettings(extract_batch_size=batch_size, num_workers=0, device="cpu", cache_dir=cache_dir)
         with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
             extract_features(backbone, table, options, "bench")
         return sum(f.stat().st_size for f in Path(cache_dir).rglob("*") if f.is_file()) / len(table)
@@ -188,13 +189,14 @@ def pooling_rows(models: list[str], table: PlaceTable, batch_size: int, repeats:
         start = time.perf_counter()
         centroids = None
         if pooling == "vlad":
-            options = ExtractionSettings(batch_size=batch_size, num_workers=0, device="cpu", cache_dir="unused")
+            options = ExtractionSettings(extract_batch_size=batch_size, num_workers=0, device="cpu", cache_dir="unused")
             with contextlib.redirect_stderr(io.StringIO()):
                 centroids = fit_vocabulary_on_images(backbone, config, table.paths, options)
         fit_s = time.perf_counter() - start
         pooled = vpr.pool_backbone(backbone, config, centroids)
         cl_model = copy.deepcopy(backbone.model).to(memory_format=torch.channels_last)
-        cl_batches = [b.contiguous(memory_format=torch.channels_last) for b in ready_batches(backbone, table, batch_size)]
+        cl_batches = [b.contiguous(memory_format=torch.channels_last)
+                      for b in ready_batches(backbone, table, batch_size)]
         bare_forward(cl_model, cl_batches[:1])  # warm-up
         times: dict[str, list[float]] = {"bare": [], "backbone": [], pooling: []}
         for _ in range(repeats):
@@ -239,7 +241,8 @@ def main() -> None:
     parser.add_argument("--precisions", nargs="+", choices=("fp32", "bf16"),
                         default=["fp32", "bf16"] if _cpu_supports_bf16() else ["fp32"])
     parser.add_argument("--out_dir", type=Path, default=OUT_DIR)
-    parser.add_argument("--pooling", choices=("gem", "vlad"), help="measure this pooling against the bare forward instead")
+    parser.add_argument("--pooling", choices=("gem", "vlad"),
+                        help="measure this pooling against the bare forward instead")
     parser.add_argument("--pooling_models", nargs="+", default=["effnet_lite0", "dinov2_s", "dinov2_b"],
                         help="--pooling: backbones (random weights unless they have offline ones)")
     parser.add_argument("--vlad_clusters", type=int, default=32)
@@ -269,7 +272,8 @@ def main() -> None:
     cl_model = copy.deepcopy(backbone.model).to(memory_format=torch.channels_last)
     cl_batches = [b.contiguous(memory_format=torch.channels_last) for b in batches]
     print(f"{n} images of {args.csv}, {args.model} at {backbone.info.image_size} px, batch {args.batch_size}, "
-          f"torch {torch.__version__} with {torch.get_num_threads()} threads, {torch.multiprocessing.get_start_method()} start, "
+          f"torch {torch.__version__} with {torch.get_num_threads()} threads, "
+          f"{torch.multiprocessing.get_start_method()} start, "
           f"malloc fix {'on' if malloc_fix else 'off'}", flush=True)
     bare_forward(contiguous_model, batches[:2])  # warm-up: first forward allocates and picks kernels
     bare_forward(cl_model, cl_batches[:2])
@@ -277,7 +281,8 @@ def main() -> None:
     faults = page_faults()
     bare_forward(cl_model, cl_batches)
     faults = (page_faults() - faults) / n
-    print(f"page faults per image in the bare forward: {faults:.0f} ({faults * 4 / 1024:.1f} MiB of fresh pages)", flush=True)
+    print(f"page faults per image in the bare forward: {faults:.0f} ({faults * 4 / 1024:.1f} MiB of fresh pages)",
+          flush=True)
 
     gflops = gflops_per_image(backbone.model, backbone.info.image_size)
     peaks = {"fp32": matmul_peak_gflops(torch.float32)}
@@ -313,7 +318,8 @@ def main() -> None:
                 forward_in_pipeline[pipeline_name(p, w)].append(fwd)
         for w in args.workers:
             samples[f"decode_only_w{w}"].append(decode_only(backbone, table, args.batch_size, w))
-        print(f"repeat {rep + 1}/{args.repeats}: " + ", ".join(f"{k} {v[-1]:.2f} s" for k, v in samples.items()), flush=True)
+        print(f"repeat {rep + 1}/{args.repeats}: " + ", ".join(f"{k} {v[-1]:.2f} s" for k, v in samples.items()),
+              flush=True)
 
     rows = []
     for name, times in samples.items():
@@ -321,7 +327,8 @@ def main() -> None:
         precision = precision_of.get(name, "fp32")
         bare_median = statistics.median(samples[bare_name(precision)])
         row = {"variant": name, "precision": precision, "images": n, "batch_size": args.batch_size,
-               "threads": torch.get_num_threads(), "malloc_fix": malloc_fix, "bare_page_faults_per_image": round(faults),
+               "threads": torch.get_num_threads(), "malloc_fix": malloc_fix,
+               "bare_page_faults_per_image": round(faults),
                "repeats": args.repeats, "median_s": median, "min_s": min(times), "max_s": max(times),
                "images_per_s": n / median, "ratio_to_bare": bare_median / median}
         if not name.startswith("decode_only"):
@@ -360,7 +367,7 @@ def main() -> None:
             text = io.StringIO()
             pstats.Stats(profiler, stream=text).sort_stats("tottime").print_stats(12)
             print(f"\n--- cProfile of one pipeline call, num_workers {w} (main process; by own time) ---")
-            print("\n".join(l for l in text.getvalue().splitlines() if l.strip())[:4000])
+            print("\n".join(line for line in text.getvalue().splitlines() if line.strip())[:4000])
 
 
 if __name__ == "__main__":

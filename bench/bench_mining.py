@@ -216,7 +216,7 @@ def run_in_subprocess(function: str, n: int, repeats: int, fixed_area: bool, tim
                               env={**os.environ, "PYTHONWARNINGS": "ignore"})
     except subprocess.TimeoutExpired:
         return {"function": function, "n": n, "repeats": repeats, "note": f"TIMEOUT after {timeout_s:.0f} s"}
-    lines = [l for l in proc.stdout.splitlines() if l.startswith("{")]
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
     if proc.returncode != 0 or not lines:
         tail = (proc.stderr.strip().splitlines() or ["?"])[-1]
         return {"function": function, "n": n, "repeats": repeats, "note": f"FAILED rc={proc.returncode}: {tail}"}
@@ -236,7 +236,8 @@ def growth_rows(frame, functions) -> list[dict]:
                 "function": function, "from_n": small, "to_n": large, "size_ratio": large / small,
                 "time_ratio": round(part.at[large, "median_s"] / max(part.at[small, "median_s"], 1e-9), 2),
                 "rss_delta_ratio": round(part.at[large, "rss_delta_mb"] / max(part.at[small, "rss_delta_mb"], 1e-3), 2),
-                "traced_ratio": round(part.at[large, "traced_peak_mb"] / max(part.at[small, "traced_peak_mb"], 1e-3), 2),
+                "traced_ratio": round(part.at[large, "traced_peak_mb"]
+                                      / max(part.at[small, "traced_peak_mb"], 1e-3), 2),
             })
     return rows
 
@@ -263,7 +264,8 @@ def report(frame, sizes: list[int], out_dir: Path) -> None:
           f"(target < 60 s: {'met' if total < 60 else 'NOT met'}); largest peak RSS {peak:.0f} MB "
           f"(target < 4096 MB: {'met' if peak < 4096 else 'NOT met'})")
     slowest = top.sort_values("median_s", ascending=False).head(3)
-    print("slowest at that size: " + ", ".join(f"{f} {t:.1f} s" for f, t in zip(slowest["function"], slowest["median_s"])))
+    print("slowest at that size: "
+          + ", ".join(f"{f} {t:.1f} s" for f, t in zip(slowest["function"], slowest["median_s"])))
     print(f"tables: {out_dir / 'mining.csv'}, {out_dir / 'mining_growth.csv'}")
 
 
@@ -272,7 +274,8 @@ def main() -> None:
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--sizes", type=int, nargs="+", default=[10_000, 100_000, 1_000_000])
     parser.add_argument("--repeats", type=int, default=3, help="timed calls per size and function (median)")
-    parser.add_argument("--functions", nargs="+", default=list(FUNCTIONS), choices=list(FUNCTIONS) + [HARD_NEGATIVE_FUNCTION])
+    parser.add_argument("--functions", nargs="+", default=list(FUNCTIONS),
+                        choices=list(FUNCTIONS) + [HARD_NEGATIVE_FUNCTION])
     parser.add_argument("--hard_negative_sizes", type=int, nargs="*", default=[10_000, 30_000],
                         help="sizes for mine_hard_negatives (quadratic: keep small; none to skip)")
     parser.add_argument("--fixed_area", action="store_true", help="every size in the same 10 km x 10 km city")
@@ -300,7 +303,8 @@ def main() -> None:
         row = run_in_subprocess(function, n, repeats, args.fixed_area, args.timeout_s)
         rows.append(row)
         print(f"{function:>24} n={n:>8}: {row.get('median_s', float('nan')):8.3f} s  "
-              f"peak RSS {row.get('peak_rss_mb', float('nan')):7.0f} MB (+{row.get('rss_delta_mb', float('nan')):.0f})  "
+              f"peak RSS {row.get('peak_rss_mb', float('nan')):7.0f} MB "
+              f"(+{row.get('rss_delta_mb', float('nan')):.0f})  "
               f"traced {row.get('traced_peak_mb', float('nan')):7.1f} MB  {row.get('note', '')}", flush=True)
     frame = pd.DataFrame(rows)
     for col in ("median_s", "min_s", "max_s", "peak_rss_mb", "rss_delta_mb", "traced_peak_mb"):

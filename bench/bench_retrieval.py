@@ -182,7 +182,7 @@ def main() -> None:
                "--repeats", str(args.repeats), "--block_mb", str(args.block_mb)]
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout_s,
                               env={**os.environ, "PYTHONWARNINGS": "ignore"})
-        lines = [l for l in proc.stdout.splitlines() if l.startswith("[")]
+        lines = [line for line in proc.stdout.splitlines() if line.startswith("[")]
         if proc.returncode != 0 or not lines:
             print(f"n_db={n_db}: FAILED rc={proc.returncode}: {proc.stderr.strip().splitlines()[-1:]}", flush=True)
             continue
@@ -197,7 +197,8 @@ def main() -> None:
     ratio = []
     for n_db, part in frame.groupby("n_db"):
         t = part.set_index("method")["median_s"]
-        ratio.append({"n_db": n_db, "faiss_over_numpy (evaluate_retrieval)": t["evaluate_retrieval"] / t["numpy_blocked"],
+        ratio.append({"n_db": n_db,
+                      "faiss_over_numpy (evaluate_retrieval)": t["evaluate_retrieval"] / t["numpy_blocked"],
                       "faiss_over_numpy (search only)": t["faiss_search"] / t["numpy_blocked"]})
     ratios = pd.DataFrame(ratio)
     frame = frame.merge(ratios, on="n_db")

@@ -81,7 +81,8 @@ def main() -> None:
         tmp = Path(tmp)
         config = vpr.TrainConfig(train_csv=str(args.data / "train.csv"), val_csv=str(args.data / "val.csv"),
                                  model=args.model, device="cpu", num_workers=args.num_workers,
-                                 cache_dir=str(tmp / "cache"), log_dir=str(tmp / "logs"), output_dir=str(tmp / "models"))
+                                 cache_dir=str(tmp / "cache"), log_dir=str(tmp / "logs"),
+                                 checkpoint_dir=str(tmp / "models"))
         vpr.validate_train_config(config)
         vpr.set_determinism(config.seed)
         train = load_poses(config.train_csv)
@@ -91,7 +92,7 @@ def main() -> None:
         n = len(train)
         backbone = vpr.create_backbone(config.model)
         cached = extraction_settings(config)
-        no_cache = ExtractionSettings(batch_size=config.batch_size, num_workers=config.num_workers,
+        no_cache = ExtractionSettings(extract_batch_size=config.extract_batch_size, num_workers=config.num_workers,
                                          device=config.device, cache_dir=None)
         with quiet():
             extract_features(backbone, train.subset(np.arange(min(n, 32))), no_cache)  # warm-up
@@ -112,13 +113,14 @@ def main() -> None:
             start = time.perf_counter()
             batches = train_vpr.epoch_batches(config, run.head, data.train, run.rng)
             middle = time.perf_counter()
-            train_vpr.train_one_epoch(epoch, run.head, run.optimizer, run.scheduler, loss_fn, data.train, batches, config,
-                                      run.generator, logger, run.miner)
+            train_vpr.train_one_epoch(epoch, run.head, run.optimizer, run.scheduler, loss_fn, data.train, batches,
+                                      config, run.generator, logger, run.miner)
             end = time.perf_counter()
             return end - start, middle - start, end - middle, int(sum(len(b) for b in batches))
 
         cached_epoch(0)  # warm-up (first backward allocates, pml imports)
-        extract_times, epoch_times, batching_times, step_times, samples, read_times, val_times = [], [], [], [], [], [], []
+        extract_times, epoch_times, batching_times, step_times = [], [], [], []
+        samples, read_times, val_times = [], [], []
         epoch = 1
         for rep in range(args.repeats):
             with quiet():
@@ -147,8 +149,10 @@ def main() -> None:
     extract_s, epoch_s = med(extract_times), med(epoch_times)
     throughput = med([c / s for c, s in zip(samples, step_times)])
     rows = [
-        {"measure": "no-cache extraction of the training images", "seconds": extract_s, "per_image_ms": 1000 * extract_s / n},
-        {"measure": "cached epoch (epoch_batches + train_one_epoch)", "seconds": epoch_s, "per_image_ms": 1000 * epoch_s / n},
+        {"measure": "no-cache extraction of the training images", "seconds": extract_s,
+         "per_image_ms": 1000 * extract_s / n},
+        {"measure": "cached epoch (epoch_batches + train_one_epoch)", "seconds": epoch_s,
+         "per_image_ms": 1000 * epoch_s / n},
         {"measure": "  of which epoch_batches (embed, hard negatives, batches)", "seconds": med(batching_times)},
         {"measure": "  of which train_one_epoch", "seconds": med(step_times)},
         {"measure": "validation (val queries vs train database, val loss)", "seconds": med(val_times)},

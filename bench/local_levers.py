@@ -65,7 +65,7 @@ def main() -> None:
     out = Path(tempfile.mkdtemp(prefix="local_levers-"))
     base = vpr.TrainConfig(train_csv=str(DATA / "train.csv"), val_csv=str(DATA / "val.csv"), model=args.model,
                            epochs=args.epochs, device="cpu", cache_dir=args.cache_dir, log_dir=str(out / "logs"),
-                           output_dir=str(out / "models"))
+                           checkpoint_dir=str(out / "models"))
     options = ExtractionSettings(device="cpu", cache_dir=args.cache_dir)
     vlad = PoolingConfig("vlad", args.feature_layer, 32)
     frozen = {"raw": PlaceDescriptor.baseline(args.model, None, 0, PoolingConfig(), (), options),

@@ -39,7 +39,9 @@ from trainable_vpr.model import PlaceDescriptor  # noqa: E402
 from vprkit.cli import atomic_write  # noqa: E402
 from vprkit.evaluation import Descriptors, evaluate_variant, fit_pca_whitening  # noqa: E402
 from vprkit.features import ExtractionSettings, extract_features  # noqa: E402
+from vprkit.pairs import positive_pairs  # noqa: E402
 from vprkit.places import PlaceTable, load_poses  # noqa: E402
+from vprkit.whitening import choose_shrinkage  # noqa: E402
 from vprkit.pooling import PoolingConfig  # noqa: E402
 
 DATA = REPO.parent / "shared" / "data" / "bgu_campus"
@@ -59,6 +61,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--cache_dir", default=str(REPO / ".cache" / "features"))
     parser.add_argument("--out_dir", type=Path, default=REPO / "bench" / "results")
     parser.add_argument("--recipes", nargs="+", default=list(RECIPES), choices=list(RECIPES))
+    parser.add_argument("--thresholds", type=float, nargs="+", default=list(THRESHOLDS_M), help="metres")
     parser.add_argument("--pooling_rows", action="store_true", help="add the gem / vlad rows (see above)")
     parser.add_argument("--train_pooled", nargs="*", default=["vlad:-2", "gem:-2"], metavar="POOLING:LAYER",
                         help="with --pooling_rows: pooled descriptors the recipes are trained on")
@@ -96,12 +99,23 @@ def trained_descriptors(recipe: str, seed: int, threshold: float, args: argparse
     config = vpr.TrainConfig(**RECIPES[recipe], pooling=pooling[0], feature_layer=pooling[1], train_csv=str(args.data / "train.csv"), val_csv=str(args.data / "val.csv"),
                              model=args.model, seed=seed, epochs=args.epochs, pos_threshold_m=threshold,
                              cache_dir=args.cache_dir, log_dir=str(args.out_dir / "logs"),
-                             output_dir=str(args.out_dir / f"models_{threshold:g}m_{pooling[0]}{pooling[1]}"))
+                             checkpoint_dir=str(args.out_dir / f"models_{threshold:g}m_{pooling[0]}{pooling[1]}"))
     with contextlib.redirect_stdout(io.StringIO()):
         result = train_vpr.train(config)
     model = PlaceDescriptor.from_checkpoint(result.checkpoint, with_backbone=False)  # the features are the cache's
-    print(f"  {recipe} recipe on {pooling[0]} L{pooling[1]}, {threshold:g} m, seed {seed}: best val R@1 {result.best_recall[1]:.3f} at epoch {result.best_epoch}", flush=True)
+    print(f"  {recipe} recipe on {pooling[0]} L{pooling[1]}, {threshold:g} m, seed {seed}: best val R@1 {result.best_recall[1]:.3f} at epoch {result.best_epoch} "
+          f"(start {(result.head_start or {}).get('label', '-')}, val R@1 {result.untrained_r1:.3f})", flush=True)
     return {split: model.describe_features(feats) for split, feats in features.items()}
+
+
+def learned_whitening(features: dict[str, np.ndarray], tables: dict[str, PlaceTable], threshold: float):
+    """Learned whitening (vprkit.whitening, 256 d) of train.csv's positive pairs at `threshold`,
+    its shrinkage chosen on val.csv R@1 against train.csv (as the head's learned_whitened start)."""
+    train = tables["train"]
+    choice = choose_shrinkage(features["train"], positive_pairs(train.xyz, None, threshold), train.xyz,
+                              features["val"], tables["val"].xyz, threshold, 256)
+    print(f"  learned_whitened at {threshold:g} m: shrinkage {choice.shrinkage:g} chosen on val.csv", flush=True)
+    return choice.whitening
 
 
 def summary_table(rows: list[dict]) -> pd.DataFrame:
@@ -124,8 +138,12 @@ def main() -> None:
     rows = recall_rows("raw", None, features, tables)
     project = fit_pca_whitening(features["train"], 256)
     rows += recall_rows("pca_whitened", None, {s: project(f) for s, f in features.items()}, tables)
+    for threshold in args.thresholds:  # learned whitening: train.csv's pairs at the row's threshold, s chosen on val
+        whitening = learned_whitening(features, tables, threshold)
+        rows += recall_rows("learned_whitened", None, {s: whitening.apply(f) for s, f in features.items()}, tables,
+                            (threshold,))
     for recipe in args.recipes:
-        for threshold in THRESHOLDS_M:
+        for threshold in args.thresholds:
             for seed in args.seeds:
                 descriptors = trained_descriptors(recipe, seed, threshold, args, features)
                 rows += recall_rows(f"{recipe} recipe", seed, descriptors, tables, (threshold,))
@@ -140,7 +158,7 @@ def main() -> None:
         for spec in args.train_pooled:
             pooling, layer = spec.split(":")[0], int(spec.split(":")[1])
             for recipe in args.recipes:
-                for threshold in THRESHOLDS_M:
+                for threshold in args.thresholds:
                     for seed in args.seeds:
                         descriptors = trained_descriptors(recipe, seed, threshold, args, pooled[pooling, layer],
                                                           (pooling, layer))

@@ -7,7 +7,9 @@ One small module per piece (import this package as `vpr`; every public name is h
 - losses: in-batch pairs and HybridLoss (per-item losses; the miners share one contract in
   vprkit/miners.py)
 - mining: GPS and label mining over the data set (mine_hard_negatives, make_place_batches)
-- config: TrainConfig (stored in every checkpoint) and its checks
+- config: TrainConfig (stored in every checkpoint) and the configs of the scripts that apply a
+  model (EvalConfig, LocalizeConfig, ExperimentConfig, TuneConfig), each with its checks
+- starts: where the residual head starts (raw, PCA- or learned whitening), chosen on validation
 - checkpoints: the one home of checkpoints (paths, payload, save, load, rebuild)
 - model: PlaceDescriptor, the whole descriptor as one nn.Module (preprocessing, frozen backbone,
   pooling, head), and describe_table (a table's descriptors through the feature cache)
@@ -61,10 +63,25 @@ from trainable_vpr.config import (  # noqa: F401
     SUPERVISIONS,
     HEAD_STARTS,
     NEG_SAMPLERS,
+    DEFAULT_MODEL,
     TrainConfig,
+    ModelSource,
+    EvalConfig,
+    LocalizeConfig,
+    ExportConfig,
+    ExperimentConfig,
+    TuneConfig,
     validate_train_config,
     effective_hard_neg_ratio,
     set_determinism,
+)
+from trainable_vpr.starts import (  # noqa: F401
+    START_NAMES,
+    FitData,
+    HeadStart,
+    StartChoice,
+    choose_start,
+    start_head,
 )
 from trainable_vpr.checkpoints import (  # noqa: F401
     checkpoint_backbone,

@@ -35,11 +35,15 @@ class ResidualHead(nn.Module):
     """A linear map that starts as PCA-whitening of the frozen features, plus a residual MLP
     (LayerNorm -> Linear -> GELU -> Dropout -> Linear, last layer zero-initialised) that learns
     a correction; L2-normalised output. At initialisation it IS the PCA-whitening baseline,
-    so training starts from the strongest frozen-feature baseline instead of destroying it."""
+    so training starts from the strongest frozen-feature baseline instead of destroying it.
+    identity_base: the linear map is the identity (no weights) and the output keeps the input's
+    dimension: the raw start, whose untrained head IS the raw descriptor (trainable_vpr.starts)."""
 
-    def __init__(self, in_dim: int, projection_dim: int = 256, hidden_dim: int = 512, dropout: float = 0.1):
+    def __init__(self, in_dim: int, projection_dim: int = 256, hidden_dim: int = 512, dropout: float = 0.1,
+                 identity_base: bool = False):
         super().__init__()
-        self.base = nn.Linear(in_dim, projection_dim)
+        projection_dim = in_dim if identity_base else projection_dim
+        self.base = nn.Identity() if identity_base else nn.Linear(in_dim, projection_dim)
         self.residual = nn.Sequential(
             nn.LayerNorm(projection_dim), nn.Linear(projection_dim, hidden_dim), nn.GELU(),
             nn.Dropout(dropout), nn.Linear(hidden_dim, projection_dim),
@@ -48,13 +52,18 @@ class ResidualHead(nn.Module):
         nn.init.zeros_(self.residual[-1].bias)
 
     @torch.no_grad()
-    def init_pca_whitening(self, features: np.ndarray) -> None:
-        """Set the linear map to PCA-whitening fitted on these (training) features."""
-        weight, bias = pca_whitening_matrix(features, self.base.out_features)
+    def init_linear(self, weight: np.ndarray, bias: np.ndarray) -> None:
+        """Set the linear map to x -> weight @ x + bias on L2-normalised x (rows beyond
+        len(weight) zero: they add nothing to any cosine)."""
         self.base.weight.zero_()
         self.base.bias.zero_()
-        self.base.weight[: len(weight)] = torch.from_numpy(weight)
-        self.base.bias[: len(weight)] = torch.from_numpy(bias)
+        self.base.weight[: len(weight)] = torch.from_numpy(np.asarray(weight, dtype=np.float32))
+        self.base.bias[: len(weight)] = torch.from_numpy(np.asarray(bias, dtype=np.float32))
+
+    @torch.no_grad()
+    def init_pca_whitening(self, features: np.ndarray) -> None:
+        """Set the linear map to PCA-whitening fitted on these (training) features."""
+        self.init_linear(*pca_whitening_matrix(features, self.base.out_features))
 
     @torch.no_grad()
     def init_raw(self, features: np.ndarray) -> None:
@@ -154,6 +163,7 @@ class HeadConfig:
     dropout: float = 0.1
     use_residual: bool = True    # mlp head only
     use_layer_norm: bool = True  # mlp head only
+    identity_base: bool = False  # residual head only: the raw start, output dimension = in_dim
     clusters: int = 0            # netvlad head only: K (its input is C-dim local features)
 
     def as_dict(self) -> dict[str, Any]:
@@ -168,7 +178,7 @@ class HeadConfig:
 # Head registry by name, like BACKBONES: each builds its module from a HeadConfig.
 HEADS: dict[str, Callable[[HeadConfig], nn.Module]] = {
     "projection": lambda c: ProjectionHead(c.in_dim, c.projection_dim, c.dropout),
-    "residual": lambda c: ResidualHead(c.in_dim, c.projection_dim, c.hidden_dim, c.dropout),
+    "residual": lambda c: ResidualHead(c.in_dim, c.projection_dim, c.hidden_dim, c.dropout, c.identity_base),
     "mlp": lambda c: MLPHead(c.in_dim, c.projection_dim, c.hidden_dim, c.dropout, c.use_residual, c.use_layer_norm),
     "netvlad": lambda c: NetVLADHead(c.in_dim, c.clusters),
 }

@@ -93,7 +93,8 @@ def check_writable_file(path: str | Path | None, flag: str) -> None:
     if path:
         reason = _cannot_write_in(Path(path).parent)
         if reason:
-            raise VPRError(f"{flag} {path}: cannot write its folder {Path(path).parent} ({reason}); choose another path")
+            raise VPRError(f"{flag} {path}: cannot write its folder {Path(path).parent} ({reason}); "
+                           f"choose another path")
 
 
 def atomic_write(path: str | Path, write: Callable[[Path], None]) -> None:

@@ -102,26 +102,24 @@ def recall_by_group(result: RecallResult, groups: np.ndarray | None, recall_at: 
     return {str(g): recall_at_n(result.correct[groups == g], recall_at) for g in sorted(set(groups.tolist()))}
 
 
-SKLEARN_PCA_MAX_DIM = 4096  # above: VLAD-sized descriptors, fitted by pca_by_eigh
+SKLEARN_PCA_MAX_DIM = 4096  # above: VLAD-sized descriptors, fitted on a row sample (Gram route)
 PCA_GRAM_MAX_ROWS = 2048    # pca_by_eigh with N <= D fits on at most this many rows (a random subsample)
 
 
 def pca_whitening_matrix(features: np.ndarray, dim: int) -> tuple[np.ndarray, np.ndarray]:
     """(W, b) such that l2_normalise(features) @ W.T + b is PCA-whitened (fitted on the
-    L2-normalised features); at most min(dim, N, D) rows. Backbone-sized features (D <= 4096) use
-    sklearn's PCA; VLAD-sized ones (K*C = 40,960 for effnet_lite0) pca_by_eigh, since sklearn's
-    randomized solver took 27-62 s on 300-3,000 x 40,960 (2 cores) and pca_by_eigh about a second."""
+    L2-normalised features); at most min(dim, N, D) rows. Exact (pca_by_eigh), so the residual
+    head's PCA start and the pca_whitened rows agree to the digit: sklearn's automatic solver is
+    randomized at these sizes (bgu val R@1 0.547 against 0.568 exact). Backbone-sized features
+    (D <= 4096) are fitted on every row; VLAD-sized ones (K*C = 40,960 for effnet_lite0) through
+    the Gram matrix of at most PCA_GRAM_MAX_ROWS rows (sklearn's randomized solver took 27-62 s on
+    300-3,000 x 40,960 on 2 cores, pca_by_eigh about a second)."""
     # N centred points span at most N - 1 dimensions; whitening a (near) zero-variance axis
     # would blow it up and collapse every descriptor onto it, so such axes are dropped.
     dim = max(1, min(dim, features.shape[0] - 1, features.shape[1]))
     normalised = l2_normalise(features)
-    if features.shape[1] > SKLEARN_PCA_MAX_DIM:
-        mean, components, variances = pca_by_eigh(normalised, dim)
-    else:
-        from sklearn.decomposition import PCA
-
-        pca = PCA(n_components=dim, whiten=True, random_state=0).fit(normalised)
-        mean, components, variances = pca.mean_, pca.components_, pca.explained_variance_
+    max_rows = SKLEARN_PCA_MAX_DIM if features.shape[1] <= SKLEARN_PCA_MAX_DIM else PCA_GRAM_MAX_ROWS
+    mean, components, variances = pca_by_eigh(normalised, dim, max_rows=max_rows)
     keep = variances > 1e-6 * variances[0]
     weight = (components[keep] / np.sqrt(variances[keep])[:, None]).astype(np.float32)
     return weight, (-mean @ weight.T).astype(np.float32)
@@ -184,12 +182,14 @@ class Descriptors:
     queries: np.ndarray
 
 
-def load_eval_tables(args: Any, pos_threshold_m: float, supervision: str = "auto") -> tuple[PlaceTable, PlaceTable]:
+def load_eval_tables(db_csv: str, test_csv: str, pos_threshold_m: float, supervision: str = "auto",
+                     image_root: str | None = None, camera_id: str | None = None,
+                     on_bad_image: str = "error") -> tuple[PlaceTable, PlaceTable]:
     """Database and queries (poses CSVs or embeddings parquets), checked: comparable
     positions, some query with a positive by the rule of `supervision`; queries that repeat
     database images are one warning line."""
-    database = load_table(args.train_csv, args.image_root, args.camera_id, args.on_bad_image)
-    queries = load_table(args.test_csv, args.image_root, args.camera_id, args.on_bad_image)
+    database = load_table(db_csv, image_root, camera_id, on_bad_image)
+    queries = load_table(test_csv, image_root, camera_id, on_bad_image)
     check_queries(database, queries, pos_threshold_m, supervision)
     warn_shared_images(database, queries, "query")
     return database, queries

@@ -110,7 +110,8 @@ def write_retrieval_pairs(path: str | Path, query_names: Sequence[str], db_names
 
 
 def save_descriptors(folder: str | Path, database_paths: Sequence[str], query_paths: Sequence[str],
-                     database: np.ndarray, queries: np.ndarray, flag: str = "--save_descriptors") -> tuple[Path, list[Path]]:
+                     database: np.ndarray, queries: np.ndarray,
+                     flag: str = "--save_descriptors") -> tuple[Path, list[Path]]:
     """Write DATABASE_NPY, QUERIES_NPY (rows in table order) and HLOC_GLOBAL_FEATURES (names
     relative to the images' common folder) into `folder`. Returns (that image folder, the files)."""
     if len(database_paths) != len(database) or len(query_paths) != len(queries):

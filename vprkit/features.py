@@ -14,7 +14,7 @@ import sys
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, Iterable, Protocol, Sequence
 
 import numpy as np
 import torch
@@ -265,14 +265,30 @@ def load_cached_npy(path: Path, action: str) -> np.ndarray | None:
         return None
 
 
+class ImageView(Protocol):
+    """A view of each image (vprkit.augment.AugmentedView): applied after decoding, and cached under
+    the image's fingerprint plus `key`, so a view never shares a cache entry with the original."""
+
+    key: str
+
+    def __call__(self, image: Any, path: str) -> Any: ...
+
+
+def cache_keys(paths: Sequence[str], view: ImageView | None = None) -> list[str]:
+    """The feature cache keys of images (of one view of them)."""
+    suffix = "" if view is None else f"|{view.key}"
+    return [image_fingerprint(p) + suffix for p in paths]
+
+
 class _ImageDataset(torch.utils.data.Dataset):
     """Decode upright (EXIF orientation applied: open_rgb), resize (the whole view, no crop) and
     normalise; errors are returned, not raised, so the main process can name the bad file."""
 
-    def __init__(self, paths: Sequence[str], info: BackboneInfo):
+    def __init__(self, paths: Sequence[str], info: BackboneInfo, view: ImageView | None = None):
         from torchvision import transforms
 
         self.paths = list(paths)
+        self.view = view  # an augmented view (vprkit.augment), applied to the decoded image
         self.transform = transforms.Compose([
             transforms.Resize((info.image_size, info.image_size), interpolation=transforms.InterpolationMode.BICUBIC, antialias=True),
             transforms.ToTensor(),
@@ -285,7 +301,10 @@ class _ImageDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int, str]:
         try:
-            return self.transform(open_rgb(self.paths[index])), index, ""
+            image = open_rgb(self.paths[index])
+            if self.view is not None:
+                image = self.view(image, self.paths[index])
+            return self.transform(image), index, ""
         except Exception as exc:  # noqa: BLE001 - reported with the file name by the caller
             return torch.zeros(3, self.size, self.size), index, f"{type(exc).__name__}: {exc}"
 
@@ -318,7 +337,8 @@ class ExtractionSettings:
     feature_layer: int = _flag(-1, "with --pooling gem/vlad: the layer whose local features are pooled (a ViT block, "
                                "a CNN stage; -1 the last, negative counts from the end)", "model")
     vlad_clusters: int = _flag(32, "with --pooling vlad: vocabulary size K (descriptor K x channels)", "model")
-    batch_size: int = _flag(32, "images per extraction batch", "system")
+    extract_batch_size: int = _flag(32, "images per extraction batch (the backbone's forward pass)", "system",
+                                    deprecated=("--batch_size",))
     device: str = _flag("auto", "auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps", "system")
     num_workers: int = _flag(None, "image-decoding worker processes (default: a quarter of the CPU cores, at most 4)",
                              "system")
@@ -340,8 +360,8 @@ class ExtractionSettings:
         return None if self.no_cache else self.cache_dir
 
 
-def extraction_settings(config: Any) -> ExtractionSettings:
-    """The extraction settings of any config or namespace that has their flags."""
+def extraction_settings(config: ExtractionSettings) -> ExtractionSettings:
+    """The extraction settings alone, of a config that extends them (TrainConfig, EvalConfig...)."""
     names = [f.name for f in dataclasses.fields(ExtractionSettings)]
     return ExtractionSettings(**{n: getattr(config, n) for n in names if hasattr(config, n)})
 
@@ -354,11 +374,11 @@ def pooling_config(config: Any) -> PoolingConfig:
     return PoolingConfig(get("pooling", "backbone"), get("feature_layer", -1), get("vlad_clusters", 32))
 
 
-def validate_extraction_flags(config: Any) -> None:
+def validate_extraction_flags(config: ExtractionSettings) -> None:
     """The values of the shared flags that cannot work, caught before any output."""
     pooling_config(config)  # raises on an unknown pooling, a layer without gem/vlad, K < 1
-    if config.batch_size < 1:
-        raise VPRError(f"--batch_size {config.batch_size}: must be at least 1")
+    if config.extract_batch_size < 1:
+        raise VPRError(f"--extract_batch_size {config.extract_batch_size}: must be at least 1")
     if config.num_workers is not None and config.num_workers < 0:
         raise VPRError(f"--num_workers {config.num_workers}: must be 0 (decode in this process) or more")
     if config.image_size < 0:
@@ -458,8 +478,8 @@ def default_num_workers() -> int:
 
 
 def iterate_descriptors(backbone: Backbone, paths: Sequence[str], options: ExtractionSettings, desc: str,
-                         precision: str, failed: list[tuple[str, str]] | None = None
-                         ) -> Iterable[tuple[np.ndarray, np.ndarray]]:
+                         precision: str, failed: list[tuple[str, str]] | None = None,
+                         view: ImageView | None = None) -> Iterable[tuple[np.ndarray, np.ndarray]]:
     """Yield (row indices, descriptors) batch by batch, with a progress bar. An image that
     cannot be decoded is an error naming it, or, given a `failed` list, appended to it as
     (path, reason) and left out of the batch."""
@@ -475,7 +495,7 @@ def iterate_descriptors(backbone: Backbone, paths: Sequence[str], options: Extra
     model = model.to(memory_format=memory_format)
     autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
     loader = torch.utils.data.DataLoader(
-        _ImageDataset(paths, backbone.info), batch_size=options.batch_size, shuffle=False,
+        _ImageDataset(paths, backbone.info, view), batch_size=options.extract_batch_size, shuffle=False,
         num_workers=options.num_workers, persistent_workers=False, pin_memory=device.type == "cuda",
     )
     with torch.inference_mode(), torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
@@ -502,12 +522,12 @@ def iterate_descriptors(backbone: Backbone, paths: Sequence[str], options: Extra
 
 def _extract_into_cache(backbone: Backbone, table: PlaceTable, keys: list[str], missing: list[int], cache: FeatureCache,
                         options: ExtractionSettings, precision: str, desc: str,
-                        failed: list[tuple[str, str]] | None) -> None:
+                        failed: list[tuple[str, str]] | None, view: ImageView | None = None) -> None:
     """Extract the missing images and store them shard by shard (chunk_size images each)."""
     pending_rows: list[int] = []
     pending_feats: list[np.ndarray] = []
     for rows, feats in iterate_descriptors(backbone, [table.paths[i] for i in missing], options, desc, precision,
-                                            failed):
+                                            failed, view):
         pending_rows.extend(missing[r] for r in rows)
         pending_feats.append(feats)
         if len(pending_rows) >= options.chunk_size:
@@ -518,7 +538,7 @@ def _extract_into_cache(backbone: Backbone, table: PlaceTable, keys: list[str], 
 
 
 def extract_features(backbone: Backbone, table: PlaceTable, options: ExtractionSettings, label: str = "",
-                     failed: list[tuple[str, str]] | None = None) -> np.ndarray:
+                     failed: list[tuple[str, str]] | None = None, view: ImageView | None = None) -> np.ndarray:
     """Backbone descriptors of every image in the table (N x D float32), through the cache.
 
     Each image goes through the backbone once per configuration: later calls (epochs,
@@ -529,6 +549,7 @@ def extract_features(backbone: Backbone, table: PlaceTable, options: ExtractionS
     After the barrier every rank reads the whole table from the cache.
     An unreadable image is an error naming it; given a `failed` list, it is appended there as
     (path, reason) instead and its row of the result is NaN (extract_table drops such rows).
+    `view`: the features of that view of each image (vprkit.augment), cached under their own keys.
     """
     name = f"{backbone.info.name} {label}".strip()
     rank, world = distributed_rank_and_world()
@@ -537,7 +558,8 @@ def extract_features(backbone: Backbone, table: PlaceTable, options: ExtractionS
         if world > 1:
             raise VPRError("--no_cache cannot be combined with torchrun: the ranks share their work through the cache")
         out: np.ndarray | None = None
-        for rows, feats in iterate_descriptors(backbone, table.paths, options, f"extract {name}", precision, failed):
+        for rows, feats in iterate_descriptors(backbone, table.paths, options, f"extract {name}", precision, failed,
+                                               view):
             out = np.full((len(table), *feats.shape[1:]), np.nan, np.float32) if out is None else out
             out[rows] = feats
         print(f"features [{name}]: {len(table)} extracted (cache disabled)", flush=True)
@@ -545,14 +567,14 @@ def extract_features(backbone: Backbone, table: PlaceTable, options: ExtractionS
     local = is_local(backbone.info)
     cache_dtype = "float16" if local else options.cache_dtype  # local features: float16 (half the disk, streamed)
     cache = FeatureCache(options.cache_folder, backbone.info, cache_dtype, precision)
-    keys = [image_fingerprint(p) for p in table.paths]
+    keys = cache_keys(table.paths, view)
     missing = [i for i, k in enumerate(keys) if k not in cache]
     if rank == 0:
         print(f"features [{name}]: {len(keys) - len(missing)}/{len(keys)} from cache, extracting {len(missing)}"
               + (f" over {world} processes" if world > 1 and missing else ""), flush=True)
     if missing:
         _extract_into_cache(backbone, table, keys, missing[rank::world], cache, options, precision,
-                            f"extract {name}" + (f" [rank {rank}]" if world > 1 else ""), failed)
+                            f"extract {name}" + (f" [rank {rank}]" if world > 1 else ""), failed, view)
     if world > 1:
         import torch.distributed as dist
 
@@ -602,14 +624,14 @@ def extract_both(backbone: Backbone, first: PlaceTable, second: PlaceTable, opti
     return first, first_features, second, second_features
 
 
-def frozen_descriptors(args: Any, backbone: Backbone | None, database: PlaceTable, queries: PlaceTable,
+def frozen_descriptors(options: ExtractionSettings, backbone: Backbone | None, database: PlaceTable, queries: PlaceTable,
                        pos_threshold_m: float, supervision: str = "auto") -> tuple[PlaceTable, PlaceTable, Descriptors]:
     """The frozen descriptors: the parquets' embeddings, or the backbone's features (cache);
     with --on_bad_image skip, images that cannot be decoded are left out of tables and features."""
     if backbone is None:
         return database, queries, Descriptors(database.embeddings, queries.embeddings)
     database, db_features, queries, q_features = extract_both(
-        backbone, database, queries, extraction_settings(args), ("database", "queries"), args.on_bad_image)
+        backbone, database, queries, extraction_settings(options), ("database", "queries"), options.on_bad_image)
     if database.skipped or queries.skipped:
         check_queries(database, queries, pos_threshold_m, supervision)
     return database, queries, Descriptors(db_features, q_features)

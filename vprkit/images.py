@@ -79,11 +79,13 @@ def read_photo_exif(path: str | Path) -> PhotoExif | None:
             gps = exif.get_ifd(ExifTags.IFD.GPSInfo)
             details = exif.get_ifd(ExifTags.IFD.Exif)
     except (OSError, ValueError, SyntaxError) as exc:  # Pillow's errors for a broken or non-image file
-        raise VPRError(f"{path}: not a readable image ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})") from None
+        raise VPRError(f"{path}: not a readable image "
+                       f"({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})") from None
     position = gps_position(gps)
     if position is None:
         return None
-    timestamp = exif_timestamp(details.get(ExifTags.Base.DateTimeOriginal)) or exif_timestamp(exif.get(ExifTags.Base.DateTime))
+    timestamp = (exif_timestamp(details.get(ExifTags.Base.DateTimeOriginal))
+                 or exif_timestamp(exif.get(ExifTags.Base.DateTime)))
     camera = camera_name(exif.get(ExifTags.Base.Make), exif.get(ExifTags.Base.Model))
     return PhotoExif(lat=position[0], lon=position[1], timestamp=timestamp, camera_id=camera)
 
@@ -103,7 +105,8 @@ def _signed_degrees(value: Any, ref: Any, positive: str, negative: str) -> float
     """Degrees from EXIF's (degrees, minutes, seconds) rationals and an N/S or E/W reference."""
     hemisphere = _text(ref)
     if hemisphere is None or hemisphere[:1].upper() not in (positive, negative):
-        return None  # without its reference the sign is unknown: guessing would put the photo on the wrong side of the Earth
+        # without its reference the sign is unknown: guessing would put the photo on the wrong side of the Earth
+        return None
     parts = value if isinstance(value, (tuple, list)) else (value,)
     numbers = [_rational(part) for part in parts[:3]]
     if not numbers or any(n is None or n < 0 for n in numbers):

@@ -118,7 +118,8 @@ class LocalizationResult:
         """The keys `--output_json` holds: recall_at_threshold_m ({"5": r, ...}), top1_error_m
         ({"median", "p75", "p90"} in metres); undefined values are null."""
         return {
-            "recall_at_threshold_m": {_threshold_key(t): _json_number(r) for t, r in self.recall_at_threshold_m.items()},
+            "recall_at_threshold_m": {_threshold_key(t): _json_number(r)
+                                      for t, r in self.recall_at_threshold_m.items()},
             "top1_error_m": {name: _json_number(v) for name, v in self.top1_error_m.items()},
         }
 
@@ -208,11 +209,12 @@ def draw_localization_figure(curves: Mapping[str, LocalizationResult | np.ndarra
     ax_recall.set_ylabel("R@1: queries with top-1 within threshold")
     ax_recall.set_title("Recall@1 against distance threshold")
 
-    for key, (_, level) in percent_marks.items():
+    for _, level in percent_marks.values():
         ax_cdf.axhline(level, color="0.8", lw=0.8, ls=":", zorder=0)
     ax_cdf.set_xlim(0, cdf_max)
     beyond = int((all_errors > cdf_max).sum())
-    cut = f"\n(axis cut at {cdf_max:.0f} m; beyond it: {beyond} of the {all_errors.size} errors of all variants)" if beyond else ""
+    cut = (f"\n(axis cut at {cdf_max:.0f} m; beyond it: {beyond} of the {all_errors.size} errors of all variants)"
+           if beyond else "")
     ax_cdf.set_xlabel(f"top-1 error (m): distance from the query to its top-1 match{cut}")
     ax_cdf.set_ylabel("share of queries with top-1 error ≤ x")
     ax_cdf.set_title("Cumulative distribution of top-1 error")
@@ -233,7 +235,8 @@ def draw_localization_figure(curves: Mapping[str, LocalizationResult | np.ndarra
 # ============================================================================================
 # From an evaluation's result (eval_trained.py, run_experiment.py)
 # ============================================================================================
-def localization_of_result(result: Any, db_xyz: np.ndarray | None, q_xyz: np.ndarray | None) -> LocalizationResult | None:
+def localization_of_result(result: Any, db_xyz: np.ndarray | None,
+                           q_xyz: np.ndarray | None) -> LocalizationResult | None:
     """The localization view of an evaluation (a vprkit.evaluation.RecallResult: top_indices,
     pos_threshold_m), or None when the database or the queries have no positions (a labels-only
     evaluation: there is no distance to measure)."""

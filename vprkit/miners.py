@@ -165,14 +165,16 @@ def load_difficulty_parquet(path: str | Path) -> DifficultyTable:
     try:
         frame = pd.read_parquet(path)
     except Exception as exc:  # noqa: BLE001
-        raise VPRError(f"--difficulty_parquet {path}: not a readable parquet file ({str(exc).splitlines()[0][:160]})") from None
+        raise VPRError(f"--difficulty_parquet {path}: not a readable parquet file "
+                       f"({str(exc).splitlines()[0][:160]})") from None
     id_col = find_column(frame.columns, IMAGE_ID_COLUMNS)
     missing = [c for c in ("neighbor_building_ids", "neighbor_bands") if c not in frame.columns]
     if id_col is None or missing:
         raise VPRError(f"--difficulty_parquet {path}: needs an image_id column and list columns neighbor_building_ids, "
                        f"neighbor_bands (missing: {', '.join(missing or ['image_id'])})")
     bands: dict[str, dict[str, int]] = {}
-    for row, (key, ids, levels) in enumerate(zip(frame[id_col].astype(str), frame.neighbor_building_ids, frame.neighbor_bands), 1):
+    for row, (key, ids, levels) in enumerate(zip(frame[id_col].astype(str), frame.neighbor_building_ids,
+                                                 frame.neighbor_bands), 1):
         if ids is None or levels is None or len(ids) != len(levels) or any(int(b) < 0 for b in levels):
             raise VPRError(f"--difficulty_parquet {path}: row {row}: neighbor_building_ids and neighbor_bands must be "
                            "lists of equal length with bands >= 0")

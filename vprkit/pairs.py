@@ -29,7 +29,8 @@ def check_same_coord_kind(database: PlaceTable, queries: PlaceTable) -> None:
         )
 
 
-def check_query_split(database: PlaceTable, queries: PlaceTable, pos_threshold_m: float, by_label: bool = False) -> None:
+def check_query_split(database: PlaceTable, queries: PlaceTable, pos_threshold_m: float,
+                      by_label: bool = False) -> None:
     """Queries comparable with the database, some of them with a positive in the database (by
     position, or label with by_label): otherwise recall is 0 whatever the descriptors (wrong
     CSV, area or columns)."""
@@ -55,7 +56,8 @@ def check_trainable(table: PlaceTable, pos_threshold_m: float, labels: np.ndarra
     any extraction."""
     if len(table) < 2 or np.bincount(group_places(table.xyz, labels, pos_threshold_m)).max() < 2:
         if labels is not None:
-            raise VPRError(f"{table.source}: no place label has two images{' within --pos_threshold_m' if table.xyz is not None else ''}, "
+            raise VPRError(f"{table.source}: no place label has two images"
+                           f"{' within --pos_threshold_m' if table.xyz is not None else ''}, "
                            "so there are no positives to learn from; check the label column")
         raise VPRError(
             f"{table.source}: no place has two images within --pos_threshold_m {pos_threshold_m:g} m of each other, "
@@ -63,14 +65,17 @@ def check_trainable(table: PlaceTable, pos_threshold_m: float, labels: np.ndarra
         )
     if labels is not None:
         if len(np.unique(np.asarray(labels))) < 2:
-            raise VPRError(f"{table.source}: every image has the place label '{np.asarray(labels)[0]}', so there are no "
-                           f"negatives (images of another place) to learn from; label more than one place")
-        return  # two labels: some pair is a negative (with positions too, unless every label is photographed from one spot)
+            raise VPRError(f"{table.source}: every image has the place label '{np.asarray(labels)[0]}', "
+                           f"so there are no negatives (images of another place) to learn from; "
+                           f"label more than one place")
+        # two labels: some pair is a negative (with positions too, unless every label is photographed from one spot)
+        return
     if neg_threshold_m is not None and not has_pair_beyond(table.xyz, neg_threshold_m):
         raise VPRError(
             f"{table.source}: no two images lie more than --neg_threshold_m {neg_threshold_m:g} m apart, so there are "
             f"no negatives to learn from (the loss would be 0); check the positions (are all rows at one place, "
-            f"e.g. x=0, y=0?) or lower --neg_threshold_m; for labelled images without positions give only the label column"
+            f"e.g. x=0, y=0?) or lower --neg_threshold_m; for labelled images without positions "
+            f"give only the label column"
         )
 
 
@@ -102,14 +107,16 @@ def warn_shared_images(first: PlaceTable, second: PlaceTable, what: str) -> int:
     Returns the count."""
     shared = shared_images(first, second)
     if shared:
-        print(f"warning: {len(shared)} of the {len(second)} {what} images of {second.source} are also in {first.source} "
-              f"(e.g. {shared[0]}): their recall overstates how well new images of a place are found; use disjoint files",
+        print(f"warning: {len(shared)} of the {len(second)} {what} images of {second.source} "
+              f"are also in {first.source} (e.g. {shared[0]}): "
+              f"their recall overstates how well new images of a place are found; use disjoint files",
               file=sys.stderr, flush=True)
     return len(shared)
 
 
 def pair_relations(xyz_a: np.ndarray | None, xyz_b: np.ndarray | None, labels_a: np.ndarray | None,
-                   labels_b: np.ndarray | None, pos_threshold_m: float, neg_threshold_m: float) -> tuple[np.ndarray, np.ndarray]:
+                   labels_b: np.ndarray | None, pos_threshold_m: float,
+                   neg_threshold_m: float) -> tuple[np.ndarray, np.ndarray]:
     """(positive, negative) for every pair (a, b) of two broadcastable sets: THE rule of which
     images show the same place, shared by batches, hard-negative mining and evaluation.
 
@@ -183,7 +190,8 @@ def queries_with_positive(db_xyz: np.ndarray | None, q_xyz: np.ndarray | None, p
     by_label = db_labels is not None and q_labels is not None
     if by_label and db_xyz is not None and q_xyz is not None:
         return np.array([np.any(np.asarray(db_labels)[near] == label)
-                         for near, label in zip(neighbours_within(db_xyz, q_xyz, pos_threshold_m), q_labels)], dtype=bool)
+                         for near, label in zip(neighbours_within(db_xyz, q_xyz, pos_threshold_m), q_labels)],
+                        dtype=bool)
     if by_label:
         return np.isin(q_labels, db_labels)
     return nearest_distance_m(db_xyz, q_xyz) <= pos_threshold_m
@@ -198,7 +206,8 @@ def uses_labels(supervision: str, *tables: PlaceTable) -> bool:
     if supervision == "gps" or not have:
         if any(t.xyz is None for t in tables):
             missing = next(t.source for t in tables if t.xyz is None)
-            raise VPRError(f"{missing}: no positions, so GPS supervision is impossible; use --supervision auto or labels")
+            raise VPRError(f"{missing}: no positions, so GPS supervision is impossible; "
+                           f"use --supervision auto or labels")
         return False
     return True
 

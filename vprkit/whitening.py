@@ -79,7 +79,8 @@ class Whitening:
 def _check_features(features: np.ndarray, what: str) -> np.ndarray:
     features = np.asarray(features, dtype=np.float32)
     if features.ndim != 2 or len(features) < 2:
-        raise VPRError(f"learned whitening: {what} must be an (N, D) array of two or more rows, got shape {features.shape}")
+        raise VPRError(f"learned whitening: {what} must be an (N, D) array of two or more rows, "
+                       f"got shape {features.shape}")
     if not np.isfinite(features).all():
         raise VPRError(f"learned whitening: {what} contain NaN or infinite values; check the extraction")
     return features
@@ -131,7 +132,8 @@ def fit_learned_whitening(features: np.ndarray, pos_pairs: tuple[np.ndarray, np.
 
     xb = x.astype(np.float64) @ basis.T
     k = len(basis)
-    adjacency = coo_matrix((np.ones(2 * len(first)), (np.concatenate([first, second]), np.concatenate([second, first]))),
+    adjacency = coo_matrix((np.ones(2 * len(first)),
+                            (np.concatenate([first, second]), np.concatenate([second, first]))),
                            shape=(len(x), len(x))).tocsr()
     degrees = np.asarray(adjacency.sum(axis=1)).reshape(-1)
     cov = (xb.T @ (degrees[:, None] * xb) - xb.T @ (adjacency @ xb)) / len(first)

@@ -37,7 +37,7 @@ def _haversine_misses(db_csv: Path, q_csv: Path, threshold_m: float) -> int:
 def test_raw_effnet_lite0_baseline_on_bgu_campus(real_feature_cache, tmp_path):
     campus = SHARED / "bgu_campus"
     out = tmp_path / "campus.json"
-    eval_trained.main(["--baseline", "--model", "effnet_lite0", "--train_csv", str(campus / "train.csv"),
+    eval_trained.main(["--baseline", "--model", "effnet_lite0", "--db_csv", str(campus / "train.csv"),
                        "--test_csv", str(campus / "queries.csv"), "--pos_threshold_m", "25",
                        "--cache_dir", str(real_feature_cache), "--num_workers", str(min(4, os.cpu_count() or 1)),
                        "--output_json", str(out)])

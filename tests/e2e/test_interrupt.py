@@ -37,7 +37,7 @@ def _argv(parquets, out: Path, *extra: str) -> list[str]:
             "--epochs", str(EPOCHS), "--batch_size", "8", "--head", "mlp", "--hidden_dim", "32",
             "--projection_dim", "8",
             "--lr", "1e-3", "--lr_schedule", "cosine", "--seed", "3", "--device", "cpu",
-            "--log_dir", str(out / "logs"), "--output_dir", str(out / "models"), *extra]
+            "--log_dir", str(out / "logs"), "--checkpoint_dir", str(out / "models"), *extra]
 
 
 def _env() -> dict[str, str]:

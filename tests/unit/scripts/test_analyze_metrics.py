@@ -59,7 +59,7 @@ def test_summary_numbers_from_hand_written_log(tmp_path):
 
 def test_single_run_writes_its_figure_and_prints_the_summary(tmp_path, capsys):
     log = write(tmp_path / "logs" / "run_a.csv", LOG)
-    analyze_metrics.main([str(log), "--output_dir", str(tmp_path / "plots")])
+    analyze_metrics.main([str(log), "--plot_dir", str(tmp_path / "plots")])
 
     assert_png(tmp_path / "plots" / "run_a_plots.png")
     assert sorted(p.name for p in (tmp_path / "plots").iterdir()) == ["run_a_plots.png"]
@@ -78,7 +78,7 @@ def test_log_with_only_batch_rows(tmp_path, capsys):
     assert summary.train_time_s == pytest.approx(3.5)  # the batch times so far
     assert summary.val_time_s == 0
 
-    analyze_metrics.main([str(log), "--output_dir", str(tmp_path / "plots")])
+    analyze_metrics.main([str(log), "--plot_dir", str(tmp_path / "plots")])
     assert_png(tmp_path / "plots" / "first_epoch_plots.png")
     out = capsys.readouterr().out
     assert "no validation yet" in out and "epoch 1 unfinished" in out
@@ -94,7 +94,7 @@ def test_interrupted_epoch_with_a_partially_written_last_line(tmp_path):
     assert summary.final_train_loss == pytest.approx(1.9)  # of the last completed epoch
     assert summary.train_time_s == pytest.approx(7.5 + 2.0)  # plus the unfinished epoch's batch
 
-    analyze_metrics.main([str(tmp_path / "stopped.csv"), "--output_dir", str(tmp_path / "plots")])
+    analyze_metrics.main([str(tmp_path / "stopped.csv"), "--plot_dir", str(tmp_path / "plots")])
     assert_png(tmp_path / "plots" / "stopped_plots.png")
 
 
@@ -120,7 +120,7 @@ def test_reads_what_train_vpr_writes(tmp_path, capsys):
     assert (summary.epochs_run, summary.unfinished_epoch, summary.final_val_loss) == (2, False, None)
     assert summary.final_train_loss == pytest.approx(1.0) and summary.total_time_s == pytest.approx(4.0)
 
-    analyze_metrics.main([str(logs), "--output_dir", str(tmp_path / "plots")])
+    analyze_metrics.main([str(logs), "--plot_dir", str(tmp_path / "plots")])
     assert_png(tmp_path / "plots" / "dinov2_s_seed3_20250105_101010_plots.png")
     table = pd.read_csv(tmp_path / "plots" / "logs_runs_summary.csv")
     assert table.loc[0, "lr"] == pytest.approx(1e-4) and table.loc[0, "best_epoch"] == 0
@@ -168,7 +168,7 @@ def make_logs_folder(folder: Path) -> None:
 def test_folder_of_runs_writes_figures_comparison_and_summary_table(tmp_path, capsys):
     make_logs_folder(tmp_path / "logs")
     plots = tmp_path / "plots"
-    analyze_metrics.main([str(tmp_path / "logs"), "--output_dir", str(plots)])
+    analyze_metrics.main([str(tmp_path / "logs"), "--plot_dir", str(plots)])
 
     assert_png(plots / "comparison_unrecorded_data.png")
     for run in ("dinov2_b_seed42_20250101_120000", "dinov2_b_seed7_20250101_130000", "resnet50_seed1_20250102_090000"):
@@ -200,19 +200,19 @@ def test_folder_of_runs_writes_figures_comparison_and_summary_table(tmp_path, ca
 def test_runs_pattern_chooses_the_runs(tmp_path, capsys):
     make_logs_folder(tmp_path / "logs")
     plots = tmp_path / "plots"
-    analyze_metrics.main([str(tmp_path / "logs"), "--runs", "*seed7*", "--output_dir", str(plots)])
+    analyze_metrics.main([str(tmp_path / "logs"), "--runs", "*seed7*", "--plot_dir", str(plots)])
 
     table = pd.read_csv(plots / "logs_runs_summary.csv")
     assert table["run_id"].tolist() == ["dinov2_b_seed7_20250101_130000"]
     assert not (plots / "dinov2_b_seed42_20250101_120000_plots.png").exists()
 
     with pytest.raises(VPRError, match=r"no run log matches --runs 'convnext\*'.*dinov2_b_seed42"):
-        analyze_metrics.main([str(tmp_path / "logs"), "--runs", "convnext*", "--output_dir", str(plots)])
+        analyze_metrics.main([str(tmp_path / "logs"), "--runs", "convnext*", "--plot_dir", str(plots)])
 
 
 def test_experiment_csv_becomes_a_grouped_bar_chart(tmp_path, capsys):
     experiment = write(tmp_path / "logs" / "experiment_20250103_100000.csv", EXPERIMENT)
-    analyze_metrics.main([str(experiment), "--output_dir", str(tmp_path / "plots")])
+    analyze_metrics.main([str(experiment), "--plot_dir", str(tmp_path / "plots")])
 
     assert_png(tmp_path / "plots" / "experiment_20250103_100000_bars.png", min_kb=15)
     assert sorted(p.name for p in (tmp_path / "plots").iterdir()) == ["experiment_20250103_100000_bars.png"]
@@ -247,7 +247,7 @@ def test_bad_file_is_one_clear_line_and_exit_code_2(tmp_path, capsys, case):
     if content is not None:
         write(path, content)
     with pytest.raises(SystemExit) as exit_info:
-        run_cli(analyze_metrics.main, [str(path), "--output_dir", str(tmp_path / "plots")])
+        run_cli(analyze_metrics.main, [str(path), "--plot_dir", str(tmp_path / "plots")])
     assert exit_info.value.code == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "Traceback" not in err
@@ -264,7 +264,7 @@ def test_folder_without_run_logs_is_an_error(tmp_path, capsys, files, message):
     for name, text in files.items():
         write(folder / name, text)
     with pytest.raises(SystemExit) as exit_info:
-        run_cli(analyze_metrics.main, [str(folder), "--output_dir", str(tmp_path / "plots")])
+        run_cli(analyze_metrics.main, [str(folder), "--plot_dir", str(tmp_path / "plots")])
     assert exit_info.value.code == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith(f"error: {folder}") and message in err
@@ -275,7 +275,7 @@ def test_command_line_error_has_no_traceback(tmp_path):
     """The real script, as a user runs it: exit code 2 and one line on stderr."""
     bad = write(tmp_path / "poses.csv", "image_path,lat,lon\na.jpg,45.0,7.0\n")
     result = subprocess.run(
-        [sys.executable, str(ROOT / "analyze_metrics.py"), str(bad), "--output_dir", str(tmp_path / "plots")],
+        [sys.executable, str(ROOT / "analyze_metrics.py"), str(bad), "--plot_dir", str(tmp_path / "plots")],
         capture_output=True, text=True, cwd=tmp_path, timeout=120,
     )
     assert result.returncode == 2
@@ -291,11 +291,11 @@ def test_other_bad_inputs_name_the_file_or_flag(tmp_path, capsys):
     broken_summary = tmp_path / "broken"
     make_logs_folder(broken_summary)
     write(broken_summary / "training_summary.csv", "model,seed\nx,1\n")
-    plots = ["--output_dir", str(tmp_path / "plots")]
+    plots = ["--plot_dir", str(tmp_path / "plots")]
     cases = [
         ([str(tmp_path / "logs" / "training_summary.csv"), *plots], "the summary of all runs, not a run log"),
         ([str(broken_summary), *plots], "training_summary.csv: no run_id column"),
-        ([str(tmp_path / "logs"), "--output_dir", str(not_a_folder / "plots")], "--output_dir"),
+        ([str(tmp_path / "logs"), "--plot_dir", str(not_a_folder / "plots")], "--plot_dir"),
         ([str(tmp_path / "logs"), "--smooth", "0", *plots], "--smooth 0"),
         ([str(tmp_path / "logs"), "--smooth", "ten", *plots], "argument --smooth: invalid int value: 'ten'"),
         ([str(tmp_path / "logs"), *plots, "--runs"], "argument --runs: expected one argument"),

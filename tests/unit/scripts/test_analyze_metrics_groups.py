@@ -39,7 +39,7 @@ def make_mixed_folder(folder: Path) -> None:
 def test_runs_grouped_by_data_and_labelled_by_what_differs(tmp_path, capsys):
     make_mixed_folder(tmp_path / "logs")
     plots = tmp_path / "plots"
-    analyze_metrics.main([str(tmp_path / "logs"), "--output_dir", str(plots)])
+    analyze_metrics.main([str(tmp_path / "logs"), "--plot_dir", str(plots)])
     assert_png(plots / "comparison_bgu_train_val_10m.png")
     assert_png(plots / "comparison_demo_data_train_val_25m.png")
     assert not (plots / "comparison.png").exists()
@@ -86,10 +86,10 @@ def test_study_figure_from_a_sqlite_study(tmp_path, capsys):
                    + 0.01 * t.suggest_int("dim", 16, 64), n_trials=8)
     optuna.create_study(study_name="other", storage=storage)
     plots = tmp_path / "plots"
-    analyze_metrics.main(["--study", storage, "--study_name", "tiny", "--output_dir", str(plots)])
+    analyze_metrics.main(["--study", storage, "--study_name", "tiny", "--plot_dir", str(plots)])
     assert_png(plots / "study_tiny.png")
     assert "study figure" in capsys.readouterr().out
     with pytest.raises(analyze_metrics.VPRError, match="holds 2 studies"):
-        analyze_metrics.main(["--study", storage, "--output_dir", str(plots)])
+        analyze_metrics.main(["--study", storage, "--plot_dir", str(plots)])
     with pytest.raises(analyze_metrics.VPRError, match="--study_name nope: not in"):
-        analyze_metrics.main(["--study", storage, "--study_name", "nope", "--output_dir", str(plots)])
+        analyze_metrics.main(["--study", storage, "--study_name", "nope", "--plot_dir", str(plots)])

@@ -136,8 +136,8 @@ TRAIN_CASES = {
     "device without CUDA": (lambda f: {"flags": ["--device", "cuda"]}, ["--device cuda", "CUDA is not available"]),
     "unknown head": (lambda f: {"flags": ["--head", "netvlad"]}, ["--head", "'netvlad'", "projection", "see --help"]),
     "unknown on_bad_image": (lambda f: {"flags": ["--on_bad_image", "ignore"]}, ["--on_bad_image", "'ignore'"]),
-    "output folder under a file": (lambda f: {"flags": ["--output_dir", str(f.regular_file / "models")]},
-                                   ["--output_dir", "regular_file.txt", "cannot write there"]),
+    "output folder under a file": (lambda f: {"flags": ["--checkpoint_dir", str(f.regular_file / "models")]},
+                                   ["--checkpoint_dir", "regular_file.txt", "cannot write there"]),
     "log folder under a file": (lambda f: {"flags": ["--log_dir", str(f.regular_file / "logs")]},
                                 ["--log_dir", "regular_file.txt", "cannot write there"]),
 }
@@ -146,7 +146,7 @@ TRAIN_CASES = {
 def train_argv(f, out: Path, train: Path | None = None, val: Path | None = None, flags: list[str] = ()) -> list[str]:
     return ["--train_csv", str(train or f.train), "--val_csv", str(val or f.val), *TINY, "--epochs", "1",
             "--batch_size", "8", "--cache_dir", str(out / "cache"), "--log_dir", str(out / "logs"),
-            "--output_dir", str(out / "models"), *flags]
+            "--checkpoint_dir", str(out / "models"), *flags]
 
 
 @pytest.mark.parametrize("case", TRAIN_CASES)
@@ -232,7 +232,8 @@ EVAL_CASES = {
     "neither checkpoint nor baseline": (lambda f, c: [], ["--model_path", "--baseline", "see --help"]),
     "threshold 0": (lambda f, c: ["--model_path", str(c.good), "--pos_threshold_m", "0"],
                     ["--pos_threshold_m 0: must be positive"]),
-    "batch size 0": (lambda f, c: ["--model_path", str(c.good), "--batch_size", "0"], ["--batch_size 0"]),
+    "batch size 0": (lambda f, c: ["--model_path", str(c.good), "--extract_batch_size", "0"],
+                     ["--extract_batch_size 0"]),
     "negative workers": (lambda f, c: ["--model_path", str(c.good), "--num_workers", "-1"], ["--num_workers -1"]),
     "queries far from the database": (lambda f, c: ["--baseline", "--model", TINY_MODEL, "--test_csv", str(f.val_far)],
                                       ["val_far/val.csv", "no query lies within"]),
@@ -241,8 +242,8 @@ EVAL_CASES = {
     "predictions under a file": (lambda f, c: ["--model_path", str(c.good), "--save_predictions",
                                                str(f.regular_file / "p.csv")],
                                  ["--save_predictions", "p.csv", "cannot write its folder"]),
-    "plots under a file": (lambda f, c: ["--model_path", str(c.good), "--visualize", "2", "--plots_dir",
-                                         str(f.regular_file / "plots")], ["--plots_dir", "cannot write there"]),
+    "plots under a file": (lambda f, c: ["--model_path", str(c.good), "--visualize", "2", "--plot_dir",
+                                         str(f.regular_file / "plots")], ["--plot_dir", "cannot write there"]),
     "unreadable query image": (lambda f, c: ["--model_path", str(c.good), "--test_csv", str(f.not_image)],
                                ["train_002.jpg", "cannot be read as an image"]),
 }
@@ -251,7 +252,7 @@ EVAL_CASES = {
 @pytest.mark.parametrize("case", EVAL_CASES)
 def test_eval_bad_input_is_one_line(files, checkpoints, capsys, tmp_path, case):
     make, words = EVAL_CASES[case]
-    argv = ["--train_csv", str(files.train), "--test_csv", str(files.val), "--num_workers", "0", "--device", "cpu",
+    argv = ["--db_csv", str(files.train), "--test_csv", str(files.val), "--num_workers", "0", "--device", "cpu",
             "--cache_dir", str(files.root / "cache"), *make(files, checkpoints)]  # a flag given again wins
     code, err = run_main(capsys, eval_trained.main, argv)
     assert_one_line_error(code, err, *words)
@@ -276,8 +277,8 @@ SUBPROCESS_CASES = {
                                   ["--head", "'netvlad'"]),
     "run_experiment.py output under a file": ("run_experiment.py", lambda f, out: [
         "--train_csv", str(f.train), "--val_csv", str(f.val), "--test_csv", str(f.val), "--models", TINY_MODEL,
-        "--output_dir", str(f.regular_file / "models"), "--log_dir", str(out / "logs")],
-        ["--output_dir", "cannot write there"]),
+        "--checkpoint_dir", str(f.regular_file / "models"), "--log_dir", str(out / "logs")],
+        ["--checkpoint_dir", "cannot write there"]),
 }
 
 
@@ -308,7 +309,7 @@ def test_every_script_answers_an_unknown_flag_in_one_line(capsys, script):
     module = importlib.import_module(script)
     # the flags each script requires, so that the unknown one is what argparse reports
     required = {"train_vpr": ["--train_csv", "t.csv", "--val_csv", "v.csv"],
-                "eval_trained": ["--train_csv", "d.csv", "--test_csv", "q.csv", "--baseline"],
+                "eval_trained": ["--db_csv", "d.csv", "--test_csv", "q.csv", "--baseline"],
                 "tune_vpr": ["--train_csv", "t.csv", "--val_csv", "v.csv"],
                 "make_poses": ["photos", "--output", "p.csv"],
                 "localize": ["--db_csv", "d.csv", "--query", "q", "--output", "m.csv"]}.get(script, [])

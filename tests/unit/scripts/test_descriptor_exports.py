@@ -32,7 +32,7 @@ def data(tmp_path_factory) -> dict[str, Path]:
 
 
 def eval_argv(data, out: Path, *extra: str) -> list[str]:
-    return ["--train_csv", str(data["train"]), "--test_csv", str(data["test"]), "--cache_dir", str(data["cache"]),
+    return ["--db_csv", str(data["train"]), "--test_csv", str(data["test"]), "--cache_dir", str(data["cache"]),
             *TINY, "--save_descriptors", str(out), *extra]
 
 
@@ -95,8 +95,8 @@ def test_trained_checkpoint_saves_the_heads_output(data, tmp_path):
         "--train_csv", str(data["train"]), "--val_csv", str(data["val"]), "--model", TINY_MODEL, *TINY,
         "--epochs", "1", "--batch_size", "8", "--images_per_place", "2", "--projection_dim", "16",
         "--cache_dir", str(data["cache"]), "--log_dir", str(tmp_path / "logs"),
-        "--output_dir", str(tmp_path / "models")])
-    report = eval_trained.main(["--model_path", str(result.checkpoint), "--train_csv", str(data["train"]), "--test_csv",
+        "--checkpoint_dir", str(tmp_path / "models")])
+    report = eval_trained.main(["--model_path", str(result.checkpoint), "--db_csv", str(data["train"]), "--test_csv",
                                 str(data["test"]), "--cache_dir", str(data["cache"]), "--num_workers", "0",
                                 "--device", "cpu", "--save_descriptors", str(out)])
     db, q = read_npy(out)

@@ -26,7 +26,7 @@ from helpers.tiny_dataset import write_image, write_tiny_dataset  # noqa: E402
 from vprkit.evaluation import evaluate_retrieval  # noqa: E402
 from vprkit.features import ExtractionSettings, extract_features  # noqa: E402
 from vprkit.places import load_poses  # noqa: E402
-from vprkit.runlog import safe_name  # noqa: E402
+from vprkit.runlog import EXPERIMENT_VARIANTS, safe_name  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -39,7 +39,7 @@ def data(tmp_path_factory) -> dict[str, Path]:
 
 
 def eval_argv(data, *extra: str, queries: str = "test") -> list[str]:
-    return ["--train_csv", str(data["train"]), "--test_csv", str(data[queries]),
+    return ["--db_csv", str(data["train"]), "--test_csv", str(data[queries]),
             "--cache_dir", str(data["cache"]), *TINY, *extra]
 
 
@@ -50,7 +50,7 @@ def baseline(data):
     paths = {"json": out / "result.json", "predictions": out / "pred.csv", "plots": out / "plots"}
     report = eval_trained.main(eval_argv(
         data, "--baseline", "--model", TINY_MODEL, "--output_json", str(paths["json"]),
-        "--save_predictions", str(paths["predictions"]), "--visualize", "2", "--plots_dir", str(paths["plots"])))
+        "--save_predictions", str(paths["predictions"]), "--visualize", "2", "--plot_dir", str(paths["plots"])))
     return report, paths
 
 
@@ -62,7 +62,7 @@ def checkpoint(data) -> Path:
         "--train_csv", str(data["train"]), "--val_csv", str(data["val"]), "--model", TINY_MODEL, *TINY,
         "--epochs", "1", "--batch_size", "8", "--images_per_place", "2", "--projection_dim", "16",
         "--pos_threshold_m", "30", "--cache_dir", str(data["cache"]),
-        "--log_dir", str(out / "logs"), "--output_dir", str(out / "models"),
+        "--log_dir", str(out / "logs"), "--checkpoint_dir", str(out / "models"),
     ])
     assert result.checkpoint.is_file()
     return result.checkpoint
@@ -133,7 +133,7 @@ def test_no_condition_breakdown_without_a_condition_column(data, tmp_path):
     queries = tmp_path / "queries.csv"
     frame.to_csv(queries, index=False)
     out = tmp_path / "r.json"
-    eval_trained.main(["--train_csv", str(data["train"]), "--test_csv", str(queries), "--cache_dir", str(data["cache"]),
+    eval_trained.main(["--db_csv", str(data["train"]), "--test_csv", str(queries), "--cache_dir", str(data["cache"]),
                        *TINY, "--baseline", "--model", TINY_MODEL, "--output_json", str(out)])
     assert "by_condition" not in json.loads(out.read_text())
 
@@ -191,7 +191,7 @@ def test_predictions_correct_column_agrees_with_the_distance_column_at_the_thres
     pd.DataFrame({"image_path": ["q.jpg", "b.jpg"], "easting": [1000.0, 3001.0],
                   "northing": [0.0, 0.0]}).to_csv(tmp_path / "q.csv", index=False)
     pred = tmp_path / "p.csv"
-    eval_trained.main(["--train_csv", str(tmp_path / "db.csv"), "--test_csv", str(tmp_path / "q.csv"), *TINY,
+    eval_trained.main(["--db_csv", str(tmp_path / "db.csv"), "--test_csv", str(tmp_path / "q.csv"), *TINY,
                        "--no_cache", "--baseline", "--model", TINY_MODEL, "--save_predictions", str(pred)])
     frame = pd.read_csv(pred)
     assert len(frame) == 4 and frame.loc[frame["query_index"] == 0, "distance_m"].min() == pytest.approx(25.004)
@@ -203,7 +203,7 @@ def test_predictions_correct_column_agrees_with_the_distance_column_at_the_thres
 # --------------------------------------------------------------------------------------------
 def test_trained_checkpoint_evaluates(data, checkpoint, tmp_path):
     out, pred = tmp_path / "r.json", tmp_path / "p.csv"
-    report = eval_trained.main(["--model_path", str(checkpoint), "--train_csv", str(data["train"]),
+    report = eval_trained.main(["--model_path", str(checkpoint), "--db_csv", str(data["train"]),
                                 "--test_csv", str(data["test"]), "--num_workers", "0", "--device", "cpu",
                                 "--cache_dir", str(data["cache"]), "--output_json", str(out),
                                 "--save_predictions", str(pred)])
@@ -288,15 +288,15 @@ def test_run_experiment_writes_the_comparison_table(data, tmp_path):
         "--train_csv", str(data["train"]), "--val_csv", str(data["val"]), "--test_csv", str(data["test"]),
         "--models", TINY_MODEL, *TINY, "--epochs", "1", "--batch_size", "8", "--images_per_place", "2",
         "--projection_dim", "16", "--vlad_clusters", "4", "--cache_dir", str(data["cache"]), "--log_dir", str(logs),
-        "--output_dir", str(tmp_path / "models"),
+        "--checkpoint_dir", str(tmp_path / "models"),
     ])
     written = list(logs.glob("experiment_*.csv"))
     assert len(written) == 1
     frame = pd.read_csv(written[0])
     assert list(frame.columns) == ["model", "variant", "recall@1", "recall@5", "recall@10", "delta_r1_vs_raw", "auc_pr",
                                      "recall_at_100_precision"]
-    assert frame["model"].tolist() == [TINY_MODEL] * 5
-    assert frame["variant"].tolist() == ["raw", "pca_whitened", "vlad", "trained", "trained_whitened"]
+    assert frame["model"].tolist() == [TINY_MODEL] * 7
+    assert frame["variant"].tolist() == list(EXPERIMENT_VARIANTS)
     rows = frame.set_index("variant")
     assert rows.loc["raw", "delta_r1_vs_raw"] == 0
     for variant in ("pca_whitened", "vlad", "trained", "trained_whitened"):
@@ -330,9 +330,9 @@ def test_visualize_names_the_picture_after_what_it_shows(data, checkpoint, tmp_p
         "--train_csv", str(data["train"]), "--val_csv", str(data["val"]), "--model", TINY_MODEL, *TINY,
         "--epochs", "1", "--batch_size", "8", "--images_per_place", "2", "--projection_dim", "16", "--lr", "1e-2",
         "--pos_threshold_m", "30", "--cache_dir", str(data["cache"]),
-        "--log_dir", str(checkpoint.parent.parent / "logs"), "--output_dir", str(checkpoint.parent)])
+        "--log_dir", str(checkpoint.parent.parent / "logs"), "--checkpoint_dir", str(checkpoint.parent)])
     plots = tmp_path / "plots"
-    show = ["--visualize", "1", "--plots_dir", str(plots)]
+    show = ["--visualize", "1", "--plot_dir", str(plots)]
     for model_path in (checkpoint, second.checkpoint):
         eval_trained.main(eval_argv(data, "--model_path", str(model_path), *show))
     eval_trained.main(eval_argv(data, "--model_path", str(checkpoint), *show, queries="val"))
@@ -361,7 +361,7 @@ def test_run_experiment_demo_end_to_end(tmp_path, monkeypatch, capsys):
     printed = capsys.readouterr().out
     # the demo says which flags it set (epochs was given, so not that one)
     assert "demo settings (flags you give win): --lr 0.001 --lr_schedule cosine\n" in printed
-    assert table["variant"].tolist() == ["raw", "pca_whitened", "vlad", "trained", "trained_whitened"]
+    assert table["variant"].tolist() == list(EXPERIMENT_VARIANTS)
     assert table[["recall@1", "recall@5", "recall@10"]].stack().between(0, 1).all()
     assert len(list((tmp_path / "logs").glob("experiment_*.csv"))) == 1
     summary = pd.read_csv(tmp_path / "logs" / "training_summary.csv")

@@ -40,9 +40,9 @@ def example(tmp_path_factory):
     root = tmp_path_factory.mktemp("loc_example")
     paths = write_example(root)
     out = root / "out"
-    argv = ["--baseline", "--model", TINY_MODEL, "--train_csv", str(paths["db"]), "--test_csv", str(paths["queries"]),
+    argv = ["--baseline", "--model", TINY_MODEL, "--db_csv", str(paths["db"]), "--test_csv", str(paths["queries"]),
             *TINY, "--cache_dir", str(root / "cache"), "--pos_threshold_m", "25", "--output_json", str(out / "r.json"),
-            "--save_predictions", str(out / "p.csv"), "--localization", "--plots_dir", str(out / "plots")]
+            "--save_predictions", str(out / "p.csv"), "--localization", "--plot_dir", str(out / "plots")]
     report = eval_trained.main(argv)
     return report, paths, out
 
@@ -84,7 +84,7 @@ def test_top1_pr_hand_computed_on_embeddings_with_positions(tmp_path):
     out = tmp_path / "r.json"
     eval_trained.main(["--baseline", "--db_parquet", str(tmp_path / "db.parquet"), "--test_parquet",
                        str(tmp_path / "q.parquet"), "--pos_threshold_m", "25", "--output_json", str(out),
-                       "--device", "cpu", "--pr_curve", "--plots_dir", str(tmp_path / "plots")])
+                       "--device", "cpu", "--pr_curve", "--plot_dir", str(tmp_path / "plots")])
     payload = json.loads(out.read_text())
     assert payload["auc_pr"] == pytest.approx(51 / 60, abs=1e-6)
     assert payload["recall_at_100_precision"] == pytest.approx(2 / 3, abs=1e-6)
@@ -110,8 +110,8 @@ def test_localization_picture_is_named_after_what_it_shows(example):
 def test_no_picture_without_the_flag(example, tmp_path):
     _, paths, _ = example
     plots = tmp_path / "plots"
-    eval_trained.main(["--baseline", "--model", TINY_MODEL, "--train_csv", str(paths["db"]), "--test_csv",
-                       str(paths["queries"]), *TINY, "--no_cache", "--plots_dir", str(plots)])
+    eval_trained.main(["--baseline", "--model", TINY_MODEL, "--db_csv", str(paths["db"]), "--test_csv",
+                       str(paths["queries"]), *TINY, "--no_cache", "--plot_dir", str(plots)])
     assert not plots.exists() or not list(plots.iterdir())
 
 
@@ -122,7 +122,7 @@ def test_labels_only_evaluation_has_null_distances(tmp_path):
     q = write_embeddings_parquet(tmp_path / "q.parquet", seed=1)
     out = tmp_path / "r.json"
     eval_trained.main(["--baseline", "--db_parquet", str(db), "--test_parquet", str(q), "--output_json", str(out),
-                       "--device", "cpu", "--localization", "--plots_dir", str(tmp_path / "plots")])
+                       "--device", "cpu", "--localization", "--plot_dir", str(tmp_path / "plots")])
     payload = json.loads(out.read_text())
     assert payload["recall_at_threshold_m"] is None and payload["top1_error_m"] is None
     assert payload["correct_by"] == "label"
@@ -142,7 +142,7 @@ def test_run_experiment_draws_its_variants_on_one_figure(tmp_path, capsys):
                          str(data["test"]),
                          "--models", TINY_MODEL, *TINY, "--epochs", "1", "--batch_size", "8", "--images_per_place", "2",
                          "--projection_dim", "16", "--cache_dir", str(cache), "--log_dir", str(logs),
-                         "--output_dir", str(tmp_path / "models")])
+                         "--checkpoint_dir", str(tmp_path / "models")])
     printed = capsys.readouterr().out
     [csv_path] = logs.glob("experiment_*.csv")
     figure = csv_path.with_name(f"{csv_path.stem}_localization.png")
@@ -152,8 +152,8 @@ def test_run_experiment_draws_its_variants_on_one_figure(tmp_path, capsys):
     assert table[["auc_pr", "recall_at_100_precision"]].apply(lambda c: c.between(0, 1)).all().all()
     medians = {line.split()[1]: float(line.split("median")[1].split()[0])
                for line in printed.splitlines() if line.startswith(f"  {TINY_MODEL} ") and "median" in line}
-    assert set(medians) == {"raw", "pca_whitened", "trained", "trained_whitened"}
+    assert set(medians) == {"raw", "pca_whitened", "learned_whitened", "start", "trained", "trained_whitened"}
     out = tmp_path / "raw.json"
-    eval_trained.main(["--baseline", "--model", TINY_MODEL, "--train_csv", str(data["train"]), "--test_csv",
+    eval_trained.main(["--baseline", "--model", TINY_MODEL, "--db_csv", str(data["train"]), "--test_csv",
                        str(data["test"]), *TINY, "--cache_dir", str(cache), "--output_json", str(out)])
     assert medians["raw"] == pytest.approx(json.loads(out.read_text())["top1_error_m"]["median"], abs=0.05)

@@ -53,7 +53,7 @@ def scene(tmp_path_factory):
 
 
 def _options(root: Path) -> ExtractionSettings:
-    return ExtractionSettings(batch_size=4, num_workers=0, device="cpu", cache_dir=str(root / "cache"))
+    return ExtractionSettings(extract_batch_size=4, num_workers=0, device="cpu", cache_dir=str(root / "cache"))
 
 
 def _tensors(paths) -> torch.Tensor:

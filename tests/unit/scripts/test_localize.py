@@ -97,7 +97,7 @@ def test_trained_checkpoint(scene, tmp_path):
     result = train_vpr.main(["--train_csv", str(data["train"]), "--val_csv", str(data["val"]), "--model", TINY_MODEL,
                              *TINY, "--epochs", "1", "--batch_size", "8", "--images_per_place", "2",
                              "--projection_dim", "16", "--cache_dir", str(tmp_path / "cache"),
-                             "--log_dir", str(tmp_path / "logs"), "--output_dir", str(tmp_path / "models")])
+                             "--log_dir", str(tmp_path / "logs"), "--checkpoint_dir", str(tmp_path / "models")])
     out = tmp_path / "m.csv"
     frame = localize.main(["--model_path", str(result.checkpoint), "--db_csv", str(scene / "db.csv"), "--query",
                            str(scene / "photos"), "--output", str(out), "--cache_dir", str(tmp_path / "cache"),

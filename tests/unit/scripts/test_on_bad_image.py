@@ -23,7 +23,7 @@ from vprkit.settings import config_from_args
 
 
 def _options(tmp_path, cache: bool = True) -> ExtractionSettings:
-    return ExtractionSettings(batch_size=4, num_workers=0, device="cpu",
+    return ExtractionSettings(extract_batch_size=4, num_workers=0, device="cpu",
                                  cache_dir=str(tmp_path / "cache") if cache else None)
 
 
@@ -109,7 +109,7 @@ def data(tmp_path_factory) -> types.SimpleNamespace:
 def test_training_records_the_skipped_count_in_log_and_summary(data, tmp_path, capsys):
     argv = ["--train_csv", str(data.train), "--val_csv", str(data.val), *TINY, "--epochs", "1", "--batch_size", "8",
             "--cache_dir", str(tmp_path / "cache"), "--log_dir", str(tmp_path / "logs"),
-            "--output_dir", str(tmp_path / "models")]
+            "--checkpoint_dir", str(tmp_path / "models")]
     with pytest.raises(VPRError, match="train_005.jpg not found"):
         train_vpr.main(argv)
     result = train_vpr.main([*argv, "--on_bad_image", "skip"])
@@ -122,7 +122,7 @@ def test_training_records_the_skipped_count_in_log_and_summary(data, tmp_path, c
     summary = pd.read_csv(tmp_path / "logs" / "training_summary.csv")
     assert summary.skipped_images.tolist() == [3] and summary.on_bad_image.tolist() == ["skip"]
     # the log and summary stay readable by analyze_metrics.py
-    analyze_metrics.main([str(tmp_path / "logs"), "--output_dir", str(tmp_path / "plots")])
+    analyze_metrics.main([str(tmp_path / "logs"), "--plot_dir", str(tmp_path / "plots")])
     runs = pd.read_csv(tmp_path / "plots" / "logs_runs_summary.csv")
     assert runs.run_id.tolist() == [result.run_id] and runs.skipped_images.tolist() == [3]
 
@@ -134,7 +134,7 @@ def test_skipping_that_leaves_no_place_with_two_images_stops_before_any_output(t
         (tmp_path / "images" / f"train_{i:03d}.jpg").write_text("not an image")
     argv = ["--train_csv", str(train), "--val_csv", str(val), *TINY, "--epochs", "1", "--batch_size", "4",
             "--images_per_place", "2", "--cache_dir", str(tmp_path / "cache"), "--log_dir", str(tmp_path / "logs"),
-            "--output_dir", str(tmp_path / "models"), "--on_bad_image", "skip"]
+            "--checkpoint_dir", str(tmp_path / "models"), "--on_bad_image", "skip"]
     with pytest.raises(VPRError, match="no place has two images"):
         train_vpr.main(argv)
     assert not list((tmp_path / "logs").iterdir()) and not list((tmp_path / "models").iterdir())
@@ -142,7 +142,7 @@ def test_skipping_that_leaves_no_place_with_two_images_stops_before_any_output(t
 
 def test_evaluation_reports_the_skipped_count(data, tmp_path, capsys):
     out = tmp_path / "r.json"
-    eval_trained.main(["--baseline", "--train_csv", str(data.train), "--test_csv", str(data.val), *TINY,
+    eval_trained.main(["--baseline", "--db_csv", str(data.train), "--test_csv", str(data.val), *TINY,
                        "--cache_dir", str(tmp_path / "cache"), "--on_bad_image", "skip", "--output_json", str(out)])
     payload = json.loads(out.read_text())
     assert payload["num_queries"] == 5

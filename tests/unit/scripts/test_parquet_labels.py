@@ -131,7 +131,7 @@ def _parquets(tmp_path, **options):
 def _train_argv(tmp_path, train, val, *extra):
     return ["--train_parquet", str(train), "--val_parquet", str(val), "--model", "campus_emb", "--epochs", "2",
             "--batch_size", "8", "--seed", "3", "--device", "cpu", "--log_dir", str(tmp_path / "logs"),
-            "--output_dir", str(tmp_path / "models"), *extra]
+            "--checkpoint_dir", str(tmp_path / "models"), *extra]
 
 
 def test_train_and_evaluate_from_parquet_labels_only(tmp_path, no_images):
@@ -219,8 +219,8 @@ def test_run_experiment_on_parquets(tmp_path, no_images, capsys):
     test = write_embeddings_parquet(tmp_path / "test.parquet", n_places=6, per_place=2, seed=3)
     table = run_experiment.main(["--train_parquet", str(train), "--val_parquet", str(val), "--test_parquet", str(test),
                                  "--models", "emb", "--epochs", "1", "--batch_size", "8",
-                                 "--log_dir", str(tmp_path / "logs"), "--output_dir", str(tmp_path / "models")])
-    assert table.variant.tolist() == ["raw", "pca_whitened", "trained", "trained_whitened"]
+                                 "--log_dir", str(tmp_path / "logs"), "--checkpoint_dir", str(tmp_path / "models")])
+    assert table.variant.tolist() == ["raw", "pca_whitened", "learned_whitened", "start", "trained", "trained_whitened"]
     raw = evaluate_retrieval(load_table(train).embeddings, None, load_table(test).embeddings, None, 25.0,
                                  (1, 5, 10), load_table(train).labels, load_table(test).labels)
     assert table.loc[0, "recall@1"] == pytest.approx(raw.recalls[1], abs=1e-4)

@@ -4,8 +4,6 @@ end-to-end runs (VLAD on a random-weight ViT, GeM on the tiny CNN), the PCA that
 VLAD's dimension and the residual head's start (the better of raw and PCA-whitened on val)."""
 from __future__ import annotations
 
-import types
-
 import numpy as np
 import pytest
 import torch
@@ -29,7 +27,7 @@ def data(tmp_path_factory):
 
 
 def _options(cache) -> ExtractionSettings:
-    return ExtractionSettings(cache_dir=str(cache), num_workers=0, device="cpu", batch_size=8)
+    return ExtractionSettings(cache_dir=str(cache), num_workers=0, device="cpu", extract_batch_size=8)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -109,7 +107,7 @@ def test_pooled_descriptor_is_local_pooling(tiny_backbone):
 # end to end
 # ---------------------------------------------------------------------------------------------
 def _common(model: str, cache) -> list[str]:
-    return ["--model", model, "--weights", "random", "--image_size", str(TINY_SIZE), "--batch_size", "8",
+    return ["--model", model, "--weights", "random", "--image_size", str(TINY_SIZE), "--extract_batch_size", "8",
             "--num_workers", "0",
             "--device", "cpu", "--cache_dir", str(cache)]
 
@@ -117,9 +115,9 @@ def _common(model: str, cache) -> list[str]:
 def test_vlad_on_a_vit_end_to_end(data, tmp_path, capsys):
     cache = tmp_path / "cache"
     result = train_vpr.main(["--train_csv", str(data.train), "--val_csv", str(data.val), *_common(VIT, cache),
-                             "--epochs", "1", "--images_per_place", "2", "--pooling", "vlad", "--vlad_clusters", "4",
-                             "--feature_layer", "-2", "--log_dir", str(tmp_path / "logs"),
-                             "--output_dir", str(tmp_path / "models")])
+                             "--batch_size", "8", "--epochs", "1", "--images_per_place", "2", "--pooling", "vlad",
+                             "--vlad_clusters", "4", "--feature_layer", "-2", "--log_dir", str(tmp_path / "logs"),
+                             "--checkpoint_dir", str(tmp_path / "models")])
     checkpoint = vpr.load_checkpoint(result.checkpoint)
     stored = list((cache / "vocabularies").glob("*.npy"))
     assert len(stored) == 1
@@ -133,7 +131,7 @@ def test_vlad_on_a_vit_end_to_end(data, tmp_path, capsys):
     # silently) and reads the features training cached
     stored[0].unlink()
     capsys.readouterr()
-    report = eval_trained.main(["--model_path", str(result.checkpoint), "--train_csv", str(data.train),
+    report = eval_trained.main(["--model_path", str(result.checkpoint), "--db_csv", str(data.train),
                                 "--test_csv", str(data.val), "--device", "cpu", "--num_workers", "0",
                                 "--cache_dir", str(cache)])
     out = capsys.readouterr().out
@@ -141,7 +139,7 @@ def test_vlad_on_a_vit_end_to_end(data, tmp_path, capsys):
     assert report.result.recalls[1] == pytest.approx(result.best_recall[1])
     # other pooling flags than the checkpoint's: refused in one line
     code, err = run_main(capsys, eval_trained.main, [
-        "--model_path", str(result.checkpoint), "--train_csv", str(data.train), "--test_csv", str(data.val),
+        "--model_path", str(result.checkpoint), "--db_csv", str(data.train), "--test_csv", str(data.val),
         "--device", "cpu", "--num_workers", "0", "--cache_dir", str(cache), "--pooling", "gem"])
     assert_one_line_error(code, err, "--pooling vlad", "drop the pooling flags")
 
@@ -149,21 +147,22 @@ def test_vlad_on_a_vit_end_to_end(data, tmp_path, capsys):
 def test_gem_on_the_tiny_cnn_end_to_end(data, tmp_path):
     cache = tmp_path / "cache"
     result = train_vpr.main(["--train_csv", str(data.train), "--val_csv", str(data.val),
-                             *_common(TINY_MODEL, cache), "--epochs", "1", "--images_per_place", "2",
-                             "--pooling", "gem", "--feature_layer", "-2", "--head", "projection",
-                             "--log_dir", str(tmp_path / "logs"), "--output_dir", str(tmp_path / "models")])
+                             *_common(TINY_MODEL, cache), "--batch_size", "8", "--epochs", "1",
+                             "--images_per_place", "2", "--pooling", "gem", "--feature_layer", "-2",
+                             "--head", "projection", "--log_dir", str(tmp_path / "logs"),
+                             "--checkpoint_dir", str(tmp_path / "models")])
     checkpoint = vpr.load_checkpoint(result.checkpoint)
     model = vpr.create_backbone(TINY_MODEL, "random", TINY_SIZE).model
     assert checkpoint["head_config"]["in_dim"] == layer_channels(model, -2)
     assert "vlad_vocabulary" not in checkpoint
-    report = eval_trained.main(["--model_path", str(result.checkpoint), "--train_csv", str(data.train),
+    report = eval_trained.main(["--model_path", str(result.checkpoint), "--db_csv", str(data.train),
                                 "--test_csv", str(data.val), "--device", "cpu", "--num_workers", "0",
                                 "--cache_dir", str(cache)])
     assert report.result.recalls[1] == pytest.approx(result.best_recall[1])
 
 
 def test_pooling_flag_errors(data, tmp_path, capsys):
-    base = ["--train_csv", str(data.train), "--test_csv", str(data.val), "--baseline",
+    base = ["--db_csv", str(data.train), "--test_csv", str(data.val), "--baseline",
             *_common(TINY_MODEL, tmp_path / "cache")]
     code, err = run_main(capsys, eval_trained.main, [*base, "--feature_layer", "-2"])
     assert_one_line_error(code, err, "--feature_layer -2", "--pooling gem")
@@ -209,17 +208,3 @@ def test_raw_start_is_the_raw_cosine():
     np.testing.assert_allclose(embedded @ embedded.T, low_unit @ low_unit.T, atol=1e-4)
 
 
-@pytest.mark.parametrize("raw_r1, chosen", [(0.6, "raw"), (0.5, "pca_whitened"), (0.4, "pca_whitened")])
-def test_auto_start_keeps_the_better_on_val(monkeypatch, raw_r1, chosen):
-    rng = np.random.default_rng(0)
-    split = types.SimpleNamespace(features=rng.normal(size=(30, 10)).astype(np.float32))
-    data = types.SimpleNamespace(train=split, val=split)
-    config = vpr.TrainConfig(train_csv="t.csv", val_csv="v.csv", projection_dim=4, hidden_dim=8)
-    def fake_recall(head, data, config):  # raw start: the first rows of the base hold unit-norm directions
-        is_raw = np.allclose(np.linalg.norm(head.base.weight.detach().numpy(), axis=1), 1.0)
-        return types.SimpleNamespace(recalls={1: raw_r1 if is_raw else 0.5})
-    monkeypatch.setattr(train_vpr, "val_recall", fake_recall)
-    head = train_vpr.initial_head(config, data)
-    expected = vpr.ResidualHead(10, 4, 8)
-    getattr(expected, "init_raw" if chosen == "raw" else "init_pca_whitening")(split.features)
-    torch.testing.assert_close(head.base.weight, expected.base.weight)

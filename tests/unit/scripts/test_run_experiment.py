@@ -31,7 +31,7 @@ def data(tmp_path_factory) -> dict[str, Path]:
 
 def _argv(data, out: Path, *extra: str) -> list[str]:
     return ["--train_csv", str(data["train"]), "--val_csv", str(data["val"]), "--test_csv", str(data["test"]),
-            "--cache_dir", str(data["cache"]), "--log_dir", str(out / "logs"), "--output_dir", str(out / "models"),
+            "--cache_dir", str(data["cache"]), "--log_dir", str(out / "logs"), "--checkpoint_dir", str(out / "models"),
             "--epochs", "1", "--batch_size", "8", "--images_per_place", "2", "--projection_dim", "16", *extra]
 
 
@@ -89,8 +89,9 @@ def test_a_model_failing_later_keeps_the_rows_already_measured(partial):
     [csv_path] = (out / "logs").glob("experiment_*.csv")
     assert f"{FAILING} failed (RuntimeError: CUDA out of memory (simulated))" in message and str(csv_path) in message
     table = pd.read_csv(csv_path)
-    assert table["model"].tolist() == [TINY_MODEL] * 4
-    assert table["variant"].tolist() == ["raw", "pca_whitened", "trained", "trained_whitened"]
+    assert table["model"].tolist() == [TINY_MODEL] * 6
+    assert table["variant"].tolist() == ["raw", "pca_whitened", "learned_whitened", "start", "trained",
+                                         "trained_whitened"]
     assert list(table.columns) == ["model", "variant", "recall@1", "recall@20", "delta_r1_vs_raw", "auc_pr",
                                    "recall_at_100_precision"]
 
@@ -114,7 +115,7 @@ def test_analyze_metrics_reads_any_recall_at(partial, tmp_path, capsys):
     out, _ = partial
     [csv_path] = (out / "logs").glob("experiment_*.csv")
     table = pd.read_csv(csv_path)
-    analyze_metrics.main([str(csv_path), "--output_dir", str(tmp_path / "plots")])
+    analyze_metrics.main([str(csv_path), "--plot_dir", str(tmp_path / "plots")])
     assert (tmp_path / "plots" / f"{csv_path.stem}_bars.png").is_file()
     printed = capsys.readouterr().out
     header = next(line for line in printed.splitlines() if "variant" in line and "recall@" in line).split()

@@ -46,7 +46,7 @@ def _argv(dataset, out: Path, seed: int = 42, *extra: str) -> list[str]:
         "--model", TINY_MODEL, "--weights", "random", "--image_size", str(TINY_SIZE),
         "--epochs", str(EPOCHS), "--batch_size", str(BATCH), "--num_workers", "0", "--device", "cpu",
         "--seed", str(seed), "--cache_dir", str(dataset.cache),
-        "--log_dir", str(out / "logs"), "--output_dir", str(out / "models"), *extra,
+        "--log_dir", str(out / "logs"), "--checkpoint_dir", str(out / "models"), *extra,
     ]
 
 
@@ -73,7 +73,7 @@ def test_log_csv_columns_and_events(run42):
     assert header == [
         "timestamp", "event", "epoch", "batch", "train_loss", "triplet_loss", "contrastive_loss",
         "batch_time", "avg_train_loss", "avg_triplet_loss", "avg_contrastive_loss", "epoch_time",
-        "val_loss", "val_r1", "val_r5", "val_r10", "val_time", "skipped_images",
+        "val_loss", "val_r1", "val_r5", "val_r10", "val_time", "skipped_images", "val_database", "head_start",
     ]
     log = run42.log
     assert set(log.event) == {"data", "batch", "epoch", "validation"}
@@ -216,7 +216,7 @@ def test_checkpoint_reproduces_logged_recall(run42, dataset):
     checkpoint = vpr.load_checkpoint(run42.result.checkpoint)
     head = vpr.head_from_checkpoint(checkpoint)
     backbone = vpr.create_backbone(TINY_MODEL, weights="random", image_size=TINY_SIZE)
-    options = ExtractionSettings(batch_size=BATCH, num_workers=0, device="cpu", cache_dir=str(dataset.cache))
+    options = ExtractionSettings(extract_batch_size=BATCH, num_workers=0, device="cpu", cache_dir=str(dataset.cache))
     train, val = load_poses(dataset.train), load_poses(dataset.val)
     result = evaluate_retrieval(vpr.embed(head, extract_features(backbone, train, options)), train.xyz,
                                     vpr.embed(head, extract_features(backbone, val, options)), val.xyz, 25.0)
@@ -285,7 +285,7 @@ def _cli_cases(root: Path, good_train: Path, good_val: Path) -> dict[str, tuple[
         return ["--train_csv", str(train), "--val_csv", str(good_val), "--model", TINY_MODEL, "--weights", "random",
                 "--image_size", str(TINY_SIZE), "--epochs", "1", "--batch_size", "8", "--num_workers", "0",
                 "--device", "cpu", "--cache_dir", str(root / "cache"), "--log_dir", str(root / "logs"),
-                "--output_dir", str(root / "models"), *extra]
+                "--checkpoint_dir", str(root / "models"), *extra]
 
     # a column name with a typo
     frame = pd.read_csv(good_train).rename(columns={"easting": "eastin"})

@@ -109,7 +109,7 @@ def _config(parquets, out, **changes) -> vpr.TrainConfig:
     return dataclasses.replace(vpr.TrainConfig(
         train_csv=str(train), val_csv=str(val), model="emb", epochs=4, batch_size=8, dropout=0.2, head="mlp",
         hidden_dim=32, projection_dim=8, lr=1e-3, lr_schedule="cosine", seed=5, device="cpu",
-        log_dir=str(out / "logs"), output_dir=str(out / "models")), **changes)
+        log_dir=str(out / "logs"), checkpoint_dir=str(out / "models")), **changes)
 
 
 class Stop(Exception):
@@ -137,7 +137,8 @@ def test_resumed_run_equals_the_uninterrupted_run(parquets, tmp_path, sampler):
         train_vpr.train(interrupted, on_validation=_stop_after(2))
     [last] = (tmp_path / "parts" / "models").glob("emb_seed5_*_last.pth")  # named by the run id
     saved = vpr.load_checkpoint(last)  # weights_only=True
-    assert saved["epochs_completed"] == 2 and last == checkpoint_path(interrupted.output_dir, saved["run_id"], "last")
+    assert saved["epochs_completed"] == 2
+    assert last == checkpoint_path(interrupted.checkpoint_dir, saved["run_id"], "last")
     assert saved["resume"]["random_states"]["numpy"]["state"]["state"] > 2**64  # a 128-bit Python int survived
     from_checkpoint_alone = train_vpr.parse_args(["--resume", str(last)])  # every setting from the checkpoint
     assert from_checkpoint_alone == dataclasses.replace(interrupted, resume=str(last))
@@ -225,4 +226,4 @@ def test_eval_trained_reads_the_same_layers(tmp_path, monkeypatch):
                            "[training]\nepochs = 3  # a training key: skipped\n")
     args = eval_trained.parse_args(["--config", str(path), "--baseline", "--model", "effnet_lite0",
                                     "--recall_at", "1", "3"])
-    assert (args.train_csv, args.test_csv, args.pos_threshold_m, args.recall_at) == ("db.csv", "q.csv", 40.0, [1, 3])
+    assert (args.db_csv, args.test_csv, args.pos_threshold_m, args.recall_at) == ("db.csv", "q.csv", 40.0, [1, 3])

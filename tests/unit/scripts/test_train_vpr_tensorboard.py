@@ -90,7 +90,7 @@ def train_argv(data, tmp_path: Path, *extra: str) -> list[str]:
     return ["--train_csv", str(data["train"]), "--val_csv", str(data["test"]), "--model", TINY_MODEL, *TINY,
             "--epochs", "2", "--batch_size", "8", "--images_per_place", "2", "--projection_dim", "16",
             "--lr_schedule", "cosine", "--cache_dir", str(data["cache"]), "--log_dir", str(tmp_path / "logs"),
-            "--output_dir", str(tmp_path / "models"), *extra]
+            "--checkpoint_dir", str(tmp_path / "models"), *extra]
 
 
 def test_missing_package_stops_training_before_anything_is_written(capsys, no_tensorboard, data, tmp_path):
@@ -158,7 +158,7 @@ def test_a_resumed_run_replaces_the_interrupted_epochs(tmp_path):
         return vpr.TrainConfig(train_csv=str(train), val_csv=str(val), model="emb", epochs=4, batch_size=8,
                                head="mlp", hidden_dim=32, projection_dim=8, lr=1e-2, lr_schedule="cosine", seed=5,
                                device="cpu", save_every_n_epochs=2, tensorboard=True,
-                               log_dir=str(tmp_path / out / "logs"), output_dir=str(tmp_path / out / "models"))
+                               log_dir=str(tmp_path / out / "logs"), checkpoint_dir=str(tmp_path / out / "models"))
 
     class Stop(Exception):
         pass

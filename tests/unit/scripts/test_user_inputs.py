@@ -36,7 +36,7 @@ def picture_captions(result, database, queries, q: int, top: int) -> tuple[str, 
 
 
 def _options(tmp_path: Path) -> ExtractionSettings:
-    return ExtractionSettings(cache_dir=str(tmp_path / "cache"), num_workers=0, device="cpu", batch_size=4)
+    return ExtractionSettings(cache_dir=str(tmp_path / "cache"), num_workers=0, device="cpu", extract_batch_size=4)
 
 
 # --------------------------------------------------------------------------------------------
@@ -118,14 +118,14 @@ def test_a_labels_only_csv_trains_evaluates_and_speaks_in_labels(labelled, tmp_p
     common = [*TINY, "--cache_dir", str(out / "cache")]
     result = train_vpr.main(["--train_csv", str(labelled.train), "--val_csv", str(labelled.val), *common,
                              "--epochs", "2", "--batch_size", "8", "--images_per_place", "2",
-                             "--log_dir", str(out / "logs"), "--output_dir", str(out / "models")])
+                             "--log_dir", str(out / "logs"), "--checkpoint_dir", str(out / "models")])
     assert result.checkpoint.is_file() and 0.0 <= result.best_recall[1] <= 1.0
     log = pd.read_csv(result.log_file)
     assert (log.loc[log.event == "epoch", "avg_train_loss"] > 0).all()  # something to learn from
     predictions, picture = out / "pred.csv", out / "plots"
-    report = eval_trained.main(["--model_path", str(result.checkpoint), "--train_csv", str(labelled.train),
+    report = eval_trained.main(["--model_path", str(result.checkpoint), "--db_csv", str(labelled.train),
                                 "--test_csv", str(labelled.test), *common, "--save_predictions", str(predictions),
-                                "--visualize", "2", "--plots_dir", str(picture)])
+                                "--visualize", "2", "--plot_dir", str(picture)])
     assert report.result.by_label and report.result.num_queries == 10
     frame = pd.read_csv(predictions)
     assert {"query_label", "db_label"} <= set(frame.columns)
@@ -144,7 +144,7 @@ def test_a_labels_only_csv_trains_evaluates_and_speaks_in_labels(labelled, tmp_p
 def test_gps_supervision_on_a_labels_only_csv_is_one_line(labelled, tmp_path, capsys):
     code, err = run_main(capsys, train_vpr.main, [
         "--train_csv", str(labelled.train), "--val_csv", str(labelled.val), *TINY, "--supervision", "gps",
-        "--log_dir", str(tmp_path / "logs"), "--output_dir", str(tmp_path / "models")])
+        "--log_dir", str(tmp_path / "logs"), "--checkpoint_dir", str(tmp_path / "models")])
     assert_one_line_error(code, err, "train.csv", "no positions", "--supervision auto or labels")
     assert not (tmp_path / "logs").exists()
 
@@ -176,7 +176,7 @@ def test_every_row_at_one_spot_is_one_line_naming_the_threshold_before_any_outpu
     val = write_poses(tmp_path, [(0.0, 0.0)] * 3, name="val.csv")
     code, err = run_main(capsys, train_vpr.main, [
         "--train_csv", str(train), "--val_csv", str(val), *TINY, "--cache_dir", str(tmp_path / "cache"),
-        "--log_dir", str(tmp_path / "logs"), "--output_dir", str(tmp_path / "models")])
+        "--log_dir", str(tmp_path / "logs"), "--checkpoint_dir", str(tmp_path / "models")])
     assert_one_line_error(code, err, "train.csv", "--neg_threshold_m 100", "no negatives")
     assert not any((tmp_path / d).exists() for d in ("logs", "models", "cache"))
 
@@ -216,10 +216,10 @@ def test_the_same_images_in_train_and_val_give_one_warning_line(tmp_path, capsys
     common = [*TINY, "--cache_dir", str(tmp_path / "cache"), "--epochs", "1", "--batch_size", "8"]
     capsys.readouterr()
     train_vpr.main(["--train_csv", str(train), "--val_csv", str(tmp_path / "val.csv"), *common,
-                    "--log_dir", str(tmp_path / "logs"), "--output_dir", str(tmp_path / "models")])
+                    "--log_dir", str(tmp_path / "logs"), "--checkpoint_dir", str(tmp_path / "models")])
     warnings = [line for line in capsys.readouterr().err.splitlines() if line.startswith("warning:")]
     assert len(warnings) == 1 and "3 of the 3 validation images" in warnings[0] and "train.csv" in warnings[0]
-    eval_trained.main(["--baseline", *common[:-4], "--train_csv", str(train), "--test_csv", str(tmp_path / "val.csv")])
+    eval_trained.main(["--baseline", *common[:-4], "--db_csv", str(train), "--test_csv", str(tmp_path / "val.csv")])
     warnings = [line for line in capsys.readouterr().err.splitlines() if line.startswith("warning:")]
     assert len(warnings) == 1 and "3 of the 3 query images" in warnings[0]
 
@@ -234,7 +234,7 @@ def test_a_wrong_image_root_does_not_suggest_skipping(tmp_path, capsys):
         code, err = run_main(capsys, train_vpr.main, [
             "--train_csv", str(train), "--val_csv", str(val), *TINY, "--image_root", str(tmp_path / "elsewhere"),
             "--on_bad_image", on_bad_image, "--log_dir", str(tmp_path / "logs"),
-            "--output_dir", str(tmp_path / "models")])
+            "--checkpoint_dir", str(tmp_path / "models")])
         assert_one_line_error(code, err, "train.csv", "none of its 12 image files exists", "check --image_root")
         assert "--on_bad_image skip" not in err
 
@@ -258,7 +258,7 @@ def exported(tmp_path_factory):
     root = tmp_path_factory.mktemp("export")
     train = write_poses(root, place_positions(5, 4, seed=1), name="train.csv", seed=1)
     val = write_poses(root, place_positions(5, 1, seed=2), name="val.csv", seed=2)
-    eval_trained.main(["--baseline", *TINY, "--cache_dir", str(root / "cache"), "--train_csv", str(train),
+    eval_trained.main(["--baseline", *TINY, "--cache_dir", str(root / "cache"), "--db_csv", str(train),
                        "--test_csv", str(val), "--export_parquet", str(root / "emb")])
     return root / "emb"
 
@@ -266,7 +266,7 @@ def exported(tmp_path_factory):
 def _train_parquet_argv(folder: Path, out: Path, *flags: str) -> list[str]:
     return ["--train_parquet", str(folder / "train.parquet"), "--val_parquet", str(folder / "val.parquet"),
             "--epochs", "1", "--batch_size", "8", "--device", "cpu", "--log_dir", str(out / "logs"),
-            "--output_dir", str(out / "models"), *flags]
+            "--checkpoint_dir", str(out / "models"), *flags]
 
 
 def test_export_writes_the_backbone_and_training_is_named_after_it(exported, tmp_path):
@@ -321,11 +321,12 @@ def test_a_refusing_hub_endpoint_is_one_line_naming_it_within_seconds(tmp_path):
     env = {k: v for k, v in os.environ.items() if k.upper() not in
            ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY")}
     env.update(OMP_NUM_THREADS="1", HF_ENDPOINT=endpoint, HF_HOME=str(tmp_path / "hf"))  # no cached weights
-    data = ["--train_csv", str(train), "--device", "cpu", "--cache_dir", str(tmp_path / "cache")]
+    data = ["--device", "cpu", "--cache_dir", str(tmp_path / "cache")]
     commands = {
-        "train": ["train_vpr.py", *data, "--val_csv", str(val), "--model", "dinov2_b",
-                  "--log_dir", str(tmp_path / "logs"), "--output_dir", str(tmp_path / "models")],
-        "eval": ["eval_trained.py", *data, "--test_csv", str(val), "--baseline", "--model", "dinov2_b"],
+        "train": ["train_vpr.py", "--train_csv", str(train), *data, "--val_csv", str(val), "--model", "dinov2_b",
+                  "--log_dir", str(tmp_path / "logs"), "--checkpoint_dir", str(tmp_path / "models")],
+        "eval": ["eval_trained.py", "--db_csv", str(train), *data, "--test_csv", str(val), "--baseline", "--model",
+                 "dinov2_b"],
     }
     start = time.perf_counter()
     procs = {name: subprocess.Popen([sys.executable, *argv], cwd=REPO, env=env, stdout=subprocess.PIPE,

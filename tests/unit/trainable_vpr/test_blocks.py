@@ -33,7 +33,7 @@ def _flags(tmp_path, *extra: str, model: str = TINY_MODEL) -> list[str]:
     return ["--model", model, "--weights", "random", "--image_size", "32", "--device", "cpu", "--num_workers", "0",
             "--batch_size", "8", "--images_per_place", "2", "--projection_dim", "16", "--hidden_dim", "16",
             "--cache_dir", str(tmp_path / "cache"), "--log_dir", str(tmp_path / "logs"),
-            "--output_dir", str(tmp_path / "models"), *extra]
+            "--checkpoint_dir", str(tmp_path / "models"), *extra]
 
 
 @pytest.mark.parametrize("model", ["timm:test_vit", "timm:test_efficientnet", "timm:test_resnet", "timm:test_convnext"])

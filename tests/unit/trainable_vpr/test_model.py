@@ -11,7 +11,7 @@ import pandas as pd
 import pytest
 import torch
 
-from helpers import SHARED, TINY_MODEL, TINY_SIZE, requires_shared
+from helpers import SHARED, TINY_MODEL, TINY_SIZE, requires_shared, write_smooth_image
 import trainable_vpr as vpr
 from trainable_vpr.checkpoints import checkpoint_payload, save_checkpoint
 from trainable_vpr.model import PlaceDescriptor, describe_table, load_model
@@ -25,34 +25,20 @@ from vprkit.vocabulary import vlad_vocabulary
 
 
 
-def _smooth_image(path: Path, seed: int, size: tuple[int, int] = (72, 56)) -> None:
-    """A photo-like image: smooth colour gradients and blobs, little pixel noise."""
-    from PIL import Image
-
-    rng = np.random.default_rng(seed)
-    w, h = size
-    y, x = np.mgrid[0:h, 0:w] / max(w, h)
-    channels = [np.sin(rng.uniform(2, 9) * x + rng.uniform(0, 6)) * np.cos(rng.uniform(2, 9) * y + rng.uniform(0, 6))
-                for _ in range(3)]
-    pixels = (np.stack(channels, -1) * 0.45 + 0.5 + rng.normal(0, 0.01, (h, w, 3))).clip(0, 1)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray((pixels * 255).astype(np.uint8)).save(path)
-
-
 @pytest.fixture(scope="module")
 def scene(tmp_path_factory):
     root = tmp_path_factory.mktemp("model")
     rows = []
     for i in range(8):
-        _smooth_image(root / f"img/{i}.png", seed=i)
+        write_smooth_image(root / f"img/{i}.png", seed=i)
         rows.append({"image_path": f"img/{i}.png", "easting": 600_000.0 + 40 * i, "northing": 3_500_000.0})
     pd.DataFrame(rows).to_csv(root / "poses.csv", index=False)
     return root
 
 
 def _options(root: Path, **kwargs) -> ExtractionSettings:
-    return ExtractionSettings(**{"batch_size": 4, "num_workers": 0, "device": "cpu", "cache_dir": str(root / "cache"),
-                                 **kwargs})
+    return ExtractionSettings(**{"extract_batch_size": 4, "num_workers": 0, "device": "cpu",
+                                 "cache_dir": str(root / "cache"), **kwargs})
 
 
 def _tensors(paths) -> torch.Tensor:

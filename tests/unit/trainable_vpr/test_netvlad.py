@@ -30,7 +30,7 @@ def data(tmp_path_factory):
 
 
 def _options(cache) -> ExtractionSettings:
-    return ExtractionSettings(cache_dir=str(cache), num_workers=0, device="cpu", batch_size=8)
+    return ExtractionSettings(cache_dir=str(cache), num_workers=0, device="cpu", extract_batch_size=8)
 
 
 def _flags(cache, *extra: str) -> list[str]:
@@ -72,7 +72,8 @@ def test_epoch_zero_equals_the_training_free_vlad(data, tmp_path, capsys):
     cache = tmp_path / "cache"
     result = train_vpr.main(["--train_csv", str(data.train), "--val_csv", str(data.val),
                              *_flags(cache, "--head", "netvlad", "--epochs", "1", "--images_per_place", "2",
-                                     "--log_dir", str(tmp_path / "logs"), "--output_dir", str(tmp_path / "models"))])
+                                     "--log_dir", str(tmp_path / "logs"),
+                                     "--checkpoint_dir", str(tmp_path / "models"))])
     out = capsys.readouterr().out
     assert "netvlad head start: the VLAD vocabulary" in out
     assert "local features: layer 2, " in out and "64 positions per image at 64 px, all cached in float16" in out
@@ -108,7 +109,8 @@ def test_forward_equals_the_cached_path_and_cache_is_float16_and_bounded(data, t
     result = train_vpr.main(["--train_csv", str(data.train), "--val_csv", str(data.val),
                              *_flags(cache, "--head", "netvlad", "--epochs", "1", "--images_per_place", "2",
                                      "--local_features_per_image", "20", "--lr", "0.01",
-                                     "--log_dir", str(tmp_path / "logs"), "--output_dir", str(tmp_path / "models"))])
+                                     "--log_dir", str(tmp_path / "logs"),
+                                     "--checkpoint_dir", str(tmp_path / "models"))])
     model = PlaceDescriptor.from_checkpoint(result.checkpoint)
     for p in model.head.parameters():  # not the start: a head whose output depends on every parameter
         p.data.add_(torch.randn_like(p) * 0.05)
@@ -161,7 +163,7 @@ def test_cached_rows_stream_only_what_is_asked(data, tmp_path, tiny_backbone):
 def test_netvlad_flag_errors(data, tmp_path, capsys):
     base = ["--train_csv", str(data.train), "--val_csv", str(data.val), "--model", TINY_MODEL, "--weights", "random",
             "--device", "cpu", "--cache_dir", str(tmp_path / "cache"), "--log_dir", str(tmp_path / "logs"),
-            "--output_dir", str(tmp_path / "models"), "--head", "netvlad"]
+            "--checkpoint_dir", str(tmp_path / "models"), "--head", "netvlad"]
     code, err = run_main(capsys, train_vpr.main, base)
     assert_one_line_error(code, err, "--head netvlad", "--pooling vlad")
     code, err = run_main(capsys, train_vpr.main, [*base, "--pooling", "vlad", "--local_features_per_image", "0"])

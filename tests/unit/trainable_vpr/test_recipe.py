@@ -114,8 +114,8 @@ def _train(tiny, out, *extra: str) -> train_vpr.TrainResult:
     return train_vpr.main([
         "--train_csv", str(tiny.train), "--val_csv", str(tiny.val), "--model", TINY_MODEL, "--weights", "random",
         "--image_size", str(TINY_SIZE), "--batch_size", "8", "--num_workers", "0", "--device", "cpu",
-        "--cache_dir", str(tiny.root / "cache"), "--log_dir", str(out / "logs"), "--output_dir", str(out / "models"),
-        *extra,
+        "--cache_dir", str(tiny.root / "cache"), "--log_dir", str(out / "logs"),
+        "--checkpoint_dir", str(out / "models"), *extra,
     ])
 
 

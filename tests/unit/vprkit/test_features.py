@@ -29,7 +29,7 @@ def table(tmp_path):
 
 
 def _options(tmp_path, **kwargs):
-    values = dict(batch_size=4, num_workers=0, device="cpu", cache_dir=str(tmp_path / "cache"))
+    values = dict(extract_batch_size=4, num_workers=0, device="cpu", cache_dir=str(tmp_path / "cache"))
     values.update(kwargs)
     return ExtractionSettings(**values)
 
@@ -199,12 +199,13 @@ def test_no_cache_gives_the_same_features(tmp_path, table, tiny_backbone, capsys
 
 
 def test_extraction_options_follow_no_cache_flag():
-    config = vpr.TrainConfig(train_csv="a", val_csv="b", cache_dir="somewhere", no_cache=True, batch_size=8,
-                             num_workers=0)
+    config = vpr.TrainConfig(train_csv="a", val_csv="b", cache_dir="somewhere", no_cache=True, batch_size=16,
+                             extract_batch_size=8, num_workers=0)
     assert extraction_settings(config).cache_folder is None
     config.no_cache = False
     options = extraction_settings(config)
-    assert (options.cache_dir, options.batch_size, options.num_workers) == ("somewhere", 8, 0)
+    # not the training batch
+    assert (options.cache_dir, options.extract_batch_size, options.num_workers) == ("somewhere", 8, 0)
 
 
 def test_unreadable_image_names_the_file(tmp_path, table, tiny_backbone):
@@ -229,7 +230,7 @@ def test_backbone_info_feature_dim_is_the_descriptor_length(arch):
 def test_an_interrupted_extraction_resumes_where_it_stopped(tmp_path, table, tiny_backbone, monkeypatch, capsys):
     """Shards of chunk_size images are stored as they fill: a Ctrl-C after two of them loses
     only the images after, and the next call extracts just those."""
-    options = _options(tmp_path, chunk_size=4, batch_size=2)
+    options = _options(tmp_path, chunk_size=4, extract_batch_size=2)
     reference = extract_features(tiny_backbone, table, _options(tmp_path / "reference"))
     original = iterate_descriptors
 

@@ -47,7 +47,7 @@ def test_bf16_features_match_fp32_on_real_photos(tmp_path, capsys):
     backbone = vpr.create_backbone("effnet_lite0")
 
     def features(precision: str, cache_dtype: str = "float32") -> np.ndarray:
-        options = ExtractionSettings(batch_size=10, num_workers=0, device="cpu", cache_dir=str(tmp_path),
+        options = ExtractionSettings(extract_batch_size=10, num_workers=0, device="cpu", cache_dir=str(tmp_path),
                                         precision=precision, cache_dtype=cache_dtype)
         return extract_features(backbone, table, options)
 
@@ -67,8 +67,8 @@ def test_bf16_features_match_fp32_on_real_photos(tmp_path, capsys):
 # --------------------------------------------------------------------------------------------
 def _eval_command(data: Path, cache: Path, out_json: Path) -> list[str]:
     return ["eval_trained.py", "--baseline", "--model", TINY_MODEL, "--weights", "random", "--image_size",
-            str(TINY_SIZE), "--device", "cpu", "--num_workers", "0", "--batch_size", "1",
-            "--train_csv", str(data / "db.csv"), "--test_csv", str(data / "q.csv"),
+            str(TINY_SIZE), "--device", "cpu", "--num_workers", "0", "--extract_batch_size", "1",
+            "--db_csv", str(data / "db.csv"), "--test_csv", str(data / "q.csv"),
             "--cache_dir", str(cache), "--output_json", str(out_json)]
 
 

@@ -87,7 +87,7 @@ def test_ucb_training_logs_band_statistics_readable_by_analyze_metrics(tmp_path)
     val = write_embeddings_parquet(tmp_path / "val.parquet", n_places=6, per_place=2, seed=2)
     result = train_vpr.main(["--train_parquet", str(train), "--val_parquet", str(val), "--epochs", "2",
                              "--batch_size", "8", "--neg_sampler", "ucb", "--ucb_warmup_samples", "20",
-                             "--log_dir", str(tmp_path / "logs"), "--output_dir", str(tmp_path / "models")])
+                             "--log_dir", str(tmp_path / "logs"), "--checkpoint_dir", str(tmp_path / "models")])
     log = pd.read_csv(result.log_file)
     assert list(log.columns) == LOG_COLUMNS + LOG_EXTRA_COLUMNS + ["ucb_stats"]
     stats = log.loc[log.event == "epoch", "ucb_stats"].tolist()

@@ -40,7 +40,7 @@ def test_comparison_figure_title_has_no_absolute_path(tmp_path, monkeypatch, cap
         return real(curves, title, path)
 
     monkeypatch.setattr(analyze_metrics, "plot_comparison", spy)
-    analyze_metrics.main([str(logs), "--output_dir", str(tmp_path / "plots")])
+    analyze_metrics.main([str(logs), "--plot_dir", str(tmp_path / "plots")])
     assert titles == ["Comparable runs: train bgu_campus/train.csv | val bgu_campus/val.csv | positives within 25 m"]
     assert (tmp_path / "plots" / "comparison_bgu_campus_train_val_25m.png").is_file()
     # the console heading still names the data as the summary recorded it
