@@ -23,7 +23,7 @@ BGU = SHARED / "bgu_campus"
 def test_bgu_epoch0_equals_the_chosen_frozen_descriptor(tmp_path):
     import trainable_vpr as vpr
 
-    cache = os.environ.get("BGU_CACHE_DIR", str(REPO / ".cache" / "features"))
+    cache = os.environ.get("BGU_CACHE_DIR", str(REPO / ".cache" / "test_features"))  # shared with test_bgu_campus
     result = train_vpr.main(["--train_csv", str(BGU / "train.csv"), "--val_csv", str(BGU / "val.csv"),
                              "--model", "effnet_lite0", "--epochs", "1", "--lr", "1e-12", "--cache_dir", cache,
                              "--log_dir", str(tmp_path / "logs"), "--checkpoint_dir", str(tmp_path / "models")])
