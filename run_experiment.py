@@ -162,11 +162,13 @@ def compare_backbone(model: str, args: vpr.ExperimentConfig) -> ModelRun:
     frozen, frozen_raw = backbone, raw
     if config.head in vpr.LOCAL_HEADS:  # the head aggregates the local features: the cache's, streamed
         frozen = vpr.local_backbone(backbone, config.feature_layer, config.local_features_per_image)
-        frozen_raw = frozen_descriptors(config, frozen, database, queries, config.pos_threshold_m, config.supervision)[2]
+        frozen_raw = frozen_descriptors(config, frozen, database, queries, config.pos_threshold_m,
+                                        config.supervision)[2]
     if config.train_blocks:  # the backbone with its trained blocks, from the checkpoint (another cache entry)
         frozen = PlaceDescriptor.from_checkpoint(trained.checkpoint, weights=config.weights,
                                                  image_size=config.image_size).frozen
-        frozen_raw = frozen_descriptors(config, frozen, database, queries, config.pos_threshold_m, config.supervision)[2]
+        frozen_raw = frozen_descriptors(config, frozen, database, queries, config.pos_threshold_m,
+                                        config.supervision)[2]
     descriptor = PlaceDescriptor(frozen, vpr.head_from_checkpoint(vpr.load_checkpoint(trained.checkpoint)),
                                  str(trained.checkpoint))
     variants["trained"] = descriptor.describe(frozen_raw)
@@ -213,7 +215,8 @@ def comparison_table(reports_by_model: dict[str, dict[str, EvalReport]], recall_
             row = {"model": model, "variant": variant}
             row.update({f"recall@{n}": round(report.result.recalls[n], 4) for n in recall_at})
             row["delta_r1_vs_raw"] = round(report.result.recalls[1] - raw_r1, 4)
-            row.update({k: v if v is None else round(v, 4) for k, v in top1_pr_of_result(report.result).summary().items()})
+            pr_summary = top1_pr_of_result(report.result).summary()
+            row.update({k: v if v is None else round(v, 4) for k, v in pr_summary.items()})
             rows.append(row)
     return pd.DataFrame(rows)
 
@@ -278,7 +281,8 @@ def main(argv: Sequence[str] | None = None) -> pd.DataFrame:
                                               f"{Path(database).name}")
         if figure is not None:
             print(f"wrote {figure}")
-        curves = {report.name: top1_pr_of_result(report.result) for run in runs.values() for report in run.reports.values()}
+        curves = {report.name: top1_pr_of_result(report.result)
+                  for run in runs.values() for report in run.reports.values()}
         pr_figure = draw_pr_figure(curves, csv_path.with_name(f"{csv_path.stem}_pr.png"), f"{csv_path.stem}: top-1 "
                                    f"precision-recall of {Path(args.test_csv).name} against {Path(database).name}")
         print(f"wrote {pr_figure}")

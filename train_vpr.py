@@ -42,7 +42,8 @@ from vprkit.features import (distributed_rank_and_world, extract_both, extract_t
                              pooling_config, release_other_ranks)
 from vprkit.pairs import check_query_split, check_trainable, group_places, uses_labels, warn_shared_images
 from vprkit.places import PlaceTable, load_table
-from vprkit.runlog import CsvLogger, LOG_COLUMNS, LOG_EXTRA_COLUMNS, LOG_OPTIONAL_COLUMNS, TRAINING_SUMMARY_NAME, append_summary_row, new_run_id, read_summary_table
+from vprkit.runlog import (CsvLogger, LOG_COLUMNS, LOG_EXTRA_COLUMNS, LOG_OPTIONAL_COLUMNS, TRAINING_SUMMARY_NAME,
+                           append_summary_row, new_run_id, read_summary_table)
 from vprkit.tensorboard_log import TensorBoardLog, tensorboard_dir
 from vprkit.settings import config_from_args, config_parser, given_settings, parse_layered
 from vprkit.miners import BatchMiner, Miner, UCBMiner, load_difficulty_parquet
@@ -364,7 +365,8 @@ def triplet_miner(config: vpr.TrainConfig) -> Miner:
     return UCBMiner(config.ucb_bands, config.ucb_exploration_constant, config.ucb_warmup_samples, difficulty)
 
 
-def epoch_batches(config: vpr.TrainConfig, head: torch.nn.Module, split: Split, rng: np.random.Generator) -> list[np.ndarray]:
+def epoch_batches(config: vpr.TrainConfig, head: torch.nn.Module, split: Split,
+                  rng: np.random.Generator) -> list[np.ndarray]:
     """This epoch's batches: places mixed with hard-negative places mined with the current head."""
     hard_places = None
     ratio = vpr.effective_hard_neg_ratio(config)
@@ -388,7 +390,8 @@ def batch_loss(head: torch.nn.Module, loss_fn: vpr.HybridLoss, split: Split, bat
     if config.positive_selection == "feature":
         pos_mask = vpr.select_positives_by_feature(pos_mask, frozen, config.positive_top_k)
     embeddings = trained_blocks.distributed_batch_embeddings(head, frozen, *training_world(head))
-    ids, place_labels = [split.table.paths[i] for i in batch], split.table.labels  # difficulty tables are keyed by these
+    # difficulty tables are keyed by these
+    ids, place_labels = [split.table.paths[i] for i in batch], split.table.labels
     triplets = miner.mine(embeddings.detach(), pos_mask, neg_mask, generator, ids,
                           None if place_labels is None else place_labels[batch])
     parts = loss_fn(embeddings, pos_mask, neg_mask, triplets)
@@ -591,7 +594,8 @@ def open_log(run: Run, loss_fn: vpr.HybridLoss, log_dir: Path, resumed: dict | N
         earlier_best = Path(config.resume).parent / run.checkpoint_file().name
         if not run.checkpoint_file().exists() and earlier_best.is_file():  # resumed into another --checkpoint_dir
             refresh_latest_alias(earlier_best, run.checkpoint_file())
-        print(f"run {run.run_id}: resumed after epoch {run.state.epoch} from {config.resume}, log {logger.path}", flush=True)
+        print(f"run {run.run_id}: resumed after epoch {run.state.epoch} from {config.resume}, log {logger.path}",
+              flush=True)
         return logger
     run.run_id = new_run_id(config.model, config.seed, log_dir, config.checkpoint_dir)
     open_tensorboard(run, log_dir)
@@ -742,7 +746,8 @@ def summary_row(config: vpr.TrainConfig, result: TrainResult) -> dict:
     return {
         "run_id": result.run_id, "model": config.model, "seed": config.seed,
         **{k: v for k, v in dataclasses.asdict(config).items() if k not in ("model", "seed")},
-        "best_val_r1": result.best_recall[1], "best_val_r5": result.best_recall[5], "best_val_r10": result.best_recall[10],
+        "best_val_r1": result.best_recall[1], "best_val_r5": result.best_recall[5],
+        "best_val_r10": result.best_recall[10],
         "untrained_val_r1": result.untrained_r1,
         "head_start": start_text(result.head_start),
         "best_epoch": result.best_epoch, "epochs_run": result.epochs_run, "skipped_images": result.skipped_images,

@@ -124,7 +124,8 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
                        f"update the suite")
     if not isinstance(checkpoint, dict) or any(k not in checkpoint for k in CHECKPOINT_KEYS) \
             or not isinstance(checkpoint["backbone"], dict) or "name" not in checkpoint["backbone"]:
-        raise VPRError(f"checkpoint {path}: not a checkpoint of this suite (expected keys {', '.join(CHECKPOINT_KEYS)}); "
+        raise VPRError(f"checkpoint {path}: not a checkpoint of this suite "
+                       f"(expected keys {', '.join(CHECKPOINT_KEYS)}); "
                        f"give a .pth written by train_vpr.py")
     try:
         head_from_checkpoint(checkpoint)
@@ -170,8 +171,8 @@ def checkpoint_backbone(checkpoint: dict[str, Any], path: str | Path, weights: s
                                       image_size or saved.get("image_size", 0), trained,
                                       vocabulary=checkpoint_vocabulary(checkpoint))
     if checkpoint["head_config"].get("type") in LOCAL_HEADS:  # the head aggregates the local features itself
-        backbone = local_backbone(backbone, trained.feature_layer,
-                                  checkpoint["config"].get("local_features_per_image", DEFAULT_LOCAL_FEATURES_PER_IMAGE))
+        per_image = checkpoint["config"].get("local_features_per_image", DEFAULT_LOCAL_FEATURES_PER_IMAGE)
+        backbone = local_backbone(backbone, trained.feature_layer, per_image)
     if backbone.info.weights != saved.get("weights"):
         raise VPRError(f"checkpoint {path} was trained on {saved['name']} weights {saved.get('weights')}, "
                        f"but the weights found now are {backbone.info.weights}; pass the same --weights")

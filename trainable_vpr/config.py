@@ -49,13 +49,15 @@ NEG_SAMPLERS = ("hard", "random", "ucb")
 # ============================================================================================
 @dataclass
 class BackboneName:
-    model: str | None = _flag(None, f"backbone: {', '.join(BACKBONES)} or timm:ARCH (training: default {DEFAULT_MODEL}; "
-                              "with --model_path: checked against the checkpoint's)", "model")
+    model: str | None = _flag(None, f"backbone: {', '.join(BACKBONES)} or timm:ARCH "
+                                    f"(training: default {DEFAULT_MODEL}; "
+                                    "with --model_path: checked against the checkpoint's)", "model")
 
 
 @dataclass
 class HeadName:
-    head: str | None = _flag(None, "residual (starts as PCA-whitening, learns a correction), projection (the seed head), "
+    head: str | None = _flag(None, "residual (starts as PCA-whitening, learns a correction), "
+                             "projection (the seed head), "
                              "mlp (Linear-LayerNorm-GELU-Linear with a skip connection) or netvlad (a learnable VLAD "
                              "over the cached local features of --feature_layer, started at --pooling vlad's "
                              "vocabulary: epoch 0 is the training-free VLAD; needs --pooling vlad; output K x C, "
@@ -86,9 +88,11 @@ class TrainConfig(ExtractionSettings, BackboneName, HeadName, Supervision, PosTh
     radius from the shared groups, their defaults filled in here), and every checkpoint stores it."""
 
     # data
-    train_csv: str = _flag(None, "poses CSV, benchmark folder (vprkit.benchmarks) or embeddings parquet of the training images (also the validation database)",
+    train_csv: str = _flag(None, "poses CSV, benchmark folder (vprkit.benchmarks) or embeddings parquet of the "
+                           "training images (also the validation database)",
                            "data", required=True, aliases=("--train_parquet",))
-    val_csv: str = _flag(None, "poses CSV, benchmark folder (vprkit.benchmarks) or embeddings parquet of the validation queries (chooses the best epoch)",
+    val_csv: str = _flag(None, "poses CSV, benchmark folder (vprkit.benchmarks) or embeddings parquet of the "
+                         "validation queries (chooses the best epoch)",
                          "data", required=True, aliases=("--val_parquet",))
     val_db_csv: str | None = _flag(None, "poses CSV, benchmark folder or embeddings parquet of the validation database "
                                    "the val queries are searched in (default: --train_csv); e.g. the day map for night "
@@ -147,10 +151,12 @@ class TrainConfig(ExtractionSettings, BackboneName, HeadName, Supervision, PosTh
                                "darkening on every second), extracted once and cached; each step a batch row reads "
                                "the original or one of its K views, uniformly (0: off; never for validation, "
                                "database or queries)")
-    validate_every_n_epochs: int = _flag(1, "validate (and maybe save the best checkpoint) every N epochs and after the last")
+    validate_every_n_epochs: int = _flag(1, "validate (and maybe save the best checkpoint) every N epochs and after "
+                                         "the last")
     save_every_n_epochs: int = _flag(1, "write the resumable _last checkpoint every N epochs")
-    resume: str | None = _flag(None, "continue the run of this _last (or _final) checkpoint: head, optimizer, scheduler, "
-                               "random states, best metrics and patience are restored, the log is continued", "system")
+    resume: str | None = _flag(None, "continue the run of this _last (or _final) checkpoint: head, optimizer, "
+                               "scheduler, random states, best metrics and patience are restored, the log is "
+                               "continued", "system")
     # system and outputs
     log_dir: str = _flag("logs", "folder of run logs and training_summary.csv", "system")
     checkpoint_dir: str = _flag("trained_models", "folder of checkpoints", "system", deprecated=("--output_dir",))
@@ -190,9 +196,11 @@ def validate_train_config(config: TrainConfig) -> None:
     if config.batch_size < 4:
         raise VPRError(f"--batch_size {config.batch_size}: a batch needs at least 4 images (two places of two images)")
     if config.images_per_place < 2 or config.images_per_place > config.batch_size // 2:
-        raise VPRError(f"--images_per_place {config.images_per_place}: must be between 2 and batch_size / 2 ({config.batch_size // 2})")
+        raise VPRError(f"--images_per_place {config.images_per_place}: must be between 2 and batch_size / 2 "
+                       f"({config.batch_size // 2})")
     if config.pos_threshold_m <= 0 or config.pos_threshold_m >= config.neg_threshold_m:
-        raise VPRError(f"--pos_threshold_m {config.pos_threshold_m:g} must be > 0 and below --neg_threshold_m {config.neg_threshold_m:g}")
+        raise VPRError(f"--pos_threshold_m {config.pos_threshold_m:g} must be > 0 and below --neg_threshold_m "
+                       f"{config.neg_threshold_m:g}")
     if config.lr <= 0:
         raise VPRError(f"--lr {config.lr:g}: must be positive")
     if not 0.0 <= config.hard_neg_ratio <= 1.0:
@@ -281,7 +289,8 @@ class EvalConfig(ExtractionSettings, ModelSource, HeadName, DatabaseTable, TestT
         validate_extraction_flags(self)
         check_choices(self)
         if self.pooling != "backbone" and is_parquet(self.db_csv):
-            raise VPRError(f"--pooling {self.pooling}: embeddings parquets hold descriptors already pooled; drop --pooling")
+            raise VPRError(f"--pooling {self.pooling}: embeddings parquets hold descriptors already pooled; "
+                           "drop --pooling")
         for path, flag in ((self.output_json, "--output_json"), (self.save_predictions, "--save_predictions")):
             check_writable_file(path, flag)
         if self.visualize > 0 or self.localization or self.pr_curve:
@@ -342,7 +351,8 @@ class ExperimentConfig(TrainConfig, DatabaseTable, TestTable, RecallAt):
     demo: bool = _flag(False, "generate the built-in synthetic route under demo_data/ and run on it with effnet_lite0",
                        "experiment")
     models: list[str] = _flag(  # noqa: RUF009 (flag() gives a list default a default_factory)
-        [DEFAULT_MODEL], f"backbones to compare: {', '.join(BACKBONES)} or timm:ARCH", "experiment", aliases=("--model",))
+        [DEFAULT_MODEL], f"backbones to compare: {', '.join(BACKBONES)} or timm:ARCH", "experiment",
+        aliases=("--model",))
 
     def train_config(self, model: str) -> TrainConfig:
         """The training config of one backbone."""

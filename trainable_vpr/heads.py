@@ -96,7 +96,8 @@ class MLPHead(nn.Module):
             nn.Linear(in_dim, hidden_dim), nn.LayerNorm(hidden_dim) if use_layer_norm else nn.Identity(),
             nn.GELU(), nn.Dropout(dropout), nn.Linear(hidden_dim, output_dim),
         )
-        self.skip = None if not use_residual else nn.Identity() if in_dim == output_dim else nn.Linear(in_dim, output_dim, bias=False)
+        self.skip = (None if not use_residual else nn.Identity() if in_dim == output_dim
+                     else nn.Linear(in_dim, output_dim, bias=False))
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         out = self.mlp(features)
@@ -202,10 +203,12 @@ def check_input_dim(head_config: dict[str, Any], dim: int, source: str) -> None:
 
 
 @torch.no_grad()
-def embed(head: nn.Module, features: np.ndarray, batch_size: int = 4096, device: str | torch.device = "cpu") -> np.ndarray:
+def embed(head: nn.Module, features: np.ndarray, batch_size: int = 4096,
+          device: str | torch.device = "cpu") -> np.ndarray:
     """Head outputs for cached features (eval mode), N x P float32."""
     head.eval()
     # local features (T x C per image, possibly streamed from the cache): about 64 MB of input per chunk
     batch_size = max(1, min(batch_size, (1 << 24) // max(1, int(np.prod(features.shape[1:])))))
-    outs = [head(torch.from_numpy(features[i:i + batch_size]).to(device)).cpu() for i in range(0, len(features), batch_size)]
+    outs = [head(torch.from_numpy(features[i:i + batch_size]).to(device)).cpu()
+            for i in range(0, len(features), batch_size)]
     return torch.cat(outs).numpy() if outs else np.zeros((0, 0), np.float32)

@@ -95,7 +95,8 @@ def evaluate_retrieval(
     )
 
 
-def recall_by_group(result: RecallResult, groups: np.ndarray | None, recall_at: Sequence[int]) -> dict[str, dict[int, float]]:
+def recall_by_group(result: RecallResult, groups: np.ndarray | None,
+                    recall_at: Sequence[int]) -> dict[str, dict[int, float]]:
     """Recall@N per value of a query column (e.g. condition day / night)."""
     if groups is None:
         return {}
@@ -170,7 +171,8 @@ class EvalReport:
     def as_dict(self) -> dict[str, Any]:
         out = self.result.as_dict()
         if self.by_condition:
-            out["by_condition"] = {c: {f"recall@{n}": r for n, r in rec.items()} for c, rec in self.by_condition.items()}
+            out["by_condition"] = {c: {f"recall@{n}": r for n, r in rec.items()}
+                                   for c, rec in self.by_condition.items()}
         return out
 
 
@@ -217,8 +219,9 @@ def pca_whitened(raw: Descriptors, dim: int) -> Descriptors:
 
 def format_report(report: EvalReport, recall_at: Sequence[int]) -> str:
     res = report.result
-    rule = "of the query's place label" + (f" within {res.pos_threshold_m:g} m" if not np.isnan(res.top_distances_m).all() else "") \
-        if res.by_label else f"within {res.pos_threshold_m:g} m"
+    has_distances = not np.isnan(res.top_distances_m).all()
+    rule = ("of the query's place label" + (f" within {res.pos_threshold_m:g} m" if has_distances else "")
+            if res.by_label else f"within {res.pos_threshold_m:g} m")
     lines = [f"{report.name}: {res.num_queries} queries, {res.num_queries_without_positive} without a database image "
              f"{rule} (counted as misses)"]
     header = f"  {'queries':<12}" + "".join(f"{'R@' + str(n):>8}" for n in recall_at)

@@ -159,7 +159,8 @@ class FeatureCache:
         """Store one shard: features[i] belongs to keys[i]."""
         shard = self.dir / f"shard-{uuid.uuid4().hex}.npy"
         atomic_write(shard, lambda p: save_npy(p, np.ascontiguousarray(features, dtype=self.dtype)))
-        atomic_write(shard.with_name(shard.name.replace(".npy", ".keys.json")), lambda p: p.write_text(json.dumps(list(keys))))
+        atomic_write(shard.with_name(shard.name.replace(".npy", ".keys.json")),
+                     lambda p: p.write_text(json.dumps(list(keys))))
         self._arrays[shard] = np.load(shard, mmap_mode="r")
         for row, key in enumerate(keys):
             self._index[key] = (shard, row)
@@ -249,7 +250,8 @@ def save_npy(path: Path, array: np.ndarray) -> None:
 def warn_damaged_cache_entry(path: Path, exc: BaseException, action: str) -> None:
     """One line on stderr: a cached file could not be read; what happens instead (refit, re-extract)."""
     reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:120]
-    print(f"warning: damaged cache entry {path} ({type(exc).__name__}: {reason}); {action}", file=sys.stderr, flush=True)
+    print(f"warning: damaged cache entry {path} ({type(exc).__name__}: {reason}); {action}", file=sys.stderr,
+          flush=True)
 
 
 def load_cached_npy(path: Path, action: str) -> np.ndarray | None:
@@ -290,7 +292,8 @@ class _ImageDataset(torch.utils.data.Dataset):
         self.paths = list(paths)
         self.view = view  # an augmented view (vprkit.augment), applied to the decoded image
         self.transform = transforms.Compose([
-            transforms.Resize((info.image_size, info.image_size), interpolation=transforms.InterpolationMode.BICUBIC, antialias=True),
+            transforms.Resize((info.image_size, info.image_size), interpolation=transforms.InterpolationMode.BICUBIC,
+                              antialias=True),
             transforms.ToTensor(),
             transforms.Normalize(info.mean, info.std),
         ])
@@ -466,7 +469,8 @@ def keep_freed_memory_for_reuse() -> bool:
         except OSError:
             return False
         m_trim_threshold, m_mmap_threshold = -1, -3
-        _allocator_tuned = bool(libc.mallopt(m_mmap_threshold, 1 << 30)) and bool(libc.mallopt(m_trim_threshold, 1 << 30))
+        _allocator_tuned = (bool(libc.mallopt(m_mmap_threshold, 1 << 30))
+                            and bool(libc.mallopt(m_trim_threshold, 1 << 30)))
     return _allocator_tuned
 
 
@@ -507,7 +511,8 @@ def iterate_descriptors(backbone: Backbone, paths: Sequence[str], options: Extra
                 if len(bad) == len(errors) and int(index[0]) == 0 and len(bad) > 1:
                     # not one bad file: a wrong folder or file type, which skipping would not mend
                     raise VPRError(f"image {paths[row]}: cannot be read as an image ({err}), nor can any of the first "
-                                   f"{len(bad)}; check --image_root (or the CSV's folder) and that the files are images")
+                                   f"{len(bad)}; check --image_root (or the CSV's folder) and that the files are "
+                                   "images")
                 raise VPRError(f"image {paths[row]}: cannot be read as an image ({err}); fix or remove its row, "
                                f"or --on_bad_image skip to leave such images out")
             if bad:
@@ -587,7 +592,8 @@ def extract_features(backbone: Backbone, table: PlaceTable, options: ExtractionS
             failed.extend((table.paths[i], "unreadable (reported by another process)") for i in range(len(keys))
                           if keys[i] not in cache and table.paths[i] not in reported)
         elif len(readable) < len(keys):
-            raise VPRError(f"features [{name}]: {len(keys) - len(readable)} images missing from the cache after extraction")
+            raise VPRError(f"features [{name}]: {len(keys) - len(readable)} images missing from the cache after "
+                           "extraction")
         row_shape = cache.row_shape(readable[0]) if readable else (0, backbone.info.feature_dim)
         return CachedRows(cache, [k if k in cache else readable[0] for k in keys], row_shape)
     if failed is None:
@@ -616,7 +622,8 @@ def extract_table(backbone: Backbone, table: PlaceTable, options: ExtractionSett
 
 
 def extract_both(backbone: Backbone, first: PlaceTable, second: PlaceTable, options: ExtractionSettings,
-                 labels: tuple[str, str], on_bad_image: str = "error") -> tuple[PlaceTable, np.ndarray, PlaceTable, np.ndarray]:
+                 labels: tuple[str, str],
+                 on_bad_image: str = "error") -> tuple[PlaceTable, np.ndarray, PlaceTable, np.ndarray]:
     """A script's two tables (train and val, database and queries) through extract_table (under
     torchrun, each rank extracts its share into the shared cache and reads both tables back)."""
     first, first_features = extract_table(backbone, first, options, labels[0], on_bad_image)
@@ -624,8 +631,9 @@ def extract_both(backbone: Backbone, first: PlaceTable, second: PlaceTable, opti
     return first, first_features, second, second_features
 
 
-def frozen_descriptors(options: ExtractionSettings, backbone: Backbone | None, database: PlaceTable, queries: PlaceTable,
-                       pos_threshold_m: float, supervision: str = "auto") -> tuple[PlaceTable, PlaceTable, Descriptors]:
+def frozen_descriptors(options: ExtractionSettings, backbone: Backbone | None, database: PlaceTable,
+                       queries: PlaceTable, pos_threshold_m: float,
+                       supervision: str = "auto") -> tuple[PlaceTable, PlaceTable, Descriptors]:
     """The frozen descriptors: the parquets' embeddings, or the backbone's features (cache);
     with --on_bad_image skip, images that cannot be decoded are left out of tables and features."""
     if backbone is None:
