@@ -199,9 +199,10 @@ def draw_experiment_localization(runs: dict[str, ModelRun], path: Path, title: s
     if not curves:
         return None
     print("\nmedian top-1 error (distance from each query to its top-1 database image)")
+    width = max(len(name) for name in curves)
     for name, loc in curves.items():
         error = loc.top1_error_m
-        print(f"  {name:<40} median {error['median']:8.1f} m   p90 {error['p90']:8.1f} m")
+        print(f"  {name:<{width}} median {error['median']:8.1f} m   p90 {error['p90']:8.1f} m")
     return draw_localization_figure(curves, path, title)
 
 
