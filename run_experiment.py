@@ -6,10 +6,12 @@
     python run_experiment.py --demo        # the built-in synthetic route, no download
 
 For each backbone: the raw frozen features, PCA-whitened frozen features (fitted on the
-database), training-free VLAD over the local features of --feature_layer (vocabulary fitted on
-the training images), a trained head, and the trained head's output PCA-whitened on the database
-(trained_whitened) are evaluated on the same cached features (each image goes
-through each backbone once), with the protocol of eval_trained.py. Every model's weights and
+database), learned whitening (fitted on the training images' positive pairs, shrinkage chosen on
+val), training-free VLAD over the local features of --feature_layer (vocabulary fitted on the
+training images), the start (the untrained head validation chose, fitted on the training images:
+when no epoch beats it, the trained row equals it), a trained head, and the trained head's output
+PCA-whitened on the database (trained_whitened) are evaluated on the same cached features (each
+image goes through each backbone once), with the protocol of eval_trained.py. Every model's weights and
 every input are checked before the first model trains. Prints a comparison table and writes
 logs/experiment_{timestamp}.csv and, beside it, experiment_{timestamp}.json: its inputs,
 threshold, supervision, recall_at, models, and each model's checkpoint, run id and log (or why
@@ -121,6 +123,17 @@ def training_free_vlad(base: vpr.Backbone, config: vpr.TrainConfig, train_paths:
     return frozen_descriptors(config, backbone, database, queries, config.pos_threshold_m, config.supervision)[2]
 
 
+def learned_whitened(config: vpr.TrainConfig, raw: Descriptors) -> tuple[Descriptors, str]:
+    """The learned-whitening row (trainable_vpr.starts): fitted on the training images' pairs,
+    shrinkage chosen on val queries against the validation database, as the head's start is;
+    the features come from the cache training filled. Returns the descriptors and their label."""
+    train_table, val_table, by_label, val_db = train_vpr.load_splits(config)
+    data = train_vpr.extract_training_data(config, train_table, val_table, by_label, None, val_db)
+    start = vpr.start_head("learned_whitened", train_vpr.head_config_for(config, data.train.features.shape[1]),
+                           train_vpr.start_fit_data(config, data), config.seed)
+    return PlaceDescriptor(None, start.head).describe(raw), f"({start.label.split('(', 1)[1]}"
+
+
 def compare_backbone(model: str, args: vpr.ExperimentConfig) -> ModelRun:
     """Raw, PCA-whitened, training-free VLAD and trained descriptors of one backbone on the final
     queries, each with its localization view (no VLAD row for embeddings parquets: no images)."""
@@ -134,6 +147,7 @@ def compare_backbone(model: str, args: vpr.ExperimentConfig) -> ModelRun:
     database, queries, raw = frozen_descriptors(config, backbone, database, queries, config.pos_threshold_m,
                                                           config.supervision)
     variants = {"raw": raw, "pca_whitened": pca_whitened(raw, config.projection_dim)}
+    labels = {"pca_whitened": f"({variants['pca_whitened'].database.shape[1]}-d, fitted on the database)"}
     if backbone is not None and config.pooling == "vlad":
         variants["vlad"] = raw
     elif backbone is not None:
@@ -145,16 +159,31 @@ def compare_backbone(model: str, args: vpr.ExperimentConfig) -> ModelRun:
     print(f"\n=== {model}: training ({config.epochs} epochs)", flush=True)
     trained = train_vpr.train(config)
     # the trained descriptor: the frozen backbone built above (None for embeddings) and the checkpoint's head
-    descriptor = PlaceDescriptor(backbone, vpr.head_from_checkpoint(vpr.load_checkpoint(trained.checkpoint)),
+    frozen, frozen_raw = backbone, raw
+    if config.head in vpr.LOCAL_HEADS:  # the head aggregates the local features: the cache's, streamed
+        frozen = vpr.local_backbone(backbone, config.feature_layer, config.local_features_per_image)
+        frozen_raw = frozen_descriptors(config, frozen, database, queries, config.pos_threshold_m,
+                                        config.supervision)[2]
+    if config.train_blocks:  # the backbone with its trained blocks, from the checkpoint (another cache entry)
+        frozen = PlaceDescriptor.from_checkpoint(trained.checkpoint, weights=config.weights,
+                                                 image_size=config.image_size).frozen
+        frozen_raw = frozen_descriptors(config, frozen, database, queries, config.pos_threshold_m,
+                                        config.supervision)[2]
+    descriptor = PlaceDescriptor(frozen, vpr.head_from_checkpoint(vpr.load_checkpoint(trained.checkpoint)),
                                  str(trained.checkpoint))
-    variants["trained"] = descriptor.describe(raw)
+    variants["trained"] = descriptor.describe(frozen_raw)
     # The head's output PCA-whitened at indexing time on the database the user searches: whitening
     # fitted on the target database adapts to it without training there (issue "local features").
     variants["trained_whitened"] = pca_whitened(variants["trained"], config.projection_dim)
+    variants["learned_whitened"], labels["learned_whitened"] = learned_whitened(config, raw)
+    if trained.start_head is not None:  # the untrained head validation chose: what training must beat
+        variants["start"] = PlaceDescriptor(None, trained.start_head).describe(raw)
+        labels["start"] = f"= {trained.head_start['label']}"
 
     reports = {}
     for variant, descriptors in variants.items():
-        report = evaluate_variant(f"{model} {variant}", descriptors, database, queries,
+        name = f"{model} {variant}" + (f" {labels[variant]}" if variant in labels else "")
+        report = evaluate_variant(name, descriptors, database, queries,
                                                config.pos_threshold_m, args.recall_at, config.supervision)
         print(format_report(report, args.recall_at), flush=True)
         reports[variant] = report
@@ -170,9 +199,10 @@ def draw_experiment_localization(runs: dict[str, ModelRun], path: Path, title: s
     if not curves:
         return None
     print("\nmedian top-1 error (distance from each query to its top-1 database image)")
+    width = max(len(name) for name in curves)
     for name, loc in curves.items():
         error = loc.top1_error_m
-        print(f"  {name:<40} median {error['median']:8.1f} m   p90 {error['p90']:8.1f} m")
+        print(f"  {name:<{width}} median {error['median']:8.1f} m   p90 {error['p90']:8.1f} m")
     return draw_localization_figure(curves, path, title)
 
 
@@ -186,7 +216,8 @@ def comparison_table(reports_by_model: dict[str, dict[str, EvalReport]], recall_
             row = {"model": model, "variant": variant}
             row.update({f"recall@{n}": round(report.result.recalls[n], 4) for n in recall_at})
             row["delta_r1_vs_raw"] = round(report.result.recalls[1] - raw_r1, 4)
-            row.update({k: v if v is None else round(v, 4) for k, v in top1_pr_of_result(report.result).summary().items()})
+            pr_summary = top1_pr_of_result(report.result).summary()
+            row.update({k: v if v is None else round(v, 4) for k, v in pr_summary.items()})
             rows.append(row)
     return pd.DataFrame(rows)
 
@@ -198,10 +229,12 @@ def experiment_record(args: vpr.ExperimentConfig, runs: dict[str, ModelRun], fai
         if model in runs:
             trained = runs[model].trained
             models[model] = {"run_id": trained.run_id, "checkpoint": str(trained.checkpoint),
-                             "log_file": str(trained.log_file), "best_epoch": trained.best_epoch}
+                             "log_file": str(trained.log_file), "best_epoch": trained.best_epoch,
+                             "head_start": trained.head_start}
         elif model in failed:
             models[model] = {"failed": failed[model]}
-    return {"train_csv": args.train_csv, "val_csv": args.val_csv, "test_csv": args.test_csv,
+    return {"train_csv": args.train_csv, "val_csv": args.val_csv, "val_db_csv": args.val_db_csv or args.train_csv,
+            "test_csv": args.test_csv,
             "db_csv": args.db_csv or args.train_csv, "pos_threshold_m": args.pos_threshold_m,
             "supervision": args.supervision, "recall_at": list(args.recall_at), "models": models}
 
@@ -249,7 +282,8 @@ def main(argv: Sequence[str] | None = None) -> pd.DataFrame:
                                               f"{Path(database).name}")
         if figure is not None:
             print(f"wrote {figure}")
-        curves = {report.name: top1_pr_of_result(report.result) for run in runs.values() for report in run.reports.values()}
+        curves = {report.name: top1_pr_of_result(report.result)
+                  for run in runs.values() for report in run.reports.values()}
         pr_figure = draw_pr_figure(curves, csv_path.with_name(f"{csv_path.stem}_pr.png"), f"{csv_path.stem}: top-1 "
                                    f"precision-recall of {Path(args.test_csv).name} against {Path(database).name}")
         print(f"wrote {pr_figure}")

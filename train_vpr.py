@@ -31,16 +31,19 @@ import numpy as np
 import torch
 
 import trainable_vpr as vpr
+from trainable_vpr import blocks as trained_blocks
 from trainable_vpr import checkpoints
 from trainable_vpr.checkpoints import (checkpoint_path, checkpoint_payload, checkpoint_vocabulary, embeddings_backbone,
                                        latest_alias_path, random_states, refresh_latest_alias, restore_random_states)
 from vprkit.augment import extract_views, view_picks
 from vprkit.cli import CliParser, VPRError, check_writable_dir, run_cli, sigterm_as_interrupt
 from vprkit.evaluation import RecallResult, evaluate_retrieval
-from vprkit.features import extract_both, extraction_settings, pooling_config, release_other_ranks
+from vprkit.features import (distributed_rank_and_world, extract_both, extract_table, extraction_settings,
+                             pooling_config, release_other_ranks)
 from vprkit.pairs import check_query_split, check_trainable, group_places, uses_labels, warn_shared_images
 from vprkit.places import PlaceTable, load_table
-from vprkit.runlog import CsvLogger, LOG_COLUMNS, LOG_EXTRA_COLUMNS, LOG_OPTIONAL_COLUMNS, TRAINING_SUMMARY_NAME, append_summary_row, new_run_id, read_summary_table
+from vprkit.runlog import (CsvLogger, LOG_COLUMNS, LOG_EXTRA_COLUMNS, LOG_OPTIONAL_COLUMNS, TRAINING_SUMMARY_NAME,
+                           append_summary_row, new_run_id, read_summary_table)
 from vprkit.tensorboard_log import TensorBoardLog, tensorboard_dir
 from vprkit.settings import config_from_args, config_parser, given_settings, parse_layered
 from vprkit.miners import BatchMiner, Miner, UCBMiner, load_difficulty_parquet
@@ -59,6 +62,8 @@ class TrainResult:
     early_stopped: bool = False
     skipped_images: int = 0  # left out by --on_bad_image skip
     untrained_r1: float = math.nan  # val R@1 of the untrained head (epoch 0): what training must beat
+    head_start: dict[str, Any] | None = None  # the residual head's start (StartChoice.record()), None for other heads
+    start_head: torch.nn.Module | None = None  # the untrained head itself (run_experiment's `start` row)
 
 
 @dataclass
@@ -108,10 +113,17 @@ class TrainingData:
     train: Split
     val: Split
     vocabulary: np.ndarray | None = None  # --pooling vlad: the centroids, stored in every checkpoint
+    val_db: Split | None = None  # --val_db_csv: the validation database (None: the training images)
+    tail: trained_blocks.BlockTail | None = None  # --train_blocks: the trained blocks (features: their cached input)
+
+    @property
+    def val_database(self) -> Split:
+        """The database validation searches: --val_db_csv, else the training images."""
+        return self.train if self.val_db is None else self.val_db
 
     @property
     def skipped_images(self) -> int:
-        return len(self.train.table.skipped) + len(self.val.table.skipped)
+        return sum(len(s.table.skipped) for s in (self.train, self.val, self.val_db) if s is not None)
 
 
 @dataclass
@@ -184,21 +196,26 @@ def resumed_config(path: str, parsed: vpr.TrainConfig, given: set[str]) -> vpr.T
     return vpr.TrainConfig(**values)
 
 
-def load_splits(config: vpr.TrainConfig) -> tuple[PlaceTable, PlaceTable, bool]:
-    """Both splits (poses CSVs or embeddings parquets) and whether place labels supervise them,
-    checked: every input problem is found here, before any output is written."""
+def load_splits(config: vpr.TrainConfig) -> tuple[PlaceTable, PlaceTable, bool, PlaceTable | None]:
+    """Both splits (poses CSVs or embeddings parquets), whether place labels supervise them and
+    the validation database (--val_db_csv; None: the training images), checked: every input
+    problem is found here, before any output is written."""
     train = load_table(config.train_csv, config.image_root, config.camera_id, config.on_bad_image)
     val = load_table(config.val_csv, config.image_root, config.camera_id, config.on_bad_image)
-    by_label = uses_labels(config.supervision, train, val)
-    check_splits(config, train, val, by_label)
-    warn_shared_images(train, val, "validation")
-    return train, val, by_label
+    val_db = None if not config.val_db_csv else load_table(config.val_db_csv, config.image_root, config.camera_id,
+                                                           config.on_bad_image)
+    by_label = uses_labels(config.supervision, train, val, *([val_db] if val_db is not None else []))
+    check_splits(config, train, val, by_label, val_db)
+    warn_shared_images(train if val_db is None else val_db, val, "validation")
+    return train, val, by_label, val_db
 
 
-def check_splits(config: vpr.TrainConfig, train: PlaceTable, val: PlaceTable, by_label: bool) -> None:
-    """Places with positives to learn from, and validation queries with a positive in the database."""
+def check_splits(config: vpr.TrainConfig, train: PlaceTable, val: PlaceTable, by_label: bool,
+                 val_db: PlaceTable | None = None) -> None:
+    """Places with positives to learn from, and validation queries with a positive in the
+    validation database (--val_db_csv, else the training images)."""
     check_trainable(train, config.pos_threshold_m, train.labels if by_label else None, config.neg_threshold_m)
-    check_query_split(train, val, config.pos_threshold_m, by_label)
+    check_query_split(train if val_db is None else val_db, val, config.pos_threshold_m, by_label)
 
 
 EMBEDDINGS_MODEL = "embeddings"  # a run on embeddings whose backbone neither the parquet nor --model names
@@ -234,67 +251,103 @@ def check_outputs(config: vpr.TrainConfig) -> Path:
 
 
 def extract_training_data(config: vpr.TrainConfig, train: PlaceTable, val: PlaceTable, by_label: bool,
-                          resumed: dict | None = None) -> TrainingData:
+                          resumed: dict | None = None, val_db: PlaceTable | None = None) -> TrainingData:
     """Both splits with their features: embeddings parquets as they are, poses CSVs through
     the frozen backbone (and the cache); with --on_bad_image skip, images that cannot be
     decoded are left out, and the splits checked again. A resumed --pooling vlad run pools with
-    its checkpoint's vocabulary, never a refitted one."""
+    its checkpoint's vocabulary, never a refitted one. The validation database (--val_db_csv)
+    goes through the same frozen model and cache."""
     split = lambda table, features: Split.of(table, features, by_label, config.pos_threshold_m)  # noqa: E731
     if train.embeddings is not None:
-        if train.embeddings.shape[1] != val.embeddings.shape[1]:
-            raise VPRError(f"{config.val_csv}: {val.embeddings.shape[1]}-dim embeddings, but {config.train_csv} has "
+        for other, source in ((val, config.val_csv), (val_db, config.val_db_csv)):
+            if other is not None and train.embeddings.shape[1] != other.embeddings.shape[1]:
+                raise VPRError(f"{source}: {other.embeddings.shape[1]}-dim embeddings, but {config.train_csv} has "
                                f"{train.embeddings.shape[1]}; both must come from the same backbone")
         backbone = embeddings_backbone(config.model, config.train_csv, train.embeddings.shape[1])
-        return TrainingData(backbone, split(train, train.embeddings), split(val, val.embeddings))
+        return TrainingData(backbone, split(train, train.embeddings), split(val, val.embeddings),
+                            val_db=None if val_db is None else split(val_db, val_db.embeddings))
     backbone = vpr.create_pooled_backbone(config.model, config.weights, config.image_size, pooling_config(config),
                                           train.paths, extraction_settings(config),
                                           checkpoint_vocabulary(resumed) if resumed else None)
+    if config.head in vpr.LOCAL_HEADS:  # the head aggregates: the cache holds the local features (float16)
+        backbone = vpr.local_backbone(backbone, config.feature_layer, config.local_features_per_image)
+        print(vpr.local_features_line(backbone), flush=True)
+    tail = None
+    if config.train_blocks:  # the cache holds the input of the last N blocks (float16); they train on it
+        tail = trained_blocks.BlockTail(backbone.model, config.train_blocks)
+        backbone = trained_blocks.block_input_backbone(backbone, config.train_blocks)
+        print(f"train_blocks: the last {config.train_blocks} of {len(trained_blocks.block_list(backbone.model))} "
+              f"blocks train at --backbone_lr {config.backbone_lr:g}; their input is cached", flush=True)
     train, train_features, val, val_features = extract_both(
         backbone, train, val, extraction_settings(config), ("train", "val"), config.on_bad_image)
+    val_db_features = None
+    if val_db is not None:
+        val_db, val_db_features = extract_table(backbone, val_db, extraction_settings(config), "val_db",
+                                                config.on_bad_image)
     # views of the training images only, after --on_bad_image skip left out the ones that do not decode
     views = extract_views(backbone, train, extraction_settings(config), config.augment_views) \
         if config.augment_views else None
-    if release_other_ranks() != 0:
+    if tail is None and release_other_ranks() != 0:
         sys.exit(0)  # torchrun: the other ranks only shared the extraction; rank 0 trains on the cache
-    if train.skipped or val.skipped:
-        check_splits(config, train, val, by_label)
+    if train.skipped or val.skipped or (val_db is not None and val_db.skipped):
+        check_splits(config, train, val, by_label, val_db)
     train_split = split(train, train_features)
     train_split.views = views
-    return TrainingData(backbone.info.as_dict(), train_split, split(val, val_features), backbone.vocabulary)
+    # a --train_blocks checkpoint names the frozen backbone (its trained blocks are stored apart)
+    info = backbone.info if tail is None else dataclasses.replace(backbone.info, pooling="backbone")
+    return TrainingData(info.as_dict(), train_split, split(val, val_features), backbone.vocabulary,
+                        None if val_db is None else split(val_db, val_db_features), tail)
 
 
 def head_config_for(config: vpr.TrainConfig, in_dim: int) -> vpr.HeadConfig:
+    """in_dim: the width of the features (a local feature's channels for --head netvlad)."""
     return vpr.HeadConfig(config.head, in_dim, config.projection_dim, config.hidden_dim, config.dropout,
-                          config.use_residual, config.use_layer_norm)
+                          config.use_residual, config.use_layer_norm,
+                          clusters=config.vlad_clusters if config.head in vpr.LOCAL_HEADS else 0)
 
 
-def initial_head(config: vpr.TrainConfig, data: TrainingData) -> torch.nn.Module:
-    """A fresh head; the residual head starts as PCA-whitening of the training features or as
-    the raw descriptor (--head_start; auto: the better on val R@1, ties to PCA-whitening, since
-    on effnet_lite2 PCA-whitening is worse than raw and on effnet_lite0 better)."""
+def initial_head(config: vpr.TrainConfig, data: TrainingData) -> tuple[torch.nn.Module, vpr.HeadConfig,
+                                                                        vpr.StartChoice | None]:
+    """A fresh head, its config and, for the residual head, its start (trainable_vpr.starts): the
+    frozen descriptor --head_start names (auto: the best on val R@1 of raw, PCA-whitened and learned
+    whitening), which the untrained head reproduces exactly."""
+    if getattr(data, "tail", None) is not None:  # the head starts on the frozen descriptors, then trains with the tail
+        frozen = {name: dataclasses.replace(split, features=vpr.embed(data.tail, split.features))
+                  for name, split in (("train", data.train), ("val", data.val), ("val_db", data.val_db))
+                  if split is not None}
+        head, head_config, choice = initial_head(config, dataclasses.replace(data, **frozen, tail=None))
+        return trained_blocks.BlocksAndHead(data.tail, head), head_config, choice
     torch.manual_seed(config.seed)
-    head = vpr.build_head(head_config_for(config, data.train.features.shape[1]))
-    if not isinstance(head, vpr.ResidualHead):
-        return head
-    starts = {}
-    for start in ("pca_whitened", "raw"):
-        if config.head_start in ("auto", start):
-            starts[start] = copy.deepcopy(head)
-            init = starts[start].init_pca_whitening if start == "pca_whitened" else starts[start].init_raw
-            init(data.train.features)
-    if len(starts) == 1:
-        return next(iter(starts.values()))
-    recall = {start: val_recall(candidate, data, config).recalls[1] for start, candidate in starts.items()}
-    chosen = "raw" if recall["raw"] > recall["pca_whitened"] else "pca_whitened"
-    print(f"residual head start: {chosen} (val R@1 PCA-whitened {recall['pca_whitened']:.3f}, "
-          f"raw {recall['raw']:.3f}; --head_start auto)", flush=True)
-    return starts[chosen]
+    head_config = head_config_for(config, data.train.features.shape[-1])  # netvlad: a local feature's channels
+    if config.head in vpr.LOCAL_HEADS:
+        head = vpr.build_head(head_config)
+        head.init_vocabulary(data.vocabulary)
+        print(f"netvlad head start: the VLAD vocabulary (K={config.vlad_clusters}, assignment scale "
+              f"{vpr.NETVLAD_ASSIGNMENT_SCALE:g}): epoch 0 is the training-free --pooling vlad", flush=True)
+        return head, head_config, None
+    if config.head != "residual":
+        return vpr.build_head(head_config), head_config, None
+    choice = vpr.choose_start(config.head_start, head_config, start_fit_data(config, data),
+                              lambda head: val_recall(head, data, config).recalls[1], config.seed)
+    print(f"residual head start: {choice.text()} (--head_start {config.head_start}; val queries against "
+          f"{config.val_db_csv or 'the training images'})", flush=True)
+    return choice.chosen.head, choice.chosen.head_config, choice
+
+
+def start_fit_data(config: vpr.TrainConfig, data: TrainingData) -> vpr.FitData:
+    """What the head's starts are fitted on (training features, their pairs) and chosen on (val
+    queries against the validation database)."""
+    database, val = data.val_database, data.val
+    return vpr.FitData(data.train.features, data.train.xyz, data.train.labels, database.features, database.xyz,
+                       database.labels, val.features, val.xyz, val.labels, config.pos_threshold_m)
 
 
 def val_recall(head: torch.nn.Module, data: TrainingData, config: vpr.TrainConfig) -> RecallResult:
-    """Val queries against the train database (DESIGN.md §7), through the head."""
-    return evaluate_retrieval(vpr.embed(head, data.train.features), data.train.xyz, vpr.embed(head, data.val.features),
-                              data.val.xyz, config.pos_threshold_m, db_labels=data.train.labels,
+    """Val queries against the validation database (--val_db_csv, else the training images;
+    DESIGN.md §7), through the head."""
+    database = data.val_database
+    return evaluate_retrieval(vpr.embed(head, database.features), database.xyz, vpr.embed(head, data.val.features),
+                              data.val.xyz, config.pos_threshold_m, db_labels=database.labels,
                               q_labels=data.val.labels)
 
 
@@ -312,7 +365,8 @@ def triplet_miner(config: vpr.TrainConfig) -> Miner:
     return UCBMiner(config.ucb_bands, config.ucb_exploration_constant, config.ucb_warmup_samples, difficulty)
 
 
-def epoch_batches(config: vpr.TrainConfig, head: torch.nn.Module, split: Split, rng: np.random.Generator) -> list[np.ndarray]:
+def epoch_batches(config: vpr.TrainConfig, head: torch.nn.Module, split: Split,
+                  rng: np.random.Generator) -> list[np.ndarray]:
     """This epoch's batches: places mixed with hard-negative places mined with the current head."""
     hard_places = None
     ratio = vpr.effective_hard_neg_ratio(config)
@@ -335,13 +389,22 @@ def batch_loss(head: torch.nn.Module, loss_fn: vpr.HybridLoss, split: Split, bat
     pos_mask, neg_mask = vpr.batch_pair_masks(xyz, config.pos_threshold_m, config.neg_threshold_m, labels)
     if config.positive_selection == "feature":
         pos_mask = vpr.select_positives_by_feature(pos_mask, frozen, config.positive_top_k)
-    embeddings = head(frozen)
-    ids, place_labels = [split.table.paths[i] for i in batch], split.table.labels  # difficulty tables are keyed by these
+    embeddings = trained_blocks.distributed_batch_embeddings(head, frozen, *training_world(head))
+    # difficulty tables are keyed by these
+    ids, place_labels = [split.table.paths[i] for i in batch], split.table.labels
     triplets = miner.mine(embeddings.detach(), pos_mask, neg_mask, generator, ids,
                           None if place_labels is None else place_labels[batch])
     parts = loss_fn(embeddings, pos_mask, neg_mask, triplets)
     miner.reward(parts.triplet_items, config.triplet_margin)
     return parts
+
+
+def training_world(head: torch.nn.Module) -> tuple[int, int]:
+    """(rank, world) of a --train_blocks run under torchrun (every rank trains its share of each
+    batch); (0, 1) otherwise (rank 0 alone trains a head on the cache)."""
+    if isinstance(head, trained_blocks.BlocksAndHead):
+        return distributed_rank_and_world()
+    return 0, 1
 
 
 def train_one_epoch(epoch: int, head, optimizer, scheduler, loss_fn, split: Split, batches: list[np.ndarray],
@@ -357,6 +420,7 @@ def train_one_epoch(epoch: int, head, optimizer, scheduler, loss_fn, split: Spli
         parts = batch_loss(head, loss_fn, split, batch, config, generator, miner, picks)
         optimizer.zero_grad(set_to_none=True)
         parts.total.backward()
+        trained_blocks.all_reduce_gradients(head, training_world(head)[1])
         optimizer.step()
         scheduler.step()
         values = np.array([parts.total.item(), parts.triplet.item(), parts.contrastive.item()])
@@ -387,7 +451,7 @@ def validation_loss(head, loss_fn: vpr.HybridLoss, split: Split, config: vpr.Tra
 
 def validate(epoch: int, head, loss_fn, data: TrainingData, config: vpr.TrainConfig,
              logger: CsvLogger) -> tuple[RecallResult, float]:
-    """Val queries against the train database (DESIGN.md §7), plus the validation loss."""
+    """Val queries against the validation database (DESIGN.md §7), plus the validation loss."""
     start = time.perf_counter()
     val_loss = validation_loss(head, loss_fn, data.val, config)
     result = val_recall(head, data, config)
@@ -416,6 +480,9 @@ class Run:
     rng: np.random.Generator
     generator: torch.Generator
     state: TrainState
+    head_config: vpr.HeadConfig | None = None
+    start: dict[str, Any] | None = None  # StartChoice.record() of a residual head (resumed: the checkpoint's)
+    start_head: torch.nn.Module | None = None  # the untrained head (a copy; None when resumed)
     run_id: str = ""
     log_file: Path = Path()
     tensorboard: TensorBoardLog | None = None  # --tensorboard: fed the log's rows (CsvLogger on_row)
@@ -435,15 +502,27 @@ class Run:
             "early_stopped": state.early_stopped,
             "epoch": epoch,
             "epochs_completed": state.epoch,
+            **({"head_start": self.start} if self.start is not None else {}),
         }
         resume = None if not resumable else {
             "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
             "random_states": random_states(self.rng, self.generator), "train_state": state.as_checkpoint(),
             "sampler": self.miner.state_dict(),
         }
-        return checkpoint_payload(self.head, head_config_for(self.config, self.data.train.features.shape[1]),
-                                  self.data.backbone, self.config, progress, self.run_id, self.log_file,
-                                  self.data.vocabulary, resume)
+        blocks = isinstance(self.head, trained_blocks.BlocksAndHead)
+        payload = checkpoint_payload(self.head.head if blocks else self.head, self.head_config,
+                                     self.data.backbone, self.config, progress, self.run_id, self.log_file,
+                                     self.data.vocabulary, resume)
+        if blocks:  # only the trained blocks' modules, beside the head
+            payload["trained_blocks"] = trained_blocks.trained_blocks_payload(self.head.tail)
+        return payload
+
+    @property
+    def head_in_dim(self) -> int:
+        """The head's input width: the features' (the descriptor's with --train_blocks)."""
+        if isinstance(self.head, trained_blocks.BlocksAndHead):
+            return int(self.data.backbone["feature_dim"])
+        return int(self.data.train.features.shape[-1])
 
     def restore(self, saved: dict[str, Any], path: str) -> None:
         """Continue the run saved in a resumable checkpoint `saved`, read from `path` (same
@@ -456,14 +535,19 @@ class Run:
             key = changed[0]
             raise VPRError(f"--resume {path}: the run used --{key} {saved['config'][key]}, not "
                                f"{getattr(self.config, key)}; resume with the run's settings")
-        vpr.check_input_dim(saved["head_config"], self.data.train.features.shape[1], self.config.train_csv)
-        self.head.load_state_dict(saved["model_state_dict"])
+        vpr.check_input_dim(saved["head_config"], self.head_in_dim, self.config.train_csv)
+        if isinstance(self.head, trained_blocks.BlocksAndHead):
+            self.head.head.load_state_dict(saved["model_state_dict"])
+            self.head.tail.load_state_dict(saved["trained_blocks"]["state_dict"])
+        else:
+            self.head.load_state_dict(saved["model_state_dict"])
         self.optimizer.load_state_dict(saved["resume"]["optimizer"])
         self.scheduler.load_state_dict(saved["resume"]["scheduler"])
         restore_random_states(saved["resume"]["random_states"], self.rng, self.generator)
         self.miner.load_state_dict(saved["resume"]["sampler"])
         self.state = TrainState.from_checkpoint(saved["resume"]["train_state"])
         self.run_id, self.log_file = saved["run_id"], Path(saved["log_file"])
+        self.start = saved.get("head_start")
 
 
 def print_config(config: vpr.TrainConfig) -> None:
@@ -471,13 +555,30 @@ def print_config(config: vpr.TrainConfig) -> None:
     print("config: " + " ".join(f"{k}={v}" for k, v in dataclasses.asdict(config).items()), flush=True)
 
 
-def new_run(config: vpr.TrainConfig, data: TrainingData) -> Run:
-    """A fresh head, optimizer, schedule, triplet miner and random generators."""
-    head = initial_head(config, data)
-    optimizer = torch.optim.AdamW(head.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+def new_run(config: vpr.TrainConfig, data: TrainingData, resumed: dict | None = None) -> Run:
+    """A fresh head, optimizer, schedule, triplet miner and random generators. A resumed run's head
+    is rebuilt from its checkpoint's head config (its start was chosen when the run began).
+    --train_blocks: the trained blocks and the head, the blocks at --backbone_lr."""
+    if resumed is not None:
+        head_config, choice = vpr.HeadConfig.from_dict(resumed["head_config"]), None
+        head = vpr.build_head(head_config)
+        if data.tail is not None:
+            head = trained_blocks.BlocksAndHead(data.tail, head)
+    else:
+        head, head_config, choice = initial_head(config, data)
+    groups: list[dict[str, Any]] = [{"params": list(head.parameters()), "lr": config.lr}]
+    if isinstance(head, trained_blocks.BlocksAndHead):
+        for param in head.tail.parameters():
+            param.requires_grad_(True)
+        groups = [{"params": list(head.head.parameters()), "lr": config.lr},
+                  {"params": list(head.tail.parameters()), "lr": config.backbone_lr}]
+    optimizer = torch.optim.AdamW(groups, lr=config.lr, weight_decay=config.weight_decay)
     scheduler = lr_scheduler(optimizer, config, math.ceil(len(data.train) / config.batch_size))
-    return Run(config, data, head, optimizer, scheduler, triplet_miner(config), np.random.default_rng(config.seed),
-               torch.Generator().manual_seed(config.seed), TrainState())
+    run = Run(config, data, head, optimizer, scheduler, triplet_miner(config), np.random.default_rng(config.seed),
+              torch.Generator().manual_seed(config.seed), TrainState(), head_config,
+              None if choice is None else choice.record())
+    run.start_head = None if choice is None else copy.deepcopy(choice.chosen.head)
+    return run
 
 
 def open_log(run: Run, loss_fn: vpr.HybridLoss, log_dir: Path, resumed: dict | None = None) -> CsvLogger:
@@ -493,15 +594,18 @@ def open_log(run: Run, loss_fn: vpr.HybridLoss, log_dir: Path, resumed: dict | N
         earlier_best = Path(config.resume).parent / run.checkpoint_file().name
         if not run.checkpoint_file().exists() and earlier_best.is_file():  # resumed into another --checkpoint_dir
             refresh_latest_alias(earlier_best, run.checkpoint_file())
-        print(f"run {run.run_id}: resumed after epoch {run.state.epoch} from {config.resume}, log {logger.path}", flush=True)
+        print(f"run {run.run_id}: resumed after epoch {run.state.epoch} from {config.resume}, log {logger.path}",
+              flush=True)
         return logger
     run.run_id = new_run_id(config.model, config.seed, log_dir, config.checkpoint_dir)
     open_tensorboard(run, log_dir)
     logger = CsvLogger(log_dir / f"{run.run_id}.csv", columns, on_row=run.tensorboard)
     run.log_file = logger.path
     skipped = run.data.skipped_images
-    logger.log("data", epoch=0, skipped_images=skipped)
-    print(f"run {run.run_id}: {len(run.data.train)} train / {len(run.data.val)} val images"
+    logger.log("data", epoch=0, skipped_images=skipped, val_database=config.val_db_csv or config.train_csv,
+               head_start=start_text(run.start))
+    val_db = f" against {len(run.data.val_db)} val database images" if run.data.val_db is not None else ""
+    print(f"run {run.run_id}: {len(run.data.train)} train / {len(run.data.val)} val images{val_db}"
           f"{f' ({skipped} bad images skipped)' if skipped else ''}, "
           f"{len(np.unique(run.data.train.places))} places, log {logger.path}", flush=True)
     result, val_loss = validate(0, run.head, loss_fn, run.data, config, logger)
@@ -509,9 +613,17 @@ def open_log(run: Run, loss_fn: vpr.HybridLoss, log_dir: Path, resumed: dict | N
     run.state = TrainState(best_recall=result.recalls, best_val_loss=math.inf if math.isnan(val_loss) else val_loss,
                            untrained_r1=result.recalls[1])
     checkpoints.save_checkpoint(run.checkpoint_file(), run.checkpoint(0, resumable=False))
-    print(f"epoch 0 (untrained head)  val R@1 {result.recalls[1]:.3f} R@5 {result.recalls[5]:.3f} "
+    started_as = f": {run.start['label']}" if run.start else ""
+    print(f"epoch 0 (untrained head{started_as})  val R@1 {result.recalls[1]:.3f} R@5 {result.recalls[5]:.3f} "
           f"R@10 {result.recalls[10]:.3f}", flush=True)
     return logger
+
+
+def start_text(start: dict[str, Any] | None) -> str:
+    """The start record in one cell: "learned_whitened; raw=0.505 pca_whitened=0.568 learned_whitened=0.663"."""
+    if not start:
+        return ""
+    return f"{start['chosen']}; " + " ".join(f"{name}={r1:.4f}" for name, r1 in start["val_r1"].items())
 
 
 def open_tensorboard(run: Run, log_dir: Path) -> None:
@@ -524,7 +636,7 @@ def open_tensorboard(run: Run, log_dir: Path) -> None:
 
 def validation_queries_line(result: RecallResult) -> str:
     """e.g. "val: 95 queries, 26 without a positive within 10 m": those no head can get right."""
-    rule = "in the train database with their label" if result.by_label else f"within {result.pos_threshold_m:g} m"
+    rule = "in the database with their label" if result.by_label else f"within {result.pos_threshold_m:g} m"
     return f"val: {result.num_queries} queries, {result.num_queries_without_positive} without a positive {rule}"
 
 
@@ -571,12 +683,18 @@ def train(config: vpr.TrainConfig, on_validation: ValidationCallback | None = No
     started = time.perf_counter()
     vpr.set_determinism(config.seed)
     print_config(config)
-    train_table, val_table, by_label = load_splits(config)
+    if config.train_blocks and distributed_rank_and_world()[0] != 0:
+        # torchrun: every rank trains its share of each batch; rank 0 alone writes the run's files
+        import tempfile
+
+        scratch = tempfile.mkdtemp(prefix="vpr-rank-")
+        config = dataclasses.replace(config, log_dir=scratch, checkpoint_dir=scratch, tensorboard=False)
+    train_table, val_table, by_label, val_db_table = load_splits(config)
     config = named_after_embeddings(config, train_table, val_table)
     log_dir = check_outputs(config)
     resumed = vpr.load_checkpoint(config.resume) if config.resume else None  # read once
-    data = extract_training_data(config, train_table, val_table, by_label, resumed)
-    run = new_run(config, data)
+    data = extract_training_data(config, train_table, val_table, by_label, resumed, val_db_table)
+    run = new_run(config, data, resumed)
     loss_fn = hybrid_loss(config)
     logger = open_log(run, loss_fn, log_dir, resumed)
     best_path, last_path, final_path = (run.checkpoint_file(kind) for kind in ("", "last", "final"))
@@ -619,7 +737,7 @@ def train(config: vpr.TrainConfig, on_validation: ValidationCallback | None = No
     refresh_latest_alias(best_path, latest_alias_path(config.checkpoint_dir, config.model, config.seed))
     result = TrainResult(run.run_id, state.best_recall, state.best_epoch, state.epoch, time.perf_counter() - started,
                          best_path, run.log_file, final_path, state.early_stopped, data.skipped_images,
-                         state.untrained_r1)
+                         state.untrained_r1, run.start, run.start_head)
     append_summary_row(log_dir / TRAINING_SUMMARY_NAME, summary_row(config, result))
     return result
 
@@ -628,8 +746,10 @@ def summary_row(config: vpr.TrainConfig, result: TrainResult) -> dict:
     return {
         "run_id": result.run_id, "model": config.model, "seed": config.seed,
         **{k: v for k, v in dataclasses.asdict(config).items() if k not in ("model", "seed")},
-        "best_val_r1": result.best_recall[1], "best_val_r5": result.best_recall[5], "best_val_r10": result.best_recall[10],
+        "best_val_r1": result.best_recall[1], "best_val_r5": result.best_recall[5],
+        "best_val_r10": result.best_recall[10],
         "untrained_val_r1": result.untrained_r1,
+        "head_start": start_text(result.head_start),
         "best_epoch": result.best_epoch, "epochs_run": result.epochs_run, "skipped_images": result.skipped_images,
         "wall_time_s": round(result.wall_time_s, 2),
         "checkpoint": str(result.checkpoint), "log_file": str(result.log_file),

@@ -11,9 +11,10 @@ space is the [tune.space] section of the config file, one entry per flag:
 Trials maximise what training added: the best validation Recall@1 over the trained epochs
 (1 and later; epoch 0, the untrained head, is the same for every trial and does not count), and
 are pruned on the per-epoch validation R@1 (median pruner). A trial that never beats its
-untrained head is marked so, and when no trial did, the summary says so plainly. The study lives in --storage (a SQLite file by default; any database Optuna
-supports lets workers on many machines share it, see scripts/tune_slurm.sh). --n_jobs local
-worker processes share --n_trials exactly. Each trial logs under {log_dir}/{study}_trial{N}/;
+untrained head is marked so, and when no trial did, the summary says so plainly. The study lives
+in --storage (a SQLite file by default; any database Optuna supports lets workers on many
+machines share it, see scripts/tune_slurm.sh). --n_jobs local worker processes share --n_trials
+exactly. Each trial logs under {log_dir}/{study}_trial{N}/;
 the best parameters are printed and written to {log_dir}/{study}_best.json.
 """
 from __future__ import annotations
@@ -105,8 +106,8 @@ def search_space(config_file: str | None) -> list[Dimension]:
             raise VPRError(f"{where}: unknown key {sorted(unknown)[0]}; use low, high, log, step or choices")
         if "choices" not in spec and not spec["low"] < spec["high"]:
             raise VPRError(f"{where}: low must be below high")
-        dimensions.append(Dimension(name, spec.get("low"), spec.get("high"), bool(spec.get("log", False)), spec.get("step"),
-                                    tuple(spec["choices"]) if "choices" in spec else None))
+        dimensions.append(Dimension(name, spec.get("low"), spec.get("high"), bool(spec.get("log", False)),
+                                    spec.get("step"), tuple(spec["choices"]) if "choices" in spec else None))
     return dimensions
 
 
@@ -170,7 +171,8 @@ def trial_score(trained_r1: list[float], untrained_r1: float, trial=None) -> flo
     return score
 
 
-def run_worker(base: vpr.TrainConfig, options: TuneOptions, dimensions: list[Dimension], n_trials: int, worker: int) -> int:
+def run_worker(base: vpr.TrainConfig, options: TuneOptions, dimensions: list[Dimension], n_trials: int,
+               worker: int) -> int:
     """One worker process: n_trials trials of the shared study. Returns how many it ran."""
     study = open_study(options, options.sampler_seed + worker)
     before = len(study.get_trials(deepcopy=False))

@@ -39,27 +39,35 @@ from trainable_vpr.model import PlaceDescriptor  # noqa: E402
 from vprkit.cli import atomic_write  # noqa: E402
 from vprkit.evaluation import Descriptors, evaluate_variant, fit_pca_whitening  # noqa: E402
 from vprkit.features import ExtractionSettings, extract_features  # noqa: E402
+from vprkit.pairs import positive_pairs  # noqa: E402
 from vprkit.places import PlaceTable, load_poses  # noqa: E402
+from vprkit.whitening import choose_shrinkage  # noqa: E402
 from vprkit.pooling import PoolingConfig  # noqa: E402
 
 DATA = REPO.parent / "shared" / "data" / "bgu_campus"
 SPLITS = ("train", "val", "test", "queries")
 THRESHOLDS_M = (25.0, 10.0)
 # The seed recipe's flags (bench/seed_recipe.toml, as `--config` gives them to train_vpr.py).
-RECIPES = {"default": {}, "seed": {k: v for section in tomllib.loads((REPO / "bench" / "seed_recipe.toml").read_text()).values()
-                                   for k, v in section.items()}}
+SEED_RECIPE = tomllib.loads((REPO / "bench" / "seed_recipe.toml").read_text())
+RECIPES = {"default": {}, "seed": {k: v for section in SEED_RECIPE.values() for k, v in section.items()}}
 
 
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--data", type=Path, default=DATA, help="folder with train/val/test/queries CSVs")
     parser.add_argument("--model", default="effnet_lite0")
+    parser.add_argument("--weights", default=None, help="a weights file (e.g. the DINOv2-S file of "
+                        "../shared/tools/dinov2_s_weights.sh); default: the backbone's own")
+    parser.add_argument("--image_size", type=int, default=0, help="input size (0: the backbone's default)")
     parser.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
     parser.add_argument("--epochs", type=int, default=15)
     parser.add_argument("--cache_dir", default=str(REPO / ".cache" / "features"))
     parser.add_argument("--out_dir", type=Path, default=REPO / "bench" / "results")
     parser.add_argument("--recipes", nargs="+", default=list(RECIPES), choices=list(RECIPES))
+    parser.add_argument("--thresholds", type=float, nargs="+", default=list(THRESHOLDS_M), help="metres")
     parser.add_argument("--pooling_rows", action="store_true", help="add the gem / vlad rows (see above)")
+    parser.add_argument("--pooled", nargs="*", default=[f"{p}:{layer}" for p, layer in POOLED_ROWS],
+                        metavar="POOLING:LAYER", help="with --pooling_rows: the pooled rows")
     parser.add_argument("--train_pooled", nargs="*", default=["vlad:-2", "gem:-2"], metavar="POOLING:LAYER",
                         help="with --pooling_rows: pooled descriptors the recipes are trained on")
     return parser.parse_args()
@@ -71,7 +79,7 @@ POOLED_ROWS = (("gem", -1), ("gem", -2), ("vlad", -1), ("vlad", -2))
 def pooled_features(pooling: str, layer: int, args: argparse.Namespace, tables: dict[str, PlaceTable],
                     options: ExtractionSettings) -> dict[str, np.ndarray]:
     """Every split pooled as --pooling POOLING --feature_layer LAYER (vocabulary: train.csv)."""
-    backbone = vpr.create_pooled_backbone(args.model, None, 0, PoolingConfig(pooling, layer, 32),
+    backbone = vpr.create_pooled_backbone(args.model, args.weights, args.image_size, PoolingConfig(pooling, layer, 32),
                                           tables["train"].paths, options)
     return {s: extract_features(backbone, t, options, s) for s, t in tables.items()}
 
@@ -92,23 +100,40 @@ def recall_rows(name: str, seed: int | None, desc: dict[str, np.ndarray], tables
 
 
 def trained_descriptors(recipe: str, seed: int, threshold: float, args: argparse.Namespace,
-                        features: dict[str, np.ndarray], pooling: tuple[str, int] = ("backbone", -1)) -> dict[str, np.ndarray]:
-    config = vpr.TrainConfig(**RECIPES[recipe], pooling=pooling[0], feature_layer=pooling[1], train_csv=str(args.data / "train.csv"), val_csv=str(args.data / "val.csv"),
-                             model=args.model, seed=seed, epochs=args.epochs, pos_threshold_m=threshold,
+                        features: dict[str, np.ndarray],
+                        pooling: tuple[str, int] = ("backbone", -1)) -> dict[str, np.ndarray]:
+    config = vpr.TrainConfig(**RECIPES[recipe], pooling=pooling[0], feature_layer=pooling[1],
+                             train_csv=str(args.data / "train.csv"), val_csv=str(args.data / "val.csv"),
+                             model=args.model, weights=args.weights, image_size=args.image_size, seed=seed,
+                             epochs=args.epochs, pos_threshold_m=threshold,
                              cache_dir=args.cache_dir, log_dir=str(args.out_dir / "logs"),
                              checkpoint_dir=str(args.out_dir / f"models_{threshold:g}m_{pooling[0]}{pooling[1]}"))
     with contextlib.redirect_stdout(io.StringIO()):
         result = train_vpr.train(config)
     model = PlaceDescriptor.from_checkpoint(result.checkpoint, with_backbone=False)  # the features are the cache's
-    print(f"  {recipe} recipe on {pooling[0]} L{pooling[1]}, {threshold:g} m, seed {seed}: best val R@1 {result.best_recall[1]:.3f} at epoch {result.best_epoch}", flush=True)
+    print(f"  {recipe} recipe on {pooling[0]} L{pooling[1]}, {threshold:g} m, seed {seed}: "
+          f"best val R@1 {result.best_recall[1]:.3f} at epoch {result.best_epoch} "
+          f"(start {(result.head_start or {}).get('label', '-')}, val R@1 {result.untrained_r1:.3f})", flush=True)
     return {split: model.describe_features(feats) for split, feats in features.items()}
+
+
+def learned_whitening(features: dict[str, np.ndarray], tables: dict[str, PlaceTable], threshold: float):
+    """Learned whitening (vprkit.whitening, 256 d) of train.csv's positive pairs at `threshold`,
+    its shrinkage chosen on val.csv R@1 against train.csv (as the head's learned_whitened start)."""
+    train = tables["train"]
+    choice = choose_shrinkage(features["train"], positive_pairs(train.xyz, None, threshold), train.xyz,
+                              features["val"], tables["val"].xyz, threshold, 256)
+    print(f"  learned_whitened at {threshold:g} m: shrinkage {choice.shrinkage:g} chosen on val.csv", flush=True)
+    return choice.whitening
 
 
 def summary_table(rows: list[dict]) -> pd.DataFrame:
     """R@1 as mean ± std over seeds: one row per variant, one column per split/threshold/condition."""
     frame = pd.DataFrame(rows)
-    stats = frame.groupby(["variant", "split", "threshold_m", "condition"], sort=False)["R@1"].agg(["mean", "std"]).reset_index()
-    stats["cell"] = [f"{m:.3f}" + (f" ± {s:.3f}" if s == s and s > 0 else "") for m, s in zip(stats["mean"], stats["std"])]
+    stats = (frame.groupby(["variant", "split", "threshold_m", "condition"], sort=False)["R@1"]
+             .agg(["mean", "std"]).reset_index())
+    stats["cell"] = [f"{m:.3f}" + (f" ± {s:.3f}" if s == s and s > 0 else "")
+                     for m, s in zip(stats["mean"], stats["std"])]
     stats["column"] = stats["split"] + " " + stats["threshold_m"].map(lambda t: f"{t:g} m") + " " + stats["condition"]
     return stats.pivot(index="variant", columns="column", values="cell").reindex(
         index=list(dict.fromkeys(frame["variant"])), columns=list(dict.fromkeys(stats["column"])))
@@ -117,21 +142,25 @@ def summary_table(rows: list[dict]) -> pd.DataFrame:
 def main() -> None:
     args = parse_args()
     tables = {s: load_poses(args.data / f"{s}.csv") for s in SPLITS}
-    backbone = vpr.create_backbone(args.model)
+    backbone = vpr.create_backbone(args.model, args.weights, args.image_size)
     options = ExtractionSettings(cache_dir=args.cache_dir)
     features = {s: extract_features(backbone, t, options, s) for s, t in tables.items()}
 
     rows = recall_rows("raw", None, features, tables)
     project = fit_pca_whitening(features["train"], 256)
     rows += recall_rows("pca_whitened", None, {s: project(f) for s, f in features.items()}, tables)
+    for threshold in args.thresholds:  # learned whitening: train.csv's pairs at the row's threshold, s chosen on val
+        whitening = learned_whitening(features, tables, threshold)
+        rows += recall_rows("learned_whitened", None, {s: whitening.apply(f) for s, f in features.items()}, tables,
+                            (threshold,))
     for recipe in args.recipes:
-        for threshold in THRESHOLDS_M:
+        for threshold in args.thresholds:
             for seed in args.seeds:
                 descriptors = trained_descriptors(recipe, seed, threshold, args, features)
                 rows += recall_rows(f"{recipe} recipe", seed, descriptors, tables, (threshold,))
     if args.pooling_rows:
         pooled = {}
-        for pooling, layer in POOLED_ROWS:
+        for pooling, layer in ((spec.split(":")[0], int(spec.split(":")[1])) for spec in args.pooled):
             pooled[pooling, layer] = pooled_features(pooling, layer, args, tables, options)
             rows += recall_rows(f"{pooling} L{layer}", None, pooled[pooling, layer], tables)
             project = fit_pca_whitening(pooled[pooling, layer]["train"], 256)
@@ -140,7 +169,7 @@ def main() -> None:
         for spec in args.train_pooled:
             pooling, layer = spec.split(":")[0], int(spec.split(":")[1])
             for recipe in args.recipes:
-                for threshold in THRESHOLDS_M:
+                for threshold in args.thresholds:
                     for seed in args.seeds:
                         descriptors = trained_descriptors(recipe, seed, threshold, args, pooled[pooling, layer],
                                                           (pooling, layer))

@@ -9,6 +9,7 @@ One small module per piece (import this package as `vpr`; every public name is h
 - mining: GPS and label mining over the data set (mine_hard_negatives, make_place_batches)
 - config: TrainConfig (stored in every checkpoint) and the configs of the scripts that apply a
   model (EvalConfig, LocalizeConfig, ExperimentConfig, TuneConfig), each with its checks
+- starts: where the residual head starts (raw, PCA- or learned whitening), chosen on validation
 - checkpoints: the one home of checkpoints (paths, payload, save, load, rebuild)
 - model: PlaceDescriptor, the whole descriptor as one nn.Module (preprocessing, frozen backbone,
   pooling, head), and describe_table (a table's descriptors through the feature cache)
@@ -28,12 +29,18 @@ from trainable_vpr.backbones import (  # noqa: F401
     create_pooled_backbone,
     with_pooling,
     backbone_descriptor,
+    DEFAULT_LOCAL_FEATURES_PER_IMAGE,
+    local_backbone,
+    local_features_line,
 )
 from trainable_vpr.heads import (  # noqa: F401
     PROJECTION_HIDDEN_MAX,
     ProjectionHead,
     ResidualHead,
     MLPHead,
+    NetVLADHead,
+    NETVLAD_ASSIGNMENT_SCALE,
+    LOCAL_HEADS,
     HeadConfig,
     HEADS,
     build_head,
@@ -67,6 +74,14 @@ from trainable_vpr.config import (  # noqa: F401
     validate_train_config,
     effective_hard_neg_ratio,
     set_determinism,
+)
+from trainable_vpr.starts import (  # noqa: F401
+    START_NAMES,
+    FitData,
+    HeadStart,
+    StartChoice,
+    choose_start,
+    start_head,
 )
 from trainable_vpr.checkpoints import (  # noqa: F401
     checkpoint_backbone,

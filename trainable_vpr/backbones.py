@@ -18,7 +18,9 @@ from vprkit.features import (  # noqa: F401 - Backbone and backbone_descriptor a
 )
 from vprkit.pooling import (
     LocalPooling,
+    LocalTokens,
     PoolingConfig,
+    local_cache_tag,
     num_feature_layers,
     vocabulary_fingerprint,
 )
@@ -117,3 +119,33 @@ def with_pooling(backbone: Backbone, config: PoolingConfig, fit_on: Sequence[str
             raise VPRError("--pooling vlad: no images to fit the VLAD vocabulary on")
         vocabulary = vlad_vocabulary(backbone, config, fit_on, options or ExtractionSettings())
     return pool_backbone(backbone, config, vocabulary)
+
+
+DEFAULT_LOCAL_FEATURES_PER_IMAGE = 1024  # --local_features_per_image: the bound on cached positions per image
+
+
+def local_backbone(backbone: Backbone, layer: int, bound: int = DEFAULT_LOCAL_FEATURES_PER_IMAGE) -> Backbone:
+    """The backbone whose output is the local features (T x C, T <= bound) of `layer` (LocalTokens):
+    what the feature cache holds for a learnable aggregator (--head netvlad). Its info keys the cache
+    by the layer, the bound and the sampling seed (the vocabulary's fingerprint is kept: it names
+    the head's start, not the features, but a checkpoint compares the whole info)."""
+    tokens = LocalTokens(backbone.model, layer, bound)
+    info = dataclasses.replace(backbone.info, pooling=local_cache_tag(num_feature_layers(backbone.model), layer, bound),
+                               feature_dim=tokens.channels)
+    return Backbone(backbone.model, info, tokens, backbone.vocabulary)
+
+
+def local_features_line(backbone: Backbone) -> str:
+    """How many local features per image the cache keeps (of how many positions), printed by training."""
+    import torch
+
+    tokens: LocalTokens = backbone.pooling
+    size = backbone.info.image_size
+    with torch.no_grad():
+        from vprkit.pooling import local_features
+
+        total = local_features(tokens.model, torch.zeros(1, 3, size, size), tokens.layer).shape[1]
+    kept = min(total, tokens.bound)
+    how = "all" if kept == total else f"a fixed seeded sample of {kept} (--local_features_per_image)"
+    return (f"local features: layer {tokens.layer}, {tokens.channels} channels, {total} positions per image at "
+            f"{size} px, {how} cached in float16")

@@ -17,8 +17,8 @@ from vprkit.features import Backbone, pooling_config
 from vprkit.pooling import PoolingConfig
 from vprkit.runlog import safe_name
 
-from trainable_vpr.backbones import create_pooled_backbone
-from trainable_vpr.heads import HeadConfig, build_head
+from trainable_vpr.backbones import DEFAULT_LOCAL_FEATURES_PER_IMAGE, create_pooled_backbone, local_backbone
+from trainable_vpr.heads import LOCAL_HEADS, HeadConfig, build_head
 
 FORMAT_VERSION = 1
 
@@ -124,7 +124,8 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
                        f"update the suite")
     if not isinstance(checkpoint, dict) or any(k not in checkpoint for k in CHECKPOINT_KEYS) \
             or not isinstance(checkpoint["backbone"], dict) or "name" not in checkpoint["backbone"]:
-        raise VPRError(f"checkpoint {path}: not a checkpoint of this suite (expected keys {', '.join(CHECKPOINT_KEYS)}); "
+        raise VPRError(f"checkpoint {path}: not a checkpoint of this suite "
+                       f"(expected keys {', '.join(CHECKPOINT_KEYS)}); "
                        f"give a .pth written by train_vpr.py")
     try:
         head_from_checkpoint(checkpoint)
@@ -169,6 +170,9 @@ def checkpoint_backbone(checkpoint: dict[str, Any], path: str | Path, weights: s
     backbone = create_pooled_backbone(saved["name"], weights or checkpoint["config"].get("weights"),
                                       image_size or saved.get("image_size", 0), trained,
                                       vocabulary=checkpoint_vocabulary(checkpoint))
+    if checkpoint["head_config"].get("type") in LOCAL_HEADS:  # the head aggregates the local features itself
+        per_image = checkpoint["config"].get("local_features_per_image", DEFAULT_LOCAL_FEATURES_PER_IMAGE)
+        backbone = local_backbone(backbone, trained.feature_layer, per_image)
     if backbone.info.weights != saved.get("weights"):
         raise VPRError(f"checkpoint {path} was trained on {saved['name']} weights {saved.get('weights')}, "
                        f"but the weights found now are {backbone.info.weights}; pass the same --weights")
@@ -176,4 +180,8 @@ def checkpoint_backbone(checkpoint: dict[str, Any], path: str | Path, weights: s
     if backbone.info.feature_dim != in_dim:
         raise VPRError(f"checkpoint {path}: its head takes {in_dim}-dim features, "
                        f"the backbone gives {backbone.info.feature_dim}")
+    if "trained_blocks" in checkpoint:  # --train_blocks: the trained blocks go back into the backbone
+        from trainable_vpr.blocks import load_trained_blocks
+
+        backbone = load_trained_blocks(backbone, checkpoint["trained_blocks"])
     return backbone

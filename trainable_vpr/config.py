@@ -9,8 +9,8 @@ from typing import Any
 
 import numpy as np
 import torch
-from trainable_vpr.backbones import BACKBONES, _spec_for
-from trainable_vpr.heads import HEADS
+from trainable_vpr.backbones import BACKBONES, DEFAULT_LOCAL_FEATURES_PER_IMAGE, _spec_for
+from trainable_vpr.heads import HEADS, LOCAL_HEADS
 from trainable_vpr.losses import LOSS_DISTANCES
 from vprkit.cli import VPRError, check_writable_dir, check_writable_file
 from vprkit.configs import (
@@ -38,7 +38,7 @@ DEFAULT_HEAD = "residual"
 DEFAULT_SUPERVISION = "auto"
 
 
-HEAD_STARTS = ("auto", "pca_whitened", "raw")
+HEAD_STARTS = ("auto", "raw", "pca_whitened", "learned_whitened")
 
 
 NEG_SAMPLERS = ("hard", "random", "ucb")
@@ -49,14 +49,19 @@ NEG_SAMPLERS = ("hard", "random", "ucb")
 # ============================================================================================
 @dataclass
 class BackboneName:
-    model: str | None = _flag(None, f"backbone: {', '.join(BACKBONES)} or timm:ARCH (training: default {DEFAULT_MODEL}; "
-                              "with --model_path: checked against the checkpoint's)", "model")
+    model: str | None = _flag(None, f"backbone: {', '.join(BACKBONES)} or timm:ARCH "
+                                    f"(training: default {DEFAULT_MODEL}; "
+                                    "with --model_path: checked against the checkpoint's)", "model")
 
 
 @dataclass
 class HeadName:
-    head: str | None = _flag(None, "residual (starts as PCA-whitening, learns a correction), projection (the seed head) "
-                             f"or mlp (Linear-LayerNorm-GELU-Linear with a skip connection); training: default "
+    head: str | None = _flag(None, "residual (starts as PCA-whitening, learns a correction), "
+                             "projection (the seed head), "
+                             "mlp (Linear-LayerNorm-GELU-Linear with a skip connection) or netvlad (a learnable VLAD "
+                             "over the cached local features of --feature_layer, started at --pooling vlad's "
+                             "vocabulary: epoch 0 is the training-free VLAD; needs --pooling vlad; output K x C, "
+                             f"--projection_dim unused); training: default "
                              f"{DEFAULT_HEAD}; with --model_path: checked against the checkpoint's", "model",
                              choices=tuple(HEADS))
 
@@ -83,16 +88,31 @@ class TrainConfig(ExtractionSettings, BackboneName, HeadName, Supervision, PosTh
     radius from the shared groups, their defaults filled in here), and every checkpoint stores it."""
 
     # data
-    train_csv: str = _flag(None, "poses CSV, benchmark folder (vprkit.benchmarks) or embeddings parquet of the training images (also the validation database)",
+    train_csv: str = _flag(None, "poses CSV, benchmark folder (vprkit.benchmarks) or embeddings parquet of the "
+                           "training images (also the validation database)",
                            "data", required=True, aliases=("--train_parquet",))
-    val_csv: str = _flag(None, "poses CSV, benchmark folder (vprkit.benchmarks) or embeddings parquet of the validation queries (chooses the best epoch)",
+    val_csv: str = _flag(None, "poses CSV, benchmark folder (vprkit.benchmarks) or embeddings parquet of the "
+                         "validation queries (chooses the best epoch)",
                          "data", required=True, aliases=("--val_parquet",))
+    val_db_csv: str | None = _flag(None, "poses CSV, benchmark folder or embeddings parquet of the validation database "
+                                   "the val queries are searched in (default: --train_csv); e.g. the day map for night "
+                                   "val queries, so validation measures the user's task", "data",
+                                   aliases=("--val_db_parquet",))
     # model
+    local_features_per_image: int = _flag(DEFAULT_LOCAL_FEATURES_PER_IMAGE, "--head netvlad: the most local features "
+                                          "cached per image (float16); an image with more positions keeps a fixed "
+                                          "seeded sample of them (printed)", "model")
     projection_dim: int = _flag(256, "output descriptor dimension", "model", aliases=("--output_dim",))
-    head_start: str = _flag("auto", "residual head: its linear map starts as pca_whitened (PCA-whitening of the "
-                            "training features), raw (the raw cosine: identity, or the top principal directions when "
-                            "--projection_dim < D) or auto (whichever has the better val R@1)", "model",
+    head_start: str = _flag("auto", "residual head: its linear map starts as raw (the identity: the raw descriptor "
+                            "at its own dimension), pca_whitened (PCA-whitening of the training features, "
+                            "--projection_dim), learned_whitened (whitening learned from the training set's positive "
+                            "pairs, shrinkage chosen on val R@1, --projection_dim) or auto (the best of them on val "
+                            "R@1); the untrained head is exactly that frozen descriptor", "model",
                             choices=HEAD_STARTS)
+    train_blocks: int = _flag(0, "train the backbone's last N blocks (ViT blocks; EfficientNet/ResNet blocks; ConvNeXt "
+                              "stages) with the head, at cache speed: their input is cached once (float16); 0: frozen",
+                              "model")
+    backbone_lr: float = _flag(1e-5, "AdamW learning rate of the blocks trained by --train_blocks", "model")
     hidden_dim: int = _flag(512, "hidden width of the residual and mlp heads", "model")
     dropout: float = _flag(0.1, "dropout in the head", "model")
     use_residual: bool = _flag(True, "mlp head: add a skip connection from the input", "model")
@@ -131,10 +151,12 @@ class TrainConfig(ExtractionSettings, BackboneName, HeadName, Supervision, PosTh
                                "darkening on every second), extracted once and cached; each step a batch row reads "
                                "the original or one of its K views, uniformly (0: off; never for validation, "
                                "database or queries)")
-    validate_every_n_epochs: int = _flag(1, "validate (and maybe save the best checkpoint) every N epochs and after the last")
+    validate_every_n_epochs: int = _flag(1, "validate (and maybe save the best checkpoint) every N epochs and after "
+                                         "the last")
     save_every_n_epochs: int = _flag(1, "write the resumable _last checkpoint every N epochs")
-    resume: str | None = _flag(None, "continue the run of this _last (or _final) checkpoint: head, optimizer, scheduler, "
-                               "random states, best metrics and patience are restored, the log is continued", "system")
+    resume: str | None = _flag(None, "continue the run of this _last (or _final) checkpoint: head, optimizer, "
+                               "scheduler, random states, best metrics and patience are restored, the log is "
+                               "continued", "system")
     # system and outputs
     log_dir: str = _flag("logs", "folder of run logs and training_summary.csv", "system")
     checkpoint_dir: str = _flag("trained_models", "folder of checkpoints", "system", deprecated=("--output_dir",))
@@ -174,9 +196,11 @@ def validate_train_config(config: TrainConfig) -> None:
     if config.batch_size < 4:
         raise VPRError(f"--batch_size {config.batch_size}: a batch needs at least 4 images (two places of two images)")
     if config.images_per_place < 2 or config.images_per_place > config.batch_size // 2:
-        raise VPRError(f"--images_per_place {config.images_per_place}: must be between 2 and batch_size / 2 ({config.batch_size // 2})")
+        raise VPRError(f"--images_per_place {config.images_per_place}: must be between 2 and batch_size / 2 "
+                       f"({config.batch_size // 2})")
     if config.pos_threshold_m <= 0 or config.pos_threshold_m >= config.neg_threshold_m:
-        raise VPRError(f"--pos_threshold_m {config.pos_threshold_m:g} must be > 0 and below --neg_threshold_m {config.neg_threshold_m:g}")
+        raise VPRError(f"--pos_threshold_m {config.pos_threshold_m:g} must be > 0 and below --neg_threshold_m "
+                       f"{config.neg_threshold_m:g}")
     if config.lr <= 0:
         raise VPRError(f"--lr {config.lr:g}: must be positive")
     if not 0.0 <= config.hard_neg_ratio <= 1.0:
@@ -192,8 +216,30 @@ def validate_train_config(config: TrainConfig) -> None:
             raise VPRError(f"--{name} {getattr(config, name)}: must be at least 1")
     if config.ucb_warmup_samples < 0 or config.ucb_exploration_constant < 0:
         raise VPRError("--ucb_warmup_samples and --ucb_exploration_constant must be 0 or more")
+    if config.train_blocks < 0 or config.backbone_lr <= 0:
+        raise VPRError(f"--train_blocks {config.train_blocks} / --backbone_lr {config.backbone_lr:g}: give 0 or more "
+                       f"blocks and a positive learning rate")
+    if config.train_blocks and (config.pooling != "backbone" or config.head in LOCAL_HEADS
+                                or is_parquet(config.train_csv) or config.positive_selection == "feature"):
+        raise VPRError(f"--train_blocks {config.train_blocks}: only with --pooling backbone, a descriptor head "
+                       f"(residual, projection, mlp), images (not embeddings parquets) and --positive_selection gps")
+    if config.augment_views and (config.train_blocks or config.head in LOCAL_HEADS):
+        raise VPRError(f"--augment_views {config.augment_views}: not yet with --train_blocks or --head netvlad "
+                       f"(their cache holds local features per image); drop one of them")
+    if config.head in LOCAL_HEADS:
+        if config.pooling != "vlad":
+            raise VPRError(f"--head {config.head}: a learnable VLAD starts from --pooling vlad's vocabulary; add "
+                           f"--pooling vlad (with --feature_layer and --vlad_clusters)")
+        if config.positive_selection == "feature":
+            raise VPRError(f"--positive_selection feature: not with --head {config.head} (its input is local "
+                           f"features, not descriptors); use --positive_selection gps")
+        if config.local_features_per_image < 1:
+            raise VPRError(f"--local_features_per_image {config.local_features_per_image}: must be at least 1")
     if config.difficulty_parquet and config.neg_sampler != "ucb":
         raise VPRError(f"--difficulty_parquet {config.difficulty_parquet}: only used with --neg_sampler ucb")
+    if config.val_db_csv and is_parquet(config.val_db_csv) != is_parquet(config.train_csv):
+        kind = "an embeddings parquet" if is_parquet(config.train_csv) else "images: a poses CSV or folder"
+        raise VPRError(f"--val_db_csv {config.val_db_csv}: give the same kind of input as --train_csv ({kind})")
     if config.augment_views < 0:
         raise VPRError(f"--augment_views {config.augment_views}: must be 0 (off) or more")
     if config.augment_views and (is_parquet(config.train_csv) or is_parquet(config.val_csv)):
@@ -243,7 +289,8 @@ class EvalConfig(ExtractionSettings, ModelSource, HeadName, DatabaseTable, TestT
         validate_extraction_flags(self)
         check_choices(self)
         if self.pooling != "backbone" and is_parquet(self.db_csv):
-            raise VPRError(f"--pooling {self.pooling}: embeddings parquets hold descriptors already pooled; drop --pooling")
+            raise VPRError(f"--pooling {self.pooling}: embeddings parquets hold descriptors already pooled; "
+                           "drop --pooling")
         for path, flag in ((self.output_json, "--output_json"), (self.save_predictions, "--save_predictions")):
             check_writable_file(path, flag)
         if self.visualize > 0 or self.localization or self.pr_curve:
@@ -304,7 +351,8 @@ class ExperimentConfig(TrainConfig, DatabaseTable, TestTable, RecallAt):
     demo: bool = _flag(False, "generate the built-in synthetic route under demo_data/ and run on it with effnet_lite0",
                        "experiment")
     models: list[str] = _flag(  # noqa: RUF009 (flag() gives a list default a default_factory)
-        [DEFAULT_MODEL], f"backbones to compare: {', '.join(BACKBONES)} or timm:ARCH", "experiment", aliases=("--model",))
+        [DEFAULT_MODEL], f"backbones to compare: {', '.join(BACKBONES)} or timm:ARCH", "experiment",
+        aliases=("--model",))
 
     def train_config(self, model: str) -> TrainConfig:
         """The training config of one backbone."""

@@ -69,8 +69,10 @@ class HybridLoss(nn.Module):
 
         if distance not in LOSS_DISTANCES:
             raise VPRError(f"--loss_distance {distance}: choose one of {', '.join(LOSS_DISTANCES)}")
-        metric = distances.LpDistance(normalize_embeddings=True) if distance == "euclidean" else distances.CosineSimilarity()
-        self.triplet = losses.TripletMarginLoss(margin=triplet_margin, distance=metric, reducer=reducers.DoNothingReducer())
+        metric = (distances.LpDistance(normalize_embeddings=True) if distance == "euclidean"
+                  else distances.CosineSimilarity())
+        self.triplet = losses.TripletMarginLoss(margin=triplet_margin, distance=metric,
+                                                reducer=reducers.DoNothingReducer())
         self.contrastive = losses.SupConLoss(temperature=temperature, reducer=reducers.DoNothingReducer())
         self.margin, self.distance = triplet_margin, distance
         self.triplet_weight, self.contrastive_weight = triplet_weight, contrastive_weight

@@ -112,7 +112,8 @@ def make_place_batches(
     members_of = _members_by_place(place_of)
     eligible = np.array([p for p, m in enumerate(members_of) if len(m) >= 2])
     if eligible.size == 0:
-        raise VPRError("no place has two images within --pos_threshold_m: nothing to learn from; raise the threshold or check the positions")
+        raise VPRError("no place has two images within --pos_threshold_m: nothing to learn from; raise the threshold "
+                       "or check the positions")
     places_per_batch = max(2, batch_size // images_per_place)
     queue: collections.deque[int] = collections.deque()  # popped at the front: O(1), unlike a list
 
@@ -140,7 +141,8 @@ def make_place_batches(
             if candidate is None:
                 break
             chosen.append(candidate)
-        parts = [rng.choice(members_of[c], size=min(images_per_place, len(members_of[c])), replace=False) for c in chosen]
+        parts = [rng.choice(members_of[c], size=min(images_per_place, len(members_of[c])), replace=False)
+                 for c in chosen]
         batch = np.concatenate(parts)
         if len(batch) >= 2:
             batches.append(batch)

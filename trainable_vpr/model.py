@@ -37,6 +37,9 @@ from trainable_vpr.checkpoints import (
 from trainable_vpr.heads import check_input_dim, embed
 
 
+BACKBONE_POOLING = PoolingConfig()  # the backbone's own pooled vector (--pooling backbone)
+
+
 class PlaceDescriptor(nn.Module):
     """images [B, 3, H, W] (float RGB in [0, 1]) -> L2-normalised descriptors [B, D].
 
@@ -59,7 +62,7 @@ class PlaceDescriptor(nn.Module):
     # -- building ---------------------------------------------------------------------------
     @classmethod
     def baseline(cls, name: str, weights: str | None = None, image_size: int = 0,
-                 pooling: PoolingConfig = PoolingConfig(), fit_on: Sequence[str] = (),
+                 pooling: PoolingConfig = BACKBONE_POOLING, fit_on: Sequence[str] = (),
                  options: ExtractionSettings | None = None) -> "PlaceDescriptor":
         """The raw frozen backbone `name` (--baseline --model NAME), pooled as asked; a VLAD
         vocabulary is fitted on the images `fit_on` (the database) through the cache."""
@@ -79,6 +82,8 @@ class PlaceDescriptor(nn.Module):
     # -- describing -------------------------------------------------------------------------
     @property
     def output_dim(self) -> int:
+        if self.head is not None and hasattr(self.head, "output_dim"):
+            return int(self.head.output_dim)
         if self.head is not None:
             return int(next(p for p in reversed(list(self.head.parameters())) if p.ndim == 2).shape[0])
         return self.frozen.info.feature_dim
@@ -134,8 +139,10 @@ def load_model(model_path: str | None, baseline_model: str | None, settings: Ext
     pooling = pooling_config(settings)
     if not model_path:
         if embeddings_dim is not None:
-            raise VPRError("a baseline on embeddings parquets has no model: the parquet's embeddings are the descriptors")
-        return PlaceDescriptor.baseline(baseline_model, settings.weights, settings.image_size, pooling, fit_on, settings)
+            raise VPRError("a baseline on embeddings parquets has no model: the parquet's embeddings are the "
+                           "descriptors")
+        return PlaceDescriptor.baseline(baseline_model, settings.weights, settings.image_size, pooling, fit_on,
+                                        settings)
     checkpoint = checkpoint if checkpoint is not None else load_checkpoint(model_path)
     check_checkpoint_matches(checkpoint, model_path, baseline_model, head)
     if embeddings_dim is not None:

@@ -95,33 +95,32 @@ def evaluate_retrieval(
     )
 
 
-def recall_by_group(result: RecallResult, groups: np.ndarray | None, recall_at: Sequence[int]) -> dict[str, dict[int, float]]:
+def recall_by_group(result: RecallResult, groups: np.ndarray | None,
+                    recall_at: Sequence[int]) -> dict[str, dict[int, float]]:
     """Recall@N per value of a query column (e.g. condition day / night)."""
     if groups is None:
         return {}
     return {str(g): recall_at_n(result.correct[groups == g], recall_at) for g in sorted(set(groups.tolist()))}
 
 
-SKLEARN_PCA_MAX_DIM = 4096  # above: VLAD-sized descriptors, fitted by pca_by_eigh
+SKLEARN_PCA_MAX_DIM = 4096  # above: VLAD-sized descriptors, fitted on a row sample (Gram route)
 PCA_GRAM_MAX_ROWS = 2048    # pca_by_eigh with N <= D fits on at most this many rows (a random subsample)
 
 
 def pca_whitening_matrix(features: np.ndarray, dim: int) -> tuple[np.ndarray, np.ndarray]:
     """(W, b) such that l2_normalise(features) @ W.T + b is PCA-whitened (fitted on the
-    L2-normalised features); at most min(dim, N, D) rows. Backbone-sized features (D <= 4096) use
-    sklearn's PCA; VLAD-sized ones (K*C = 40,960 for effnet_lite0) pca_by_eigh, since sklearn's
-    randomized solver took 27-62 s on 300-3,000 x 40,960 (2 cores) and pca_by_eigh about a second."""
+    L2-normalised features); at most min(dim, N, D) rows. Exact (pca_by_eigh), so the residual
+    head's PCA start and the pca_whitened rows agree to the digit: sklearn's automatic solver is
+    randomized at these sizes (bgu val R@1 0.547 against 0.568 exact). Backbone-sized features
+    (D <= 4096) are fitted on every row; VLAD-sized ones (K*C = 40,960 for effnet_lite0) through
+    the Gram matrix of at most PCA_GRAM_MAX_ROWS rows (sklearn's randomized solver took 27-62 s on
+    300-3,000 x 40,960 on 2 cores, pca_by_eigh about a second)."""
     # N centred points span at most N - 1 dimensions; whitening a (near) zero-variance axis
     # would blow it up and collapse every descriptor onto it, so such axes are dropped.
     dim = max(1, min(dim, features.shape[0] - 1, features.shape[1]))
     normalised = l2_normalise(features)
-    if features.shape[1] > SKLEARN_PCA_MAX_DIM:
-        mean, components, variances = pca_by_eigh(normalised, dim)
-    else:
-        from sklearn.decomposition import PCA
-
-        pca = PCA(n_components=dim, whiten=True, random_state=0).fit(normalised)
-        mean, components, variances = pca.mean_, pca.components_, pca.explained_variance_
+    max_rows = SKLEARN_PCA_MAX_DIM if features.shape[1] <= SKLEARN_PCA_MAX_DIM else PCA_GRAM_MAX_ROWS
+    mean, components, variances = pca_by_eigh(normalised, dim, max_rows=max_rows)
     keep = variances > 1e-6 * variances[0]
     weight = (components[keep] / np.sqrt(variances[keep])[:, None]).astype(np.float32)
     return weight, (-mean @ weight.T).astype(np.float32)
@@ -172,7 +171,8 @@ class EvalReport:
     def as_dict(self) -> dict[str, Any]:
         out = self.result.as_dict()
         if self.by_condition:
-            out["by_condition"] = {c: {f"recall@{n}": r for n, r in rec.items()} for c, rec in self.by_condition.items()}
+            out["by_condition"] = {c: {f"recall@{n}": r for n, r in rec.items()}
+                                   for c, rec in self.by_condition.items()}
         return out
 
 
@@ -219,8 +219,9 @@ def pca_whitened(raw: Descriptors, dim: int) -> Descriptors:
 
 def format_report(report: EvalReport, recall_at: Sequence[int]) -> str:
     res = report.result
-    rule = "of the query's place label" + (f" within {res.pos_threshold_m:g} m" if not np.isnan(res.top_distances_m).all() else "") \
-        if res.by_label else f"within {res.pos_threshold_m:g} m"
+    has_distances = not np.isnan(res.top_distances_m).all()
+    rule = ("of the query's place label" + (f" within {res.pos_threshold_m:g} m" if has_distances else "")
+            if res.by_label else f"within {res.pos_threshold_m:g} m")
     lines = [f"{report.name}: {res.num_queries} queries, {res.num_queries_without_positive} without a database image "
              f"{rule} (counted as misses)"]
     header = f"  {'queries':<12}" + "".join(f"{'R@' + str(n):>8}" for n in recall_at)

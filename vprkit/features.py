@@ -159,10 +159,16 @@ class FeatureCache:
         """Store one shard: features[i] belongs to keys[i]."""
         shard = self.dir / f"shard-{uuid.uuid4().hex}.npy"
         atomic_write(shard, lambda p: save_npy(p, np.ascontiguousarray(features, dtype=self.dtype)))
-        atomic_write(shard.with_name(shard.name.replace(".npy", ".keys.json")), lambda p: p.write_text(json.dumps(list(keys))))
+        atomic_write(shard.with_name(shard.name.replace(".npy", ".keys.json")),
+                     lambda p: p.write_text(json.dumps(list(keys))))
         self._arrays[shard] = np.load(shard, mmap_mode="r")
         for row, key in enumerate(keys):
             self._index[key] = (shard, row)
+
+    def row_shape(self, key: str) -> tuple[int, ...]:
+        """The shape of one cached image's features (D, or T x C for local features)."""
+        shard, _ = self._index[key]
+        return tuple(self._arrays[shard].shape[1:])
 
     def get(self, keys: Sequence[str]) -> np.ndarray:
         """Features of the given images (all must be cached), as float32, in order."""
@@ -179,6 +185,62 @@ class FeatureCache:
         return out
 
 
+def is_local(info: BackboneInfo) -> bool:
+    """Whether the cache holds local features per image (T, C) rather than one descriptor:
+    LocalTokens (--head netvlad) and block inputs (--train_blocks). Stored in float16, streamed."""
+    return info.pooling.startswith(("local-", "blocks-"))
+
+
+class CachedRows:
+    """Rows of a FeatureCache read on demand: an array-like of shape (N, *row) whose indexing
+    (an int, a slice, an index or boolean array) reads only those rows from the memory-mapped
+    shards, as float32. Local features (T x C per image) stay on disk: a training batch or an
+    embedding chunk is all that is in memory at once, however many images the table has."""
+
+    def __init__(self, cache: "FeatureCache", keys: Sequence[str], row_shape: tuple[int, ...]):
+        self.cache, self.keys, self.row_shape = cache, list(keys), tuple(row_shape)
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return (len(self.keys), *self.row_shape)
+
+    @property
+    def ndim(self) -> int:
+        return 1 + len(self.row_shape)
+
+    dtype = np.dtype(np.float32)
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+    def take(self, rows: np.ndarray | Sequence[int]) -> "CachedRows":
+        """A view of these rows (no reading)."""
+        return CachedRows(self.cache, [self.keys[int(i)] for i in np.asarray(rows).reshape(-1)], self.row_shape)
+
+    def __getitem__(self, index: Any) -> np.ndarray:
+        if isinstance(index, (int, np.integer)):
+            return self.cache.get([self.keys[int(index)]])[0]
+        if isinstance(index, slice):
+            keys = self.keys[index]
+        else:
+            array = np.asarray(index)
+            array = np.flatnonzero(array) if array.dtype == bool else array.reshape(-1)
+            keys = [self.keys[int(i)] for i in array]
+        if not keys:
+            return np.zeros((0, *self.row_shape), np.float32)
+        return self.cache.get(keys)
+
+    def __array__(self, dtype: Any = None, copy: Any = None) -> np.ndarray:
+        """The whole table in memory (what streaming avoids; for small tables and tests)."""
+        out = self[:]
+        return out if dtype is None else out.astype(dtype)
+
+
+def take_rows(features: Any, rows: np.ndarray) -> Any:
+    """features[rows] of an array, or a CachedRows view of them (not read)."""
+    return features.take(rows) if isinstance(features, CachedRows) else features[rows]
+
+
 def save_npy(path: Path, array: np.ndarray) -> None:
     """np.save to an open file (np.save given a path would add .npy to atomic_write's temporary name)."""
     with open(path, "wb") as handle:
@@ -188,7 +250,8 @@ def save_npy(path: Path, array: np.ndarray) -> None:
 def warn_damaged_cache_entry(path: Path, exc: BaseException, action: str) -> None:
     """One line on stderr: a cached file could not be read; what happens instead (refit, re-extract)."""
     reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:120]
-    print(f"warning: damaged cache entry {path} ({type(exc).__name__}: {reason}); {action}", file=sys.stderr, flush=True)
+    print(f"warning: damaged cache entry {path} ({type(exc).__name__}: {reason}); {action}", file=sys.stderr,
+          flush=True)
 
 
 def load_cached_npy(path: Path, action: str) -> np.ndarray | None:
@@ -229,7 +292,8 @@ class _ImageDataset(torch.utils.data.Dataset):
         self.paths = list(paths)
         self.view = view  # an augmented view (vprkit.augment), applied to the decoded image
         self.transform = transforms.Compose([
-            transforms.Resize((info.image_size, info.image_size), interpolation=transforms.InterpolationMode.BICUBIC, antialias=True),
+            transforms.Resize((info.image_size, info.image_size), interpolation=transforms.InterpolationMode.BICUBIC,
+                              antialias=True),
             transforms.ToTensor(),
             transforms.Normalize(info.mean, info.std),
         ])
@@ -405,7 +469,8 @@ def keep_freed_memory_for_reuse() -> bool:
         except OSError:
             return False
         m_trim_threshold, m_mmap_threshold = -1, -3
-        _allocator_tuned = bool(libc.mallopt(m_mmap_threshold, 1 << 30)) and bool(libc.mallopt(m_trim_threshold, 1 << 30))
+        _allocator_tuned = (bool(libc.mallopt(m_mmap_threshold, 1 << 30))
+                            and bool(libc.mallopt(m_trim_threshold, 1 << 30)))
     return _allocator_tuned
 
 
@@ -446,7 +511,8 @@ def iterate_descriptors(backbone: Backbone, paths: Sequence[str], options: Extra
                 if len(bad) == len(errors) and int(index[0]) == 0 and len(bad) > 1:
                     # not one bad file: a wrong folder or file type, which skipping would not mend
                     raise VPRError(f"image {paths[row]}: cannot be read as an image ({err}), nor can any of the first "
-                                   f"{len(bad)}; check --image_root (or the CSV's folder) and that the files are images")
+                                   f"{len(bad)}; check --image_root (or the CSV's folder) and that the files are "
+                                   "images")
                 raise VPRError(f"image {paths[row]}: cannot be read as an image ({err}); fix or remove its row, "
                                f"or --on_bad_image skip to leave such images out")
             if bad:
@@ -503,7 +569,9 @@ def extract_features(backbone: Backbone, table: PlaceTable, options: ExtractionS
             out[rows] = feats
         print(f"features [{name}]: {len(table)} extracted (cache disabled)", flush=True)
         return np.full((len(table), backbone.info.feature_dim), np.nan, np.float32) if out is None else out
-    cache = FeatureCache(options.cache_folder, backbone.info, options.cache_dtype, precision)
+    local = is_local(backbone.info)
+    cache_dtype = "float16" if local else options.cache_dtype  # local features: float16 (half the disk, streamed)
+    cache = FeatureCache(options.cache_folder, backbone.info, cache_dtype, precision)
     keys = cache_keys(table.paths, view)
     missing = [i for i, k in enumerate(keys) if k not in cache]
     if rank == 0:
@@ -516,7 +584,18 @@ def extract_features(backbone: Backbone, table: PlaceTable, options: ExtractionS
         import torch.distributed as dist
 
         dist.barrier()
-        cache = FeatureCache(options.cache_folder, backbone.info, options.cache_dtype, precision)  # every rank's shards
+        cache = FeatureCache(options.cache_folder, backbone.info, cache_dtype, precision)  # every rank's shards
+    if local:  # streamed from the shards, never read whole (CachedRows); unreadable images: no row
+        readable = [k for k in keys if k in cache]
+        if failed is not None:
+            reported = {image for image, _ in failed}
+            failed.extend((table.paths[i], "unreadable (reported by another process)") for i in range(len(keys))
+                          if keys[i] not in cache and table.paths[i] not in reported)
+        elif len(readable) < len(keys):
+            raise VPRError(f"features [{name}]: {len(keys) - len(readable)} images missing from the cache after "
+                           "extraction")
+        row_shape = cache.row_shape(readable[0]) if readable else (0, backbone.info.feature_dim)
+        return CachedRows(cache, [k if k in cache else readable[0] for k in keys], row_shape)
     if failed is None:
         return cache.get(keys)
     readable = np.array([i for i, key in enumerate(keys) if key in cache], dtype=np.int64)
@@ -539,11 +618,12 @@ def extract_table(backbone: Backbone, table: PlaceTable, options: ExtractionSett
         return table, extract_features(backbone, table, options, label)
     failed: list[tuple[str, str]] = []
     features = extract_features(backbone, table, options, label, failed)
-    return table.skip(failed), features[table.rows_without(image for image, _ in failed)]
+    return table.skip(failed), take_rows(features, table.rows_without(image for image, _ in failed))
 
 
 def extract_both(backbone: Backbone, first: PlaceTable, second: PlaceTable, options: ExtractionSettings,
-                 labels: tuple[str, str], on_bad_image: str = "error") -> tuple[PlaceTable, np.ndarray, PlaceTable, np.ndarray]:
+                 labels: tuple[str, str],
+                 on_bad_image: str = "error") -> tuple[PlaceTable, np.ndarray, PlaceTable, np.ndarray]:
     """A script's two tables (train and val, database and queries) through extract_table (under
     torchrun, each rank extracts its share into the shared cache and reads both tables back)."""
     first, first_features = extract_table(backbone, first, options, labels[0], on_bad_image)
@@ -551,8 +631,9 @@ def extract_both(backbone: Backbone, first: PlaceTable, second: PlaceTable, opti
     return first, first_features, second, second_features
 
 
-def frozen_descriptors(options: ExtractionSettings, backbone: Backbone | None, database: PlaceTable, queries: PlaceTable,
-                       pos_threshold_m: float, supervision: str = "auto") -> tuple[PlaceTable, PlaceTable, Descriptors]:
+def frozen_descriptors(options: ExtractionSettings, backbone: Backbone | None, database: PlaceTable,
+                       queries: PlaceTable, pos_threshold_m: float,
+                       supervision: str = "auto") -> tuple[PlaceTable, PlaceTable, Descriptors]:
     """The frozen descriptors: the parquets' embeddings, or the backbone's features (cache);
     with --on_bad_image skip, images that cannot be decoded are left out of tables and features."""
     if backbone is None:

@@ -261,3 +261,42 @@ class LocalPooling(nn.Module):
         if self.config.pooling == "gem":
             return gem(local, self.config.gem_p)
         return vlad(local, self.centroids)
+
+
+# ----------------------------------------------------------------------------------------------
+# Local features as the cached output (--head netvlad; --train_blocks caches block inputs)
+# ----------------------------------------------------------------------------------------------
+LOCAL_SAMPLE_SEED = 0  # the positions kept when an image has more than the bound (part of the cache key)
+
+
+def kept_positions(num_positions: int, bound: int, seed: int = LOCAL_SAMPLE_SEED) -> torch.Tensor | None:
+    """The positions kept of `num_positions` local features, at most `bound`: None (all) when they
+    fit, else a seeded random subset in ascending order. The same subset for every image of one
+    input size, whatever the batch or its order: the cached path and forward() keep the same tokens."""
+    if num_positions <= bound:
+        return None
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randperm(num_positions, generator=generator)[:bound].sort().values
+
+
+class LocalTokens(nn.Module):
+    """images (B, 3, H, W) -> the local features (B, T, C) of `layer` (local_features), T at most
+    `bound` positions (kept_positions). As a Backbone's pooling it makes the cache hold local
+    features (float16, extract_features), the input of a learnable aggregator (NetVLADHead)."""
+
+    def __init__(self, model: nn.Module, layer: int, bound: int):
+        super().__init__()
+        self.model = model
+        self.layer = resolve_layer(num_feature_layers(model), layer)
+        self.channels = layer_channels(model, self.layer)
+        self.bound = int(bound)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        local = local_features(self.model, images, self.layer)
+        keep = kept_positions(local.shape[1], self.bound)
+        return local if keep is None else local[:, keep.to(local.device)]
+
+
+def local_cache_tag(num_layers: int, layer: int, bound: int) -> str:
+    """The cache-key tag of LocalTokens: layer, bound and sampling seed."""
+    return f"local-L{resolve_layer(num_layers, layer)}-n{bound}-s{LOCAL_SAMPLE_SEED}"

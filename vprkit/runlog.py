@@ -27,8 +27,10 @@ LOG_COLUMNS = [
 
 
 # Written after LOG_COLUMNS; readers must not require them (older logs lack them). The `data`
-# event, logged once before epoch 0, holds skipped_images: images left out by --on_bad_image skip.
-LOG_EXTRA_COLUMNS = ["skipped_images"]
+# event, logged once before epoch 0, holds skipped_images: images left out by --on_bad_image skip,
+# val_database: the database validation searches (--val_db_csv, else --train_csv), and head_start:
+# the residual head's start and every candidate's val R@1 ("learned_whitened; raw=0.5 ...").
+LOG_EXTRA_COLUMNS = ["skipped_images", "val_database", "head_start"]
 
 
 # Written after those only by runs that produce them (readers select columns by name):
@@ -37,8 +39,8 @@ LOG_OPTIONAL_COLUMNS = ["ucb_stats"]
 
 
 SUMMARY_RESULT_COLUMNS = [
-    "best_val_r1", "best_val_r5", "best_val_r10", "untrained_val_r1", "best_epoch", "epochs_run", "skipped_images",
-    "wall_time_s", "checkpoint", "log_file",
+    "best_val_r1", "best_val_r5", "best_val_r10", "untrained_val_r1", "head_start", "best_epoch", "epochs_run",
+    "skipped_images", "wall_time_s", "checkpoint", "log_file",
 ]
 
 
@@ -58,8 +60,10 @@ def experiment_recalls(columns: Sequence[str]) -> list[str]:
     return sorted(found, key=lambda c: int(c.split("@")[1]))
 
 
-# vlad: training-free, over local features; trained_whitened: the head's output whitened on the database
-EXPERIMENT_VARIANTS = ("raw", "pca_whitened", "vlad", "trained", "trained_whitened")
+# learned_whitened: whitening learned from the training pairs (shrinkage chosen on val); vlad:
+# training-free, over local features; start: the untrained head validation chose (fitted on the
+# training set); trained_whitened: the head's output whitened on the database
+EXPERIMENT_VARIANTS = ("raw", "pca_whitened", "learned_whitened", "vlad", "start", "trained", "trained_whitened")
 
 
 def safe_name(text: str) -> str:
@@ -113,8 +117,12 @@ class CsvLogger:
             raise VPRError(f"run log {self.path}: not found; the run to resume wrote it "
                            f"(restore it, or start a new run)")
         rows = list(csv.reader(io.StringIO(self.path.read_text())))
-        if not rows or rows[0] != self.columns:
+        if not rows or not set(rows[0]) <= set(self.columns):
             raise VPRError(f"run log {self.path}: its columns differ from this run's; resume with the same settings")
+        if rows[0] != self.columns:  # a log of an earlier version: its rows under today's columns, new cells empty
+            where = {name: i for i, name in enumerate(rows[0])}
+            rows = [self.columns] + [[r[where[c]] if c in where and where[c] < len(r) else "" for c in self.columns]
+                                     for r in rows[1:] if r]
         epoch = self.columns.index("epoch")
         kept = [rows[0]] + [r for r in rows[1:] if r and r[epoch] and int(r[epoch]) <= last_epoch]
         atomic_write(self.path, lambda p: p.write_text(_csv_text(kept)))

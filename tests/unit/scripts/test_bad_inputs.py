@@ -134,7 +134,8 @@ TRAIN_CASES = {
     "missing weights file": (lambda f: {"flags": ["--weights", str(f.root / "w.pth")]},
                              ["--weights", "w.pth: file not found"]),
     "device without CUDA": (lambda f: {"flags": ["--device", "cuda"]}, ["--device cuda", "CUDA is not available"]),
-    "unknown head": (lambda f: {"flags": ["--head", "netvlad"]}, ["--head", "'netvlad'", "projection", "see --help"]),
+    "unknown head": (lambda f: {"flags": ["--head", "nosuchhead"]},
+                     ["--head", "'nosuchhead'", "projection", "see --help"]),
     "unknown on_bad_image": (lambda f: {"flags": ["--on_bad_image", "ignore"]}, ["--on_bad_image", "'ignore'"]),
     "output folder under a file": (lambda f: {"flags": ["--checkpoint_dir", str(f.regular_file / "models")]},
                                    ["--checkpoint_dir", "regular_file.txt", "cannot write there"]),
@@ -273,8 +274,8 @@ def test_run_experiment_checks_every_model_before_the_first_runs(files, capsys, 
 # Each process pays torch's import (~5 s of CPU): two here, the command-line parser's error and
 # run_experiment.py; test_train_vpr.py, test_eval_cli.py and test_analyze_metrics.py run the others.
 SUBPROCESS_CASES = {
-    "train_vpr.py unknown head": ("train_vpr.py", lambda f, out: train_argv(f, out, flags=["--head", "netvlad"]),
-                                  ["--head", "'netvlad'"]),
+    "train_vpr.py unknown head": ("train_vpr.py", lambda f, out: train_argv(f, out, flags=["--head", "nosuchhead"]),
+                                  ["--head", "'nosuchhead'"]),
     "run_experiment.py output under a file": ("run_experiment.py", lambda f, out: [
         "--train_csv", str(f.train), "--val_csv", str(f.val), "--test_csv", str(f.val), "--models", TINY_MODEL,
         "--checkpoint_dir", str(f.regular_file / "models"), "--log_dir", str(out / "logs")],

@@ -26,7 +26,7 @@ from helpers.tiny_dataset import write_image, write_tiny_dataset  # noqa: E402
 from vprkit.evaluation import evaluate_retrieval  # noqa: E402
 from vprkit.features import ExtractionSettings, extract_features  # noqa: E402
 from vprkit.places import load_poses  # noqa: E402
-from vprkit.runlog import safe_name  # noqa: E402
+from vprkit.runlog import EXPERIMENT_VARIANTS, safe_name  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -295,8 +295,8 @@ def test_run_experiment_writes_the_comparison_table(data, tmp_path):
     frame = pd.read_csv(written[0])
     assert list(frame.columns) == ["model", "variant", "recall@1", "recall@5", "recall@10", "delta_r1_vs_raw", "auc_pr",
                                      "recall_at_100_precision"]
-    assert frame["model"].tolist() == [TINY_MODEL] * 5
-    assert frame["variant"].tolist() == ["raw", "pca_whitened", "vlad", "trained", "trained_whitened"]
+    assert frame["model"].tolist() == [TINY_MODEL] * 7
+    assert frame["variant"].tolist() == list(EXPERIMENT_VARIANTS)
     rows = frame.set_index("variant")
     assert rows.loc["raw", "delta_r1_vs_raw"] == 0
     for variant in ("pca_whitened", "vlad", "trained", "trained_whitened"):
@@ -361,7 +361,7 @@ def test_run_experiment_demo_end_to_end(tmp_path, monkeypatch, capsys):
     printed = capsys.readouterr().out
     # the demo says which flags it set (epochs was given, so not that one)
     assert "demo settings (flags you give win): --lr 0.001 --lr_schedule cosine\n" in printed
-    assert table["variant"].tolist() == ["raw", "pca_whitened", "vlad", "trained", "trained_whitened"]
+    assert table["variant"].tolist() == list(EXPERIMENT_VARIANTS)
     assert table[["recall@1", "recall@5", "recall@10"]].stack().between(0, 1).all()
     assert len(list((tmp_path / "logs").glob("experiment_*.csv"))) == 1
     summary = pd.read_csv(tmp_path / "logs" / "training_summary.csv")

@@ -152,7 +152,7 @@ def test_run_experiment_draws_its_variants_on_one_figure(tmp_path, capsys):
     assert table[["auc_pr", "recall_at_100_precision"]].apply(lambda c: c.between(0, 1)).all().all()
     medians = {line.split()[1]: float(line.split("median")[1].split()[0])
                for line in printed.splitlines() if line.startswith(f"  {TINY_MODEL} ") and "median" in line}
-    assert set(medians) == {"raw", "pca_whitened", "trained", "trained_whitened"}
+    assert set(medians) == {"raw", "pca_whitened", "learned_whitened", "start", "trained", "trained_whitened"}
     out = tmp_path / "raw.json"
     eval_trained.main(["--baseline", "--model", TINY_MODEL, "--db_csv", str(data["train"]), "--test_csv",
                        str(data["test"]), *TINY, "--cache_dir", str(cache), "--output_json", str(out)])

@@ -220,7 +220,7 @@ def test_run_experiment_on_parquets(tmp_path, no_images, capsys):
     table = run_experiment.main(["--train_parquet", str(train), "--val_parquet", str(val), "--test_parquet", str(test),
                                  "--models", "emb", "--epochs", "1", "--batch_size", "8",
                                  "--log_dir", str(tmp_path / "logs"), "--checkpoint_dir", str(tmp_path / "models")])
-    assert table.variant.tolist() == ["raw", "pca_whitened", "trained", "trained_whitened"]
+    assert table.variant.tolist() == ["raw", "pca_whitened", "learned_whitened", "start", "trained", "trained_whitened"]
     raw = evaluate_retrieval(load_table(train).embeddings, None, load_table(test).embeddings, None, 25.0,
                                  (1, 5, 10), load_table(train).labels, load_table(test).labels)
     assert table.loc[0, "recall@1"] == pytest.approx(raw.recalls[1], abs=1e-4)

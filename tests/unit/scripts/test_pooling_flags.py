@@ -4,8 +4,6 @@ end-to-end runs (VLAD on a random-weight ViT, GeM on the tiny CNN), the PCA that
 VLAD's dimension and the residual head's start (the better of raw and PCA-whitened on val)."""
 from __future__ import annotations
 
-import types
-
 import numpy as np
 import pytest
 import torch
@@ -210,17 +208,3 @@ def test_raw_start_is_the_raw_cosine():
     np.testing.assert_allclose(embedded @ embedded.T, low_unit @ low_unit.T, atol=1e-4)
 
 
-@pytest.mark.parametrize("raw_r1, chosen", [(0.6, "raw"), (0.5, "pca_whitened"), (0.4, "pca_whitened")])
-def test_auto_start_keeps_the_better_on_val(monkeypatch, raw_r1, chosen):
-    rng = np.random.default_rng(0)
-    split = types.SimpleNamespace(features=rng.normal(size=(30, 10)).astype(np.float32))
-    data = types.SimpleNamespace(train=split, val=split)
-    config = vpr.TrainConfig(train_csv="t.csv", val_csv="v.csv", projection_dim=4, hidden_dim=8)
-    def fake_recall(head, data, config):  # raw start: the first rows of the base hold unit-norm directions
-        is_raw = np.allclose(np.linalg.norm(head.base.weight.detach().numpy(), axis=1), 1.0)
-        return types.SimpleNamespace(recalls={1: raw_r1 if is_raw else 0.5})
-    monkeypatch.setattr(train_vpr, "val_recall", fake_recall)
-    head = train_vpr.initial_head(config, data)
-    expected = vpr.ResidualHead(10, 4, 8)
-    getattr(expected, "init_raw" if chosen == "raw" else "init_pca_whitening")(split.features)
-    torch.testing.assert_close(head.base.weight, expected.base.weight)

@@ -89,8 +89,9 @@ def test_a_model_failing_later_keeps_the_rows_already_measured(partial):
     [csv_path] = (out / "logs").glob("experiment_*.csv")
     assert f"{FAILING} failed (RuntimeError: CUDA out of memory (simulated))" in message and str(csv_path) in message
     table = pd.read_csv(csv_path)
-    assert table["model"].tolist() == [TINY_MODEL] * 4
-    assert table["variant"].tolist() == ["raw", "pca_whitened", "trained", "trained_whitened"]
+    assert table["model"].tolist() == [TINY_MODEL] * 6
+    assert table["variant"].tolist() == ["raw", "pca_whitened", "learned_whitened", "start", "trained",
+                                         "trained_whitened"]
     assert list(table.columns) == ["model", "variant", "recall@1", "recall@20", "delta_r1_vs_raw", "auc_pr",
                                    "recall_at_100_precision"]
 

@@ -73,7 +73,7 @@ def test_log_csv_columns_and_events(run42):
     assert header == [
         "timestamp", "event", "epoch", "batch", "train_loss", "triplet_loss", "contrastive_loss",
         "batch_time", "avg_train_loss", "avg_triplet_loss", "avg_contrastive_loss", "epoch_time",
-        "val_loss", "val_r1", "val_r5", "val_r10", "val_time", "skipped_images",
+        "val_loss", "val_r1", "val_r5", "val_r10", "val_time", "skipped_images", "val_database", "head_start",
     ]
     log = run42.log
     assert set(log.event) == {"data", "batch", "epoch", "validation"}

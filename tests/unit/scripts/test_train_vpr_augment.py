@@ -226,13 +226,13 @@ def test_views_change_training_only_and_are_never_validated(dataset, tmp_path, p
 def test_mining_and_head_start_read_the_originals(dataset, tmp_path):
     """With views that are all NaN, the head start and the mined batches are those of no views."""
     config = _config(dataset, tmp_path, augment_views=2)
-    train_table, val_table, by_label = train_vpr.load_splits(config)
+    train_table, val_table, by_label, _ = train_vpr.load_splits(config)
     data = train_vpr.extract_training_data(config, train_table, val_table, by_label)
     assert data.train.views.shape == (2, *data.train.features.shape) and data.val.views is None
     nan_views = np.full_like(data.train.views, np.nan)
     poisoned = dataclasses.replace(data, train=dataclasses.replace(data.train, views=nan_views))
     clean = dataclasses.replace(data, train=dataclasses.replace(data.train, views=None))
-    heads = [train_vpr.initial_head(config, d) for d in (poisoned, clean)]
+    heads = [train_vpr.initial_head(config, d)[0] for d in (poisoned, clean)]
     for a, b in zip(heads[0].state_dict().values(), heads[1].state_dict().values()):
         assert torch.equal(a, b) and torch.isfinite(a).all()
     batches = [train_vpr.epoch_batches(config, heads[0], d.train, np.random.default_rng(0)) for d in (poisoned, clean)]

@@ -230,8 +230,8 @@ def test_build_head_from_config():
     head = vpr.build_head({"type": "projection", "in_dim": 40, "projection_dim": 8, "dropout": 0.25})
     assert isinstance(head, vpr.ProjectionHead)
     assert head.net[0].in_features == 40 and head.net[4].out_features == 8 and head.net[3].p == 0.25
-    with pytest.raises(VPRError, match="netvlad"):
-        vpr.build_head({"type": "netvlad", "in_dim": 40, "projection_dim": 8, "dropout": 0.1})
+    with pytest.raises(VPRError, match="nosuchhead"):
+        vpr.build_head({"type": "nosuchhead", "in_dim": 40, "projection_dim": 8, "dropout": 0.1})
     # a state dict moves between two heads built from the same config
     twin = vpr.build_head({"type": "projection", "in_dim": 40, "projection_dim": 8, "dropout": 0.25})
     twin.load_state_dict(head.state_dict())

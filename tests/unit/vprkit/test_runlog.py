@@ -120,3 +120,23 @@ def test_runs_started_in_the_same_second_get_their_own_logs(tmp_path, monkeypatc
     ids = [new_run_id("m", 1, tmp_path) for _ in range(3)]
     assert ids == ["m_seed1_20250101_120000", "m_seed1_20250101_120000_2", "m_seed1_20250101_120000_3"]
     assert sorted(p.stem for p in tmp_path.iterdir()) == sorted(ids)  # each claimed by creating its file
+
+
+def test_a_log_of_an_earlier_version_resumes_under_todays_columns(tmp_path):
+    """A run log written before columns were added (e.g. val_database, head_start) continues:
+    its rows are kept under today's header, the new cells empty; later epochs are dropped."""
+    from vprkit.runlog import CsvLogger
+
+    old_columns = ["timestamp", "event", "epoch", "val_r1"]
+    log = tmp_path / "run.csv"
+    log.write_text("timestamp,event,epoch,val_r1\n1.0,data,0,\n2.0,validation,0,0.5\n3.0,validation,1,0.6\n"
+                   "4.0,validation,2,0.7\n")
+    logger = CsvLogger(log, [*old_columns, "head_start"], continue_after_epoch=1)
+    logger.log("validation", epoch=2, val_r1=0.65, head_start="raw")
+    logger.close()
+    frame = pd.read_csv(log)
+    assert list(frame.columns) == [*old_columns, "head_start"]
+    assert frame["val_r1"].tolist()[1:] == [0.5, 0.6, 0.65]  # epoch 2 of the interrupted run replaced
+    assert frame["head_start"].isna().tolist() == [True, True, True, False]
+    with pytest.raises(VPRError, match="columns differ"):  # a column this run does not have: not the same run
+        CsvLogger(log, ["timestamp", "event", "epoch"], continue_after_epoch=1)
