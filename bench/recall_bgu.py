@@ -70,7 +70,12 @@ def parse_args() -> argparse.Namespace:
                         metavar="POOLING:LAYER", help="with --pooling_rows: the pooled rows")
     parser.add_argument("--train_pooled", nargs="*", default=["vlad:-2", "gem:-2"], metavar="POOLING:LAYER",
                         help="with --pooling_rows: pooled descriptors the recipes are trained on")
-    return parser.parse_args()
+    args = parser.parse_args()
+    if args.pooling_rows and not set(args.train_pooled) <= set(args.pooled):
+        # checked before any extraction: a --train_pooled spec missing from --pooled died with a KeyError after training
+        parser.error(f"--train_pooled {' '.join(sorted(set(args.train_pooled) - set(args.pooled)))} "
+                     "must also be in --pooled (or pass --train_pooled with no value)")
+    return args
 
 
 POOLED_ROWS = (("gem", -1), ("gem", -2), ("vlad", -1), ("vlad", -2))
