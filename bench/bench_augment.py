@@ -16,10 +16,7 @@ recipe, shared by every later run and seed). Writes bench/results/augment.csv.
 """
 from __future__ import annotations
 
-import argparse
-import contextlib
 import dataclasses
-import io
 import statistics
 import sys
 import tempfile
@@ -31,8 +28,10 @@ import numpy as np
 BENCH = Path(__file__).resolve().parent
 REPO = BENCH.parent
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(BENCH))
 
 import train_vpr  # noqa: E402
+from bench_training import OUT_DIR, quiet, training_bench_parser  # noqa: E402  (one home for the benches' data path and quiet runs)
 import trainable_vpr as vpr  # noqa: E402
 from vprkit.augment import AugmentedView  # noqa: E402
 from vprkit.cli import atomic_write  # noqa: E402
@@ -40,23 +39,9 @@ from vprkit.features import extract_features, extraction_settings  # noqa: E402
 from vprkit.places import load_poses  # noqa: E402
 from vprkit.runlog import CsvLogger  # noqa: E402
 
-DATA = REPO.parent / "shared" / "data" / "bgu_campus"
-OUT_DIR = REPO / "bench" / "results"
-
-
-def quiet():
-    stack = contextlib.ExitStack()
-    stack.enter_context(contextlib.redirect_stdout(io.StringIO()))
-    stack.enter_context(contextlib.redirect_stderr(io.StringIO()))
-    return stack
-
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("--data", type=Path, default=DATA)
-    parser.add_argument("--num_images", type=int, default=256, help="first N training rows (0: all)")
-    parser.add_argument("--model", default="effnet_lite0")
+    parser = training_bench_parser(__doc__.split("\n\n")[0])
     parser.add_argument("--views", type=int, default=3, help="K")
     parser.add_argument("--epochs", type=int, default=6, help="epochs of each kind (alternating)")
     parser.add_argument("--cache_dir", default=None, help="a cache holding the originals (default: a temporary one)")

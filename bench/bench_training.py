@@ -62,12 +62,17 @@ def quiet():
     return stack
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+def training_bench_parser(description: str) -> argparse.ArgumentParser:
+    """The flags every training benchmark shares: the data, how many training rows, the backbone."""
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--data", type=Path, default=DATA)
     parser.add_argument("--num_images", type=int, default=256, help="first N training rows (0: all)")
     parser.add_argument("--model", default="effnet_lite0")
+    return parser
+
+
+def main() -> None:
+    parser = training_bench_parser(__doc__.split("\n\n")[0])
     parser.add_argument("--repeats", type=int, default=3, help="no-cache extractions (medians)")
     parser.add_argument("--epochs", type=int, default=5, help="cached epochs per repeat")
     parser.add_argument("--num_workers", type=int, default=vpr.TrainConfig.num_workers)
