@@ -7,6 +7,7 @@ One small module per piece (import this package as `vpr`; every public name is h
 - losses: in-batch pairs and HybridLoss (per-item losses; the miners share one contract in
   vprkit/miners.py)
 - mining: GPS and label mining over the data set (mine_hard_negatives, make_place_batches)
+- data: the splits a training run loads, checks and describes (Split, TrainingData)
 - config: TrainConfig (stored in every checkpoint) and the configs of the scripts that apply a
   model (EvalConfig, LocalizeConfig, ExperimentConfig, TuneConfig), each with its checks
 - starts: where the residual head starts (raw, PCA- or learned whitening), chosen on validation
