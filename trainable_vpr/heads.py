@@ -10,7 +10,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from vprkit.cli import VPRError
-from vprkit.evaluation import l2_normalise, pca_by_eigh, pca_whitening_matrix
+from vprkit.evaluation import pca_whitening_matrix
 
 PROJECTION_HIDDEN_MAX = 1024  # D//2 for every backbone's own vector; caps it for VLAD (K*C = 40,960 dims)
 
@@ -64,21 +64,6 @@ class ResidualHead(nn.Module):
     def init_pca_whitening(self, features: np.ndarray) -> None:
         """Set the linear map to PCA-whitening fitted on these (training) features."""
         self.init_linear(*pca_whitening_matrix(features, self.base.out_features))
-
-    @torch.no_grad()
-    def init_raw(self, features: np.ndarray) -> None:
-        """Set the linear map so the head starts as the raw descriptor's cosine similarity:
-        the identity when projection_dim >= D, else the projection onto the top principal
-        directions (uncentred, unwhitened) of these (training) features, the closest
-        projection_dim-d approximation of the raw cosine on them."""
-        dim, out = features.shape[1], self.base.out_features
-        self.base.weight.zero_()
-        self.base.bias.zero_()
-        if out >= dim:
-            self.base.weight[:dim] = torch.eye(dim)
-            return
-        _, components, _ = pca_by_eigh(l2_normalise(features), min(out, len(features)), centre=False)
-        self.base.weight[: len(components)] = torch.from_numpy(components.astype(np.float32))
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         base = self.base(F.normalize(features, dim=-1))

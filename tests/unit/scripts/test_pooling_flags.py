@@ -194,17 +194,3 @@ def test_pca_whitening_on_vlad_sized_features_whitens():
     np.testing.assert_allclose(np.cov(unit @ weight.T + bias, rowvar=False), np.eye(16), atol=1e-3)
 
 
-def test_raw_start_is_the_raw_cosine():
-    x = np.random.default_rng(0).normal(size=(40, 12)).astype(np.float32)
-    unit = x / np.linalg.norm(x, axis=1, keepdims=True)
-    head = vpr.ResidualHead(12, projection_dim=16, hidden_dim=8, dropout=0.0)
-    head.init_raw(x)
-    np.testing.assert_allclose(vpr.embed(head, x)[:, :12], unit, atol=1e-6)  # identity, zero-padded
-    low = np.random.default_rng(1).normal(size=(40, 3)) @ np.random.default_rng(2).normal(size=(3, 12))
-    narrow = vpr.ResidualHead(12, projection_dim=3, hidden_dim=8, dropout=0.0)
-    narrow.init_raw(low.astype(np.float32))  # rank 3: three uncentred directions keep every cosine
-    embedded = vpr.embed(narrow, low.astype(np.float32))
-    low_unit = low / np.linalg.norm(low, axis=1, keepdims=True)
-    np.testing.assert_allclose(embedded @ embedded.T, low_unit @ low_unit.T, atol=1e-4)
-
-
