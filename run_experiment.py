@@ -123,10 +123,16 @@ def training_free_vlad(base: vpr.Backbone, config: vpr.TrainConfig, train_paths:
     return frozen_descriptors(config, backbone, database, queries, config.pos_threshold_m, config.supervision)[2]
 
 
-def learned_whitened(config: vpr.TrainConfig, raw: Descriptors) -> tuple[Descriptors, str]:
+def learned_whitened(config: vpr.TrainConfig, raw: Descriptors,
+                     trained: train_vpr.TrainResult) -> tuple[Descriptors, str]:
     """The learned-whitening row (trainable_vpr.starts): fitted on the training images' pairs,
-    shrinkage chosen on val queries against the validation database, as the head's start is;
-    the features come from the cache training filled. Returns the descriptors and their label."""
+    shrinkage chosen on val queries against the validation database, as the head's start is.
+    The run's own candidate when --head_start auto compared it; else fitted here, the features
+    coming from the cache training filled. Returns the descriptors and their label."""
+    if "learned_whitened" in trained.start_candidates:
+        label = trained.head_start["labels"]["learned_whitened"]
+        return PlaceDescriptor(None, trained.start_candidates["learned_whitened"]).describe(raw), \
+            f"({label.split('(', 1)[1]}"
     train_table, val_table, by_label, val_db = train_vpr.load_splits(config)
     data = train_vpr.extract_training_data(config, train_table, val_table, by_label, None, val_db)
     start = vpr.start_head("learned_whitened", train_vpr.head_config_for(config, data.train.features.shape[1]),
@@ -175,7 +181,7 @@ def compare_backbone(model: str, args: vpr.ExperimentConfig) -> ModelRun:
     # The head's output PCA-whitened at indexing time on the database the user searches: whitening
     # fitted on the target database adapts to it without training there (issue "local features").
     variants["trained_whitened"] = pca_whitened(variants["trained"], config.projection_dim)
-    variants["learned_whitened"], labels["learned_whitened"] = learned_whitened(config, raw)
+    variants["learned_whitened"], labels["learned_whitened"] = learned_whitened(config, raw, trained)
     if trained.start_head is not None:  # the untrained head validation chose: what training must beat
         variants["start"] = PlaceDescriptor(None, trained.start_head).describe(raw)
         labels["start"] = f"= {trained.head_start['label']}"

@@ -62,6 +62,8 @@ class TrainResult:
     untrained_r1: float = math.nan  # val R@1 of the untrained head (epoch 0): what training must beat
     head_start: dict[str, Any] | None = None  # the residual head's start (StartChoice.record()), None for other heads
     start_head: torch.nn.Module | None = None  # the untrained head itself (run_experiment's `start` row)
+    # every untrained start compared (--head_start auto), by name: run_experiment's rows reuse them
+    start_candidates: dict[str, torch.nn.Module] = dataclasses.field(default_factory=dict)
 
 
 @dataclass
@@ -326,6 +328,7 @@ class Run:
     head_config: vpr.HeadConfig | None = None
     start: dict[str, Any] | None = None  # StartChoice.record() of a residual head (resumed: the checkpoint's)
     start_head: torch.nn.Module | None = None  # the untrained head (a copy; None when resumed)
+    start_candidates: dict[str, torch.nn.Module] = dataclasses.field(default_factory=dict)  # untrained, by name
     run_id: str = ""
     log_file: Path = Path()
     tensorboard: TensorBoardLog | None = None  # --tensorboard: fed the log's rows (CsvLogger on_row)
@@ -421,6 +424,9 @@ def new_run(config: vpr.TrainConfig, data: TrainingData, resumed: dict | None = 
               torch.Generator().manual_seed(config.seed), TrainState(), head_config,
               None if choice is None else choice.record())
     run.start_head = None if choice is None else copy.deepcopy(choice.chosen.head)
+    if choice is not None:  # the chosen head trains in place: its untrained copy stands for it
+        run.start_candidates = {name: run.start_head if c is choice.chosen else c.head
+                                for name, c in choice.candidates.items()}
     return run
 
 
@@ -580,7 +586,7 @@ def train(config: vpr.TrainConfig, on_validation: ValidationCallback | None = No
     refresh_latest_alias(best_path, latest_alias_path(config.checkpoint_dir, config.model, config.seed))
     result = TrainResult(run.run_id, state.best_recall, state.best_epoch, state.epoch, time.perf_counter() - started,
                          best_path, run.log_file, final_path, state.early_stopped, data.skipped_images,
-                         state.untrained_r1, run.start, run.start_head)
+                         state.untrained_r1, run.start, run.start_head, run.start_candidates)
     append_summary_row(log_dir / TRAINING_SUMMARY_NAME, summary_row(config, result))
     return result
 
