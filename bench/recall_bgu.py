@@ -17,6 +17,14 @@ K=32): training-free at the last layer (-1) and at layer -2 (EfficientNet-Lite0'
 14 x 14 stage), each raw and PCA-whitened (256 dims, fitted on train.csv), and the residual head
 of each --recipes trained on the pooled descriptors of --train_pooled. val.csv rows (val queries
 against train.csv) are printed first: defaults are decided there, never on test.
+
+--levers adds issue 18's levers, each alone on the default recipe (its start chosen by
+--head_start auto, i.e. lever (d), learned whitening, wherever val prefers it), trained per
+threshold and seed: augment (--augment_views 3), netvlad (--head netvlad on --lever_layer's local
+features, started at the vlad row), train_blocks (--train_blocks N at --backbone_lr 1e-5), and
+the combination augment+vlad (augmented views of the VLAD --lever_layer descriptor, the default
+head on it). `default` is the default recipe again under the same --lever_epochs and
+--lever_patience, so each lever's time per epoch is a ratio to it measured in this run.
 """
 from __future__ import annotations
 
@@ -35,7 +43,7 @@ sys.path.insert(0, str(REPO))
 
 import train_vpr  # noqa: E402
 import trainable_vpr as vpr  # noqa: E402
-from trainable_vpr.model import PlaceDescriptor  # noqa: E402
+from trainable_vpr.model import PlaceDescriptor, describe_table  # noqa: E402
 from vprkit.cli import atomic_write  # noqa: E402
 from vprkit.evaluation import Descriptors, evaluate_variant, fit_pca_whitening  # noqa: E402
 from vprkit.features import ExtractionSettings, extract_features  # noqa: E402
@@ -63,13 +71,20 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--epochs", type=int, default=15)
     parser.add_argument("--cache_dir", default=str(REPO / ".cache" / "features"))
     parser.add_argument("--out_dir", type=Path, default=REPO / "bench" / "results")
-    parser.add_argument("--recipes", nargs="+", default=list(RECIPES), choices=list(RECIPES))
+    parser.add_argument("--recipes", nargs="*", default=list(RECIPES), choices=list(RECIPES))
     parser.add_argument("--thresholds", type=float, nargs="+", default=list(THRESHOLDS_M), help="metres")
     parser.add_argument("--pooling_rows", action="store_true", help="add the gem / vlad rows (see above)")
     parser.add_argument("--pooled", nargs="*", default=[f"{p}:{layer}" for p, layer in POOLED_ROWS],
                         metavar="POOLING:LAYER", help="with --pooling_rows: the pooled rows")
     parser.add_argument("--train_pooled", nargs="*", default=["vlad:-2", "gem:-2"], metavar="POOLING:LAYER",
                         help="with --pooling_rows: pooled descriptors the recipes are trained on")
+    parser.add_argument("--levers", nargs="*", default=[], choices=list(LEVERS),
+                        help="issue 18's levers, each alone (see above)")
+    parser.add_argument("--lever_layer", type=int, default=-2, help="--feature_layer of the netvlad and augment+vlad "
+                        "levers (the VLAD layer val prefers: effnet_lite0 -2, DINOv2-S 8)")
+    parser.add_argument("--train_blocks", type=int, default=1, help="N of the train_blocks lever")
+    parser.add_argument("--lever_epochs", type=int, default=15, help="epochs of each lever row")
+    parser.add_argument("--lever_patience", type=int, default=0, help="--early_stopping_patience of each lever row")
     args = parser.parse_args()
     if args.pooling_rows and not set(args.train_pooled) <= set(args.pooled):
         # checked before any extraction: a --train_pooled spec missing from --pooled died with a KeyError after training
@@ -79,6 +94,14 @@ def parse_args() -> argparse.Namespace:
 
 
 POOLED_ROWS = (("gem", -1), ("gem", -2), ("vlad", -1), ("vlad", -2))
+# issue 18's levers: the TrainConfig changes of each (args: --lever_layer, --train_blocks)
+LEVERS = {
+    "default": lambda args: {},
+    "augment": lambda args: {"augment_views": 3},
+    "netvlad": lambda args: {"head": "netvlad", "pooling": "vlad", "feature_layer": args.lever_layer},
+    "train_blocks": lambda args: {"train_blocks": args.train_blocks, "backbone_lr": 1e-5},
+    "augment+vlad": lambda args: {"augment_views": 3, "pooling": "vlad", "feature_layer": args.lever_layer},
+}
 
 
 def pooled_features(pooling: str, layer: int, args: argparse.Namespace, tables: dict[str, PlaceTable],
@@ -122,6 +145,30 @@ def trained_descriptors(recipe: str, seed: int, threshold: float, args: argparse
     return {split: model.describe_features(feats) for split, feats in features.items()}
 
 
+def lever_rows(lever: str, seed: int, threshold: float, args: argparse.Namespace,
+               tables: dict[str, PlaceTable], options: ExtractionSettings) -> list[dict]:
+    """One lever's trained row: its best checkpoint (by val R@1) described through the model object
+    (the lever's own cache: local features, block inputs), with its mean epoch time (s)."""
+    changes = LEVERS[lever](args)
+    config = vpr.TrainConfig(train_csv=str(args.data / "train.csv"), val_csv=str(args.data / "val.csv"),
+                             model=args.model, weights=args.weights, image_size=args.image_size, seed=seed,
+                             epochs=args.lever_epochs, early_stopping_patience=args.lever_patience,
+                             pos_threshold_m=threshold, cache_dir=args.cache_dir, log_dir=str(args.out_dir / "logs"),
+                             checkpoint_dir=str(args.out_dir / f"models_{threshold:g}m_{lever}"), **changes)
+    with contextlib.redirect_stdout(io.StringIO()):
+        result = train_vpr.train(config)
+    model = PlaceDescriptor.from_checkpoint(result.checkpoint, weights=args.weights)
+    with contextlib.redirect_stdout(io.StringIO()):
+        descriptors = {s: describe_table(model, t, options, s)[1] for s, t in tables.items()}
+    log = pd.read_csv(result.log_file)
+    epoch_s = float(log[log.event == "epoch"].epoch_time.mean())
+    print(f"  lever {lever}, {threshold:g} m, seed {seed}: best val R@1 {result.best_recall[1]:.3f} at epoch "
+          f"{result.best_epoch} (start {(result.head_start or {}).get('label', '-')}, val R@1 "
+          f"{result.untrained_r1:.3f}), {epoch_s:.1f} s an epoch", flush=True)
+    return [{**row, "epoch_s": epoch_s} for row in recall_rows(f"lever {lever}", seed, descriptors, tables,
+                                                               (threshold,))]
+
+
 def learned_whitening(features: dict[str, np.ndarray], tables: dict[str, PlaceTable], threshold: float):
     """Learned whitening (vprkit.whitening, 256 d) of train.csv's positive pairs at `threshold`,
     its shrinkage chosen on val.csv R@1 against train.csv (as the head's learned_whitened start)."""
@@ -142,6 +189,13 @@ def summary_table(rows: list[dict]) -> pd.DataFrame:
     stats["column"] = stats["split"] + " " + stats["threshold_m"].map(lambda t: f"{t:g} m") + " " + stats["condition"]
     return stats.pivot(index="variant", columns="column", values="cell").reindex(
         index=list(dict.fromkeys(frame["variant"])), columns=list(dict.fromkeys(stats["column"])))
+
+
+def epoch_time_ratios(rows: list[dict]) -> pd.DataFrame:
+    """Each lever's mean time per epoch against the default recipe's in the same run (--levers default)."""
+    frame = pd.DataFrame([r for r in rows if r.get("epoch_s", np.nan) == r.get("epoch_s", np.nan)])
+    seconds = frame.drop_duplicates(["variant", "seed", "threshold_m"]).groupby("variant", sort=False)["epoch_s"].mean()
+    return pd.DataFrame({"s per epoch": seconds, "ratio to default": seconds / seconds.get("lever default", np.nan)})
 
 
 def main() -> None:
@@ -181,6 +235,11 @@ def main() -> None:
                         rows += recall_rows(f"{recipe} recipe on {pooling} L{layer}", seed, descriptors, tables,
                                             (threshold,))
 
+    for lever in args.levers:
+        for threshold in args.thresholds:
+            for seed in args.seeds:
+                rows += lever_rows(lever, seed, threshold, args, tables, options)
+
     args.out_dir.mkdir(parents=True, exist_ok=True)
     atomic_write(args.out_dir / "recall_bgu.csv", lambda p: pd.DataFrame(rows).to_csv(p, index=False))
     table = summary_table(rows)
@@ -188,6 +247,8 @@ def main() -> None:
     for split in ("val", "test", "queries"):
         cols = [c for c in table.columns if c.startswith(split)]
         print("\n" + table[cols].to_string())
+    if args.levers:
+        print("\n" + epoch_time_ratios(rows).to_string(float_format=lambda v: f"{v:.2f}"))
     print(f"\nall rows (R@1/5/10 per seed): {args.out_dir / 'recall_bgu.csv'}")
 
 
