@@ -102,9 +102,10 @@ class TrainConfig(ExtractionSettings, BackboneName, HeadName, Supervision, PosTh
                                    "val queries, so validation measures the user's task", "data",
                                    aliases=("--val_db_parquet",))
     # model
-    pooling: str = _flag("backbone", f"{POOLING_HELP}; training also takes auto: the best on val R@1 of each "
-                         "pooling's frozen start (--head_start, scored as the residual head's start is), each pooling "
-                         "extracted once; the run then trains on the chosen one, which its checkpoint records",
+    pooling: str = _flag("backbone", f"{POOLING_HELP}; training also takes auto (a new residual-head run on "
+                         "images): backbone, gem and vlad (at --feature_layer, --vlad_clusters) each extracted once "
+                         "and given its best frozen start (--head_start) on val R@1; the run trains on the best one, "
+                         "and its checkpoint, log and summary record that pooling",
                          "model", choices=(*POOLINGS, POOLING_AUTO))  # ExtractionSettings' field, one choice more
     local_features_per_image: int = _flag(DEFAULT_LOCAL_FEATURES_PER_IMAGE, "--head netvlad: the most local features "
                                           "cached per image (float16); an image with more positions keeps a fixed "
