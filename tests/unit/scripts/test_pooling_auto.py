@@ -4,6 +4,7 @@ a run of the chosen, concrete pooling. The tiny random CNN on synthetic photos: 
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 
 import pandas as pd
@@ -19,7 +20,7 @@ import trainable_vpr as vpr
 from trainable_vpr.data import extract_training_data, load_splits
 from vprkit.cli import VPRError
 from vprkit.evaluation import evaluate_retrieval
-from helpers import TINY, assert_one_line_error, run_main, write_train_val
+from helpers import TINY, TINY_MODEL, TINY_OPTIONS, assert_one_line_error, run_main, write_train_val
 
 LAYER = "-2"  # the tiny CNN's second-to-last stage: on this data vlad's start beats the backbone's (0.333 vs 0.167)
 
@@ -169,3 +170,21 @@ def test_auto_is_for_training_only(data, capsys):
                        (export_model.main, ["--output", "m.pt2", "--baseline", *TINY])):
         code, err = run_main(capsys, main, [*argv, "--pooling", "auto"])
         assert_one_line_error(code, err, "--pooling", "auto")
+
+
+def test_run_experiment_resolves_auto_before_its_rows(data, tmp_path):
+    """run_experiment's frozen rows (raw, pca_whitened, vlad) describe the chosen pooling; its JSON
+    keeps every candidate's score."""
+    table = run_experiment.main(["--train_csv", str(data.train), "--val_csv", str(data.val), "--test_csv",
+                                 str(data.val), "--models", TINY_MODEL, *TINY_OPTIONS, "--cache_dir",
+                                 str(data.root / "cache"), "--log_dir", str(tmp_path / "logs"), "--checkpoint_dir",
+                                 str(tmp_path / "models"), "--epochs", "1", "--batch_size", "8", "--projection_dim",
+                                 "8", "--hidden_dim", "16", "--vlad_clusters", "4", "--feature_layer", LAYER,
+                                 "--pooling", "auto"])
+    rows = table.set_index("variant")["recall@1"]
+    assert rows["vlad"] == rows["raw"]  # the run's raw descriptor is the chosen vlad
+    [record] = (tmp_path / "logs").glob("experiment_*.json")
+    start = json.loads(record.read_text())["models"][TINY_MODEL]["head_start"]
+    assert start["pooling"]["chosen"] == "vlad" and set(start["pooling"]["val_r1"]) == set(vpr.POOLING_CANDIDATES)
+    assert rows["start"] == pytest.approx(start["pooling"]["val_r1"]["vlad"], abs=1e-4)  # test = val, db = train
+    assert pd.read_csv(tmp_path / "logs" / "training_summary.csv")["pooling"].tolist() == ["vlad"]
