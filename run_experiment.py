@@ -143,7 +143,7 @@ def learned_whitened(config: vpr.TrainConfig, raw: Descriptors,
 def compare_backbone(model: str, args: vpr.ExperimentConfig) -> ModelRun:
     """Raw, PCA-whitened, training-free VLAD and trained descriptors of one backbone on the final
     queries, each with its localization view (no VLAD row for embeddings parquets: no images)."""
-    config = args.train_config(model)
+    config, pooling = train_vpr.resolved_pooling(args.train_config(model))  # --pooling auto: chosen first
     database, queries = final_tables(args, config)
     base = backbone = None
     if database.embeddings is None:  # one backbone, pooled as asked and, for the vlad row, with VLAD
@@ -163,7 +163,7 @@ def compare_backbone(model: str, args: vpr.ExperimentConfig) -> ModelRun:
             print(f"no vlad row for {model}: {exc}", flush=True)
 
     print(f"\n=== {model}: training ({config.epochs} epochs)", flush=True)
-    trained = train_vpr.train(config)
+    trained = train_vpr.train(config, pooling=pooling)
     # the trained descriptor: the frozen backbone built above (None for embeddings) and the checkpoint's head
     frozen, frozen_raw = backbone, raw
     if config.head in vpr.LOCAL_HEADS:  # the head aggregates the local features: the cache's, streamed

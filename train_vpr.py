@@ -196,6 +196,26 @@ def val_recall(head: torch.nn.Module, data: TrainingData, config: vpr.TrainConfi
                               q_labels=data.val.labels)
 
 
+def resolved_pooling(config: vpr.TrainConfig, tables: tuple | None = None) -> tuple[vpr.TrainConfig,
+                                                                                     vpr.PoolingChoice | None]:
+    """--pooling auto: the config of the pooling whose start scores best on validation
+    (trainable_vpr.starts.choose_pooling), each candidate extracted (through the cache) and its start
+    chosen as initial_head does; any other --pooling: the config as is. `tables`: load_splits'."""
+    if config.pooling != vpr.POOLING_AUTO:
+        return config, None
+    train_table, val_table, by_label, val_db_table = tables or load_splits(config)
+
+    def start_of(candidate: vpr.TrainConfig) -> vpr.StartChoice:
+        print(f"pooling auto: candidate {candidate.pooling}", flush=True)
+        data = extract_training_data(candidate, train_table, val_table, by_label, None, val_db_table)
+        return initial_head(candidate, data)[2]
+
+    choice = vpr.choose_pooling(config, start_of)
+    print(choice.text(), flush=True)
+    vpr.set_determinism(config.seed)  # the run draws what a run given the chosen --pooling draws
+    return vpr.pooling_candidate(config, choice.chosen), choice
+
+
 def hybrid_loss(config: vpr.TrainConfig) -> vpr.HybridLoss:
     return vpr.HybridLoss(config.triplet_margin, config.contrastive_temperature, config.triplet_weight,
                           config.contrastive_weight, config.loss_distance)
@@ -472,7 +492,10 @@ def start_text(start: dict[str, Any] | None) -> str:
     """The start record in one cell: "learned_whitened; raw=0.505 pca_whitened=0.568 learned_whitened=0.663"."""
     if not start:
         return ""
-    return f"{start['chosen']}; " + " ".join(f"{name}={r1:.4f}" for name, r1 in start["val_r1"].items())
+    pooling = start.get("pooling")  # --pooling auto: "; pooling gem; backbone=0.6630 gem=0.6800 vlad=0.6000"
+    return (f"{start['chosen']}; " + " ".join(f"{name}={r1:.4f}" for name, r1 in start["val_r1"].items())
+            + (f"; pooling {pooling['chosen']}; " + " ".join(f"{name}={r1:.4f}" for name, r1 in
+                                                           pooling["val_r1"].items()) if pooling else ""))
 
 
 def open_tensorboard(run: Run, log_dir: Path) -> None:
@@ -527,8 +550,10 @@ def train_and_validate(run: Run, epoch: int, loss_fn: vpr.HybridLoss, logger: Cs
     return result
 
 
-def train(config: vpr.TrainConfig, on_validation: ValidationCallback | None = None) -> TrainResult:
-    """The whole training job; returns where its results are."""
+def train(config: vpr.TrainConfig, on_validation: ValidationCallback | None = None,
+          pooling: vpr.PoolingChoice | None = None) -> TrainResult:
+    """The whole training job; returns where its results are. `pooling`: a --pooling auto choice
+    made already (resolved_pooling; `config` then has its pooling), else made here."""
     started = time.perf_counter()
     vpr.set_determinism(config.seed)
     print_config(config)
@@ -541,9 +566,13 @@ def train(config: vpr.TrainConfig, on_validation: ValidationCallback | None = No
     train_table, val_table, by_label, val_db_table = load_splits(config)
     config = named_after_embeddings(config, train_table, val_table)
     log_dir = check_outputs(config)
+    if pooling is None:
+        config, pooling = resolved_pooling(config, (train_table, val_table, by_label, val_db_table))
     resumed = vpr.load_checkpoint(config.resume) if config.resume else None  # read once
     data = extract_training_data(config, train_table, val_table, by_label, resumed, val_db_table)
     run = new_run(config, data, resumed)
+    if pooling is not None:  # --pooling auto: every candidate's score beside the start (log, summary, checkpoint)
+        run.start = {**run.start, "pooling": pooling.record()}
     loss_fn = hybrid_loss(config)
     logger = open_log(run, loss_fn, log_dir, resumed)
     best_path, last_path, final_path = (run.checkpoint_file(kind) for kind in ("", "last", "final"))

@@ -10,7 +10,8 @@ One small module per piece (import this package as `vpr`; every public name is h
 - data: the splits a training run loads, checks and describes (Split, TrainingData)
 - config: TrainConfig (stored in every checkpoint) and the configs of the scripts that apply a
   model (EvalConfig, LocalizeConfig, ExperimentConfig, TuneConfig), each with its checks
-- starts: where the residual head starts (raw, PCA- or learned whitening), chosen on validation
+- starts: where the residual head starts (raw, PCA- or learned whitening; --pooling auto: and
+  which pooling), chosen on validation
 - checkpoints: the one home of checkpoints (paths, payload, save, load, rebuild)
 - model: PlaceDescriptor, the whole descriptor as one nn.Module (preprocessing, frozen backbone,
   pooling, head), and describe_table (a table's descriptors through the feature cache)
@@ -63,6 +64,7 @@ from trainable_vpr.mining import (  # noqa: F401
 from trainable_vpr.config import (  # noqa: F401
     SUPERVISIONS,
     HEAD_STARTS,
+    POOLING_AUTO,
     NEG_SAMPLERS,
     DEFAULT_MODEL,
     TrainConfig,
@@ -78,10 +80,14 @@ from trainable_vpr.config import (  # noqa: F401
 )
 from trainable_vpr.starts import (  # noqa: F401
     START_NAMES,
+    POOLING_CANDIDATES,
     FitData,
     HeadStart,
+    PoolingChoice,
     StartChoice,
+    choose_pooling,
     choose_start,
+    pooling_candidate,
     start_head,
 )
 from trainable_vpr.checkpoints import (  # noqa: F401

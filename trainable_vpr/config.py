@@ -25,10 +25,12 @@ from vprkit.configs import (
     TestTable,
 )
 from vprkit.features import (
+    POOLING_HELP,
     ExtractionSettings,
     validate_extraction_flags,
 )
 from vprkit.places import is_parquet
+from vprkit.pooling import POOLINGS
 from vprkit.settings import check_choices, registered
 from vprkit.settings import flag as _flag
 from vprkit.tensorboard_log import require_tensorboard
@@ -39,6 +41,7 @@ DEFAULT_SUPERVISION = "auto"
 
 
 HEAD_STARTS = ("auto", "raw", "pca_whitened", "learned_whitened")
+POOLING_AUTO = "auto"  # training only: the best frozen start of every pooling (trainable_vpr.starts.choose_pooling)
 
 
 NEG_SAMPLERS = ("hard", "random", "ucb")
@@ -99,6 +102,11 @@ class TrainConfig(ExtractionSettings, BackboneName, HeadName, Supervision, PosTh
                                    "val queries, so validation measures the user's task", "data",
                                    aliases=("--val_db_parquet",))
     # model
+    pooling: str = _flag("backbone", f"{POOLING_HELP}; training also takes auto (a new residual-head run on "
+                         "images): backbone, gem and vlad (at --feature_layer, --vlad_clusters) each extracted once "
+                         "and given its best frozen start (--head_start) on val R@1; the run trains on the best one, "
+                         "and its checkpoint, log and summary record that pooling",
+                         "model", choices=(*POOLINGS, POOLING_AUTO))  # ExtractionSettings' field, one choice more
     local_features_per_image: int = _flag(DEFAULT_LOCAL_FEATURES_PER_IMAGE, "--head netvlad: the most local features "
                                           "cached per image (float16); an image with more positions keeps a fixed "
                                           "seeded sample of them (printed)", "model")
@@ -187,6 +195,9 @@ class TrainConfig(ExtractionSettings, BackboneName, HeadName, Supervision, PosTh
 
 def validate_train_config(config: TrainConfig) -> None:
     """Flag combinations that cannot train, caught before any work is done."""
+    if config.pooling == POOLING_AUTO:
+        check_pooling_auto(config)
+        config = dataclasses.replace(config, pooling="vlad")  # --feature_layer, --vlad_clusters checked as vlad's
     validate_extraction_flags(config)
     if config.tensorboard:
         require_tensorboard()  # before anything is written
@@ -250,6 +261,18 @@ def validate_train_config(config: TrainConfig) -> None:
                        f"drop --pooling or train on poses CSVs (images)")
     if not (is_parquet(config.train_csv) or is_parquet(config.val_csv)):
         _spec_for(config.model)  # embeddings need no backbone: --model only names the run
+
+
+def check_pooling_auto(config: TrainConfig) -> None:
+    """--pooling auto compares the residual head's frozen starts on images, before a new run."""
+    why = (f"--head {config.head}" if config.head != "residual" else
+           f"--train_blocks {config.train_blocks}" if config.train_blocks else
+           "embeddings parquets (their descriptors are pooled already)"
+           if is_parquet(config.train_csv) or is_parquet(config.val_csv) else
+           "--resume (the run keeps its checkpoint's pooling)" if config.resume else None)
+    if why:
+        raise VPRError(f"--pooling auto: only for a new run of the residual head (--head residual, --train_blocks 0) "
+                       f"on images, not with {why}; give --pooling backbone, gem or vlad")
 
 
 # ============================================================================================

@@ -15,8 +15,12 @@ IS that frozen descriptor (its epoch-0 validation R@1 is the descriptor's):
 `choose_start` fits the candidates --head_start asks for (auto: all three) on the training
 features, scores each head on validation (`score`: val queries against the validation database)
 and keeps the best; a tie goes to the earlier of START_PREFERENCE. The candidates are the run's
-own features: with --pooling gem / vlad those are the pooled descriptor (raw = raw VLAD); choosing
-between poolings would need a second extraction and another head input, so it stays --pooling's.
+own features: with --pooling gem / vlad those are the pooled descriptor (raw = raw VLAD).
+
+`choose_pooling` (--pooling auto, training only) goes one level up: each of POOLING_CANDIDATES is
+extracted (its own cache entry; vlad's vocabulary fitted on the training images) and given its
+best start as above; the pooling whose start scores best on validation is the run's (a tie goes to
+the earlier of POOLING_CANDIDATES), and the run then is exactly a run with that --pooling.
 """
 from __future__ import annotations
 
@@ -30,6 +34,7 @@ from vprkit.pairs import positive_pairs
 from vprkit.whitening import choose_shrinkage
 
 from trainable_vpr.heads import HeadConfig, ResidualHead, build_head
+from vprkit.cli import VPRError
 
 START_NAMES = ("raw", "pca_whitened", "learned_whitened")
 START_PREFERENCE = ("pca_whitened", "learned_whitened", "raw")  # ties on val R@1 (one query = one point on bgu)
@@ -124,3 +129,60 @@ def choose_start(asked: str, head_config: HeadConfig, data: FitData, score: Call
         candidate.val_r1 = float(score(candidate.head))
     best = max(candidates.values(), key=lambda c: (c.val_r1, -START_PREFERENCE.index(c.name)))
     return StartChoice(best, candidates)
+
+
+POOLING_CANDIDATES = ("backbone", "gem", "vlad")  # --pooling auto, in this order (a tie goes to the earlier)
+
+
+def pooling_candidate(config: Any, pooling: str) -> Any:
+    """The training config of one --pooling auto candidate: gem and vlad at the run's
+    --feature_layer and --vlad_clusters, the backbone's own descriptor at its last layer."""
+    return dataclasses.replace(config, pooling=pooling, feature_layer=-1 if pooling == "backbone"
+                               else config.feature_layer)
+
+
+@dataclass
+class PoolingChoice:
+    """--pooling auto: the chosen pooling and each candidate's start (StartChoice; None: the
+    candidate could not be computed, `failed` says why)."""
+
+    chosen: str
+    starts: dict[str, StartChoice | None]
+    labels: dict[str, str]  # "backbone", "gem L-1", "vlad L-1 K32"
+    failed: dict[str, str] = dataclasses.field(default_factory=dict)
+
+    def record(self) -> dict[str, Any]:
+        """The checkpoint's `head_start["pooling"]` entry (plain types)."""
+        done = {name: start for name, start in self.starts.items() if start is not None}
+        return {"chosen": self.chosen, "val_r1": {name: float(s.chosen.val_r1) for name, s in done.items()},
+                "starts": {name: s.chosen.name for name, s in done.items()}, "labels": dict(self.labels),
+                "failed": dict(self.failed)}
+
+    def text(self) -> str:
+        """e.g. "pooling auto: backbone 0.663 (learned_whitened), gem L-1 0.540 (raw), ... -> backbone"."""
+        parts = [f"{self.labels[name]} {start.chosen.val_r1:.3f} ({start.chosen.name})" if start is not None
+                 else f"{self.labels[name]} skipped ({self.failed[name]})" for name, start in self.starts.items()]
+        return f"pooling auto: {', '.join(parts)} -> {self.chosen}"
+
+
+def choose_pooling(config: Any, start_of: Callable[[Any], StartChoice]) -> PoolingChoice:
+    """The pooling of POOLING_CANDIDATES whose best start (`start_of(candidate config)`: extraction
+    and choose_start) scores best on validation. A candidate that cannot be computed (VPRError, e.g.
+    fewer local features than --vlad_clusters) is skipped and named; when none can, the first error
+    stands."""
+    starts: dict[str, StartChoice | None] = {}
+    labels, failed, errors = {}, {}, []
+    for pooling in POOLING_CANDIDATES:
+        candidate = pooling_candidate(config, pooling)
+        labels[pooling] = pooling if pooling == "backbone" else (
+            f"{pooling} L{candidate.feature_layer}" + (f" K{candidate.vlad_clusters}" if pooling == "vlad" else ""))
+        try:
+            starts[pooling] = start_of(candidate)
+        except VPRError as exc:
+            starts[pooling], failed[pooling] = None, str(exc)
+            errors.append(exc)
+    done = [name for name in POOLING_CANDIDATES if starts[name] is not None]
+    if not done:
+        raise errors[0]
+    best = max(done, key=lambda name: (starts[name].chosen.val_r1, -POOLING_CANDIDATES.index(name)))
+    return PoolingChoice(best, starts, labels, failed)

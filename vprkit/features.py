@@ -322,6 +322,12 @@ ON_BAD_IMAGE_HELP = ("a missing or unreadable image: error (stop, naming it) or 
                      "log and summary)")
 
 
+# --pooling's help (TrainConfig re-declares the field with one more choice, auto, and adds to this)
+POOLING_HELP = ("global descriptor: backbone (its own pooled vector), gem (GeM p=3 over the local features of "
+                "--feature_layer) or vlad (AnyLoc-style VLAD over them, vocabulary fitted on the training images, the "
+                "database's for a baseline)")
+
+
 @dataclass
 class ExtractionSettings:
     """The image and extraction flags every script shares, declared once: each script's parser
@@ -334,9 +340,7 @@ class ExtractionSettings:
     weights: str | None = _flag(None, "backbone weights: a local state-dict FILE, or 'random' (default: pretrained)",
                                 "model")
     image_size: int = _flag(0, "square input side in pixels (0: the backbone's default, or the checkpoint's)", "model")
-    pooling: str = _flag("backbone", "global descriptor: backbone (its own pooled vector), gem (GeM p=3 over the local "
-                         "features of --feature_layer) or vlad (AnyLoc-style VLAD over them, vocabulary fitted on the "
-                         "training images, the database's for a baseline)", "model", choices=POOLINGS)
+    pooling: str = _flag("backbone", POOLING_HELP, "model", choices=POOLINGS)
     feature_layer: int = _flag(-1, "with --pooling gem/vlad: the layer whose local features are pooled (a ViT block, "
                                "a CNN stage; -1 the last, negative counts from the end)", "model")
     vlad_clusters: int = _flag(32, "with --pooling vlad: vocabulary size K (descriptor K x channels)", "model")

@@ -29,7 +29,8 @@ LOG_COLUMNS = [
 # Written after LOG_COLUMNS; readers must not require them (older logs lack them). The `data`
 # event, logged once before epoch 0, holds skipped_images: images left out by --on_bad_image skip,
 # val_database: the database validation searches (--val_db_csv, else --train_csv), and head_start:
-# the residual head's start and every candidate's val R@1 ("learned_whitened; raw=0.5 ...").
+# the residual head's start and every candidate's val R@1 ("learned_whitened; raw=0.5 ..."), with
+# --pooling auto also the chosen pooling and each pooling's best start ("...; pooling gem; backbone=0.6 ...").
 LOG_EXTRA_COLUMNS = ["skipped_images", "val_database", "head_start"]
 
 
