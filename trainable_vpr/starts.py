@@ -30,11 +30,11 @@ from typing import Any, Callable
 
 import numpy as np
 import torch.nn as nn
+from vprkit.cli import VPRError
 from vprkit.pairs import positive_pairs
 from vprkit.whitening import choose_shrinkage
 
 from trainable_vpr.heads import HeadConfig, ResidualHead, build_head
-from vprkit.cli import VPRError
 
 START_NAMES = ("raw", "pca_whitened", "learned_whitened")
 START_PREFERENCE = ("pca_whitened", "learned_whitened", "raw")  # ties on val R@1 (one query = one point on bgu)
