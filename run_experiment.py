@@ -31,7 +31,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 import pandas as pd
 
@@ -228,6 +228,43 @@ def comparison_table(reports_by_model: dict[str, dict[str, EvalReport]], recall_
     return pd.DataFrame(rows)
 
 
+FROZEN_ROWS = ("raw", "pca_whitened", "learned_whitened", "vlad")  # descriptors with no epochs (start is one of them)
+
+
+def training_gain(reports: dict[str, EvalReport], trained: train_vpr.TrainResult) -> dict[str, Any]:
+    """What training bought, in R@1 on the final queries: the start (chosen on val) over raw, the
+    epochs over that start, and the trained row against the best frozen row of this table (a
+    report on the test queries, never a choice). Empty without a trained row."""
+    r1 = {variant: report.result.recalls[1] for variant, report in reports.items()}
+    if "trained" not in r1:
+        return {}
+    frozen = {v: r1[v] for v in FROZEN_ROWS if v in r1}
+    best = max(frozen, key=lambda v: (frozen[v], -FROZEN_ROWS.index(v)))
+    gain: dict[str, Any] = {"best_frozen": best, "best_frozen_r1": round(frozen[best], 4),
+                            "trained_minus_best_frozen": round(r1["trained"] - frozen[best], 4),
+                            "best_epoch": trained.best_epoch}
+    if "start" in r1:
+        gain.update(start=(trained.head_start or {}).get("chosen", "start"),
+                    start_minus_raw=round(r1["start"] - r1["raw"], 4),
+                    epochs_minus_start=round(r1["trained"] - r1["start"], 4))
+    return gain
+
+
+def training_gain_lines(model: str, gain: dict[str, Any]) -> list[str]:
+    """training_gain in words, a few lines per model."""
+    if not gain:
+        return []
+    lines = [f"what training bought ({model}, R@1 on these queries):"]
+    if "start" in gain:
+        epochs = ("no epoch beat the start on val, so trained = start" if gain["best_epoch"] == 0
+                  else f"best epoch {gain['best_epoch']} on val")
+        lines += [f"  the start validation chose ({gain['start']}) over raw: {gain['start_minus_raw']:+.4f}",
+                  f"  the epochs over that start: {gain['epochs_minus_start']:+.4f} ({epochs})"]
+    lines.append(f"  trained against the best frozen row of this table ({gain['best_frozen']} "
+                 f"{gain['best_frozen_r1']:.4f}): {gain['trained_minus_best_frozen']:+.4f}")
+    return lines
+
+
 def experiment_record(args: vpr.ExperimentConfig, runs: dict[str, ModelRun], failed: dict[str, str]) -> dict:
     """The experiment's inputs and what each model gave: the JSON beside the experiment CSV."""
     models = {}
@@ -236,7 +273,8 @@ def experiment_record(args: vpr.ExperimentConfig, runs: dict[str, ModelRun], fai
             trained = runs[model].trained
             models[model] = {"run_id": trained.run_id, "checkpoint": str(trained.checkpoint),
                              "log_file": str(trained.log_file), "best_epoch": trained.best_epoch,
-                             "head_start": trained.head_start}
+                             "head_start": trained.head_start,
+                             "training_gain": training_gain(runs[model].reports, trained)}
         elif model in failed:
             models[model] = {"failed": failed[model]}
     return {"train_csv": args.train_csv, "val_csv": args.val_csv, "val_db_csv": args.val_db_csv or args.train_csv,
@@ -281,6 +319,8 @@ def main(argv: Sequence[str] | None = None) -> pd.DataFrame:
         rule = "by place label" if first.by_label else f"within {args.pos_threshold_m:g} m"
         print(f"\nqueries {args.test_csv} against database {args.db_csv or args.train_csv}, correct {rule}")
         print(table.to_string(index=False))
+        for model, run in runs.items():
+            print("\n".join(training_gain_lines(model, training_gain(run.reports, run.trained))))
         print(f"wrote {csv_path}")
         database = args.db_csv or args.train_csv
         figure = draw_experiment_localization(runs, csv_path.with_name(f"{csv_path.stem}_localization.png"),

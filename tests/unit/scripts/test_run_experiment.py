@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pandas as pd
 import pytest
@@ -19,6 +20,7 @@ import analyze_metrics
 import run_experiment
 import trainable_vpr as vpr
 from vprkit.cli import VPRError
+from vprkit.evaluation import EvalReport
 
 FAILING = "timm:test_vit"  # a second model, made to fail after the first was measured
 
@@ -124,3 +126,37 @@ def test_analyze_metrics_reads_any_recall_at(partial, tmp_path, capsys):
     scale = analyze_metrics.recall_scale(table[["recall@1", "recall@20"]])
     row = table[table.variant == "trained"].iloc[0]
     assert trained[2:4] == [f"{row['recall@1'] * scale:.1f}", f"{row['recall@20'] * scale:.1f}"]
+
+
+def test_what_training_bought_adds_up_to_the_table(partial):
+    """The JSON's training_gain is the table's differences: start - raw, trained - start, and
+    trained against the best frozen row (raw / PCA- / learned-whitened / vlad) of that table."""
+    out, _ = partial
+    [csv_path] = (out / "logs").glob("experiment_*.csv")
+    table = pd.read_csv(csv_path).set_index("variant")["recall@1"]
+    gain = json.loads(csv_path.with_suffix(".json").read_text())["models"][TINY_MODEL]["training_gain"]
+    frozen = table[[v for v in run_experiment.FROZEN_ROWS if v in table.index]]
+    assert gain["best_frozen"] == frozen.idxmax() and gain["best_frozen_r1"] == pytest.approx(frozen.max(), abs=1e-4)
+    assert gain["trained_minus_best_frozen"] == pytest.approx(table["trained"] - frozen.max(), abs=2e-4)
+    assert gain["start_minus_raw"] == pytest.approx(table["start"] - table["raw"], abs=2e-4)
+    assert gain["epochs_minus_start"] == pytest.approx(table["trained"] - table["start"], abs=2e-4)
+
+
+def test_training_gain_lines_say_when_no_epoch_beat_the_start():
+    def report(r1: float) -> EvalReport:
+        return EvalReport("x", SimpleNamespace(recalls={1: r1}))
+
+    reports = {"raw": report(0.5), "pca_whitened": report(0.6), "learned_whitened": report(0.7),
+               "vlad": report(0.65), "start": report(0.7), "trained": report(0.7)}
+    result = SimpleNamespace(best_epoch=0, head_start={"chosen": "learned_whitened"})
+    gain = run_experiment.training_gain(reports, result)
+    assert gain == {"best_frozen": "learned_whitened", "best_frozen_r1": 0.7, "trained_minus_best_frozen": 0.0,
+                    "best_epoch": 0, "start": "learned_whitened", "start_minus_raw": 0.2, "epochs_minus_start": 0.0}
+    lines = run_experiment.training_gain_lines("m", gain)
+    assert "over raw: +0.2000" in lines[1] and "no epoch beat the start on val" in lines[2]
+    assert lines[3].endswith("(learned_whitened 0.7000): +0.0000")
+    reports["trained"] = report(0.75)
+    gain = run_experiment.training_gain(reports, SimpleNamespace(best_epoch=4, head_start=None))
+    assert gain["epochs_minus_start"] == 0.05 and gain["trained_minus_best_frozen"] == 0.05
+    assert "best epoch 4 on val" in run_experiment.training_gain_lines("m", gain)[2]
+    assert run_experiment.training_gain({"raw": report(0.5)}, result) == {}
