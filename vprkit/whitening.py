@@ -95,17 +95,22 @@ def _rotation(whitened: np.ndarray, dim: int, whiten: bool) -> np.ndarray:
     return components / np.sqrt(variances[keep])[:, None] if whiten else components
 
 
-def fit_learned_whitening(features: np.ndarray, pos_pairs: tuple[np.ndarray, np.ndarray], dim: int = 256,
-                          shrinkage: float = 0.3, whiten_rotation: bool = False, seed: int = 0) -> Whitening:
-    """Fit the learned whitening (module docstring, steps 1-4) on (N, D) training features and
-    their positive pairs (i, j) (e.g. vprkit.pairs.positive_pairs). Output dimension at most
-    min(dim, N - 1, D): a set of N images spans at most N - 1 directions."""
+@dataclass
+class _PairStatistics:
+    """What every shrinkage shares (steps 1-2): the L2-normalised training features, their mean,
+    the basis of their span and the eigen-decomposition of the positive-pair covariance in it."""
+
+    x: np.ndarray
+    mean: np.ndarray
+    basis: np.ndarray
+    cov_values: np.ndarray
+    cov_vectors: np.ndarray
+    scale: float
+    pairs: int
+
+
+def _pair_statistics(features: np.ndarray, pos_pairs: tuple[np.ndarray, np.ndarray], seed: int) -> _PairStatistics:
     x = l2_normalise(_check_features(features, "training features"))
-    if not 0.0 <= shrinkage <= 1.0:
-        raise VPRError(f"learned whitening: shrinkage {shrinkage:g} must lie in [0, 1] (0: pair whitening alone, "
-                       f"1: PCA-whitening)")
-    if dim < 1:
-        raise VPRError(f"learned whitening: dim {dim} must be at least 1")
     first, second = (np.asarray(p, dtype=np.int64).reshape(-1) for p in pos_pairs)
     if len(first) != len(second):
         raise VPRError(f"learned whitening: {len(first)} first and {len(second)} second pair indices; give two arrays "
@@ -131,25 +136,48 @@ def fit_learned_whitening(features: np.ndarray, pos_pairs: tuple[np.ndarray, np.
     from scipy.sparse import coo_matrix
 
     xb = x.astype(np.float64) @ basis.T
-    k = len(basis)
     adjacency = coo_matrix((np.ones(2 * len(first)),
                             (np.concatenate([first, second]), np.concatenate([second, first]))),
                            shape=(len(x), len(x))).tocsr()
     degrees = np.asarray(adjacency.sum(axis=1)).reshape(-1)
     cov = (xb.T @ (degrees[:, None] * xb) - xb.T @ (adjacency @ xb)) / len(first)
-    scale = np.trace(cov) / x.shape[1]
+    scale = float(np.trace(cov) / x.shape[1])
     if scale <= 0:
         raise VPRError("learned whitening: every positive pair has identical descriptors, so there is nothing to "
                        "whiten; check that the pairs join different images")
-    shrunk = (1.0 - shrinkage) * cov + shrinkage * scale * np.eye(k)
-    values, vectors = np.linalg.eigh(shrunk)
+    values, vectors = np.linalg.eigh(cov)
+    return _PairStatistics(x, mean, basis, values, vectors, scale, len(first))
+
+
+def _whitening_of(stats: _PairStatistics, dim: int, shrinkage: float, whiten_rotation: bool) -> Whitening:
+    """Steps 3-4 for one shrinkage: C_s = (1 - s) C_pos + s (trace / D) I has C_pos's eigenvectors
+    and eigenvalues (1 - s) lambda + s trace / D, so no shrinkage needs its own decomposition."""
+    values = (1.0 - shrinkage) * stats.cov_values + shrinkage * stats.scale
     # C_s^(-1/2); a direction where every pair agrees exactly (s = 0 and N < D) is floored, not inverted to infinity.
     values = np.maximum(values, _RELATIVE_FLOOR * values.max())
-    correction = (vectors / np.sqrt(values)) @ vectors.T @ basis
-    whitened = (x - mean) @ correction.T
+    correction = (stats.cov_vectors / np.sqrt(values)) @ stats.cov_vectors.T @ stats.basis
+    whitened = (stats.x - stats.mean) @ correction.T
     projection = _rotation(whitened, dim, whiten_rotation) @ correction
-    return Whitening(mean.astype(np.float32), projection.astype(np.float32), correction.astype(np.float32),
-                     float(shrinkage), int(len(first)), whiten_rotation)
+    return Whitening(stats.mean.astype(np.float32), projection.astype(np.float32), correction.astype(np.float32),
+                     float(shrinkage), stats.pairs, whiten_rotation)
+
+
+def _check_fit_arguments(shrinkages: Sequence[float], dim: int) -> None:
+    for shrinkage in shrinkages:
+        if not 0.0 <= shrinkage <= 1.0:
+            raise VPRError(f"learned whitening: shrinkage {shrinkage:g} must lie in [0, 1] (0: pair whitening alone, "
+                           f"1: PCA-whitening)")
+    if dim < 1:
+        raise VPRError(f"learned whitening: dim {dim} must be at least 1")
+
+
+def fit_learned_whitening(features: np.ndarray, pos_pairs: tuple[np.ndarray, np.ndarray], dim: int = 256,
+                          shrinkage: float = 0.3, whiten_rotation: bool = False, seed: int = 0) -> Whitening:
+    """Fit the learned whitening (module docstring, steps 1-4) on (N, D) training features and
+    their positive pairs (i, j) (e.g. vprkit.pairs.positive_pairs). Output dimension at most
+    min(dim, N - 1, D): a set of N images spans at most N - 1 directions."""
+    _check_fit_arguments([shrinkage], dim)
+    return _whitening_of(_pair_statistics(features, pos_pairs, seed), dim, shrinkage, whiten_rotation)
 
 
 @dataclass
@@ -175,10 +203,13 @@ def choose_shrinkage(features: np.ndarray, pos_pairs: tuple[np.ndarray, np.ndarr
     if not len(grid):
         raise VPRError("learned whitening: the shrinkage grid is empty")
     database = features if database is None else database
+    shrinkages = sorted(set(float(g) for g in grid))
+    _check_fit_arguments(shrinkages, dim)
+    stats = _pair_statistics(features, pos_pairs, seed=0)  # shared by every shrinkage
     scores: dict[float, float] = {}
     fitted: dict[float, Whitening] = {}
-    for s in sorted(set(float(g) for g in grid)):
-        fitted[s] = fit_learned_whitening(features, pos_pairs, dim, s, whiten_rotation)
+    for s in shrinkages:
+        fitted[s] = _whitening_of(stats, dim, s, whiten_rotation)
         if refit_on_database:
             fitted[s] = fitted[s].refit_rotation(database)
         result = evaluate_retrieval(fitted[s].apply(database), db_xyz, fitted[s].apply(val_features), val_xyz,
