@@ -21,8 +21,6 @@ Nothing is chosen on route B: it only reports.
 from __future__ import annotations
 
 import argparse
-import contextlib
-import io
 import sys
 import tempfile
 from pathlib import Path
@@ -33,8 +31,8 @@ import pandas as pd
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-import train_vpr  # noqa: E402
 import trainable_vpr as vpr  # noqa: E402
+from recall_bgu import quiet_train, run_line  # noqa: E402
 from trainable_vpr.model import PlaceDescriptor  # noqa: E402
 from vprkit.evaluation import evaluate_retrieval, fit_pca_whitening, l2_normalise  # noqa: E402
 from vprkit.features import ExtractionSettings, extract_features  # noqa: E402
@@ -67,10 +65,8 @@ def trained_head(seed: int, args: argparse.Namespace, csvs: dict[str, Path], out
     config = vpr.TrainConfig(train_csv=str(csvs["train"]), val_csv=str(csvs["val"]), image_root=str(args.data),
                              model=args.model, seed=seed, epochs=args.epochs, pos_threshold_m=args.threshold_m,
                              cache_dir=args.cache_dir, log_dir=str(out / "logs"), checkpoint_dir=str(out / "models"))
-    with contextlib.redirect_stdout(io.StringIO()):
-        result = train_vpr.train(config)
-    print(f"  trained on A, seed {seed}: val R@1 {result.best_recall[1]:.3f} at epoch {result.best_epoch} "
-          f"(start {(result.head_start or {}).get('label', '-')}, {result.untrained_r1:.3f})", flush=True)
+    result = quiet_train(config)
+    print(run_line(f"trained on A, seed {seed}", result), flush=True)
     return PlaceDescriptor.from_checkpoint(result.checkpoint, with_backbone=False)
 
 

@@ -127,21 +127,41 @@ def recall_rows(name: str, seed: int | None, desc: dict[str, np.ndarray], tables
     return rows
 
 
+def quiet_train(config: vpr.TrainConfig) -> train_vpr.TrainResult:
+    """train_vpr.train without its per-epoch output."""
+    with contextlib.redirect_stdout(io.StringIO()):
+        return train_vpr.train(config)
+
+
+def run_line(label: str, result: train_vpr.TrainResult, extra: str = "") -> str:
+    """One line a bench prints per trained run: the best val R@1, its epoch and the start it trained from."""
+    return (f"  {label}: best val R@1 {result.best_recall[1]:.3f} at epoch {result.best_epoch} (start "
+            f"{(result.head_start or {}).get('label', '-')}, val R@1 {result.untrained_r1:.3f}){extra}")
+
+
+def mean_epoch_seconds(log_file: Path) -> float:
+    """The mean epoch_time of a run log's epoch rows (training only, no validation)."""
+    log = pd.read_csv(log_file)
+    return float(log[log.event == "epoch"].epoch_time.mean())
+
+
+def bench_config(args: argparse.Namespace, seed: int, threshold: float, checkpoint_dir: str,
+                 **changes) -> vpr.TrainConfig:
+    """A training run on --data's train.csv, chosen on its val.csv, as this bench's flags say."""
+    return vpr.TrainConfig(train_csv=str(args.data / "train.csv"), val_csv=str(args.data / "val.csv"),
+                           model=args.model, weights=args.weights, image_size=args.image_size, seed=seed,
+                           pos_threshold_m=threshold, cache_dir=args.cache_dir, log_dir=str(args.out_dir / "logs"),
+                           checkpoint_dir=str(args.out_dir / checkpoint_dir), **changes)
+
+
 def trained_descriptors(recipe: str, seed: int, threshold: float, args: argparse.Namespace,
                         features: dict[str, np.ndarray],
                         pooling: tuple[str, int] = ("backbone", -1)) -> dict[str, np.ndarray]:
-    config = vpr.TrainConfig(**RECIPES[recipe], pooling=pooling[0], feature_layer=pooling[1],
-                             train_csv=str(args.data / "train.csv"), val_csv=str(args.data / "val.csv"),
-                             model=args.model, weights=args.weights, image_size=args.image_size, seed=seed,
-                             epochs=args.epochs, pos_threshold_m=threshold,
-                             cache_dir=args.cache_dir, log_dir=str(args.out_dir / "logs"),
-                             checkpoint_dir=str(args.out_dir / f"models_{threshold:g}m_{pooling[0]}{pooling[1]}"))
-    with contextlib.redirect_stdout(io.StringIO()):
-        result = train_vpr.train(config)
+    config = bench_config(args, seed, threshold, f"models_{threshold:g}m_{pooling[0]}{pooling[1]}",
+                          **RECIPES[recipe], pooling=pooling[0], feature_layer=pooling[1], epochs=args.epochs)
+    result = quiet_train(config)
+    print(run_line(f"{recipe} recipe on {pooling[0]} L{pooling[1]}, {threshold:g} m, seed {seed}", result), flush=True)
     model = PlaceDescriptor.from_checkpoint(result.checkpoint, with_backbone=False)  # the features are the cache's
-    print(f"  {recipe} recipe on {pooling[0]} L{pooling[1]}, {threshold:g} m, seed {seed}: "
-          f"best val R@1 {result.best_recall[1]:.3f} at epoch {result.best_epoch} "
-          f"(start {(result.head_start or {}).get('label', '-')}, val R@1 {result.untrained_r1:.3f})", flush=True)
     return {split: model.describe_features(feats) for split, feats in features.items()}
 
 
@@ -149,22 +169,14 @@ def lever_rows(lever: str, seed: int, threshold: float, args: argparse.Namespace
                tables: dict[str, PlaceTable], options: ExtractionSettings) -> list[dict]:
     """One lever's trained row: its best checkpoint (by val R@1) described through the model object
     (the lever's own cache: local features, block inputs), with its mean epoch time (s)."""
-    changes = LEVERS[lever](args)
-    config = vpr.TrainConfig(train_csv=str(args.data / "train.csv"), val_csv=str(args.data / "val.csv"),
-                             model=args.model, weights=args.weights, image_size=args.image_size, seed=seed,
-                             epochs=args.lever_epochs, early_stopping_patience=args.lever_patience,
-                             pos_threshold_m=threshold, cache_dir=args.cache_dir, log_dir=str(args.out_dir / "logs"),
-                             checkpoint_dir=str(args.out_dir / f"models_{threshold:g}m_{lever}"), **changes)
-    with contextlib.redirect_stdout(io.StringIO()):
-        result = train_vpr.train(config)
+    config = bench_config(args, seed, threshold, f"models_{threshold:g}m_{lever}", epochs=args.lever_epochs,
+                          early_stopping_patience=args.lever_patience, **LEVERS[lever](args))
+    result = quiet_train(config)
+    epoch_s = mean_epoch_seconds(result.log_file)
+    print(run_line(f"lever {lever}, {threshold:g} m, seed {seed}", result, f", {epoch_s:.1f} s an epoch"), flush=True)
     model = PlaceDescriptor.from_checkpoint(result.checkpoint, weights=args.weights)
     with contextlib.redirect_stdout(io.StringIO()):
         descriptors = {s: describe_table(model, t, options, s)[1] for s, t in tables.items()}
-    log = pd.read_csv(result.log_file)
-    epoch_s = float(log[log.event == "epoch"].epoch_time.mean())
-    print(f"  lever {lever}, {threshold:g} m, seed {seed}: best val R@1 {result.best_recall[1]:.3f} at epoch "
-          f"{result.best_epoch} (start {(result.head_start or {}).get('label', '-')}, val R@1 "
-          f"{result.untrained_r1:.3f}), {epoch_s:.1f} s an epoch", flush=True)
     return [{**row, "epoch_s": epoch_s} for row in recall_rows(f"lever {lever}", seed, descriptors, tables,
                                                                (threshold,))]
 
