@@ -205,12 +205,17 @@ def resolved_pooling(config: vpr.TrainConfig, tables: tuple | None = None) -> tu
         return config, None
     train_table, val_table, by_label, val_db_table = tables or load_splits(config)
 
+    prepared: dict[str, tuple[TrainingData, vpr.StartChoice, torch.Tensor]] = {}
+
     def start_of(candidate: vpr.TrainConfig) -> vpr.StartChoice:
         print(f"pooling auto: candidate {candidate.pooling}", flush=True)
         data = extract_training_data(candidate, train_table, val_table, by_label, None, val_db_table)
-        return initial_head(candidate, data)[2]
+        start = initial_head(candidate, data)[2]
+        prepared[candidate.pooling] = (data, start, torch.get_rng_state())  # the state a run's initial_head leaves
+        return start
 
     choice = vpr.choose_pooling(config, start_of)
+    choice.prepared = prepared[choice.chosen]  # train() goes on from the winner's data and start, not again
     print(choice.text(), flush=True)
     vpr.set_determinism(config.seed)  # the run draws what a run given the chosen --pooling draws
     return vpr.pooling_candidate(config, choice.chosen), choice
@@ -421,15 +426,19 @@ def print_config(config: vpr.TrainConfig) -> None:
     print("config: " + " ".join(f"{k}={v}" for k, v in dataclasses.asdict(config).items()), flush=True)
 
 
-def new_run(config: vpr.TrainConfig, data: TrainingData, resumed: dict | None = None) -> Run:
+def new_run(config: vpr.TrainConfig, data: TrainingData, resumed: dict | None = None,
+            start: vpr.StartChoice | None = None) -> Run:
     """A fresh head, optimizer, schedule, triplet miner and random generators. A resumed run's head
-    is rebuilt from its checkpoint's head config (its start was chosen when the run began).
+    is rebuilt from its checkpoint's head config (its start was chosen when the run began); `start`:
+    the residual head's start chosen already (--pooling auto), else initial_head chooses it.
     --train_blocks: the trained blocks and the head, the blocks at --backbone_lr."""
     if resumed is not None:
         head_config, choice = vpr.HeadConfig.from_dict(resumed["head_config"]), None
         head = vpr.build_head(head_config)
         if data.tail is not None:
             head = trained_blocks.BlocksAndHead(data.tail, head)
+    elif start is not None:
+        head, head_config, choice = start.chosen.head, start.chosen.head_config, start
     else:
         head, head_config, choice = initial_head(config, data)
     groups: list[dict[str, Any]] = [{"params": list(head.parameters()), "lr": config.lr}]
@@ -569,8 +578,13 @@ def train(config: vpr.TrainConfig, on_validation: ValidationCallback | None = No
     if pooling is None:
         config, pooling = resolved_pooling(config, (train_table, val_table, by_label, val_db_table))
     resumed = vpr.load_checkpoint(config.resume) if config.resume else None  # read once
-    data = extract_training_data(config, train_table, val_table, by_label, resumed, val_db_table)
-    run = new_run(config, data, resumed)
+    start = None
+    if pooling is not None and pooling.prepared is not None:  # --pooling auto: extracted and started already
+        data, start, rng_state = pooling.prepared
+        torch.set_rng_state(rng_state)
+    else:
+        data = extract_training_data(config, train_table, val_table, by_label, resumed, val_db_table)
+    run = new_run(config, data, resumed, start)
     if pooling is not None:  # --pooling auto: every candidate's score beside the start (log, summary, checkpoint)
         run.start = {**run.start, "pooling": pooling.record()}
     loss_fn = hybrid_loss(config)

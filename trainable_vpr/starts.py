@@ -150,6 +150,9 @@ class PoolingChoice:
     starts: dict[str, StartChoice | None]
     labels: dict[str, str]  # "backbone", "gem L-1", "vlad L-1 K32"
     failed: dict[str, str] = dataclasses.field(default_factory=dict)
+    # the winner's (training data, StartChoice, torch RNG state) as the comparison left them: train_vpr
+    # goes on from them instead of extracting and fitting the start again (not part of record())
+    prepared: Any = None
 
     def record(self) -> dict[str, Any]:
         """The checkpoint's `head_start["pooling"]` entry (plain types)."""
