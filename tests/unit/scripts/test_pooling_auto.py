@@ -188,3 +188,14 @@ def test_run_experiment_resolves_auto_before_its_rows(data, tmp_path):
     assert start["pooling"]["chosen"] == "vlad" and set(start["pooling"]["val_r1"]) == set(vpr.POOLING_CANDIDATES)
     assert rows["start"] == pytest.approx(start["pooling"]["val_r1"]["vlad"], abs=1e-4)  # test = val, db = train
     assert pd.read_csv(tmp_path / "logs" / "training_summary.csv")["pooling"].tolist() == ["vlad"]
+
+
+def test_an_auto_run_trains_exactly_the_explicit_run_of_its_pooling(data, tmp_path):
+    """train() goes on from the comparison's data, start and RNG state: the same epochs as --pooling vlad."""
+    runs = [train_vpr.train(train_vpr.parse_args(flags(data, "--pooling", pooling, "--epochs", "3",
+                                                       "--checkpoint_dir", str(tmp_path / pooling))))
+            for pooling in ("auto", "vlad")]
+    losses = [tuple(pd.read_csv(r.log_file).query("event == 'epoch'").avg_train_loss) for r in runs]
+    assert losses[0] == losses[1] and runs[0].best_recall == runs[1].best_recall
+    heads = [vpr.load_checkpoint(r.checkpoint)["model_state_dict"] for r in runs]
+    assert all(torch.equal(heads[0][k], heads[1][k]) for k in heads[1])
