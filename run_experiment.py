@@ -35,7 +35,10 @@ from typing import Any, Sequence
 
 import pandas as pd
 
-import train_vpr
+from trainable_vpr import training
+from trainable_vpr.data import extract_training_data, load_splits
+from trainable_vpr.runs import head_config_for, resolved_pooling, start_fit_data
+from trainable_vpr.training import TrainResult
 import trainable_vpr as vpr
 from trainable_vpr.model import PlaceDescriptor
 from vprkit.cli import CliParser, VPRError, atomic_write, check_writable_dir, run_cli
@@ -99,7 +102,7 @@ def check_before_training(args: vpr.ExperimentConfig) -> None:
     database, _ = final_tables(args, args.train_config(args.models[0]))
     for model in args.models:
         config = args.train_config(model)
-        train_vpr.load_splits(config)  # per model: a parquet's backbone must agree with --model
+        load_splits(config)  # per model: a parquet's backbone must agree with --model
         if database.embeddings is None:
             vpr.create_backbone(model, config.weights, config.image_size)  # freed at once; built again to train
 
@@ -111,7 +114,7 @@ class ModelRun:
 
     reports: dict[str, EvalReport]
     localizations: dict[str, LocalizationResult | None]
-    trained: train_vpr.TrainResult
+    trained: TrainResult
 
 
 def training_free_vlad(base: vpr.Backbone, config: vpr.TrainConfig, train_paths: Sequence[str], database,
@@ -124,7 +127,7 @@ def training_free_vlad(base: vpr.Backbone, config: vpr.TrainConfig, train_paths:
 
 
 def learned_whitened(config: vpr.TrainConfig, raw: Descriptors,
-                     trained: train_vpr.TrainResult) -> tuple[Descriptors, str]:
+                     trained: TrainResult) -> tuple[Descriptors, str]:
     """The learned-whitening row (trainable_vpr.starts): fitted on the training images' pairs,
     shrinkage chosen on val queries against the validation database, as the head's start is.
     The run's own candidate when --head_start auto compared it; else fitted here, the features
@@ -133,17 +136,17 @@ def learned_whitened(config: vpr.TrainConfig, raw: Descriptors,
         label = trained.head_start["labels"]["learned_whitened"]
         return PlaceDescriptor(None, trained.start_candidates["learned_whitened"]).describe(raw), \
             f"({label.split('(', 1)[1]}"
-    train_table, val_table, by_label, val_db = train_vpr.load_splits(config)
-    data = train_vpr.extract_training_data(config, train_table, val_table, by_label, None, val_db)
-    start = vpr.start_head("learned_whitened", train_vpr.head_config_for(config, data.train.features.shape[1]),
-                           train_vpr.start_fit_data(config, data), config.seed)
+    train_table, val_table, by_label, val_db = load_splits(config)
+    data = extract_training_data(config, train_table, val_table, by_label, None, val_db)
+    start = vpr.start_head("learned_whitened", head_config_for(config, data.train.features.shape[1]),
+                           start_fit_data(config, data), config.seed)
     return PlaceDescriptor(None, start.head).describe(raw), f"({start.label.split('(', 1)[1]}"
 
 
 def compare_backbone(model: str, args: vpr.ExperimentConfig) -> ModelRun:
     """Raw, PCA-whitened, training-free VLAD and trained descriptors of one backbone on the final
     queries, each with its localization view (no VLAD row for embeddings parquets: no images)."""
-    config, pooling = train_vpr.resolved_pooling(args.train_config(model))  # --pooling auto: chosen first
+    config, pooling = resolved_pooling(args.train_config(model))  # --pooling auto: chosen first
     database, queries = final_tables(args, config)
     base = backbone = None
     if database.embeddings is None:  # one backbone, pooled as asked and, for the vlad row, with VLAD
@@ -163,7 +166,7 @@ def compare_backbone(model: str, args: vpr.ExperimentConfig) -> ModelRun:
             print(f"no vlad row for {model}: {exc}", flush=True)
 
     print(f"\n=== {model}: training ({config.epochs} epochs)", flush=True)
-    trained = train_vpr.train(config, pooling=pooling)
+    trained = training.train(config, pooling=pooling)
     # the trained descriptor: the frozen backbone built above (None for embeddings) and the checkpoint's head
     frozen, frozen_raw = backbone, raw
     if config.head in vpr.LOCAL_HEADS:  # the head aggregates the local features: the cache's, streamed
@@ -231,7 +234,7 @@ def comparison_table(reports_by_model: dict[str, dict[str, EvalReport]], recall_
 FROZEN_ROWS = ("raw", "pca_whitened", "learned_whitened", "vlad")  # descriptors with no epochs (start is one of them)
 
 
-def training_gain(reports: dict[str, EvalReport], trained: train_vpr.TrainResult) -> dict[str, Any]:
+def training_gain(reports: dict[str, EvalReport], trained: TrainResult) -> dict[str, Any]:
     """What training bought, in R@1 on the final queries: the start (chosen on val) over raw, the
     epochs over that start, and the trained row against the best frozen row of this table (a
     report on the test queries, never a choice). Empty without a trained row."""

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
-import train_vpr
+from trainable_vpr.training import train
 import trainable_vpr as vpr
 from vprkit.cli import CliParser, VPRError, atomic_write, check_writable_dir, run_cli
 from vprkit.evaluation import RecallResult
@@ -154,7 +154,7 @@ def objective(trial, base: vpr.TrainConfig, dimensions: list[Dimension], study_n
         if trial.should_prune():
             raise optuna.TrialPruned()
 
-    result = train_vpr.train(config, on_validation=report)
+    result = train(config, on_validation=report)
     trial.set_user_attr("log_file", str(result.log_file))
     trial.set_user_attr("checkpoint", str(result.checkpoint))
     trial.set_user_attr("untrained_r1", result.untrained_r1)

@@ -5,7 +5,8 @@
     .venv/bin/python bench/bench_augment.py                 # 256 images of bgu_campus train.csv, K=3
     .venv/bin/python bench/bench_augment.py --num_images 0  # all 849
 
-An epoch is train_vpr's own (epoch_batches + train_one_epoch, the default configuration) on
+An epoch is the training loop's own (trainable_vpr/training.py: epoch_batches + train_one_epoch,
+the default configuration) on
 cached features; the K=0 and K epochs alternate, on the same head and optimizer, so load bursts
 hit both. The views' extraction (decode, augment, resize, forward, cache write) is timed once per
 view, cold, into a temporary cache.
@@ -30,7 +31,9 @@ REPO = BENCH.parent
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(BENCH))
 
-import train_vpr  # noqa: E402
+from trainable_vpr.data import Split, TrainingData  # noqa: E402
+from trainable_vpr.runs import new_run  # noqa: E402
+from trainable_vpr.training import epoch_batches, hybrid_loss, train_one_epoch  # noqa: E402
 from bench_training import OUT_DIR, quiet, training_bench_parser  # noqa: E402  (one home for the benches' data path and quiet runs)
 import trainable_vpr as vpr  # noqa: E402
 from vprkit.augment import AugmentedView  # noqa: E402
@@ -72,20 +75,20 @@ def main() -> None:
                 start = time.perf_counter()
                 views.append(extract_features(backbone, train, view_cache, f"view {k}", view=AugmentedView(k)))
                 view_times.append(time.perf_counter() - start)
-        split = lambda table, features: train_vpr.Split.of(table, features, False, config.pos_threshold_m)  # noqa: E731
+        split = lambda table, features: Split.of(table, features, False, config.pos_threshold_m)  # noqa: E731
         plain = split(train, train_features)
         augmented = dataclasses.replace(plain, views=np.stack(views))
-        data = train_vpr.TrainingData(backbone.info.as_dict(), plain, split(val, val_features))
-        run = train_vpr.new_run(config, data)
-        loss_fn = train_vpr.hybrid_loss(config)
+        data = TrainingData(backbone.info.as_dict(), plain, split(val, val_features))
+        run = new_run(config, data)
+        loss_fn = hybrid_loss(config)
         logger = CsvLogger(tmp / "logs" / "bench.csv")
         no_views = dataclasses.replace(config, augment_views=0)
 
         def epoch(number: int, with_views: bool) -> float:
             start = time.perf_counter()
             chosen = augmented if with_views else plain
-            batches = train_vpr.epoch_batches(config, run.head, chosen, run.rng)
-            train_vpr.train_one_epoch(number, run.head, run.optimizer, run.scheduler, loss_fn, chosen, batches,
+            batches = epoch_batches(config, run.head, chosen, run.rng)
+            train_one_epoch(number, run.head, run.optimizer, run.scheduler, loss_fn, chosen, batches,
                                       config if with_views else no_views, run.generator, logger, run.miner)
             return time.perf_counter() - start
 

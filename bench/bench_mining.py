@@ -152,7 +152,7 @@ def prepare(function: str, n: int, fixed_area: bool):
     if function == "make_place_batches":
         return (lambda: vpr.make_place_batches(place_of, BATCH_SIZE, 4, num_batches, np.random.default_rng(0)),
                 describe_batches)
-    # what train_vpr.epoch_batches feeds it: for each image its 10 hard negatives (here random
+    # what trainable_vpr.training.epoch_batches feeds it: for each image its 10 hard negatives (here random
     # images; mining them is mine_hard_negatives, measured separately), grouped per place
     hard_negatives = rng.integers(0, n, (n, 10))
     if function == "hard_negative_places":

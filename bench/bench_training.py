@@ -8,7 +8,8 @@ frozen backbone on every training image.
 The no-cache epoch must extract every training image again: its extra cost is one
 extract_features(..., cache_dir=None) over the training images (decode, resize, normalise,
 forward; effnet_lite0, batch 32, num_workers as train_vpr's default). The cached epoch is
-train_vpr's own epoch on cached features: epoch_batches (embed with the current head, mine hard
+the training loop's own epoch (trainable_vpr/training.py) on cached features: epoch_batches
+(embed with the current head, mine hard
 negatives, build place batches) + train_one_epoch (forward, hybrid loss, AdamW step, CSV log
 rows), with the default configuration (DESIGN.md §4) and the same images. Validation is
 measured separately (it is the same with and without the cache once features exist).
@@ -43,7 +44,9 @@ REPO = BENCH.parent
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(BENCH))
 
-import train_vpr  # noqa: E402
+from trainable_vpr.data import Split, TrainingData  # noqa: E402
+from trainable_vpr.runs import new_run  # noqa: E402
+from trainable_vpr.training import epoch_batches, hybrid_loss, train_one_epoch, validate  # noqa: E402
 import trainable_vpr as vpr  # noqa: E402
 from bench_extraction import set_allocator  # noqa: E402
 from vprkit.cli import atomic_write  # noqa: E402
@@ -103,11 +106,11 @@ def main() -> None:
             extract_features(backbone, train.subset(np.arange(min(n, 32))), no_cache)  # warm-up
             train_features = extract_features(backbone, train, cached, "train")   # fills the cache
             val_features = extract_features(backbone, val, cached, "val")
-        split = lambda table, features: train_vpr.Split.of(table, features, False, config.pos_threshold_m)  # noqa: E731
-        data = train_vpr.TrainingData(backbone.info.as_dict(), split(train, train_features), split(val, val_features))
+        split = lambda table, features: Split.of(table, features, False, config.pos_threshold_m)  # noqa: E731
+        data = TrainingData(backbone.info.as_dict(), split(train, train_features), split(val, val_features))
         place_of = data.train.places
-        run = train_vpr.new_run(config, data)  # head, optimizer, schedule, triplet miner, random generators
-        loss_fn = train_vpr.hybrid_loss(config)
+        run = new_run(config, data)  # head, optimizer, schedule, triplet miner, random generators
+        loss_fn = hybrid_loss(config)
         logger = CsvLogger(tmp / "logs" / "bench.csv")
         print(f"{n} training images ({len(np.unique(place_of))} GPS places), {config.model}, head {config.head}, "
               f"batch {config.batch_size}, num_workers {config.num_workers}, torch threads {torch.get_num_threads()}, "
@@ -116,9 +119,9 @@ def main() -> None:
 
         def cached_epoch(epoch: int) -> tuple[float, float, float, int]:
             start = time.perf_counter()
-            batches = train_vpr.epoch_batches(config, run.head, data.train, run.rng)
+            batches = epoch_batches(config, run.head, data.train, run.rng)
             middle = time.perf_counter()
-            train_vpr.train_one_epoch(epoch, run.head, run.optimizer, run.scheduler, loss_fn, data.train, batches,
+            train_one_epoch(epoch, run.head, run.optimizer, run.scheduler, loss_fn, data.train, batches,
                                       config, run.generator, logger, run.miner)
             end = time.perf_counter()
             return end - start, middle - start, end - middle, int(sum(len(b) for b in batches))
@@ -144,7 +147,7 @@ def main() -> None:
                 samples.append(count)
             with quiet():
                 start = time.perf_counter()
-                train_vpr.validate(epoch, run.head, loss_fn, data, config, logger)
+                validate(epoch, run.head, loss_fn, data, config, logger)
                 val_times.append(time.perf_counter() - start)
             print(f"repeat {rep + 1}/{args.repeats}: extraction {extract_times[-1]:.2f} s, cached epochs "
                   f"{', '.join(f'{t * 1000:.0f}' for t in epoch_times[-args.epochs:])} ms", flush=True)

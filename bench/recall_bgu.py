@@ -41,7 +41,8 @@ import pandas as pd
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-import train_vpr  # noqa: E402
+from trainable_vpr import training  # noqa: E402
+from trainable_vpr.training import TrainResult  # noqa: E402
 import trainable_vpr as vpr  # noqa: E402
 from trainable_vpr.model import PlaceDescriptor, describe_table  # noqa: E402
 from vprkit.cli import atomic_write  # noqa: E402
@@ -127,13 +128,13 @@ def recall_rows(name: str, seed: int | None, desc: dict[str, np.ndarray], tables
     return rows
 
 
-def quiet_train(config: vpr.TrainConfig) -> train_vpr.TrainResult:
-    """train_vpr.train without its per-epoch output."""
+def quiet_train(config: vpr.TrainConfig) -> TrainResult:
+    """training.train without its per-epoch output."""
     with contextlib.redirect_stdout(io.StringIO()):
-        return train_vpr.train(config)
+        return training.train(config)
 
 
-def run_line(label: str, result: train_vpr.TrainResult, extra: str = "") -> str:
+def run_line(label: str, result: TrainResult, extra: str = "") -> str:
     """One line a bench prints per trained run: the best val R@1, its epoch and the start it trained from."""
     return (f"  {label}: best val R@1 {result.best_recall[1]:.3f} at epoch {result.best_epoch} (start "
             f"{(result.head_start or {}).get('label', '-')}, val R@1 {result.untrained_r1:.3f}){extra}")

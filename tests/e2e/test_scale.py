@@ -90,7 +90,7 @@ def test_place_batches_memory_is_linear(place_of):
     # part that is plainly linear (and slow to trace)
     num_batches = math.ceil(N_POSITIONS / 32 / 5)
     rng = np.random.default_rng(0)
-    # a hard-negative place list per place, as train_vpr.epoch_batches passes it
+    # a hard-negative place list per place, as trainable_vpr.training.epoch_batches passes it
     hard_places = list(rng.integers(0, place_of.max() + 1, (place_of.max() + 1, 8)))
     batches, peak = traced_peak(lambda: vpr.make_place_batches(place_of, 32, 4, num_batches, rng, hard_places, 0.5))
     assert len(batches) == num_batches

@@ -16,6 +16,8 @@ import export_model
 import localize
 import run_experiment
 import train_vpr
+from trainable_vpr import training
+from trainable_vpr.runs import resolved_pooling
 import trainable_vpr as vpr
 from trainable_vpr.data import extract_training_data, load_splits
 from vprkit.cli import VPRError
@@ -103,14 +105,14 @@ def test_the_auto_run_trains_and_eval_trained_applies_its_checkpoint(data, run):
 
 def test_the_second_extraction_of_the_chosen_pooling_is_read_from_the_cache(data, run, capsys):
     capsys.readouterr()
-    config, choice = train_vpr.resolved_pooling(train_vpr.parse_args(flags(data, "--pooling", "auto")))
+    config, choice = resolved_pooling(train_vpr.parse_args(flags(data, "--pooling", "auto")))
     out = capsys.readouterr().out
     assert config.pooling == "vlad" and config.feature_layer == int(LAYER) and choice.chosen == "vlad"
     assert "extracting 0" in out and "from cache, extracting" in out
     assert all(line.endswith("extracting 0") for line in out.splitlines() if line.startswith("features ["))
     line = [line for line in out.splitlines() if line.startswith("pooling auto: backbone ")]
     assert line and line[0].endswith("-> vlad") and f"gem L{LAYER} " in line[0] and f"vlad L{LAYER} K4 " in line[0]
-    concrete, none = train_vpr.resolved_pooling(config)  # any other --pooling: as is
+    concrete, none = resolved_pooling(config)  # any other --pooling: as is
     assert concrete is config and none is None
 
 
@@ -192,7 +194,7 @@ def test_run_experiment_resolves_auto_before_its_rows(data, tmp_path):
 
 def test_an_auto_run_trains_exactly_the_explicit_run_of_its_pooling(data, tmp_path):
     """train() goes on from the comparison's data, start and RNG state: the same epochs as --pooling vlad."""
-    runs = [train_vpr.train(train_vpr.parse_args(flags(data, "--pooling", pooling, "--epochs", "3",
+    runs = [training.train(train_vpr.parse_args(flags(data, "--pooling", pooling, "--epochs", "3",
                                                        "--checkpoint_dir", str(tmp_path / pooling))))
             for pooling in ("auto", "vlad")]
     losses = [tuple(pd.read_csv(r.log_file).query("event == 'epoch'").avg_train_loss) for r in runs]

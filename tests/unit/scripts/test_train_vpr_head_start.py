@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import train_vpr
+from trainable_vpr.training import TrainResult
 import trainable_vpr as vpr
 from vprkit.evaluation import evaluate_retrieval, fit_pca_whitening, l2_normalise
 from vprkit.pairs import positive_pairs
@@ -49,7 +50,7 @@ def splits(tmp_path_factory):
             "root": root}
 
 
-def train(splits, out: Path, *extra: str) -> train_vpr.TrainResult:
+def train(splits, out: Path, *extra: str) -> TrainResult:
     return train_vpr.main(["--train_parquet", str(splits["train"]), "--val_parquet", str(splits["val"]),
                            "--model", "synthetic", "--epochs", "1", "--batch_size", "8", "--projection_dim", "8",
                            "--hidden_dim", "16", "--device", "cpu", "--num_workers", "0",
@@ -77,7 +78,7 @@ def frozen_val_r1(splits, start: str, dim: int = 8, database: str = "train") -> 
     return evaluate_retrieval(project(db.embeddings), db.xyz, project(val.embeddings), val.xyz, 25.0).recalls[1]
 
 
-def epoch0_r1(result: train_vpr.TrainResult) -> float:
+def epoch0_r1(result: TrainResult) -> float:
     log = pd.read_csv(result.log_file)
     return float(log.loc[(log.event == "validation") & (log.epoch == 0), "val_r1"].iloc[0])
 

@@ -12,6 +12,7 @@ import torch
 
 from helpers import REPO, write_embeddings_parquet
 import train_vpr
+from trainable_vpr import training
 import trainable_vpr.checkpoints
 import trainable_vpr as vpr
 from trainable_vpr.checkpoints import checkpoint_path, save_checkpoint
@@ -130,11 +131,11 @@ COMPARED = ["event", "epoch", "batch", "train_loss", "triplet_loss", "contrastiv
 @pytest.mark.parametrize("sampler", ["hard", "ucb"])
 def test_resumed_run_equals_the_uninterrupted_run(parquets, tmp_path, sampler):
     extra = {"neg_sampler": sampler, "ucb_warmup_samples": 30}
-    whole = train_vpr.train(_config(parquets, tmp_path / "whole", **extra))
+    whole = training.train(_config(parquets, tmp_path / "whole", **extra))
 
     interrupted = _config(parquets, tmp_path / "parts", **extra)
     with pytest.raises(Stop):
-        train_vpr.train(interrupted, on_validation=_stop_after(2))
+        training.train(interrupted, on_validation=_stop_after(2))
     [last] = (tmp_path / "parts" / "models").glob("emb_seed5_*_last.pth")  # named by the run id
     saved = vpr.load_checkpoint(last)  # weights_only=True
     assert saved["epochs_completed"] == 2
@@ -142,7 +143,7 @@ def test_resumed_run_equals_the_uninterrupted_run(parquets, tmp_path, sampler):
     assert saved["resume"]["random_states"]["numpy"]["state"]["state"] > 2**64  # a 128-bit Python int survived
     from_checkpoint_alone = train_vpr.parse_args(["--resume", str(last)])  # every setting from the checkpoint
     assert from_checkpoint_alone == dataclasses.replace(interrupted, resume=str(last))
-    resumed = train_vpr.train(from_checkpoint_alone)
+    resumed = training.train(from_checkpoint_alone)
     assert resumed.run_id == saved["run_id"] and resumed.checkpoint.parent == last.parent
 
     assert str(resumed.log_file) == saved["log_file"]  # the interrupted run's log, continued
@@ -162,7 +163,7 @@ def test_resumed_run_equals_the_uninterrupted_run(parquets, tmp_path, sampler):
 
 def test_resume_refuses_other_settings_and_plain_checkpoints(parquets, tmp_path, monkeypatch):
     config = _config(parquets, tmp_path, epochs=1)
-    result = train_vpr.train(config)
+    result = training.train(config)
     final = str(result.final_checkpoint)
     # beside --resume: what resume allows changes the run's settings, anything else is one line
     extended = train_vpr.parse_args(["--resume", final, "--epochs", "3", "--num_workers", "2", "--lr", "0.001"])
@@ -178,9 +179,9 @@ def test_resume_refuses_other_settings_and_plain_checkpoints(parquets, tmp_path,
     with pytest.raises(VPRError, match=r"required: --train_csv, --val_csv \(or --resume CKPT\)"):
         train_vpr.parse_args(["--epochs", "2"])
     with pytest.raises(VPRError, match="the run used --lr 0.001, not 0.5"):
-        train_vpr.train(dataclasses.replace(config, lr=0.5, resume=str(result.final_checkpoint)))
+        training.train(dataclasses.replace(config, lr=0.5, resume=str(result.final_checkpoint)))
     with pytest.raises(VPRError, match="not a resumable checkpoint"):
-        train_vpr.train(dataclasses.replace(config, resume=str(result.checkpoint)))
+        training.train(dataclasses.replace(config, resume=str(result.checkpoint)))
 
 
 def test_validate_and_save_every_n_epochs_and_early_stop_fields(parquets, tmp_path, monkeypatch):
@@ -194,7 +195,7 @@ def test_validate_and_save_every_n_epochs_and_early_stop_fields(parquets, tmp_pa
 
     validated = []
     monkeypatch.setattr(trainable_vpr.checkpoints, "save_checkpoint", spy)
-    result = train_vpr.train(config, on_validation=lambda epoch, r: validated.append(epoch))
+    result = training.train(config, on_validation=lambda epoch, r: validated.append(epoch))
     log = pd.read_csv(result.log_file)
     assert log[log.event == "validation"].epoch.tolist() == [0, 2, 4, 5]  # and after the last epoch
     assert validated == [2, 4, 5]
@@ -208,7 +209,7 @@ def test_validate_and_save_every_n_epochs_and_early_stop_fields(parquets, tmp_pa
 
 def test_early_stopping_is_recorded(parquets, tmp_path):
     config = _config(parquets, tmp_path, epochs=6, lr=1e-12, early_stopping_patience=1)  # nothing improves
-    result = train_vpr.train(config)
+    result = training.train(config)
     final = vpr.load_checkpoint(result.final_checkpoint)
     assert result.early_stopped and final["early_stopped"] is True and result.epochs_run < 6
 

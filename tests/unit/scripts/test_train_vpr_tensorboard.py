@@ -19,6 +19,7 @@ from helpers.tiny_dataset import write_tiny_dataset
 
 import run_experiment
 import train_vpr
+from trainable_vpr import training
 import tune_vpr
 from vprkit.cli import VPRError
 from vprkit.tensorboard_log import (
@@ -167,13 +168,13 @@ def test_a_resumed_run_replaces_the_interrupted_epochs(tmp_path):
         if epoch == 3:
             raise Stop
 
-    whole = train_vpr.train(config("whole"))
+    whole = training.train(config("whole"))
     with pytest.raises(Stop):
-        train_vpr.train(config("parts"), on_validation=stop_at_3)
+        training.train(config("parts"), on_validation=stop_at_3)
     [last] = (tmp_path / "parts" / "models").glob("*_last.pth")
     resumed_config = train_vpr.parse_args(["--resume", str(last)])
     assert resumed_config == dataclasses.replace(config("parts"), resume=str(last))
-    resumed = train_vpr.train(resumed_config)
+    resumed = training.train(resumed_config)
     a = events(tmp_path / "whole" / "logs" / "tensorboard" / whole.run_id)
     b = events(tmp_path / "parts" / "logs" / "tensorboard" / resumed.run_id)
     assert sorted(a) == sorted(b) and [step for step, _ in a["val/recall@1"]] == [0, 1, 2, 3, 4]

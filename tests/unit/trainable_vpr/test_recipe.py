@@ -11,6 +11,8 @@ import pytest
 import torch
 
 import train_vpr
+from trainable_vpr.runs import lr_scheduler
+from trainable_vpr.training import TrainResult
 import trainable_vpr as vpr
 from vprkit.evaluation import fit_pca_whitening
 from vprkit.features import ExtractionSettings, extract_features
@@ -91,7 +93,7 @@ def test_cosine_schedule_decays_to_zero():
     config = _parse("--lr_schedule", "cosine", "--epochs", "2", "--lr", "0.01")
     param = torch.nn.Parameter(torch.zeros(1))
     optimizer = torch.optim.AdamW([param], lr=config.lr)
-    scheduler = train_vpr.lr_scheduler(optimizer, config, batches_per_epoch=5)
+    scheduler = lr_scheduler(optimizer, config, batches_per_epoch=5)
     rates = []
     for _ in range(10):
         optimizer.step()
@@ -110,7 +112,7 @@ def tiny(tmp_path_factory):
     return write_train_val(tmp_path_factory.mktemp("recipe"), seed=3)
 
 
-def _train(tiny, out, *extra: str) -> train_vpr.TrainResult:
+def _train(tiny, out, *extra: str) -> TrainResult:
     return train_vpr.main([
         "--train_csv", str(tiny.train), "--val_csv", str(tiny.val), "--model", TINY_MODEL, "--weights", "random",
         "--image_size", str(TINY_SIZE), "--batch_size", "8", "--num_workers", "0", "--device", "cpu",

@@ -14,7 +14,10 @@ import torch
 from helpers import TINY_MODEL, TINY_SIZE, place_positions, write_embeddings_parquet, write_poses
 from PIL import Image
 
-import train_vpr
+from trainable_vpr import training
+from trainable_vpr.data import Split, extract_training_data, load_splits
+from trainable_vpr.runs import initial_head
+from trainable_vpr.training import epoch_batches
 import trainable_vpr as vpr
 import vprkit.augment
 import vprkit.features
@@ -163,7 +166,7 @@ def test_view_picks_are_deterministic_cover_the_views_and_vary_by_step():
 def test_batch_features_read_one_view_per_row():
     features = np.arange(5 * 2, dtype=np.float32).reshape(5, 2)
     views = np.stack([features + 100, features + 200])
-    split = train_vpr.Split(None, features, None, np.zeros(5, dtype=np.int64), views)
+    split = Split(None, features, None, np.zeros(5, dtype=np.int64), views)
     batch = np.array([4, 0, 2, 2])
     rows = split.batch_features(batch, np.array([0, 1, 2, 0]))
     np.testing.assert_array_equal(rows, [features[4], features[0] + 100, features[2] + 200, features[2]])
@@ -189,22 +192,22 @@ def _log(result) -> pd.DataFrame:
 
 @pytest.fixture(scope="module")
 def plain_run(dataset, tmp_path_factory):
-    return _log(train_vpr.train(_config(dataset, tmp_path_factory.mktemp("plain"))))
+    return _log(training.train(_config(dataset, tmp_path_factory.mktemp("plain"))))
 
 
 def test_k0_logs_exactly_what_training_without_the_flag_logs(dataset, tmp_path, plain_run, monkeypatch):
     """Views extracted but never picked (picks forced to the originals): bit-identical losses and
     recalls, so extracting views touches neither the random streams, mining nor the head start."""
-    monkeypatch.setattr(train_vpr, "view_picks", lambda seed, epoch, batch, rows, views: np.zeros(rows, np.int64))
-    unpicked = train_vpr.train(_config(dataset, tmp_path / "a", augment_views=2))
+    monkeypatch.setattr(training, "view_picks", lambda seed, epoch, batch, rows, views: np.zeros(rows, np.int64))
+    unpicked = training.train(_config(dataset, tmp_path / "a", augment_views=2))
     pd.testing.assert_frame_equal(_log(unpicked), plain_run, check_exact=True)
-    k0 = train_vpr.train(_config(dataset, tmp_path / "b", augment_views=0))
+    k0 = training.train(_config(dataset, tmp_path / "b", augment_views=0))
     pd.testing.assert_frame_equal(_log(k0), plain_run, check_exact=True)
 
 
 def test_views_change_training_only_and_are_never_validated(dataset, tmp_path, plain_run, spy):
     cache = str(tmp_path / "cache")  # empty: this run extracts everything it reads
-    first = train_vpr.train(_config(dataset, tmp_path / "a", augment_views=2, cache_dir=cache))
+    first = training.train(_config(dataset, tmp_path / "a", augment_views=2, cache_dir=cache))
     val_paths = set(load_poses(dataset.val).paths)
     viewed = [paths for paths, view in spy if view is not None]
     assert viewed and all(not (set(paths) & val_paths) for paths in viewed)
@@ -216,7 +219,7 @@ def test_views_change_training_only_and_are_never_validated(dataset, tmp_path, p
                                   plain_run[(plain_run.event == "validation") & (plain_run.epoch == 0)],
                                   check_exact=True)
     spy.clear()
-    second = train_vpr.train(_config(dataset, tmp_path / "b", augment_views=2, cache_dir=cache))
+    second = training.train(_config(dataset, tmp_path / "b", augment_views=2, cache_dir=cache))
     assert spy == []  # a second run extracts nothing: originals and views come from the cache
     pd.testing.assert_frame_equal(_log(second), log, check_exact=True)  # same seed: same losses
     saved = vpr.load_checkpoint(str(first.final_checkpoint))
@@ -226,16 +229,16 @@ def test_views_change_training_only_and_are_never_validated(dataset, tmp_path, p
 def test_mining_and_head_start_read_the_originals(dataset, tmp_path):
     """With views that are all NaN, the head start and the mined batches are those of no views."""
     config = _config(dataset, tmp_path, augment_views=2)
-    train_table, val_table, by_label, _ = train_vpr.load_splits(config)
-    data = train_vpr.extract_training_data(config, train_table, val_table, by_label)
+    train_table, val_table, by_label, _ = load_splits(config)
+    data = extract_training_data(config, train_table, val_table, by_label)
     assert data.train.views.shape == (2, *data.train.features.shape) and data.val.views is None
     nan_views = np.full_like(data.train.views, np.nan)
     poisoned = dataclasses.replace(data, train=dataclasses.replace(data.train, views=nan_views))
     clean = dataclasses.replace(data, train=dataclasses.replace(data.train, views=None))
-    heads = [train_vpr.initial_head(config, d)[0] for d in (poisoned, clean)]
+    heads = [initial_head(config, d)[0] for d in (poisoned, clean)]
     for a, b in zip(heads[0].state_dict().values(), heads[1].state_dict().values()):
         assert torch.equal(a, b) and torch.isfinite(a).all()
-    batches = [train_vpr.epoch_batches(config, heads[0], d.train, np.random.default_rng(0)) for d in (poisoned, clean)]
+    batches = [epoch_batches(config, heads[0], d.train, np.random.default_rng(0)) for d in (poisoned, clean)]
     assert len(batches[0]) == math.ceil(len(data.train) / BATCH)
     for a, b in zip(*batches):
         np.testing.assert_array_equal(a, b)
