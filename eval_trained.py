@@ -33,9 +33,9 @@ from typing import Any, Sequence
 
 
 import trainable_vpr as vpr
+from trainable_vpr.checkpoints import pos_threshold_of
 from trainable_vpr.model import PlaceDescriptor, load_model
 from vprkit.cli import CliParser, VPRError, atomic_write, run_cli
-from vprkit.configs import DEFAULT_POS_THRESHOLD_M
 from vprkit.evaluation import (Descriptors, EvalReport, evaluate_variant, format_report, l2_normalise, load_eval_tables,
                                pca_whitened)
 from vprkit.exports import save_descriptors
@@ -162,8 +162,7 @@ def export_parquets(folder: str, raw: Descriptors, database: PlaceTable, queries
 def main(argv: Sequence[str] | None = None) -> EvalReport:
     args = parse_args(argv)
     checkpoint = vpr.load_checkpoint(args.model_path) if args.model_path else None
-    threshold = args.pos_threshold_m or (checkpoint["config"]["pos_threshold_m"] if checkpoint
-                                         else DEFAULT_POS_THRESHOLD_M)
+    threshold = pos_threshold_of(args.pos_threshold_m, checkpoint)
     supervision = args.supervision or (checkpoint["config"].get("supervision", "gps") if checkpoint else "auto")
     database, queries = load_eval_tables(args.db_csv, args.test_csv, threshold, supervision, args.image_root,
                                          args.camera_id, args.on_bad_image)

@@ -30,9 +30,9 @@ import numpy as np
 import pandas as pd
 
 import trainable_vpr as vpr
+from trainable_vpr.checkpoints import pos_threshold_of
 from trainable_vpr.model import describe_table, load_model
 from vprkit.cli import CliParser, VPRError, atomic_write, run_cli
-from vprkit.configs import DEFAULT_POS_THRESHOLD_M
 from vprkit.evaluation import exact_search
 from vprkit.exports import image_folder_and_names, write_retrieval_pairs
 from vprkit.features import extraction_settings
@@ -135,8 +135,7 @@ def main(argv: Sequence[str] | None = None) -> pd.DataFrame:
     options = extraction_settings(args)
     # baseline vlad: fitted on the database
     model = load_model(args.model_path, args.model, options, database.paths, checkpoint)
-    threshold = args.pos_threshold_m or (checkpoint["config"].get("pos_threshold_m", DEFAULT_POS_THRESHOLD_M)
-                                         if checkpoint else DEFAULT_POS_THRESHOLD_M)
+    threshold = pos_threshold_of(args.pos_threshold_m, checkpoint)
     database, db_features = describe_table(model, database, options, "database", args.on_bad_image)
     queries, q_features = describe_table(model, queries, options, "queries", args.on_bad_image)
     top, scores = exact_search(db_features, q_features, args.top_k)

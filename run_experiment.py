@@ -25,6 +25,7 @@ A model that fails after others were measured does not lose their rows.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -35,6 +36,7 @@ from typing import Any, Sequence
 
 import pandas as pd
 
+from demo_data import generate_demo_dataset  # MOVE
 from trainable_vpr import training
 from trainable_vpr.data import extract_training_data, load_splits
 from trainable_vpr.runs import head_config_for, resolved_pooling, start_fit_data
@@ -43,7 +45,7 @@ import trainable_vpr as vpr
 from trainable_vpr.model import PlaceDescriptor
 from vprkit.cli import CliParser, VPRError, atomic_write, check_writable_dir, run_cli
 from vprkit.runlog import EXPERIMENT_VARIANTS
-from vprkit.settings import config_from_args, config_parser, parse_layered
+from vprkit.settings import config_parser, parse_config
 from vprkit.evaluation import Descriptors, EvalReport, evaluate_variant, format_report, load_eval_tables, pca_whitened
 from vprkit.features import extraction_settings, frozen_descriptors, pooling_config
 from vprkit.localization import LocalizationResult, draw_localization_figure, localization_of_result
@@ -64,29 +66,25 @@ def build_parser() -> CliParser:
 
 def parse_args(argv: Sequence[str] | None) -> vpr.ExperimentConfig:
     parser = build_parser()
-    args = parse_layered(parser, argv)
-    if args.demo:
-        use_demo_data(args, parser)
-    config = config_from_args(args, vpr.ExperimentConfig)
-    config.validate()
-    return config
+    return parse_config(parser, vpr.ExperimentConfig, argv,
+                        then=lambda args, config: demo_config(config, parser) if config.demo else config)
 
 
-def use_demo_data(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
+def demo_config(config: vpr.ExperimentConfig, parser: argparse.ArgumentParser) -> vpr.ExperimentConfig:
     """Point the experiment at the generated demo route (generated once, then reused)."""
-    import demo_data
-
-    dataset = demo_data.generate_demo_dataset(DEMO_DIR)
-    args.train_csv, args.val_csv, args.test_csv = str(dataset.train_csv), str(dataset.val_csv), str(dataset.test_csv)
-    args.db_csv = args.db_csv or str(dataset.db_csv)  # the day drive of the whole route
+    dataset = generate_demo_dataset(DEMO_DIR)
+    changes: dict[str, Any] = {"train_csv": str(dataset.train_csv), "val_csv": str(dataset.val_csv),
+                               "test_csv": str(dataset.test_csv),
+                               "db_csv": config.db_csv or str(dataset.db_csv)}  # the day drive of the whole route
     applied = []
     for name, value in DEMO_SETTINGS.items():
-        if getattr(args, name) == parser.get_default(name):
-            setattr(args, name, value)
+        if getattr(config, name) == parser.get_default(name):
+            changes[name] = value
             applied.append(f"--{name} {' '.join(map(str, value)) if isinstance(value, list) else value}")
     if applied:  # the demo's recipe differs from the documented defaults: say so, in one line
         print(f"demo settings (flags you give win): {' '.join(applied)}", flush=True)
-    print(f"demo seed: {args.seed} (--seed N for another; the README says how much the result varies)", flush=True)
+    print(f"demo seed: {config.seed} (--seed N for another; the README says how much the result varies)", flush=True)
+    return dataclasses.replace(config, **changes)
 
 
 def final_tables(config: vpr.ExperimentConfig, train: vpr.TrainConfig):

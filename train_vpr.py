@@ -25,7 +25,7 @@ from trainable_vpr.checkpoints import latest_alias_path
 from trainable_vpr.runs import resumed_config
 from trainable_vpr.training import NO_GAIN, TrainResult, train
 from vprkit.cli import CliParser, run_cli
-from vprkit.settings import config_from_args, config_parser, given_settings, parse_layered
+from vprkit.settings import config_parser, given_settings, parse_config
 
 
 def build_parser() -> CliParser:
@@ -35,15 +35,17 @@ def build_parser() -> CliParser:
 
 def parse_args(argv: Sequence[str] | None) -> vpr.TrainConfig:
     parser = build_parser()
-    args = parse_layered(parser, argv)
-    if args.resume:
-        config = resumed_config(args.resume, config_from_args(args, vpr.TrainConfig), given_settings(parser, argv))
-    else:
-        missing = [f"--{name}" for name in ("train_csv", "val_csv") if not getattr(args, name)]
-        if missing:
-            parser.error(f"the following arguments are required: {', '.join(missing)} (or --resume CKPT)")
-        config = config_from_args(args, vpr.TrainConfig)
-    vpr.validate_train_config(config)
+    return parse_config(parser, vpr.TrainConfig, argv, then=lambda args, config: resumed_or_new(config, parser, argv))
+
+
+def resumed_or_new(config: vpr.TrainConfig, parser: CliParser, argv: Sequence[str] | None) -> vpr.TrainConfig:
+    """--resume CKPT: the checkpoint's settings with the resumable ones given now; else a new run,
+    which needs both tables."""
+    if config.resume:
+        return resumed_config(config.resume, config, given_settings(parser, argv))
+    missing = [f"--{name}" for name in ("train_csv", "val_csv") if not getattr(config, name)]
+    if missing:
+        parser.error(f"the following arguments are required: {', '.join(missing)} (or --resume CKPT)")
     return config
 
 

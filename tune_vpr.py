@@ -32,7 +32,7 @@ import trainable_vpr as vpr
 from vprkit.cli import CliParser, VPRError, atomic_write, check_writable_dir, run_cli
 from vprkit.evaluation import RecallResult
 from vprkit.runlog import safe_name
-from vprkit.settings import config_from_args, config_parser, parse_layered
+from vprkit.settings import config_parser, parse_config
 
 # Used when the config file has no [tune.space]: the settings that matter most on small routes.
 DEFAULT_SPACE: dict[str, dict[str, Any]] = {
@@ -70,13 +70,11 @@ def build_parser() -> CliParser:
 
 
 def parse_args(argv: Sequence[str] | None) -> tuple[vpr.TrainConfig, TuneOptions]:
-    args = parse_layered(build_parser(), argv)
-    tune = config_from_args(args, vpr.TuneConfig)
-    tune.validate()
+    tune = parse_config(build_parser(), vpr.TuneConfig, argv)
     config = tune.train_config()
     storage = tune.storage or f"sqlite:///{Path(config.log_dir).resolve() / safe_name(tune.study_name)}.db"
     sampler_seed = config.seed if tune.sampler_seed is None else tune.sampler_seed
-    return config, TuneOptions(storage, tune.study_name, tune.n_trials, tune.n_jobs, args.config, sampler_seed)
+    return config, TuneOptions(storage, tune.study_name, tune.n_trials, tune.n_jobs, tune.config, sampler_seed)
 
 
 def require_optuna():

@@ -5,7 +5,8 @@ config dataclasses through each script's own parser (build_parser), so it cannot
     python scripts/flag_reference.py            # rewrite docs/flags.md
     python scripts/flag_reference.py --check    # exit 1 when docs/flags.md is out of date
 
-tests/test_parser_home.py fails when the committed file differs from what this writes.
+tests/unit/scripts/test_flags.py::test_docs_flags_md_is_what_the_generator_writes fails when the
+committed file differs from what this writes.
 """
 from __future__ import annotations
 

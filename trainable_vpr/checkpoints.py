@@ -13,6 +13,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 from vprkit.cli import VPRError, atomic_write
+from vprkit.configs import DEFAULT_POS_THRESHOLD_M
 from vprkit.features import Backbone, pooling_config
 from vprkit.pooling import PoolingConfig
 from vprkit.runlog import safe_name
@@ -134,6 +135,16 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
         raise VPRError(f"checkpoint {path}: its head weights do not fit its head_config ({reason}); "
                        f"retrain or restore the file") from None
     return checkpoint
+
+
+def pos_threshold_of(given: float | None, checkpoint: dict[str, Any] | None) -> float:
+    """The positive threshold a script applying a model uses: --pos_threshold_m when given, else the
+    one the checkpoint's head was trained with, else the default (25 m)."""
+    if given:
+        return given
+    if checkpoint is None:
+        return DEFAULT_POS_THRESHOLD_M
+    return checkpoint["config"].get("pos_threshold_m", DEFAULT_POS_THRESHOLD_M)
 
 
 def checkpoint_vocabulary(checkpoint: dict[str, Any]) -> np.ndarray | None:

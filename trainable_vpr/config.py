@@ -126,7 +126,7 @@ class TrainConfig(ExtractionSettings, BackboneName, HeadName, Supervision, PosTh
     use_residual: bool = _flag(True, "mlp head: add a skip connection from the input", "model")
     use_layer_norm: bool = _flag(True, "mlp head: LayerNorm after the hidden layer", "model")
     # training
-    epochs: int = _flag(15, "training epochs")
+    epochs: int = _flag(15, "training epochs", resumable=True)
     lr: float = _flag(1e-4, "AdamW learning rate")
     batch_size: int = _flag(32, "images per training batch (places x --images_per_place; extraction has "
                             "--extract_batch_size)")
@@ -144,7 +144,8 @@ class TrainConfig(ExtractionSettings, BackboneName, HeadName, Supervision, PosTh
                                     choices=("gps", "feature"))
     positive_top_k: int = _flag(2, "with --positive_selection feature: positives kept per anchor in a batch")
     lr_schedule: str = _flag("constant", "constant or cosine (decay to 0 over the run)", choices=("constant", "cosine"))
-    early_stopping_patience: int = _flag(0, "stop after this many validations without a better R@1 (0: never)")
+    early_stopping_patience: int = _flag(0, "stop after this many validations without a better R@1 (0: never)",
+                                         resumable=True)
     loss_distance: str = _flag("euclidean", "triplet distance on normalised embeddings: euclidean or cosine (1 - cos)",
                                choices=LOSS_DISTANCES)
     neg_sampler: str = _flag("hard", "triplet negatives: hard (hard_neg_ratio of them the hardest, the rest random), "
@@ -160,17 +161,18 @@ class TrainConfig(ExtractionSettings, BackboneName, HeadName, Supervision, PosTh
                                "the original or one of its K views, uniformly (0: off; never for validation, "
                                "database or queries)")
     validate_every_n_epochs: int = _flag(1, "validate (and maybe save the best checkpoint) every N epochs and after "
-                                         "the last")
-    save_every_n_epochs: int = _flag(1, "write the resumable _last checkpoint every N epochs")
+                                         "the last", resumable=True)
+    save_every_n_epochs: int = _flag(1, "write the resumable _last checkpoint every N epochs", resumable=True)
     resume: str | None = _flag(None, "continue the run of this _last (or _final) checkpoint: head, optimizer, "
                                "scheduler, random states, best metrics and patience are restored, the log is "
-                               "continued", "system")
+                               "continued", "system", resumable=True)
     # system and outputs
-    log_dir: str = _flag("logs", "folder of run logs and training_summary.csv", "system")
-    checkpoint_dir: str = _flag("trained_models", "folder of checkpoints", "system", deprecated=("--output_dir",))
+    log_dir: str = _flag("logs", "folder of run logs and training_summary.csv", "system", resumable=True)
+    checkpoint_dir: str = _flag("trained_models", "folder of checkpoints", "system", deprecated=("--output_dir",),
+                                resumable=True)
     tensorboard: bool = _flag(False, "also write TensorBoard scalars (loss parts, val R@N, learning rate per epoch; "
                               "flags and best val R@1 as hparams) under LOG_DIR/tensorboard/RUN_ID (needs the "
-                              "tensorboard package)", "system")
+                              "tensorboard package)", "system", resumable=True)
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -407,6 +409,7 @@ class TuneConfig(TrainConfig, StudyName):
     n_jobs: int = _flag(1, "local worker processes", "tuning")
     sampler_seed: int | None = _flag(None, "seed of the TPE sampler, + worker index (default: --seed); give each "
                                      "SLURM task its own", "tuning")
+    config: str | None = None  # the --config file the settings were read from (its [tune.space]); not a flag
 
     def __post_init__(self) -> None:
         super().__post_init__()

@@ -19,6 +19,7 @@ from trainable_vpr.checkpoints import checkpoint_path, checkpoint_payload, rando
 from trainable_vpr.data import TrainingData, extract_training_data, load_splits
 from vprkit.cli import VPRError
 from vprkit.evaluation import RecallResult, evaluate_retrieval
+from vprkit.settings import resumable_settings
 from vprkit.miners import BatchMiner, Miner, UCBMiner, load_difficulty_parquet
 from vprkit.tensorboard_log import TensorBoardLog, tensorboard_dir
 
@@ -43,17 +44,16 @@ class TrainState:
         return cls(**{**saved, "best_recall": {int(n): float(r) for n, r in saved["best_recall"].items()}})
 
 
-# Settings that may change when a run is resumed (more epochs, another machine, other output
-# folders); any other difference would make the resumed run a different run. `--resume CKPT`
-# alone takes every setting from the checkpoint; a flag beside it may change only these.
-RESUMABLE_CHANGES = {"resume", "epochs", "early_stopping_patience", "save_every_n_epochs", "validate_every_n_epochs",
-                     "device", "num_workers", "cache_dir", "no_cache", "log_dir", "checkpoint_dir", "precision",
-                     "extract_batch_size", "tensorboard"}
+# The settings a resumed run may change (more epochs, another machine, other output folders) are
+# the flags declared resumable (vprkit.settings.flag(..., resumable=True)); any other difference
+# would make the resumed run a different run. `--resume CKPT` alone takes every setting from the
+# checkpoint; a flag beside it may change only these.
+RESUMABLE_CHANGES = resumable_settings(vpr.TrainConfig)
 
 
 def resumed_config(path: str, parsed: vpr.TrainConfig, given: set[str]) -> vpr.TrainConfig:
     """The checkpoint's whole configuration, with the settings given now (flags, VPR_* variables,
-    --config) that resume may change (RESUMABLE_CHANGES); any other given setting that differs
+    --config) that resume may change (the resumable flags); any other given setting that differs
     from the run's stops with one line naming it."""
     saved = vpr.load_checkpoint(path)
     if "resume" not in saved:

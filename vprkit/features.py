@@ -345,14 +345,14 @@ class ExtractionSettings:
                                "a CNN stage; -1 the last, negative counts from the end)", "model")
     vlad_clusters: int = _flag(32, "with --pooling vlad: vocabulary size K (descriptor K x channels)", "model")
     extract_batch_size: int = _flag(32, "images per extraction batch (the backbone's forward pass)", "system",
-                                    deprecated=("--batch_size",))
-    device: str = _flag("auto", "auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps", "system")
+                                    deprecated=("--batch_size",), resumable=True)
+    device: str = _flag("auto", "auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps", "system", resumable=True)
     num_workers: int = _flag(None, "image-decoding worker processes (default: a quarter of the CPU cores, at most 4)",
-                             "system")
-    cache_dir: str = _flag(DEFAULT_CACHE_DIR, "feature cache folder (shared by every script)", "system")
-    no_cache: bool = _flag(False, "bypass the feature cache (extract every image every time)", "system")
+                             "system", resumable=True)
+    cache_dir: str = _flag(DEFAULT_CACHE_DIR, "feature cache folder (shared by every script)", "system", resumable=True)
+    no_cache: bool = _flag(False, "bypass the feature cache (extract every image every time)", "system", resumable=True)
     precision: str = _flag("fp32", "extraction precision: fp32, bf16 (CUDA, recent CPUs), fp16 (CUDA) or auto "
-                           "(the fastest safe one)", "system", choices=PRECISIONS)
+                           "(the fastest safe one)", "system", choices=PRECISIONS, resumable=True)
     cache_dtype: str = _flag("float32", "feature cache storage: float32 or float16 (half the disk)", "system",
                              choices=CACHE_DTYPES)
     chunk_size: int = 1024  # images per cache shard: the most an interruption can lose (not a flag)

@@ -16,7 +16,7 @@ import sys
 import typing
 from dataclasses import field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 from vprkit.cli import CliParser, VPRError
 
@@ -25,13 +25,20 @@ def flag(default: Any, help: str, group: str = "training", **extra: Any) -> Any:
     """A config dataclass field that is also a command-line flag: its help, its group (= its
     --config TOML section) and optionally choices, aliases, required, metavar, positional (an
     argument without --), deprecated (old option strings still accepted, with a warning) and
-    old_sections (TOML sections the key used to sit in, accepted with a warning).
+    old_sections (TOML sections the key used to sit in, accepted with a warning) and resumable
+    (train_vpr.py --resume CKPT may change it: more epochs, another machine or output folder;
+    any other flag would make the resumed run a different run).
     A list default makes a list flag (nargs +)."""
     metadata = {"help": help, "group": group, **extra}
     if isinstance(default, (list, tuple)) and not isinstance(default, str):
         items = list(default)
         return field(default_factory=lambda: list(items), metadata=metadata)
     return field(default=default, metadata=metadata)
+
+
+def resumable_settings(cls: type) -> set[str]:
+    """The flags of `cls` declared resumable (flag(..., resumable=True))."""
+    return {f.name for f in flag_fields(cls) if f.metadata.get("resumable")}
 
 
 def field_default(f: dataclasses.Field) -> Any:
@@ -388,12 +395,15 @@ def config_parser(cls: type, description: str, skip: Sequence[str] = (), optiona
     return parser
 
 
-def parse_config(parser: argparse.ArgumentParser, cls: type, argv: Sequence[str] | None,
-                 layered: bool = True, **overrides: Any) -> Any:
-    """The script's config from argv (every layer of settings when layered), checked by its
-    validate() method: one VPRError line for a bad value or combination."""
+def parse_config(parser: argparse.ArgumentParser, cls: type, argv: Sequence[str] | None, layered: bool = True,
+                 then: Callable[[argparse.Namespace, Any], Any] | None = None, **overrides: Any) -> Any:
+    """The one way every script parses: the script's config from argv (every layer of settings
+    when layered), completed by `then(args, config)` when given (train_vpr's --resume, run_experiment's
+    --demo), checked by its validate() method: one VPRError line for a bad value or combination."""
     args = parse_layered(parser, argv) if layered else check_required(parser, parser.parse_args(argv))
     config = config_from_args(args, cls, **overrides)
+    if then is not None:
+        config = then(args, config)
     validate = getattr(config, "validate", None)
     if validate is not None:
         validate()
