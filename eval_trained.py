@@ -19,7 +19,7 @@ Localization view (positions on both sides): R@1 within 5, 10, 25, 50 and 100 m 
 PLOT_DIR/{variant}_{model}[_{checkpoint}]_{queries}_localization.png. Labels-only evaluations
 have no distances: recall_at_threshold_m and top1_error_m are null there.
 
-Top-1 precision-recall (VPR-Bench's, vprkit.pr_curve; positions or labels): AUC-PR (trapezoid)
+Top-1 precision-recall (VPR-Bench's, vprkit.retrieval.pr_curve; positions or labels): AUC-PR (trapezoid)
 and recall at 100 % precision are printed and written to --output_json (auc_pr,
 recall_at_100_precision); --pr_curve (or --visualize) writes the curve as
 PLOT_DIR/{variant}_{model}[_{checkpoint}]_{queries}_pr.csv (precision, recall, threshold) and _pr.png.
@@ -36,17 +36,20 @@ import trainable_vpr as vpr
 from trainable_vpr.checkpoints import pos_threshold_of
 from trainable_vpr.model import PlaceDescriptor, load_model
 from vprkit.cli import CliParser, VPRError, atomic_write, run_cli
-from vprkit.evaluation import (Descriptors, EvalReport, evaluate_variant, format_report, l2_normalise, load_eval_tables,
-                               pca_whitened)
-from vprkit.exports import save_descriptors
-from vprkit.features import Backbone, extraction_settings, frozen_descriptors, release_other_ranks
-from vprkit.localization import (LocalizationResult, draw_localization_figure, localization_json, localization_lines,
-                                 localization_of_result)
-from vprkit.places import PlaceTable, export_embeddings_parquet
-from vprkit.pr_curve import Top1PR, draw_pr_figure, pr_line, top1_pr_of_result
-from vprkit.predictions import draw_retrievals, evaluation_rows, predictions_frame
-from vprkit.runlog import safe_name
-from vprkit.settings import config_parser, parse_config
+from vprkit.retrieval.evaluation import (Descriptors, EvalReport, evaluate_variant, format_report, l2_normalise,
+                                         load_eval_tables, pca_whitened)
+from vprkit.retrieval.exports import save_descriptors
+from vprkit.extraction.cache import Backbone
+from vprkit.cli.extraction_settings import extraction_settings
+from vprkit.extraction.features import frozen_descriptors
+from vprkit.extraction.device import release_other_ranks
+from vprkit.retrieval.localization import (LocalizationResult, draw_localization_figure, localization_json,
+                                           localization_lines, localization_of_result)
+from vprkit.tables.places import PlaceTable, export_embeddings_parquet
+from vprkit.retrieval.pr_curve import Top1PR, draw_pr_figure, pr_line, top1_pr_of_result
+from vprkit.retrieval.predictions import draw_retrievals, evaluation_rows, predictions_frame
+from vprkit.logs.runlog import safe_name
+from vprkit.cli.settings import config_parser, parse_config
 
 
 def build_parser() -> CliParser:

@@ -31,9 +31,10 @@ import torch
 import trainable_vpr as vpr
 from trainable_vpr.model import PlaceDescriptor, load_model
 from vprkit.cli import CliParser, VPRError, atomic_write, check_writable_file, run_cli
-from vprkit.features import extraction_settings, pooling_config
-from vprkit.places import is_parquet, load_table
-from vprkit.settings import config_parser, parse_config
+from vprkit.cli.extraction_settings import extraction_settings, pooling_config
+from vprkit.tables.places import is_parquet
+from vprkit.tables.load import load_table
+from vprkit.cli.settings import config_parser, parse_config
 
 FORMATS = (".pt2", ".onnx")
 ONNX_OPSET = 18  # the first opset whose Resize has antialias (the suite's resize is antialiased)

@@ -19,6 +19,6 @@ def get_trained_model(checkpoint_path: str, weights: str | None = None, image_si
     same source as in training, or the state-dict FILE `weights`), pooling with its VLAD
     vocabulary, and head. image_size: 0 keeps the checkpoint's input size."""
     from trainable_vpr.model import load_model
-    from vprkit.features import ExtractionSettings
+    from vprkit.cli.extraction_settings import ExtractionSettings
 
     return load_model(str(checkpoint_path), None, ExtractionSettings(weights=weights, image_size=image_size)).eval()

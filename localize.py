@@ -33,13 +33,14 @@ import trainable_vpr as vpr
 from trainable_vpr.checkpoints import pos_threshold_of
 from trainable_vpr.model import describe_table, load_model
 from vprkit.cli import CliParser, VPRError, atomic_write, run_cli
-from vprkit.evaluation import exact_search
-from vprkit.exports import image_folder_and_names, write_retrieval_pairs
-from vprkit.features import extraction_settings
-from vprkit.places import (IMAGE_COLUMNS, LATLON_COLUMNS, METRIC_COLUMNS, PlaceTable, find_column,
-                           find_column_pair, load_table, read_csv_table)
-from vprkit.predictions import draw_retrievals, frame_rows, predictions_frame
-from vprkit.settings import config_parser, parse_config
+from vprkit.retrieval.evaluation import exact_search
+from vprkit.retrieval.exports import image_folder_and_names, write_retrieval_pairs
+from vprkit.cli.extraction_settings import extraction_settings
+from vprkit.tables.places import (IMAGE_COLUMNS, LATLON_COLUMNS, METRIC_COLUMNS, PlaceTable, find_column,
+                                  find_column_pair, read_csv_table)
+from vprkit.tables.load import load_table
+from vprkit.retrieval.predictions import draw_retrievals, frame_rows, predictions_frame
+from vprkit.cli.settings import config_parser, parse_config
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
 
@@ -106,7 +107,7 @@ def xyz_to_latlon(xyz: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 def matches_frame(database: PlaceTable, queries: PlaceTable, top: np.ndarray, scores: np.ndarray,
                   pos_threshold_m: float) -> pd.DataFrame:
-    """The prediction table (vprkit.predictions) plus the database rows' positions as written and
+    """The prediction table (vprkit.retrieval.predictions) plus the database rows' positions as written and
     the position estimates, see the module docstring."""
     frame = predictions_frame(database, queries, top, scores)
     q_index, db_index = frame["query_index"].to_numpy(), frame["db_index"].to_numpy()

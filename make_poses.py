@@ -35,11 +35,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
-from vprkit.benchmarks import at_folder_frame, has_at_names
+from vprkit.tables.benchmarks import at_folder_frame, has_at_names
 from vprkit.cli import CliParser, VPRError, atomic_write, check_writable_file, run_cli
-from vprkit.configs import MakePosesConfig
-from vprkit.images import PhotoExif, find_images, image_suffixes, read_photo_exif
-from vprkit.settings import config_parser, parse_config
+from vprkit.cli.configs import MakePosesConfig
+from vprkit.tables.images import PhotoExif, find_images, image_suffixes, read_photo_exif
+from vprkit.cli.settings import config_parser, parse_config
 
 CSV_COLUMNS = ("image_path", "lat", "lon", "camera_id", "timestamp_local")
 UNKNOWN_CAMERA = "unknown"  # camera_id of photos without Make/Model (an empty cell would read back as "nan")

@@ -19,7 +19,7 @@ it failed); where the data has positions also experiment_{timestamp}_localizatio
 variant of every model on one localization figure (R@1 against distance threshold, cumulative
 top-1 error), with the median top-1 error per variant printed. The CSV also holds each
 variant's top-1 precision-recall summary (auc_pr, recall_at_100_precision; VPR-Bench's, see
-vprkit.pr_curve), and experiment_{timestamp}_pr.png draws every variant's curve.
+vprkit.retrieval.pr_curve), and experiment_{timestamp}_pr.png draws every variant's curve.
 A model that fails after others were measured does not lose their rows.
 """
 from __future__ import annotations
@@ -36,7 +36,6 @@ from typing import Any, Sequence
 
 import pandas as pd
 
-from demo_data import generate_demo_dataset  # MOVE
 from trainable_vpr import training
 from trainable_vpr.data import extract_training_data, load_splits
 from trainable_vpr.runs import head_config_for, resolved_pooling, start_fit_data
@@ -44,14 +43,17 @@ from trainable_vpr.training import TrainResult
 import trainable_vpr as vpr
 from trainable_vpr.model import PlaceDescriptor
 from vprkit.cli import CliParser, VPRError, atomic_write, check_writable_dir, run_cli
-from vprkit.runlog import EXPERIMENT_VARIANTS
-from vprkit.settings import config_parser, parse_config
-from vprkit.evaluation import Descriptors, EvalReport, evaluate_variant, format_report, load_eval_tables, pca_whitened
-from vprkit.features import extraction_settings, frozen_descriptors, pooling_config
-from vprkit.localization import LocalizationResult, draw_localization_figure, localization_of_result
-from vprkit.places import load_table
-from vprkit.pooling import PoolingConfig
-from vprkit.pr_curve import draw_pr_figure, top1_pr_of_result
+from vprkit.logs.runlog import EXPERIMENT_VARIANTS
+from vprkit.cli.settings import config_parser, parse_config
+from vprkit.retrieval.evaluation import (Descriptors, EvalReport, evaluate_variant, format_report, load_eval_tables,
+                                         pca_whitened)
+from vprkit.cli.extraction_settings import extraction_settings, pooling_config
+from vprkit.extraction.features import frozen_descriptors
+from vprkit.retrieval.localization import LocalizationResult, draw_localization_figure, localization_of_result
+from vprkit.tables.demo_route import generate_demo_dataset
+from vprkit.tables.load import load_table
+from vprkit.extraction.pooling import PoolingConfig
+from vprkit.retrieval.pr_curve import draw_pr_figure, top1_pr_of_result
 
 DEMO_DIR = Path("demo_data")
 # Demo settings where the user left the defaults: ~120 training images give few steps per epoch,

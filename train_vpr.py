@@ -25,7 +25,7 @@ from trainable_vpr.checkpoints import latest_alias_path
 from trainable_vpr.runs import resumed_config
 from trainable_vpr.training import NO_GAIN, TrainResult, train
 from vprkit.cli import CliParser, run_cli
-from vprkit.settings import config_parser, given_settings, parse_config
+from vprkit.cli.settings import config_parser, given_settings, parse_config
 
 
 def build_parser() -> CliParser:

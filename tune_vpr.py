@@ -30,9 +30,9 @@ from typing import Any, Sequence
 from trainable_vpr.training import train
 import trainable_vpr as vpr
 from vprkit.cli import CliParser, VPRError, atomic_write, check_writable_dir, run_cli
-from vprkit.evaluation import RecallResult
-from vprkit.runlog import safe_name
-from vprkit.settings import config_parser, parse_config
+from vprkit.retrieval.evaluation import RecallResult
+from vprkit.logs.runlog import safe_name
+from vprkit.cli.settings import config_parser, parse_config
 
 # Used when the config file has no [tune.space]: the settings that matter most on small routes.
 DEFAULT_SPACE: dict[str, dict[str, Any]] = {

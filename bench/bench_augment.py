@@ -36,11 +36,12 @@ from trainable_vpr.runs import new_run  # noqa: E402
 from trainable_vpr.training import epoch_batches, hybrid_loss, train_one_epoch  # noqa: E402
 from bench_training import OUT_DIR, quiet, training_bench_parser  # noqa: E402  (one home for the benches' data path and quiet runs)
 import trainable_vpr as vpr  # noqa: E402
-from vprkit.augment import AugmentedView  # noqa: E402
+from vprkit.extraction.augment import AugmentedView  # noqa: E402
 from vprkit.cli import atomic_write  # noqa: E402
-from vprkit.features import extract_features, extraction_settings  # noqa: E402
-from vprkit.places import load_poses  # noqa: E402
-from vprkit.runlog import CsvLogger  # noqa: E402
+from vprkit.extraction.features import extract_features  # noqa: E402
+from vprkit.cli.extraction_settings import extraction_settings  # noqa: E402
+from vprkit.tables.places import load_poses  # noqa: E402
+from vprkit.logs.runlog import CsvLogger  # noqa: E402
 
 
 def main() -> None:

@@ -67,22 +67,26 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 import trainable_vpr as vpr  # noqa: E402
-import vprkit.features  # noqa: E402
+import vprkit.extraction.features  # noqa: E402
 from vprkit.cli import atomic_write  # noqa: E402
-from vprkit.features import Backbone, ExtractionSettings, _ImageDataset, _cpu_supports_bf16, extract_features  # noqa: E402
-from vprkit.places import PlaceTable, load_poses  # noqa: E402
+from vprkit.extraction.cache import Backbone  # noqa: E402
+from vprkit.cli.extraction_settings import ExtractionSettings  # noqa: E402
+from vprkit.extraction.features import _ImageDataset, extract_features  # noqa: E402
+from vprkit.extraction.device import _cpu_supports_bf16  # noqa: E402
+from vprkit.tables.places import PlaceTable, load_poses  # noqa: E402
 
 DATA = REPO.parent / "shared" / "data" / "bgu_campus"
 OUT_DIR = REPO / "bench" / "results"
 
 
 class ForwardTimer:
-    """Wraps vprkit.features.backbone_descriptor (looked up at call time by Backbone.descriptor) to time forwards."""
+    """Wraps vprkit.extraction.cache.backbone_descriptor (looked up at call time by Backbone.descriptor) to time
+    forwards."""
 
     def __init__(self):
         self.seconds = 0.0
         self.calls = 0
-        self._original = vprkit.features.backbone_descriptor
+        self._original = vprkit.extraction.cache.backbone_descriptor
 
     def __enter__(self):
         def timed(model, images):
@@ -92,17 +96,17 @@ class ForwardTimer:
             self.calls += 1
             return out
 
-        vprkit.features.backbone_descriptor = timed
+        vprkit.extraction.cache.backbone_descriptor = timed
         return self
 
     def __exit__(self, *exc):
-        vprkit.features.backbone_descriptor = self._original
+        vprkit.extraction.cache.backbone_descriptor = self._original
 
 
 def set_allocator(without_malloc_fix: bool) -> bool:
     """The module's allocator setting, or (without_malloc_fix) glibc's default kept for the whole
     run: the pipeline's own call is replaced by a no-op. Returns whether the fix is on."""
-    import vprkit.features as features_module
+    import vprkit.extraction.features as features_module
 
     if without_malloc_fix:
         features_module.keep_freed_memory_for_reuse = lambda: False  # looked up at call time by the pipeline
@@ -178,8 +182,8 @@ def cache_bytes_per_image(backbone: Backbone, table: PlaceTable, batch_size: int
 def pooling_rows(models: list[str], table: PlaceTable, batch_size: int, repeats: int, pooling: str,
                  clusters: int) -> list[dict]:
     """Bare forward vs the pipeline with the backbone's own descriptor vs with --pooling, per model."""
-    from vprkit.pooling import PoolingConfig
-    from vprkit.vocabulary import fit_vocabulary_on_images
+    from vprkit.extraction.pooling import PoolingConfig
+    from trainable_vpr.vocabulary import fit_vocabulary_on_images
 
     rows = []
     for model in models:

@@ -49,9 +49,9 @@ sys.path.insert(0, str(REPO))
 
 import trainable_vpr as vpr  # noqa: E402
 from vprkit.cli import atomic_write  # noqa: E402
-from vprkit.evaluation import l2_normalise  # noqa: E402
-from vprkit.pairs import cluster_places, nearest_distance_m, neighbours_within  # noqa: E402
-from vprkit.places import EARTH_RADIUS_M, latlon_to_xyz  # noqa: E402
+from vprkit.retrieval.evaluation import l2_normalise  # noqa: E402
+from vprkit.tables.pairs import cluster_places, nearest_distance_m, neighbours_within  # noqa: E402
+from vprkit.tables.places import EARTH_RADIUS_M, latlon_to_xyz  # noqa: E402
 
 OUT_DIR = REPO / "bench" / "results"
 LAT0, LON0 = 48.8566, 2.3522       # city centre (Paris)

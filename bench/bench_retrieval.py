@@ -50,8 +50,8 @@ sys.path.insert(0, str(BENCH))
 
 from bench_mining import GPS_NOISE_M, proc_status_mb, reset_peak_rss, synthetic_city  # noqa: E402
 from vprkit.cli import atomic_write  # noqa: E402
-from vprkit.evaluation import evaluate_retrieval, l2_normalise  # noqa: E402
-from vprkit.places import latlon_to_xyz  # noqa: E402
+from vprkit.retrieval.evaluation import evaluate_retrieval, l2_normalise  # noqa: E402
+from vprkit.tables.places import latlon_to_xyz  # noqa: E402
 
 OUT_DIR = REPO / "bench" / "results"
 DIM, K = 256, 10

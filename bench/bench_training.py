@@ -50,9 +50,10 @@ from trainable_vpr.training import epoch_batches, hybrid_loss, train_one_epoch, 
 import trainable_vpr as vpr  # noqa: E402
 from bench_extraction import set_allocator  # noqa: E402
 from vprkit.cli import atomic_write  # noqa: E402
-from vprkit.features import ExtractionSettings, extract_features, extraction_settings  # noqa: E402
-from vprkit.places import load_poses  # noqa: E402
-from vprkit.runlog import CsvLogger  # noqa: E402
+from vprkit.cli.extraction_settings import ExtractionSettings, extraction_settings  # noqa: E402
+from vprkit.extraction.features import extract_features  # noqa: E402
+from vprkit.tables.places import load_poses  # noqa: E402
+from vprkit.logs.runlog import CsvLogger  # noqa: E402
 
 DATA = REPO.parent / "shared" / "data" / "bgu_campus"
 OUT_DIR = REPO / "bench" / "results"

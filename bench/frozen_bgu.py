@@ -9,7 +9,7 @@ Database train.csv; queries val.csv, test.csv, queries.csv; at 25 m and 10 m; R@
 (recall_bgu.recall_rows: each split overall and per condition). Rows, for each descriptor
 D of: raw (the backbone's own vector), gem L{layer}, vlad L{layer} (K = --vlad_clusters, the
 vocabulary fitted on train.csv, as eval_trained --baseline fits it on its database):
-  D, D pca_whitened (--dim, fitted on train.csv), D learned_whitened (vprkit.whitening: pairs of
+  D, D pca_whitened (--dim, fitted on train.csv), D learned_whitened (vprkit.retrieval.whitening: pairs of
   train.csv by the pair rule at the row's threshold, the shrinkage chosen on val.csv R@1 at that
   threshold; printed).
 --choose_layer: candidate layers for the pooled rows, scored on val.csv only (VLAD, val queries
@@ -32,11 +32,11 @@ sys.path.insert(0, str(REPO))
 from recall_bgu import DATA, SPLITS, THRESHOLDS_M, recall_rows  # noqa: E402
 from trainable_vpr.model import describe_table, load_model  # noqa: E402
 from vprkit.cli import atomic_write  # noqa: E402
-from vprkit.evaluation import evaluate_retrieval, fit_pca_whitening  # noqa: E402
-from vprkit.features import ExtractionSettings  # noqa: E402
-from vprkit.pairs import positive_pairs  # noqa: E402
-from vprkit.places import PlaceTable, load_poses  # noqa: E402
-from vprkit.whitening import SHRINKAGE_GRID, choose_shrinkage  # noqa: E402
+from vprkit.retrieval.evaluation import evaluate_retrieval, fit_pca_whitening  # noqa: E402
+from vprkit.cli.extraction_settings import ExtractionSettings  # noqa: E402
+from vprkit.tables.pairs import positive_pairs  # noqa: E402
+from vprkit.tables.places import PlaceTable, load_poses  # noqa: E402
+from vprkit.retrieval.whitening import SHRINKAGE_GRID, choose_shrinkage  # noqa: E402
 
 QUERY_SPLITS = ("val", "test", "queries")
 

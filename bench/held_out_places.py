@@ -34,11 +34,12 @@ sys.path.insert(0, str(REPO))
 import trainable_vpr as vpr  # noqa: E402
 from recall_bgu import quiet_train, run_line  # noqa: E402
 from trainable_vpr.model import PlaceDescriptor  # noqa: E402
-from vprkit.evaluation import evaluate_retrieval, fit_pca_whitening, l2_normalise  # noqa: E402
-from vprkit.features import ExtractionSettings, extract_features  # noqa: E402
-from vprkit.pairs import positive_pairs  # noqa: E402
-from vprkit.places import load_poses  # noqa: E402
-from vprkit.whitening import choose_shrinkage, fit_learned_whitening  # noqa: E402
+from vprkit.retrieval.evaluation import evaluate_retrieval, fit_pca_whitening, l2_normalise  # noqa: E402
+from vprkit.cli.extraction_settings import ExtractionSettings  # noqa: E402
+from vprkit.extraction.features import extract_features  # noqa: E402
+from vprkit.tables.pairs import positive_pairs  # noqa: E402
+from vprkit.tables.places import load_poses  # noqa: E402
+from vprkit.retrieval.whitening import choose_shrinkage, fit_learned_whitening  # noqa: E402
 
 DATA = REPO.parent / "shared" / "data" / "bgu_campus"
 

@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Learned whitening (vprkit.whitening) against the frozen rows, on bgu_campus. No training.
+"""Learned whitening (vprkit.retrieval.whitening) against the frozen rows, on bgu_campus. No training.
 
     .venv/bin/python bench/learned_whitening.py --cache_dir /work/ref/cache
 
@@ -29,11 +29,12 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 import trainable_vpr as vpr  # noqa: E402
-from vprkit.evaluation import evaluate_retrieval, fit_pca_whitening  # noqa: E402
-from vprkit.features import ExtractionSettings, extract_features  # noqa: E402
-from vprkit.pairs import positive_pairs  # noqa: E402
-from vprkit.places import load_poses  # noqa: E402
-from vprkit.whitening import SHRINKAGE_GRID, choose_shrinkage  # noqa: E402
+from vprkit.retrieval.evaluation import evaluate_retrieval, fit_pca_whitening  # noqa: E402
+from vprkit.cli.extraction_settings import ExtractionSettings  # noqa: E402
+from vprkit.extraction.features import extract_features  # noqa: E402
+from vprkit.tables.pairs import positive_pairs  # noqa: E402
+from vprkit.tables.places import load_poses  # noqa: E402
+from vprkit.retrieval.whitening import SHRINKAGE_GRID, choose_shrinkage  # noqa: E402
 
 DATA = REPO.parent / "shared" / "data" / "bgu_campus"
 QUERY_SPLITS = ("val", "test", "queries")

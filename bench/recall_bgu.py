@@ -46,12 +46,13 @@ from trainable_vpr.training import TrainResult  # noqa: E402
 import trainable_vpr as vpr  # noqa: E402
 from trainable_vpr.model import PlaceDescriptor, describe_table  # noqa: E402
 from vprkit.cli import atomic_write  # noqa: E402
-from vprkit.evaluation import Descriptors, evaluate_variant, fit_pca_whitening  # noqa: E402
-from vprkit.features import ExtractionSettings, extract_features  # noqa: E402
-from vprkit.pairs import positive_pairs  # noqa: E402
-from vprkit.places import PlaceTable, load_poses  # noqa: E402
-from vprkit.whitening import choose_shrinkage  # noqa: E402
-from vprkit.pooling import PoolingConfig  # noqa: E402
+from vprkit.retrieval.evaluation import Descriptors, evaluate_variant, fit_pca_whitening  # noqa: E402
+from vprkit.cli.extraction_settings import ExtractionSettings  # noqa: E402
+from vprkit.extraction.features import extract_features  # noqa: E402
+from vprkit.tables.pairs import positive_pairs  # noqa: E402
+from vprkit.tables.places import PlaceTable, load_poses  # noqa: E402
+from vprkit.retrieval.whitening import choose_shrinkage  # noqa: E402
+from vprkit.extraction.pooling import PoolingConfig  # noqa: E402
 
 DATA = REPO.parent / "shared" / "data" / "bgu_campus"
 SPLITS = ("train", "val", "test", "queries")
@@ -183,7 +184,7 @@ def lever_rows(lever: str, seed: int, threshold: float, args: argparse.Namespace
 
 
 def learned_whitening(features: dict[str, np.ndarray], tables: dict[str, PlaceTable], threshold: float):
-    """Learned whitening (vprkit.whitening, 256 d) of train.csv's positive pairs at `threshold`,
+    """Learned whitening (vprkit.retrieval.whitening, 256 d) of train.csv's positive pairs at `threshold`,
     its shrinkage chosen on val.csv R@1 against train.csv (as the head's learned_whitened start)."""
     train = tables["train"]
     choice = choose_shrinkage(features["train"], positive_pairs(train.xyz, None, threshold), train.xyz,

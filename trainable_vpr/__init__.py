@@ -2,10 +2,10 @@
 
 One small module per piece (import this package as `vpr`; every public name is here):
 - backbones: frozen backbones (BACKBONES registry, create_backbone / create_pooled_backbone;
-  where the weights come from: vprkit/weights.py)
+  where the weights come from: trainable_vpr/weights.py)
 - heads: HeadConfig, the HEADS registry, build_head, embed
 - losses: in-batch pairs and HybridLoss (per-item losses; the miners share one contract in
-  vprkit/miners.py)
+  trainable_vpr/miners.py)
 - mining: GPS and label mining over the data set (mine_hard_negatives, make_place_batches)
 - data: the splits a training run loads, checks and describes (Split, TrainingData)
 - config: TrainConfig (stored in every checkpoint) and the configs of the scripts that apply a

@@ -1,4 +1,4 @@
-"""Frozen backbones: the BACKBONES registry and pooling (weight sources: vprkit/weights.py)."""
+"""Frozen backbones: the BACKBONES registry and pooling (weight sources: trainable_vpr/weights.py)."""
 from __future__ import annotations
 
 import dataclasses
@@ -9,22 +9,15 @@ import numpy as np
 import timm
 import timm.data
 from vprkit.cli import VPRError
-from vprkit.features import (  # noqa: F401 - Backbone and backbone_descriptor are named through trainable_vpr
+from vprkit.extraction.cache import (  # noqa: F401 - Backbone and backbone_descriptor are named through trainable_vpr
     Backbone,
     BackboneInfo,
     backbone_descriptor,
-    ExtractionSettings,
-    pooling_config,
 )
-from vprkit.pooling import (
-    LocalPooling,
-    LocalTokens,
-    PoolingConfig,
-    local_cache_tag,
-    num_feature_layers,
-    vocabulary_fingerprint,
-)
-from vprkit.weights import create_timm_model
+from vprkit.cli.extraction_settings import ExtractionSettings
+from vprkit.extraction.pooling import (LocalPooling, LocalTokens, PoolingConfig, local_cache_tag, num_feature_layers,
+                                       vocabulary_fingerprint)
+from trainable_vpr.weights import create_timm_model
 
 
 @dataclass(frozen=True)
@@ -113,7 +106,7 @@ def with_pooling(backbone: Backbone, config: PoolingConfig, fit_on: Sequence[str
     images; the database's for a baseline), extracting with `options`. One backbone can be
     pooled several ways (run_experiment's rows) without building it again."""
     if config.pooling == "vlad" and vocabulary is None:
-        from vprkit.vocabulary import vlad_vocabulary
+        from trainable_vpr.vocabulary import vlad_vocabulary
 
         if not fit_on:
             raise VPRError("--pooling vlad: no images to fit the VLAD vocabulary on")
@@ -142,7 +135,7 @@ def local_features_line(backbone: Backbone) -> str:
     tokens: LocalTokens = backbone.pooling
     size = backbone.info.image_size
     with torch.no_grad():
-        from vprkit.pooling import local_features
+        from vprkit.extraction.pooling import local_features
 
         total = local_features(tokens.model, torch.zeros(1, 3, size, size), tokens.layer).shape[1]
     kept = min(total, tokens.bound)

@@ -1,7 +1,7 @@
 """--train_blocks N: the last N backbone blocks trained at cache speed.
 
 The frozen part of the backbone runs once per image: the INPUT of its last N blocks is cached
-(float16, streamed from the shards like local features: vprkit.features.CachedRows). Training
+(float16, streamed from the shards like local features: vprkit.extraction.cache.CachedRows). Training
 runs only the tail (`BlockTail`: those blocks, the modules after them, the backbone's own pooling)
 and the head on the cached inputs, the tail at --backbone_lr. The checkpoint stores only the
 tail's state dict (`trained_blocks`); `load_trained_blocks` puts it back into a freshly built
@@ -24,7 +24,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 from vprkit.cli import VPRError
-from vprkit.features import Backbone
+from vprkit.extraction.cache import Backbone
 
 from trainable_vpr.heads import embed  # noqa: F401 - embed streams CachedRows through a BlocksAndHead
 

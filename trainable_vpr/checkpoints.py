@@ -13,10 +13,11 @@ import numpy as np
 import torch
 import torch.nn as nn
 from vprkit.cli import VPRError, atomic_write
-from vprkit.configs import DEFAULT_POS_THRESHOLD_M
-from vprkit.features import Backbone, pooling_config
-from vprkit.pooling import PoolingConfig
-from vprkit.runlog import safe_name
+from vprkit.cli.configs import DEFAULT_POS_THRESHOLD_M
+from vprkit.extraction.cache import Backbone
+from vprkit.cli.extraction_settings import pooling_config
+from vprkit.extraction.pooling import PoolingConfig
+from vprkit.logs.runlog import safe_name
 
 from trainable_vpr.backbones import DEFAULT_LOCAL_FEATURES_PER_IMAGE, create_pooled_backbone, local_backbone
 from trainable_vpr.heads import LOCAL_HEADS, HeadConfig, build_head

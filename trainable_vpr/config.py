@@ -13,7 +13,7 @@ from trainable_vpr.backbones import BACKBONES, DEFAULT_LOCAL_FEATURES_PER_IMAGE,
 from trainable_vpr.heads import HEADS, LOCAL_HEADS
 from trainable_vpr.losses import LOSS_DISTANCES
 from vprkit.cli import VPRError, check_writable_dir, check_writable_file
-from vprkit.configs import (
+from vprkit.cli.configs import (
     DEFAULT_POS_THRESHOLD_M,
     SUPERVISIONS,  # noqa: F401 (re-exported by trainable_vpr)
     DatabaseTable,
@@ -24,16 +24,12 @@ from vprkit.configs import (
     Supervision,
     TestTable,
 )
-from vprkit.features import (
-    POOLING_HELP,
-    ExtractionSettings,
-    validate_extraction_flags,
-)
-from vprkit.places import is_parquet
-from vprkit.pooling import POOLINGS
-from vprkit.settings import check_choices, registered
-from vprkit.settings import flag as _flag
-from vprkit.tensorboard_log import require_tensorboard
+from vprkit.cli.extraction_settings import POOLING_HELP, ExtractionSettings, validate_extraction_flags
+from vprkit.tables.places import is_parquet
+from vprkit.extraction.pooling import POOLINGS
+from vprkit.cli.settings import check_choices, registered
+from vprkit.cli.settings import flag as _flag
+from vprkit.logs.tensorboard_log import require_tensorboard
 
 DEFAULT_MODEL = "dinov2_b"  # the backbone a training run uses when --model is not given
 DEFAULT_HEAD = "residual"
@@ -48,7 +44,7 @@ NEG_SAMPLERS = ("hard", "random", "ucb")
 
 
 # ============================================================================================
-# Groups shared by training and the scripts that apply a model (vprkit/configs.py has the rest)
+# Groups shared by training and the scripts that apply a model (vprkit/cli/configs.py has the rest)
 # ============================================================================================
 @dataclass
 class BackboneName:
@@ -91,10 +87,10 @@ class TrainConfig(ExtractionSettings, BackboneName, HeadName, Supervision, PosTh
     radius from the shared groups, their defaults filled in here), and every checkpoint stores it."""
 
     # data
-    train_csv: str = _flag(None, "poses CSV, benchmark folder (vprkit.benchmarks) or embeddings parquet of the "
+    train_csv: str = _flag(None, "poses CSV, benchmark folder (vprkit.tables.benchmarks) or embeddings parquet of the "
                            "training images (also the validation database)",
                            "data", required=True, aliases=("--train_parquet",))
-    val_csv: str = _flag(None, "poses CSV, benchmark folder (vprkit.benchmarks) or embeddings parquet of the "
+    val_csv: str = _flag(None, "poses CSV, benchmark folder (vprkit.tables.benchmarks) or embeddings parquet of the "
                          "validation queries (chooses the best epoch)",
                          "data", required=True, aliases=("--val_parquet",))
     val_db_csv: str | None = _flag(None, "poses CSV, benchmark folder or embeddings parquet of the validation database "

@@ -13,11 +13,14 @@ import numpy as np
 import trainable_vpr as vpr
 from trainable_vpr import blocks as trained_blocks
 from trainable_vpr.checkpoints import checkpoint_vocabulary, embeddings_backbone
-from vprkit.augment import extract_views
+from vprkit.extraction.augment import extract_views
 from vprkit.cli import VPRError
-from vprkit.features import extract_both, extract_table, extraction_settings, pooling_config, release_other_ranks
-from vprkit.pairs import check_query_split, check_trainable, group_places, uses_labels, warn_shared_images
-from vprkit.places import PlaceTable, load_table
+from vprkit.extraction.features import extract_both, extract_table
+from vprkit.cli.extraction_settings import extraction_settings, pooling_config
+from vprkit.extraction.device import release_other_ranks
+from vprkit.tables.pairs import check_query_split, check_trainable, group_places, uses_labels, warn_shared_images
+from vprkit.tables.places import PlaceTable
+from vprkit.tables.load import load_table
 
 
 @dataclass
@@ -49,7 +52,7 @@ class Split:
 
     def batch_features(self, batch: np.ndarray, picks: np.ndarray | None = None) -> np.ndarray:
         """The frozen features of a batch's rows: row j reads view picks[j] of its image (0: the
-        original; vprkit.augment.view_picks), or the originals when no picks are given."""
+        original; vprkit.extraction.augment.view_picks), or the originals when no picks are given."""
         rows = self.features[batch]
         if picks is None or self.views is None or not picks.any():
             return rows

@@ -10,7 +10,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from vprkit.cli import VPRError
-from vprkit.evaluation import pca_whitening_matrix
+from vprkit.retrieval.evaluation import pca_whitening_matrix
 
 PROJECTION_HIDDEN_MAX = 1024  # D//2 for every backbone's own vector; caps it for VLAD (K*C = 40,960 dims)
 
@@ -100,7 +100,7 @@ class NetVLADHead(nn.Module):
     L2-normalised. Assignment (w, b) and centres c are separate parameters, as in the paper.
     `init_vocabulary` starts it from the VLAD vocabulary: c = the unit centroids, w = alpha * c,
     b = 0, so the assignment is softmax(alpha * cosine), which for alpha -> inf is the hard
-    cosine assignment of vprkit.pooling.vlad (the training-free `vlad` row). At alpha = 1e4 a token
+    cosine assignment of vprkit.extraction.pooling.vlad (the training-free `vlad` row). At alpha = 1e4 a token
     whose two nearest centroids differ by more than 0.002 in cosine gets exp(-20) of weight on the
     runner-up: on float32 tokens the start IS hard VLAD (deviation 0.0 in tests/unit/trainable_vpr/test_netvlad.py);
     from the float16 cache a near tie can flip, a deviation below 1e-3 there, with the same R@1.

@@ -1,4 +1,4 @@
-"""In-batch pairs and the hybrid loss (per-item losses; the miners: vprkit/miners.py)."""
+"""In-batch pairs and the hybrid loss (per-item losses; the miners: trainable_vpr/miners.py)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -8,8 +8,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from vprkit.cli import VPRError
-from vprkit.miners import Triplets
-from vprkit.pairs import pair_relations
+from trainable_vpr.miners import Triplets
+from vprkit.tables.pairs import pair_relations
 
 
 def batch_pair_masks(xyz: torch.Tensor | np.ndarray | None, pos_threshold_m: float, neg_threshold_m: float,

@@ -6,7 +6,7 @@ from typing import Callable
 
 import numpy as np
 from vprkit.cli import VPRError
-from vprkit.pairs import pair_relations
+from vprkit.tables.pairs import pair_relations
 
 
 def mine_hard_negatives(embeddings: np.ndarray, xyz: np.ndarray | None, neg_threshold_m: float, k: int = 10,

@@ -7,7 +7,7 @@ PIL resize does), normalises with the backbone's mean and std (buffers), describ
 L2-normalises. Pure tensor code (F.interpolate, no PIL), so torch.export can trace it.
 
 The scripts keep the feature cache: the frozen part (`model.frozen`, whose BackboneInfo keys the
-cache) is run over a table through vprkit.features, then the head (`model.describe_features`).
+cache) is run over a table through vprkit.extraction.features, then the head (`model.describe_features`).
 `describe_table` does both for one table; forward() on the same images gives the same descriptors
 up to the resize (PIL on 8-bit pixels vs F.interpolate; cosine >= 0.999, tests/test_model.py).
 """
@@ -21,10 +21,12 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from vprkit.cli import VPRError
-from vprkit.evaluation import Descriptors, l2_normalise
-from vprkit.features import Backbone, ExtractionSettings, extract_table, pooling_config
-from vprkit.places import PlaceTable
-from vprkit.pooling import PoolingConfig
+from vprkit.retrieval.evaluation import Descriptors, l2_normalise
+from vprkit.extraction.cache import Backbone
+from vprkit.cli.extraction_settings import ExtractionSettings, pooling_config
+from vprkit.extraction.features import extract_table
+from vprkit.tables.places import PlaceTable
+from vprkit.extraction.pooling import PoolingConfig
 
 from trainable_vpr.backbones import create_pooled_backbone
 from trainable_vpr.checkpoints import (

@@ -18,10 +18,10 @@ from trainable_vpr import blocks as trained_blocks
 from trainable_vpr.checkpoints import checkpoint_path, checkpoint_payload, random_states, restore_random_states
 from trainable_vpr.data import TrainingData, extract_training_data, load_splits
 from vprkit.cli import VPRError
-from vprkit.evaluation import RecallResult, evaluate_retrieval
-from vprkit.settings import resumable_settings
-from vprkit.miners import BatchMiner, Miner, UCBMiner, load_difficulty_parquet
-from vprkit.tensorboard_log import TensorBoardLog, tensorboard_dir
+from vprkit.retrieval.evaluation import RecallResult, evaluate_retrieval
+from vprkit.cli.settings import resumable_settings
+from trainable_vpr.miners import BatchMiner, Miner, UCBMiner, load_difficulty_parquet
+from vprkit.logs.tensorboard_log import TensorBoardLog, tensorboard_dir
 
 
 @dataclass
@@ -45,7 +45,7 @@ class TrainState:
 
 
 # The settings a resumed run may change (more epochs, another machine, other output folders) are
-# the flags declared resumable (vprkit.settings.flag(..., resumable=True)); any other difference
+# the flags declared resumable (vprkit.cli.settings.flag(..., resumable=True)); any other difference
 # would make the resumed run a different run. `--resume CKPT` alone takes every setting from the
 # checkpoint; a flag beside it may change only these.
 RESUMABLE_CHANGES = resumable_settings(vpr.TrainConfig)

@@ -7,9 +7,9 @@ IS that frozen descriptor (its epoch-0 validation R@1 is the descriptor's):
   cut to --projection_dim: the untrained head scores exactly the raw row (a 256-d projection of
   the raw feature scored below it on the cross-season railway set, issue 18).
 - pca_whitened: PCA-whitening fitted on the training features, --projection_dim dimensions
-  (vprkit.evaluation.pca_whitening_matrix, exact).
+  (vprkit.retrieval.evaluation.pca_whitening_matrix, exact).
 - learned_whitened: whitening learned from the training set's positive pairs
-  (vprkit.whitening, Radenović et al. 2018), --projection_dim dimensions, its shrinkage chosen
+  (vprkit.retrieval.whitening, Radenović et al. 2018), --projection_dim dimensions, its shrinkage chosen
   on validation R@1.
 
 `choose_start` fits the candidates --head_start asks for (auto: all three) on the training
@@ -31,8 +31,8 @@ from typing import Any, Callable
 import numpy as np
 import torch.nn as nn
 from vprkit.cli import VPRError
-from vprkit.pairs import positive_pairs
-from vprkit.whitening import choose_shrinkage
+from vprkit.tables.pairs import positive_pairs
+from vprkit.retrieval.whitening import choose_shrinkage
 
 from trainable_vpr.heads import HeadConfig, ResidualHead, build_head
 

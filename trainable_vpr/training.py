@@ -24,13 +24,13 @@ from trainable_vpr.checkpoints import latest_alias_path, refresh_latest_alias
 from trainable_vpr.data import Split, TrainingData, extract_training_data, load_splits, named_after_embeddings
 from trainable_vpr.runs import (Run, TrainState, new_run, open_tensorboard, resolved_pooling, start_text,
                                 val_recall)
-from vprkit.augment import view_picks
+from vprkit.extraction.augment import view_picks
 from vprkit.cli import VPRError, check_writable_dir, sigterm_as_interrupt
-from vprkit.evaluation import RecallResult
-from vprkit.features import distributed_rank_and_world
-from vprkit.miners import BatchMiner, Miner
-from vprkit.runlog import (CsvLogger, LOG_COLUMNS, LOG_EXTRA_COLUMNS, LOG_OPTIONAL_COLUMNS, TRAINING_SUMMARY_NAME,
-                           append_summary_row, new_run_id, read_summary_table)
+from vprkit.retrieval.evaluation import RecallResult
+from vprkit.extraction.device import distributed_rank_and_world
+from trainable_vpr.miners import BatchMiner, Miner
+from vprkit.logs.runlog import (CsvLogger, LOG_COLUMNS, LOG_EXTRA_COLUMNS, LOG_OPTIONAL_COLUMNS, TRAINING_SUMMARY_NAME,
+                                append_summary_row, new_run_id, read_summary_table)
 
 
 @dataclass

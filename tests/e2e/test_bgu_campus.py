@@ -12,7 +12,7 @@ import pytest
 
 import eval_trained
 from helpers import REPO, SHARED, requires_shared
-from vprkit.places import EARTH_RADIUS_M
+from vprkit.tables.places import EARTH_RADIUS_M
 
 
 @pytest.fixture(scope="session")

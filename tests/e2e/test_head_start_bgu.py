@@ -9,11 +9,12 @@ import pandas as pd
 import pytest
 
 import train_vpr
-from vprkit.evaluation import evaluate_retrieval, fit_pca_whitening, l2_normalise
-from vprkit.features import ExtractionSettings, extract_features
-from vprkit.pairs import positive_pairs
-from vprkit.places import load_poses
-from vprkit.whitening import choose_shrinkage
+from vprkit.retrieval.evaluation import evaluate_retrieval, fit_pca_whitening, l2_normalise
+from vprkit.cli.extraction_settings import ExtractionSettings
+from vprkit.extraction.features import extract_features
+from vprkit.tables.pairs import positive_pairs
+from vprkit.tables.places import load_poses
+from vprkit.retrieval.whitening import choose_shrinkage
 from helpers import REPO, SHARED, requires_shared
 
 BGU = SHARED / "bgu_campus"

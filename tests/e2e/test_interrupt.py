@@ -16,7 +16,7 @@ import torch
 
 from helpers import REPO, write_embeddings_parquet
 import trainable_vpr as vpr
-from vprkit.runlog import TRAINING_SUMMARY_NAME
+from vprkit.logs.runlog import TRAINING_SUMMARY_NAME
 
 EPOCHS = 6
 COMPARED = ["event", "epoch", "batch", "train_loss", "triplet_loss", "contrastive_loss", "avg_train_loss",

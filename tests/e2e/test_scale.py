@@ -23,9 +23,9 @@ import sklearn.neighbors  # noqa: F401 - the module imports it lazily; importing
                           # tracemalloc would be slow and counted
 
 import trainable_vpr as vpr
-from vprkit.evaluation import l2_normalise
-from vprkit.pairs import cluster_places, neighbours_within
-from vprkit.places import metric_to_xyz
+from vprkit.retrieval.evaluation import l2_normalise
+from vprkit.tables.pairs import cluster_places, neighbours_within
+from vprkit.tables.places import metric_to_xyz
 
 from helpers import REPO
 
@@ -117,8 +117,8 @@ EVALUATION_SCRIPT = textwrap.dedent("""
     import numpy as np
     sys.path.insert(0, sys.argv[1])
     import faiss, sklearn.neighbors  # imported lazily by the module; not part of the measure
-    from vprkit.evaluation import evaluate_retrieval
-    from vprkit.places import metric_to_xyz
+    from vprkit.retrieval.evaluation import evaluate_retrieval
+    from vprkit.tables.places import metric_to_xyz
 
     def status(field):
         return int(re.search(rf"^{field}:\\s+(\\d+) kB", Path("/proc/self/status").read_text(), re.M).group(1)) * 1024

@@ -1,5 +1,5 @@
 """Writing real photo files with EXIF tags (orientation, GPS, capture time, camera) with Pillow,
-for the tests of vprkit.images and make_poses.py."""
+for the tests of vprkit.tables.images and make_poses.py."""
 from __future__ import annotations
 
 from fractions import Fraction

@@ -6,7 +6,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from vprkit.runlog import LOG_COLUMNS
+from vprkit.logs.runlog import LOG_COLUMNS
 
 HEADER = ",".join(LOG_COLUMNS)
 T = "2025-01-01T12:00:00"

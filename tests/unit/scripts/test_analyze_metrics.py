@@ -11,11 +11,12 @@ import pytest
 from helpers import REPO as ROOT
 
 import analyze_metrics  # noqa: E402
-from analyze_metrics import batch_positions, read_run_log, smoothing_window, summarize_run  # noqa: E402
+from vprkit.logs.run_figures import batch_positions, smoothing_window
+from vprkit.logs.run_summary import read_run_log, summarize_run
 
 from vprkit.cli import VPRError, run_cli  # noqa: E402
-from vprkit.runlog import EXPERIMENT_COLUMNS  # noqa: E402
-from vprkit.runlog import CsvLogger, append_summary_row  # noqa: E402
+from vprkit.logs.runlog import EXPERIMENT_COLUMNS  # noqa: E402
+from vprkit.logs.runlog import CsvLogger, append_summary_row  # noqa: E402
 from helpers.run_logs import HEADER, LOG, T, assert_png, with_recalls, write  # noqa: E402
 
 BATCHES_ONLY = f"""{HEADER}

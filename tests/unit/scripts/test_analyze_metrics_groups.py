@@ -11,6 +11,7 @@ import pandas as pd
 import pytest
 
 import analyze_metrics
+from vprkit.logs.run_summary import run_labels
 from helpers import REPO
 from helpers.run_logs import LOG, assert_png, with_recalls, write
 
@@ -61,7 +62,7 @@ def test_runs_grouped_by_data_and_labelled_by_what_differs(tmp_path, capsys):
 
 def test_labels_fall_back_to_seed_when_only_the_seed_differs():
     rows = pd.DataFrame({"run_id": ["a", "b"], "model": ["m", "m"], "seed": [1, 2], "lr": [0.1, 0.1]})
-    assert analyze_metrics.run_labels(rows) == ["m seed=1", "m seed=2"]
+    assert run_labels(rows) == ["m seed=1", "m seed=2"]
 
 
 @pytest.mark.slow

@@ -1,4 +1,4 @@
-"""The built-in demo data set (demo_data.py): which pictures each CSV holds, where they were
+"""The built-in demo data set (demo_route.py): which pictures each CSV holds, where they were
 taken, day and night, determinism, reuse of a complete data set, and the command line.
 Small num_places keeps each case to a second or two."""
 from __future__ import annotations
@@ -15,9 +15,10 @@ import pytest
 from PIL import Image
 
 import demo_data
-from vprkit.pairs import nearest_distance_m
-from vprkit.places import latlon_to_xyz, load_poses
-from demo_data import CSV_COLUMNS, SPLITS, generate_demo_dataset
+from vprkit.tables import demo_route
+from vprkit.tables.pairs import nearest_distance_m
+from vprkit.tables.places import latlon_to_xyz, load_poses
+from vprkit.tables.demo_route import CSV_COLUMNS, SPLITS, generate_demo_dataset
 from vprkit.cli import VPRError
 
 NUM_PLACES, SPACING_M = 10, 18.0
@@ -46,14 +47,14 @@ def _snapshot(root: Path) -> dict[str, bytes]:
 
 def test_each_csv_holds_its_drives_over_its_stretch(demo):
     data, seconds = demo
-    assert demo_data.stretches(NUM_PLACES) == STRETCHES
+    assert demo_route.stretches(NUM_PLACES) == STRETCHES
     expected = {  # (drive, places)
-        "database": {(demo_data.DAY_A.name, p) for p in STRETCHES["all"]},
-        "train": {(d.name, p) for d in (demo_data.DAY_A, demo_data.NIGHT_A,
-                                        demo_data.NIGHT_A2) for p in STRETCHES["train"]}
-        | {(demo_data.DAY_A.name, p) for p in STRETCHES["val"]},
-        "val": {(d.name, p) for d in (demo_data.DAY_B, demo_data.NIGHT_B) for p in STRETCHES["val"]},
-        "test": {(d.name, p) for d in (demo_data.DAY_B, demo_data.NIGHT_B) for p in STRETCHES["test"]},
+        "database": {(demo_route.DAY_A.name, p) for p in STRETCHES["all"]},
+        "train": {(d.name, p) for d in (demo_route.DAY_A, demo_route.NIGHT_A,
+                                        demo_route.NIGHT_A2) for p in STRETCHES["train"]}
+        | {(demo_route.DAY_A.name, p) for p in STRETCHES["val"]},
+        "val": {(d.name, p) for d in (demo_route.DAY_B, demo_route.NIGHT_B) for p in STRETCHES["val"]},
+        "test": {(d.name, p) for d in (demo_route.DAY_B, demo_route.NIGHT_B) for p in STRETCHES["test"]},
     }
     for split in SPLITS:
         rows = _rows(data, split)
@@ -95,7 +96,7 @@ def test_night_pictures_are_darker_and_bluer(demo):
 def test_places_lie_along_the_route_spacing_apart(demo):
     data, _ = demo
     rows = pd.concat([_rows(data, split) for split in SPLITS])
-    origin = latlon_to_xyz(np.array([demo_data.ORIGIN_LATLON[0]]), np.array([demo_data.ORIGIN_LATLON[1]]))[0]
+    origin = latlon_to_xyz(np.array([demo_route.ORIGIN_LATLON[0]]), np.array([demo_route.ORIGIN_LATLON[1]]))[0]
     along = np.array([np.linalg.norm(x - origin) for x in rows.xyz])
     error = along - rows.place.to_numpy() * SPACING_M  # GPS noise of 1 m (sd) along the route
     assert np.abs(error).max() < 5.0 and 0.3 < error.std() < 2.0, error
@@ -109,10 +110,10 @@ def test_places_lie_along_the_route_spacing_apart(demo):
 
 
 def test_route_latlon_is_metric():
-    lat, lon = demo_data.route_latlon(np.array([0.0, 500.0, 1500.0]))
+    lat, lon = demo_route.route_latlon(np.array([0.0, 500.0, 1500.0]))
     xyz = latlon_to_xyz(lat, lon)
     assert np.allclose(np.linalg.norm(xyz[1:] - xyz[0], axis=1), [500.0, 1500.0], atol=0.001)
-    assert np.allclose((lat[0], lon[0]), demo_data.ORIGIN_LATLON, rtol=0, atol=1e-12)
+    assert np.allclose((lat[0], lon[0]), demo_route.ORIGIN_LATLON, rtol=0, atol=1e-12)
 
 
 def test_same_seed_gives_byte_identical_files_other_seed_differs(tmp_path):
@@ -122,7 +123,7 @@ def test_same_seed_gives_byte_identical_files_other_seed_differs(tmp_path):
     snap_a, snap_b, snap_c = _snapshot(a.root), _snapshot(b.root), _snapshot(c.root)
     assert len(snap_a) == 4 + 2 * 2 + 2 * 2 + len(SPLITS) + 1  # day A, nights A, drive B, CSVs, manifest
     assert snap_a == snap_b
-    picture = f"images/{demo_data.DAY_A.name}/001.jpg"
+    picture = f"images/{demo_route.DAY_A.name}/001.jpg"
     assert snap_c[picture] != snap_a[picture] and snap_c["test.csv"] != snap_a["test.csv"]
 
 
@@ -133,13 +134,13 @@ def test_complete_data_set_is_reused_other_parameters_or_a_lost_file_regenerate(
     assert not again.generated and again.counts == json.loads((tmp_path / "manifest.json").read_text())["counts"]
 
     smaller = generate_demo_dataset(tmp_path, seed=1, num_places=4)
-    assert smaller.generated and not (tmp_path / "images" / demo_data.DAY_A.name / "004.jpg").exists()  # stale one gone
+    assert smaller.generated and not (tmp_path / "images" / demo_route.DAY_A.name / "004.jpg").exists()  # stale
     assert generate_demo_dataset(tmp_path, seed=1, num_places=5).generated
     assert _snapshot(tmp_path) == reference
 
-    (tmp_path / "images" / demo_data.NIGHT_B.name / "004.jpg").unlink()  # a file lost
+    (tmp_path / "images" / demo_route.NIGHT_B.name / "004.jpg").unlink()  # a file lost
     assert generate_demo_dataset(tmp_path, seed=1, num_places=5).generated
-    (tmp_path / demo_data.MANIFEST_NAME).unlink()  # killed before the manifest was written
+    (tmp_path / demo_route.MANIFEST_NAME).unlink()  # killed before the manifest was written
     assert generate_demo_dataset(tmp_path, seed=1, num_places=5).generated
     assert _snapshot(tmp_path) == reference
     assert generate_demo_dataset(tmp_path, seed=1, num_places=5, force=True).generated

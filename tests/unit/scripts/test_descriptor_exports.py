@@ -19,8 +19,9 @@ import eval_trained
 import localize
 import train_vpr
 import trainable_vpr as vpr
-from vprkit.features import ExtractionSettings, extract_features
-from vprkit.places import load_poses
+from vprkit.cli.extraction_settings import ExtractionSettings
+from vprkit.extraction.features import extract_features
+from vprkit.tables.places import load_poses
 
 
 @pytest.fixture(scope="module")

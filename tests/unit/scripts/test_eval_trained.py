@@ -23,10 +23,11 @@ import trainable_vpr as vpr  # noqa: E402
 from helpers import REPO, TINY_MODEL, assert_one_line_error, run_main  # noqa: E402
 from helpers import TINY_OPTIONS as TINY  # noqa: E402
 from helpers.tiny_dataset import write_image, write_tiny_dataset  # noqa: E402
-from vprkit.evaluation import evaluate_retrieval  # noqa: E402
-from vprkit.features import ExtractionSettings, extract_features  # noqa: E402
-from vprkit.places import load_poses  # noqa: E402
-from vprkit.runlog import EXPERIMENT_VARIANTS, safe_name  # noqa: E402
+from vprkit.retrieval.evaluation import evaluate_retrieval  # noqa: E402
+from vprkit.cli.extraction_settings import ExtractionSettings  # noqa: E402
+from vprkit.extraction.features import extract_features  # noqa: E402
+from vprkit.tables.places import load_poses  # noqa: E402
+from vprkit.logs.runlog import EXPERIMENT_VARIANTS, safe_name  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -349,11 +350,11 @@ def test_run_experiment_demo_end_to_end(tmp_path, monkeypatch, capsys):
     explicit flags win over the demo's settings, defaults take the demo's."""
     import functools
 
-    import demo_data
+    from vprkit.tables import demo_route
 
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setattr(demo_data, "generate_demo_dataset",
-                        functools.partial(demo_data.generate_demo_dataset, num_places=16))
+    monkeypatch.setattr(run_experiment, "generate_demo_dataset",
+                        functools.partial(demo_route.generate_demo_dataset, num_places=16))
     table = run_experiment.main(["--demo", "--models", TINY_MODEL, *TINY, "--epochs", "2", "--batch_size", "8",
                                  "--images_per_place", "2", "--projection_dim", "16", "--vlad_clusters", "4"])
     assert sorted(p.name for p in (tmp_path / "demo_data").glob("*.csv")) == ["database.csv", "test.csv", "train.csv",

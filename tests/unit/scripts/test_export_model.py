@@ -18,10 +18,10 @@ import export_model
 import trainable_vpr as vpr
 from trainable_vpr.checkpoints import checkpoint_payload, save_checkpoint
 from trainable_vpr.model import PlaceDescriptor, describe_table, load_model
-from vprkit.features import ExtractionSettings
-from vprkit.images import open_rgb
-from vprkit.places import load_poses
-from vprkit.pooling import PoolingConfig
+from vprkit.cli.extraction_settings import ExtractionSettings
+from vprkit.tables.images import open_rgb
+from vprkit.tables.places import load_poses
+from vprkit.extraction.pooling import PoolingConfig
 
 onnxruntime = pytest.importorskip("onnxruntime")
 

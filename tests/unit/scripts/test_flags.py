@@ -18,9 +18,9 @@ import run_experiment
 import train_vpr
 import trainable_vpr as vpr
 import tune_vpr
-from vprkit import configs
+from vprkit.cli import configs
 from vprkit.cli import VPRError
-from vprkit.features import ExtractionSettings, extraction_settings
+from vprkit.cli.extraction_settings import ExtractionSettings, extraction_settings
 
 from helpers import REPO
 SCRIPTS = ("train_vpr", "eval_trained", "run_experiment", "tune_vpr", "localize", "analyze_metrics", "make_poses",
@@ -65,7 +65,7 @@ def test_every_flag_is_declared_once_across_the_script_configs():
 def test_an_option_string_means_one_setting_in_every_script():
     """The same option string never names two different settings across the scripts (deprecated
     forms aside, which name their new flag)."""
-    from vprkit.settings import DeprecatedFlag
+    from vprkit.cli.settings import DeprecatedFlag
 
     seen: dict[str, str] = {}
     for name in SCRIPTS:

@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 
 import make_poses
-from vprkit.places import latlon_to_xyz, load_poses, load_table
+from vprkit.tables.places import latlon_to_xyz, load_poses
+from vprkit.tables.load import load_table
 from helpers import assert_one_line_error, run_main, run_processes_at_once
 from helpers.exif_photos import BEER_SHEVA, NEW_YORK, NEW_YORK_DEGREES, SYDNEY, photo_exif, save_photo
 

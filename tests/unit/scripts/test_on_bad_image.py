@@ -17,9 +17,10 @@ import run_experiment
 import train_vpr
 import trainable_vpr as vpr
 from vprkit.cli import VPRError
-from vprkit.features import ExtractionSettings, extract_features, extract_table
-from vprkit.places import load_poses
-from vprkit.settings import config_from_args
+from vprkit.cli.extraction_settings import ExtractionSettings
+from vprkit.extraction.features import extract_features, extract_table
+from vprkit.tables.places import load_poses
+from vprkit.cli.settings import config_from_args
 
 
 def _options(tmp_path, cache: bool = True) -> ExtractionSettings:

@@ -12,13 +12,14 @@ import torch
 from helpers import place_positions, write_embeddings_parquet
 import eval_trained
 import train_vpr
-import vprkit.features
+import vprkit.extraction.features
 import trainable_vpr as vpr
 from trainable_vpr.checkpoints import EMBEDDINGS_ARCH
 from vprkit.cli import VPRError
-from vprkit.evaluation import evaluate_retrieval, l2_normalise
-from vprkit.pairs import group_places
-from vprkit.places import PlaceTable, export_embeddings_parquet, load_poses, load_table
+from vprkit.retrieval.evaluation import evaluate_retrieval, l2_normalise
+from vprkit.tables.pairs import group_places
+from vprkit.tables.places import PlaceTable, export_embeddings_parquet, load_poses
+from vprkit.tables.load import load_table
 
 
 # --------------------------------------------------------------------------------------------
@@ -119,7 +120,7 @@ def no_images(monkeypatch):
     def refuse(*args, **kwargs):
         raise AssertionError("the backbone was used")
     monkeypatch.setattr(vpr, "create_backbone", refuse)
-    monkeypatch.setattr(vprkit.features, "extract_features", refuse)
+    monkeypatch.setattr(vprkit.extraction.features, "extract_features", refuse)
 
 
 def _parquets(tmp_path, **options):

@@ -21,7 +21,7 @@ from trainable_vpr.runs import resolved_pooling
 import trainable_vpr as vpr
 from trainable_vpr.data import extract_training_data, load_splits
 from vprkit.cli import VPRError
-from vprkit.evaluation import evaluate_retrieval
+from vprkit.retrieval.evaluation import evaluate_retrieval
 from helpers import TINY, TINY_MODEL, TINY_OPTIONS, assert_one_line_error, run_main, write_train_val
 
 LAYER = "-2"  # the tiny CNN's second-to-last stage: on this data vlad's start beats the backbone's (0.333 vs 0.167)

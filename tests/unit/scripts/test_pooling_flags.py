@@ -12,11 +12,12 @@ from helpers import TINY_MODEL, TINY_SIZE, assert_one_line_error, run_main, writ
 import eval_trained
 import train_vpr
 import trainable_vpr as vpr
-from vprkit import vocabulary as vocab
-from vprkit.evaluation import pca_by_eigh, pca_whitening_matrix
-from vprkit.features import ExtractionSettings, FeatureCache
-from vprkit.places import load_poses
-from vprkit.pooling import LocalPooling, PoolingConfig, layer_channels, num_feature_layers
+from trainable_vpr import vocabulary as vocab
+from vprkit.retrieval.evaluation import pca_by_eigh, pca_whitening_matrix
+from vprkit.cli.extraction_settings import ExtractionSettings
+from vprkit.extraction.cache import FeatureCache
+from vprkit.tables.places import load_poses
+from vprkit.extraction.pooling import LocalPooling, PoolingConfig, layer_channels, num_feature_layers
 
 VIT = "timm:test_vit"  # timm's tiny ViT (random weights): 4 patch tokens at 32 px
 

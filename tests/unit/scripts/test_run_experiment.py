@@ -20,7 +20,7 @@ import analyze_metrics
 import run_experiment
 import trainable_vpr as vpr
 from vprkit.cli import VPRError
-from vprkit.evaluation import EvalReport
+from vprkit.retrieval.evaluation import EvalReport
 
 FAILING = "timm:test_vit"  # a second model, made to fail after the first was measured
 

@@ -19,10 +19,11 @@ import train_vpr
 import trainable_vpr as vpr
 from trainable_vpr.checkpoints import FORMAT_VERSION, save_checkpoint
 from vprkit.cli import VPRError, run_cli
-from vprkit.evaluation import evaluate_retrieval
-from vprkit.features import ExtractionSettings, extract_features
-from vprkit.pairs import check_trainable, cluster_places, neighbours_within
-from vprkit.places import PlaceTable, load_poses, metric_to_xyz
+from vprkit.retrieval.evaluation import evaluate_retrieval
+from vprkit.cli.extraction_settings import ExtractionSettings
+from vprkit.extraction.features import extract_features
+from vprkit.tables.pairs import check_trainable, cluster_places, neighbours_within
+from vprkit.tables.places import PlaceTable, load_poses, metric_to_xyz
 
 EPOCHS, BATCH, N_PLACES, PER_PLACE = 2, 8, 8, 5
 BATCHES_PER_EPOCH = math.ceil(N_PLACES * PER_PLACE / BATCH)

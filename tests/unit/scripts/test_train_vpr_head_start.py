@@ -13,9 +13,9 @@ import torch
 import train_vpr
 from trainable_vpr.training import TrainResult
 import trainable_vpr as vpr
-from vprkit.evaluation import evaluate_retrieval, fit_pca_whitening, l2_normalise
-from vprkit.pairs import positive_pairs
-from vprkit.whitening import choose_shrinkage
+from vprkit.retrieval.evaluation import evaluate_retrieval, fit_pca_whitening, l2_normalise
+from vprkit.tables.pairs import positive_pairs
+from vprkit.retrieval.whitening import choose_shrinkage
 from helpers import assert_one_line_error, place_positions, run_main
 
 DIM = 24
@@ -59,7 +59,7 @@ def train(splits, out: Path, *extra: str) -> TrainResult:
 
 
 def table(path: Path):
-    from vprkit.places import load_table
+    from vprkit.tables.load import load_table
 
     return load_table(str(path))
 

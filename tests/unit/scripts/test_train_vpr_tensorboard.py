@@ -1,4 +1,4 @@
-"""--tensorboard: scalars beside the CSV run log (vprkit.tensorboard_log), read back with
+"""--tensorboard: scalars beside the CSV run log (vprkit.logs.tensorboard_log), read back with
 TensorBoard's own EventAccumulator; the flag in every training script; a one-line error, before
 anything is written, when the tensorboard package is missing."""
 from __future__ import annotations
@@ -22,12 +22,7 @@ import train_vpr
 from trainable_vpr import training
 import tune_vpr
 from vprkit.cli import VPRError
-from vprkit.tensorboard_log import (
-    BEST_R1_TAG,
-    TensorBoardLog,
-    hparam_values,
-    require_tensorboard,
-)
+from vprkit.logs.tensorboard_log import BEST_R1_TAG, TensorBoardLog, hparam_values, require_tensorboard
 
 
 def events(folder: Path) -> dict[str, list[tuple[int, float]]]:

@@ -22,14 +22,17 @@ from helpers.exif_photos import STORE_TRANSPOSE
 import eval_trained
 import train_vpr
 from vprkit.cli import VPRError
-from vprkit.features import ExtractionSettings, FeatureCache, extract_features
-from vprkit.pairs import check_trainable, has_pair_beyond
-from vprkit.places import load_poses, load_table
+from vprkit.cli.extraction_settings import ExtractionSettings
+from vprkit.extraction.cache import FeatureCache
+from vprkit.extraction.features import extract_features
+from vprkit.tables.pairs import check_trainable, has_pair_beyond
+from vprkit.tables.places import load_poses
+from vprkit.tables.load import load_table
 
 
 def picture_captions(result, database, queries, q: int, top: int) -> tuple[str, list[str], str]:
     """(query caption, match captions, legend) of query q in the retrieval picture."""
-    from vprkit.predictions import evaluation_rows
+    from vprkit.retrieval.predictions import evaluation_rows
 
     rows, legend = evaluation_rows(result, database, queries, result.num_queries, top)
     return rows[q].query_caption, [caption for _, caption, _ in rows[q].matches], legend
@@ -72,11 +75,11 @@ def test_a_photo_stored_rotated_gives_the_feature_of_its_upright_copy(tmp_path):
 
 def test_the_cache_key_covers_the_decoding(tmp_path, tiny_backbone, monkeypatch):
     """Features decoded before EXIF orientation was applied live under another key: never served."""
-    import vprkit.features
+    import vprkit.extraction.features
 
     now = FeatureCache(tmp_path, tiny_backbone.info).dir
     assert '"decode": "exif-upright"' in (now / "config.json").read_text()
-    monkeypatch.setattr(vprkit.features, "DECODE_TAG", "as-stored")
+    monkeypatch.setattr(vprkit.extraction.features, "DECODE_TAG", "as-stored")
     assert FeatureCache(tmp_path, tiny_backbone.info).dir != now
 
 
@@ -151,7 +154,7 @@ def test_gps_supervision_on_a_labels_only_csv_is_one_line(labelled, tmp_path, ca
 
 def test_labelled_captions_keep_metres_only_with_positions(tmp_path, tiny_backbone):
     """Labels and positions: the caption names the label and the distance; GPS only: metres."""
-    from vprkit.evaluation import EvalReport, evaluate_retrieval
+    from vprkit.retrieval.evaluation import EvalReport, evaluate_retrieval
 
     xy = place_positions(2, 2)
     csv = write_poses(tmp_path, xy, images=False)

@@ -10,7 +10,7 @@ import timm
 import torch
 
 import trainable_vpr as vpr
-import vprkit.weights
+import trainable_vpr.weights
 from vprkit.cli import VPRError
 
 
@@ -59,7 +59,7 @@ def test_unknown_backbone_lists_the_choices():
 
 @pytest.mark.parametrize("offline_env", [True, False])
 def test_offline_download_fails_fast_naming_the_offline_choices(monkeypatch, offline_env):
-    monkeypatch.setattr(vprkit.weights, "hub_weights_cached", lambda arch: False)
+    monkeypatch.setattr(trainable_vpr.weights, "hub_weights_cached", lambda arch: False)
     from huggingface_hub import constants
 
     if offline_env:

@@ -19,9 +19,11 @@ import train_vpr
 import trainable_vpr as vpr
 from trainable_vpr import blocks as tb
 from trainable_vpr.model import PlaceDescriptor, describe_table
-from vprkit.features import CachedRows, ExtractionSettings, extract_features
-from vprkit.images import open_rgb
-from vprkit.places import load_poses
+from vprkit.extraction.cache import CachedRows
+from vprkit.cli.extraction_settings import ExtractionSettings
+from vprkit.extraction.features import extract_features
+from vprkit.tables.images import open_rgb
+from vprkit.tables.places import load_poses
 
 
 @pytest.fixture(scope="module")

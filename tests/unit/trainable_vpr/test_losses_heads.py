@@ -10,8 +10,8 @@ import torch.nn.functional as F
 
 import trainable_vpr as vpr
 from vprkit.cli import VPRError
-from vprkit.places import metric_to_xyz
-from vprkit.miners import BatchMiner
+from vprkit.tables.places import metric_to_xyz
+from trainable_vpr.miners import BatchMiner
 
 
 # --------------------------------------------------------------------------------------------

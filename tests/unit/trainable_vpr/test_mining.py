@@ -11,9 +11,9 @@ import torch
 import trainable_vpr as vpr
 from helpers import haversine_m
 from vprkit.cli import VPRError
-from vprkit.pairs import cluster_places, nearest_distance_m, neighbours_within
-from vprkit.places import EARTH_RADIUS_M, latlon_to_xyz, metric_to_xyz
-from vprkit.miners import batch_triplets
+from vprkit.tables.pairs import cluster_places, nearest_distance_m, neighbours_within
+from vprkit.tables.places import EARTH_RADIUS_M, latlon_to_xyz, metric_to_xyz
+from trainable_vpr.miners import batch_triplets
 
 
 def _chord(lat1, lon1, lat2, lon2) -> float:

@@ -16,12 +16,12 @@ import trainable_vpr as vpr
 from trainable_vpr.checkpoints import checkpoint_payload, save_checkpoint
 from trainable_vpr.model import PlaceDescriptor, describe_table, load_model
 from vprkit.cli import VPRError
-from vprkit.features import ExtractionSettings
-from vprkit.images import open_rgb
-from vprkit.miners import BatchMiner, UCBMiner
-from vprkit.places import load_poses
-from vprkit.pooling import PoolingConfig
-from vprkit.vocabulary import vlad_vocabulary
+from vprkit.cli.extraction_settings import ExtractionSettings
+from vprkit.tables.images import open_rgb
+from trainable_vpr.miners import BatchMiner, UCBMiner
+from vprkit.tables.places import load_poses
+from vprkit.extraction.pooling import PoolingConfig
+from trainable_vpr.vocabulary import vlad_vocabulary
 
 
 

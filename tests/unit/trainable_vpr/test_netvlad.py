@@ -14,11 +14,13 @@ import run_experiment  # noqa: F401 - the scripts that apply the head import cle
 import train_vpr
 import trainable_vpr as vpr
 from trainable_vpr.model import PlaceDescriptor, describe_table
-from vprkit.evaluation import evaluate_retrieval
-from vprkit.features import CachedRows, ExtractionSettings, extract_features
-from vprkit.images import open_rgb
-from vprkit.places import load_poses
-from vprkit.pooling import PoolingConfig, kept_positions, local_features, vlad
+from vprkit.retrieval.evaluation import evaluate_retrieval
+from vprkit.extraction.cache import CachedRows
+from vprkit.cli.extraction_settings import ExtractionSettings
+from vprkit.extraction.features import extract_features
+from vprkit.tables.images import open_rgb
+from vprkit.tables.places import load_poses
+from vprkit.extraction.pooling import PoolingConfig, kept_positions, local_features, vlad
 
 SIZE = 64  # the tiny CNN at 64 px: its layer 2 is an 8 x 8 map (64 positions), enough for VLAD to mean something
 LAYER, K = 2, 4

@@ -14,10 +14,11 @@ import train_vpr
 from trainable_vpr.runs import lr_scheduler
 from trainable_vpr.training import TrainResult
 import trainable_vpr as vpr
-from vprkit.evaluation import fit_pca_whitening
-from vprkit.features import ExtractionSettings, extract_features
-from vprkit.places import load_poses
-from vprkit.settings import add_config_args, add_config_file_flag, config_from_args, parse_layered
+from vprkit.retrieval.evaluation import fit_pca_whitening
+from vprkit.cli.extraction_settings import ExtractionSettings
+from vprkit.extraction.features import extract_features
+from vprkit.tables.places import load_poses
+from vprkit.cli.settings import add_config_args, add_config_file_flag, config_from_args, parse_layered
 from helpers import REPO, TINY_MODEL, TINY_SIZE, write_train_val
 
 SEED_RECIPE = REPO / "bench" / "seed_recipe.toml"

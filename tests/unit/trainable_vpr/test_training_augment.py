@@ -1,4 +1,4 @@
-"""--augment_views K (vprkit/augment.py, train_vpr.py): augmented views of the training images,
+"""--augment_views K (vprkit/extraction/augment.py, train_vpr.py): augmented views of the training images,
 extracted once and cached per view, sampled one per batch row per step; never for validation;
 K=0 leaves training exactly as it was."""
 from __future__ import annotations
@@ -19,12 +19,13 @@ from trainable_vpr.data import Split, extract_training_data, load_splits
 from trainable_vpr.runs import initial_head
 from trainable_vpr.training import epoch_batches
 import trainable_vpr as vpr
-import vprkit.augment
-import vprkit.features
-from vprkit.augment import AugmentedView, AugmentRecipe, augment_image, extract_views, view_picks
+import vprkit.extraction.augment
+import vprkit.extraction.features
+from vprkit.extraction.augment import AugmentedView, AugmentRecipe, augment_image, extract_views, view_picks
 from vprkit.cli import VPRError
-from vprkit.features import ExtractionSettings, extract_features, iterate_descriptors
-from vprkit.places import load_poses
+from vprkit.cli.extraction_settings import ExtractionSettings
+from vprkit.extraction.features import extract_features, iterate_descriptors
+from vprkit.tables.places import load_poses
 
 N_PLACES, PER_PLACE, BATCH = 6, 4, 8
 
@@ -57,7 +58,7 @@ def spy(monkeypatch):
         calls.append((list(paths), view))
         yield from iterate_descriptors(backbone, paths, options, desc, precision, failed, view)
 
-    monkeypatch.setattr(vprkit.features, "iterate_descriptors", wrapper)
+    monkeypatch.setattr(vprkit.extraction.features, "iterate_descriptors", wrapper)
     return calls
 
 

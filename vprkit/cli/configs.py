@@ -1,0 +1,128 @@
+"""The flag groups scripts compose their configs from, and the configs of the torch-free scripts.
+
+Each flag is declared once, here or in trainable_vpr/config.py (the configs of the scripts that
+describe images: training, evaluation, experiment, tuning, localize), with vprkit.cli.settings.flag.
+A group is a small dataclass; a script's config inherits the groups it uses, so a flag means
+one thing in every script. Each config checks itself once, in validate(). No torch here:
+analyze_metrics.py, make_poses.py and demo_data.py parse with these alone.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+from vprkit.cli import VPRError
+from vprkit.cli.settings import check_choices, flag
+
+# positives (correct matches) within this many metres, unless a checkpoint says otherwise
+DEFAULT_POS_THRESHOLD_M = 25.0
+DEFAULT_RECALL_AT = (1, 5, 10)
+SUPERVISIONS = ("auto", "gps", "labels")
+
+
+# ============================================================================================
+# Shared groups
+# ============================================================================================
+@dataclass
+class Supervision:
+    supervision: str | None = flag(None, "which images show the same place: gps (positions), labels (place_id/"
+                                   "building_id/label, gated by positions when present) or auto (labels when every "
+                                   "table has them); default: auto, or the checkpoint's", "data", choices=SUPERVISIONS)
+
+
+@dataclass
+class PosThreshold:
+    pos_threshold_m: float | None = flag(None, "positives: images within this many metres show the same place "
+                                         f"(default: {DEFAULT_POS_THRESHOLD_M:g}, or the checkpoint's)", "data",
+                                         old_sections=("training",))
+
+    def check_pos_threshold(self) -> None:
+        if self.pos_threshold_m is not None and self.pos_threshold_m <= 0:
+            raise VPRError(f"--pos_threshold_m {self.pos_threshold_m:g}: must be positive")
+
+
+@dataclass
+class DatabaseTable:
+    """The searched database (evaluation, the experiment's final test, localize)."""
+
+    db_csv: str | None = flag(None, "the searched database: poses CSV or embeddings parquet (run_experiment.py: "
+                              "default --train_csv)", "data", required=True, aliases=("--db_parquet",),
+                              deprecated=("--train_csv", "--train_parquet"), old_sections=("experiment",))
+
+
+@dataclass
+class TestTable:
+    test_csv: str | None = flag(None, "the queries with ground truth: poses CSV or embeddings parquet", "data",
+                                required=True, aliases=("--test_parquet",), old_sections=("experiment",))
+
+
+@dataclass
+class RecallAt:
+    recall_at: list[int] = flag(  # noqa: RUF009 (flag() gives a list default a default_factory)
+        list(DEFAULT_RECALL_AT), "the N of Recall@N", "evaluation", old_sections=("data", "experiment"))
+
+    def check_recall_at(self) -> None:
+        if any(n <= 0 for n in self.recall_at):
+            raise VPRError("--recall_at values must be positive")
+
+
+@dataclass
+class PlotDir:
+    plot_dir: str = flag("plots", "folder of the figures (and of analyze_metrics.py's summary tables)", "outputs",
+                         deprecated=("--plots_dir",))
+
+
+@dataclass
+class StudyName:
+    study_name: str | None = flag(None, "the Optuna study: tune_vpr.py creates or joins it (default: vpr_tune), "
+                                  "analyze_metrics.py plots it (default: the storage's only study)", "tuning")
+
+
+# ============================================================================================
+# The torch-free scripts
+# ============================================================================================
+@dataclass
+class AnalyzeConfig(StudyName, PlotDir):
+    """analyze_metrics.py: figures and tables of runs, experiments and tuning studies."""
+
+    DEPRECATED_FLAGS: ClassVar[dict[str, str]] = {"--output_dir": "plot_dir"}
+
+    path: str | None = flag(None, "a run log (logs/RUN.csv), an experiment CSV, or a folder of them (logs/)", "inputs",
+                            positional=True)
+    study: str | None = flag(None, "plot a tuning study instead, e.g. sqlite:///tune.db (tune_vpr.py's --storage): "
+                             "trial values and parameter importance", "tuning", metavar="STORAGE_URL")
+    smooth: int | None = flag(None, "moving-average window for batch losses (default: 50, smaller when there are few "
+                              "batches)", "outputs", metavar="N")
+    runs: str | None = flag(None, "glob on log file names choosing the runs in a folder, e.g. 'dinov2_b_*' "
+                            "(default: all)", "inputs", metavar="PATTERN")
+
+    def validate(self) -> None:
+        if not self.path and not self.study:
+            raise VPRError("give a run log, an experiment CSV or a folder of them, or --study STORAGE_URL; see --help")
+        if self.smooth is not None and self.smooth < 1:
+            raise VPRError(f"--smooth {self.smooth}: the window must be at least 1 batch")
+
+
+@dataclass
+class MakePosesConfig:
+    """make_poses.py: a poses CSV from a folder of GPS-tagged photos."""
+
+    photo_dir: str = flag(None, "folder of photos (searched recursively)", "inputs", positional=True, required=True,
+                          metavar="PHOTO_DIR")
+    output: str = flag(None, "poses CSV to write; image paths in it are relative to its folder, so train_vpr.py "
+                       "--train_csv CSV finds them without --image_root", "outputs", required=True, metavar="CSV")
+    overwrite: bool = flag(False, "replace an existing --output file", "outputs")
+
+
+@dataclass
+class DemoDataConfig:
+    """demo_data.py: the synthetic demo route."""
+
+    out_dir: str = flag("demo_data", "folder to write into", "outputs", positional=True)
+    seed: int = flag(0, "random seed of the street and the drives", "data")
+    num_places: int = flag(72, "places along the route", "data")
+    spacing_m: float = flag(18.0, "metres between consecutive places", "data")
+    force: bool = flag(False, "regenerate even if a complete data set is there", "outputs")
+
+    def validate(self) -> None:
+        check_choices(self)
