@@ -1,4 +1,7 @@
-"""Errors and the command line: VPRError (one line, exit 2), run_cli, CliParser, SIGTERM, safe files."""
+"""The command-line shell, one sub-package: here errors and the command line (VPRError: one line,
+exit 2; run_cli, CliParser, SIGTERM, safe files); settings.py the flag machinery (flag, the layers,
+parse_config: the one parse call of every script); configs.py the shared flag groups and the
+torch-free scripts' configs; extraction_settings.py the image and extraction flags."""
 from __future__ import annotations
 
 import argparse

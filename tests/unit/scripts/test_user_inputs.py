@@ -75,11 +75,11 @@ def test_a_photo_stored_rotated_gives_the_feature_of_its_upright_copy(tmp_path):
 
 def test_the_cache_key_covers_the_decoding(tmp_path, tiny_backbone, monkeypatch):
     """Features decoded before EXIF orientation was applied live under another key: never served."""
-    import vprkit.extraction.features
+    import vprkit.extraction.cache
 
     now = FeatureCache(tmp_path, tiny_backbone.info).dir
     assert '"decode": "exif-upright"' in (now / "config.json").read_text()
-    monkeypatch.setattr(vprkit.extraction.features, "DECODE_TAG", "as-stored")
+    monkeypatch.setattr(vprkit.extraction.cache, "DECODE_TAG", "as-stored")
     assert FeatureCache(tmp_path, tiny_backbone.info).dir != now
 
 
