@@ -15,7 +15,7 @@ import numpy as np
 import pandas as pd
 
 from vprkit.cli import VPRError
-from vprkit.places import PlaceTable, find_column
+from vprkit.tables.places import PlaceTable, find_column
 
 FRAME_COLUMNS = ("frame_index", "frame", "frame_id", "frame_number", "seq_index")
 TIME_COLUMNS = ("timestamp", "time", "datetime", "time_s", "t")

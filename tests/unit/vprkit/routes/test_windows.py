@@ -6,7 +6,7 @@ import pandas as pd
 import pytest
 
 from vprkit.cli import VPRError
-from vprkit.places import PlaceTable
+from vprkit.tables.places import PlaceTable
 from vprkit.routes.order import route_of
 from vprkit.routes.windows import causal_windows
 
