@@ -15,9 +15,13 @@ One small module per piece (import this package as `vpr`; every public name is h
 - checkpoints: the one home of checkpoints (paths, payload, save, load, rebuild)
 - model: PlaceDescriptor, the whole descriptor as one nn.Module (preprocessing, frozen backbone,
   pooling, head), and describe_table (a table's descriptors through the feature cache)
+- miners (in-batch miners, the UCB bandit), vocabulary (the VLAD vocabulary, fitted once),
+  weights and hub (where backbone weights come from): pieces only the core uses
+- training (the loop: train(config) -> TrainResult) and runs (a run's state, start, optimiser,
+  checkpoints, resume): imported as modules, not named here (they build on this package)
 
-The support code (command line, tables, the pair rule, features and cache, evaluation, logs)
-lives in the vprkit package beside it; docs/DESIGN.md says where each idea lives.
+The support code (the command-line shell, tables, the pair rule, features and cache, retrieval
+metrics, logs) lives in the vprkit package's wings beside it; docs/DESIGN.md says where each idea lives.
 Dependencies run one way: vprkit <- trainable_vpr <- scripts.
 """
 from trainable_vpr.backbones import (  # noqa: F401
