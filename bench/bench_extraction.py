@@ -67,7 +67,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 import trainable_vpr as vpr  # noqa: E402
-import vprkit.extraction.features  # noqa: E402
+import vprkit.extraction.cache  # noqa: E402
 from vprkit.cli import atomic_write  # noqa: E402
 from vprkit.extraction.cache import Backbone  # noqa: E402
 from vprkit.cli.extraction_settings import ExtractionSettings  # noqa: E402

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from helpers import REPO, SHARED, TINY_MODEL, TINY_SIZE, requires_shared, write_poses
-import vprkit.extraction.features
+import vprkit.extraction.device
 import trainable_vpr as vpr
 from vprkit.cli import VPRError
 from vprkit.retrieval.evaluation import l2_normalise
@@ -31,13 +31,13 @@ from vprkit.tables.places import load_poses
     (True, "auto", "bf16"), (False, "auto", "fp32"), (True, "bf16", "bf16"), (True, "fp32", "fp32"),
 ])
 def test_resolve_precision_on_cpu(monkeypatch, bf16_cpu, asked, expected):
-    monkeypatch.setattr(vprkit.extraction.features, "_cpu_supports_bf16", lambda: bf16_cpu)
+    monkeypatch.setattr(vprkit.extraction.device, "_cpu_supports_bf16", lambda: bf16_cpu)
     assert resolve_precision(asked, torch.device("cpu")) == expected
 
 
 @pytest.mark.parametrize("bf16_cpu, asked, flag_hint", [(False, "bf16", "fp32 or auto"), (True, "fp16", "CUDA")])
 def test_unsupported_precision_is_a_clear_error(monkeypatch, bf16_cpu, asked, flag_hint):
-    monkeypatch.setattr(vprkit.extraction.features, "_cpu_supports_bf16", lambda: bf16_cpu)
+    monkeypatch.setattr(vprkit.extraction.device, "_cpu_supports_bf16", lambda: bf16_cpu)
     with pytest.raises(VPRError, match=rf"--precision {asked}.*{flag_hint}"):
         resolve_precision(asked, torch.device("cpu"))
 
