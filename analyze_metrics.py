@@ -31,14 +31,12 @@ import pandas as pd  # noqa: E402
 from vprkit.cli import CliParser, VPRError, atomic_write, check_writable_dir, run_cli  # noqa: E402
 from vprkit.cli.configs import AnalyzeConfig  # noqa: E402
 from vprkit.cli.settings import config_parser, parse_config  # noqa: E402
-from vprkit.logs.plots import (RunCurve)  # noqa: E402
-from vprkit.logs.plots import (plot_comparison, plot_experiment_bars, recall_scale)  # noqa: E402
-from vprkit.logs.run_figures import (experiment_table_text, plot_run, plot_tuning_study,  # noqa: E402
-                                     bar_text)
+from vprkit.logs.plots import RunCurve, plot_comparison, plot_experiment_bars, recall_scale  # noqa: E402
+from vprkit.logs.run_figures import bar_text, experiment_table_text, plot_run, plot_tuning_study  # noqa: E402
 from vprkit.logs.run_summary import (RECALL_COLUMNS, TABLE_WIDTH, RunLog, RunSummary, comparable_groups,  # noqa: E402
                                      printable_group, read_experiment_csv, read_run_log, read_training_summary,
                                      run_summary_lines, runs_summary_table, summarize_run)
-from vprkit.logs.runlog import (LOG_COLUMNS, EXPERIMENT_REQUIRED, TRAINING_SUMMARY_NAME, safe_name)  # noqa: E402
+from vprkit.logs.runlog import EXPERIMENT_REQUIRED, LOG_COLUMNS, TRAINING_SUMMARY_NAME, safe_name  # noqa: E402
 
 
 EXPERIMENT_PATTERN = "experiment_*.csv"
