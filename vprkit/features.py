@@ -437,6 +437,19 @@ def distributed_rank_and_world() -> tuple[int, int]:
     return dist.get_rank(), world
 
 
+def rank_zero_list(items: list[int], rank: int, world: int) -> list[int]:
+    """Rank 0's `items` on every torchrun rank (broadcast); `items` itself in a single process."""
+    if world <= 1:
+        return items
+    import torch.distributed as dist
+
+    # nccl sends through a GPU: the one its barrier uses for this rank (no rank sets a device)
+    device = torch.device("cuda", rank % torch.cuda.device_count()) if torch.cuda.is_available() else None
+    box = [items]
+    dist.broadcast_object_list(box, src=0, device=device)
+    return box[0]
+
+
 def release_other_ranks() -> int:
     """Under torchrun, once every table's features are in the cache: leave the process group
     and return this process's rank. The script decides: ranks other than 0 exit, rank 0 goes
@@ -553,8 +566,9 @@ def extract_features(backbone: Backbone, table: PlaceTable, options: ExtractionS
     Each image goes through the backbone once per configuration: later calls (epochs,
     validation, evaluation, later runs) read the cache. Prints how many came from it.
     Under torchrun (`torchrun --nproc_per_node K train_vpr.py ...`), each rank extracts its
-    share of the missing images into the shared cache: shards are separate files, so ranks never
-    write the same file, and the cache index is the union of every rank's shards (the merge).
+    share of the missing images (rank 0's list of them: rank_zero_list) into the shared cache:
+    shards are separate files, so ranks never write the same file, and the cache index is the
+    union of every rank's shards (the merge).
     After the barrier every rank reads the whole table from the cache.
     An unreadable image is an error naming it; given a `failed` list, it is appended there as
     (path, reason) instead and its row of the result is NaN (extract_table drops such rows).
@@ -577,7 +591,9 @@ def extract_features(backbone: Backbone, table: PlaceTable, options: ExtractionS
     cache_dtype = "float16" if local else options.cache_dtype  # local features: float16 (half the disk, streamed)
     cache = FeatureCache(options.cache_folder, backbone.info, cache_dtype, precision)
     keys = cache_keys(table.paths, view)
-    missing = [i for i, k in enumerate(keys) if k not in cache]
+    # Under torchrun every rank splits rank 0's list: a rank indexing later would already see the
+    # shards the others wrote, and two different lists split in turns leave images to no rank.
+    missing = rank_zero_list([i for i, k in enumerate(keys) if k not in cache], rank, world)
     if rank == 0:
         print(f"features [{name}]: {len(keys) - len(missing)}/{len(keys)} from cache, extracting {len(missing)}"
               + (f" over {world} processes" if world > 1 and missing else ""), flush=True)

@@ -263,3 +263,44 @@ def test_float16_cache_is_memory_mapped_half_size_and_close(tmp_path, table, tin
         assert arrays and all(isinstance(a, np.memmap) and a.dtype == np.dtype(dtype) for a in arrays)
     size = {d: sum(p.stat().st_size for p in c.dir.glob("shard-*.npy")) for d, c in stores.items()}
     assert size["float16"] < 0.6 * size["float32"]
+
+
+class _AtTheBarrier(Exception):
+    """Rank 0 of the simulated torchrun stops here while rank 1 catches up."""
+
+
+def test_a_rank_indexing_after_the_other_wrote_its_shards_still_extracts_its_share(tmp_path, table, tiny_backbone,
+                                                                                   monkeypatch, spy):
+    """The two-rank race, forced: rank 0 indexes, extracts its half and writes its shards before
+    rank 1 even indexes. Rank 1 then already sees those shards; split its own (shorter) list and
+    images 1, 5, 9 went to no rank ("missing from the cache after extraction"). Both split rank
+    0's list: rank 1 extracts exactly the odd images and the table comes back whole."""
+    import torch.distributed as dist
+
+    rank = {"now": 0}
+    sent: list[list[int]] = []
+
+    def broadcast_object_list(box, src=0, device=None):
+        if rank["now"] == src:
+            sent.append(list(box[0]))
+        else:
+            box[0] = sent[-1]
+
+    def barrier():
+        if rank["now"] == 0:
+            raise _AtTheBarrier
+
+    monkeypatch.setattr(vprkit.features, "distributed_rank_and_world", lambda: (rank["now"], 2))
+    monkeypatch.setattr(dist, "broadcast_object_list", broadcast_object_list)
+    monkeypatch.setattr(dist, "barrier", barrier)
+    options = _options(tmp_path, chunk_size=2, extract_batch_size=2)
+    with pytest.raises(_AtTheBarrier):
+        extract_features(tiny_backbone, table, options)
+    assert spy == table.paths[0::2] and len(_shards(tmp_path)) == 3  # rank 0's half is on disk
+    spy.clear()
+    rank["now"] = 1
+    features = extract_features(tiny_backbone, table, options)
+    assert spy == table.paths[1::2]
+    monkeypatch.undo()
+    reference = extract_features(tiny_backbone, table, _options(tmp_path / "one_process"))
+    np.testing.assert_allclose(features, reference, rtol=1e-5, atol=1e-6)
