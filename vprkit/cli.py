@@ -89,7 +89,9 @@ def check_writable_dir(path: str | Path, flag: str) -> Path:
 
 
 def check_writable_file(path: str | Path | None, flag: str) -> None:
-    """Fail now, not after the work, when an output file's folder cannot be written."""
+    """Fail now, not after the work, when an output file is a folder or its folder cannot be written."""
+    if path and Path(path).is_dir():
+        raise VPRError(f"{flag} {path}: is a folder, not a file; give a file path (e.g. inside that folder)")
     if path:
         reason = _cannot_write_in(Path(path).parent)
         if reason:

@@ -134,6 +134,15 @@ def test_existing_output_is_kept_unless_overwrite(scene, tmp_path, capsys):
     assert torch.export.load(output) is not None
 
 
+def test_a_folder_as_output_is_one_line_even_with_overwrite(scene, tmp_path, capsys):
+    output = tmp_path / "model.pt2"
+    output.mkdir()
+    code, err = run_main(capsys, export_model.main, ["--model_path", str(scene / "run.pth"), "--output", str(output),
+                                                     "--overwrite"])
+    assert_one_line_error(code, err, str(output), "is a folder")
+    assert output.is_dir() and not any(output.iterdir())
+
+
 def test_missing_onnx_package_is_one_line(scene, tmp_path, capsys, monkeypatch):
     monkeypatch.setitem(sys.modules, "onnxscript", None)  # `import onnxscript` raises ImportError
     output = tmp_path / "model.onnx"
