@@ -271,7 +271,7 @@ def poses_table(frame: pd.DataFrame, path: Path, root: Path, root_name: str, cam
         raise VPRError(f"{path}: row {_file_line(frame, int(blank[0]))}: no image file in column '{image_col}' "
                        f"({blank.size} such row(s)); fill it in or remove the row")
     paths = [str(p) if os.path.isabs(p) else str(root / p) for p in frame[image_col].astype(str)]
-    duplicated = pd.Series(paths).duplicated()
+    duplicated = pd.Series([os.path.abspath(p) for p in paths]).duplicated()  # one image however it is spelt
     if duplicated.any():
         row = int(np.flatnonzero(duplicated.to_numpy())[0])
         raise VPRError(f"{path}: row {_file_line(frame, row)}: image {frame[image_col].iloc[row]} is listed twice; "
