@@ -132,9 +132,11 @@ class FeatureCache:
             atomic_write(config_path, lambda p: p.write_text(json.dumps(config, indent=2)))
         self._index: dict[str, tuple[Path, int]] = {}
         self._arrays: dict[Path, np.ndarray] = {}
-        self._load_index()
+        self._load_index(None if is_local(info) else (info.feature_dim,))
 
-    def _load_index(self) -> None:
+    def _load_index(self, row_shape: tuple[int, ...] | None) -> None:
+        """Index the whole shards; `row_shape`: every row's (local features: the first shard's).
+        Descriptor shards are read once to check they are finite (local ones are too big to)."""
         for keys_path in sorted(self.dir.glob("shard-*.keys.json")):
             shard = keys_path.with_name(keys_path.name.replace(".keys.json", ".npy"))
             try:
@@ -142,6 +144,11 @@ class FeatureCache:
                 array = np.load(shard, mmap_mode="r")
                 if array.shape[0] != len(keys):
                     raise ValueError("row count differs from key count")
+                if array.shape[1:] != (row_shape or array.shape[1:]):
+                    raise ValueError(f"rows of shape {array.shape[1:]}, expected {row_shape}")
+                if len(array.shape) == 2 and not np.isfinite(array).all():
+                    raise ValueError("NaN or infinite values")
+                row_shape = array.shape[1:]
             except (OSError, ValueError, EOFError) as exc:
                 # A shard or its key list cut short (disk full, kill -9 mid-write): drop it, it is rebuilt.
                 warn_damaged_cache_entry(shard, exc, "its images are extracted again")
@@ -539,7 +546,18 @@ def iterate_descriptors(backbone: Backbone, paths: Sequence[str], options: Extra
                 if not len(index):
                     continue
             images = images.to(device, non_blocking=True, memory_format=memory_format)
-            yield index.numpy(), backbone.descriptor(images).float().cpu().numpy()
+            feats = backbone.descriptor(images).float().cpu().numpy()
+            check_finite(feats, [paths[int(i)] for i in index], backbone.info.name)
+            yield index.numpy(), feats
+
+
+def check_finite(features: np.ndarray, paths: Sequence[str], model: str) -> None:
+    """Features of a model are finite, or one line naming the images (never cached as features)."""
+    bad = [path for path, ok in zip(paths, np.isfinite(features.reshape(len(features), -1)).all(axis=1)) if not ok]
+    if bad:
+        raise VPRError(f"features [{model}]: NaN or infinite descriptors for {len(bad)} image(s) ({', '.join(bad[:3])}"
+                       f"{', ...' if len(bad) > 3 else ''}); with --precision fp16/bf16 try fp32, else check the "
+                       "weights")
 
 
 def _extract_into_cache(backbone: Backbone, table: PlaceTable, keys: list[str], missing: list[int], cache: FeatureCache,

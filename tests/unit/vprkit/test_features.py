@@ -163,7 +163,7 @@ def test_only_the_broken_shard_is_rebuilt(tmp_path, table, tiny_backbone, spy, c
 
 
 @pytest.mark.parametrize("damage", ["empty_shard", "empty_keys", "header_only", "truncated_keys", "missing_shard",
-                                    "garbage_shard"])
+                                    "garbage_shard", "wrong_shape", "nan_values"])
 def test_other_broken_shards_are_rebuilt(tmp_path, table, tiny_backbone, capsys, damage):
     """A zero-length file is what a power cut leaves after a rename whose data never reached
     the disk (no fsync); it must be rebuilt like a truncated one, not crash."""
@@ -180,11 +180,16 @@ def test_other_broken_shards_are_rebuilt(tmp_path, table, tiny_backbone, capsys,
         keys.write_text(keys.read_text()[:-20])
     elif damage == "missing_shard":
         shard.unlink()
+    elif damage in ("wrong_shape", "nan_values"):  # the right row count: only the rows' shape or values are off
+        rows = np.load(shard)
+        np.save(shard, rows[:, :-1] if damage == "wrong_shape" else np.where(rows > 0, np.nan, rows))
     else:
         shard.write_bytes(b"\x00" * len(shard.read_bytes()))
     capsys.readouterr()
     second = extract_features(tiny_backbone, table, _options(tmp_path))
-    assert _counts(capsys.readouterr().out) == (0, N, N)
+    out, err = capsys.readouterr()
+    assert _counts(out) == (0, N, N)
+    assert damage == "missing_shard" or "damaged cache entry" in err
     np.testing.assert_allclose(second, first, rtol=1e-5, atol=1e-6)
 
 
@@ -304,3 +309,16 @@ def test_a_rank_indexing_after_the_other_wrote_its_shards_still_extracts_its_sha
     monkeypatch.undo()
     reference = extract_features(tiny_backbone, table, _options(tmp_path / "one_process"))
     np.testing.assert_allclose(features, reference, rtol=1e-5, atol=1e-6)
+
+
+def test_a_model_giving_nan_is_one_line_naming_the_images(tmp_path, table, tiny_backbone, monkeypatch):
+    """NaN from the model (fp16 overflow, broken weights) never reaches the cache as features."""
+    def nan_for_odd_rows(images):
+        out = vpr.backbone_descriptor(tiny_backbone.model, images)
+        out[1::2] = float("nan")
+        return out
+
+    monkeypatch.setattr(tiny_backbone, "descriptor", nan_for_odd_rows)
+    with pytest.raises(VPRError, match=re.escape(f"NaN or infinite descriptors for 2 image(s) ({table.paths[1]}, ")):
+        extract_features(tiny_backbone, table, _options(tmp_path))
+    assert _shards(tmp_path) == []
