@@ -249,6 +249,14 @@ def test_latlon_out_of_range(tmp_path, lat, lon, what):
         load_poses(csv)
 
 
+def test_a_metric_coordinate_beyond_the_earth_is_one_line_not_an_overflow_warning(tmp_path, capfd):
+    rels = _images(tmp_path, 2)
+    csv = write_csv(tmp_path / "p.csv", ["image_path", "easting", "northing"], [[rels[0], 1e300, 0], [rels[1], 3, 4]])
+    with pytest.raises(VPRError, match=r"row 2, column 'easting': 1e\+300 m is beyond"):
+        load_poses(csv)
+    assert capfd.readouterr().err == ""
+
+
 def test_latlon_at_the_limits_accepted(tmp_path):
     rels = _images(tmp_path, 2)
     csv = write_csv(tmp_path / "p.csv", ["image_path", "lat", "lon"], [[rels[0], 90.0, 180.0], [rels[1], -90.0,
