@@ -31,7 +31,7 @@ import torch
 
 import trainable_vpr as vpr
 from trainable_vpr.model import PlaceDescriptor, load_model
-from vprkit.cli import CliParser, VPRError, atomic_write, check_writable_file, run_cli
+from vprkit.cli import CliParser, VPRError, atomic_write, check_new_file, run_cli
 from vprkit.features import extraction_settings, pooling_config
 from vprkit.places import is_parquet, load_table
 from vprkit.settings import config_parser, parse_config
@@ -61,9 +61,7 @@ def check_output(args: vpr.ExportConfig) -> Path:
     if output.suffix.lower() not in FORMATS:
         raise VPRError(f"--output {output}: unknown model format {output.suffix or '(no suffix)'!r}; "
                        f"name the file .pt2 (torch.export) or .onnx (ONNX)")
-    if output.exists() and not args.overwrite:
-        raise VPRError(f"--output {output}: the file exists; pass --overwrite to replace it, or choose another path")
-    check_writable_file(output, "--output")
+    check_new_file(output, args.overwrite, "--output")
     if output.suffix.lower() == ".onnx":
         require_onnx_exporter()
     return output

@@ -99,6 +99,15 @@ def check_writable_file(path: str | Path | None, flag: str) -> None:
                            f"choose another path")
 
 
+def check_new_file(path: str | Path | None, overwrite: bool, flag: str) -> None:
+    """The one rule for every output file a flag names (docs/files.md): an existing file is
+    replaced only with --overwrite, else the script stops here, before any work; a folder in its
+    place, or a folder that cannot be written, is an error too."""
+    if path and Path(path).is_file() and not overwrite:
+        raise VPRError(f"{flag} {path}: the file exists; pass --overwrite to replace it, or choose another path")
+    check_writable_file(path, flag)
+
+
 def atomic_write(path: str | Path, write: Callable[[Path], None]) -> None:
     """Call write(tmp_path), then rename tmp_path onto path: readers never see half a file."""
     path = Path(path)

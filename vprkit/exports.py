@@ -27,6 +27,7 @@ from vprkit.cli import VPRError, atomic_write, check_writable_dir
 DATABASE_NPY = "database_descriptors.npy"
 QUERIES_NPY = "queries_descriptors.npy"
 HLOC_GLOBAL_FEATURES = "global-feats.h5"
+DESCRIPTOR_FILES = (DATABASE_NPY, QUERIES_NPY, HLOC_GLOBAL_FEATURES)  # what save_descriptors writes
 HLOC_DESCRIPTOR_KEY = "global_descriptor"
 
 
