@@ -34,7 +34,7 @@ from trainable_vpr.model import describe_table, load_model
 from vprkit.cli import CliParser, VPRError, atomic_write, run_cli
 from vprkit.configs import DEFAULT_POS_THRESHOLD_M
 from vprkit.evaluation import exact_search
-from vprkit.exports import image_folder_and_names, write_retrieval_pairs
+from vprkit.exports import check_pair_names, image_folder_and_names, write_retrieval_pairs
 from vprkit.features import extraction_settings
 from vprkit.places import (IMAGE_COLUMNS, LATLON_COLUMNS, METRIC_COLUMNS, PlaceTable, find_column,
                            find_column_pair, load_table, read_csv_table)
@@ -131,6 +131,8 @@ def main(argv: Sequence[str] | None = None) -> pd.DataFrame:
     args = parse_args(argv)
     queries = query_table(args.query)
     database = load_table(args.db_csv, args.image_root, on_bad_image=args.on_bad_image)
+    if args.pairs:  # a name hloc cannot read: refused before any extraction or file
+        check_pair_names(image_folder_and_names([*database.paths, *queries.paths])[1])
     checkpoint = vpr.load_checkpoint(args.model_path) if args.model_path else None
     options = extraction_settings(args)
     # baseline vlad: fitted on the database

@@ -132,9 +132,11 @@ class FeatureCache:
             atomic_write(config_path, lambda p: p.write_text(json.dumps(config, indent=2)))
         self._index: dict[str, tuple[Path, int]] = {}
         self._arrays: dict[Path, np.ndarray] = {}
-        self._load_index()
+        self._load_index(None if is_local(info) else (info.feature_dim,))
 
-    def _load_index(self) -> None:
+    def _load_index(self, row_shape: tuple[int, ...] | None) -> None:
+        """Index the whole shards; `row_shape`: every row's (local features: the first shard's).
+        Descriptor shards are read once to check they are finite (local ones are too big to)."""
         for keys_path in sorted(self.dir.glob("shard-*.keys.json")):
             shard = keys_path.with_name(keys_path.name.replace(".keys.json", ".npy"))
             try:
@@ -142,6 +144,11 @@ class FeatureCache:
                 array = np.load(shard, mmap_mode="r")
                 if array.shape[0] != len(keys):
                     raise ValueError("row count differs from key count")
+                if array.shape[1:] != (row_shape or array.shape[1:]):
+                    raise ValueError(f"rows of shape {array.shape[1:]}, expected {row_shape}")
+                if len(array.shape) == 2 and not np.isfinite(array).all():
+                    raise ValueError("NaN or infinite values")
+                row_shape = array.shape[1:]
             except (OSError, ValueError, EOFError) as exc:
                 # A shard or its key list cut short (disk full, kill -9 mid-write): drop it, it is rebuilt.
                 warn_damaged_cache_entry(shard, exc, "its images are extracted again")
@@ -437,6 +444,19 @@ def distributed_rank_and_world() -> tuple[int, int]:
     return dist.get_rank(), world
 
 
+def rank_zero_list(items: list[int], rank: int, world: int) -> list[int]:
+    """Rank 0's `items` on every torchrun rank (broadcast); `items` itself in a single process."""
+    if world <= 1:
+        return items
+    import torch.distributed as dist
+
+    # nccl sends through a GPU: the one its barrier uses for this rank (no rank sets a device)
+    device = torch.device("cuda", rank % torch.cuda.device_count()) if torch.cuda.is_available() else None
+    box = [items]
+    dist.broadcast_object_list(box, src=0, device=device)
+    return box[0]
+
+
 def release_other_ranks() -> int:
     """Under torchrun, once every table's features are in the cache: leave the process group
     and return this process's rank. The script decides: ranks other than 0 exit, rank 0 goes
@@ -526,7 +546,18 @@ def iterate_descriptors(backbone: Backbone, paths: Sequence[str], options: Extra
                 if not len(index):
                     continue
             images = images.to(device, non_blocking=True, memory_format=memory_format)
-            yield index.numpy(), backbone.descriptor(images).float().cpu().numpy()
+            feats = backbone.descriptor(images).float().cpu().numpy()
+            check_finite(feats, [paths[int(i)] for i in index], backbone.info.name)
+            yield index.numpy(), feats
+
+
+def check_finite(features: np.ndarray, paths: Sequence[str], model: str) -> None:
+    """Features of a model are finite, or one line naming the images (never cached as features)."""
+    bad = [path for path, ok in zip(paths, np.isfinite(features.reshape(len(features), -1)).all(axis=1)) if not ok]
+    if bad:
+        raise VPRError(f"features [{model}]: NaN or infinite descriptors for {len(bad)} image(s) ({', '.join(bad[:3])}"
+                       f"{', ...' if len(bad) > 3 else ''}); with --precision fp16/bf16 try fp32, else check the "
+                       "weights")
 
 
 def _extract_into_cache(backbone: Backbone, table: PlaceTable, keys: list[str], missing: list[int], cache: FeatureCache,
@@ -553,8 +584,9 @@ def extract_features(backbone: Backbone, table: PlaceTable, options: ExtractionS
     Each image goes through the backbone once per configuration: later calls (epochs,
     validation, evaluation, later runs) read the cache. Prints how many came from it.
     Under torchrun (`torchrun --nproc_per_node K train_vpr.py ...`), each rank extracts its
-    share of the missing images into the shared cache: shards are separate files, so ranks never
-    write the same file, and the cache index is the union of every rank's shards (the merge).
+    share of the missing images (rank 0's list of them: rank_zero_list) into the shared cache:
+    shards are separate files, so ranks never write the same file, and the cache index is the
+    union of every rank's shards (the merge).
     After the barrier every rank reads the whole table from the cache.
     An unreadable image is an error naming it; given a `failed` list, it is appended there as
     (path, reason) instead and its row of the result is NaN (extract_table drops such rows).
@@ -577,7 +609,9 @@ def extract_features(backbone: Backbone, table: PlaceTable, options: ExtractionS
     cache_dtype = "float16" if local else options.cache_dtype  # local features: float16 (half the disk, streamed)
     cache = FeatureCache(options.cache_folder, backbone.info, cache_dtype, precision)
     keys = cache_keys(table.paths, view)
-    missing = [i for i, k in enumerate(keys) if k not in cache]
+    # Under torchrun every rank splits rank 0's list: a rank indexing later would already see the
+    # shards the others wrote, and two different lists split in turns leave images to no rank.
+    missing = rank_zero_list([i for i, k in enumerate(keys) if k not in cache], rank, world)
     if rank == 0:
         print(f"features [{name}]: {len(keys) - len(missing)}/{len(keys)} from cache, extracting {len(missing)}"
               + (f" over {world} processes" if world > 1 and missing else ""), flush=True)
