@@ -87,9 +87,15 @@ class RowContrast:
     second: np.ndarray  # float64 [D, D]: D^T D / N
 
     @classmethod
-    def of(cls, db_desc: np.ndarray) -> "RowContrast":
-        db = np.asarray(db_desc, dtype=np.float64)
-        return cls(mean=db.mean(axis=0), second=db.T @ db / len(db))
+    def of(cls, db_desc: np.ndarray, rows_per_block: int = 16384) -> "RowContrast":
+        """From the database in blocks of rows (float32 products summed in float64: no float64 copy of float32 input)."""
+        db = np.asarray(db_desc)
+        second = np.zeros((db.shape[1], db.shape[1]))
+        for start in range(0, len(db), rows_per_block):
+            block = db[start:start + rows_per_block]
+            block = block if block.dtype == np.float64 else block.astype(np.float32, copy=False)
+            second += block.T @ block
+        return cls(mean=db.mean(axis=0, dtype=np.float64), second=second / len(db))
 
     def stats(self, q_desc: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(mean, std) float64 [Nq] of each query frame's similarities to the database."""
@@ -168,11 +174,14 @@ def match_scores(q_desc: np.ndarray, q_route: Route, db_desc: np.ndarray, db_rou
 
 def _top_k_sorted(rows: np.ndarray, ends: np.ndarray, scores: np.ndarray, n_rows: int,
                   k: int) -> SeqMatches:
-    """Per row (0..n_rows-1) the k best (end, score) entries: score descending, lower end first."""
-    order = np.lexsort((ends, -scores, rows))
-    rows, ends, scores = rows[order], ends[order], scores[order]
-    group_start = np.searchsorted(rows, rows, side="left")
-    rank = np.arange(len(rows)) - group_start
+    """Per row (0..n_rows-1) the k best (end, score) entries: score descending, lower end first.
+    Entries come sorted by (row, end); one stable sort of row - score scaled into [0, 1)."""
+    if len(rows):
+        low, high = float(scores.min()), float(scores.max())
+        order = np.argsort(rows - 0.5 * (scores - low) / (high - low + 1e-12), kind="stable")
+        rows, ends, scores = rows[order], ends[order], scores[order]
+    starts = np.flatnonzero(np.r_[True, rows[1:] != rows[:-1]]) if len(rows) else np.zeros(0, np.int64)
+    rank = np.arange(len(rows)) - np.repeat(starts, np.diff(np.r_[starts, len(rows)]))
     keep = rank < k
     index = np.full((n_rows, k), -1, dtype=np.int64)
     score = np.full((n_rows, k), -np.inf, dtype=np.float32)
@@ -212,9 +221,10 @@ def sequence_match(q_desc: np.ndarray, q_route: Route, db_desc: np.ndarray, db_r
     _check(q_desc, q_route, db_desc, db_route)
     if candidates is not None:
         scores = match_scores(q_desc, q_route, db_desc, db_route, candidates, config)
-        rows = np.repeat(np.arange(len(candidates)), candidates.shape[1])
-        keep = candidates.ravel() >= 0
-        return _top_k_sorted(rows[keep], candidates.ravel()[keep], scores.ravel()[keep], len(candidates), k)
+        rows, ends = np.repeat(np.arange(len(candidates)), candidates.shape[1]), candidates.ravel()
+        order = np.lexsort((ends, rows))
+        order = order[ends[order] >= 0]
+        return _top_k_sorted(rows[order], ends[order], scores.ravel()[order], len(candidates), k)
     n_db, n_vel = len(db_desc), config.offsets().shape[0]
     hits, sims = exact_search(db_desc, q_desc, min(config.shortlist, n_db))
     mean, std = RowContrast.of(db_desc).stats(q_desc)
@@ -230,7 +240,7 @@ def sequence_match(q_desc: np.ndarray, q_route: Route, db_desc: np.ndarray, db_r
         rows = np.arange(start, min(start + config.query_chunk, len(q_desc)))
         local, vel, end, vote = _votes(rows, n, hits, gain, config.offsets(), db_first, db_last)
         key = (local * n_db + end) * n_vel + vel
-        order = np.argsort(key, kind="stable")
+        order = np.argsort(key)
         key, vote = key[order], vote[order]
         first = np.flatnonzero(np.r_[True, key[1:] != key[:-1]])
         total = np.add.reduceat(vote.astype(np.float64), first) if len(first) else np.zeros(0)

@@ -82,9 +82,9 @@ def test_a_query_at_a_drive_start_scores_its_own_frame_only():
     sims = q.astype(np.float64) @ db.T.astype(np.float64)
     z = (sims - sims.mean(axis=1, keepdims=True)) / sims.std(axis=1, keepdims=True)
     for start in (0, 3):  # each query drive's first frame: a window of one frame
-        assert scores[start] == pytest.approx(z[start], abs=1e-9)
+        assert scores[start] == pytest.approx(z[start], abs=1e-5)
     # The second frame of a drive: the mean over the two frames it has, at the best velocity.
-    assert scores[4, 7] == pytest.approx((z[3, 6] + z[4, 7]) / 2, abs=1e-9)  # every velocity steps back 1 row
+    assert scores[4, 7] == pytest.approx((z[3, 6] + z[4, 7]) / 2, abs=1e-5)  # every velocity steps back 1 row
 
 
 def test_lines_never_cross_database_segments():
