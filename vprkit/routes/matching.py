@@ -88,7 +88,7 @@ class RowContrast:
 
     @classmethod
     def of(cls, db_desc: np.ndarray, rows_per_block: int = 16384) -> "RowContrast":
-        """From the database in blocks of rows (float32 products summed in float64: no float64 copy of float32 input)."""
+        """From the database in blocks of rows (float32 products summed in float64, no float64 copy)."""
         db = np.asarray(db_desc)
         second = np.zeros((db.shape[1], db.shape[1]))
         for start in range(0, len(db), rows_per_block):
