@@ -22,6 +22,7 @@ An existing --output is kept unless --overwrite.
 from __future__ import annotations
 
 import time
+import warnings
 from pathlib import Path
 from typing import Sequence
 
@@ -30,7 +31,7 @@ import torch
 
 import trainable_vpr as vpr
 from trainable_vpr.model import PlaceDescriptor, load_model
-from vprkit.cli import CliParser, VPRError, atomic_write, check_writable_file, run_cli
+from vprkit.cli import CliParser, VPRError, atomic_write, check_new_file, run_cli
 from vprkit.cli.extraction_settings import extraction_settings, pooling_config
 from vprkit.tables.places import is_parquet
 from vprkit.tables.load import load_table
@@ -61,9 +62,7 @@ def check_output(args: vpr.ExportConfig) -> Path:
     if output.suffix.lower() not in FORMATS:
         raise VPRError(f"--output {output}: unknown model format {output.suffix or '(no suffix)'!r}; "
                        f"name the file .pt2 (torch.export) or .onnx (ONNX)")
-    if output.exists() and not args.overwrite:
-        raise VPRError(f"--output {output}: the file exists; pass --overwrite to replace it, or choose another path")
-    check_writable_file(output, "--output")
+    check_new_file(output, args.overwrite, "--output")
     if output.suffix.lower() == ".onnx":
         require_onnx_exporter()
     return output
@@ -118,8 +117,11 @@ def export(model: PlaceDescriptor, output: Path) -> None:
 
 def save_program(program: torch.export.ExportedProgram, path: Path) -> None:
     """torch.export.save through an open file: given a path, it warns about one not ending in .pt2
-    (atomic_write's temporary file)."""
-    with open(path, "wb") as handle:
+    (atomic_write's temporary file). Its "No complete tensor found in the group" warning (weights
+    sharing storage, e.g. the VLAD vocabulary) is noise here: the weights are on the CPU, and
+    check_exported compares the written file with the model."""
+    with open(path, "wb") as handle, warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="No complete tensor found in the group")
         torch.export.save(program, handle)
 
 
@@ -127,8 +129,8 @@ def run_exported(output: Path, images: torch.Tensor) -> np.ndarray | None:
     """The written file's descriptors of `images`, read back with the library that defines the
     format (torch.export.load, onnxruntime); None for ONNX when onnxruntime is not installed."""
     if output.suffix.lower() == ".pt2":
-        with torch.no_grad():
-            return torch.export.load(output).module()(images).numpy()
+        with torch.no_grad(), open(output, "rb") as handle:  # a file: given a path, torch warns unless it ends .pt2
+            return torch.export.load(handle).module()(images).numpy()
     try:
         import onnxruntime
     except ImportError:

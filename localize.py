@@ -34,7 +34,7 @@ from trainable_vpr.checkpoints import pos_threshold_of
 from trainable_vpr.model import describe_table, load_model
 from vprkit.cli import CliParser, VPRError, atomic_write, run_cli
 from vprkit.retrieval.evaluation import exact_search
-from vprkit.retrieval.exports import image_folder_and_names, write_retrieval_pairs
+from vprkit.retrieval.exports import check_pair_names, image_folder_and_names, write_retrieval_pairs
 from vprkit.cli.extraction_settings import extraction_settings
 from vprkit.tables.places import (IMAGE_COLUMNS, LATLON_COLUMNS, METRIC_COLUMNS, PlaceTable, find_column,
                                   find_column_pair, read_csv_table)
@@ -132,6 +132,8 @@ def main(argv: Sequence[str] | None = None) -> pd.DataFrame:
     args = parse_args(argv)
     queries = query_table(args.query)
     database = load_table(args.db_csv, args.image_root, on_bad_image=args.on_bad_image)
+    if args.pairs:  # a name hloc cannot read: refused before any extraction or file
+        check_pair_names(image_folder_and_names([*database.paths, *queries.paths])[1])
     checkpoint = vpr.load_checkpoint(args.model_path) if args.model_path else None
     options = extraction_settings(args)
     # baseline vlad: fitted on the database

@@ -36,7 +36,7 @@ from pathlib import Path
 from typing import Sequence
 
 from vprkit.tables.benchmarks import at_folder_frame, has_at_names
-from vprkit.cli import CliParser, VPRError, atomic_write, check_writable_file, run_cli
+from vprkit.cli import CliParser, VPRError, atomic_write, check_new_file, run_cli
 from vprkit.cli.configs import MakePosesConfig
 from vprkit.tables.images import PhotoExif, find_images, image_suffixes, read_photo_exif
 from vprkit.cli.settings import config_parser, parse_config
@@ -108,9 +108,7 @@ def main(argv: Sequence[str] | None = None) -> Path:
     folder, output = Path(args.photo_dir), Path(args.output)
     if not folder.is_dir():
         raise VPRError(f"PHOTO_DIR {folder}: {'not a folder' if folder.exists() else 'folder not found'}")
-    if output.exists() and not args.overwrite:
-        raise VPRError(f"--output {output}: the file exists; pass --overwrite to replace it, or choose another path")
-    check_writable_file(output, "--output")
+    check_new_file(output, args.overwrite, "--output")
 
     images = find_images(folder)
     if not images:

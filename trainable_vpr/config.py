@@ -12,11 +12,12 @@ import torch
 from trainable_vpr.backbones import BACKBONES, DEFAULT_LOCAL_FEATURES_PER_IMAGE, _spec_for
 from trainable_vpr.heads import HEADS, LOCAL_HEADS
 from trainable_vpr.losses import LOSS_DISTANCES
-from vprkit.cli import VPRError, check_writable_dir, check_writable_file
+from vprkit.cli import VPRError, check_new_file, check_writable_dir
 from vprkit.cli.configs import (
     DEFAULT_POS_THRESHOLD_M,
     SUPERVISIONS,  # noqa: F401 (re-exported by trainable_vpr)
     DatabaseTable,
+    Overwrite,
     PlotDir,
     PosThreshold,
     RecallAt,
@@ -25,6 +26,7 @@ from vprkit.cli.configs import (
     TestTable,
 )
 from vprkit.cli.extraction_settings import POOLING_HELP, ExtractionSettings, validate_extraction_flags
+from vprkit.retrieval.exports import DESCRIPTOR_FILES
 from vprkit.tables.places import is_parquet
 from vprkit.extraction.pooling import POOLINGS
 from vprkit.cli.settings import check_choices, registered
@@ -279,7 +281,7 @@ def check_pooling_auto(config: TrainConfig) -> None:
 @registered
 @dataclass
 class EvalConfig(ExtractionSettings, ModelSource, HeadName, DatabaseTable, TestTable, Supervision, PosThreshold,
-                 RecallAt, PlotDir):
+                 RecallAt, PlotDir, Overwrite):
     """eval_trained.py: Recall@N of a checkpoint or a raw backbone on a database and queries."""
 
     pca_whiten: int = _flag(0, "PCA-whiten to DIM dims, fitted on the database at indexing time: the raw features "
@@ -313,16 +315,18 @@ class EvalConfig(ExtractionSettings, ModelSource, HeadName, DatabaseTable, TestT
             raise VPRError(f"--pooling {self.pooling}: embeddings parquets hold descriptors already pooled; "
                            "drop --pooling")
         for path, flag in ((self.output_json, "--output_json"), (self.save_predictions, "--save_predictions")):
-            check_writable_file(path, flag)
+            check_new_file(path, self.overwrite, flag)
         if self.visualize > 0 or self.localization or self.pr_curve:
             check_writable_dir(self.plot_dir, "--plot_dir")
         if self.save_descriptors:
-            check_writable_dir(self.save_descriptors, "--save_descriptors")
+            folder = check_writable_dir(self.save_descriptors, "--save_descriptors")
+            for name in DESCRIPTOR_FILES:
+                check_new_file(folder / name, self.overwrite, "--save_descriptors")
 
 
 @registered
 @dataclass
-class LocalizeConfig(ExtractionSettings, ModelSource, DatabaseTable, PosThreshold):
+class LocalizeConfig(ExtractionSettings, ModelSource, DatabaseTable, PosThreshold, Overwrite):
     """localize.py: top-k matches and a position estimate for new photos."""
 
     query: str | None = _flag(None, "a folder of photos, or a CSV with an image column (no positions needed)", "data",
@@ -344,20 +348,18 @@ class LocalizeConfig(ExtractionSettings, ModelSource, DatabaseTable, PosThreshol
             raise VPRError(f"--db_csv {self.db_csv}: localize.py matches photos, so the database must be images "
                            "(a poses CSV), not an embeddings parquet")
         validate_extraction_flags(self)
-        check_writable_file(self.output, "--output")
-        check_writable_file(self.picture, "--picture")
-        check_writable_file(self.pairs, "--pairs")
+        for path, flag in ((self.output, "--output"), (self.picture, "--picture"), (self.pairs, "--pairs")):
+            check_new_file(path, self.overwrite, flag)
 
 
 @registered
 @dataclass
-class ExportConfig(ExtractionSettings, ModelSource, DatabaseTable):
+class ExportConfig(ExtractionSettings, ModelSource, DatabaseTable, Overwrite):
     """export_model.py: the whole descriptor as one file (--db_csv: where a --baseline --pooling vlad
     fits its vocabulary)."""
 
     output: str | None = _flag(None, "the model file to write: FILE.pt2 (torch.export) or FILE.onnx (ONNX)", "outputs",
                                required=True)
-    overwrite: bool = _flag(False, "replace an existing --output file", "outputs")
 
     def validate(self) -> None:
         self.check_model_source()

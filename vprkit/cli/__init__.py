@@ -92,12 +92,23 @@ def check_writable_dir(path: str | Path, flag: str) -> Path:
 
 
 def check_writable_file(path: str | Path | None, flag: str) -> None:
-    """Fail now, not after the work, when an output file's folder cannot be written."""
+    """Fail now, not after the work, when an output file is a folder or its folder cannot be written."""
+    if path and Path(path).is_dir():
+        raise VPRError(f"{flag} {path}: is a folder, not a file; give a file path (e.g. inside that folder)")
     if path:
         reason = _cannot_write_in(Path(path).parent)
         if reason:
             raise VPRError(f"{flag} {path}: cannot write its folder {Path(path).parent} ({reason}); "
                            f"choose another path")
+
+
+def check_new_file(path: str | Path | None, overwrite: bool, flag: str) -> None:
+    """The one rule for every output file a flag names (docs/files.md): an existing file is
+    replaced only with --overwrite, else the script stops here, before any work; a folder in its
+    place, or a folder that cannot be written, is an error too."""
+    if path and Path(path).is_file() and not overwrite:
+        raise VPRError(f"{flag} {path}: the file exists; pass --overwrite to replace it, or choose another path")
+    check_writable_file(path, flag)
 
 
 def atomic_write(path: str | Path, write: Callable[[Path], None]) -> None:

@@ -73,6 +73,12 @@ class PlotDir:
 
 
 @dataclass
+class Overwrite:
+    overwrite: bool = flag(False, "replace existing output files this script's flags name (else it stops before any "
+                           "work: docs/files.md)", "outputs")
+
+
+@dataclass
 class StudyName:
     study_name: str | None = flag(None, "the Optuna study: tune_vpr.py creates or joins it (default: vpr_tune), "
                                   "analyze_metrics.py plots it (default: the storage's only study)", "tuning")
@@ -104,14 +110,13 @@ class AnalyzeConfig(StudyName, PlotDir):
 
 
 @dataclass
-class MakePosesConfig:
+class MakePosesConfig(Overwrite):
     """make_poses.py: a poses CSV from a folder of GPS-tagged photos."""
 
     photo_dir: str = flag(None, "folder of photos (searched recursively)", "inputs", positional=True, required=True,
                           metavar="PHOTO_DIR")
     output: str = flag(None, "poses CSV to write; image paths in it are relative to its folder, so train_vpr.py "
                        "--train_csv CSV finds them without --image_root", "outputs", required=True, metavar="CSV")
-    overwrite: bool = flag(False, "replace an existing --output file", "outputs")
 
 
 @dataclass

@@ -110,9 +110,11 @@ class FeatureCache:
             atomic_write(config_path, lambda p: p.write_text(json.dumps(config, indent=2)))
         self._index: dict[str, tuple[Path, int]] = {}
         self._arrays: dict[Path, np.ndarray] = {}
-        self._load_index()
+        self._load_index(None if is_local(info) else (info.feature_dim,))
 
-    def _load_index(self) -> None:
+    def _load_index(self, row_shape: tuple[int, ...] | None) -> None:
+        """Index the whole shards; `row_shape`: every row's (local features: the first shard's).
+        Descriptor shards are read once to check they are finite (local ones are too big to)."""
         for keys_path in sorted(self.dir.glob("shard-*.keys.json")):
             shard = keys_path.with_name(keys_path.name.replace(".keys.json", ".npy"))
             try:
@@ -120,6 +122,11 @@ class FeatureCache:
                 array = np.load(shard, mmap_mode="r")
                 if array.shape[0] != len(keys):
                     raise ValueError("row count differs from key count")
+                if array.shape[1:] != (row_shape or array.shape[1:]):
+                    raise ValueError(f"rows of shape {array.shape[1:]}, expected {row_shape}")
+                if len(array.shape) == 2 and not np.isfinite(array).all():
+                    raise ValueError("NaN or infinite values")
+                row_shape = array.shape[1:]
             except (OSError, ValueError, EOFError) as exc:
                 # A shard or its key list cut short (disk full, kill -9 mid-write): drop it, it is rebuilt.
                 warn_damaged_cache_entry(shard, exc, "its images are extracted again")

@@ -66,6 +66,19 @@ def distributed_rank_and_world() -> tuple[int, int]:
     return dist.get_rank(), world
 
 
+def rank_zero_list(items: list[int], rank: int, world: int) -> list[int]:
+    """Rank 0's `items` on every torchrun rank (broadcast); `items` itself in a single process."""
+    if world <= 1:
+        return items
+    import torch.distributed as dist
+
+    # nccl sends through a GPU: the one its barrier uses for this rank (no rank sets a device)
+    device = torch.device("cuda", rank % torch.cuda.device_count()) if torch.cuda.is_available() else None
+    box = [items]
+    dist.broadcast_object_list(box, src=0, device=device)
+    return box[0]
+
+
 def release_other_ranks() -> int:
     """Under torchrun, once every table's features are in the cache: leave the process group
     and return this process's rank. The script decides: ranks other than 0 exit, rank 0 goes

@@ -25,6 +25,7 @@ from vprkit.extraction.cache import (
 from vprkit.extraction.device import (
     distributed_rank_and_world,
     keep_freed_memory_for_reuse,
+    rank_zero_list,
     resolve_device,
     resolve_precision,
 )
@@ -104,7 +105,18 @@ def iterate_descriptors(backbone: Backbone, paths: Sequence[str], options: Extra
                 if not len(index):
                     continue
             images = images.to(device, non_blocking=True, memory_format=memory_format)
-            yield index.numpy(), backbone.descriptor(images).float().cpu().numpy()
+            feats = backbone.descriptor(images).float().cpu().numpy()
+            check_finite(feats, [paths[int(i)] for i in index], backbone.info.name)
+            yield index.numpy(), feats
+
+
+def check_finite(features: np.ndarray, paths: Sequence[str], model: str) -> None:
+    """Features of a model are finite, or one line naming the images (never cached as features)."""
+    bad = [path for path, ok in zip(paths, np.isfinite(features.reshape(len(features), -1)).all(axis=1)) if not ok]
+    if bad:
+        raise VPRError(f"features [{model}]: NaN or infinite descriptors for {len(bad)} image(s) ({', '.join(bad[:3])}"
+                       f"{', ...' if len(bad) > 3 else ''}); with --precision fp16/bf16 try fp32, else check the "
+                       "weights")
 
 
 def _extract_into_cache(backbone: Backbone, table: PlaceTable, keys: list[str], missing: list[int], cache: FeatureCache,
@@ -131,8 +143,9 @@ def extract_features(backbone: Backbone, table: PlaceTable, options: ExtractionS
     Each image goes through the backbone once per configuration: later calls (epochs,
     validation, evaluation, later runs) read the cache. Prints how many came from it.
     Under torchrun (`torchrun --nproc_per_node K train_vpr.py ...`), each rank extracts its
-    share of the missing images into the shared cache: shards are separate files, so ranks never
-    write the same file, and the cache index is the union of every rank's shards (the merge).
+    share of the missing images (rank 0's list of them: rank_zero_list) into the shared cache:
+    shards are separate files, so ranks never write the same file, and the cache index is the
+    union of every rank's shards (the merge).
     After the barrier every rank reads the whole table from the cache.
     An unreadable image is an error naming it; given a `failed` list, it is appended there as
     (path, reason) instead and its row of the result is NaN (extract_table drops such rows).
@@ -155,7 +168,9 @@ def extract_features(backbone: Backbone, table: PlaceTable, options: ExtractionS
     cache_dtype = "float16" if local else options.cache_dtype  # local features: float16 (half the disk, streamed)
     cache = FeatureCache(options.cache_folder, backbone.info, cache_dtype, precision)
     keys = cache_keys(table.paths, view)
-    missing = [i for i, k in enumerate(keys) if k not in cache]
+    # Under torchrun every rank splits rank 0's list: a rank indexing later would already see the
+    # shards the others wrote, and two different lists split in turns leave images to no rank.
+    missing = rank_zero_list([i for i, k in enumerate(keys) if k not in cache], rank, world)
     if rank == 0:
         print(f"features [{name}]: {len(keys) - len(missing)}/{len(keys)} from cache, extracting {len(missing)}"
               + (f" over {world} processes" if world > 1 and missing else ""), flush=True)

@@ -227,6 +227,8 @@ def check_vocabulary(centroids: np.ndarray, clusters: int, channels: int, source
     if shape != (clusters, channels):
         raise VPRError(f"{source}: VLAD vocabulary of shape {shape}, expected ({clusters}, {channels}) for "
                        f"--vlad_clusters {clusters} at this --feature_layer; refit it or match the flags")
+    if not np.isfinite(centroids).all():
+        raise VPRError(f"{source}: VLAD vocabulary holds NaN or infinite values; refit it")
 
 
 # ----------------------------------------------------------------------------------------------

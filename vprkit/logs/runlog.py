@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
+import numpy as np
 import pandas as pd
 
 from vprkit.cli import VPRError, atomic_write
@@ -161,15 +162,24 @@ def _csv_text(rows: Sequence[Sequence[str]]) -> str:
 def append_summary_row(path: str | Path, row: dict[str, Any]) -> None:
     """Append one run's row to a summary CSV. A file lock serialises concurrent writers
     (tuning workers), and the file is rewritten atomically, so rows never interleave or vanish;
-    a row with new columns widens the table instead of breaking it."""
+    a row with new columns widens the table instead of breaking it. One row per run: a run_id
+    already there (a finished run extended with --resume) has its row replaced, in its place,
+    and `wall_time_s` becomes the run's total (the earlier row's plus this one's)."""
     from filelock import FileLock, Timeout
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     try:
         with FileLock(str(path) + ".lock", timeout=120):
+            table = read_summary_table(path)
+            same = (table["run_id"] == str(row.get("run_id"))).to_numpy() if len(table) else np.zeros(0, bool)
+            if same.any() and "wall_time_s" in row and "wall_time_s" in table.columns:
+                earlier = pd.to_numeric(table.loc[same, "wall_time_s"], errors="coerce").fillna(0).sum()
+                row = {**row, "wall_time_s": round(float(row["wall_time_s"]) + float(earlier), 2)}
             new_row = pd.DataFrame([{k: "" if v is None else str(v) for k, v in row.items()}], dtype=str)
-            table = pd.concat([read_summary_table(path), new_row], ignore_index=True)  # text: nothing reformatted
+            place = int(np.flatnonzero(same)[0]) if same.any() else len(table)
+            table = pd.concat([table.iloc[:place], new_row, table.iloc[place:][~same[place:]]],
+                              ignore_index=True)  # text: nothing reformatted
             atomic_write(path, lambda p: table.to_csv(p, index=False))
     except Timeout:
         raise VPRError(f"{path}: still locked by another process after 120 s ({path}.lock); this run's row: "

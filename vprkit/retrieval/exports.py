@@ -27,6 +27,7 @@ from vprkit.cli import VPRError, atomic_write, check_writable_dir
 DATABASE_NPY = "database_descriptors.npy"
 QUERIES_NPY = "queries_descriptors.npy"
 HLOC_GLOBAL_FEATURES = "global-feats.h5"
+DESCRIPTOR_FILES = (DATABASE_NPY, QUERIES_NPY, HLOC_GLOBAL_FEATURES)  # what save_descriptors writes
 HLOC_DESCRIPTOR_KEY = "global_descriptor"
 
 
@@ -95,12 +96,17 @@ def retrieval_pairs_text(query_names: Sequence[str], db_names: Sequence[str], to
     top = np.asarray(top_indices)
     if top.ndim != 2 or len(top) != len(query_names):
         raise ValueError(f"top_indices: expected {len(query_names)} x k, got shape {top.shape}")
-    bad = next((n for n in (*query_names, *db_names) if not n or any(c.isspace() for c in n)), None)
+    check_pair_names([*query_names, *db_names])
+    lines = [f"{query} {db_names[j]}" for query, row in zip(query_names, top) for j in row]
+    return "".join(line + "\n" for line in lines)
+
+
+def check_pair_names(names: Sequence[str]) -> None:
+    """Names that fit hloc's pairs file (no whitespace): localize.py checks before any work."""
+    bad = next((n for n in names if not n or any(c.isspace() for c in n)), None)
     if bad is not None:
         raise VPRError(f"image name {bad!r}: hloc's pairs files separate names by spaces, so a name with "
                        f"whitespace cannot be written; rename the file")
-    lines = [f"{query} {db_names[j]}" for query, row in zip(query_names, top) for j in row]
-    return "".join(line + "\n" for line in lines)
 
 
 def write_retrieval_pairs(path: str | Path, query_names: Sequence[str], db_names: Sequence[str],

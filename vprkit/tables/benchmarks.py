@@ -103,7 +103,7 @@ def parse_at_name(path: str | Path) -> AtName:
     number, letter = fields.get("utm_zone_number", ""), fields.get("utm_zone_letter", "").upper()
     if number and not number.isdigit():
         raise VPRError(f"image {path}: UTM zone number '{number}' is not a whole number ({AT_PATTERN})")
-    hemisphere = "" if not letter else ("N" if letter >= "N" else "S")
+    hemisphere = _hemisphere(letter)
     zone = f"{int(number)}{letter}" if number else ""
     return AtName(coordinates[0], coordinates[1], zone, hemisphere, fields)
 
@@ -116,6 +116,20 @@ def at_folder_images(folder: Path) -> list[Path]:
                        f"give a folder of @UTM_east@UTM_north@...@.jpg images (VPR-datasets-downloader), "
                        f"or a poses CSV")
     return images
+
+
+def _hemisphere(letter: str) -> str:
+    """The hemisphere of a UTM latitude band letter: C-M south, N-X north ("" without one)."""
+    return "" if not letter else ("N" if letter.upper() >= "N" else "S")
+
+
+def utm_zone_keys(table: PlaceTable) -> set[str]:
+    """The UTM zones (AtName.zone_key: number and hemisphere) of a table's `utm_zone` column (an
+    @-named folder, or make_poses.py's CSV of one); empty without the column or a zone in it."""
+    if "utm_zone" not in table.frame.columns:
+        return set()
+    zones = table.frame["utm_zone"].dropna().astype(str).str.strip().str.upper().str.extract(r"^(\d+)([A-Z]?)$")
+    return {f"{int(number)}{_hemisphere(letter)}" for number, letter in zones.dropna().itertuples(index=False)}
 
 
 def has_at_names(images: list[Path]) -> bool:

@@ -14,6 +14,7 @@ import sys
 import numpy as np
 import pandas as pd
 
+from vprkit.tables.benchmarks import utm_zone_keys
 from vprkit.cli import VPRError
 from vprkit.tables.places import LABEL_COLUMNS, PlaceTable
 
@@ -27,6 +28,11 @@ def check_same_coord_kind(database: PlaceTable, queries: PlaceTable) -> None:
             f"{queries.source} has {queries.coord_kind} positions but the database {database.source} has "
             f"{database.coord_kind} positions; give both CSVs the same kind (lat/lon or easting/northing)"
         )
+    zones = utm_zone_keys(database), utm_zone_keys(queries)
+    if all(zones) and zones[0] != zones[1]:
+        raise VPRError(f"{queries.source} is in UTM zone {', '.join(sorted(zones[1]))} but {database.source} in "
+                       f"{', '.join(sorted(zones[0]))}; UTM metres of different zones are not comparable: give both "
+                       "tables one zone's images")
 
 
 def check_query_split(database: PlaceTable, queries: PlaceTable, pos_threshold_m: float,

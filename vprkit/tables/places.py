@@ -199,6 +199,9 @@ def numeric_column(frame: pd.DataFrame, column: str, path: str | Path, required:
     return values
 
 
+MAX_METRIC_M = 1e8  # easting/northing: 2.5 times round the Earth, far beyond any projected frame
+
+
 def _positions_from_frame(frame: pd.DataFrame, path: Path) -> tuple[np.ndarray, str]:
     latlon = find_column_pair(frame.columns, LATLON_COLUMNS)
     if latlon:
@@ -212,6 +215,11 @@ def _positions_from_frame(frame: pd.DataFrame, path: Path) -> tuple[np.ndarray, 
     metric = find_column_pair(frame.columns, METRIC_COLUMNS)
     if metric:
         x, y = (numeric_column(frame, c, path) for c in metric)
+        for name, values in zip(metric, (x, y)):  # beyond it, squared distances overflow (a warning, inf)
+            bad = np.flatnonzero(np.abs(values) > MAX_METRIC_M)
+            if bad.size:
+                raise VPRError(f"{path}: row {_file_line(frame, bad[0])}, column '{name}': {values[bad[0]]:g} m is "
+                               f"beyond ±{MAX_METRIC_M:g} m, not a position on Earth in metres; fix or remove the row")
         return metric_to_xyz(x, y), "metric"
     accepted = [n for pair in LATLON_COLUMNS + METRIC_COLUMNS for n in pair]
     raise VPRError(
@@ -271,7 +279,7 @@ def poses_table(frame: pd.DataFrame, path: Path, root: Path, root_name: str, cam
         raise VPRError(f"{path}: row {_file_line(frame, int(blank[0]))}: no image file in column '{image_col}' "
                        f"({blank.size} such row(s)); fill it in or remove the row")
     paths = [str(p) if os.path.isabs(p) else str(root / p) for p in frame[image_col].astype(str)]
-    duplicated = pd.Series(paths).duplicated()
+    duplicated = pd.Series([os.path.abspath(p) for p in paths]).duplicated()  # one image however it is spelt
     if duplicated.any():
         row = int(np.flatnonzero(duplicated.to_numpy())[0])
         raise VPRError(f"{path}: row {_file_line(frame, row)}: image {frame[image_col].iloc[row]} is listed twice; "

@@ -119,6 +119,27 @@ def test_unwritable_folder_is_one_line_before_any_work(capsys, data, tmp_path):
     assert blocker.read_text() == "x"
 
 
+def test_existing_descriptor_files_are_kept_unless_overwrite(capsys, data, tmp_path):
+    """One rule for every output a flag names (as export_model.py --output): an existing file is
+    replaced only with --overwrite, checked before any work."""
+    out = tmp_path / "desc"
+    eval_trained.main(eval_argv(data, out, "--baseline", "--model", TINY_MODEL))
+    (out / "queries_descriptors.npy").write_bytes(b"keep me")
+    code, err = run_main(capsys, eval_trained.main, eval_argv(data, out, "--baseline", "--model", TINY_MODEL))
+    assert_one_line_error(code, err, "--save_descriptors", "database_descriptors.npy", "--overwrite")
+    assert (out / "queries_descriptors.npy").read_bytes() == b"keep me"
+    eval_trained.main(eval_argv(data, out, "--baseline", "--model", TINY_MODEL, "--overwrite"))
+    assert read_npy(out)[1].ndim == 2
+
+
+def test_localize_existing_output_is_kept_unless_overwrite(capsys, scene, tmp_path):
+    (tmp_path / "m.csv").write_text("keep me")
+    code, err = run_main(capsys, localize.main, localize_argv(scene, tmp_path))
+    assert_one_line_error(code, err, "--output", "m.csv", "--overwrite")
+    assert (tmp_path / "m.csv").read_text() == "keep me"
+    assert len(localize.main(localize_argv(scene, tmp_path, "--overwrite"))) == len(pd.read_csv(tmp_path / "m.csv"))
+
+
 @pytest.fixture(scope="module")
 def scene(tmp_path_factory) -> Path:
     """db.csv: 4 distinct images; photos/: copies of database images 1 and 2 (their top-1)."""

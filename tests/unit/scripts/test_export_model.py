@@ -6,6 +6,7 @@ one-line errors."""
 from __future__ import annotations
 
 import sys
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -132,6 +133,30 @@ def test_existing_output_is_kept_unless_overwrite(scene, tmp_path, capsys):
     assert output.read_bytes() == b"keep me"
     export_model.main(["--model_path", str(scene / "run.pth"), "--output", str(output), "--overwrite"])
     assert torch.export.load(output) is not None
+
+
+def test_a_folder_as_output_is_one_line_even_with_overwrite(scene, tmp_path, capsys):
+    output = tmp_path / "model.pt2"
+    output.mkdir()
+    code, err = run_main(capsys, export_model.main, ["--model_path", str(scene / "run.pth"), "--output", str(output),
+                                                     "--overwrite"])
+    assert_one_line_error(code, err, str(output), "is a folder")
+    assert output.is_dir() and not any(output.iterdir())
+
+
+def test_upper_case_and_vlad_exports_leave_stderr_clean(scene, tmp_path, capfd):
+    """No library warning reaches the user: torch's about a path not ending in .pt2 (here .PT2),
+    nor torch.export.save's about weights sharing storage (a --baseline --pooling vlad model)."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("default")  # what a user's `python export_model.py` shows
+        warnings.filterwarnings("ignore", category=DeprecationWarning)
+        export_model.main(["--model_path", str(scene / "run.pth"), "--output", str(tmp_path / "upper.PT2")])
+        export_model.main(["--baseline", "--model", TINY_MODEL, "--weights", "random", "--image_size", str(SIZE),
+                           "--pooling", "vlad", "--feature_layer", "2", "--vlad_clusters", "4",
+                           "--db_csv", str(scene / "poses.csv"), "--cache_dir", str(tmp_path / "cache"),
+                           "--num_workers", "0", "--device", "cpu", "--output", str(tmp_path / "vlad.pt2")])
+    assert [str(w.message) for w in caught] == []
+    assert capfd.readouterr().err == ""
 
 
 def test_missing_onnx_package_is_one_line(scene, tmp_path, capsys, monkeypatch):

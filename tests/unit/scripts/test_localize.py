@@ -132,3 +132,16 @@ def test_bad_inputs_are_one_line_errors(capsys, scene, tmp_path, case, words):
 def test_bad_flag_is_one_line(capsys, scene, tmp_path):
     code, err = run_main(capsys, localize.main, localize_argv(scene, tmp_path / "m.csv", "--top_k", "0"))
     assert_one_line_error(code, err, "--top_k")
+
+
+def test_a_pairs_name_with_a_space_is_refused_before_any_work(capsys, scene, tmp_path, monkeypatch):
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    shutil.copy(scene / "db/0.jpg", photos / "my photo.jpg")
+    out, pairs = tmp_path / "m.csv", tmp_path / "pairs.txt"
+    argv = localize_argv(scene, out, "--pairs", str(pairs))
+    argv[argv.index("--query") + 1] = str(photos)
+    monkeypatch.setattr(localize, "describe_table", lambda *a: pytest.fail("extracted before checking the names"))
+    code, err = run_main(capsys, localize.main, argv)
+    assert_one_line_error(code, err, "photos/my photo.jpg'", "whitespace")
+    assert not out.exists() and not pairs.exists()

@@ -88,6 +88,20 @@ def test_vocabulary_is_stored_with_the_cache_and_reused(tiny_backbone, data, tmp
     assert len(fits) == 2 and not (tmp_path / "none").exists()
 
 
+def test_a_nan_vocabulary_of_the_right_shape_is_refitted_with_a_warning(tiny_backbone, data, tmp_path, capsys):
+    config = PoolingConfig("vlad", -2, 4)
+    paths = load_poses(data.train).paths
+    first = vocab.vlad_vocabulary(tiny_backbone, config, paths, _options(tmp_path))
+    stored = vocab.vocabulary_path(tmp_path, tiny_backbone.info, config.cache_tag(num_feature_layers(
+        tiny_backbone.model)), paths)
+    np.save(stored, np.full_like(first, np.nan))
+    capsys.readouterr()
+    again = vocab.vlad_vocabulary(tiny_backbone, config, paths, _options(tmp_path))
+    assert "damaged cache entry" in capsys.readouterr().err
+    np.testing.assert_array_equal(again, first)
+    np.testing.assert_array_equal(np.load(stored), first)
+
+
 def test_vocabulary_sample_is_bounded():
     paths = [f"img{i}.jpg" for i in range(5000)]
     chosen = vocab.vocabulary_images(paths, limit=1000)

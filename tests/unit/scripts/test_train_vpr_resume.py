@@ -161,6 +161,15 @@ def test_resumed_run_equals_the_uninterrupted_run(parquets, tmp_path, sampler):
     assert (whole.best_recall, whole.best_epoch, whole.epochs_run) == (resumed.best_recall, resumed.best_epoch, 4)
 
 
+def test_extending_a_finished_run_keeps_one_summary_row_with_the_total_wall_time(parquets, tmp_path):
+    first = train_vpr.train(_config(parquets, tmp_path, epochs=1))
+    extended = train_vpr.train(train_vpr.parse_args(["--resume", str(first.final_checkpoint), "--epochs", "2"]))
+    assert extended.run_id == first.run_id and extended.epochs_run == 2
+    table = pd.read_csv(tmp_path / "logs" / "training_summary.csv")
+    assert table.run_id.tolist() == [first.run_id] and table.epochs_run.tolist() == [2]
+    assert table.wall_time_s[0] == pytest.approx(first.wall_time_s + extended.wall_time_s, abs=0.02)
+
+
 def test_resume_refuses_other_settings_and_plain_checkpoints(parquets, tmp_path, monkeypatch):
     config = _config(parquets, tmp_path, epochs=1)
     result = training.train(config)

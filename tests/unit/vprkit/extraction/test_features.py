@@ -164,7 +164,7 @@ def test_only_the_broken_shard_is_rebuilt(tmp_path, table, tiny_backbone, spy, c
 
 
 @pytest.mark.parametrize("damage", ["empty_shard", "empty_keys", "header_only", "truncated_keys", "missing_shard",
-                                    "garbage_shard"])
+                                    "garbage_shard", "wrong_shape", "nan_values"])
 def test_other_broken_shards_are_rebuilt(tmp_path, table, tiny_backbone, capsys, damage):
     """A zero-length file is what a power cut leaves after a rename whose data never reached
     the disk (no fsync); it must be rebuilt like a truncated one, not crash."""
@@ -181,11 +181,16 @@ def test_other_broken_shards_are_rebuilt(tmp_path, table, tiny_backbone, capsys,
         keys.write_text(keys.read_text()[:-20])
     elif damage == "missing_shard":
         shard.unlink()
+    elif damage in ("wrong_shape", "nan_values"):  # the right row count: only the rows' shape or values are off
+        rows = np.load(shard)
+        np.save(shard, rows[:, :-1] if damage == "wrong_shape" else np.where(rows > 0, np.nan, rows))
     else:
         shard.write_bytes(b"\x00" * len(shard.read_bytes()))
     capsys.readouterr()
     second = extract_features(tiny_backbone, table, _options(tmp_path))
-    assert _counts(capsys.readouterr().out) == (0, N, N)
+    out, err = capsys.readouterr()
+    assert _counts(out) == (0, N, N)
+    assert damage == "missing_shard" or "damaged cache entry" in err
     np.testing.assert_allclose(second, first, rtol=1e-5, atol=1e-6)
 
 
@@ -264,3 +269,57 @@ def test_float16_cache_is_memory_mapped_half_size_and_close(tmp_path, table, tin
         assert arrays and all(isinstance(a, np.memmap) and a.dtype == np.dtype(dtype) for a in arrays)
     size = {d: sum(p.stat().st_size for p in c.dir.glob("shard-*.npy")) for d, c in stores.items()}
     assert size["float16"] < 0.6 * size["float32"]
+
+
+class _AtTheBarrier(Exception):
+    """Rank 0 of the simulated torchrun stops here while rank 1 catches up."""
+
+
+def test_a_rank_indexing_after_the_other_wrote_its_shards_still_extracts_its_share(tmp_path, table, tiny_backbone,
+                                                                                   monkeypatch, spy):
+    """The two-rank race, forced: rank 0 indexes, extracts its half and writes its shards before
+    rank 1 even indexes. Rank 1 then already sees those shards; split its own (shorter) list and
+    images 1, 5, 9 went to no rank ("missing from the cache after extraction"). Both split rank
+    0's list: rank 1 extracts exactly the odd images and the table comes back whole."""
+    import torch.distributed as dist
+
+    rank = {"now": 0}
+    sent: list[list[int]] = []
+
+    def broadcast_object_list(box, src=0, device=None):
+        if rank["now"] == src:
+            sent.append(list(box[0]))
+        else:
+            box[0] = sent[-1]
+
+    def barrier():
+        if rank["now"] == 0:
+            raise _AtTheBarrier
+
+    monkeypatch.setattr(vprkit.extraction.features, "distributed_rank_and_world", lambda: (rank["now"], 2))
+    monkeypatch.setattr(dist, "broadcast_object_list", broadcast_object_list)
+    monkeypatch.setattr(dist, "barrier", barrier)
+    options = _options(tmp_path, chunk_size=2, extract_batch_size=2)
+    with pytest.raises(_AtTheBarrier):
+        extract_features(tiny_backbone, table, options)
+    assert spy == table.paths[0::2] and len(_shards(tmp_path)) == 3  # rank 0's half is on disk
+    spy.clear()
+    rank["now"] = 1
+    features = extract_features(tiny_backbone, table, options)
+    assert spy == table.paths[1::2]
+    monkeypatch.undo()
+    reference = extract_features(tiny_backbone, table, _options(tmp_path / "one_process"))
+    np.testing.assert_allclose(features, reference, rtol=1e-5, atol=1e-6)
+
+
+def test_a_model_giving_nan_is_one_line_naming_the_images(tmp_path, table, tiny_backbone, monkeypatch):
+    """NaN from the model (fp16 overflow, broken weights) never reaches the cache as features."""
+    def nan_for_odd_rows(images):
+        out = vpr.backbone_descriptor(tiny_backbone.model, images)
+        out[1::2] = float("nan")
+        return out
+
+    monkeypatch.setattr(tiny_backbone, "descriptor", nan_for_odd_rows)
+    with pytest.raises(VPRError, match=re.escape(f"NaN or infinite descriptors for 2 image(s) ({table.paths[1]}, ")):
+        extract_features(tiny_backbone, table, _options(tmp_path))
+    assert _shards(tmp_path) == []

@@ -64,6 +64,15 @@ def test_appending_keeps_the_earlier_rows_as_written(tmp_path):
     assert lines[2] == "new,7,0.001,,0"
 
 
+def test_a_run_written_again_replaces_its_row_in_place_with_the_total_wall_time(tmp_path):
+    path = tmp_path / "training_summary.csv"
+    for run_id, epochs, seconds in (("a", 2, 10.0), ("b", 3, 5.0), ("a", 4, 2.5)):
+        append_summary_row(path, {"run_id": run_id, "epochs_run": epochs, "wall_time_s": seconds})
+    table = pd.read_csv(path)
+    assert table.run_id.tolist() == ["a", "b"]
+    assert table.epochs_run.tolist() == [4, 3] and table.wall_time_s.tolist() == [12.5, 5.0]
+
+
 @pytest.mark.parametrize("content", ["run_id,a\n1,2,3,4\n\"unclosed\n", "model,seed\nx,1\n", "\xff\xfe\x00binary"])
 def test_an_unreadable_summary_is_an_error_and_left_alone(tmp_path, content):
     path = tmp_path / "training_summary.csv"

@@ -262,3 +262,15 @@ def test_localize_takes_a_downloader_folder_as_database(tmp_path, capsys):
                            "--output", str(tmp_path / "matches.csv"), "--cache_dir", str(tmp_path / "cache")])
     assert len(frame) == 4 and {"db_easting", "db_northing", "est_easting"} <= set(frame.columns)
     assert set(frame["db_easting"]) <= {parse_at_name(n).east for n in msls_like_names("database")}
+
+
+def test_database_and_queries_in_two_utm_zones_are_refused_before_any_work(tmp_path, capsys):
+    """The same UTM metres in zone 17 and in zone 18 are 500 km apart: no recall is printed."""
+    database = write_folder(tmp_path / "database", msls_like_names("database"), seed=1)
+    queries = write_folder(tmp_path / "queries", [name.replace("@17@T@", "@18@T@") for name in
+                                                  msls_like_names("queries")], seed=2)
+    argv = ["--baseline", *TINY, "--db_csv", str(database), "--test_csv", str(queries),
+            "--cache_dir", str(tmp_path / "cache")]
+    code, err = run_main(capsys, eval_trained.main, argv)
+    assert_one_line_error(code, err, "UTM zone 18N", "17N", "not comparable")
+    assert not (tmp_path / "cache").exists()

@@ -228,6 +228,18 @@ def test_duplicate_detected_on_resolved_path(tmp_path):
         load_poses(csv)
 
 
+@pytest.mark.parametrize("second", ["absolute", "./images/im0.jpg", "images/../images/im0.jpg"])
+def test_duplicate_detected_when_the_csv_is_given_relative(tmp_path, monkeypatch, second):
+    """The CSV named relative to the working directory: its relative rows stay relative paths,
+    and the same image listed absolute (or spelt otherwise) is still the same image."""
+    rels = _images(tmp_path, 1)
+    other = str(tmp_path / rels[0]) if second == "absolute" else second
+    write_csv(tmp_path / "p.csv", ["image_path", "x", "y"], [[rels[0], 0, 0], [other, 0, 0]])
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(VPRError, match="row 3.*listed twice"):
+        load_poses("p.csv")
+
+
 @pytest.mark.parametrize("lat, lon, what", [(95.0, 10.0, "latitude"), (-90.5, 10.0, "latitude"),
                                             (10.0, 181.0, "longitude"), (10.0, -200.0, "longitude")])
 def test_latlon_out_of_range(tmp_path, lat, lon, what):
@@ -235,6 +247,14 @@ def test_latlon_out_of_range(tmp_path, lat, lon, what):
     csv = write_csv(tmp_path / "p.csv", ["image_path", "lat", "lon"], [[rels[0], 1.0, 1.0], [rels[1], lat, lon]])
     with pytest.raises(VPRError, match=rf"row 3.*{what}"):
         load_poses(csv)
+
+
+def test_a_metric_coordinate_beyond_the_earth_is_one_line_not_an_overflow_warning(tmp_path, capfd):
+    rels = _images(tmp_path, 2)
+    csv = write_csv(tmp_path / "p.csv", ["image_path", "easting", "northing"], [[rels[0], 1e300, 0], [rels[1], 3, 4]])
+    with pytest.raises(VPRError, match=r"row 2, column 'easting': 1e\+300 m is beyond"):
+        load_poses(csv)
+    assert capfd.readouterr().err == ""
 
 
 def test_latlon_at_the_limits_accepted(tmp_path):
