@@ -115,7 +115,8 @@ def test_forward_equals_the_cached_path_and_cache_is_float16_and_bounded(data, t
     for p in model.head.parameters():  # not the start: a head whose output depends on every parameter
         p.data.add_(torch.randn_like(p) * 0.05)
     # and a soft assignment (alpha 10): at the near-hard start a token on a tie may flip cluster between
-    # PIL's 8-bit resize and F.interpolate, a jump no tolerance bounds (hard VLAD is discontinuous)
+    # the float16 cached local features and forward's float32 ones, a jump no tolerance bounds (hard
+    # VLAD is discontinuous)
     model.head.assign.weight.data.mul_(1e-3)
     table = load_poses(data.val)
     options = _options(cache)
@@ -129,7 +130,7 @@ def test_forward_equals_the_cached_path_and_cache_is_float16_and_bounded(data, t
     dim = K * model.frozen.info.feature_dim
     assert direct.shape == cached.shape == (len(table), dim) and model.output_dim == dim
     cosines = (direct * cached).sum(axis=1)
-    assert cosines.min() >= 0.999
+    assert cosines.min() >= 0.9999, cosines
     assert (direct @ direct.T)[~np.eye(len(direct), dtype=bool)].max() < 0.999  # not a constant output
     # the kept positions are the same seeded subset for every image, and of the right layer
     keep = kept_positions(64, 20)
