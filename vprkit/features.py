@@ -24,10 +24,13 @@ from vprkit.evaluation import Descriptors, check_queries
 from vprkit.images import DECODE_TAG, open_rgb
 from vprkit.places import ON_BAD_IMAGE, PlaceTable, check_on_bad_image
 from vprkit.pooling import POOLINGS, PoolingConfig
+from vprkit.preprocessing import backbone_input, image_tensor
 from vprkit.settings import flag as _flag
 
 DEFAULT_CACHE_DIR = ".cache/features"
-CACHE_FORMAT = 1  # part of every cache key: bump when what the cache stores changes
+# Part of every cache key (features and VLAD vocabularies): bump when what the cache stores changes.
+# 2: images resized by vprkit.preprocessing.backbone_input, the model's own (1: PIL's 8-bit resize).
+CACHE_FORMAT = 2
 
 
 
@@ -290,21 +293,17 @@ def cache_keys(paths: Sequence[str], view: ImageView | None = None) -> list[str]
 
 
 class _ImageDataset(torch.utils.data.Dataset):
-    """Decode upright (EXIF orientation applied: open_rgb), resize (the whole view, no crop) and
-    normalise; errors are returned, not raised, so the main process can name the bad file."""
+    """Decode upright (EXIF orientation applied: open_rgb) to a uint8 tensor, then resize (the whole
+    view, no crop) and normalise as the model's forward does (vprkit.preprocessing.backbone_input),
+    each image on its own, so images of any size share a batch; errors are returned, not raised,
+    so the main process can name the bad file."""
 
     def __init__(self, paths: Sequence[str], info: BackboneInfo, view: ImageView | None = None):
-        from torchvision import transforms
-
         self.paths = list(paths)
         self.view = view  # an augmented view (vprkit.augment), applied to the decoded image
-        self.transform = transforms.Compose([
-            transforms.Resize((info.image_size, info.image_size), interpolation=transforms.InterpolationMode.BICUBIC,
-                              antialias=True),
-            transforms.ToTensor(),
-            transforms.Normalize(info.mean, info.std),
-        ])
         self.size = info.image_size
+        self.mean = torch.tensor(info.mean).view(1, 3, 1, 1)
+        self.std = torch.tensor(info.std).view(1, 3, 1, 1)
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -314,7 +313,7 @@ class _ImageDataset(torch.utils.data.Dataset):
             image = open_rgb(self.paths[index])
             if self.view is not None:
                 image = self.view(image, self.paths[index])
-            return self.transform(image), index, ""
+            return backbone_input(image_tensor(image)[None], self.size, self.mean, self.std)[0], index, ""
         except Exception as exc:  # noqa: BLE001 - reported with the file name by the caller
             return torch.zeros(3, self.size, self.size), index, f"{type(exc).__name__}: {exc}"
 
