@@ -36,6 +36,11 @@ pipeline the forward passes are timed too (backbone_descriptor wrapped), which s
 pipeline's time into forward (slower than bare = CPU contention) and the rest (waiting for
 data, worker start-up, cache I/O). --profile adds a cProfile of one pipeline call.
 
+--pil_resize adds pipeline_pil_wN and decode_only_pil_wN: the same fp32 pipeline with the
+preprocessing extraction had before issue 25 (PIL's 8-bit bicubic resize, torchvision ToTensor and
+Normalize) swapped in, alternating with the rest; it prints the images/s of the pipeline (the
+model's own preprocessing, vprkit.extraction.preprocessing.backbone_input) over the PIL one's.
+
 Writes bench/results/extraction.csv (extraction_without_malloc_fix.csv with --without_malloc_fix).
 
 --pooling vlad (or gem) measures instead, for each of --pooling_models (default effnet_lite0 with
@@ -69,6 +74,7 @@ sys.path.insert(0, str(REPO))
 import trainable_vpr as vpr  # noqa: E402
 import vprkit.extraction.cache  # noqa: E402
 from vprkit.cli import atomic_write  # noqa: E402
+from vprkit.tables.images import open_rgb  # noqa: E402
 from vprkit.extraction.cache import Backbone  # noqa: E402
 from vprkit.cli.extraction_settings import ExtractionSettings  # noqa: E402
 from vprkit.extraction.features import _ImageDataset, extract_features  # noqa: E402
@@ -136,6 +142,34 @@ def matmul_peak_gflops(dtype: torch.dtype, n: int = 2048, repeats: int = 5) -> f
     return 2 * n ** 3 / statistics.median(times) / 1e9
 
 
+class PILResizeDataset(_ImageDataset):
+    """Extraction's images as they were prepared before issue 25: PIL's bicubic resize of the 8-bit
+    picture, then ToTensor and Normalize (--pil_resize measures the pipeline with it)."""
+
+    def __init__(self, paths, info, view=None):
+        from torchvision import transforms
+
+        super().__init__(paths, info, view)
+        self.transform = transforms.Compose([
+            transforms.Resize((info.image_size, info.image_size), interpolation=transforms.InterpolationMode.BICUBIC,
+                              antialias=True),
+            transforms.ToTensor(), transforms.Normalize(info.mean, info.std)])
+
+    def __getitem__(self, index):
+        return self.transform(open_rgb(self.paths[index])), index, ""
+
+
+@contextlib.contextmanager
+def pil_resize(enabled: bool):
+    """With `enabled`, extraction prepares images as before issue 25 (PILResizeDataset)."""
+    original = vprkit.extraction.features._ImageDataset
+    vprkit.extraction.features._ImageDataset = PILResizeDataset if enabled else original  # looked up at call time
+    try:
+        yield
+    finally:
+        vprkit.extraction.features._ImageDataset = original
+
+
 def page_faults() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 
@@ -156,12 +190,13 @@ def bare_forward(model: torch.nn.Module, batches: list[torch.Tensor], precision:
 
 
 def pipeline(backbone: Backbone, table: PlaceTable, batch_size: int, workers: int,
-             precision: str = "fp32") -> tuple[float, float]:
-    """(total seconds, seconds inside forward passes) of one extract_features with a fresh cache."""
+             precision: str = "fp32", pil: bool = False) -> tuple[float, float]:
+    """(total seconds, seconds inside forward passes) of one extract_features with a fresh cache
+    (`pil`: with the preprocessing of before issue 25)."""
     with tempfile.TemporaryDirectory(prefix="bench_extraction_") as cache_dir:
         options = ExtractionSettings(extract_batch_size=batch_size, num_workers=workers, device="cpu",
                                      cache_dir=cache_dir, precision=precision)
-        with (ForwardTimer() as timer, contextlib.redirect_stdout(io.StringIO()),
+        with (ForwardTimer() as timer, pil_resize(pil), contextlib.redirect_stdout(io.StringIO()),
               contextlib.redirect_stderr(io.StringIO())):
             start = time.perf_counter()
             feats = extract_features(backbone, table, options, "bench")
@@ -220,9 +255,9 @@ def pooling_rows(models: list[str], table: PlaceTable, batch_size: int, repeats:
     return rows
 
 
-def decode_only(backbone: Backbone, table: PlaceTable, batch_size: int, workers: int) -> float:
-    loader = torch.utils.data.DataLoader(_ImageDataset(table.paths, backbone.info), batch_size=batch_size,
-                                         shuffle=False, num_workers=workers)
+def decode_only(backbone: Backbone, table: PlaceTable, batch_size: int, workers: int, pil: bool = False) -> float:
+    dataset = (PILResizeDataset if pil else _ImageDataset)(table.paths, backbone.info)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=workers)
     start = time.perf_counter()
     for _ in loader:
         pass
@@ -244,6 +279,8 @@ def main() -> None:
                         help="glibc's default allocator behaviour (the module keeps freed memory for reuse on CPU)")
     parser.add_argument("--precisions", nargs="+", choices=("fp32", "bf16"),
                         default=["fp32", "bf16"] if _cpu_supports_bf16() else ["fp32"])
+    parser.add_argument("--pil_resize", action="store_true",
+                        help="also the fp32 pipeline with the preprocessing of before issue 25 (PIL's 8-bit resize)")
     parser.add_argument("--out_dir", type=Path, default=OUT_DIR)
     parser.add_argument("--pooling", choices=("gem", "vlad"),
                         help="measure this pooling against the bare forward instead")
@@ -312,6 +349,9 @@ def main() -> None:
             precision_of[pipeline_name(p, w)] = p
     for w in args.workers:
         samples[f"decode_only_w{w}"] = []
+        if args.pil_resize:
+            samples[f"pipeline_pil_w{w}"], forward_in_pipeline[f"pipeline_pil_w{w}"] = [], []
+            samples[f"decode_only_pil_w{w}"] = []
     for rep in range(args.repeats):
         samples["bare_contiguous"].append(bare_forward(contiguous_model, batches))
         for p in args.precisions:
@@ -322,6 +362,11 @@ def main() -> None:
                 forward_in_pipeline[pipeline_name(p, w)].append(fwd)
         for w in args.workers:
             samples[f"decode_only_w{w}"].append(decode_only(backbone, table, args.batch_size, w))
+            if args.pil_resize:
+                total, fwd = pipeline(backbone, table, args.batch_size, w, pil=True)
+                samples[f"pipeline_pil_w{w}"].append(total)
+                forward_in_pipeline[f"pipeline_pil_w{w}"].append(fwd)
+                samples[f"decode_only_pil_w{w}"].append(decode_only(backbone, table, args.batch_size, w, pil=True))
         print(f"repeat {rep + 1}/{args.repeats}: " + ", ".join(f"{k} {v[-1]:.2f} s" for k, v in samples.items()),
               flush=True)
 
@@ -360,6 +405,14 @@ def main() -> None:
             share = by_variant.at[pipeline_name(p, w), "share_of_matmul_peak"]
             print(f"  {p} num_workers {w}: {r:.3f}  {'met' if r >= 0.8 else 'NOT met'}   "
                   f"({share:.0%} of the {p} matmul peak)")
+    if args.pil_resize:
+        print("\nimages/s with the model's preprocessing over images/s with PIL's 8-bit resize (before issue 25):")
+        for w in args.workers:
+            rates = by_variant["images_per_s"]
+            print(f"  num_workers {w}: pipeline {rates[f'pipeline_w{w}'] / rates[f'pipeline_pil_w{w}']:.3f} "
+                  f"(to bare {by_variant.at[f'pipeline_w{w}', 'ratio_to_bare']:.3f} vs "
+                  f"{by_variant.at[f'pipeline_pil_w{w}', 'ratio_to_bare']:.3f}), decode only "
+                  f"{rates[f'decode_only_w{w}'] / rates[f'decode_only_pil_w{w}']:.3f}")
     print(f"table: {args.out_dir / ('extraction.csv' if malloc_fix else 'extraction_without_malloc_fix.csv')}")
 
     if args.profile:

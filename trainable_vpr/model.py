@@ -2,14 +2,16 @@
 (with the VLAD vocabulary), the optional trained head, L2-normalised out.
 
 `PlaceDescriptor.forward(images)` takes float RGB [B, 3, H, W] in [0, 1] of any size: it resizes
-to the backbone's square input (bicubic, antialiased, the whole view, no crop: what extraction's
-PIL resize does), normalises with the backbone's mean and std (buffers), describes and
-L2-normalises. Pure tensor code (F.interpolate, no PIL), so torch.export can trace it.
+to the backbone's square input (bicubic, antialiased, the whole view, no crop) and normalises with
+the backbone's mean and std (buffers) through vprkit.extraction.preprocessing.backbone_input, the function
+extraction calls too, then describes and L2-normalises. Pure tensor code, so torch.export can
+trace it.
 
 The scripts keep the feature cache: the frozen part (`model.frozen`, whose BackboneInfo keys the
 cache) is run over a table through vprkit.extraction.features, then the head (`model.describe_features`).
 `describe_table` does both for one table; forward() on the same images gives the same descriptors
-up to the resize (PIL on 8-bit pixels vs F.interpolate; cosine >= 0.999, tests/test_model.py).
+(the same preprocessing; cosine >= 0.9999 on real photos of several sizes, tests/unit/trainable_vpr/
+test_model.py and tests/unit/scripts/test_export_model.py).
 """
 from __future__ import annotations
 
@@ -27,6 +29,7 @@ from vprkit.cli.extraction_settings import ExtractionSettings, pooling_config
 from vprkit.extraction.features import extract_table
 from vprkit.tables.places import PlaceTable
 from vprkit.extraction.pooling import PoolingConfig
+from vprkit.extraction.preprocessing import backbone_input
 
 from trainable_vpr.backbones import create_pooled_backbone
 from trainable_vpr.checkpoints import (
@@ -91,11 +94,8 @@ class PlaceDescriptor(nn.Module):
         return self.frozen.info.feature_dim
 
     def preprocess(self, images: torch.Tensor) -> torch.Tensor:
-        """Resize to the backbone's square input (bicubic, antialiased; clamped to [0, 1] as 8-bit
-        pixels are) and normalise with its mean and std."""
-        size = (self.image_size, self.image_size)
-        resized = F.interpolate(images, size=size, mode="bicubic", align_corners=False, antialias=True)
-        return (resized.clamp(0.0, 1.0) - self.mean) / self.std
+        """The backbone's input: extraction's resize and normalisation (backbone_input)."""
+        return backbone_input(images, self.image_size, self.mean, self.std)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         if self.frozen is None:

@@ -3,8 +3,9 @@ images' local features (the training images; the database's for a baseline), sto
 feature cache and reused by every later run on the same images, backbone, layer and K.
 
 File: {cache_dir}/vocabularies/{backbone}-{pooling tag}-{digest}.npy, the digest covering the
-backbone's identity, the sampled images' fingerprints (path, size, mtime) and the sample's size
-and seed. A checkpoint stores its vocabulary too: evaluating it never refits.
+backbone's identity, the feature cache's format (how images become input), the sampled images'
+fingerprints (path, size, mtime) and the sample's size and seed. A checkpoint stores its
+vocabulary too: evaluating it never refits.
 """
 from __future__ import annotations
 
@@ -17,8 +18,8 @@ import numpy as np
 import torch
 
 from vprkit.cli import VPRError, atomic_write
-from vprkit.extraction.cache import (Backbone, BackboneInfo, image_fingerprint, load_cached_npy, save_npy,
-                                     warn_damaged_cache_entry)
+from vprkit.extraction.cache import (CACHE_FORMAT, Backbone, BackboneInfo, image_fingerprint, load_cached_npy,
+                                     save_npy, warn_damaged_cache_entry)
 from vprkit.cli.extraction_settings import ExtractionSettings
 from vprkit.extraction.device import distributed_rank_and_world, resolve_device, resolve_precision
 from vprkit.extraction.features import iterate_descriptors
@@ -54,7 +55,7 @@ def vocabulary_path(cache_dir: str | Path, info: BackboneInfo, tag: str, paths: 
                     budget: int = DEFAULT_VOCABULARY_SAMPLE) -> Path:
     """Where the vocabulary fitted on these images is stored (see the module docstring)."""
     digest = hashlib.sha256(json.dumps({"backbone": info.as_dict(), "tag": tag, "budget": budget,
-                                        "seed": VOCABULARY_SEED}, sort_keys=True).encode())
+                                        "seed": VOCABULARY_SEED, "format": CACHE_FORMAT}, sort_keys=True).encode())
     for path in paths:
         digest.update(image_fingerprint(path).encode())
     return Path(cache_dir) / "vocabularies" / f"{info.file_stem}-{tag}-{digest.hexdigest()[:16]}.npy"

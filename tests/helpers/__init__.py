@@ -187,8 +187,7 @@ def run_processes_at_once(commands: dict[str, list[str]], timeout: float = 300) 
 
 
 def write_smooth_image(path: Path, seed: int, size: tuple[int, int] = (72, 56)) -> Path:
-    """A photo-like PNG: smooth colour gradients, little pixel noise (a resize barely changes it,
-    so descriptors through PIL's and through torch's resize agree closely)."""
+    """A photo-like PNG: smooth colour gradients, little pixel noise (a resize barely changes it)."""
     from PIL import Image
 
     rng = np.random.default_rng(seed)

@@ -23,7 +23,9 @@ from vprkit.tables.images import DECODE_TAG
 DEFAULT_CACHE_DIR = ".cache/features"
 
 
-CACHE_FORMAT = 1  # part of every cache key: bump when what the cache stores changes
+# Part of every cache key (features and VLAD vocabularies): bump when what the cache stores changes.
+# 2: images resized by vprkit.extraction.preprocessing.backbone_input, the model's own (1: PIL's 8-bit resize).
+CACHE_FORMAT = 2
 
 
 @dataclass(frozen=True)

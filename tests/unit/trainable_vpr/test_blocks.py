@@ -85,13 +85,13 @@ def test_epoch_zero_is_the_frozen_model_and_the_checkpoint_holds_only_the_blocks
     arrays = [np.asarray(open_rgb(p), np.float32) / 255 for p in table.paths]
     with torch.no_grad():
         direct = described(torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2)).numpy()
-    assert (direct * cached).sum(axis=1).min() >= 0.999
+    assert (direct * cached).sum(axis=1).min() >= 0.9999
     log = pd.read_csv(result.log_file)
     last_val = log[(log.event == "validation") & (log.epoch == 2)].val_r1.item()
     report = eval_trained.main(["--model_path", str(result.final_checkpoint), "--train_csv", str(data.train),
                                 "--test_csv", str(data.val), "--device", "cpu", "--num_workers", "0",
                                 "--cache_dir", str(tmp_path / "cache")])
-    assert report.result.recalls[1] == pytest.approx(last_val)
+    assert report.result.recalls[1] == pytest.approx(last_val, abs=1e-6)  # the log keeps 6 decimals
 
 
 def test_block_inputs_are_cached_in_float16_and_streamed(data, tmp_path):

@@ -77,7 +77,7 @@ def test_forward_equals_the_cached_extraction_path(scene, pooling, with_head):
     np.testing.assert_allclose(np.linalg.norm(direct, axis=1), 1.0, atol=1e-5)
     np.testing.assert_allclose(np.linalg.norm(cached, axis=1), 1.0, atol=1e-5)
     cosines = _cosines(direct, cached)
-    assert cosines.min() >= 0.999, cosines
+    assert cosines.min() >= 0.9999, cosines
     # and the descriptors tell the images apart: the check is not passed by a constant output
     assert _cosines(direct, np.roll(direct, 1, axis=0)).max() < 0.999
 
@@ -100,14 +100,16 @@ def test_forward_equals_the_cached_path_on_real_photos(tmp_path):
     _, cached = describe_table(model, table, options)
     with torch.no_grad():
         direct = np.concatenate([model(_tensors([p])).numpy() for p in table.paths])
-    assert _cosines(direct, cached).min() >= 0.999
+    assert _cosines(direct, cached).min() >= 0.9999
 
 
 def test_from_checkpoint_round_trip(scene, tmp_path):
     table = load_poses(scene / "poses.csv")
     options = _options(scene)
     pooling = PoolingConfig("vlad", -1, 4)
-    frozen = PlaceDescriptor.baseline(TINY_MODEL, "random", TINY_SIZE, pooling, table.paths, options).frozen
+    # the vocabulary fitted on images 3-7, checked on 0-2: the last layer at 32 px is one token per
+    # image, and a token that is its own centroid (k-means on 5 tokens) has a zero residual: noise
+    frozen = PlaceDescriptor.baseline(TINY_MODEL, "random", TINY_SIZE, pooling, table.paths[3:], options).frozen
     head_config = vpr.HeadConfig("residual", frozen.info.feature_dim, 8, 16, 0.0)
     head = _residual_head(frozen.info.feature_dim)
     config = vpr.TrainConfig(train_csv="t.csv", val_csv="v.csv", model=TINY_MODEL, weights="random",

@@ -69,8 +69,9 @@ def test_untrained_head_is_hard_vlad_on_random_tokens():
 @pytest.mark.slow
 def test_epoch_zero_equals_the_training_free_vlad(data, tmp_path, capsys):
     """The run's epoch-0 val R@1 is the --pooling vlad features' val R@1 (the vlad row's
-    computation); the untrained head's descriptors from the float16 cache are within 1e-3 of them
-    (a near tie rounded to the other centroid), and exactly them on the float32 local features."""
+    computation); on the images none of whose tokens sits near a tie of two centroids, the untrained
+    head's descriptors from the float16 cache are within 1e-3 of them and exactly them on the float32
+    local features (at a near tie the head's softmax, alpha 1e4, still mixes the two clusters)."""
     cache = tmp_path / "cache"
     result = train_vpr.main(["--train_csv", str(data.train), "--val_csv", str(data.val),
                              *_flags(cache, "--head", "netvlad", "--epochs", "1", "--images_per_place", "2",
@@ -94,14 +95,18 @@ def test_epoch_zero_equals_the_training_free_vlad(data, tmp_path, capsys):
     head.init_vocabulary(saved["vlad_vocabulary"].numpy())
     untrained.head = head.eval()
     _, db_net = describe_table(untrained, train, options)
-    deviation = float(np.abs(db_net - db_vlad).max())
-    print(f"largest |netvlad(epoch 0) - vlad| on the tiny set: {deviation:.2e}")
+    with torch.no_grad():  # float32 local features
+        local = torch.from_numpy(np.asarray(untrained.frozen.descriptor(untrained.preprocess(_tensors(train.paths)))))
+    centres = torch.nn.functional.normalize(saved["vlad_vocabulary"].float(), dim=-1)
+    top2 = (torch.nn.functional.normalize(local, dim=-1) @ centres.T).topk(2, dim=-1).values
+    clear = ((top2[..., 0] - top2[..., 1]).amin(dim=1) >= 2e-3).numpy()  # exp(-20) of weight on the runner-up
+    assert clear.sum() >= len(train) // 2, clear
+    deviation = float(np.abs(db_net - db_vlad)[clear].max())
+    print(f"largest |netvlad(epoch 0) - vlad| on the tiny set ({clear.sum()} images without a near tie): "
+          f"{deviation:.2e}; over all: {np.abs(db_net - db_vlad).max():.2e}")
     assert deviation < 1e-3
     with torch.no_grad():  # float32 local features: exactly hard VLAD
-        local = torch.from_numpy(np.asarray(untrained.frozen.descriptor(untrained.preprocess(
-            torch.from_numpy(np.stack([np.asarray(open_rgb(p), np.float32) / 255 for p in train.paths[:6]])
-                             ).permute(0, 3, 1, 2)))))
-        np.testing.assert_array_equal(head(local).numpy(), vlad(local, saved["vlad_vocabulary"]).numpy())
+        np.testing.assert_array_equal(head(local[clear]).numpy(), vlad(local[clear], saved["vlad_vocabulary"]).numpy())
     assert saved["head_config"]["clusters"] == K
 
 
@@ -117,7 +122,8 @@ def test_forward_equals_the_cached_path_and_cache_is_float16_and_bounded(data, t
     for p in model.head.parameters():  # not the start: a head whose output depends on every parameter
         p.data.add_(torch.randn_like(p) * 0.05)
     # and a soft assignment (alpha 10): at the near-hard start a token on a tie may flip cluster between
-    # PIL's 8-bit resize and F.interpolate, a jump no tolerance bounds (hard VLAD is discontinuous)
+    # the float16 cached local features and forward's float32 ones, a jump no tolerance bounds (hard
+    # VLAD is discontinuous)
     model.head.assign.weight.data.mul_(1e-3)
     table = load_poses(data.val)
     options = _options(cache)
@@ -131,7 +137,7 @@ def test_forward_equals_the_cached_path_and_cache_is_float16_and_bounded(data, t
     dim = K * model.frozen.info.feature_dim
     assert direct.shape == cached.shape == (len(table), dim) and model.output_dim == dim
     cosines = (direct * cached).sum(axis=1)
-    assert cosines.min() >= 0.999
+    assert cosines.min() >= 0.9999, cosines
     assert (direct @ direct.T)[~np.eye(len(direct), dtype=bool)].max() < 0.999  # not a constant output
     # the kept positions are the same seeded subset for every image, and of the right layer
     keep = kept_positions(64, 20)

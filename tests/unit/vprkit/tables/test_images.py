@@ -82,22 +82,20 @@ def test_rotated_photo_gets_the_feature_of_its_upright_copy(tmp_path, effnet_lit
     """Lossless: the same pixels, so the same feature; JPEG: the two files are encoded apart
     (quality 95), which alone moves the feature by about 0.001 (issue 13 measured 0.9986)."""
     import torch
-    from torchvision import transforms
 
     import trainable_vpr as vpr
+    from vprkit.extraction.preprocessing import backbone_input, image_tensor
 
     info = effnet_lite0.info
-    transform = transforms.Compose([
-        transforms.Resize((info.image_size, info.image_size), interpolation=transforms.InterpolationMode.BICUBIC,
-                          antialias=True),
-        transforms.ToTensor(), transforms.Normalize(info.mean, info.std)])
+    mean, std = torch.tensor(info.mean).view(1, 3, 1, 1), torch.tensor(info.std).view(1, 3, 1, 1)
     upright = upright_picture()
     rotated_path = rotated_copy(tmp_path, upright, 6, suffix)
     with Image.open(rotated_path) as raw:
         sideways = raw.convert("RGB")  # what a decoder without the orientation feeds the network
     images = [open_rgb(save_photo(tmp_path / f"upright{suffix}", upright)), open_rgb(rotated_path), sideways]
     with torch.no_grad():
-        features = vpr.backbone_descriptor(effnet_lite0.model, torch.stack([transform(i) for i in images]))
+        inputs = torch.cat([backbone_input(image_tensor(i)[None], info.image_size, mean, std) for i in images])
+        features = vpr.backbone_descriptor(effnet_lite0.model, inputs)
     features = torch.nn.functional.normalize(features, dim=1)
     upright_cos, sideways_cos = (features[1:] @ features[0]).tolist()
     print(f"{suffix}: cosine to the upright copy: orientation applied {upright_cos:.4f}, ignored {sideways_cos:.4f}")
