@@ -16,17 +16,26 @@ import numpy as np
 from vprkit.routes.order import Route
 
 
+def segment_span(route: Route) -> tuple[np.ndarray, np.ndarray]:
+    """(first, last): int64 [N] the first and the last row of each row's segment.
+
+    Rows are contiguous per segment and in order (route_of checks it)."""
+    n = len(route)
+    if n == 0:
+        return np.zeros(0, np.int64), np.zeros(0, np.int64)
+    change = np.flatnonzero(route.drive[1:] != route.drive[:-1]) + 1
+    starts = np.r_[0, change].astype(np.int64)
+    ends = np.r_[change - 1, n - 1].astype(np.int64)
+    lengths = np.diff(np.r_[starts, n])
+    return np.repeat(starts, lengths), np.repeat(ends, lengths)
+
+
 def causal_windows(route: Route, seq_len: int, step: int = 1) -> np.ndarray:
     """int64 [N, seq_len] table row indices; row i's window ends at i (column -1 == i)."""
     if seq_len < 1 or step < 1:
         raise ValueError(f"seq_len and step must be >= 1, got {seq_len} and {step}")
-    n = len(route)
-    rows = np.arange(n, dtype=np.int64)
-    # Rows are contiguous per segment and in order (route_of checks it), so the frame k steps
-    # back is row i - k while it stays in i's segment; otherwise the segment's first row.
-    first = np.zeros(n, dtype=np.int64)
-    starts = np.flatnonzero(np.r_[True, route.drive[1:] != route.drive[:-1]]) if n else np.zeros(0, np.int64)
-    first[starts] = starts
-    first = np.maximum.accumulate(first) if n else first
+    rows = np.arange(len(route), dtype=np.int64)
+    # The frame k steps back is row i - k while it stays in i's segment; otherwise the segment's first row.
+    first, _ = segment_span(route)
     back = np.arange(seq_len - 1, -1, -1, dtype=np.int64) * step
     return np.maximum(rows[:, None] - back[None, :], first[:, None])
