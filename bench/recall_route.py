@@ -32,6 +32,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import faiss
 import numpy as np
 import pandas as pd
 import torch
@@ -40,18 +41,17 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 import trainable_vpr as vpr  # noqa: E402
-from trainable_vpr.seqnet import SeqHeadConfig, start_sequence_head  # noqa: E402
+from trainable_vpr.seqnet import SeqHeadConfig, fit_frame_whitenings, start_sequence_head  # noqa: E402
 from trainable_vpr.sequence_training import (RouteFrames, SeqTrainConfig, SequenceResult,  # noqa: E402
                                              choose_sequence_start, train_sequence_head, window_recall)
 from trainable_vpr.fusion import choose_fusion_weight, fuse_scores, rerank  # noqa: E402
 from vprkit.cli import atomic_write  # noqa: E402
 from vprkit.evaluation import evaluate_retrieval, l2_normalise, recall_at_n  # noqa: E402
 from vprkit.features import ExtractionSettings, extract_features  # noqa: E402
-from vprkit.pairs import positive_pairs  # noqa: E402
 from vprkit.places import load_poses  # noqa: E402
 from vprkit.routes.matching import SeqMatchConfig, match_scores, matches_recall, sequence_match  # noqa: E402
 from vprkit.routes.order import route_of  # noqa: E402
-from vprkit.whitening import SHRINKAGE_GRID, fit_learned_whitening  # noqa: E402
+from vprkit.whitening import SHRINKAGE_GRID, Whitening  # noqa: E402
 from vprkit.routes.windows import causal_windows  # noqa: E402
 
 DATA = REPO.parent / "shared" / "data" / "nordland_route"
@@ -62,13 +62,14 @@ EVALS = {"val": ("val", "val_db"), "test": ("queries", "database")}  # (queries,
 # --choices: each variant changes the default head (SeqHeadConfig) or training (SeqTrainConfig)
 CHOICES: dict[str, tuple[dict, dict]] = {
     "default": ({}, {}),
+    "lr 3e-4": ({}, {"lr": 3e-4}),
+    "lr 1e-4": ({}, {"lr": 1e-4}),
     "kernel 0 (no temporal conv)": ({"kernel": 0}, {}),
-    "kernel 5": ({"kernel": 5}, {}),
     "d 64": ({"proj_dim": 64}, {}),
     "d 256": ({"proj_dim": 256}, {}),
     "frame dropout 0.2": ({"frame_dropout": 0.2}, {}),
     "steps 1,2 (stride aug.)": ({}, {"steps": (1, 2)}),
-    "lr 1e-4": ({}, {"lr": 1e-4}),
+    "projection trained too, lr 1e-4": ({}, {"train_projection": True, "lr": 1e-4}),
     "full Conv1d (SeqNet), lr 1e-4": ({"arch": "full"}, {"lr": 1e-4}),
 }
 
@@ -120,14 +121,12 @@ def frozen_rows(data: dict[str, RouteFrames], seq_len: int) -> list[dict]:
     return rows
 
 
-def frame_descriptors(data: dict[str, RouteFrames]) -> dict[str, dict[str, np.ndarray]]:
+def frame_descriptors(data: dict[str, RouteFrames],
+                      whitenings: dict[float, Whitening]) -> dict[str, dict[str, np.ndarray]]:
     """seq_match's frame descriptor candidates: raw and learned-whitened (fitted on train.csv's
-    cross-season pairs, 128-d, each shrinkage of the grid), every split."""
-    train = data["train"]
-    pairs = positive_pairs(train.xyz, None, THRESHOLD_M)
+    cross-season pairs, --proj_dim dims, each shrinkage of the grid), every split."""
     out = {"raw": {s: l2_normalise(d.features) for s, d in data.items()}}
-    for shrinkage in SHRINKAGE_GRID:
-        whitening = fit_learned_whitening(train.features, pairs, 128, shrinkage)
+    for shrinkage, whitening in whitenings.items():
         out[f"learned_whitened s={shrinkage:g}"] = {s: whitening.apply(d.features) for s, d in data.items()}
     return out
 
@@ -186,25 +185,27 @@ def head_row(name: str, seq_len: int, seed: int | None, head, data: dict[str, Ro
 
 
 def train_seeds(base: SeqHeadConfig, train_config: SeqTrainConfig, data: dict[str, RouteFrames],
-                seeds: list[int]) -> list[SequenceResult]:
+                seeds: list[int], whitening: Whitening | None) -> list[SequenceResult]:
     results = []
     for seed in seeds:
-        head = start_sequence_head(base, data["train"].features, data["train"].xyz, THRESHOLD_M, seed)
+        head = start_sequence_head(base, data["train"].features, data["train"].xyz, THRESHOLD_M, seed, whitening)
         results.append(train_sequence_head(data["train"], data["val"], data["val_db"], head, train_config, seed))
     return results
 
 
 def sequence_rows(args: argparse.Namespace, data: dict[str, RouteFrames], seq_len: int,
-                  match: MatchChoice) -> tuple[list[dict], SeqHeadConfig]:
+                  match: MatchChoice, whitenings: dict[float, Whitening]) -> tuple[list[dict], SeqHeadConfig]:
     """seq_start (frame start chosen on val), seq_head and seq_trained (fused) per seed."""
     config = SeqHeadConfig(seq_len=seq_len, frame_dim=data["train"].features.shape[1], proj_dim=args.proj_dim,
                            kernel=args.kernel)
-    head, config, scores = choose_sequence_start(config, data["train"], data["val"], data["val_db"], THRESHOLD_M)
+    head, config, scores = choose_sequence_start(config, data["train"], data["val"], data["val_db"], THRESHOLD_M,
+                                                 whitenings=whitenings)
     print(f"L={seq_len}: start chosen on val: {config.frame_start} s={config.shrinkage}; "
           + ", ".join(f"{k} {v:.3f}" for k, v in scores.items()), flush=True)
     rows = [head_row("seq_start", seq_len, None, head, data, start=config.frame_start, shrinkage=config.shrinkage)]
     train_config = SeqTrainConfig(epochs=args.epochs)
-    for seed, result in zip(args.seeds, train_seeds(config, train_config, data, args.seeds)):
+    whitening = whitenings.get(config.shrinkage)
+    for seed, result in zip(args.seeds, train_seeds(config, train_config, data, args.seeds, whitening)):
         rows.append(head_row("seq_head", seq_len, seed, result.head, data, best_epoch=result.best_epoch,
                              epoch_s=result.epoch_seconds, start=config.frame_start, shrinkage=config.shrinkage))
         rows.append(fused_row(seq_len, seed, result.head, data, match, args.shortlist))
@@ -215,14 +216,15 @@ def sequence_rows(args: argparse.Namespace, data: dict[str, RouteFrames], seq_le
 
 
 def choice_rows(args: argparse.Namespace, data: dict[str, RouteFrames], seq_len: int,
-                chosen: SeqHeadConfig) -> list[dict]:
+                chosen: SeqHeadConfig, whitenings: dict[float, Whitening]) -> list[dict]:
     """Each CHOICES variant of the head at this L, trained per seed (val and test R@1)."""
     rows = []
     for name, (head_change, train_change) in CHOICES.items():
         tick = time.perf_counter()
         config = dataclasses.replace(chosen, **head_change)
         train_config = dataclasses.replace(SeqTrainConfig(epochs=args.epochs), **train_change)
-        for seed, result in zip(args.seeds, train_seeds(config, train_config, data, args.seeds)):
+        whitening = whitenings.get(config.shrinkage) if config.proj_dim == chosen.proj_dim else None
+        for seed, result in zip(args.seeds, train_seeds(config, train_config, data, args.seeds, whitening)):
             rows.append(head_row(name, seq_len, seed, result.head, data, best_epoch=result.best_epoch,
                                  epoch_s=result.epoch_seconds, start_val_r1=result.start_val_r1))
         print(f"L={seq_len} {name}: {time.perf_counter() - tick:.0f} s", flush=True)
@@ -246,19 +248,22 @@ def write_csv(frame: pd.DataFrame, path: Path) -> None:
 
 def main() -> None:
     args = parse_args()
-    torch.set_num_threads(2)
+    torch.set_num_threads(1)  # on a shared 2-core machine 1 thread trained 10x faster than 2 (contention)
+    faiss.omp_set_num_threads(1)
     data = load_route(args)
-    frames = frame_descriptors(data)
+    whitenings = fit_frame_whitenings(data["train"].features, data["train"].xyz, THRESHOLD_M, args.proj_dim,
+                                      SHRINKAGE_GRID)
+    frames = frame_descriptors(data, whitenings)
     rows, choices = [], []
     for seq_len in args.seq_lens:
         rows += frozen_rows(data, seq_len)
         match_row, match = seq_match_row(data, frames, seq_len)
         print(f"L={seq_len}: seq_match chosen on val: {match_row['start']}", flush=True)
         rows.append(match_row)
-        seq, chosen = sequence_rows(args, data, seq_len, match)
+        seq, chosen = sequence_rows(args, data, seq_len, match, whitenings)
         rows += seq
         if args.choices and seq_len in args.choice_lens:
-            choices += choice_rows(args, data, seq_len, chosen)
+            choices += choice_rows(args, data, seq_len, chosen, whitenings)
     write_csv(pd.DataFrame(rows), args.out_dir / "recall_route.csv")
     print(summary(rows).to_string())
     if choices:

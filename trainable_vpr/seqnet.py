@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
 import torch
@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from vprkit.cli import VPRError
 from vprkit.evaluation import pca_whitening_matrix
 from vprkit.pairs import positive_pairs
-from vprkit.whitening import fit_learned_whitening
+from vprkit.whitening import Whitening, fit_learned_whitening
 
 from trainable_vpr.heads import HeadConfig, ResidualHead, build_head
 
@@ -124,29 +124,48 @@ class SeqNetHead(nn.Module):
         config = self.config
         return config.seq_len * (config.frame_dim if config.frame_start == "raw" else config.proj_dim)
 
-    def forward(self, frames: torch.Tensor) -> torch.Tensor:
-        batch, length, dim = frames.shape
-        if length != self.config.seq_len or dim != self.config.frame_dim:
-            raise VPRError(f"sequence head: windows of {length} frames x {dim} dims given, it takes "
-                           f"{self.config.seq_len} x {self.config.frame_dim}; use its --seq_len and frame descriptor")
+    def project(self, frames: torch.Tensor) -> torch.Tensor:
+        """The per-frame linear map of L2-normalised frames [..., D] -> [..., d] (arch full: the
+        normalised frames). With the map frozen (SeqTrainConfig.train_projection False) a route's
+        frames are projected once and windows gather the projections (`from_projected`)."""
         frames = F.normalize(frames.float(), dim=-1)
+        return frames if self.config.arch == "full" else self.frame.base(frames)
+
+    def from_projected(self, x: torch.Tensor) -> torch.Tensor:
+        """Windows of projected frames [B, L, d] -> [B, out], L2-normalised."""
+        batch, length = x.shape[:2]
         if self.config.arch == "full":
-            return F.normalize(self.full(frames.transpose(1, 2)).flatten(1), dim=-1)
-        x = self.frame(frames.reshape(batch * length, dim)).reshape(batch, length, -1)  # per frame, L2-normalised
+            return F.normalize(self.full(x.transpose(1, 2)).flatten(1), dim=-1)
+        x = F.normalize(x + self.frame.residual(x), dim=-1)  # the ResidualHead's correction, per frame
         if self.temporal is not None:
             x = F.normalize(x + self.temporal(x.transpose(1, 2)).transpose(1, 2), dim=-1)
         if self.training and self.config.frame_dropout > 0:
             x = x * keep_frames((batch, length), self.config.frame_dropout).unsqueeze(-1).to(x)
         return F.normalize(x.flatten(1), dim=-1)
 
+    def forward(self, frames: torch.Tensor) -> torch.Tensor:
+        _, length, dim = frames.shape
+        if length != self.config.seq_len or dim != self.config.frame_dim:
+            raise VPRError(f"sequence head: windows of {length} frames x {dim} dims given, it takes "
+                           f"{self.config.seq_len} x {self.config.frame_dim}; use its --seq_len and frame descriptor")
+        return self.from_projected(self.project(frames))
+
+
+def fit_frame_whitenings(train_frames: np.ndarray, train_xyz: np.ndarray, pos_threshold_m: float, dim: int,
+                         shrinkages: Sequence[float], seed: int = 0) -> dict[float, Whitening]:
+    """Learned whitenings of the frames (vprkit.whitening), one per shrinkage, from the training
+    frames' positive pairs (which cross drives: the same place in another season)."""
+    pairs = positive_pairs(train_xyz, None, pos_threshold_m, seed=seed)
+    return {float(s): fit_learned_whitening(train_frames, pairs, dim, float(s), seed=seed) for s in shrinkages}
+
 
 @torch.no_grad()
 def start_sequence_head(config: SeqHeadConfig, train_frames: np.ndarray, train_xyz: np.ndarray,
-                        pos_threshold_m: float, seed: int = 0) -> SeqNetHead:
+                        pos_threshold_m: float, seed: int = 0, whitening: Whitening | None = None) -> SeqNetHead:
     """The untrained head: arch shared's per-frame linear map set to `config.frame_start` fitted on
     the training frames (raw: identity; pca_whitened: vprkit.evaluation.pca_whitening_matrix;
-    learned_whitened: vprkit.whitening at `config.shrinkage`, from the frames' positive pairs, which
-    cross drives); arch full: a seeded random init."""
+    learned_whitened: `whitening` if given, else fitted at `config.shrinkage`); arch full: a seeded
+    random init."""
     torch.manual_seed(seed)
     head = SeqNetHead(config)
     if config.arch == "full" or config.frame_start == "raw":
@@ -156,9 +175,10 @@ def start_sequence_head(config: SeqHeadConfig, train_frames: np.ndarray, train_x
     if config.frame_start == "pca_whitened":
         frame.init_linear(*pca_whitening_matrix(train_frames, config.proj_dim))
         return head
-    if config.shrinkage is None:
-        raise VPRError("sequence head: a learned_whitened frame start needs its shrinkage (choose it on val)")
-    pairs = positive_pairs(train_xyz, None, pos_threshold_m, seed=seed)
-    whitening = fit_learned_whitening(train_frames, pairs, config.proj_dim, config.shrinkage, seed=seed)
+    if whitening is None:
+        if config.shrinkage is None:
+            raise VPRError("sequence head: a learned_whitened frame start needs its shrinkage (choose it on val)")
+        whitening = fit_frame_whitenings(train_frames, train_xyz, pos_threshold_m, config.proj_dim,
+                                         [config.shrinkage], seed)[float(config.shrinkage)]
     frame.init_linear(whitening.projection, -(whitening.mean @ whitening.projection.T))
     return head

@@ -29,11 +29,12 @@ from vprkit.miners import BatchMiner
 from vprkit.pairs import cluster_places
 from vprkit.routes.order import Route
 from vprkit.routes.windows import causal_windows
-from vprkit.whitening import SHRINKAGE_GRID
+from vprkit.whitening import SHRINKAGE_GRID, Whitening
 
 from trainable_vpr.losses import HybridLoss, batch_pair_masks
 from trainable_vpr.mining import hard_negative_places, make_place_batches, mine_hard_negatives
-from trainable_vpr.seqnet import FRAME_STARTS, SeqHeadConfig, SeqNetHead, start_sequence_head
+from trainable_vpr.seqnet import (FRAME_STARTS, SeqHeadConfig, SeqNetHead, fit_frame_whitenings,
+                                  start_sequence_head)
 
 
 @dataclass
@@ -51,6 +52,8 @@ class SeqTrainConfig:
 
     steps: the frame steps training windows are drawn with, one per window at random (1: the
     route's own speed; (1, 2): also windows of a drive twice as fast, velocity robustness).
+    train_projection: also train the per-frame linear map (D x d weights); False keeps the start's
+    whitening and projects the route's frames once (an epoch then costs a fraction).
     """
 
     epochs: int = 10
@@ -65,6 +68,7 @@ class SeqTrainConfig:
     temperature: float = 0.07
     triplet_weight: float = 0.3
     steps: tuple[int, ...] = (1,)
+    train_projection: bool = False
 
 
 @dataclass
@@ -96,10 +100,20 @@ class SequenceResult:
 
 
 @torch.no_grad()
+def project_frames(head: SeqNetHead, features: np.ndarray, batch_size: int = 4096) -> torch.Tensor:
+    """Every frame through the head's per-frame linear map, once: [N, d]."""
+    parts = [head.project(torch.from_numpy(np.asarray(features[i:i + batch_size], dtype=np.float32)))
+             for i in range(0, len(features), batch_size)]
+    return torch.cat(parts) if parts else torch.zeros(0, head.config.proj_dim)
+
+
+@torch.no_grad()
 def describe_windows(head: SeqNetHead, features: np.ndarray, windows: np.ndarray, batch_size: int = 512) -> np.ndarray:
-    """The head's descriptors [W, out] of windows (int [W, L] rows of `features`), gathered per batch."""
+    """The head's descriptors [W, out] of windows (int [W, L] rows of `features`): each frame is
+    projected once, windows gather the projections per batch."""
     head.eval()
-    parts = [head(torch.from_numpy(np.ascontiguousarray(features[windows[i:i + batch_size]], dtype=np.float32)))
+    projected = project_frames(head, features)
+    parts = [head.from_projected(projected[torch.from_numpy(windows[i:i + batch_size])])
              for i in range(0, len(windows), batch_size)]
     return torch.cat(parts).numpy() if parts else np.zeros((0, head.output_dim), np.float32)
 
@@ -116,20 +130,25 @@ def window_recall(head: SeqNetHead, queries: RouteFrames, database: RouteFrames,
 
 def choose_sequence_start(config: SeqHeadConfig, train: RouteFrames, val: RouteFrames, val_db: RouteFrames,
                           pos_threshold_m: float, starts: Sequence[str] = FRAME_STARTS,
-                          shrinkages: Sequence[float] = SHRINKAGE_GRID,
-                          seed: int = 0) -> tuple[SeqNetHead, SeqHeadConfig, dict[str, float]]:
+                          shrinkages: Sequence[float] = SHRINKAGE_GRID, seed: int = 0,
+                          whitenings: dict[float, Whitening] | None = None
+                          ) -> tuple[SeqNetHead, SeqHeadConfig, dict[str, float]]:
     """The untrained head with the best val window R@1 among the frame starts (learned whitening: at
-    each shrinkage): (head, its config, every candidate's val R@1). Ties go to the earlier candidate.
-    Chosen on the sequence score itself: the single-frame R@1 of a cross-season route is too small
-    (about 0.03) to choose by."""
+    each shrinkage; `whitenings` if given, fitted at config.proj_dim, else fitted here): (head, its
+    config, every candidate's val R@1). Ties go to the earlier candidate. Chosen on the sequence
+    score itself: the single-frame R@1 of a cross-season route is too small (about 0.03) to choose by."""
+    if whitenings is None and "learned_whitened" in starts:
+        whitenings = fit_frame_whitenings(train.features, train.xyz, pos_threshold_m, config.proj_dim, shrinkages,
+                                          seed)
     candidates: list[SeqHeadConfig] = []
     for start in starts:
-        grid = shrinkages if start == "learned_whitened" else [None]
+        grid = sorted(whitenings) if start == "learned_whitened" else [None]
         candidates += [dataclasses.replace(config, frame_start=start, shrinkage=s) for s in grid]
     scores: dict[str, float] = {}
     best: tuple[float, SeqNetHead, SeqHeadConfig] | None = None
     for candidate in candidates:
-        head = start_sequence_head(candidate, train.features, train.xyz, pos_threshold_m, seed)
+        whitening = None if candidate.shrinkage is None else whitenings[candidate.shrinkage]
+        head = start_sequence_head(candidate, train.features, train.xyz, pos_threshold_m, seed, whitening)
         r1 = window_recall(head, val, val_db, pos_threshold_m, (1,)).recalls[1]
         scores[start_label(candidate)] = r1
         if best is None or r1 > best[0]:
@@ -161,6 +180,8 @@ def train_sequence_head(train: RouteFrames, val: RouteFrames, val_db: RouteFrame
     places = cluster_places(train.xyz, config.pos_threshold_m)
     loss_fn = HybridLoss(config.triplet_margin, config.temperature, config.triplet_weight)
     miner = BatchMiner(config.hard_neg_ratio)
+    if not config.train_projection and head.config.arch == "shared":
+        head.frame.base.requires_grad_(False)
     optimizer = torch.optim.AdamW([p for p in head.parameters() if p.requires_grad], lr=config.lr,
                                   weight_decay=config.weight_decay)
     start_r1 = window_recall(head, val, val_db, config.pos_threshold_m, (1,)).recalls[1]
@@ -197,11 +218,14 @@ def train_one_epoch(head: SeqNetHead, train: RouteFrames, places: np.ndarray, wi
         hard_places = hard_negative_places(places, hard)
     batches = make_place_batches(places, config.batch_size, config.images_per_place,
                                  math.ceil(len(windows) / config.batch_size), rng, hard_places, config.hard_neg_ratio)
+    projected = None if config.train_projection else project_frames(head, train.features)
     head.train()
     losses = []
     for batch in batches:
-        frames = torch.from_numpy(np.ascontiguousarray(train.features[windows[batch]], dtype=np.float32))
-        embeddings = head(frames)
+        if projected is None:
+            embeddings = head(torch.from_numpy(np.ascontiguousarray(train.features[windows[batch]], np.float32)))
+        else:
+            embeddings = head.from_projected(projected[torch.from_numpy(windows[batch])])
         pos_mask, neg_mask = batch_pair_masks(train.xyz[batch], config.pos_threshold_m, config.neg_threshold_m)
         triplets = miner.mine(embeddings.detach(), pos_mask, neg_mask, generator)
         parts = loss_fn(embeddings, pos_mask, neg_mask, triplets)
