@@ -1,0 +1,62 @@
+"""Fusion of a learned sequence descriptor with training-free sequence matching (issue 24, item 4).
+
+The learned descriptor shortlists (its top-K database windows per query, faiss); sequence
+matching scores the same K candidates; both scores are z-scored per query over its shortlist and
+combined: fused = z(descriptor) + w x z(matching). w = 0 is the descriptor alone (its ranking is
+unchanged), w = inf matching alone on the shortlist (a re-ranking). `choose_fusion_weight` picks w
+from a small grid on validation queries (never on test): the best R@1, a tie going to the smaller
+w (the descriptor the head was trained for).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import numpy as np
+
+FUSION_WEIGHTS = (0.0, 0.25, 0.5, 1.0, 2.0, 4.0, float("inf"))
+
+
+def zscore_rows(scores: np.ndarray) -> np.ndarray:
+    """Each row minus its mean, over its standard deviation (a constant row becomes 0)."""
+    scores = np.asarray(scores, dtype=np.float64)
+    std = scores.std(axis=1, keepdims=True)
+    return (scores - scores.mean(axis=1, keepdims=True)) / np.where(std > 0, std, 1.0)
+
+
+def fuse_scores(descriptor: np.ndarray, matching: np.ndarray, weight: float) -> np.ndarray:
+    """[Q, K] fused scores of a shortlist (higher = better); weight inf: matching alone."""
+    if np.isinf(weight):
+        return zscore_rows(matching)
+    return zscore_rows(descriptor) + weight * zscore_rows(matching)
+
+
+def rerank(candidates: np.ndarray, scores: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(candidates, scores) [Q, K] sorted by score, best first (a tie keeps the shortlist's order)."""
+    order = np.argsort(-scores, axis=1, kind="stable")
+    return np.take_along_axis(candidates, order, axis=1), np.take_along_axis(scores, order, axis=1)
+
+
+@dataclass
+class FusionChoice:
+    """The chosen weight and every grid weight's validation R@1."""
+
+    weight: float
+    val_r1: dict[float, float]
+
+
+def choose_fusion_weight(descriptor: np.ndarray, matching: np.ndarray, correct: np.ndarray,
+                         grid: Sequence[float] = FUSION_WEIGHTS) -> FusionChoice:
+    """The weight of `grid` whose fused ranking has the best R@1 on these (validation) queries.
+
+    descriptor, matching: [Q, K] scores of each query's K shortlisted database windows;
+    correct: bool [Q, K], whether each candidate is a positive of the query (the pair rule)."""
+    if not len(grid):
+        raise ValueError("the fusion weight grid is empty")
+    correct = np.asarray(correct, dtype=bool)
+    scores = {}
+    for weight in sorted(set(float(w) for w in grid)):
+        top = np.argmax(fuse_scores(descriptor, matching, weight), axis=1)  # first best: the shortlist's order
+        scores[weight] = float(correct[np.arange(len(correct)), top].mean()) if len(correct) else float("nan")
+    best = max(scores, key=lambda w: (scores[w], -w))
+    return FusionChoice(best, scores)
