@@ -46,12 +46,13 @@ from trainable_vpr.sequence_training import (RouteFrames, SeqTrainConfig, Sequen
                                              choose_sequence_start, train_sequence_head, window_recall)
 from trainable_vpr.fusion import choose_fusion_weight, fuse_scores, rerank  # noqa: E402
 from vprkit.cli import atomic_write  # noqa: E402
-from vprkit.evaluation import evaluate_retrieval, l2_normalise, recall_at_n  # noqa: E402
-from vprkit.features import ExtractionSettings, extract_features  # noqa: E402
-from vprkit.places import load_poses  # noqa: E402
+from vprkit.retrieval.evaluation import evaluate_retrieval, l2_normalise, recall_at_n  # noqa: E402
+from vprkit.cli.extraction_settings import ExtractionSettings  # noqa: E402
+from vprkit.extraction.features import extract_features  # noqa: E402
+from vprkit.tables.places import load_poses  # noqa: E402
 from vprkit.routes.matching import SeqMatchConfig, match_scores, matches_recall, sequence_match  # noqa: E402
 from vprkit.routes.order import route_of  # noqa: E402
-from vprkit.whitening import SHRINKAGE_GRID, Whitening  # noqa: E402
+from vprkit.retrieval.whitening import SHRINKAGE_GRID, Whitening  # noqa: E402
 from vprkit.routes.windows import causal_windows  # noqa: E402
 
 DATA = REPO.parent / "shared" / "data" / "nordland_route"

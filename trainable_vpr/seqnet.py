@@ -33,9 +33,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from vprkit.cli import VPRError
-from vprkit.evaluation import pca_whitening_matrix
-from vprkit.pairs import positive_pairs
-from vprkit.whitening import Whitening, fit_learned_whitening
+from vprkit.retrieval.evaluation import pca_whitening_matrix
+from vprkit.tables.pairs import positive_pairs
+from vprkit.retrieval.whitening import Whitening, fit_learned_whitening
 
 from trainable_vpr.heads import HeadConfig, ResidualHead, build_head
 

@@ -24,12 +24,12 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
-from vprkit.evaluation import RecallResult, evaluate_retrieval
-from vprkit.miners import BatchMiner
-from vprkit.pairs import cluster_places
+from vprkit.retrieval.evaluation import RecallResult, evaluate_retrieval
+from trainable_vpr.miners import BatchMiner
+from vprkit.tables.pairs import cluster_places
 from vprkit.routes.order import Route
 from vprkit.routes.windows import causal_windows
-from vprkit.whitening import SHRINKAGE_GRID, Whitening
+from vprkit.retrieval.whitening import SHRINKAGE_GRID, Whitening
 
 from trainable_vpr.losses import HybridLoss, batch_pair_masks
 from trainable_vpr.mining import hard_negative_places, make_place_batches, mine_hard_negatives

@@ -13,7 +13,7 @@ from trainable_vpr.seqnet import SeqHeadConfig, SeqNetHead, start_sequence_head
 from trainable_vpr.sequence_training import (RouteFrames, SeqTrainConfig, choose_sequence_start, describe_windows,
                                              train_sequence_head, window_recall)
 from vprkit.cli import VPRError
-from vprkit.evaluation import evaluate_retrieval, l2_normalise, pca_whitening_matrix
+from vprkit.retrieval.evaluation import evaluate_retrieval, l2_normalise, pca_whitening_matrix
 from vprkit.routes.order import Route
 from vprkit.routes.windows import causal_windows
 
