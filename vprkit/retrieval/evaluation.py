@@ -67,33 +67,49 @@ def evaluate_retrieval(
     pos_threshold_m: float = 25.0, recall_at: Sequence[int] = (1, 5, 10),
     db_labels: np.ndarray | None = None, q_labels: np.ndarray | None = None,
 ) -> RecallResult:
-    """Exact search (faiss, inner product of L2-normalised descriptors); a query is correct at
-    N if any of its top-N database images is a positive of the query by pair_relations, the
-    rule training uses: within pos_threshold_m or, when both sides have place labels, of the
-    query's label (and within pos_threshold_m when there are positions too). Queries without
-    any positive in the database count as misses and are counted. Distances are NaN without
-    positions."""
+    """Exact search (faiss, inner product of L2-normalised descriptors), scored by
+    score_retrieval (the pair rule training uses)."""
     if len(q_desc) == 0:
         raise VPRError("no queries to evaluate")
     if len(db_desc) == 0:
         raise VPRError("the database is empty")
     top, scores = exact_search(db_desc, q_desc, max(recall_at))
+    return score_retrieval(top, scores, db_xyz, q_xyz, pos_threshold_m, recall_at, db_labels, q_labels)
+
+
+def score_retrieval(
+    top: np.ndarray, scores: np.ndarray, db_xyz: np.ndarray | None, q_xyz: np.ndarray | None,
+    pos_threshold_m: float = 25.0, recall_at: Sequence[int] = (1, 5, 10),
+    db_labels: np.ndarray | None = None, q_labels: np.ndarray | None = None,
+) -> RecallResult:
+    """Recall of a ranking (Q x K database indices best first, their scores; any search: exact,
+    sequence matching, a fused re-ranking): a query is correct at N if any of its top-N database
+    images is a positive of the query by pair_relations, the rule training uses: within
+    pos_threshold_m or, when both sides have place labels, of the query's label (and within
+    pos_threshold_m when there are positions too). Queries without any positive in the database
+    count as misses and are counted. Distances are NaN without positions; an index -1 (no
+    candidate) is never correct and has a NaN distance."""
+    top = np.asarray(top, dtype=np.int64)
+    found = top >= 0
+    at = np.where(found, top, 0)
     by_label = db_labels is not None and q_labels is not None
     if not by_label and (db_xyz is None or q_xyz is None):
         raise VPRError("evaluation needs positions or place labels on both the database and the queries")
     positions = db_xyz is not None and q_xyz is not None
-    dist = np.linalg.norm(db_xyz[top] - q_xyz[:, None, :], axis=2) if positions else np.full(top.shape, np.nan)
+    dist = np.linalg.norm(db_xyz[at] - q_xyz[:, None, :], axis=2) if positions else np.full(top.shape, np.nan)
+    dist = np.where(found, dist, np.nan)
     if not by_label:
         db_labels = q_labels = None
     take = lambda a, idx: None if a is None else np.asarray(a)[idx]  # noqa: E731
-    correct, _ = pair_relations(take(q_xyz, np.s_[:, None]), take(db_xyz, top), take(q_labels, np.s_[:, None]),
-                                take(db_labels, top), pos_threshold_m, pos_threshold_m)
+    correct, _ = pair_relations(take(q_xyz, np.s_[:, None]), take(db_xyz, at), take(q_labels, np.s_[:, None]),
+                                take(db_labels, at), pos_threshold_m, pos_threshold_m)
+    correct = correct & found
     has_positive = queries_with_positive(db_xyz, q_xyz, pos_threshold_m, db_labels, q_labels)
     return RecallResult(
-        recalls=recall_at_n(correct, recall_at), num_queries=len(q_desc),
+        recalls=recall_at_n(correct, recall_at), num_queries=len(top),
         num_queries_without_positive=int((~has_positive).sum()), pos_threshold_m=pos_threshold_m,
-        top_indices=top, top_distances_m=dist, top_scores=scores, correct=correct, has_positive=has_positive,
-        by_label=by_label,
+        top_indices=top, top_distances_m=dist, top_scores=np.asarray(scores), correct=correct,
+        has_positive=has_positive, by_label=by_label,
     )
 
 
@@ -206,11 +222,23 @@ def check_queries(database: PlaceTable, queries: PlaceTable, pos_threshold_m: fl
 
 def evaluate_variant(name: str, descriptors: Descriptors, database: PlaceTable, queries: PlaceTable,
                      pos_threshold_m: float, recall_at: Sequence[int], supervision: str = "auto") -> EvalReport:
-    """Recall of one variant by the rule training used: labels when supervision says so."""
+    """Recall of one variant's exact search by the rule training used: labels when supervision says so."""
+    if len(descriptors.queries) == 0:
+        raise VPRError("no queries to evaluate")
+    if len(descriptors.database) == 0:
+        raise VPRError("the database is empty")
+    top, scores = exact_search(descriptors.database, descriptors.queries, max(recall_at))
+    return ranking_report(name, top, scores, database, queries, pos_threshold_m, recall_at, supervision)
+
+
+def ranking_report(name: str, top: np.ndarray, scores: np.ndarray, database: PlaceTable, queries: PlaceTable,
+                   pos_threshold_m: float, recall_at: Sequence[int], supervision: str = "auto") -> EvalReport:
+    """The report of any ranking (exact search, sequence matching, a fused re-ranking: Q x K
+    database rows best first and their scores), scored by score_retrieval with the rule of
+    `supervision`, with its per-condition breakdown."""
     by_label = uses_labels(supervision, database, queries)
-    result = evaluate_retrieval(descriptors.database, database.xyz, descriptors.queries, queries.xyz,
-                                    pos_threshold_m, recall_at, database.labels if by_label else None,
-                                    queries.labels if by_label else None)
+    result = score_retrieval(top, scores, database.xyz, queries.xyz, pos_threshold_m, recall_at,
+                             database.labels if by_label else None, queries.labels if by_label else None)
     return EvalReport(name, result, recall_by_group(result, queries.conditions, recall_at))
 
 

@@ -30,8 +30,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from vprkit.retrieval.evaluation import exact_search, recall_at_n
-from vprkit.tables.pairs import pair_relations
+from vprkit.retrieval.evaluation import exact_search, score_retrieval
 from vprkit.routes.order import Route
 from vprkit.routes.windows import segment_span
 
@@ -256,9 +255,6 @@ def sequence_match(q_desc: np.ndarray, q_route: Route, db_desc: np.ndarray, db_r
 
 def matches_recall(matches: SeqMatches, db_xyz: np.ndarray, q_xyz: np.ndarray, pos_threshold_m: float,
                    recall_at: tuple[int, ...] = (1, 5, 10)) -> dict[int, float]:
-    """Recall@N of sequence matches by the suite's pair rule (positions within pos_threshold_m);
-    queries without a positive in the database count as misses, as in evaluate_retrieval."""
-    found = matches.index >= 0
-    correct, _ = pair_relations(q_xyz[:, None, :], np.asarray(db_xyz)[np.maximum(matches.index, 0)],
-                                None, None, pos_threshold_m, pos_threshold_m)
-    return recall_at_n(correct & found, recall_at)
+    """Recall@N of sequence matches by the suite's pair rule (positions within pos_threshold_m),
+    scored by vprkit.retrieval.evaluation.score_retrieval as every ranking is."""
+    return score_retrieval(matches.index, matches.score, db_xyz, q_xyz, pos_threshold_m, recall_at).recalls

@@ -153,10 +153,15 @@ def neighbours_within(ref_xyz: np.ndarray, query_xyz: np.ndarray, radius_m: floa
 
 def nearest_distance_m(ref_xyz: np.ndarray, query_xyz: np.ndarray) -> np.ndarray:
     """Distance in metres from each query to its nearest reference point (KD-tree)."""
+    return nearest_reference(ref_xyz, query_xyz)[0]
+
+
+def nearest_reference(ref_xyz: np.ndarray, query_xyz: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(distance in metres, row) of each query's nearest reference point (KD-tree)."""
     from sklearn.neighbors import NearestNeighbors
 
-    dist, _ = NearestNeighbors(n_neighbors=1, algorithm="kd_tree").fit(ref_xyz).kneighbors(query_xyz)
-    return dist[:, 0]
+    dist, index = NearestNeighbors(n_neighbors=1, algorithm="kd_tree").fit(ref_xyz).kneighbors(query_xyz)
+    return dist[:, 0], index[:, 0]
 
 
 def cluster_places(xyz: np.ndarray, radius_m: float) -> np.ndarray:

@@ -1,0 +1,52 @@
+"""Sequence evaluation: a route's queries against a route database by training-free sequence
+matching (matching.py) over any frame descriptors, reported as every ranking of the suite is
+(vprkit.retrieval.evaluation.ranking_report: one recall function, the same report, JSON,
+predictions, localization view and PR curve as single frames).
+
+A query is its causal window ending at its row; its top-k are database END rows (the frame
+the window localises); correctness is decided on the end rows' positions (or labels) by the
+pair rule, so a sequence row and a single-frame row count the same queries.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Sequence
+
+import numpy as np
+
+from vprkit.retrieval.evaluation import Descriptors, EvalReport, l2_normalise, ranking_report
+from vprkit.routes.matching import SeqMatchConfig, SeqMatches, sequence_match
+from vprkit.routes.order import Route
+from vprkit.tables.pairs import nearest_reference
+from vprkit.tables.places import PlaceTable
+
+
+def sequence_matches(descriptors: Descriptors, db_route: Route, q_route: Route, config: SeqMatchConfig,
+                     k: int) -> SeqMatches:
+    """The top-k database end rows of every query window (k at most the database's rows). The
+    shortlist is raised to k when smaller, so every query gets k candidates (its last frame's
+    shortlisted rows are candidates at every velocity)."""
+    k = max(1, min(k, len(descriptors.database)))
+    config = dataclasses.replace(config, shortlist=max(config.shortlist, k))
+    return sequence_match(l2_normalise(descriptors.queries), q_route, l2_normalise(descriptors.database), db_route,
+                          config, k=k)
+
+
+def evaluate_sequence(name: str, descriptors: Descriptors, database: PlaceTable, queries: PlaceTable,
+                      db_route: Route, q_route: Route, config: SeqMatchConfig, pos_threshold_m: float,
+                      recall_at: Sequence[int], supervision: str = "auto") -> tuple[EvalReport, SeqMatches]:
+    """Sequence matching over these frame descriptors, scored by the rule training used: the
+    report (top_scores: the sequence scores) and the matches."""
+    matches = sequence_matches(descriptors, db_route, q_route, config, max(recall_at))
+    report = ranking_report(name, matches.index, matches.score, database, queries, pos_threshold_m, recall_at,
+                            supervision)
+    return report, matches
+
+
+def true_rows(db_xyz: np.ndarray | None, q_xyz: np.ndarray | None, pos_threshold_m: float) -> np.ndarray:
+    """int [Nq]: each query's nearest database row, -1 beyond pos_threshold_m or without positions
+    (the true path of the similarity figure)."""
+    if db_xyz is None or q_xyz is None:
+        return np.full(0 if q_xyz is None else len(q_xyz), -1, dtype=np.int64)
+    distance, row = nearest_reference(db_xyz, q_xyz)
+    return np.where(distance <= pos_threshold_m, row, -1).astype(np.int64)
