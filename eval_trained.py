@@ -49,6 +49,8 @@ from vprkit.tables.places import PlaceTable, export_embeddings_parquet
 from vprkit.retrieval.pr_curve import Top1PR, draw_pr_figure, pr_line, top1_pr_of_result
 from vprkit.retrieval.predictions import draw_retrievals, evaluation_rows, predictions_frame
 from vprkit.logs.runlog import safe_name
+from vprkit.routes.evaluation import RouteEvaluation, evaluate_sequence
+from vprkit.routes.order import route_of
 from vprkit.cli.settings import config_parser, parse_config
 
 
@@ -154,6 +156,17 @@ def source_identity(args: vpr.EvalConfig, backbone: Backbone | None, checkpoint:
     return args.model or database_backbone or "embeddings", f"embeddings:{Path(args.db_csv).name}"
 
 
+def sequence_evaluation(args: vpr.EvalConfig, name: str, descriptors: Descriptors, database: PlaceTable,
+                        queries: PlaceTable, threshold: float, supervision: str) -> RouteEvaluation:
+    """--seq_len L > 1: the queries' windows matched against the database route (sequence
+    matching over the frame descriptors evaluated: raw, PCA-whitened, pooled, a trained frame head)."""
+    db_route, q_route = route_of(database, args.seq_max_gap), route_of(queries, args.seq_max_gap)
+    config = args.seq_match_config()
+    report, matches = evaluate_sequence(f"seq_match_L{args.seq_len}_{name}", descriptors, database, queries,
+                                        db_route, q_route, config, threshold, args.recall_at, supervision)
+    return RouteEvaluation(report, matches, descriptors, database, queries, config, args.seq_max_gap)
+
+
 def export_parquets(folder: str, raw: Descriptors, database: PlaceTable, queries: PlaceTable, backbone: str) -> None:
     """Raw features of both tables as embeddings parquets, named after their CSVs, with a
     `backbone` column naming the backbone (train_vpr names its run and checkpoint after it)."""
@@ -169,6 +182,8 @@ def main(argv: Sequence[str] | None = None) -> EvalReport:
     supervision = args.supervision or (checkpoint["config"].get("supervision", "gps") if checkpoint else "auto")
     database, queries = load_eval_tables(args.db_csv, args.test_csv, threshold, supervision, args.image_root,
                                          args.camera_id, args.on_bad_image)
+    if args.sequences:  # both must be routes: checked before any extraction
+        route_of(database, args.seq_max_gap), route_of(queries, args.seq_max_gap)
     model = model_for(args, checkpoint, database)
     backbone = model.frozen if model is not None else None  # the frozen part: its features come through the cache
     database, queries, raw = frozen_descriptors(extraction_settings(args), backbone, database, queries, threshold,
@@ -179,7 +194,10 @@ def main(argv: Sequence[str] | None = None) -> EvalReport:
     if args.export_parquet:
         export_parquets(args.export_parquet, raw, database, queries, model_name)
     name, descriptors = descriptors_for(args, model, model_name, raw)
-    report = evaluate_variant(name, descriptors, database, queries, threshold, args.recall_at, supervision)
+    routes = sequence_evaluation(args, name, descriptors, database, queries, threshold, supervision) \
+        if args.sequences else None
+    report = routes.report if routes is not None else \
+        evaluate_variant(name, descriptors, database, queries, threshold, args.recall_at, supervision)
     print(format_report(report, args.recall_at))
     localization = localization_of_result(report.result, database.xyz, queries.xyz)
     print(localization_lines(localization))
@@ -199,8 +217,13 @@ def main(argv: Sequence[str] | None = None) -> EvalReport:
                 "checkpoint": args.model_path, "run_id": checkpoint.get("run_id") if checkpoint else None,
                 "db_csv": args.db_csv, "test_csv": args.test_csv,
                 "camera_id": args.camera_id, "pos_threshold_m": threshold, "recall_at": args.recall_at,
-                "on_bad_image": args.on_bad_image, "skipped_images": skipped}
+                "on_bad_image": args.on_bad_image, "skipped_images": skipped,
+                **(routes.settings() if routes is not None else {})}
     write_outputs(args, report, database, queries, settings, localization, pr)
+    if routes is not None and (args.visualize > 0 or args.route_figure):
+        path = Path(args.plot_dir) / f"{figure_stem(args, report)}_similarity_path.png"
+        routes.draw(path, f"{report.name}: {Path(args.test_csv).name} x {Path(args.db_csv).name}")
+        print(f"wrote {path}")
     return report
 
 

@@ -295,6 +295,9 @@ class EvalConfig(ExtractionSettings, ModelSource, HeadName, DatabaseTable, TestT
     pr_curve: bool = _flag(False, "write the top-1 precision-recall curve (VPR-Bench) as PLOT_DIR/{variant}_{model}"
                            "[_{checkpoint}]_{queries}_pr.csv (precision, recall, threshold) and _pr.png (also with "
                            "--visualize)", "outputs")
+    route_figure: bool = _flag(False, "with --seq_len L > 1: draw the query x database frame similarity with each "
+                               "query's matched end frame and its true place as PLOT_DIR/..._similarity_path.png "
+                               "(also drawn with --visualize)", "outputs")
     export_parquet: str | None = _flag(None, "write the raw backbone features of the database and the queries as "
                                        "embeddings parquets DIR/{csv name}.parquet (input for --train_parquet)",
                                        "outputs", metavar="DIR")
@@ -316,7 +319,7 @@ class EvalConfig(ExtractionSettings, ModelSource, HeadName, DatabaseTable, TestT
                            "drop --pooling")
         for path, flag in ((self.output_json, "--output_json"), (self.save_predictions, "--save_predictions")):
             check_new_file(path, self.overwrite, flag)
-        if self.visualize > 0 or self.localization or self.pr_curve:
+        if self.visualize > 0 or self.localization or self.pr_curve or self.route_figure:
             check_writable_dir(self.plot_dir, "--plot_dir")
         if self.save_descriptors:
             folder = check_writable_dir(self.save_descriptors, "--save_descriptors")

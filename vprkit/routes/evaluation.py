@@ -10,7 +10,9 @@ pair rule, so a sequence row and a single-frame row count the same queries.
 from __future__ import annotations
 
 import dataclasses
-from typing import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
 
 import numpy as np
 
@@ -43,10 +45,41 @@ def evaluate_sequence(name: str, descriptors: Descriptors, database: PlaceTable,
     return report, matches
 
 
-def true_rows(db_xyz: np.ndarray | None, q_xyz: np.ndarray | None, pos_threshold_m: float) -> np.ndarray:
+def true_rows(database: PlaceTable, queries: PlaceTable, pos_threshold_m: float) -> np.ndarray:
     """int [Nq]: each query's nearest database row, -1 beyond pos_threshold_m or without positions
     (the true path of the similarity figure)."""
-    if db_xyz is None or q_xyz is None:
-        return np.full(0 if q_xyz is None else len(q_xyz), -1, dtype=np.int64)
-    distance, row = nearest_reference(db_xyz, q_xyz)
+    if database.xyz is None or queries.xyz is None:
+        return np.full(len(queries), -1, dtype=np.int64)
+    distance, row = nearest_reference(database.xyz, queries.xyz)
     return np.where(distance <= pos_threshold_m, row, -1).astype(np.int64)
+
+
+@dataclass
+class RouteEvaluation:
+    """A sequence evaluation: its report, the ranking behind it, the frame descriptors matching ran
+    over, the tables, the matching settings and (a learned sequence descriptor) the fusion weight."""
+
+    report: EvalReport
+    matches: SeqMatches
+    frames: Descriptors
+    database: PlaceTable
+    queries: PlaceTable
+    config: SeqMatchConfig
+    max_gap: float | None = None
+    fusion_weight: float | None = None
+
+    def settings(self) -> dict[str, Any]:
+        """What the JSON records: seq_len, the velocity range, the shortlist, the gap limit (None:
+        the order unit's default) and the fusion weight (None: no learned descriptor)."""
+        weight = self.fusion_weight
+        return {"seq_len": self.config.seq_len, "seq_velocity": [self.config.v_min, self.config.v_max],
+                "seq_shortlist": self.config.shortlist, "seq_max_gap": self.max_gap,
+                "fusion_weight": weight if weight is None or np.isfinite(weight) else "inf"}
+
+    def draw(self, path: str | Path, title: str) -> Path:
+        """The frame similarity matrix with each query's top-1 end row and its true row."""
+        from vprkit.routes.figures import draw_similarity_path
+
+        truth = true_rows(self.database, self.queries, self.report.result.pos_threshold_m)
+        return draw_similarity_path(l2_normalise(self.frames.queries), l2_normalise(self.frames.database),
+                                    self.matches.index[:, 0], truth, path, title=title)
