@@ -133,4 +133,5 @@ def test_nordland_windows_of_10_beat_single_frames(tmp_path):
     single = eval_trained.main(argv)
     sequence = eval_trained.main([*argv, "--seq_len", "10"])
     assert sequence.result.num_queries == single.result.num_queries
-    assert sequence.result.recalls[1] >= single.result.recalls[1] + 0.1, (single.result.recalls, sequence.result.recalls)
+    one, ten = single.result.recalls, sequence.result.recalls
+    assert ten[1] >= one[1] + 0.1, (one, ten)
