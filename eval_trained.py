@@ -33,11 +33,13 @@ from typing import Any, Sequence
 
 
 import trainable_vpr as vpr
-from trainable_vpr.checkpoints import pos_threshold_of
+from trainable_vpr.checkpoints import FRAME, SEQUENCE, checkpoint_kind, pos_threshold_of
+from trainable_vpr.fusion import fused_search
 from trainable_vpr.model import PlaceDescriptor, load_model
+from trainable_vpr.sequence_model import SequenceDescriptor, load_sequence_model
 from vprkit.cli import CliParser, VPRError, atomic_write, run_cli
 from vprkit.retrieval.evaluation import (Descriptors, EvalReport, evaluate_variant, format_report, l2_normalise,
-                                         load_eval_tables, pca_whitened)
+                                         load_eval_tables, pca_whitened, ranking_report)
 from vprkit.retrieval.exports import save_descriptors
 from vprkit.extraction.cache import Backbone
 from vprkit.cli.extraction_settings import extraction_settings
@@ -50,6 +52,7 @@ from vprkit.retrieval.pr_curve import Top1PR, draw_pr_figure, pr_line, top1_pr_o
 from vprkit.retrieval.predictions import draw_retrievals, evaluation_rows, predictions_frame
 from vprkit.logs.runlog import safe_name
 from vprkit.routes.evaluation import RouteEvaluation, evaluate_sequence
+from vprkit.routes.matching import SeqMatches
 from vprkit.routes.order import route_of
 from vprkit.cli.settings import config_parser, parse_config
 
@@ -156,15 +159,41 @@ def source_identity(args: vpr.EvalConfig, backbone: Backbone | None, checkpoint:
     return args.model or database_backbone or "embeddings", f"embeddings:{Path(args.db_csv).name}"
 
 
-def sequence_evaluation(args: vpr.EvalConfig, name: str, descriptors: Descriptors, database: PlaceTable,
-                        queries: PlaceTable, threshold: float, supervision: str) -> RouteEvaluation:
-    """--seq_len L > 1: the queries' windows matched against the database route (sequence
-    matching over the frame descriptors evaluated: raw, PCA-whitened, pooled, a trained frame head)."""
-    db_route, q_route = route_of(database, args.seq_max_gap), route_of(queries, args.seq_max_gap)
-    config = args.seq_match_config()
-    report, matches = evaluate_sequence(f"seq_match_L{args.seq_len}_{name}", descriptors, database, queries,
-                                        db_route, q_route, config, threshold, args.recall_at, supervision)
-    return RouteEvaluation(report, matches, descriptors, database, queries, config, args.seq_max_gap)
+def sequence_model_for(args: vpr.EvalConfig, checkpoint: dict | None) -> SequenceDescriptor | None:
+    """A sequence checkpoint's model (trainable_vpr.sequence_model), checked against --seq_len and
+    --model; None for a single-frame checkpoint or a baseline."""
+    if checkpoint is None or checkpoint_kind(checkpoint) != SEQUENCE:
+        return None
+    seq_len = checkpoint["sequence"]["seq_len"]
+    if args.seq_len != seq_len:
+        raise VPRError(f"--seq_len {args.seq_len}: checkpoint {args.model_path} describes windows of {seq_len} "
+                       f"frames; give --seq_len {seq_len}")
+    return load_sequence_model(args.model_path, extraction_settings(args), args.model, checkpoint)
+
+
+def route_evaluation(args: vpr.EvalConfig, sequence: SequenceDescriptor | None, name: str, frames: Descriptors,
+                     raw: Descriptors, database: PlaceTable, queries: PlaceTable, threshold: float,
+                     supervision: str) -> RouteEvaluation:
+    """--seq_len L > 1: each query's window against the database route. Without a sequence
+    checkpoint, sequence matching (--seq_velocity, --seq_shortlist) over the frame descriptors
+    evaluated (raw, PCA-whitened, pooled, a trained frame head); with one, its window descriptors
+    shortlist and its matching settings re-rank by its fusion weight (trainable_vpr.fusion)."""
+    max_gap = args.seq_max_gap if args.seq_max_gap is not None or sequence is None else sequence.max_gap
+    db_route, q_route = route_of(database, max_gap), route_of(queries, max_gap)
+    if sequence is None:
+        config = args.seq_match_config()
+        report, matches = evaluate_sequence(f"seq_match_L{args.seq_len}_{name}", frames, database, queries,
+                                            db_route, q_route, config, threshold, args.recall_at, supervision)
+        return RouteEvaluation(report, matches, frames, database, queries, config, max_gap)
+    top, scores = fused_search(sequence.windows_from_features(raw.database, db_route),
+                               sequence.windows_from_features(raw.queries, q_route), l2_normalise(frames.database),
+                               l2_normalise(frames.queries), db_route, q_route, sequence.match,
+                               sequence.fusion_weight, min(max(args.recall_at), len(database)))
+    kind = "seq_trained" if sequence.head is not None else "seq_match"
+    report = ranking_report(f"{kind}_L{args.seq_len}_{name}", top, scores, database, queries, threshold,
+                            args.recall_at, supervision)
+    return RouteEvaluation(report, SeqMatches(top, scores), frames, database, queries, sequence.match, max_gap,
+                           sequence.fusion_weight)
 
 
 def export_parquets(folder: str, raw: Descriptors, database: PlaceTable, queries: PlaceTable, backbone: str) -> None:
@@ -177,14 +206,16 @@ def export_parquets(folder: str, raw: Descriptors, database: PlaceTable, queries
 
 def main(argv: Sequence[str] | None = None) -> EvalReport:
     args = parse_args(argv)
-    checkpoint = vpr.load_checkpoint(args.model_path) if args.model_path else None
+    # a sequence checkpoint only with --seq_len (else one line saying so)
+    checkpoint = vpr.load_checkpoint(args.model_path, None if args.sequences else FRAME) if args.model_path else None
     threshold = pos_threshold_of(args.pos_threshold_m, checkpoint)
     supervision = args.supervision or (checkpoint["config"].get("supervision", "gps") if checkpoint else "auto")
     database, queries = load_eval_tables(args.db_csv, args.test_csv, threshold, supervision, args.image_root,
                                          args.camera_id, args.on_bad_image)
     if args.sequences:  # both must be routes: checked before any extraction
         route_of(database, args.seq_max_gap), route_of(queries, args.seq_max_gap)
-    model = model_for(args, checkpoint, database)
+    sequence = sequence_model_for(args, checkpoint)
+    model = sequence.frame if sequence is not None else model_for(args, checkpoint, database)
     backbone = model.frozen if model is not None else None  # the frozen part: its features come through the cache
     database, queries, raw = frozen_descriptors(extraction_settings(args), backbone, database, queries, threshold,
                                                 supervision)
@@ -194,7 +225,7 @@ def main(argv: Sequence[str] | None = None) -> EvalReport:
     if args.export_parquet:
         export_parquets(args.export_parquet, raw, database, queries, model_name)
     name, descriptors = descriptors_for(args, model, model_name, raw)
-    routes = sequence_evaluation(args, name, descriptors, database, queries, threshold, supervision) \
+    routes = route_evaluation(args, sequence, name, descriptors, raw, database, queries, threshold, supervision) \
         if args.sequences else None
     report = routes.report if routes is not None else \
         evaluate_variant(name, descriptors, database, queries, threshold, args.recall_at, supervision)
