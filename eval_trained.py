@@ -34,12 +34,12 @@ from typing import Any, Sequence
 
 import trainable_vpr as vpr
 from trainable_vpr.checkpoints import FRAME, SEQUENCE, checkpoint_kind, pos_threshold_of
-from trainable_vpr.fusion import fused_search
+from trainable_vpr.route_evaluation import RouteSplit, evaluate_sequence_model
 from trainable_vpr.model import PlaceDescriptor, load_model
 from trainable_vpr.sequence_model import SequenceDescriptor, load_sequence_model
 from vprkit.cli import CliParser, VPRError, atomic_write, run_cli
 from vprkit.retrieval.evaluation import (Descriptors, EvalReport, evaluate_variant, format_report, l2_normalise,
-                                         load_eval_tables, pca_whitened, ranking_report)
+                                         load_eval_tables, pca_whitened)
 from vprkit.retrieval.exports import save_descriptors
 from vprkit.extraction.cache import Backbone
 from vprkit.cli.extraction_settings import extraction_settings
@@ -52,7 +52,6 @@ from vprkit.retrieval.pr_curve import Top1PR, draw_pr_figure, pr_line, top1_pr_o
 from vprkit.retrieval.predictions import draw_retrievals, evaluation_rows, predictions_frame
 from vprkit.logs.runlog import safe_name
 from vprkit.routes.evaluation import RouteEvaluation, evaluate_sequence
-from vprkit.routes.matching import SeqMatches
 from vprkit.routes.order import route_of
 from vprkit.cli.settings import config_parser, parse_config
 
@@ -185,15 +184,10 @@ def route_evaluation(args: vpr.EvalConfig, sequence: SequenceDescriptor | None, 
         report, matches = evaluate_sequence(f"seq_match_L{args.seq_len}_{name}", frames, database, queries,
                                             db_route, q_route, config, threshold, args.recall_at, supervision)
         return RouteEvaluation(report, matches, frames, database, queries, config, max_gap)
-    top, scores = fused_search(sequence.windows_from_features(raw.database, db_route),
-                               sequence.windows_from_features(raw.queries, q_route), l2_normalise(frames.database),
-                               l2_normalise(frames.queries), db_route, q_route, sequence.match,
-                               sequence.fusion_weight, min(max(args.recall_at), len(database)))
     kind = "seq_trained" if sequence.head is not None else "seq_match"
-    report = ranking_report(f"{kind}_L{args.seq_len}_{name}", top, scores, database, queries, threshold,
-                            args.recall_at, supervision)
-    return RouteEvaluation(report, SeqMatches(top, scores), frames, database, queries, sequence.match, max_gap,
-                           sequence.fusion_weight)
+    return evaluate_sequence_model(f"{kind}_L{args.seq_len}_{name}", sequence, raw,
+                                   RouteSplit(database, queries, db_route, q_route), threshold, args.recall_at,
+                                   supervision)
 
 
 def export_parquets(folder: str, raw: Descriptors, database: PlaceTable, queries: PlaceTable, backbone: str) -> None:

@@ -1,0 +1,87 @@
+"""Sequence evaluation of the models the suite makes (issue 24): a sequence checkpoint's windows
+fused with matching (eval_trained, run_experiment's seq_trained and seq_start rows), and sequence
+matching over the frozen frame descriptor and velocity range val chooses (run_experiment's
+seq_match row). Everything is reported as single frames are (vprkit.routes.evaluation).
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Sequence
+
+from vprkit.retrieval.evaluation import Descriptors, l2_normalise, ranking_report
+from vprkit.routes.evaluation import RouteEvaluation, evaluate_sequence
+from vprkit.routes.matching import SeqMatchConfig, SeqMatches
+from vprkit.routes.order import Route
+from vprkit.tables.places import PlaceTable
+
+from trainable_vpr.fusion import fused_search
+from trainable_vpr.sequence_model import SequenceDescriptor
+
+
+@dataclass
+class RouteSplit:
+    """One search over routes: the database and query tables and their routes."""
+
+    database: PlaceTable
+    queries: PlaceTable
+    db_route: Route
+    q_route: Route
+
+
+def evaluate_sequence_model(name: str, sequence: SequenceDescriptor, features: Descriptors, split: RouteSplit,
+                            pos_threshold_m: float, recall_at: Sequence[int],
+                            supervision: str = "auto") -> RouteEvaluation:
+    """A sequence model on a route split, from the frozen frame features of its tables: its window
+    descriptors shortlist (at least its matching shortlist), its matching over its frame
+    descriptors re-ranks by its fusion weight (None: the descriptor alone; trainable_vpr.fusion)."""
+    frames = Descriptors(sequence.frames_from_features(features.database),
+                         sequence.frames_from_features(features.queries))
+    top, scores = fused_search(sequence.windows_from_features(features.database, split.db_route),
+                               sequence.windows_from_features(features.queries, split.q_route),
+                               l2_normalise(frames.database), l2_normalise(frames.queries), split.db_route,
+                               split.q_route, sequence.match, sequence.fusion_weight,
+                               min(max(recall_at), len(split.database)))
+    report = ranking_report(name, top, scores, split.database, split.queries, pos_threshold_m, recall_at,
+                            supervision)
+    return RouteEvaluation(report, SeqMatches(top, scores), frames, split.database, split.queries, sequence.match,
+                           sequence.max_gap, sequence.fusion_weight)
+
+
+@dataclass
+class SeqMatchChoice:
+    """What val chose for the seq_match row: the frame descriptor, the matching settings, and the
+    val R@1 of every (descriptor, velocity range) candidate."""
+
+    frames: str
+    config: SeqMatchConfig
+    val_r1: dict[str, float]
+
+    def record(self) -> dict[str, object]:
+        return {"frames": self.frames, "seq_velocity": [self.config.v_min, self.config.v_max],
+                "val_r1": dict(self.val_r1)}
+
+
+def velocity_ranges(config: SeqMatchConfig) -> list[tuple[float, float]]:
+    """The velocity ranges val chooses from: 1 (the map's speed) and the flags' range."""
+    return list(dict.fromkeys([(1.0, 1.0), (config.v_min, config.v_max)]))
+
+
+def choose_seq_match(candidates: dict[str, Descriptors], val: RouteSplit, config: SeqMatchConfig,
+                     pos_threshold_m: float, supervision: str = "auto") -> SeqMatchChoice:
+    """The frame descriptor (of `candidates`, val descriptors by name, in order) and velocity
+    range with the best val R@1 of sequence matching; a tie goes to the earlier candidate."""
+    scores: dict[str, float] = {}
+    best: tuple[float, str, SeqMatchConfig] | None = None
+    for name, descriptors in candidates.items():
+        for v_min, v_max in velocity_ranges(config):
+            candidate = dataclasses.replace(config, v_min=v_min, v_max=v_max)
+            report, _ = evaluate_sequence(name, descriptors, val.database, val.queries, val.db_route, val.q_route,
+                                          candidate, pos_threshold_m, (1,), supervision)
+            r1 = report.result.recalls[1]
+            scores[f"{name}, v {v_min:g}-{v_max:g}"] = r1
+            if best is None or r1 > best[0]:
+                best = (r1, name, candidate)
+    if best is None:
+        raise ValueError("no frame descriptor to choose sequence matching's from")
+    return SeqMatchChoice(best[1], best[2], scores)
