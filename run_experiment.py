@@ -30,7 +30,7 @@ import json
 import os
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -42,8 +42,9 @@ from trainable_vpr.runs import head_config_for, resolved_pooling, start_fit_data
 from trainable_vpr.training import TrainResult
 import trainable_vpr as vpr
 from trainable_vpr.model import PlaceDescriptor
+from trainable_vpr.route_evaluation import RouteSplit, choose_seq_match
 from vprkit.cli import CliParser, VPRError, atomic_write, check_writable_dir, run_cli
-from vprkit.logs.runlog import EXPERIMENT_VARIANTS
+from vprkit.logs.runlog import EXPERIMENT_VARIANTS, SEQUENCE_VARIANTS
 from vprkit.cli.settings import config_parser, parse_config
 from vprkit.retrieval.evaluation import (Descriptors, EvalReport, evaluate_variant, format_report, load_eval_tables,
                                          pca_whitened)
@@ -54,6 +55,7 @@ from vprkit.tables.demo_route import generate_demo_dataset
 from vprkit.tables.load import load_table
 from vprkit.extraction.pooling import PoolingConfig
 from vprkit.retrieval.pr_curve import draw_pr_figure, top1_pr_of_result
+from vprkit.routes.evaluation import evaluate_sequence
 
 DEMO_DIR = Path("demo_data")
 # Demo settings where the user left the defaults: ~120 training images give few steps per epoch,
@@ -115,6 +117,7 @@ class ModelRun:
     reports: dict[str, EvalReport]
     localizations: dict[str, LocalizationResult | None]
     trained: TrainResult
+    sequence: dict[str, Any] = field(default_factory=dict)  # routes: what val chose for the sequence rows
 
 
 def training_free_vlad(base: vpr.Backbone, config: vpr.TrainConfig, train_paths: Sequence[str], database,
@@ -126,21 +129,19 @@ def training_free_vlad(base: vpr.Backbone, config: vpr.TrainConfig, train_paths:
     return frozen_descriptors(config, backbone, database, queries, config.pos_threshold_m, config.supervision)[2]
 
 
-def learned_whitened(config: vpr.TrainConfig, raw: Descriptors,
-                     trained: TrainResult) -> tuple[Descriptors, str]:
+def learned_whitened(config: vpr.TrainConfig, trained: TrainResult) -> tuple[PlaceDescriptor, str]:
     """The learned-whitening row (trainable_vpr.starts): fitted on the training images' pairs,
     shrinkage chosen on val queries against the validation database, as the head's start is.
     The run's own candidate when --head_start auto compared it; else fitted here, the features
-    coming from the cache training filled. Returns the descriptors and their label."""
+    coming from the cache training filled. Returns the descriptor (over the frozen features) and its label."""
     if "learned_whitened" in trained.start_candidates:
         label = trained.head_start["labels"]["learned_whitened"]
-        return PlaceDescriptor(None, trained.start_candidates["learned_whitened"]).describe(raw), \
-            f"({label.split('(', 1)[1]}"
+        return PlaceDescriptor(None, trained.start_candidates["learned_whitened"]), f"({label.split('(', 1)[1]}"
     train_table, val_table, by_label, val_db = load_splits(config)
     data = extract_training_data(config, train_table, val_table, by_label, None, val_db)
     start = vpr.start_head("learned_whitened", head_config_for(config, data.train.features.shape[1]),
                            start_fit_data(config, data), config.seed)
-    return PlaceDescriptor(None, start.head).describe(raw), f"({start.label.split('(', 1)[1]}"
+    return PlaceDescriptor(None, start.head), f"({start.label.split('(', 1)[1]}"
 
 
 def compare_backbone(model: str, args: vpr.ExperimentConfig) -> ModelRun:
@@ -149,6 +150,7 @@ def compare_backbone(model: str, args: vpr.ExperimentConfig) -> ModelRun:
     config, pooling = resolved_pooling(args.train_config(model))  # --pooling auto: chosen first
     database, queries = final_tables(args, config)
     base = backbone = None
+    train_paths: Sequence[str] = ()
     if database.embeddings is None:  # one backbone, pooled as asked and, for the vlad row, with VLAD
         train_paths = load_table(config.train_csv, config.image_root, config.camera_id, config.on_bad_image).paths
         base = vpr.create_backbone(model, config.weights, config.image_size)
@@ -184,7 +186,8 @@ def compare_backbone(model: str, args: vpr.ExperimentConfig) -> ModelRun:
     # The head's output PCA-whitened at indexing time on the database the user searches: whitening
     # fitted on the target database adapts to it without training there (issue "local features").
     variants["trained_whitened"] = pca_whitened(variants["trained"], config.projection_dim)
-    variants["learned_whitened"], labels["learned_whitened"] = learned_whitened(config, raw, trained)
+    whitening, labels["learned_whitened"] = learned_whitened(config, trained)
+    variants["learned_whitened"] = whitening.describe(raw)
     if trained.start_head is not None:  # the untrained head validation chose: what training must beat
         variants["start"] = PlaceDescriptor(None, trained.start_head).describe(raw)
         labels["start"] = f"= {trained.head_start['label']}"
@@ -196,8 +199,49 @@ def compare_backbone(model: str, args: vpr.ExperimentConfig) -> ModelRun:
                                                config.pos_threshold_m, args.recall_at, config.supervision)
         print(format_report(report, args.recall_at), flush=True)
         reports[variant] = report
+    sequence: dict[str, Any] = {}
+    if config.sequences:  # routes: the sequence rows beside the single-frame ones
+        val_split, val_rows = val_frozen_rows(config, base, backbone, train_paths, whitening,
+                                              "vlad" in variants)
+        seq_reports, sequence = sequence_rows(model, config, args, variants, RouteSplit.of(database, queries,
+                                              config.seq_max_gap), val_split, val_rows)
+        reports.update(seq_reports)
     localizations = {v: localization_of_result(r.result, database.xyz, queries.xyz) for v, r in reports.items()}
-    return ModelRun(reports, localizations, trained)
+    return ModelRun(reports, localizations, trained, sequence)
+
+
+def val_frozen_rows(config: vpr.TrainConfig, base: vpr.Backbone | None, backbone: vpr.Backbone | None,
+                    train_paths: Sequence[str], whitening: PlaceDescriptor,
+                    with_vlad: bool) -> tuple[RouteSplit, dict[str, Descriptors]]:
+    """The frozen rows' descriptors on the validation search (--val_csv against --val_db_csv, else
+    the training images), what seq_match's frame descriptor is chosen on, in FROZEN_ROWS order."""
+    train_table, val_table, _, val_db = load_splits(config)
+    val_db, val, raw = frozen_descriptors(config, backbone, val_db or train_table, val_table, config.pos_threshold_m,
+                                          config.supervision)
+    rows = {"raw": raw, "pca_whitened": pca_whitened(raw, config.projection_dim),
+            "learned_whitened": whitening.describe(raw)}
+    if with_vlad:
+        rows["vlad"] = raw if config.pooling == "vlad" else training_free_vlad(base, config, train_paths, val_db, val)
+    return RouteSplit.of(val_db, val, config.seq_max_gap), {v: rows[v] for v in FROZEN_ROWS if v in rows}
+
+
+def sequence_rows(model: str, config: vpr.TrainConfig, args: vpr.ExperimentConfig, variants: dict[str, Descriptors],
+                  split: RouteSplit, val_split: RouteSplit,
+                  val_rows: dict[str, Descriptors]) -> tuple[dict[str, EvalReport], dict[str, Any]]:
+    """seq_match (sequence matching over the frozen frame descriptor and velocity range best on
+    val), seq_start and seq_trained on the final route; and what val chose, for the JSON."""
+    choice = choose_seq_match(val_rows, val_split, config.seq_match_config(), config.pos_threshold_m,
+                              config.supervision)
+    name = (f"{model} seq_match (L {config.seq_len}, {choice.frames}, v {choice.config.v_min:g}-"
+            f"{choice.config.v_max:g}, chosen on val)")
+    report, _ = evaluate_sequence(name, variants[choice.frames], split.database, split.queries, split.db_route,
+                                  split.q_route, choice.config, config.pos_threshold_m, args.recall_at,
+                                  config.supervision)
+    print(format_report(report, args.recall_at), flush=True)
+    reports = {"seq_match": report}
+    record = {"seq_len": config.seq_len, "seq_velocity": list(config.seq_velocity), "seq_shortlist":
+              config.seq_shortlist, "seq_max_gap": config.seq_max_gap, "seq_match": choice.record()}
+    return reports, record
 
 
 def draw_experiment_localization(runs: dict[str, ModelRun], path: Path, title: str) -> Path | None:
@@ -221,7 +265,7 @@ def comparison_table(reports_by_model: dict[str, dict[str, EvalReport]], recall_
     rows = []
     for model, reports in reports_by_model.items():
         raw_r1 = reports["raw"].result.recalls[1]
-        for variant, report in sorted(reports.items(), key=lambda item: EXPERIMENT_VARIANTS.index(item[0])):
+        for variant, report in sorted(reports.items(), key=lambda item: VARIANTS.index(item[0])):
             row = {"model": model, "variant": variant}
             row.update({f"recall@{n}": round(report.result.recalls[n], 4) for n in recall_at})
             row["delta_r1_vs_raw"] = round(report.result.recalls[1] - raw_r1, 4)
@@ -231,6 +275,7 @@ def comparison_table(reports_by_model: dict[str, dict[str, EvalReport]], recall_
     return pd.DataFrame(rows)
 
 
+VARIANTS = EXPERIMENT_VARIANTS + SEQUENCE_VARIANTS  # the table's row order
 FROZEN_ROWS = ("raw", "pca_whitened", "learned_whitened", "vlad")  # descriptors with no epochs (start is one of them)
 
 

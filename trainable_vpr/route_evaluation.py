@@ -12,7 +12,7 @@ from typing import Sequence
 from vprkit.retrieval.evaluation import Descriptors, l2_normalise, ranking_report
 from vprkit.routes.evaluation import RouteEvaluation, evaluate_sequence
 from vprkit.routes.matching import SeqMatchConfig, SeqMatches
-from vprkit.routes.order import Route
+from vprkit.routes.order import Route, route_of
 from vprkit.tables.places import PlaceTable
 
 from trainable_vpr.fusion import fused_search
@@ -27,6 +27,11 @@ class RouteSplit:
     queries: PlaceTable
     db_route: Route
     q_route: Route
+
+    @classmethod
+    def of(cls, database: PlaceTable, queries: PlaceTable, max_gap: float | None) -> "RouteSplit":
+        """Both tables' routes (vprkit.routes.order.route_of: one line naming the file or row if not)."""
+        return cls(database, queries, route_of(database, max_gap), route_of(queries, max_gap))
 
 
 def evaluate_sequence_model(name: str, sequence: SequenceDescriptor, features: Descriptors, split: RouteSplit,

@@ -66,6 +66,9 @@ def experiment_recalls(columns: Sequence[str]) -> list[str]:
 # training-free, over local features; start: the untrained head validation chose (fitted on the
 # training set); trained_whitened: the head's output whitened on the database
 EXPERIMENT_VARIANTS = ("raw", "pca_whitened", "learned_whitened", "vlad", "start", "trained", "trained_whitened")
+# routes (--seq_len L > 1): seq_match: sequence matching over the frozen frame descriptor and velocity
+# range val chose; seq_start: the untrained sequence head; seq_trained: the sequence model of the run
+SEQUENCE_VARIANTS = ("seq_match", "seq_start", "seq_trained")
 
 
 def safe_name(text: str) -> str:
