@@ -295,6 +295,22 @@ def training_gain(reports: dict[str, EvalReport], trained: TrainResult) -> dict[
         gain.update(start=(trained.head_start or {}).get("chosen", "start"),
                     start_minus_raw=round(r1["start"] - r1["raw"], 4),
                     epochs_minus_start=round(r1["trained"] - r1["start"], 4))
+    return {**gain, **sequence_gain(r1)}
+
+
+def sequence_gain(r1: dict[str, float]) -> dict[str, Any]:
+    """What training bought on routes (R@1): the untrained sequence head over sequence matching,
+    the trained sequence model over that start, and the trained one against the best training-free
+    sequence row (seq_match or seq_start). Only the rows there are."""
+    gain: dict[str, Any] = {}
+    if "seq_start" in r1 and "seq_match" in r1:
+        gain["seq_start_minus_seq_match"] = round(r1["seq_start"] - r1["seq_match"], 4)
+    if "seq_trained" in r1 and "seq_start" in r1:
+        gain["seq_trained_minus_seq_start"] = round(r1["seq_trained"] - r1["seq_start"], 4)
+    free = {v: r1[v] for v in ("seq_match", "seq_start") if v in r1}
+    if "seq_trained" in r1 and free:
+        best = max(free, key=lambda v: free[v])
+        gain.update(best_free_sequence=best, seq_trained_minus_best_free=round(r1["seq_trained"] - free[best], 4))
     return gain
 
 
@@ -310,6 +326,10 @@ def training_gain_lines(model: str, gain: dict[str, Any]) -> list[str]:
                   f"  the epochs over that start: {gain['epochs_minus_start']:+.4f} ({epochs})"]
     lines.append(f"  trained against the best frozen row of this table ({gain['best_frozen']} "
                  f"{gain['best_frozen_r1']:.4f}): {gain['trained_minus_best_frozen']:+.4f}")
+    words = {"seq_start_minus_seq_match": "routes: the untrained sequence head over sequence matching",
+             "seq_trained_minus_seq_start": "routes: the trained sequence model over that start",
+             "seq_trained_minus_best_free": f"routes: seq_trained against {gain.get('best_free_sequence')}"}
+    lines += [f"  {text}: {gain[key]:+.4f}" for key, text in words.items() if key in gain]
     return lines
 
 
@@ -322,7 +342,8 @@ def experiment_record(args: vpr.ExperimentConfig, runs: dict[str, ModelRun], fai
             models[model] = {"run_id": trained.run_id, "checkpoint": str(trained.checkpoint),
                              "log_file": str(trained.log_file), "best_epoch": trained.best_epoch,
                              "head_start": trained.head_start,
-                             "training_gain": training_gain(runs[model].reports, trained)}
+                             "training_gain": training_gain(runs[model].reports, trained),
+                             **({"sequence": runs[model].sequence} if runs[model].sequence else {})}
         elif model in failed:
             models[model] = {"failed": failed[model]}
     return {"train_csv": args.train_csv, "val_csv": args.val_csv, "val_db_csv": args.val_db_csv or args.train_csv,
