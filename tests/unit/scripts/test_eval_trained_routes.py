@@ -44,7 +44,8 @@ def route(tmp_path_factory) -> dict[str, Path]:
 
 
 def parquet_argv(route, *extra: str) -> list[str]:
-    return ["--db_csv", str(route["db"]), "--test_csv", str(route["queries"]), "--recall_at", "1", "2", *extra]
+    return ["--baseline", "--db_csv", str(route["db"]), "--test_csv", str(route["queries"]), "--recall_at", "1", "2",
+            *extra]
 
 
 def test_sequence_matching_gets_the_aliased_frames_right(route, tmp_path):
@@ -83,15 +84,15 @@ def test_single_frame_json_has_no_sequence_settings(route, tmp_path):
 
 def test_a_table_without_an_order_is_one_line_naming_it(route, tmp_path, capsys):
     plain = write_route_parquet(tmp_path / "plain.parquet", "winter", order=False)
-    code, err = run_main(capsys, eval_trained.main, ["--db_csv", str(route["db"]), "--test_csv", str(plain),
-                                                     "--seq_len", "3"])
+    code, err = run_main(capsys, eval_trained.main, ["--baseline", "--db_csv", str(route["db"]), "--test_csv",
+                                                     str(plain), "--seq_len", "3"])
     assert_one_line_error(code, err, "plain.parquet", "not a route", "frame index")
 
 
 def test_a_duplicate_frame_is_one_line_naming_the_row(route, tmp_path, capsys):
-    bad = write_route_parquet(tmp_path / "dup.parquet", "winter", frames=[0, 1, 2, 2, 3, 4])
-    code, err = run_main(capsys, eval_trained.main, ["--db_csv", str(bad), "--test_csv", str(route["queries"]),
-                                                     "--seq_len", "3"])
+    bad = write_route_parquet(tmp_path / "dup.parquet", "summer", frames=[0, 1, 2, 2, 3, 4])
+    code, err = run_main(capsys, eval_trained.main, ["--baseline", "--db_csv", str(bad), "--test_csv",
+                                                     str(route["queries"]), "--seq_len", "3"])
     assert_one_line_error(code, err, "dup.parquet", "row 5", "repeats")
 
 
