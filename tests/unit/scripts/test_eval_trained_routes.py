@@ -16,8 +16,14 @@ import pandas as pd
 import pytest
 
 import eval_trained
-from helpers import SHARED, TINY, assert_one_line_error, requires_shared, run_main
+import trainable_vpr as vpr
+from helpers import SHARED, TINY, TINY_MODEL, TINY_SIZE, assert_one_line_error, requires_shared, run_main
 from helpers.tiny_dataset import write_image
+from trainable_vpr.checkpoints import save_checkpoint, sequence_checkpoint_payload
+from trainable_vpr.model import PlaceDescriptor
+from trainable_vpr.seqnet import SeqHeadConfig, SeqNetHead
+from trainable_vpr.sequence_model import SequenceDescriptor
+from vprkit.routes.matching import SeqMatchConfig
 
 PATTERN = [0, 1, 2, 0, 3, 2]  # the one-hot descriptor of each frame: 3 repeats 0, 5 repeats 2
 
@@ -96,31 +102,86 @@ def test_a_duplicate_frame_is_one_line_naming_the_row(route, tmp_path, capsys):
     assert_one_line_error(code, err, "dup.parquet", "row 5", "repeats")
 
 
-def test_images_through_the_backbone(tmp_path):
-    """The tiny model on images of a route (two drives, frame_index/traversal): every output of a
-    baseline evaluation at --seq_len 3 is written, one prediction per query and rank."""
+@pytest.fixture(scope="module")
+def image_route(tmp_path_factory) -> dict[str, Path]:
+    """Images of a route: 8 places 50 m apart driven twice (summer, darker winter), frame_index/traversal."""
+    root = tmp_path_factory.mktemp("image_route")
     rng = np.random.default_rng(0)
     colours = rng.uniform(40, 215, size=(8, 3))
-    tables = {}
+    paths = {"root": root, "cache": root / "cache"}
     for drive, brightness in (("summer", 1.0), ("winter", 0.6)):
         rows = []
         for i, colour in enumerate(colours):
             rel = f"images/{drive}_{i}.jpg"
-            write_image(tmp_path / rel, colour, rng, brightness)
+            write_image(root / rel, colour, rng, brightness)
             rows.append({"image_path": rel, "easting": 500_000.0 + 50.0 * i, "northing": 4_000_000.0,
                          "frame_index": 10 + i, "traversal": drive})
-        tables[drive] = tmp_path / f"{drive}.csv"
-        pd.DataFrame(rows).to_csv(tables[drive], index=False)
+        paths[drive] = root / f"{drive}.csv"
+        pd.DataFrame(rows).to_csv(paths[drive], index=False)
+    return paths
+
+
+def image_argv(image_route, *extra: str) -> list[str]:
+    return [*TINY, "--db_csv", str(image_route["summer"]), "--test_csv", str(image_route["winter"]),
+            "--cache_dir", str(image_route["cache"]), *extra]
+
+
+def test_images_through_the_backbone(image_route, tmp_path):
+    """The tiny model on images of a route: every output of a baseline evaluation at --seq_len 3 is
+    written, one prediction per query and rank."""
     out = tmp_path / "out"
-    report = eval_trained.main(["--baseline", *TINY, "--db_csv", str(tables["summer"]), "--test_csv",
-                                str(tables["winter"]), "--cache_dir", str(tmp_path / "cache"), "--seq_len", "3",
-                                "--output_json", str(out / "r.json"), "--save_predictions", str(out / "p.csv"),
-                                "--visualize", "2", "--plot_dir", str(out / "plots")])
+    report = eval_trained.main(image_argv(image_route, "--baseline", "--seq_len", "3", "--output_json",
+                                          str(out / "r.json"), "--save_predictions", str(out / "p.csv"),
+                                          "--visualize", "2", "--plot_dir", str(out / "plots")))
     assert report.name.startswith("seq_match_L3_raw_")
     assert json.loads((out / "r.json").read_text())["settings"]["seq_velocity"] == [0.8, 1.25]
     assert len(pd.read_csv(out / "p.csv")) == 8 * 8  # recall_at 10 > 8 database rows: all 8 ranked
     drawn = {p.name.rsplit("_", 1)[-1] for p in (out / "plots").iterdir()}
     assert {"retrievals.png", "localization.png", "path.png", "pr.png", "pr.csv"} <= drawn
+
+
+def save_sequence_checkpoint(path: Path, fusion_weight: float | None) -> Path:
+    """A sequence checkpoint of the tiny model: a random sequence head over windows of 3 frames,
+    matching at velocities 0.9-1.1, the given fusion weight."""
+    import torch
+
+    frozen = PlaceDescriptor.baseline(TINY_MODEL, "random", TINY_SIZE).frozen
+    torch.manual_seed(0)
+    head = SeqNetHead(SeqHeadConfig(seq_len=3, frame_dim=frozen.info.feature_dim, proj_dim=8, hidden_dim=16,
+                                    dropout=0.0, frame_start="raw"))
+    model = SequenceDescriptor(PlaceDescriptor(frozen, None), head.eval(), SeqMatchConfig(3, 0.9, 1.1, shortlist=4),
+                               fusion_weight=fusion_weight)
+    config = vpr.TrainConfig(train_csv="t.csv", val_csv="v.csv", model=TINY_MODEL, weights="random",
+                             image_size=TINY_SIZE, seq_len=3)
+    save_checkpoint(path, sequence_checkpoint_payload(None, None, model.head, frozen.info.as_dict(), config,
+                                                      model.sequence_settings(), {"fusion_weight": fusion_weight},
+                                                      "seqrun", "seqrun.csv"))
+    return path
+
+
+def test_a_sequence_checkpoint_fuses_its_windows_with_matching(image_route, tmp_path, capsys):
+    """Fusion weight inf on a shortlist covering the database (8 rows): the ranking is sequence
+    matching's at the checkpoint's velocities; weight 0.5 is recorded; the kinds and lengths are checked."""
+    checkpoint = save_sequence_checkpoint(tmp_path / "seq_inf.pth", float("inf"))
+    fused = eval_trained.main(image_argv(image_route, "--model_path", str(checkpoint), "--seq_len", "3"))
+    assert fused.name.startswith("seq_trained_L3_")
+    matching = eval_trained.main(image_argv(image_route, "--baseline", "--seq_len", "3", "--seq_velocity", "0.9",
+                                            "1.1"))
+    assert fused.result.top_indices[:, 0].tolist() == matching.result.top_indices[:, 0].tolist()
+    assert fused.result.recalls[1] == matching.result.recalls[1]
+
+    weighted = save_sequence_checkpoint(tmp_path / "seq_half.pth", 0.5)
+    eval_trained.main(image_argv(image_route, "--model_path", str(weighted), "--seq_len", "3", "--output_json",
+                                 str(tmp_path / "half.json")))
+    settings = json.loads((tmp_path / "half.json").read_text())["settings"]
+    assert settings["fusion_weight"] == 0.5 and settings["seq_velocity"] == [0.9, 1.1]
+    assert settings["run_id"] == "seqrun"
+
+    code, err = run_main(capsys, eval_trained.main, image_argv(image_route, "--model_path", str(weighted)))
+    assert_one_line_error(code, err, "sequence checkpoint", "--seq_len 3")
+    code, err = run_main(capsys, eval_trained.main, image_argv(image_route, "--model_path", str(weighted),
+                                                               "--seq_len", "5"))
+    assert_one_line_error(code, err, "--seq_len 5", "--seq_len 3")
 
 
 @requires_shared
