@@ -56,6 +56,7 @@ from vprkit.tables.load import load_table
 from vprkit.extraction.pooling import PoolingConfig
 from vprkit.retrieval.pr_curve import draw_pr_figure, top1_pr_of_result
 from vprkit.routes.evaluation import evaluate_sequence
+from vprkit.routes.order import route_of
 
 DEMO_DIR = Path("demo_data")
 # Demo settings where the user left the defaults: ~120 training images give few steps per epoch,
@@ -101,10 +102,14 @@ def check_before_training(args: vpr.ExperimentConfig) -> None:
     """Every input and every model's weights, before the first model trains (nothing written
     yet): the test and database tables, each model's training splits, and its backbone built
     once (an unavailable download stops here with the hub's one-line reason)."""
-    database, _ = final_tables(args, args.train_config(args.models[0]))
+    database, queries = final_tables(args, args.train_config(args.models[0]))
     for model in args.models:
         config = args.train_config(model)
-        load_splits(config)  # per model: a parquet's backbone must agree with --model
+        splits = load_splits(config)  # per model: a parquet's backbone must agree with --model
+        if args.sequences:  # every table a route (one line naming the file or row)
+            for table in (database, queries, splits[0], splits[1], splits[3]):
+                if table is not None:
+                    route_of(table, args.seq_max_gap)
         if database.embeddings is None:
             vpr.create_backbone(model, config.weights, config.image_size)  # freed at once; built again to train
 

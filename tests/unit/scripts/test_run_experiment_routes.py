@@ -1,0 +1,73 @@
+"""run_experiment.py --seq_len L on a tiny route (issue 24): the sequence rows beside today's, what
+val chose in the JSON, "what training bought" for sequences; tables that are not routes stop
+before anything is written."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+import run_experiment
+from helpers import TINY_MODEL, TINY_OPTIONS, assert_one_line_error, run_main
+from helpers.tiny_dataset import write_tiny_dataset, write_tiny_route
+from vprkit.logs.runlog import EXPERIMENT_VARIANTS
+
+
+@pytest.fixture(scope="module")
+def route(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("tiny_route_experiment")
+    return {**write_tiny_route(root), "root": root, "cache": root / "cache"}
+
+
+def route_argv(route, out: Path, *extra: str) -> list[str]:
+    return ["--train_csv", str(route["train"]), "--val_csv", str(route["val"]), "--val_db_csv", str(route["val_db"]),
+            "--test_csv", str(route["test"]), "--db_csv", str(route["db"]), "--models", TINY_MODEL, *TINY_OPTIONS,
+            "--cache_dir", str(route["cache"]), "--log_dir", str(out / "logs"), "--checkpoint_dir",
+            str(out / "models"), "--epochs", "1", "--batch_size", "8", "--images_per_place", "2",
+            "--projection_dim", "8", "--vlad_clusters", "4", "--pos_threshold_m", "30", *extra]
+
+
+@pytest.fixture(scope="module")
+def experiment(route):
+    out = route["root"] / "experiment"
+    table = run_experiment.main(route_argv(route, out, "--seq_len", "3"))
+    csv_path = next((out / "logs").glob("experiment_*.csv"))
+    return table, csv_path, json.loads(csv_path.with_suffix(".json").read_text())
+
+
+def test_the_sequence_rows_follow_todays(experiment):
+    table, csv_path, _ = experiment
+    written = pd.read_csv(csv_path)
+    variants = written["variant"].tolist()
+    assert variants[:len(EXPERIMENT_VARIANTS)] == list(EXPERIMENT_VARIANTS)
+    assert variants[len(EXPERIMENT_VARIANTS):] == ["seq_match"]
+    seq = written.set_index("variant").loc["seq_match"]
+    assert 0.0 <= seq["recall@1"] <= seq["recall@5"] <= 1.0
+    assert seq["delta_r1_vs_raw"] == pytest.approx(seq["recall@1"] - written.set_index("variant").loc["raw",
+                                                                                                      "recall@1"])
+
+
+def test_the_json_records_what_val_chose(experiment):
+    _, _, record = experiment
+    sequence = record["models"][TINY_MODEL]["sequence"]
+    assert sequence["seq_len"] == 3 and sequence["seq_velocity"] == [0.8, 1.25]
+    chosen = sequence["seq_match"]
+    assert chosen["frames"] in ("raw", "pca_whitened", "learned_whitened", "vlad")
+    # every frozen row x both velocity ranges was scored on val, and the chosen one is the best
+    assert len(chosen["val_r1"]) == 2 * 4
+    best = max(chosen["val_r1"].values())
+    key = f"{chosen['frames']}, v {chosen['seq_velocity'][0]:g}-{chosen['seq_velocity'][1]:g}"
+    assert chosen["val_r1"][key] == best
+
+
+def test_single_frame_tables_are_refused_before_anything_is_written(tmp_path, capsys):
+    data = write_tiny_dataset(tmp_path / "frames")
+    out = tmp_path / "out"
+    argv = ["--train_csv", str(data["train"]), "--val_csv", str(data["val"]), "--test_csv", str(data["test"]),
+            "--models", TINY_MODEL, *TINY_OPTIONS, "--cache_dir", str(tmp_path / "cache"), "--log_dir",
+            str(out / "logs"), "--checkpoint_dir", str(out / "models"), "--seq_len", "3"]
+    code, err = run_main(capsys, run_experiment.main, argv)
+    assert_one_line_error(code, err, "not a route", "frame index")
+    assert not [p for p in out.rglob("*") if p.is_file()]
