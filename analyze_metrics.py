@@ -6,6 +6,10 @@
     python analyze_metrics.py logs/experiment_20250101_120000.csv   # plots/<stem>_bars.png
     python analyze_metrics.py --study sqlite:///tune.db --study_name NAME   # plots/study_NAME.png
 
+A folder holding run_experiment.py's experiments on a route at several --seq_len (one experiment
+per length, each with its JSON) also gets plots/{folder}_recall_by_seq_len.png: R@1 against
+the window length, one line per model and variant (vprkit.routes.figures.draw_recall_by_seq_len).
+
 A folder's runs are compared in groups of comparable runs (same --train_csv, --val_csv,
 --pos_threshold_m and --supervision, read from training_summary.csv), one figure per group,
 plots/comparison_{data}.png, each run labelled by the settings that differ within its group.
@@ -35,7 +39,8 @@ from vprkit.logs.plots import RunCurve, plot_comparison, plot_experiment_bars, r
 from vprkit.logs.run_figures import bar_text, experiment_table_text, plot_run, plot_tuning_study  # noqa: E402
 from vprkit.logs.run_summary import (RECALL_COLUMNS, TABLE_WIDTH, RunLog, RunSummary, comparable_groups,  # noqa: E402
                                      printable_group, read_experiment_csv, read_run_log, read_training_summary,
-                                     run_summary_lines, runs_summary_table, summarize_run)
+                                     recall_by_seq_len, run_summary_lines, runs_summary_table, summarize_run)
+from vprkit.routes.figures import draw_recall_by_seq_len  # noqa: E402
 from vprkit.logs.runlog import EXPERIMENT_REQUIRED, LOG_COLUMNS, TRAINING_SUMMARY_NAME, safe_name  # noqa: E402
 
 
@@ -195,6 +200,13 @@ def main(argv: Sequence[str] | None = None) -> None:
         table = read_experiment_csv(experiment_path)
         figure = plot_experiment_bars(table, experiment_path.name, output_dir / f"{experiment_path.stem}_bars.png")
         print(f"\nexperiment {experiment_path} (recall in %)\n{experiment_table_text(table)}\nfigure {figure}")
+
+    # 4. route experiments of several --seq_len: R@1 against the window length, every method
+    by_len = recall_by_seq_len(inputs.experiment_csvs)
+    if len({n for lengths in by_len.values() for n in lengths}) > 1:
+        path = output_dir / f"{safe_name(Path(args.path).resolve().stem)}_recall_by_seq_len.png"
+        figure = draw_recall_by_seq_len(by_len, path, f"R@1 by window length ({Path(args.path).name})")
+        print(f"\nR@1 by --seq_len of {len(by_len)} method(s): {figure}")
 
 
 if __name__ == "__main__":

@@ -3,9 +3,11 @@ table of runs, and groups of comparable runs labelled by the settings that diffe
 from __future__ import annotations
 
 import io
+import json
 import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Sequence
 
 import pandas as pd
 
@@ -121,6 +123,27 @@ def read_experiment_csv(path: Path) -> pd.DataFrame:
     if table.empty:
         raise VPRError(f"{path}: the experiment CSV has a header but no rows")
     return table
+
+
+def recall_by_seq_len(paths: Sequence[Path]) -> dict[str, dict[int, float]]:
+    """R@1 against the window length, {"{model} {variant}": {seq_len: R@1}}, from experiment CSVs
+    whose JSON beside them records a --seq_len (run_experiment on routes: models[m].sequence); one
+    experiment per length, its single-frame rows counted at its length too. Experiments without
+    such a record are left out."""
+    out: dict[str, dict[int, float]] = {}
+    for path in paths:
+        try:
+            record = json.loads(Path(path).with_suffix(".json").read_text())
+        except (OSError, ValueError):
+            continue
+        table = read_experiment_csv(Path(path))
+        for model, entry in (record.get("models") or {}).items():
+            seq_len = (entry.get("sequence") or {}).get("seq_len") if isinstance(entry, dict) else None
+            if not seq_len:
+                continue
+            for variant, r1 in table[table["model"] == model].set_index("variant")["recall@1"].items():
+                out.setdefault(f"{model} {variant}", {})[int(seq_len)] = float(r1)
+    return out
 
 
 @dataclass

@@ -9,9 +9,11 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
+import analyze_metrics
 import run_experiment
 from helpers import TINY_MODEL, TINY_OPTIONS, assert_one_line_error, run_main
 from helpers.tiny_dataset import write_tiny_dataset, write_tiny_route
+from vprkit.logs.run_summary import recall_by_seq_len
 from vprkit.logs.runlog import EXPERIMENT_VARIANTS
 
 
@@ -71,3 +73,19 @@ def test_single_frame_tables_are_refused_before_anything_is_written(tmp_path, ca
     code, err = run_main(capsys, run_experiment.main, argv)
     assert_one_line_error(code, err, "not a route", "frame index")
     assert not [p for p in out.rglob("*") if p.is_file()]
+
+
+def test_analyze_metrics_draws_recall_against_seq_len(route, experiment, tmp_path):
+    """A second experiment at --seq_len 2 in the same folder: R@1 of every method against the length."""
+    _, first_csv, _ = experiment
+    out = route["root"] / "experiment"  # the same log folder
+    run_experiment.main(route_argv(route, out, "--seq_len", "2"))
+    csvs = sorted((out / "logs").glob("experiment_*.csv"))
+    assert len(csvs) == 2
+    by_len = recall_by_seq_len(csvs)
+    first = pd.read_csv(first_csv).set_index("variant")["recall@1"]
+    assert set(by_len[f"{TINY_MODEL} seq_match"]) == {2, 3}
+    assert by_len[f"{TINY_MODEL} seq_match"][3] == pytest.approx(first["seq_match"])
+    assert by_len[f"{TINY_MODEL} raw"][3] == pytest.approx(first["raw"])
+    analyze_metrics.main([str(out / "logs"), "--plot_dir", str(tmp_path / "plots")])
+    assert (tmp_path / "plots" / "logs_recall_by_seq_len.png").is_file()
