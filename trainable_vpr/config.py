@@ -22,6 +22,7 @@ from vprkit.cli.configs import (
     PlotDir,
     PosThreshold,
     RecallAt,
+    RouteFigure,
     RouteSettings,
     SequenceHeadSettings,
     StudyName,
@@ -288,7 +289,7 @@ def check_pooling_auto(config: TrainConfig) -> None:
 @registered
 @dataclass
 class EvalConfig(ExtractionSettings, ModelSource, HeadName, DatabaseTable, TestTable, Supervision, PosThreshold,
-                 RecallAt, PlotDir, Overwrite, RouteSettings):
+                 RecallAt, PlotDir, Overwrite, RouteSettings, RouteFigure):
     """eval_trained.py: Recall@N of a checkpoint or a raw backbone on a database and queries."""
 
     pca_whiten: int = _flag(0, "PCA-whiten to DIM dims, fitted on the database at indexing time: the raw features "
@@ -302,9 +303,6 @@ class EvalConfig(ExtractionSettings, ModelSource, HeadName, DatabaseTable, TestT
     pr_curve: bool = _flag(False, "write the top-1 precision-recall curve (VPR-Bench) as PLOT_DIR/{variant}_{model}"
                            "[_{checkpoint}]_{queries}_pr.csv (precision, recall, threshold) and _pr.png (also with "
                            "--visualize)", "outputs")
-    route_figure: bool = _flag(False, "with --seq_len L > 1: draw the query x database frame similarity with each "
-                               "query's matched end frame and its true place as PLOT_DIR/..._similarity_path.png "
-                               "(also drawn with --visualize)", "outputs")
     export_parquet: str | None = _flag(None, "write the raw backbone features of the database and the queries as "
                                        "embeddings parquets DIR/{csv name}.parquet (input for --train_parquet)",
                                        "outputs", metavar="DIR")

@@ -100,6 +100,15 @@ SEQ_ARCHS = ("shared", "full")
 
 
 @dataclass
+class RouteFigure:
+    """eval_trained.py on routes: the similarity matrix with the matched path."""
+
+    route_figure: bool = flag(False, "with --seq_len L > 1: draw the query x database frame similarity with each "
+                              "query's matched end frame and its true place as PLOT_DIR/{variant}_{model}"
+                              "[_{checkpoint}]_{queries}_similarity_path.png (also drawn with --visualize)", "outputs")
+
+
+@dataclass
 class SequenceHeadSettings:
     """train_vpr.py --head seqnet: the sequence head's own flags (trainable_vpr/seqnet.py SeqHeadConfig,
     trainable_vpr/sequence_training.py SeqTrainConfig); defaults = bench/recall_route.py's choice."""
