@@ -42,7 +42,12 @@ from trainable_vpr.runs import head_config_for, resolved_pooling, start_fit_data
 from trainable_vpr.training import TrainResult
 import trainable_vpr as vpr
 from trainable_vpr.model import PlaceDescriptor
-from trainable_vpr.route_evaluation import RouteSplit, choose_seq_match
+from trainable_vpr.checkpoints import SEQUENCE
+from trainable_vpr.route_evaluation import RouteSplit, choose_seq_match, evaluate_sequence_model, untrained
+from trainable_vpr.seqnet import SEQ_HEAD
+from trainable_vpr.sequence_model import load_sequence_model
+from trainable_vpr.sequence_run import train_sequence
+from vprkit.cli.configs import SEQ_TRAINING_DEFAULTS
 from vprkit.cli import CliParser, VPRError, atomic_write, check_writable_dir, run_cli
 from vprkit.logs.runlog import EXPERIMENT_VARIANTS, SEQUENCE_VARIANTS
 from vprkit.cli.settings import config_parser, parse_config
@@ -102,6 +107,9 @@ def check_before_training(args: vpr.ExperimentConfig) -> None:
     """Every input and every model's weights, before the first model trains (nothing written
     yet): the test and database tables, each model's training splits, and its backbone built
     once (an unavailable download stops here with the hub's one-line reason)."""
+    if args.head == SEQ_HEAD:
+        raise VPRError(f"--head {SEQ_HEAD}: run_experiment's --head is the single-frame head of its rows; with "
+                       f"--seq_len L > 1 it trains the sequence head beside it (the seq_start, seq_trained rows)")
     database, queries = final_tables(args, args.train_config(args.models[0]))
     for model in args.models:
         config = args.train_config(model)
@@ -239,13 +247,30 @@ def sequence_rows(model: str, config: vpr.TrainConfig, args: vpr.ExperimentConfi
                               config.supervision)
     name = (f"{model} seq_match (L {config.seq_len}, {choice.frames}, v {choice.config.v_min:g}-"
             f"{choice.config.v_max:g}, chosen on val)")
-    report, _ = evaluate_sequence(name, variants[choice.frames], split.database, split.queries, split.db_route,
-                                  split.q_route, choice.config, config.pos_threshold_m, args.recall_at,
-                                  config.supervision)
-    print(format_report(report, args.recall_at), flush=True)
-    reports = {"seq_match": report}
+    reports = {"seq_match": evaluate_sequence(name, variants[choice.frames], split.database, split.queries,
+                                              split.db_route, split.q_route, choice.config, config.pos_threshold_m,
+                                              args.recall_at, config.supervision)[0]}
+    seq_config = dataclasses.replace(config, head=SEQ_HEAD, **dict.fromkeys(SEQ_TRAINING_DEFAULTS))
+    print(f"\n=== {model}: the sequence head (--head {SEQ_HEAD}, windows of {config.seq_len} frames, "
+          f"{seq_config.epochs} epochs)", flush=True)
+    run = train_sequence(seq_config)
+    checkpoint = vpr.load_checkpoint(run.checkpoint, SEQUENCE)
+    trained = load_sequence_model(str(run.checkpoint), extraction_settings(seq_config), checkpoint=checkpoint)
+    chosen = checkpoint.get("chosen", {})
+    train_table, val_table, by_label, val_db = load_splits(seq_config)
+    data = extract_training_data(seq_config, train_table, val_table, by_label, None, val_db)  # from the cache
+    start = untrained(trained, data.train.features, data.train.xyz, seq_config.pos_threshold_m, seq_config.seed)
+    weight = "none" if trained.fusion_weight is None else f"{trained.fusion_weight:g}"
+    for variant, sequence, label in (("seq_start", start, f"= {chosen.get('head_start', {}).get('chosen', '')}"),
+                                     ("seq_trained", trained, f"(fusion weight {weight}, chosen on val)")):
+        reports[variant] = evaluate_sequence_model(f"{model} {variant} {label}", sequence, variants["raw"], split,
+                                                   config.pos_threshold_m, args.recall_at, config.supervision).report
+    for report in reports.values():
+        print(format_report(report, args.recall_at), flush=True)
     record = {"seq_len": config.seq_len, "seq_velocity": list(config.seq_velocity), "seq_shortlist":
-              config.seq_shortlist, "seq_max_gap": config.seq_max_gap, "seq_match": choice.record()}
+              config.seq_shortlist, "seq_max_gap": config.seq_max_gap, "seq_match": choice.record(),
+              "seq_trained": {"run_id": run.run_id, "checkpoint": str(run.checkpoint), "log_file": str(run.log_file),
+                              "best_epoch": run.best_epoch, "chosen": chosen}}
     return reports, record
 
 

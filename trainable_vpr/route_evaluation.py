@@ -9,6 +9,7 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Sequence
 
+import numpy as np
 from vprkit.retrieval.evaluation import Descriptors, l2_normalise, ranking_report
 from vprkit.routes.evaluation import RouteEvaluation, evaluate_sequence
 from vprkit.routes.matching import SeqMatchConfig, SeqMatches
@@ -16,6 +17,7 @@ from vprkit.routes.order import Route, route_of
 from vprkit.tables.places import PlaceTable
 
 from trainable_vpr.fusion import fused_search
+from trainable_vpr.seqnet import start_sequence_head
 from trainable_vpr.sequence_model import SequenceDescriptor
 
 
@@ -90,3 +92,14 @@ def choose_seq_match(candidates: dict[str, Descriptors], val: RouteSplit, config
     if best is None:
         raise ValueError("no frame descriptor to choose sequence matching's from")
     return SeqMatchChoice(best[1], best[2], scores)
+
+
+def untrained(model: SequenceDescriptor, train_features: np.ndarray, train_xyz: np.ndarray, pos_threshold_m: float,
+              seed: int) -> SequenceDescriptor:
+    """A trained sequence model's start (run_experiment's seq_start): its head rebuilt untrained from
+    the training frames as the run started it (start_sequence_head: its config's frame start and
+    shrinkage, the run's seed), its frame part and matching kept, no fusion (the descriptor alone)."""
+    if model.head is None:
+        raise ValueError("a training-free sequence model has no start to rebuild")
+    head = start_sequence_head(model.head.config, train_features, train_xyz, pos_threshold_m, seed)
+    return SequenceDescriptor(model.frame, head, model.match, model.max_gap, None, model.source)

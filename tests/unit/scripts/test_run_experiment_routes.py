@@ -44,7 +44,7 @@ def test_the_sequence_rows_follow_todays(experiment):
     written = pd.read_csv(csv_path)
     variants = written["variant"].tolist()
     assert variants[:len(EXPERIMENT_VARIANTS)] == list(EXPERIMENT_VARIANTS)
-    assert variants[len(EXPERIMENT_VARIANTS):] == ["seq_match"]
+    assert variants[len(EXPERIMENT_VARIANTS):] == ["seq_match", "seq_start", "seq_trained"]
     seq = written.set_index("variant").loc["seq_match"]
     assert 0.0 <= seq["recall@1"] <= seq["recall@5"] <= 1.0
     assert seq["delta_r1_vs_raw"] == pytest.approx(seq["recall@1"] - written.set_index("variant").loc["raw",
@@ -62,6 +62,20 @@ def test_the_json_records_what_val_chose(experiment):
     best = max(chosen["val_r1"].values())
     key = f"{chosen['frames']}, v {chosen['seq_velocity'][0]:g}-{chosen['seq_velocity'][1]:g}"
     assert chosen["val_r1"][key] == best
+
+
+def test_what_training_bought_on_routes_adds_up_to_the_table(experiment):
+    _, csv_path, record = experiment
+    r1 = pd.read_csv(csv_path).set_index("variant")["recall@1"]
+    gain = record["models"][TINY_MODEL]["training_gain"]
+    assert gain["seq_start_minus_seq_match"] == pytest.approx(r1["seq_start"] - r1["seq_match"], abs=1e-4)
+    assert gain["seq_trained_minus_seq_start"] == pytest.approx(r1["seq_trained"] - r1["seq_start"], abs=1e-4)
+    best = "seq_match" if r1["seq_match"] >= r1["seq_start"] else "seq_start"
+    assert gain["best_free_sequence"] == best
+    assert gain["seq_trained_minus_best_free"] == pytest.approx(r1["seq_trained"] - r1[best], abs=1e-4)
+    trained = record["models"][TINY_MODEL]["sequence"]["seq_trained"]
+    assert Path(trained["checkpoint"]).is_file() and trained["run_id"] in trained["checkpoint"]
+    assert {"match_frames", "velocity", "fusion_weight", "head_start"} <= set(trained["chosen"])
 
 
 def test_single_frame_tables_are_refused_before_anything_is_written(tmp_path, capsys):
