@@ -19,6 +19,12 @@ Localization view (positions on both sides): R@1 within 5, 10, 25, 50 and 100 m 
 PLOT_DIR/{variant}_{model}[_{checkpoint}]_{queries}_localization.png. Labels-only evaluations
 have no distances: recall_at_threshold_m and top1_error_m are null there.
 
+Routes (--seq_len L > 1; docs/evaluation.md "Routes"): both tables must be routes; each query is
+its window of L frames, matched by sequence matching over the evaluated frame descriptors
+(--seq_velocity, --seq_shortlist) or, with a sequence checkpoint, by its window descriptors fused
+with its matching; every output above works on that ranking; --route_figure draws the similarity
+matrix with the matched path.
+
 Top-1 precision-recall (VPR-Bench's, vprkit.retrieval.pr_curve; positions or labels): AUC-PR (trapezoid)
 and recall at 100 % precision are printed and written to --output_json (auc_pr,
 recall_at_100_precision); --pr_curve (or --visualize) writes the curve as
@@ -178,15 +184,15 @@ def route_evaluation(args: vpr.EvalConfig, sequence: SequenceDescriptor | None, 
     evaluated (raw, PCA-whitened, pooled, a trained frame head); with one, its window descriptors
     shortlist and its matching settings re-rank by its fusion weight (trainable_vpr.fusion)."""
     max_gap = args.seq_max_gap if args.seq_max_gap is not None or sequence is None else sequence.max_gap
-    db_route, q_route = route_of(database, max_gap), route_of(queries, max_gap)
+    split = RouteSplit.of(database, queries, max_gap)
     if sequence is None:
         config = args.seq_match_config()
         report, matches = evaluate_sequence(f"seq_match_L{args.seq_len}_{name}", frames, database, queries,
-                                            db_route, q_route, config, threshold, args.recall_at, supervision)
+                                            split.db_route, split.q_route, config, threshold, args.recall_at,
+                                            supervision)
         return RouteEvaluation(report, matches, frames, database, queries, config, max_gap)
     kind = "seq_trained" if sequence.head is not None else "seq_match"
-    return evaluate_sequence_model(f"{kind}_L{args.seq_len}_{name}", sequence, raw,
-                                   RouteSplit(database, queries, db_route, q_route), threshold, args.recall_at,
+    return evaluate_sequence_model(f"{kind}_L{args.seq_len}_{name}", sequence, raw, split, threshold, args.recall_at,
                                    supervision)
 
 
