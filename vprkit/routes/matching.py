@@ -78,29 +78,49 @@ class SeqMatches:
     score: np.ndarray  # float32 [Nq, k]
 
 
+SECOND_MOMENT_MAX_DIM = 4096  # above (VLAD-sized descriptors): the database rows stand for D^T D / N
+
+
 @dataclass(frozen=True)
 class RowContrast:
-    """The exact mean and std of every query frame's similarities over the whole database."""
+    """The exact mean and std of every query frame's similarities over the whole database.
 
-    mean: np.ndarray    # float64 [D]: the database's mean descriptor
-    second: np.ndarray  # float64 [D, D]: D^T D / N
+    The second moment mean_j((q.d_j)^2) = q^T (D^T D / N) q comes from the D x D matrix `second`
+    when D <= SECOND_MOMENT_MAX_DIM and D <= N; otherwise (e.g. 10,240-d VLAD, whose D x D matrix
+    took 0.8 GB and crashed OpenBLAS) from the database rows themselves (`rows`, no copy:
+    ||D q||^2 / N in blocks of queries, O(Nq x N x D) time, no Nq x N matrix kept)."""
+
+    mean: np.ndarray                 # float64 [D]: the database's mean descriptor
+    second: np.ndarray | None = None  # float64 [D, D]: D^T D / N
+    rows: np.ndarray | None = None    # [N, D]: the database, when `second` would be larger
 
     @classmethod
     def of(cls, db_desc: np.ndarray, rows_per_block: int = 16384) -> "RowContrast":
         """From the database in blocks of rows (float32 products summed in float64, no float64 copy)."""
         db = np.asarray(db_desc)
+        mean = db.mean(axis=0, dtype=np.float64)
+        if db.shape[1] > min(SECOND_MOMENT_MAX_DIM, len(db)):
+            return cls(mean=mean, rows=db)
         second = np.zeros((db.shape[1], db.shape[1]))
         for start in range(0, len(db), rows_per_block):
             block = db[start:start + rows_per_block]
             block = block if block.dtype == np.float64 else block.astype(np.float32, copy=False)
             second += block.T @ block
-        return cls(mean=db.mean(axis=0, dtype=np.float64), second=second / len(db))
+        return cls(mean=mean, second=second / len(db))
 
-    def stats(self, q_desc: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    def stats(self, q_desc: np.ndarray, queries_per_block: int = 1024) -> tuple[np.ndarray, np.ndarray]:
         """(mean, std) float64 [Nq] of each query frame's similarities to the database."""
         q = np.asarray(q_desc, dtype=np.float64)
         mean = q @ self.mean
-        var = np.einsum("nd,nd->n", q @ self.second, q) - mean ** 2
+        if self.second is not None:
+            moment = np.einsum("nd,nd->n", q @ self.second, q)
+        else:
+            assert self.rows is not None
+            rows = self.rows.astype(np.float32, copy=False)
+            moment = np.concatenate([np.square(q[i:i + queries_per_block].astype(np.float32) @ rows.T,
+                                               dtype=np.float64).mean(axis=1)
+                                     for i in range(0, len(q), queries_per_block)]) if len(q) else np.zeros(0)
+        var = moment - mean ** 2
         return mean, np.sqrt(np.maximum(var, 1e-12))
 
 

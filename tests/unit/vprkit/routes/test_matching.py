@@ -144,6 +144,18 @@ def test_the_row_statistics_are_exact_without_the_matrix():
     np.testing.assert_allclose(std, sims.std(axis=1))
 
 
+def test_the_row_statistics_of_descriptors_wider_than_the_database_come_from_its_rows():
+    """D > N (VLAD-sized): no D x D matrix, the same numbers (float32 products)."""
+    rng = np.random.default_rng(9)
+    q, db = rng.normal(size=(7, 300)), rng.normal(size=(40, 300))
+    contrast = RowContrast.of(db)
+    assert contrast.second is None and contrast.rows is not None
+    mean, std = contrast.stats(q, queries_per_block=3)
+    sims = q @ db.T
+    np.testing.assert_allclose(mean, sims.mean(axis=1), rtol=1e-6)
+    np.testing.assert_allclose(std, sims.std(axis=1), rtol=1e-4)
+
+
 def test_matches_recall_counts_a_hit_within_the_threshold_and_padding_as_a_miss():
     db_xyz = np.array([[0.0, 0, 0], [100.0, 0, 0], [200.0, 0, 0]])
     q_xyz = np.array([[5.0, 0, 0], [190.0, 0, 0], [100.0, 0, 0]])
