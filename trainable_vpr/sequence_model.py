@@ -37,6 +37,7 @@ from vprkit.routes.windows import causal_windows
 from vprkit.tables.places import PlaceTable
 
 from trainable_vpr.checkpoints import (
+    EMBEDDINGS_ARCH,
     SEQUENCE,
     SEQUENCE_SETTINGS,
     check_checkpoint_matches,
@@ -85,10 +86,16 @@ class SequenceDescriptor(nn.Module):
     # -- building ---------------------------------------------------------------------------
     @classmethod
     def from_checkpoint(cls, path: str | Path, checkpoint: dict[str, Any] | None = None, weights: str | None = None,
-                        image_size: int = 0, pooling: PoolingConfig | None = None) -> "SequenceDescriptor":
-        """The sequence descriptor a sequence checkpoint holds (a single-frame one: one VPRError line)."""
+                        image_size: int = 0, pooling: PoolingConfig | None = None,
+                        with_backbone: bool = True) -> "SequenceDescriptor":
+        """The sequence descriptor a sequence checkpoint holds (a single-frame one: one VPRError line).
+        with_backbone=False: no backbone (it describes frozen features: embeddings parquets)."""
         checkpoint = checkpoint if checkpoint is not None else load_checkpoint(path, SEQUENCE)
-        frozen = checkpoint_backbone(checkpoint, path, weights, image_size, pooling)
+        if with_backbone and checkpoint["backbone"].get("arch") == EMBEDDINGS_ARCH:
+            raise VPRError(f"checkpoint {path} was trained on precomputed embeddings "
+                           f"({checkpoint['backbone']['weights']}); it has no backbone to describe images: use it "
+                           "on embeddings parquets")
+        frozen = checkpoint_backbone(checkpoint, path, weights, image_size, pooling) if with_backbone else None
         frame_head, seq_head = sequence_heads_from_checkpoint(checkpoint)
         saved = checkpoint["sequence"]
         match = SeqMatchConfig(int(saved["seq_len"]), float(saved["v_min"]), float(saved["v_max"]),
