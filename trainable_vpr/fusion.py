@@ -13,9 +13,6 @@ from dataclasses import dataclass
 from typing import Sequence
 
 import numpy as np
-from vprkit.retrieval.evaluation import exact_search
-from vprkit.routes.matching import SeqMatchConfig, match_scores
-from vprkit.routes.order import Route
 
 FUSION_WEIGHTS = (0.0, 0.25, 0.5, 1.0, 2.0, 4.0, float("inf"))
 
@@ -63,18 +60,3 @@ def choose_fusion_weight(descriptor: np.ndarray, matching: np.ndarray, correct: 
         scores[weight] = float(correct[np.arange(len(correct)), top].mean()) if len(correct) else float("nan")
     best = max(scores, key=lambda w: (scores[w], -w))
     return FusionChoice(best, scores)
-
-
-def fused_search(db_windows: np.ndarray, q_windows: np.ndarray, db_frames: np.ndarray, q_frames: np.ndarray,
-                 db_route: Route, q_route: Route, match: SeqMatchConfig, weight: float | None,
-                 k: int) -> tuple[np.ndarray, np.ndarray]:
-    """(top [Q, k] database end rows, their scores): the learned window descriptors shortlist
-    max(k, match.shortlist) windows per query (faiss, exact); with a fusion weight, sequence
-    matching over the frame descriptors scores the same candidates and the shortlist is re-ranked
-    by fuse_scores (scores: the fused ones); without one (None), the descriptor's ranking alone."""
-    candidates, descriptor = exact_search(db_windows, q_windows, max(k, match.shortlist))
-    if weight is None:
-        return candidates[:, :k], descriptor[:, :k]
-    matching = match_scores(q_frames, q_route, db_frames, db_route, candidates, match)
-    top, scores = rerank(candidates, fuse_scores(descriptor, matching, weight))
-    return top[:, :k], scores[:, :k]

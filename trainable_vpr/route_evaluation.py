@@ -10,13 +10,12 @@ from dataclasses import dataclass
 from typing import Sequence
 
 import numpy as np
-from vprkit.retrieval.evaluation import Descriptors, l2_normalise, ranking_report
+from vprkit.retrieval.evaluation import Descriptors, ranking_report
 from vprkit.routes.evaluation import RouteEvaluation, evaluate_sequence
-from vprkit.routes.matching import SeqMatchConfig, SeqMatches
+from vprkit.routes.matching import SeqMatchConfig
 from vprkit.routes.order import Route, route_of
 from vprkit.tables.places import PlaceTable
 
-from trainable_vpr.fusion import fused_search
 from trainable_vpr.seqnet import start_sequence_head
 from trainable_vpr.sequence_model import SequenceDescriptor
 
@@ -39,19 +38,16 @@ class RouteSplit:
 def evaluate_sequence_model(name: str, sequence: SequenceDescriptor, features: Descriptors, split: RouteSplit,
                             pos_threshold_m: float, recall_at: Sequence[int],
                             supervision: str = "auto") -> RouteEvaluation:
-    """A sequence model on a route split, from the frozen frame features of its tables: its window
-    descriptors shortlist (at least its matching shortlist), its matching over its frame
-    descriptors re-ranks by its fusion weight (None: the descriptor alone; trainable_vpr.fusion)."""
+    """A sequence model on a route split, from the frozen frame features of its tables, ranked by
+    SequenceDescriptor.search (its window descriptors shortlist, its matching re-ranks by its
+    fusion weight; no head: sequence matching) and scored as every ranking is."""
+    matches = sequence.search(features.queries, split.q_route, features.database, split.db_route,
+                              min(max(recall_at), len(split.database)))
+    report = ranking_report(name, matches.index, matches.score, split.database, split.queries, pos_threshold_m,
+                            recall_at, supervision)
     frames = Descriptors(sequence.frames_from_features(features.database),
                          sequence.frames_from_features(features.queries))
-    top, scores = fused_search(sequence.windows_from_features(features.database, split.db_route),
-                               sequence.windows_from_features(features.queries, split.q_route),
-                               l2_normalise(frames.database), l2_normalise(frames.queries), split.db_route,
-                               split.q_route, sequence.match, sequence.fusion_weight,
-                               min(max(recall_at), len(split.database)))
-    report = ranking_report(name, top, scores, split.database, split.queries, pos_threshold_m, recall_at,
-                            supervision)
-    return RouteEvaluation(report, SeqMatches(top, scores), frames, split.database, split.queries, sequence.match,
+    return RouteEvaluation(report, matches, frames, split.database, split.queries, sequence.match,
                            sequence.max_gap, sequence.fusion_weight)
 
 

@@ -29,13 +29,15 @@ from vprkit.cli import VPRError
 from vprkit.cli.extraction_settings import ExtractionSettings
 from vprkit.extraction.features import extract_table
 from vprkit.extraction.pooling import PoolingConfig
+from vprkit.retrieval.evaluation import exact_search
 from vprkit.retrieval.whitening import Whitening
-from vprkit.routes.matching import SeqMatchConfig
+from vprkit.routes.matching import SeqMatchConfig, SeqMatches, match_scores, sequence_match
 from vprkit.routes.order import Route, route_of
 from vprkit.routes.windows import causal_windows
 from vprkit.tables.places import PlaceTable
 
 from trainable_vpr.checkpoints import (
+    EMBEDDINGS_ARCH,
     SEQUENCE,
     SEQUENCE_SETTINGS,
     check_checkpoint_matches,
@@ -43,6 +45,7 @@ from trainable_vpr.checkpoints import (
     load_checkpoint,
     sequence_heads_from_checkpoint,
 )
+from trainable_vpr.fusion import fuse_scores, rerank
 from trainable_vpr.heads import HeadConfig, ResidualHead, build_head
 from trainable_vpr.model import PlaceDescriptor
 from trainable_vpr.seqnet import SeqNetHead
@@ -83,10 +86,16 @@ class SequenceDescriptor(nn.Module):
     # -- building ---------------------------------------------------------------------------
     @classmethod
     def from_checkpoint(cls, path: str | Path, checkpoint: dict[str, Any] | None = None, weights: str | None = None,
-                        image_size: int = 0, pooling: PoolingConfig | None = None) -> "SequenceDescriptor":
-        """The sequence descriptor a sequence checkpoint holds (a single-frame one: one VPRError line)."""
+                        image_size: int = 0, pooling: PoolingConfig | None = None,
+                        with_backbone: bool = True) -> "SequenceDescriptor":
+        """The sequence descriptor a sequence checkpoint holds (a single-frame one: one VPRError line).
+        with_backbone=False: no backbone (it describes frozen features: embeddings parquets)."""
         checkpoint = checkpoint if checkpoint is not None else load_checkpoint(path, SEQUENCE)
-        frozen = checkpoint_backbone(checkpoint, path, weights, image_size, pooling)
+        if with_backbone and checkpoint["backbone"].get("arch") == EMBEDDINGS_ARCH:
+            raise VPRError(f"checkpoint {path} was trained on precomputed embeddings "
+                           f"({checkpoint['backbone']['weights']}); it has no backbone to describe images: use it "
+                           "on embeddings parquets")
+        frozen = checkpoint_backbone(checkpoint, path, weights, image_size, pooling) if with_backbone else None
         frame_head, seq_head = sequence_heads_from_checkpoint(checkpoint)
         saved = checkpoint["sequence"]
         match = SeqMatchConfig(int(saved["seq_len"]), float(saved["v_min"]), float(saved["v_max"]),
@@ -159,6 +168,28 @@ class SequenceDescriptor(nn.Module):
         if len(route) != len(table):
             raise ValueError(f"the route has {len(route)} rows, the table {len(table)}")
         return self.windows_from_features(self.frame_features(table, settings, label), route)
+
+    # -- searching ---------------------------------------------------------------------------
+    def search(self, q_features: np.ndarray, q_route: Route, db_features: np.ndarray, db_route: Route,
+               k: int = 10) -> SeqMatches:
+        """Each query window's top-k database END rows, from the frozen frame features of both routes
+        (`frame_features`). No head: sequence matching over the frame descriptors (sequence_match).
+        A head: its window descriptors shortlist max(k, shortlist) database windows (exact search);
+        with a fusion weight (not None, not 0) matching scores the same candidates and the fused
+        score re-ranks them (trainable_vpr.fusion); `score` is the ranking's score."""
+        q_frames, db_frames = self.frames_from_features(q_features), self.frames_from_features(db_features)
+        if self.head is None:
+            return sequence_match(q_frames, q_route, db_frames, db_route, self.match, k=k)
+        top, scores = exact_search(self.windows_from_features(db_features, db_route),
+                                   self.windows_from_features(q_features, q_route), max(k, self.match.shortlist))
+        if self.fusion_weight:
+            matching = match_scores(q_frames, q_route, db_frames, db_route, top, self.match)
+            top, scores = rerank(top, fuse_scores(scores, matching, self.fusion_weight))
+        index = np.full((len(top), k), -1, dtype=np.int64)
+        score = np.full((len(top), k), -np.inf, dtype=np.float32)
+        index[:, :min(k, top.shape[1])] = top[:, :k]
+        score[:, :min(k, top.shape[1])] = scores[:, :k]
+        return SeqMatches(index=index, score=score)
 
 
 def load_sequence_model(model_path: str, settings: ExtractionSettings, model: str | None = None,

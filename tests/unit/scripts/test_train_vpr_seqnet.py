@@ -18,7 +18,9 @@ from trainable_vpr.checkpoints import load_checkpoint
 from trainable_vpr.fusion import FUSION_WEIGHTS
 from trainable_vpr.model import PlaceDescriptor, describe_table
 from trainable_vpr.sequence_model import SequenceDescriptor
+from vprkit.cli import VPRError
 from vprkit.cli.extraction_settings import ExtractionSettings
+from vprkit.tables.load import load_table
 from vprkit.tables.places import load_poses
 
 SEQ_LEN, EPOCHS = 3, 2
@@ -109,6 +111,26 @@ def test_a_table_that_is_not_a_route_is_one_line(route, tmp_path, capsys):
     code, err = run_main(capsys, train_vpr.main, argv)
     assert_one_line_error(code, err, "plain_val.csv", "not a route")
     assert not (tmp_path / "logs").exists()
+
+
+def test_a_run_on_embeddings_parquets_describes_their_windows(tmp_path):
+    data = {s: write_route_parquet(tmp_path / f"{s}.parquet", *args)
+            for s, args in {"train": (0, 16), "val": (16, 8, ("winter",)), "val_db": (16, 8, ("summer",))}.items()}
+    result = train_vpr.main(["--train_parquet", str(data["train"]), "--val_parquet", str(data["val"]),
+                             "--val_db_parquet", str(data["val_db"]), "--head", "seqnet", "--seq_len", "3",
+                             "--epochs", "1", "--batch_size", "8", "--log_dir", str(tmp_path / "logs"),
+                             "--checkpoint_dir", str(tmp_path / "models")])
+    with pytest.raises(VPRError, match="precomputed embeddings .*no backbone to describe images"):
+        SequenceDescriptor.from_checkpoint(result.checkpoint)
+    model = SequenceDescriptor.from_checkpoint(result.checkpoint, with_backbone=False)
+    tables = {s: load_table(str(data[s])) for s in ("val", "val_db")}
+    found = model.search(tables["val"].embeddings, model.route(tables["val"]), tables["val_db"].embeddings,
+                         model.route(tables["val_db"]), 1)
+    r1 = np.mean(np.abs(tables["val_db"].xyz[found.index[:, 0], 0] - tables["val"].xyz[:, 0]) <= 25.0)
+    if model.fusion_weight in (None, 0.0):  # the head alone ranks: its top-1 is the run's best val R@1
+        assert r1 == pytest.approx(result.best_recall[1])
+    else:  # the weight was chosen on these val windows among a grid holding 0 (the head alone): no worse
+        assert r1 >= result.best_recall[1] - 1e-9
 
 
 def test_tune_vpr_tunes_the_sequence_head(tmp_path):

@@ -17,7 +17,8 @@ from trainable_vpr.sequence_model import SequenceDescriptor, frame_map, load_seq
 from vprkit.cli import VPRError
 from vprkit.cli.extraction_settings import ExtractionSettings
 from vprkit.retrieval.whitening import Whitening
-from vprkit.routes.matching import SeqMatchConfig
+from vprkit.routes.matching import SeqMatchConfig, match_scores, sequence_match
+from vprkit.routes.order import route_of
 from vprkit.routes.windows import causal_windows
 from vprkit.tables.images import open_rgb
 from vprkit.tables.places import load_poses
@@ -155,3 +156,43 @@ def test_forward_refuses_windows_of_another_length(route):
     model = _model(route, with_head=True, with_map=False)
     with pytest.raises(VPRError, match="windows of 2 frames given, it takes 3"):
         model(torch.zeros(1, 2, 3, TINY_SIZE, TINY_SIZE))
+
+
+def test_search_ranks_by_the_head_and_reranks_by_the_fused_score():
+    """On synthetic frame features (no backbone): no head is sequence matching; a head without
+    fusion ranks by window cosine; fusion inf ranks the head's shortlist by the matching score."""
+    rng = np.random.default_rng(3)
+    places = rng.normal(size=(12, 8)).astype(np.float32)
+    db_table = load_poses_like(12, 0)
+    q_table = load_poses_like(12, 1)
+    db, q = places, places + rng.normal(scale=0.8, size=places.shape).astype(np.float32)
+    db_route, q_route = route_of(db_table), route_of(q_table)
+    match = SeqMatchConfig(SEQ_LEN, 0.9, 1.1, shortlist=4)
+    free = SequenceDescriptor(PlaceDescriptor(None), None, match)
+    expected = sequence_match(free.frames_from_features(q), q_route, free.frames_from_features(db), db_route, match, 3)
+    np.testing.assert_array_equal(free.search(q, q_route, db, db_route, 3).index, expected.index)
+
+    model = SequenceDescriptor(PlaceDescriptor(None), _random_head(8), match)
+    qw, dbw = model.windows_from_features(q, q_route), model.windows_from_features(db, db_route)
+    cosine = qw @ dbw.T
+    found = model.search(q, q_route, db, db_route, 3)
+    np.testing.assert_array_equal(found.index, np.argsort(-cosine, axis=1, kind="stable")[:, :3])
+    model.fusion_weight = float("inf")
+    shortlist = np.argsort(-cosine, axis=1, kind="stable")[:, :4]
+    scores = match_scores(model.frames_from_features(q), q_route, model.frames_from_features(db), db_route,
+                          shortlist, match)
+    fused = model.search(q, q_route, db, db_route, 3)
+    np.testing.assert_array_equal(fused.index[:, 0], shortlist[np.arange(12), np.argmax(scores, axis=1)])
+    assert (fused.index[:, 0] != found.index[:, 0]).any()  # the re-ranking changed some top-1
+    padded = model.search(q, q_route, db, db_route, 20)  # more than the 12 database windows
+    assert (padded.index[:, 12:] == -1).all() and np.isinf(padded.score[:, 12:]).all()
+    assert sorted(padded.index[0, :12]) == list(range(12))
+
+
+def load_poses_like(n: int, seed: int):
+    """A one-drive route table of n frames (no images)."""
+    from vprkit.tables.places import PlaceTable
+
+    frame = pd.DataFrame({"frame_index": np.arange(n) + seed})
+    return PlaceTable(source="route.csv", paths=[f"{i}.png" for i in range(n)], xyz=np.zeros((n, 3)),
+                      coord_kind="metric", frame=frame)
