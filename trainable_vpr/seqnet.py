@@ -7,8 +7,10 @@ training-free sequence method:
    linear map started as a whitening of the frame descriptors (raw, PCA- or learned whitening,
    the single-frame starts of trainable_vpr.starts) plus a zero-initialised residual MLP; its
    output is L2-normalised per frame;
-2. a temporal convolution over the window (kernel `kernel`, 'same' padding) added as a residual,
-   zero-initialised: at the start it adds nothing;
+2. optionally (`kernel` > 0) a temporal convolution over the window ('same' padding) added as a
+   residual, zero-initialised: at the start it adds nothing. Default none: on the railway route's
+   val windows (L=10, 3 seeds) kernel 3 scored R@1 0.866, no temporal conv 0.899
+   (docs/benchmarks.md, Routes);
 3. the window's L frames are concatenated and L2-normalised (divided by sqrt(L)).
 
 So the untrained head's cosine between two windows is the mean over the L aligned frame pairs of
@@ -61,7 +63,7 @@ class SeqHeadConfig:
     proj_dim: int = 128
     hidden_dim: int = 256
     dropout: float = 0.1
-    kernel: int = 3
+    kernel: int = 0
     frame_dropout: float = 0.0
     frame_start: str = "learned_whitened"
     shrinkage: float | None = None

@@ -73,11 +73,13 @@ def test_a_window_of_the_wrong_length_is_one_line_naming_the_head_s_length():
         head(torch.zeros(2, 3, 24))
 
 
-def test_training_lowers_the_loss_and_lifts_val_recall_on_a_separable_route():
+@pytest.mark.parametrize("train_projection", [False, True])
+def test_training_lowers_the_loss_and_lifts_val_recall_on_a_separable_route(train_projection):
     train, val, val_db = toy_route(noise=1.5)
     config = SeqHeadConfig(seq_len=3, frame_dim=24, proj_dim=16, hidden_dim=32, kernel=3, frame_start="raw")
     head = start_sequence_head(config, train.features, train.xyz, 25.0)
-    result = train_sequence_head(train, val, val_db, head, SeqTrainConfig(epochs=6, batch_size=32), seed=1)
+    result = train_sequence_head(train, val, val_db, head,
+                                 SeqTrainConfig(epochs=6, batch_size=32, train_projection=train_projection), seed=1)
     assert result.train_loss[-1] < 0.8 * result.train_loss[0]
     assert result.best_val_r1 > result.start_val_r1
     # the head handed over is the best epoch's: its val R@1 recomputed is the best
