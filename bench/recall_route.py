@@ -44,12 +44,12 @@ import trainable_vpr as vpr  # noqa: E402
 from trainable_vpr.seqnet import SeqHeadConfig, fit_frame_whitenings, start_sequence_head  # noqa: E402
 from trainable_vpr.sequence_training import (RouteFrames, SeqTrainConfig, SequenceResult,  # noqa: E402
                                              choose_sequence_start, train_sequence_head, window_recall)
-from trainable_vpr.fusion import choose_fusion_weight, fuse_scores, rerank  # noqa: E402
+from trainable_vpr.fusion import choose_fusion_weight, shortlist_scores  # noqa: E402
 from vprkit.cli import atomic_write  # noqa: E402
-from vprkit.evaluation import evaluate_retrieval, l2_normalise, recall_at_n  # noqa: E402
+from vprkit.evaluation import evaluate_retrieval, l2_normalise  # noqa: E402
 from vprkit.features import ExtractionSettings, extract_features  # noqa: E402
 from vprkit.places import load_poses  # noqa: E402
-from vprkit.routes.matching import SeqMatchConfig, match_scores, matches_recall, sequence_match  # noqa: E402
+from vprkit.routes.matching import SeqMatchConfig, matches_recall, sequence_match  # noqa: E402
 from vprkit.routes.order import route_of  # noqa: E402
 from vprkit.whitening import SHRINKAGE_GRID, Whitening  # noqa: E402
 from vprkit.routes.windows import causal_windows  # noqa: E402
@@ -161,18 +161,13 @@ def seq_match_row(data: dict[str, RouteFrames], frames: dict[str, dict[str, np.n
 def fused_row(seq_len: int, seed: int, head, data: dict[str, RouteFrames], match: MatchChoice,
               shortlist: int) -> dict:
     """seq_trained: the head's top-`shortlist` windows re-scored with seq_match, w chosen on val."""
-    parts = {}
-    for split, (queries, database) in EVALS.items():
-        found = window_recall(head, data[queries], data[database], THRESHOLD_M, (1, 5, shortlist))
-        matching = match_scores(match.desc[queries], data[queries].route, match.desc[database],
-                                data[database].route, found.top_indices, match.config)
-        parts[split] = (found.top_scores, matching, found.correct)
-    choice = choose_fusion_weight(*parts["val"])
+    lists = {split: shortlist_scores(head, data[queries], data[database], match.desc[queries], match.desc[database],
+                                     match.config, THRESHOLD_M, shortlist)
+             for split, (queries, database) in EVALS.items()}
+    choice = choose_fusion_weight(*lists["val"].choice_inputs())
     row = {"L": seq_len, "method": "seq_trained", "seed": seed, "fusion_w": choice.weight}
-    for split, (descriptor, matching, correct) in parts.items():
-        order = rerank(np.arange(correct.shape[1])[None].repeat(len(correct), 0),
-                       fuse_scores(descriptor, matching, choice.weight))[0]
-        r = recall_at_n(np.take_along_axis(correct, order, axis=1), (1, 5))
+    for split, found in lists.items():
+        r = found.recalls(choice.weight, (1, 5))
         row.update({f"{split}_r1": r[1], f"{split}_r5": r[5]})
     return row
 

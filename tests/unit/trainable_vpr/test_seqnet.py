@@ -8,12 +8,13 @@ import numpy as np
 import pytest
 import torch
 
-from trainable_vpr.fusion import choose_fusion_weight, fuse_scores, rerank
+from trainable_vpr.fusion import choose_fusion_weight, fuse_scores, rerank, shortlist_scores
 from trainable_vpr.seqnet import SeqHeadConfig, SeqNetHead, start_sequence_head
 from trainable_vpr.sequence_training import (RouteFrames, SeqTrainConfig, choose_sequence_start, describe_windows,
                                              train_sequence_head, window_recall)
 from vprkit.cli import VPRError
 from vprkit.evaluation import evaluate_retrieval, l2_normalise, pca_whitening_matrix
+from vprkit.routes.matching import SeqMatchConfig, exact_sequence_scores
 from vprkit.routes.order import Route
 from vprkit.routes.windows import causal_windows
 
@@ -136,3 +137,17 @@ def test_fused_rerank_at_weight_zero_keeps_the_descriptor_order():
     descriptor, matching = np.array([[0.9, 0.5, 0.1]]), np.array([[0.0, 0.1, 1.0]])
     assert rerank(candidates, fuse_scores(descriptor, matching, 0.0))[0].tolist() == [[7, 3, 5]]
     assert rerank(candidates, fuse_scores(descriptor, matching, float("inf")))[0].tolist() == [[5, 3, 7]]
+
+
+def test_a_head_s_shortlist_carries_its_own_ranking_at_weight_0_and_matching_s_at_inf():
+    train, val, val_db = toy_route(noise=1.2)
+    head = start_sequence_head(SeqHeadConfig(seq_len=3, frame_dim=24, frame_start="raw"), train.features,
+                               train.xyz, 25.0)
+    q, db = l2_normalise(val.features), l2_normalise(val_db.features)
+    config = SeqMatchConfig(3, 1.0, 1.0)
+    found = shortlist_scores(head, val, val_db, q, db, config, 25.0, shortlist=40)  # 40 = the whole database
+    assert found.recalls(0.0, (1,))[1] == pytest.approx(window_recall(head, val, val_db, 25.0, (1,)).recalls[1])
+    # weight inf ranks by the matching score alone: the full-matrix reference's argmax
+    best = exact_sequence_scores(q, val.route, db, val_db.route, config).argmax(axis=1)
+    top = rerank(found.candidates, fuse_scores(found.descriptor, found.matching, float("inf")))[0][:, 0]
+    np.testing.assert_array_equal(top, best)
