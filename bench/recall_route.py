@@ -3,6 +3,7 @@
 
     nice -n 10 .venv/bin/python bench/recall_route.py               # effnet_lite0, L 1 5 10 20, seeds 1 2 3
     nice -n 10 .venv/bin/python bench/recall_route.py --choices     # + the head's design choices at L 10, 20
+    nice -n 10 .venv/bin/python bench/recall_route.py --speed       # + matching vs single-frame search, 10k x 100k
 
 On ../shared/data/nordland_route (winter queries against the summer map; train.csv both seasons,
 val.csv against val_db.csv, the development test queries.csv against database.csv), frame
@@ -39,6 +40,7 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "bench"))
 
 import trainable_vpr as vpr  # noqa: E402
 from trainable_vpr.seqnet import SeqHeadConfig, fit_frame_whitenings, start_sequence_head  # noqa: E402
@@ -87,6 +89,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--shortlist", type=int, default=50, help="windows the head shortlists for fusion")
     parser.add_argument("--max_gap", type=float, default=10.0, help="frames: a larger gap cuts a drive")
     parser.add_argument("--choices", action="store_true", help="also the design-choice table (see above)")
+    parser.add_argument("--speed", action="store_true",
+                        help="also time sequence matching against single-frame search at 10k x 100k (synthetic)")
     parser.add_argument("--choice_lens", type=int, nargs="+", default=[10, 20])
     parser.add_argument("--cache_dir", default=str(REPO / ".cache" / "features"))
     parser.add_argument("--out_dir", type=Path, default=REPO / "bench" / "results")
@@ -267,6 +271,10 @@ def main() -> None:
     if choices:
         write_csv(pd.DataFrame(choices), args.out_dir / "recall_route_choices.csv")
         print(summary(choices).to_string())
+    if args.speed:
+        from seq_matching_speed import speed_report  # the speed bench beside this file
+
+        print(speed_report(10_000, 100_000, 256, SeqMatchConfig(10)))
 
 
 if __name__ == "__main__":
