@@ -11,6 +11,7 @@ import numpy as np
 import torch
 from trainable_vpr.backbones import BACKBONES, DEFAULT_LOCAL_FEATURES_PER_IMAGE, _spec_for
 from trainable_vpr.heads import HEADS, LOCAL_HEADS
+from trainable_vpr.seqnet import SEQ_HEAD
 from trainable_vpr.losses import LOSS_DISTANCES
 from vprkit.cli import VPRError, check_new_file, check_writable_dir
 from vprkit.cli.configs import (
@@ -21,6 +22,8 @@ from vprkit.cli.configs import (
     PlotDir,
     PosThreshold,
     RecallAt,
+    RouteSettings,
+    SequenceHeadSettings,
     StudyName,
     Supervision,
     TestTable,
@@ -36,12 +39,8 @@ from vprkit.logs.tensorboard_log import require_tensorboard
 DEFAULT_MODEL = "dinov2_b"  # the backbone a training run uses when --model is not given
 DEFAULT_HEAD = "residual"
 DEFAULT_SUPERVISION = "auto"
-
-
 HEAD_STARTS = ("auto", "raw", "pca_whitened", "learned_whitened")
 POOLING_AUTO = "auto"  # training only: the best frozen start of every pooling (trainable_vpr.starts.choose_pooling)
-
-
 NEG_SAMPLERS = ("hard", "random", "ucb")
 
 
@@ -63,8 +62,9 @@ class HeadName:
                              "over the cached local features of --feature_layer, started at --pooling vlad's "
                              "vocabulary: epoch 0 is the training-free VLAD; needs --pooling vlad; output K x C, "
                              f"--projection_dim unused); training: default "
-                             f"{DEFAULT_HEAD}; with --model_path: checked against the checkpoint's", "model",
-                             choices=tuple(HEADS))
+                             f"{DEFAULT_HEAD}; with --model_path: checked against the checkpoint's; seqnet: the "
+                             "learned sequence descriptor over windows of --seq_len frames (docs/training.md)",
+                             "model", choices=(*HEADS, SEQ_HEAD))
 
 
 @dataclass
@@ -83,7 +83,8 @@ class ModelSource(BackboneName):
 
 @registered
 @dataclass
-class TrainConfig(ExtractionSettings, BackboneName, HeadName, Supervision, PosThreshold):
+class TrainConfig(ExtractionSettings, BackboneName, HeadName, Supervision, PosThreshold, RouteSettings,
+                  SequenceHeadSettings):
     """Every training setting, in one place: argparse flags are generated from it (the shared image and
     extraction flags come from ExtractionSettings, the backbone, head, supervision and positive
     radius from the shared groups, their defaults filled in here), and every checkpoint stores it."""
@@ -119,16 +120,18 @@ class TrainConfig(ExtractionSettings, BackboneName, HeadName, Supervision, PosTh
                               "stages) with the head, at cache speed: their input is cached once (float16); 0: frozen",
                               "model")
     backbone_lr: float = _flag(1e-5, "AdamW learning rate of the blocks trained by --train_blocks", "model")
-    hidden_dim: int = _flag(512, "hidden width of the residual and mlp heads", "model")
+    hidden_dim: int = _flag(None, "hidden width of the residual and mlp heads (default: 512; seqnet's per-frame "
+                            "head: 256)", "model")
     dropout: float = _flag(0.1, "dropout in the head", "model")
     use_residual: bool = _flag(True, "mlp head: add a skip connection from the input", "model")
     use_layer_norm: bool = _flag(True, "mlp head: LayerNorm after the hidden layer", "model")
     # training
     epochs: int = _flag(15, "training epochs", resumable=True)
-    lr: float = _flag(1e-4, "AdamW learning rate")
-    batch_size: int = _flag(32, "images per training batch (places x --images_per_place; extraction has "
+    lr: float = _flag(None, "AdamW learning rate (default: 1e-4; --head seqnet: 1e-3)")
+    batch_size: int = _flag(None, "images per training batch, default 32 (--head seqnet: windows, default 64) "
+                            "(places x --images_per_place; extraction has "
                             "--extract_batch_size)")
-    images_per_place: int = _flag(4, "images of each place in a training batch")
+    images_per_place: int = _flag(None, "images of each place in a training batch (default: 4; --head seqnet: 2)")
     weight_decay: float = _flag(1e-4, "AdamW weight decay")
     seed: int = _flag(42, "random seed (same seed, same machine: same losses)")
     neg_threshold_m: float = _flag(100.0, "negatives: images beyond this many metres (between: ignored)")
@@ -179,6 +182,7 @@ class TrainConfig(ExtractionSettings, BackboneName, HeadName, Supervision, PosTh
         self.head = self.head or DEFAULT_HEAD
         self.supervision = self.supervision or DEFAULT_SUPERVISION
         self.pos_threshold_m = DEFAULT_POS_THRESHOLD_M if self.pos_threshold_m is None else self.pos_threshold_m
+        self.fill_training_defaults(self.head == SEQ_HEAD)
 
     def validate(self) -> None:
         validate_train_config(self)
@@ -199,6 +203,9 @@ def validate_train_config(config: TrainConfig) -> None:
         check_pooling_auto(config)
         config = dataclasses.replace(config, pooling="vlad")  # --feature_layer, --vlad_clusters checked as vlad's
     validate_extraction_flags(config)
+    config.check_route_settings()
+    if config.head == SEQ_HEAD:
+        config.check_sequence_head()
     if config.tensorboard:
         require_tensorboard()  # before anything is written
     check_choices(config)  # a config built in code (run_experiment, tune_vpr, tests) is checked like parsed flags
@@ -281,7 +288,7 @@ def check_pooling_auto(config: TrainConfig) -> None:
 @registered
 @dataclass
 class EvalConfig(ExtractionSettings, ModelSource, HeadName, DatabaseTable, TestTable, Supervision, PosThreshold,
-                 RecallAt, PlotDir, Overwrite):
+                 RecallAt, PlotDir, Overwrite, RouteSettings):
     """eval_trained.py: Recall@N of a checkpoint or a raw backbone on a database and queries."""
 
     pca_whiten: int = _flag(0, "PCA-whiten to DIM dims, fitted on the database at indexing time: the raw features "
@@ -307,6 +314,7 @@ class EvalConfig(ExtractionSettings, ModelSource, HeadName, DatabaseTable, TestT
         self.check_model_source(needs_model=not is_parquet(self.db_csv))
         self.check_recall_at()
         self.check_pos_threshold()
+        self.check_route_settings()
         if self.pca_whiten < 0:
             raise VPRError(f"--pca_whiten {self.pca_whiten}: must be 0 (off) or a number of dimensions")
         validate_extraction_flags(self)
@@ -326,7 +334,7 @@ class EvalConfig(ExtractionSettings, ModelSource, HeadName, DatabaseTable, TestT
 
 @registered
 @dataclass
-class LocalizeConfig(ExtractionSettings, ModelSource, DatabaseTable, PosThreshold, Overwrite):
+class LocalizeConfig(ExtractionSettings, ModelSource, DatabaseTable, PosThreshold, Overwrite, RouteSettings):
     """localize.py: top-k matches and a position estimate for new photos."""
 
     query: str | None = _flag(None, "a folder of photos, or a CSV with an image column (no positions needed)", "data",
@@ -344,6 +352,7 @@ class LocalizeConfig(ExtractionSettings, ModelSource, DatabaseTable, PosThreshol
         if self.top_k < 1:
             raise VPRError(f"--top_k {self.top_k}: must be at least 1")
         self.check_pos_threshold()
+        self.check_route_settings()
         if is_parquet(self.db_csv):
             raise VPRError(f"--db_csv {self.db_csv}: localize.py matches photos, so the database must be images "
                            "(a poses CSV), not an embeddings parquet")
@@ -354,7 +363,7 @@ class LocalizeConfig(ExtractionSettings, ModelSource, DatabaseTable, PosThreshol
 
 @registered
 @dataclass
-class ExportConfig(ExtractionSettings, ModelSource, DatabaseTable, Overwrite):
+class ExportConfig(ExtractionSettings, ModelSource, DatabaseTable, Overwrite, RouteSettings):
     """export_model.py: the whole descriptor as one file (--db_csv: where a --baseline --pooling vlad
     fits its vocabulary)."""
 
@@ -364,6 +373,7 @@ class ExportConfig(ExtractionSettings, ModelSource, DatabaseTable, Overwrite):
     def validate(self) -> None:
         self.check_model_source()
         validate_extraction_flags(self)
+        self.check_route_settings()
 
 
 @registered

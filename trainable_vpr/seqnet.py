@@ -35,13 +35,14 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from vprkit.cli import VPRError
+from vprkit.cli.configs import SEQ_ARCHS
 from vprkit.retrieval.evaluation import pca_whitening_matrix
 from vprkit.tables.pairs import positive_pairs
 from vprkit.retrieval.whitening import Whitening, fit_learned_whitening
 
 from trainable_vpr.heads import HeadConfig, ResidualHead, build_head
 
-SEQ_ARCHS = ("shared", "full")
+SEQ_HEAD = "seqnet"  # --head seqnet; a sequence checkpoint's head_config type
 FRAME_STARTS = ("raw", "pca_whitened", "learned_whitened")
 
 

@@ -12,6 +12,7 @@ import torch
 
 from helpers import REPO, write_embeddings_parquet
 import train_vpr
+from vprkit.cli.configs import FRAME_TRAINING_DEFAULTS
 from trainable_vpr import training
 import trainable_vpr.checkpoints
 import trainable_vpr as vpr
@@ -56,7 +57,7 @@ lr = { low = 1e-4, high = 1e-2 }   # read by tune_vpr.py only
     assert config.head == "mlp" and config.projection_dim == 64 and config.use_layer_norm is False  # file > default
     assert config.triplet_margin == 0.2 and config.log_dir == "file_logs"
     assert config.train_csv == "file_train.parquet" and config.val_csv == "flag_val.parquet"
-    assert config.batch_size == vpr.TrainConfig.batch_size  # default
+    assert config.batch_size == FRAME_TRAINING_DEFAULTS["batch_size"] == 32  # default (of a single-frame head)
     monkeypatch.delenv("VPR_EPOCHS")
     assert train_vpr.parse_args(["--config", str(config_file)]).epochs == 5
 
@@ -162,8 +163,8 @@ def test_resumed_run_equals_the_uninterrupted_run(parquets, tmp_path, sampler):
 
 
 def test_extending_a_finished_run_keeps_one_summary_row_with_the_total_wall_time(parquets, tmp_path):
-    first = train_vpr.train(_config(parquets, tmp_path, epochs=1))
-    extended = train_vpr.train(train_vpr.parse_args(["--resume", str(first.final_checkpoint), "--epochs", "2"]))
+    first = training.train(_config(parquets, tmp_path, epochs=1))
+    extended = training.train(train_vpr.parse_args(["--resume", str(first.final_checkpoint), "--epochs", "2"]))
     assert extended.run_id == first.run_id and extended.epochs_run == 2
     table = pd.read_csv(tmp_path / "logs" / "training_summary.csv")
     assert table.run_id.tolist() == [first.run_id] and table.epochs_run.tolist() == [2]
