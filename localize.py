@@ -41,6 +41,10 @@ from vprkit.tables.places import (IMAGE_COLUMNS, LATLON_COLUMNS, METRIC_COLUMNS,
 from vprkit.tables.load import load_table
 from vprkit.retrieval.predictions import draw_retrievals, frame_rows, predictions_frame
 from vprkit.cli.settings import config_parser, parse_config
+from vprkit.routes.frames import ordered_frames
+from vprkit.routes.matching import SeqMatchConfig, sequence_match
+from vprkit.routes.order import Route, route_of
+from vprkit.routes.windows import causal_windows
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
 
@@ -56,30 +60,43 @@ def parse_args(argv: Sequence[str] | None) -> vpr.LocalizeConfig:
 # ============================================================================================
 # Inputs
 # ============================================================================================
-def query_table(query: str) -> PlaceTable:
-    """The query photos: every image file of a folder (sorted by name, not recursive), or the
-    image column of a CSV. No positions (coord_kind "none")."""
+def query_table(query: str, order: str = "name") -> PlaceTable:
+    """The query photos: every image file of a folder (not recursive) in route order (`order`:
+    file names, or EXIF capture times; vprkit.routes.frames), or the rows of a CSV with an image
+    column (its other columns kept: an order column makes it a route). No positions."""
     path = Path(query)
     if path.is_dir():
-        paths = sorted(str(p) for p in path.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+        paths = [str(p) for p in path.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES]
         if not paths:
             raise VPRError(f"--query {path}: no images in this folder ({', '.join(IMAGE_SUFFIXES)}); "
                            f"give a folder of photos or a CSV of image paths")
+        frame = ordered_frames(paths, order, f"--query {path}")
     elif path.is_file():
         frame = read_csv_table(path, "query CSV")
         column = find_column(frame.columns, IMAGE_COLUMNS)
         if column is None:
             raise VPRError(f"--query {path}: no image column; expected one of {', '.join(IMAGE_COLUMNS)}")
-        paths = [p if Path(p).is_absolute() else str(path.parent / p) for p in frame[column].astype(str)]
-        if not paths:
+        if frame.empty:
             raise VPRError(f"--query {path}: no rows; list the photos to localize")
+        frame = frame.drop(columns=column).assign(image_path=[
+            p if Path(p).is_absolute() else str(path.parent / p) for p in frame[column].astype(str)])
     else:
         raise VPRError(f"--query {path}: no such folder or file; give a folder of photos or a CSV of image paths")
+    paths = list(frame["image_path"])
     missing = [p for p in paths if not Path(p).is_file()]
     if missing:
         raise VPRError(f"--query {path}: image {missing[0]} not found ({len(missing)} missing); fix the path")
-    return PlaceTable(source=str(path), paths=paths, xyz=None, coord_kind="none",
-                      frame=pd.DataFrame({"image_path": paths}))
+    frame = frame.reset_index(drop=True)
+    cameras = frame["camera_id"].astype(str).to_numpy() if "camera_id" in frame.columns else None
+    return PlaceTable(source=str(path), paths=paths, xyz=None, coord_kind="none", frame=frame, cameras=cameras)
+
+
+def table_route(table: PlaceTable, flag: str, max_gap: float | None) -> Route:
+    """The route order of a table (vprkit.routes.order.route_of), its errors naming the flag."""
+    try:
+        return route_of(table, max_gap)
+    except VPRError as error:
+        raise VPRError(f"{flag} {error}") from None
 
 
 # ============================================================================================
@@ -125,13 +142,36 @@ def matches_frame(database: PlaceTable, queries: PlaceTable, top: np.ndarray, sc
     return frame
 
 
+def seq_match_config(args: vpr.LocalizeConfig) -> SeqMatchConfig:
+    """The matching flags; the shortlist at least --top_k, so every query gets top_k end rows (its
+    own frame's shortlist alone votes for that many)."""
+    return SeqMatchConfig(args.seq_len, *args.seq_velocity, shortlist=max(args.seq_shortlist, args.top_k))
+
+
+def with_windows(frame: pd.DataFrame, queries: PlaceTable, windows: np.ndarray) -> pd.DataFrame:
+    """The matches with the window each query was localised with: its first and last frame (the
+    query itself) and how many frames it really has (fewer at the start of a drive)."""
+    q_index = frame["query_index"].to_numpy()
+    paths = np.asarray(queries.paths)
+    lengths = np.array([len(np.unique(w)) for w in windows])
+    at = frame.columns.get_loc("query_image") + 1
+    frame.insert(at, "window_frames", lengths[q_index])
+    frame.insert(at, "window_last", paths[windows[q_index, -1]])
+    frame.insert(at, "window_first", paths[windows[q_index, 0]])
+    return frame
+
+
 # ============================================================================================
 # main
 # ============================================================================================
 def main(argv: Sequence[str] | None = None) -> pd.DataFrame:
     args = parse_args(argv)
-    queries = query_table(args.query)
+    queries = query_table(args.query, args.order)
     database = load_table(args.db_csv, args.image_root, on_bad_image=args.on_bad_image)
+    sequences = args.seq_len > 1
+    if sequences:  # both must be routes: checked before any extraction
+        table_route(database, "--db_csv", args.seq_max_gap)
+        table_route(queries, "--query", args.seq_max_gap)
     if args.pairs:  # a name hloc cannot read: refused before any extraction or file
         check_pair_names(image_folder_and_names([*database.paths, *queries.paths])[1])
     checkpoint = vpr.load_checkpoint(args.model_path) if args.model_path else None
@@ -141,15 +181,24 @@ def main(argv: Sequence[str] | None = None) -> pd.DataFrame:
     threshold = pos_threshold_of(args.pos_threshold_m, checkpoint)
     database, db_features = describe_table(model, database, options, "database", args.on_bad_image)
     queries, q_features = describe_table(model, queries, options, "queries", args.on_bad_image)
-    top, scores = exact_search(db_features, q_features, args.top_k)
+    if sequences:
+        q_route = table_route(queries, "--query", args.seq_max_gap)
+        matches = sequence_match(q_features, q_route, db_features, table_route(database, "--db_csv", args.seq_max_gap),
+                                 seq_match_config(args), k=min(args.top_k, len(database)))
+        top, scores = matches.index, matches.score
+    else:
+        top, scores = exact_search(db_features, q_features, args.top_k)
     frame = matches_frame(database, queries, top, scores, threshold)
+    if sequences:
+        frame = with_windows(frame, queries, causal_windows(q_route, args.seq_len))
     atomic_write(args.output, lambda p: frame.to_csv(p, index=False))
     if args.pairs:
         image_dir, names = image_folder_and_names([*database.paths, *queries.paths])
         write_retrieval_pairs(args.pairs, names[len(database):], names[:len(database)], top)
         print(f"wrote {args.pairs} (hloc retrieval pairs, names relative to {image_dir})")
     estimated = "with position estimates" if any(c.startswith("est_") for c in frame.columns) else "(no positions)"
-    print(f"{len(queries)} queries x top-{top.shape[1]} of {len(database)} database images {estimated}: "
+    how = f", each from its window of {args.seq_len} frames (sequence matching)" if sequences else ""
+    print(f"{len(queries)} queries x top-{top.shape[1]} of {len(database)} database images{how} {estimated}: "
           f"wrote {args.output}")
     if args.picture:
         model = Path(args.model_path).name if args.model_path else f"raw {args.model}"

@@ -27,6 +27,7 @@ from vprkit.cli.configs import (
 )
 from vprkit.cli.extraction_settings import POOLING_HELP, ExtractionSettings, validate_extraction_flags
 from vprkit.retrieval.exports import DESCRIPTOR_FILES
+from vprkit.routes.frames import FRAME_ORDERS
 from vprkit.tables.places import is_parquet
 from vprkit.extraction.pooling import POOLINGS
 from vprkit.cli.settings import check_choices, registered
@@ -329,8 +330,12 @@ class EvalConfig(ExtractionSettings, ModelSource, HeadName, DatabaseTable, TestT
 class LocalizeConfig(ExtractionSettings, ModelSource, DatabaseTable, PosThreshold, Overwrite):
     """localize.py: top-k matches and a position estimate for new photos."""
 
-    query: str | None = _flag(None, "a folder of photos, or a CSV with an image column (no positions needed)", "data",
-                              required=True, metavar="PHOTOS_OR_CSV")
+    query: str | None = _flag(None, "a folder of photos, or a CSV with an image column (no positions needed; with "
+                              "--seq_len > 1 an order column too: docs/inputs.md)", "data", required=True,
+                              metavar="PHOTOS_OR_CSV")
+    order: str = _flag("name", "the order of a --query folder's frames (their route with --seq_len > 1): name (file "
+                       "names, numbers compared as numbers) or exif_time (EXIF capture time)", "data",
+                       choices=FRAME_ORDERS)
     top_k: int = _flag(5, "database matches per query (those within --pos_threshold_m of the top-1 share in the "
                        "position estimate)", "data")
     output: str | None = _flag(None, "the matches, one row per query and rank", "outputs", required=True, metavar="CSV")
