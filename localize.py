@@ -23,26 +23,32 @@ near-duplicates around the top-1 refine it. est_support says how many matches it
 """
 from __future__ import annotations
 
+import dataclasses
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 import pandas as pd
+import torch.nn as nn
 
 import trainable_vpr as vpr
 from trainable_vpr.checkpoints import pos_threshold_of
-from trainable_vpr.model import describe_table, load_model
+from trainable_vpr.fusion import fused_search
+from trainable_vpr.model import PlaceDescriptor, describe_table
+from trainable_vpr.sequence_model import SequenceDescriptor, load_route_model
 from vprkit.cli import CliParser, VPRError, atomic_write, run_cli
 from vprkit.retrieval.evaluation import exact_search
 from vprkit.retrieval.exports import check_pair_names, image_folder_and_names, write_retrieval_pairs
-from vprkit.cli.extraction_settings import extraction_settings
+from vprkit.cli.extraction_settings import ExtractionSettings, extraction_settings
+from vprkit.extraction.features import extract_table
 from vprkit.tables.places import (IMAGE_COLUMNS, LATLON_COLUMNS, METRIC_COLUMNS, PlaceTable, find_column,
                                   find_column_pair, read_csv_table)
 from vprkit.tables.load import load_table
 from vprkit.retrieval.predictions import draw_retrievals, frame_rows, predictions_frame
 from vprkit.cli.settings import config_parser, parse_config
 from vprkit.routes.frames import ordered_frames
-from vprkit.routes.matching import SeqMatchConfig, sequence_match
+from vprkit.routes.matching import sequence_match
 from vprkit.routes.order import Route, route_of
 from vprkit.routes.windows import causal_windows
 
@@ -142,10 +148,58 @@ def matches_frame(database: PlaceTable, queries: PlaceTable, top: np.ndarray, sc
     return frame
 
 
-def seq_match_config(args: vpr.LocalizeConfig) -> SeqMatchConfig:
-    """The matching flags; the shortlist at least --top_k, so every query gets top_k end rows (its
-    own frame's shortlist alone votes for that many)."""
-    return SeqMatchConfig(args.seq_len, *args.seq_velocity, shortlist=max(args.seq_shortlist, args.top_k))
+@dataclass
+class Search:
+    """What was searched (the tables, less unreadable images under --on_bad_image skip) and what
+    it found: top [Q, k] database rows, best first, and their scores."""
+
+    database: PlaceTable
+    queries: PlaceTable
+    top: np.ndarray
+    scores: np.ndarray
+
+
+def search_frames(model: PlaceDescriptor, database: PlaceTable, queries: PlaceTable, args: vpr.LocalizeConfig,
+                  options: ExtractionSettings) -> Search:
+    """Single-frame descriptors; with --seq_len > 1 sequence matching over them (each query by its
+    window; the shortlist at least --top_k, so every query gets top_k end rows: its own frame's
+    shortlist alone votes for that many)."""
+    database, db_desc = describe_table(model, database, options, "database", args.on_bad_image)
+    queries, q_desc = describe_table(model, queries, options, "queries", args.on_bad_image)
+    if not args.sequences:
+        return Search(database, queries, *exact_search(db_desc, q_desc, args.top_k))
+    config = dataclasses.replace(args.seq_match_config(), shortlist=max(args.seq_shortlist, args.top_k))
+    matches = sequence_match(q_desc, table_route(queries, "--query", args.seq_max_gap), db_desc,
+                             table_route(database, "--db_csv", args.seq_max_gap), config,
+                             k=min(args.top_k, len(database)))
+    return Search(database, queries, matches.index, matches.score)
+
+
+def search_windows(model: SequenceDescriptor, database: PlaceTable, queries: PlaceTable, args: vpr.LocalizeConfig,
+                   options: ExtractionSettings) -> Search:
+    """A sequence checkpoint: each query's window descriptor shortlists database windows, fused with
+    sequence matching over the frame descriptors by the weight val chose (trainable_vpr.fusion);
+    without a trained head, sequence matching alone with the checkpoint's settings."""
+    found = {}
+    for name, table in (("database", database), ("queries", queries)):
+        table, features = extract_table(model.frame.frozen, table, options, name, args.on_bad_image)
+        route = table_route(table, "--db_csv" if name == "database" else "--query", max_gap(args, model))
+        found[name] = (table, route, model.frames_from_features(features), features)
+    (database, db_route, db_frames, db_features), (queries, q_route, q_frames, q_features) = found.values()
+    if model.head is None:
+        matches = sequence_match(q_frames, q_route, db_frames, db_route, model.match, k=min(args.top_k, len(database)))
+        return Search(database, queries, matches.index, matches.score)
+    top, scores = fused_search(model.windows_from_features(q_features, q_route),
+                               model.windows_from_features(db_features, db_route), q_frames, q_route, db_frames,
+                               db_route, model.match, model.fusion_weight, args.top_k)
+    return Search(database, queries, top, scores)
+
+
+def max_gap(args: vpr.LocalizeConfig, model: nn.Module) -> float | None:
+    """--seq_max_gap, else a sequence checkpoint's, else the order column's default (route_of)."""
+    if args.seq_max_gap is not None or not isinstance(model, SequenceDescriptor):
+        return args.seq_max_gap
+    return model.max_gap
 
 
 def with_windows(frame: pd.DataFrame, queries: PlaceTable, windows: np.ndarray) -> pd.DataFrame:
@@ -168,44 +222,50 @@ def main(argv: Sequence[str] | None = None) -> pd.DataFrame:
     args = parse_args(argv)
     queries = query_table(args.query, args.order)
     database = load_table(args.db_csv, args.image_root, on_bad_image=args.on_bad_image)
-    sequences = args.seq_len > 1
-    if sequences:  # both must be routes: checked before any extraction
+    if args.sequences:  # both must be routes: checked before any extraction
         table_route(database, "--db_csv", args.seq_max_gap)
         table_route(queries, "--query", args.seq_max_gap)
     if args.pairs:  # a name hloc cannot read: refused before any extraction or file
         check_pair_names(image_folder_and_names([*database.paths, *queries.paths])[1])
-    checkpoint = vpr.load_checkpoint(args.model_path) if args.model_path else None
     options = extraction_settings(args)
-    # baseline vlad: fitted on the database
-    model = load_model(args.model_path, args.model, options, database.paths, checkpoint)
+    # a sequence checkpoint with --seq_len L, else a single-frame one or the baseline (vlad: fitted on the database)
+    model, checkpoint = load_route_model(args.model_path, args.model, options, args.seq_len, database.paths)
     threshold = pos_threshold_of(args.pos_threshold_m, checkpoint)
-    database, db_features = describe_table(model, database, options, "database", args.on_bad_image)
-    queries, q_features = describe_table(model, queries, options, "queries", args.on_bad_image)
-    if sequences:
-        q_route = table_route(queries, "--query", args.seq_max_gap)
-        matches = sequence_match(q_features, q_route, db_features, table_route(database, "--db_csv", args.seq_max_gap),
-                                 seq_match_config(args), k=min(args.top_k, len(database)))
-        top, scores = matches.index, matches.score
+    if isinstance(model, SequenceDescriptor):
+        found = search_windows(model, database, queries, args, options)
     else:
-        top, scores = exact_search(db_features, q_features, args.top_k)
-    frame = matches_frame(database, queries, top, scores, threshold)
-    if sequences:
-        frame = with_windows(frame, queries, causal_windows(q_route, args.seq_len))
+        found = search_frames(model, database, queries, args, options)
+    database, queries, top = found.database, found.queries, found.top
+    frame = matches_frame(database, queries, top, found.scores, threshold)
+    if args.sequences:
+        windows = causal_windows(table_route(queries, "--query", max_gap(args, model)), args.seq_len)
+        frame = with_windows(frame, queries, windows)
     atomic_write(args.output, lambda p: frame.to_csv(p, index=False))
     if args.pairs:
         image_dir, names = image_folder_and_names([*database.paths, *queries.paths])
         write_retrieval_pairs(args.pairs, names[len(database):], names[:len(database)], top)
         print(f"wrote {args.pairs} (hloc retrieval pairs, names relative to {image_dir})")
     estimated = "with position estimates" if any(c.startswith("est_") for c in frame.columns) else "(no positions)"
-    how = f", each from its window of {args.seq_len} frames (sequence matching)" if sequences else ""
+    how = ""
+    if args.sequences:
+        how = f", each by its window of {args.seq_len} frames ({search_name(model)})"
     print(f"{len(queries)} queries x top-{top.shape[1]} of {len(database)} database images{how} {estimated}: "
           f"wrote {args.output}")
     if args.picture:
-        model = Path(args.model_path).name if args.model_path else f"raw {args.model}"
-        title = (f"{model}: photos of {Path(args.query).name} and their top-{top.shape[1]} matches in "
+        name = Path(args.model_path).name if args.model_path else f"raw {args.model}"
+        title = (f"{name}: photos of {Path(args.query).name} and their top-{top.shape[1]} matches in "
                  f"{Path(args.db_csv).name}")
         print(f"wrote {draw_retrievals(frame_rows(frame, args.picture_queries), Path(args.picture), title)}")
     return frame
+
+
+def search_name(model: nn.Module) -> str:
+    """How the windows were matched, for the summary line."""
+    if not isinstance(model, SequenceDescriptor) or model.head is None:
+        return "sequence matching"
+    if model.fusion_weight is None:
+        return "the learned sequence descriptor"
+    return f"the learned sequence descriptor fused with sequence matching, weight {model.fusion_weight:g}"
 
 
 if __name__ == "__main__":

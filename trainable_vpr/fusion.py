@@ -5,7 +5,8 @@ matching scores the same K candidates; both scores are z-scored per query over i
 combined: fused = z(descriptor) + w x z(matching). w = 0 is the descriptor alone (its ranking is
 unchanged), w = inf matching alone on the shortlist (a re-ranking). `choose_fusion_weight` picks w
 from a small grid on validation queries (never on test): the best R@1, a tie going to the smaller
-w (the descriptor the head was trained for).
+w (the descriptor the head was trained for). `fused_search` does the whole search with a chosen w
+(localize.py, eval_trained.py).
 """
 from __future__ import annotations
 
@@ -13,6 +14,9 @@ from dataclasses import dataclass
 from typing import Sequence
 
 import numpy as np
+from vprkit.retrieval.evaluation import exact_search
+from vprkit.routes.matching import SeqMatchConfig, match_scores
+from vprkit.routes.order import Route
 
 FUSION_WEIGHTS = (0.0, 0.25, 0.5, 1.0, 2.0, 4.0, float("inf"))
 
@@ -60,3 +64,19 @@ def choose_fusion_weight(descriptor: np.ndarray, matching: np.ndarray, correct: 
         scores[weight] = float(correct[np.arange(len(correct)), top].mean()) if len(correct) else float("nan")
     best = max(scores, key=lambda w: (scores[w], -w))
     return FusionChoice(best, scores)
+
+
+def fused_search(q_windows: np.ndarray, db_windows: np.ndarray, q_frames: np.ndarray, q_route: Route,
+                 db_frames: np.ndarray, db_route: Route, config: SeqMatchConfig, weight: float | None,
+                 k: int) -> tuple[np.ndarray, np.ndarray]:
+    """(top [Q, k] database end rows, their scores [Q, k]) of a learned sequence descriptor fused
+    with sequence matching: the window descriptors' top-`config.shortlist` (at least k; exact
+    inner product), re-scored by matching over the frame descriptors on the same candidates and
+    fused with `weight` (module docstring; None: the descriptor's ranking and cosines alone)."""
+    k = min(k, len(db_windows))
+    if weight is None:
+        return exact_search(db_windows, q_windows, k)
+    candidates, descriptor = exact_search(db_windows, q_windows, min(max(config.shortlist, k), len(db_windows)))
+    matching = match_scores(q_frames, q_route, db_frames, db_route, candidates, config)
+    top, scores = rerank(candidates, fuse_scores(descriptor, matching, weight))
+    return top[:, :k], scores[:, :k].astype(np.float32)
