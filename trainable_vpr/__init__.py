@@ -15,6 +15,9 @@ One small module per piece (import this package as `vpr`; every public name is h
 - checkpoints: the one home of checkpoints (paths, payload, save, load, rebuild)
 - model: PlaceDescriptor, the whole descriptor as one nn.Module (preprocessing, frozen backbone,
   pooling, head), and describe_table (a table's descriptors through the feature cache)
+- sequence_model: SequenceDescriptor, the sequence model (frame part + sequence head + matching
+  settings + fusion weight) over windows of frames; seqnet / sequence_training / fusion: its head,
+  its training over cached frame descriptors, fusion with matching (imported as modules)
 - miners (in-batch miners, the UCB bandit), vocabulary (the VLAD vocabulary, fitted once),
   weights and hub (where backbone weights come from): pieces only the core uses
 - training (the loop: train(config) -> TrainResult) and runs (a run's state, start, optimiser,

@@ -21,6 +21,7 @@ from vprkit.cli.configs import (
     PlotDir,
     PosThreshold,
     RecallAt,
+    RouteSettings,
     StudyName,
     Supervision,
     TestTable,
@@ -84,7 +85,7 @@ class ModelSource(BackboneName):
 
 @registered
 @dataclass
-class TrainConfig(ExtractionSettings, BackboneName, HeadName, Supervision, PosThreshold):
+class TrainConfig(ExtractionSettings, BackboneName, HeadName, Supervision, PosThreshold, RouteSettings):
     """Every training setting, in one place: argparse flags are generated from it (the shared image and
     extraction flags come from ExtractionSettings, the backbone, head, supervision and positive
     radius from the shared groups, their defaults filled in here), and every checkpoint stores it."""
@@ -200,6 +201,7 @@ def validate_train_config(config: TrainConfig) -> None:
         check_pooling_auto(config)
         config = dataclasses.replace(config, pooling="vlad")  # --feature_layer, --vlad_clusters checked as vlad's
     validate_extraction_flags(config)
+    config.check_route_settings()
     if config.tensorboard:
         require_tensorboard()  # before anything is written
     check_choices(config)  # a config built in code (run_experiment, tune_vpr, tests) is checked like parsed flags
@@ -282,7 +284,7 @@ def check_pooling_auto(config: TrainConfig) -> None:
 @registered
 @dataclass
 class EvalConfig(ExtractionSettings, ModelSource, HeadName, DatabaseTable, TestTable, Supervision, PosThreshold,
-                 RecallAt, PlotDir, Overwrite):
+                 RecallAt, PlotDir, Overwrite, RouteSettings):
     """eval_trained.py: Recall@N of a checkpoint or a raw backbone on a database and queries."""
 
     pca_whiten: int = _flag(0, "PCA-whiten to DIM dims, fitted on the database at indexing time: the raw features "
@@ -308,6 +310,7 @@ class EvalConfig(ExtractionSettings, ModelSource, HeadName, DatabaseTable, TestT
         self.check_model_source(needs_model=not is_parquet(self.db_csv))
         self.check_recall_at()
         self.check_pos_threshold()
+        self.check_route_settings()
         if self.pca_whiten < 0:
             raise VPRError(f"--pca_whiten {self.pca_whiten}: must be 0 (off) or a number of dimensions")
         validate_extraction_flags(self)
@@ -327,7 +330,7 @@ class EvalConfig(ExtractionSettings, ModelSource, HeadName, DatabaseTable, TestT
 
 @registered
 @dataclass
-class LocalizeConfig(ExtractionSettings, ModelSource, DatabaseTable, PosThreshold, Overwrite):
+class LocalizeConfig(ExtractionSettings, ModelSource, DatabaseTable, PosThreshold, Overwrite, RouteSettings):
     """localize.py: top-k matches and a position estimate for new photos."""
 
     query: str | None = _flag(None, "a folder of photos, or a CSV with an image column (no positions needed; with "
@@ -349,6 +352,7 @@ class LocalizeConfig(ExtractionSettings, ModelSource, DatabaseTable, PosThreshol
         if self.top_k < 1:
             raise VPRError(f"--top_k {self.top_k}: must be at least 1")
         self.check_pos_threshold()
+        self.check_route_settings()
         if is_parquet(self.db_csv):
             raise VPRError(f"--db_csv {self.db_csv}: localize.py matches photos, so the database must be images "
                            "(a poses CSV), not an embeddings parquet")
@@ -359,7 +363,7 @@ class LocalizeConfig(ExtractionSettings, ModelSource, DatabaseTable, PosThreshol
 
 @registered
 @dataclass
-class ExportConfig(ExtractionSettings, ModelSource, DatabaseTable, Overwrite):
+class ExportConfig(ExtractionSettings, ModelSource, DatabaseTable, Overwrite, RouteSettings):
     """export_model.py: the whole descriptor as one file (--db_csv: where a --baseline --pooling vlad
     fits its vocabulary)."""
 
@@ -369,6 +373,7 @@ class ExportConfig(ExtractionSettings, ModelSource, DatabaseTable, Overwrite):
     def validate(self) -> None:
         self.check_model_source()
         validate_extraction_flags(self)
+        self.check_route_settings()
 
 
 @registered

@@ -39,6 +39,7 @@ from vprkit.retrieval.whitening import Whitening, fit_learned_whitening
 
 from trainable_vpr.heads import HeadConfig, ResidualHead, build_head
 
+SEQ_HEAD = "seqnet"  # --head seqnet; a sequence checkpoint's head_config type
 SEQ_ARCHS = ("shared", "full")
 FRAME_STARTS = ("raw", "pca_whitened", "learned_whitened")
 

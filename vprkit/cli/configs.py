@@ -9,14 +9,20 @@ analyze_metrics.py, make_poses.py and demo_data.py parse with these alone.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import TYPE_CHECKING, ClassVar
 
 from vprkit.cli import VPRError
 from vprkit.cli.settings import check_choices, flag
+from vprkit.routes.order import DEFAULT_MAX_GAP
+
+if TYPE_CHECKING:
+    from vprkit.routes.matching import SeqMatchConfig
 
 # positives (correct matches) within this many metres, unless a checkpoint says otherwise
 DEFAULT_POS_THRESHOLD_M = 25.0
 DEFAULT_RECALL_AT = (1, 5, 10)
+DEFAULT_SEQ_VELOCITY = (0.8, 1.25)
+DEFAULT_SEQ_SHORTLIST = 50
 SUPERVISIONS = ("auto", "gps", "labels")
 
 
@@ -39,6 +45,52 @@ class PosThreshold:
     def check_pos_threshold(self) -> None:
         if self.pos_threshold_m is not None and self.pos_threshold_m <= 0:
             raise VPRError(f"--pos_threshold_m {self.pos_threshold_m:g}: must be positive")
+
+
+@dataclass
+class RouteSettings:
+    """Routes (docs/inputs.md, DESIGN.md §8): windows of --seq_len frames and how sequence matching
+    searches them. Every script that describes images takes them; --seq_len 1 is single frames."""
+
+    seq_len: int = flag(1, "frames per window: each frame is localised with the window of the L frames of its drive "
+                        "that end at it (tables must be routes: an order column); 1: single frames, no sequences",
+                        "routes", metavar="L")
+    seq_velocity: list[float] = flag(  # noqa: RUF009 (flag() gives a list default a default_factory)
+        list(DEFAULT_SEQ_VELOCITY), "sequence matching: the range of database frames per query frame (the query drive "
+        "slower or faster than the map's)", "routes", nargs=2, metavar=("MIN", "MAX"))
+    seq_max_gap: float | None = flag(None, "the largest step between consecutive frames inside a drive, in the order "
+                                     "column's units; a larger one cuts the drive (windows never cross it) "
+                                     f"(default: {DEFAULT_MAX_GAP['frame']:g} frames, or "
+                                     f"{DEFAULT_MAX_GAP['s']:g} s for a time column)", "routes")
+    seq_shortlist: int = flag(DEFAULT_SEQ_SHORTLIST, "sequence matching: database frames shortlisted per query "
+                              "frame (faiss) before accumulating along lines; a learned sequence descriptor "
+                              "shortlists as many windows for fusion", "routes", metavar="K")
+
+    @property
+    def sequences(self) -> bool:
+        """Windows of more than one frame are asked for."""
+        return self.seq_len > 1
+
+    def check_route_settings(self) -> None:
+        if self.seq_len < 1:
+            raise VPRError(f"--seq_len {self.seq_len}: must be at least 1 (1: single frames)")
+        if len(self.seq_velocity) != 2:
+            raise VPRError(f"--seq_velocity {' '.join(f'{v:g}' for v in self.seq_velocity)}: give two numbers, "
+                           "MIN MAX (e.g. 0.8 1.25)")
+        low, high = self.seq_velocity
+        if not 0 < low <= high:
+            raise VPRError(f"--seq_velocity {low:g} {high:g}: needs 0 < MIN <= MAX (database frames per query frame)")
+        if self.seq_max_gap is not None and self.seq_max_gap <= 0:
+            raise VPRError(f"--seq_max_gap {self.seq_max_gap:g}: must be positive (order column units)")
+        if self.seq_shortlist < 1:
+            raise VPRError(f"--seq_shortlist {self.seq_shortlist}: must be at least 1")
+
+    def seq_match_config(self, seq_len: int | None = None) -> SeqMatchConfig:
+        """The matching settings these flags give (at `seq_len`, default --seq_len)."""
+        from vprkit.routes.matching import SeqMatchConfig
+
+        low, high = self.seq_velocity
+        return SeqMatchConfig(seq_len or self.seq_len, float(low), float(high), shortlist=self.seq_shortlist)
 
 
 @dataclass

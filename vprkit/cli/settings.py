@@ -28,7 +28,7 @@ def flag(default: Any, help: str, group: str = "training", **extra: Any) -> Any:
     old_sections (TOML sections the key used to sit in, accepted with a warning) and resumable
     (train_vpr.py --resume CKPT may change it: more epochs, another machine or output folder;
     any other flag would make the resumed run a different run).
-    A list default makes a list flag (nargs +)."""
+    A list default makes a list flag (nargs +; nargs=N: exactly N values, e.g. --seq_velocity MIN MAX)."""
     metadata = {"help": help, "group": group, **extra}
     if isinstance(default, (list, tuple)) and not isinstance(default, str):
         items = list(default)
@@ -118,6 +118,7 @@ def add_config_args(parser: argparse.ArgumentParser, cls: type, skip: Sequence[s
         meta = f.metadata
         group = groups.get(meta["group"]) or groups.setdefault(meta["group"], parser.add_argument_group(meta["group"]))
         kind, nargs = _flag_type(hints[f.name])
+        nargs = meta.get("nargs", nargs)
         default = field_default(f)
         extra = {k: meta[k] for k in ("metavar",) if k in meta}
         if meta.get("positional"):
@@ -143,13 +144,14 @@ def add_config_args(parser: argparse.ArgumentParser, cls: type, skip: Sequence[s
             if real.required:  # given by its old form counts too: checked after parsing (check_required)
                 real.required, real.required_flag = False, True
             kind, nargs = _flag_type(hints[f.name])
+            nargs = f.metadata.get("nargs", nargs)
             parser.add_argument(*old, dest=f.name, action=DeprecatedFlag, new_flag=f"--{f.name}",
                                 help=argparse.SUPPRESS, default=argparse.SUPPRESS, type=None if kind is bool else kind,
                                 nargs=0 if kind is bool else nargs)
             taken.update(old)
 
 
-GROUP_ORDER = ("experiment", "tuning", "data", "model", "training", "evaluation", "outputs", "system")
+GROUP_ORDER = ("experiment", "tuning", "data", "model", "training", "routes", "evaluation", "outputs", "system")
 
 
 def _group_rank(title: str) -> tuple[int, str]:
@@ -255,12 +257,12 @@ def _sections_of(parser: argparse.ArgumentParser) -> dict[str, str]:
 def _setting_value(action: argparse.Action, value: Any, where: str) -> Any:
     """A file or environment value checked against its flag's type and choices."""
     boolean = action.nargs == 0 or isinstance(action, argparse.BooleanOptionalAction)
-    if isinstance(value, str) and (boolean or action.type in (int, float) or action.nargs in ("+", "*")):
+    if isinstance(value, str) and (boolean or action.type in (int, float) or _takes_list(action)):
         value = _parse_text_setting(action, value, boolean, where)
     if boolean:
         ok = isinstance(value, bool)
         expected = "true or false"
-    elif action.nargs in ("+", "*"):
+    elif _takes_list(action):
         ok = isinstance(value, list) and all(_scalar_ok(action.type, v) for v in value)
         expected = f"a list of {getattr(action.type, '__name__', 'str')}"
     else:
@@ -273,6 +275,11 @@ def _setting_value(action: argparse.Action, value: Any, where: str) -> Any:
     if action.choices is not None and not boolean and value not in action.choices:
         raise VPRError(f"{where} = {value!r}: choose one of {', '.join(map(str, action.choices))}")
     return value
+
+
+def _takes_list(action: argparse.Action) -> bool:
+    """A list flag: nargs + or *, or a fixed count of values (nargs=N, N >= 1)."""
+    return action.nargs in ("+", "*") or (isinstance(action.nargs, int) and action.nargs >= 1)
 
 
 def _scalar_ok(kind: Any, value: Any) -> bool:
@@ -295,7 +302,7 @@ def _parse_text_setting(action: argparse.Action, text: str, boolean: bool, where
         return text
     kind = action.type or str
     try:
-        if action.nargs in ("+", "*"):
+        if _takes_list(action):
             return [kind(v) for v in text.replace(",", " ").split()]
         return kind(text)
     except ValueError:

@@ -20,6 +20,8 @@ from vprkit.tables.places import PlaceTable, find_column
 FRAME_COLUMNS = ("frame_index", "frame", "frame_id", "frame_number", "seq_index")
 TIME_COLUMNS = ("timestamp", "time", "datetime", "time_s", "t")
 DRIVE_COLUMNS = ("traversal", "sequence_id", "sequence", "drive", "drive_id", "run")
+# the largest step inside a segment when --seq_max_gap is not given, per unit of the order column
+DEFAULT_MAX_GAP = {"frame": 10.0, "s": 5.0}
 
 
 @dataclass(frozen=True)
@@ -78,8 +80,9 @@ def _drive_names(table: PlaceTable) -> np.ndarray:
     return np.full(len(table), "route", dtype=object)
 
 
-def route_of(table: PlaceTable, max_gap: float) -> Route:
+def route_of(table: PlaceTable, max_gap: float | None = None) -> Route:
     """The route order of `table`, checked: one line naming the row for a bad order.
+    `max_gap` None: DEFAULT_MAX_GAP of the order column's unit (10 frames, or 5 seconds).
 
     Within a drive, rows must appear in strictly increasing order (a duplicate or a step back is
     an error: it names both rows), and a drive's rows must be contiguous in the table (rows of
@@ -87,6 +90,7 @@ def route_of(table: PlaceTable, max_gap: float) -> Route:
     """
     source = table.source
     key, unit, column = _order_key(table.frame, source)
+    max_gap = DEFAULT_MAX_GAP[unit] if max_gap is None else max_gap
     names = _drive_names(table)
     segment = np.zeros(len(table), dtype=np.int64)
     segment_names: list[str] = []

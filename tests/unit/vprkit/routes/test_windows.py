@@ -31,6 +31,11 @@ def test_a_large_gap_cuts_the_drive_and_a_small_one_does_not():
     assert causal_windows(route, 2).tolist() == [[0, 0], [0, 1], [2, 2], [2, 3]]
 
 
+def test_the_default_gap_is_10_frames_or_5_seconds():
+    assert route_of(table(frame_index=[0, 10, 21, 22])).drive.tolist() == [0, 0, 1, 1]
+    assert route_of(table(time_s=[0.0, 5.0, 10.5, 11.0])).drive.tolist() == [0, 0, 1, 1]
+
+
 def test_without_a_traversal_each_camera_is_a_drive_cut_at_time_gaps():
     t = table(timestamp=["2026-01-01T10:00:00", "2026-01-01T10:00:01", "2026-01-01T10:05:00", "2026-01-01T10:00:00"])
     t.cameras = np.array(["front", "front", "front", "rear"])
