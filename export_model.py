@@ -39,9 +39,8 @@ import torch
 import torch.nn as nn
 
 import trainable_vpr as vpr
-from trainable_vpr.checkpoints import SEQUENCE, checkpoint_kind, load_checkpoint
-from trainable_vpr.model import load_model
-from trainable_vpr.sequence_model import SequenceDescriptor, load_sequence_model
+from trainable_vpr.checkpoints import SEQUENCE, load_checkpoint
+from trainable_vpr.sequence_model import SequenceDescriptor, load_route_model
 from vprkit.cli import CliParser, VPRError, atomic_write, check_new_file, run_cli
 from vprkit.cli.extraction_settings import extraction_settings, pooling_config
 from vprkit.tables.places import is_parquet
@@ -115,25 +114,16 @@ def require_onnx_exporter() -> None:
 
 
 def build_model(args: vpr.ExportConfig) -> nn.Module:
-    """The model to export, as the other scripts build it: a sequence checkpoint's SequenceDescriptor
-    (trainable_vpr.sequence_model.load_sequence_model; --seq_len, when given, must be its window),
-    a single-frame checkpoint's or a baseline's PlaceDescriptor (trainable_vpr.model.load_model).
-    A --pooling vlad baseline fits its vocabulary on the --db_csv images."""
+    """The model to export, as the other scripts build it (trainable_vpr.sequence_model.load_route_model):
+    what the checkpoint holds (a sequence checkpoint: its SequenceDescriptor, --seq_len when given
+    must be its window; a single-frame one: its PlaceDescriptor), or the --baseline's PlaceDescriptor,
+    whose --pooling vlad vocabulary is fitted on the --db_csv images."""
     settings = extraction_settings(args)
-    if args.model_path:
-        checkpoint = load_checkpoint(args.model_path, SEQUENCE if args.sequences else None)
-        if checkpoint_kind(checkpoint) != SEQUENCE:
-            return load_model(args.model_path, args.model, settings, (), checkpoint).cpu().eval()
-        sequence = load_sequence_model(args.model_path, settings, args.model, checkpoint)
-        if args.sequences and args.seq_len != sequence.seq_len:
-            raise VPRError(f"--seq_len {args.seq_len}: checkpoint {args.model_path} takes windows of "
-                           f"{sequence.seq_len} frames; drop --seq_len or give {sequence.seq_len}")
-        return sequence.cpu().eval()
-    if args.sequences:
-        raise VPRError(f"--seq_len {args.seq_len}: a --baseline is a single-frame model; export a sequence "
+    if args.baseline and args.sequences:
+        raise VPRError(f"--seq_len {args.seq_len}: a --baseline exports a single-frame model; export a sequence "
                        f"checkpoint (train_vpr.py --head seqnet --seq_len {args.seq_len}) for windows of frames")
     fit_on: Sequence[str] = ()
-    if pooling_config(settings).pooling == "vlad":
+    if args.baseline and pooling_config(settings).pooling == "vlad":
         if not args.db_csv:
             raise VPRError("--pooling vlad: the VLAD vocabulary is fitted on the database images; give --db_csv "
                            "(the poses CSV or benchmark folder you will search)")
@@ -141,7 +131,11 @@ def build_model(args: vpr.ExportConfig) -> nn.Module:
             raise VPRError(f"--db_csv {args.db_csv}: an embeddings parquet has no images to fit a vocabulary on; "
                            f"give a poses CSV or a benchmark folder")
         fit_on = load_table(args.db_csv, args.image_root, on_bad_image=args.on_bad_image).paths
-    return load_model(None, args.model, settings, fit_on).cpu().eval()
+    if args.model_path and args.sequences:  # windows asked for: a sequence checkpoint of that length
+        load_checkpoint(args.model_path, SEQUENCE)
+    model, _ = load_route_model(args.model_path, args.model, settings, args.seq_len if args.sequences else None,
+                                fit_on)
+    return model.cpu().eval()
 
 
 def export(model: nn.Module, output: Path) -> None:
