@@ -20,6 +20,18 @@ The estimate: the similarity-weighted mean position of those top-k matches that 
 the top-1's position; with more it averages the matches that agree with the top-1, so one
 stray match far away does not pull the estimate off (a plain weighted mean would), while
 near-duplicates around the top-1 refine it. est_support says how many matches it averages.
+
+Routes (--seq_len L > 1, DESIGN.md §8): every query frame is localised from its causal window of
+L frames. The queries are a folder of frames in --order (name: numbers in names as numbers;
+exif_time: EXIF capture time; vprkit.routes.frames) or a CSV with an order column, the database a
+route (both checked before any extraction). A single-frame checkpoint or --baseline: sequence
+matching over the frame descriptors; a sequence checkpoint of that L: its window descriptor fused
+with matching by the weight val chose (trainable_vpr.fusion.fused_search). matches.csv then also
+has window_first, window_last (the frame itself) and window_frames (fewer at a drive start), and
+similarity is the ranking's score.
+
+    python localize.py --model_path trained_models/SEQUENCE_RUN.pth --seq_len 10 --db_csv route.csv \
+        --query frames/ --order exif_time --output matches.csv
 """
 from __future__ import annotations
 
