@@ -13,7 +13,7 @@ import pandas as pd
 import pytest
 import torch
 
-from helpers import TINY_MODEL, assert_one_line_error, run_main
+from helpers import SHARED, TINY_MODEL, assert_one_line_error, requires_shared, run_main
 from helpers import TINY_OPTIONS as TINY
 from helpers.exif_photos import photo_exif, save_photo
 from PIL import Image
@@ -162,3 +162,31 @@ def test_bad_orders_and_kinds_are_one_line_errors(scene, tmp_path, capsys, case,
     code, err = run_main(capsys, localize.main, flags)
     assert_one_line_error(code, err, *words)
     assert not out.exists()
+
+
+@requires_shared
+def test_nordland_winter_frames_against_the_summer_route(tmp_path, capsys):
+    """The shared route's development test (winter queries, summer database; effnet_lite0 frozen):
+    the winter frames as a folder ordered by name localise far better by their 10-frame windows
+    (sequence matching) than one frame at a time; the CSV with its frame_index gives the same."""
+    route = SHARED / "nordland_route"
+    queries = pd.read_csv(route / "queries.csv")
+    (tmp_path / "winter").mkdir()
+    for path in queries["image_path"]:
+        (tmp_path / "winter" / Path(path).name).symlink_to(route / path)
+    common = ["--baseline", "--model", "effnet_lite0", "--db_csv", str(route / "database.csv"), "--top_k", "1",
+              "--cache_dir", str(tmp_path / "cache"), "--num_workers", "0", "--device", "cpu"]
+    truth = queries["northing"].to_numpy()
+
+    def recall(frame: pd.DataFrame) -> float:
+        return float((np.abs(top1(frame)["db_northing"].to_numpy() - truth) <= 25.0).mean())
+
+    single = localize.main([*common, "--query", str(tmp_path / "winter"), "--output", str(tmp_path / "one.csv")])
+    folder = localize.main([*common, "--query", str(tmp_path / "winter"), "--output", str(tmp_path / "seq.csv"),
+                            "--seq_len", "10"])
+    csv = localize.main([*common, "--query", str(route / "queries.csv"), "--output", str(tmp_path / "csv.csv"),
+                         "--seq_len", "10"])
+    print(f"nordland dev test R@1 at 25 m: one frame {recall(single):.3f}, 10-frame windows {recall(folder):.3f}")
+    assert names(top1(folder)["query_image"]) == names(queries["image_path"])  # the folder's name order = the route's
+    assert recall(folder) >= recall(single) + 0.1
+    assert names(top1(csv)["db_image"]) == names(top1(folder)["db_image"])
