@@ -60,7 +60,7 @@ from vprkit.tables.load import load_table
 from vprkit.retrieval.predictions import draw_retrievals, frame_rows, predictions_frame
 from vprkit.cli.settings import config_parser, parse_config
 from vprkit.routes.frames import ordered_frames
-from vprkit.routes.matching import sequence_match
+from vprkit.routes.matching import SeqMatchConfig, sequence_match
 from vprkit.routes.order import Route, route_of
 from vprkit.routes.windows import causal_windows
 
@@ -174,16 +174,22 @@ class Search:
 def search_frames(model: PlaceDescriptor, database: PlaceTable, queries: PlaceTable, args: vpr.LocalizeConfig,
                   options: ExtractionSettings) -> Search:
     """Single-frame descriptors; with --seq_len > 1 sequence matching over them (each query by its
-    window; the shortlist at least --top_k, so every query gets top_k end rows: its own frame's
-    shortlist alone votes for that many)."""
+    window)."""
     database, db_desc = describe_table(model, database, options, "database", args.on_bad_image)
     queries, q_desc = describe_table(model, queries, options, "queries", args.on_bad_image)
     if not args.sequences:
         return Search(database, queries, *exact_search(db_desc, q_desc, args.top_k))
-    config = dataclasses.replace(args.seq_match_config(), shortlist=max(args.seq_shortlist, args.top_k))
-    matches = sequence_match(q_desc, table_route(queries, "--query", args.seq_max_gap), db_desc,
-                             table_route(database, "--db_csv", args.seq_max_gap), config,
-                             k=min(args.top_k, len(database)))
+    return match_windows(q_desc, table_route(queries, "--query", args.seq_max_gap), db_desc,
+                         table_route(database, "--db_csv", args.seq_max_gap), queries, database,
+                         args.seq_match_config(), args.top_k)
+
+
+def match_windows(q_desc: np.ndarray, q_route: Route, db_desc: np.ndarray, db_route: Route, queries: PlaceTable,
+                  database: PlaceTable, config: SeqMatchConfig, top_k: int) -> Search:
+    """Sequence matching's top_k end rows of every query; the shortlist raised to at least top_k,
+    so every query gets that many (its own frame's shortlist alone votes for them at step 0)."""
+    config = dataclasses.replace(config, shortlist=max(config.shortlist, top_k))
+    matches = sequence_match(q_desc, q_route, db_desc, db_route, config, k=min(top_k, len(database)))
     return Search(database, queries, matches.index, matches.score)
 
 
@@ -199,8 +205,7 @@ def search_windows(model: SequenceDescriptor, database: PlaceTable, queries: Pla
         found[name] = (table, route, model.frames_from_features(features), features)
     (database, db_route, db_frames, db_features), (queries, q_route, q_frames, q_features) = found.values()
     if model.head is None:
-        matches = sequence_match(q_frames, q_route, db_frames, db_route, model.match, k=min(args.top_k, len(database)))
-        return Search(database, queries, matches.index, matches.score)
+        return match_windows(q_frames, q_route, db_frames, db_route, queries, database, model.match, args.top_k)
     top, scores = fused_search(model.windows_from_features(q_features, q_route),
                                model.windows_from_features(db_features, db_route), q_frames, q_route, db_frames,
                                db_route, model.match, model.fusion_weight, args.top_k)

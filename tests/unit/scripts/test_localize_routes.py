@@ -98,9 +98,10 @@ def test_a_csv_with_an_order_column_and_the_single_frame_output_unchanged(scene,
     assert names(top1(single)["db_image"]) == [f"{i}.jpg" for i in range(4, 10)]
 
 
-def _sequence_checkpoint(folder: Path, seq_len: int, fusion_weight: float | None) -> Path:
+def _sequence_checkpoint(folder: Path, seq_len: int, fusion_weight: float | None, with_head: bool = True) -> Path:
     """A sequence checkpoint of the tiny backbone: a raw-frame SeqNetHead (its untrained start:
-    the window's frames concatenated, plus a random temporal kernel) and the matching settings."""
+    the window's frames concatenated, plus a random temporal kernel; or no head: training-free,
+    sequence matching alone, with a shortlist shorter than --top_k) and the matching settings."""
     from trainable_vpr.checkpoints import save_checkpoint, sequence_checkpoint_payload
     from trainable_vpr.model import PlaceDescriptor
     from trainable_vpr.seqnet import SeqHeadConfig, SeqNetHead
@@ -110,23 +111,29 @@ def _sequence_checkpoint(folder: Path, seq_len: int, fusion_weight: float | None
     head = SeqNetHead(SeqHeadConfig(seq_len=seq_len, frame_dim=frozen.info.feature_dim, frame_start="raw",
                                     kernel=3))
     torch.nn.init.normal_(head.temporal.weight, std=0.01)
-    sequence = {"seq_len": seq_len, "v_min": 0.8, "v_max": 1.25, "n_velocities": 5, "shortlist": 50, "max_gap": None,
-                "fusion_weight": fusion_weight}
+    sequence = {"seq_len": seq_len, "v_min": 0.8, "v_max": 1.25, "n_velocities": 5,
+                "shortlist": 50 if with_head else 2, "max_gap": None, "fusion_weight": fusion_weight}
     config = {"model": TINY_MODEL, "weights": "random", "image_size": 32, "pos_threshold_m": 25.0}
-    path = folder / f"seq_{fusion_weight}.pth"
-    save_checkpoint(path, sequence_checkpoint_payload(None, None, head, frozen.info.as_dict(), config, sequence,
-                                                      {"fusion_weight": fusion_weight}, "seq_run"))
+    path = folder / f"seq_{fusion_weight}_{with_head}.pth"
+    save_checkpoint(path, sequence_checkpoint_payload(None, None, head if with_head else None, frozen.info.as_dict(),
+                                                      config, sequence, {"fusion_weight": fusion_weight}, "seq_run"))
     return path
 
 
-@pytest.mark.parametrize("fusion_weight", [None, 0.5])
-def test_a_sequence_checkpoint_localises_with_its_descriptor_and_fusion(scene, tmp_path, capsys, fusion_weight):
-    checkpoint = _sequence_checkpoint(tmp_path, 3, fusion_weight)
+@pytest.mark.parametrize("fusion_weight, with_head, how", [
+    (None, True, "(the learned sequence descriptor)"),
+    (0.5, True, "(the learned sequence descriptor fused with sequence matching, weight 0.5)"),
+    (None, False, "(sequence matching)"),
+])
+def test_a_sequence_checkpoint_localises_with_its_descriptor_and_fusion(scene, tmp_path, capsys, fusion_weight,
+                                                                        with_head, how):
+    checkpoint = _sequence_checkpoint(tmp_path, 3, fusion_weight, with_head)
     out = tmp_path / "m.csv"
     flags = ["--model_path", str(checkpoint), *argv(scene, out, "frames", "--top_k", "3")[3:]]
-    first = top1(localize.main(flags))
-    printed = capsys.readouterr().out
-    assert ("fused with sequence matching, weight 0.5" in printed) == (fusion_weight is not None), printed
+    frame = localize.main(flags)
+    first = top1(frame)
+    assert how in capsys.readouterr().out
+    assert len(frame) == 6 * 3 and frame["db_index"].between(0, N_DB - 1).all()  # top 3 each, a shortlist of 2 or not
     assert names(first["db_image"]) == [f"{i}.jpg" for i in range(4, 10)]
     assert names(first["window_first"]) == ["f8.jpg", "f8.jpg", "f8.jpg", "f9.jpg", "f10.jpg", "f11.jpg"]
 
