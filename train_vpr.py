@@ -15,6 +15,10 @@ validation Recall@1 and a resumable _last checkpoint. Every file is named by the
 them; a finished run also refreshes trained_models/trained_{model}_seed{seed}.pth, a copy of
 its best checkpoint (the latest run of that model and seed). --resume CKPT alone continues a
 run: its settings come from the checkpoint.
+
+--head seqnet --seq_len L trains the learned sequence descriptor on routes (docs/training.md,
+"Sequence head"): windows of L cached frame descriptors, its start chosen on val, the fusion
+weight with sequence matching chosen on val; the checkpoint is a sequence checkpoint.
 """
 from __future__ import annotations
 
@@ -23,7 +27,8 @@ from typing import Sequence
 import trainable_vpr as vpr
 from trainable_vpr.checkpoints import latest_alias_path
 from trainable_vpr.runs import resumed_config
-from trainable_vpr.training import NO_GAIN, TrainResult, train
+from trainable_vpr.sequence_run import train_head
+from trainable_vpr.training import NO_GAIN, TrainResult
 from vprkit.cli import CliParser, run_cli
 from vprkit.cli.settings import config_parser, given_settings, parse_config
 
@@ -51,7 +56,7 @@ def resumed_or_new(config: vpr.TrainConfig, parser: CliParser, argv: Sequence[st
 
 def main(argv: Sequence[str] | None = None) -> TrainResult:
     config = parse_args(argv)
-    result = train(config)
+    result = train_head(config)
     print(f"best val R@1 {result.best_recall[1]:.3f} R@5 {result.best_recall[5]:.3f} R@10 {result.best_recall[10]:.3f} "
           f"at epoch {result.best_epoch}{NO_GAIN if result.best_epoch == 0 else ''}; checkpoint {result.checkpoint} "
           f"(copied to {latest_alias_path(config.checkpoint_dir, config.model, config.seed)}); log {result.log_file}; "

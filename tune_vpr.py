@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
-from trainable_vpr.training import train
+from trainable_vpr.sequence_run import train_head
 import trainable_vpr as vpr
 from vprkit.cli import CliParser, VPRError, atomic_write, check_writable_dir, run_cli
 from vprkit.retrieval.evaluation import RecallResult
@@ -152,7 +152,7 @@ def objective(trial, base: vpr.TrainConfig, dimensions: list[Dimension], study_n
         if trial.should_prune():
             raise optuna.TrialPruned()
 
-    result = train(config, on_validation=report)
+    result = train_head(config, on_validation=report)
     trial.set_user_attr("log_file", str(result.log_file))
     trial.set_user_attr("checkpoint", str(result.checkpoint))
     trial.set_user_attr("untrained_r1", result.untrained_r1)

@@ -11,6 +11,7 @@ import numpy as np
 import torch
 from trainable_vpr.backbones import BACKBONES, DEFAULT_LOCAL_FEATURES_PER_IMAGE, _spec_for
 from trainable_vpr.heads import HEADS, LOCAL_HEADS
+from trainable_vpr.seqnet import SEQ_HEAD
 from trainable_vpr.losses import LOSS_DISTANCES
 from vprkit.cli import VPRError, check_new_file, check_writable_dir
 from vprkit.cli.configs import (
@@ -22,6 +23,7 @@ from vprkit.cli.configs import (
     PosThreshold,
     RecallAt,
     RouteSettings,
+    SequenceHeadSettings,
     StudyName,
     Supervision,
     TestTable,
@@ -38,12 +40,8 @@ from vprkit.logs.tensorboard_log import require_tensorboard
 DEFAULT_MODEL = "dinov2_b"  # the backbone a training run uses when --model is not given
 DEFAULT_HEAD = "residual"
 DEFAULT_SUPERVISION = "auto"
-
-
 HEAD_STARTS = ("auto", "raw", "pca_whitened", "learned_whitened")
 POOLING_AUTO = "auto"  # training only: the best frozen start of every pooling (trainable_vpr.starts.choose_pooling)
-
-
 NEG_SAMPLERS = ("hard", "random", "ucb")
 
 
@@ -65,8 +63,9 @@ class HeadName:
                              "over the cached local features of --feature_layer, started at --pooling vlad's "
                              "vocabulary: epoch 0 is the training-free VLAD; needs --pooling vlad; output K x C, "
                              f"--projection_dim unused); training: default "
-                             f"{DEFAULT_HEAD}; with --model_path: checked against the checkpoint's", "model",
-                             choices=tuple(HEADS))
+                             f"{DEFAULT_HEAD}; with --model_path: checked against the checkpoint's; seqnet: the "
+                             "learned sequence descriptor over windows of --seq_len frames (docs/training.md)",
+                             "model", choices=(*HEADS, SEQ_HEAD))
 
 
 @dataclass
@@ -85,7 +84,8 @@ class ModelSource(BackboneName):
 
 @registered
 @dataclass
-class TrainConfig(ExtractionSettings, BackboneName, HeadName, Supervision, PosThreshold, RouteSettings):
+class TrainConfig(ExtractionSettings, BackboneName, HeadName, Supervision, PosThreshold, RouteSettings,
+                  SequenceHeadSettings):
     """Every training setting, in one place: argparse flags are generated from it (the shared image and
     extraction flags come from ExtractionSettings, the backbone, head, supervision and positive
     radius from the shared groups, their defaults filled in here), and every checkpoint stores it."""
@@ -121,16 +121,18 @@ class TrainConfig(ExtractionSettings, BackboneName, HeadName, Supervision, PosTh
                               "stages) with the head, at cache speed: their input is cached once (float16); 0: frozen",
                               "model")
     backbone_lr: float = _flag(1e-5, "AdamW learning rate of the blocks trained by --train_blocks", "model")
-    hidden_dim: int = _flag(512, "hidden width of the residual and mlp heads", "model")
+    hidden_dim: int = _flag(None, "hidden width of the residual and mlp heads (default: 512; seqnet's per-frame "
+                            "head: 256)", "model")
     dropout: float = _flag(0.1, "dropout in the head", "model")
     use_residual: bool = _flag(True, "mlp head: add a skip connection from the input", "model")
     use_layer_norm: bool = _flag(True, "mlp head: LayerNorm after the hidden layer", "model")
     # training
     epochs: int = _flag(15, "training epochs", resumable=True)
-    lr: float = _flag(1e-4, "AdamW learning rate")
-    batch_size: int = _flag(32, "images per training batch (places x --images_per_place; extraction has "
+    lr: float = _flag(None, "AdamW learning rate (default: 1e-4; --head seqnet: 1e-3)")
+    batch_size: int = _flag(None, "images per training batch, default 32 (--head seqnet: windows, default 64) "
+                            "(places x --images_per_place; extraction has "
                             "--extract_batch_size)")
-    images_per_place: int = _flag(4, "images of each place in a training batch")
+    images_per_place: int = _flag(None, "images of each place in a training batch (default: 4; --head seqnet: 2)")
     weight_decay: float = _flag(1e-4, "AdamW weight decay")
     seed: int = _flag(42, "random seed (same seed, same machine: same losses)")
     neg_threshold_m: float = _flag(100.0, "negatives: images beyond this many metres (between: ignored)")
@@ -181,6 +183,7 @@ class TrainConfig(ExtractionSettings, BackboneName, HeadName, Supervision, PosTh
         self.head = self.head or DEFAULT_HEAD
         self.supervision = self.supervision or DEFAULT_SUPERVISION
         self.pos_threshold_m = DEFAULT_POS_THRESHOLD_M if self.pos_threshold_m is None else self.pos_threshold_m
+        self.fill_training_defaults(self.head == SEQ_HEAD)
 
     def validate(self) -> None:
         validate_train_config(self)
@@ -202,6 +205,8 @@ def validate_train_config(config: TrainConfig) -> None:
         config = dataclasses.replace(config, pooling="vlad")  # --feature_layer, --vlad_clusters checked as vlad's
     validate_extraction_flags(config)
     config.check_route_settings()
+    if config.head == SEQ_HEAD:
+        config.check_sequence_head()
     if config.tensorboard:
         require_tensorboard()  # before anything is written
     check_choices(config)  # a config built in code (run_experiment, tune_vpr, tests) is checked like parsed flags

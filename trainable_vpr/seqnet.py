@@ -33,6 +33,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from vprkit.cli import VPRError
+from vprkit.cli.configs import SEQ_ARCHS
 from vprkit.retrieval.evaluation import pca_whitening_matrix
 from vprkit.tables.pairs import positive_pairs
 from vprkit.retrieval.whitening import Whitening, fit_learned_whitening
@@ -40,7 +41,6 @@ from vprkit.retrieval.whitening import Whitening, fit_learned_whitening
 from trainable_vpr.heads import HeadConfig, ResidualHead, build_head
 
 SEQ_HEAD = "seqnet"  # --head seqnet; a sequence checkpoint's head_config type
-SEQ_ARCHS = ("shared", "full")
 FRAME_STARTS = ("raw", "pca_whitened", "learned_whitened")
 
 

@@ -168,11 +168,27 @@ def training_windows(route: Route, seq_len: int, steps: Sequence[int], rng: np.r
     return by_step[rng.integers(len(steps), size=len(route)), np.arange(len(route))]
 
 
+@dataclass
+class EpochRecord:
+    """What `train_sequence_head` reports after each validation (epoch 0: the untrained start):
+    the val windows' recall, the mean training loss and seconds (NaN, 0 at epoch 0), whether this
+    state is now the kept (best) one."""
+
+    epoch: int
+    val: RecallResult
+    loss: float = math.nan
+    seconds: float = 0.0
+    kept: bool = False
+
+
 def train_sequence_head(train: RouteFrames, val: RouteFrames, val_db: RouteFrames, head: SeqNetHead,
                         config: SeqTrainConfig, seed: int = 0,
-                        log: Callable[[str], None] = lambda line: None) -> SequenceResult:
+                        log: Callable[[str], None] = lambda line: None,
+                        on_epoch: Callable[[EpochRecord], None] | None = None,
+                        recall_at: Sequence[int] = (1,)) -> SequenceResult:
     """Train `head` (its untrained state is epoch 0, scored and logged) for config.epochs epochs;
-    the result holds the state with the best val R@1, the start unless an epoch beats it."""
+    the result holds the state with the best val R@1, the start unless an epoch beats it.
+    `on_epoch` gets every validation (R@N at `recall_at`), epoch 0 included; it may raise to stop."""
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
     generator = torch.Generator().manual_seed(seed)
@@ -184,8 +200,12 @@ def train_sequence_head(train: RouteFrames, val: RouteFrames, val_db: RouteFrame
         head.frame.base.requires_grad_(False)
     optimizer = torch.optim.AdamW([p for p in head.parameters() if p.requires_grad], lr=config.lr,
                                   weight_decay=config.weight_decay)
-    start_r1 = window_recall(head, val, val_db, config.pos_threshold_m, (1,)).recalls[1]
+    on_epoch = on_epoch or (lambda record: None)
+    recall_at = tuple(sorted({1, *recall_at}))
+    start = window_recall(head, val, val_db, config.pos_threshold_m, recall_at)
+    start_r1 = start.recalls[1]
     log(f"epoch 0 (start): val R@1 {start_r1:.3f}")
+    on_epoch(EpochRecord(0, start, kept=True))
     best_r1, best_epoch, best_state = start_r1, 0, copy.deepcopy(head.state_dict())
     history, losses, seconds = [], [], []
     for epoch in range(1, config.epochs + 1):
@@ -193,13 +213,15 @@ def train_sequence_head(train: RouteFrames, val: RouteFrames, val_db: RouteFrame
         loss = train_one_epoch(head, train, places, training_windows(train.route, seq_len, config.steps, rng),
                                loss_fn, miner, optimizer, config, rng, generator)
         seconds.append(time.perf_counter() - tick)
-        r1 = window_recall(head, val, val_db, config.pos_threshold_m, (1,)).recalls[1]
+        result = window_recall(head, val, val_db, config.pos_threshold_m, recall_at)
+        r1 = result.recalls[1]
         history.append(r1)
         losses.append(loss)
         kept = r1 > best_r1
         if kept:
             best_r1, best_epoch, best_state = r1, epoch, copy.deepcopy(head.state_dict())
         log(f"epoch {epoch}: loss {loss:.4f}, val R@1 {r1:.3f}{' (best)' if kept else ''}, {seconds[-1]:.1f} s")
+        on_epoch(EpochRecord(epoch, result, loss, seconds[-1], kept))
     head.load_state_dict(best_state)
     head.eval()
     return SequenceResult(head, head.config, start_r1, history, best_epoch,

@@ -93,6 +93,58 @@ class RouteSettings:
         return SeqMatchConfig(seq_len or self.seq_len, float(low), float(high), shortlist=self.seq_shortlist)
 
 
+# the training flags whose defaults differ for the sequence head (bench/recall_route.py's choice)
+FRAME_TRAINING_DEFAULTS = {"lr": 1e-4, "batch_size": 32, "images_per_place": 4, "hidden_dim": 512}
+SEQ_TRAINING_DEFAULTS = {"lr": 1e-3, "batch_size": 64, "images_per_place": 2, "hidden_dim": 256}
+SEQ_ARCHS = ("shared", "full")
+
+
+@dataclass
+class SequenceHeadSettings:
+    """train_vpr.py --head seqnet: the sequence head's own flags (trainable_vpr/seqnet.py SeqHeadConfig,
+    trainable_vpr/sequence_training.py SeqTrainConfig); defaults = bench/recall_route.py's choice."""
+
+    seq_arch: str = flag("shared", "--head seqnet: shared (one per-frame head started at the frame descriptor "
+                         "chosen on val + a zero-initialised temporal convolution: epoch 0 is a training-free "
+                         "sequence match) or full (SeqNet's Conv1d over the whole window, random start)", "routes",
+                         choices=SEQ_ARCHS)
+    seq_proj_dim: int = flag(128, "--head seqnet: the per-frame projection's dimension (whitened starts)", "routes")
+    seq_kernel: int = flag(3, "--head seqnet: the temporal convolution's width in frames (0: none)", "routes")
+    seq_frame_dropout: float = flag(0.0, "--head seqnet: the share of a training window's frames (never its last) "
+                                    "left out", "routes")
+    seq_steps: list[int] = flag(  # noqa: RUF009 (flag() gives a list default a default_factory)
+        [1], "--head seqnet: frame steps training windows are drawn with, one per window at random (1 2: also "
+        "windows of a drive twice as fast)", "routes")
+    seq_train_projection: bool = flag(False, "--head seqnet: also train the per-frame linear map (else kept at its "
+                                      "start, frames projected once: epochs several times cheaper)", "routes")
+
+    def fill_training_defaults(self, sequence: bool) -> None:
+        """--lr, --batch_size, --images_per_place, --hidden_dim left unset: the defaults of the kind of head."""
+        for name, value in (SEQ_TRAINING_DEFAULTS if sequence else FRAME_TRAINING_DEFAULTS).items():
+            if getattr(self, name, None) is None:
+                setattr(self, name, value)
+
+    def check_sequence_head(self) -> None:
+        """--head seqnet's flags, and the training flags it does not take (one line each)."""
+        if getattr(self, "seq_len", 1) < 2:
+            raise VPRError("--head seqnet: give --seq_len L, 2 or more (the frames of each window)")
+        if self.seq_proj_dim < 1 or self.seq_kernel < 0 or not 0.0 <= self.seq_frame_dropout < 1.0:
+            raise VPRError(f"--seq_proj_dim {self.seq_proj_dim} / --seq_kernel {self.seq_kernel} / "
+                           f"--seq_frame_dropout {self.seq_frame_dropout:g}: need a dimension >= 1, a kernel >= 0 "
+                           "and a dropout in [0, 1)")
+        if not self.seq_steps or min(self.seq_steps) < 1:
+            raise VPRError(f"--seq_steps {' '.join(map(str, self.seq_steps))}: frame steps must be 1 or more")
+        refused = {"--resume": getattr(self, "resume", None), "--train_blocks": getattr(self, "train_blocks", 0),
+                   "--augment_views": getattr(self, "augment_views", 0),
+                   "--positive_selection feature": getattr(self, "positive_selection", "gps") == "feature",
+                   "--neg_sampler ucb": getattr(self, "neg_sampler", "hard") == "ucb",
+                   "--supervision labels": getattr(self, "supervision", None) == "labels"}
+        for name, given in refused.items():
+            if given:
+                raise VPRError(f"--head seqnet: not with {name} (a sequence run trains at cache speed from its "
+                               f"start: run it again; positives are by positions); drop {name}")
+
+
 @dataclass
 class DatabaseTable:
     """The searched database (evaluation, the experiment's final test, localize)."""
