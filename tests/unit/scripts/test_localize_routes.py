@@ -197,3 +197,31 @@ def test_nordland_winter_frames_against_the_summer_route(tmp_path, capsys):
     assert names(top1(folder)["query_image"]) == names(queries["image_path"])  # the folder's name order = the route's
     assert recall(folder) >= recall(single) + 0.1
     assert names(top1(csv)["db_image"]) == names(top1(folder)["db_image"])
+
+
+def test_a_train_vpr_sequence_checkpoint_localizes_a_route_and_exports(tmp_path, capsys):
+    """The whole path: train_vpr --head seqnet on a small synthetic route, then localize.py with its
+    checkpoint (winter frames of places it never saw, against their summer route), and
+    export_model.py of the same checkpoint checked on read-back."""
+    import export_model
+    import train_vpr
+    from helpers.routes import write_route_images
+
+    root = tmp_path / "route"
+    tables = {"train": write_route_images(root, "train", 0, 16),
+              "val": write_route_images(root, "val", 16, 8, ("winter",)),
+              "val_db": write_route_images(root, "val_db", 16, 8, ("summer",))}
+    result = train_vpr.main(["--train_csv", str(tables["train"]), "--val_csv", str(tables["val"]), "--val_db_csv",
+                             str(tables["val_db"]), "--model", TINY_MODEL, *TINY, "--head", "seqnet", "--seq_len", "3",
+                             "--epochs", "1", "--batch_size", "8", "--cache_dir", str(root / "cache"),
+                             "--log_dir", str(tmp_path / "logs"), "--checkpoint_dir", str(tmp_path / "models")])
+    out = tmp_path / "m.csv"
+    frame = localize.main(["--model_path", str(result.checkpoint), "--db_csv", str(tables["val_db"]), "--query",
+                           str(tables["val"]), "--output", str(out), "--seq_len", "3", "--top_k", "2",
+                           "--cache_dir", str(root / "cache"), *TINY])
+    assert "each by its window of 3 frames (the learned sequence descriptor" in capsys.readouterr().out
+    assert len(frame) == 8 * 2 and {"window_first", "window_last", "est_easting"} <= set(frame.columns)
+    assert names(top1(frame)["window_last"]) == names(top1(frame)["query_image"])
+    output = tmp_path / "route.pt2"
+    export_model.main(["--model_path", str(result.checkpoint), "--output", str(output)])
+    assert "[B, 3, 3, H, W]" in capsys.readouterr().out and output.is_file()
