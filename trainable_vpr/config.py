@@ -22,6 +22,7 @@ from vprkit.cli.configs import (
     PlotDir,
     PosThreshold,
     RecallAt,
+    RouteFolder,
     RouteSettings,
     SequenceHeadSettings,
     StudyName,
@@ -30,7 +31,6 @@ from vprkit.cli.configs import (
 )
 from vprkit.cli.extraction_settings import POOLING_HELP, ExtractionSettings, validate_extraction_flags
 from vprkit.retrieval.exports import DESCRIPTOR_FILES
-from vprkit.routes.frames import FRAME_ORDERS
 from vprkit.tables.places import is_parquet
 from vprkit.extraction.pooling import POOLINGS
 from vprkit.cli.settings import check_choices, registered
@@ -335,15 +335,11 @@ class EvalConfig(ExtractionSettings, ModelSource, HeadName, DatabaseTable, TestT
 
 @registered
 @dataclass
-class LocalizeConfig(ExtractionSettings, ModelSource, DatabaseTable, PosThreshold, Overwrite, RouteSettings):
+class LocalizeConfig(ExtractionSettings, ModelSource, DatabaseTable, PosThreshold, Overwrite, RouteFolder):
     """localize.py: top-k matches and a position estimate for new photos."""
 
-    query: str | None = _flag(None, "a folder of photos, or a CSV with an image column (no positions needed; with "
-                              "--seq_len > 1 an order column too: docs/inputs.md)", "data", required=True,
-                              metavar="PHOTOS_OR_CSV")
-    order: str = _flag("name", "the order of a --query folder's frames (their route with --seq_len > 1): name (file "
-                       "names, numbers compared as numbers) or exif_time (EXIF capture time)", "data",
-                       choices=FRAME_ORDERS)
+    query: str | None = _flag(None, "a folder of photos (in --order), or a CSV with an image column (no positions "
+                              "needed; --seq_len > 1: an order column)", "data", required=True, metavar="PHOTOS_OR_CSV")
     top_k: int = _flag(5, "database matches per query (those within --pos_threshold_m of the top-1 share in the "
                        "position estimate)", "data")
     output: str | None = _flag(None, "the matches, one row per query and rank", "outputs", required=True, metavar="CSV")
