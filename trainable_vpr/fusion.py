@@ -7,6 +7,8 @@ unchanged), w = inf matching alone on the shortlist (a re-ranking). `choose_fusi
 from a small grid on validation queries (never on test): the best R@1, a tie going to the smaller
 w (the descriptor the head was trained for). `shortlist_scores` gives both scores of a head's
 shortlist; `choose_fusion_weight(*shortlist.choice_inputs())` on val, `shortlist.recalls(w)` on test.
+`fused_search` does the whole search with a chosen w (SequenceDescriptor.search: localize.py,
+eval_trained.py).
 """
 from __future__ import annotations
 
@@ -14,8 +16,9 @@ from dataclasses import dataclass
 from typing import Sequence
 
 import numpy as np
-from vprkit.retrieval.evaluation import recall_at_n
+from vprkit.retrieval.evaluation import exact_search, recall_at_n
 from vprkit.routes.matching import SeqMatchConfig, match_scores
+from vprkit.routes.order import Route
 
 from trainable_vpr.seqnet import SeqNetHead
 from trainable_vpr.sequence_training import RouteFrames, window_recall
@@ -97,3 +100,17 @@ def shortlist_scores(head: SeqNetHead, queries: RouteFrames, database: RouteFram
     matching = match_scores(match_queries, queries.route, match_database, database.route, found.top_indices,
                             match_config)
     return Shortlist(found.top_indices, found.top_scores, matching, found.correct)
+def fused_search(q_windows: np.ndarray, db_windows: np.ndarray, q_frames: np.ndarray, q_route: Route,
+                 db_frames: np.ndarray, db_route: Route, config: SeqMatchConfig, weight: float | None,
+                 k: int) -> tuple[np.ndarray, np.ndarray]:
+    """(top [Q, k] database end rows, their scores [Q, k]) of a learned sequence descriptor fused
+    with sequence matching: the window descriptors' top-`config.shortlist` (at least k; exact
+    inner product), re-scored by matching over the frame descriptors on the same candidates and
+    fused with `weight` (module docstring; None: the descriptor's ranking and cosines alone)."""
+    k = min(k, len(db_windows))
+    if weight is None:
+        return exact_search(db_windows, q_windows, k)
+    candidates, descriptor = exact_search(db_windows, q_windows, min(max(config.shortlist, k), len(db_windows)))
+    matching = match_scores(q_frames, q_route, db_frames, db_route, candidates, config)
+    top, scores = rerank(candidates, fuse_scores(descriptor, matching, weight))
+    return top[:, :k], scores[:, :k].astype(np.float32)

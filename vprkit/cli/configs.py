@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, ClassVar
 
 from vprkit.cli import VPRError
 from vprkit.cli.settings import check_choices, flag
+from vprkit.routes.frames import FRAME_ORDERS
 from vprkit.routes.order import DEFAULT_MAX_GAP
 
 if TYPE_CHECKING:
@@ -97,6 +98,14 @@ class RouteSettings:
 FRAME_TRAINING_DEFAULTS = {"lr": 1e-4, "batch_size": 32, "images_per_place": 4, "hidden_dim": 512}
 SEQ_TRAINING_DEFAULTS = {"lr": 1e-3, "batch_size": 64, "images_per_place": 2, "hidden_dim": 256}
 SEQ_ARCHS = ("shared", "full")
+
+
+@dataclass
+class RouteFolder(RouteSettings):
+    """The route flags and the order of a folder of frames (localize.py's --query FOLDER)."""
+
+    order: str = flag("name", "the order of a folder of frames (its route with --seq_len > 1): name (file names, "
+                      "numbers compared as numbers) or exif_time (EXIF capture time)", "data", choices=FRAME_ORDERS)
 
 
 @dataclass
