@@ -6,7 +6,9 @@
 
 The module is trainable_vpr.model.PlaceDescriptor in eval mode (DESIGN.md §6), built as the
 scripts build it (trainable_vpr.model.load_model): the checkpoint is read with
-torch.load(weights_only=True), so a file that would run code is refused.
+torch.load(weights_only=True), so a file that would run code is refused. A sequence checkpoint
+(train_vpr.py --head seqnet --seq_len L) gives its trainable_vpr.sequence_model.SequenceDescriptor:
+windows [B, L, 3, H, W] -> [B, D] (both through trainable_vpr.sequence_model.load_route_model).
 """
 from __future__ import annotations
 
@@ -15,10 +17,12 @@ dependencies = ["torch", "torchvision", "timm", "numpy", "pandas", "PIL", "filel
 
 
 def get_trained_model(checkpoint_path: str, weights: str | None = None, image_size: int = 0):
-    """The PlaceDescriptor of a train_vpr.py checkpoint: its backbone (pretrained weights from the
-    same source as in training, or the state-dict FILE `weights`), pooling with its VLAD
-    vocabulary, and head. image_size: 0 keeps the checkpoint's input size."""
-    from trainable_vpr.model import load_model
+    """The descriptor module of a train_vpr.py checkpoint: its backbone (pretrained weights from
+    the same source as in training, or the state-dict FILE `weights`), pooling with its VLAD
+    vocabulary, and head (a PlaceDescriptor), or for a sequence checkpoint the whole sequence
+    model (a SequenceDescriptor). image_size: 0 keeps the checkpoint's input size."""
+    from trainable_vpr.sequence_model import load_route_model
     from vprkit.cli.extraction_settings import ExtractionSettings
 
-    return load_model(str(checkpoint_path), None, ExtractionSettings(weights=weights, image_size=image_size)).eval()
+    settings = ExtractionSettings(weights=weights, image_size=image_size)
+    return load_route_model(str(checkpoint_path), None, settings, None)[0].eval()

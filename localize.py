@@ -20,27 +20,47 @@ The estimate: the similarity-weighted mean position of those top-k matches that 
 the top-1's position; with more it averages the matches that agree with the top-1, so one
 stray match far away does not pull the estimate off (a plain weighted mean would), while
 near-duplicates around the top-1 refine it. est_support says how many matches it averages.
+
+Routes (--seq_len L > 1, DESIGN.md §8): every query frame is localised from its causal window of
+L frames. The queries are a folder of frames in --order (name: numbers in names as numbers;
+exif_time: EXIF capture time; vprkit.routes.frames) or a CSV with an order column, the database a
+route (both checked before any extraction). A single-frame checkpoint or --baseline: sequence
+matching over the frame descriptors; a sequence checkpoint of that L: its window descriptor fused
+with matching by the weight val chose (SequenceDescriptor.search). matches.csv then also
+has window_first, window_last (the frame itself) and window_frames (fewer at a drive start), and
+similarity is the ranking's score.
+
+    python localize.py --model_path trained_models/SEQUENCE_RUN.pth --seq_len 10 --db_csv route.csv \
+        --query frames/ --order exif_time --output matches.csv
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 import pandas as pd
+import torch.nn as nn
 
 import trainable_vpr as vpr
 from trainable_vpr.checkpoints import pos_threshold_of
-from trainable_vpr.model import describe_table, load_model
+from trainable_vpr.model import PlaceDescriptor, describe_table
+from trainable_vpr.sequence_model import SequenceDescriptor, load_route_model
 from vprkit.cli import CliParser, VPRError, atomic_write, run_cli
 from vprkit.retrieval.evaluation import exact_search
 from vprkit.retrieval.exports import check_pair_names, image_folder_and_names, write_retrieval_pairs
-from vprkit.cli.extraction_settings import extraction_settings
+from vprkit.cli.extraction_settings import ExtractionSettings, extraction_settings
+from vprkit.extraction.features import extract_table
 from vprkit.tables.places import (IMAGE_COLUMNS, LATLON_COLUMNS, METRIC_COLUMNS, PlaceTable, find_column,
                                   find_column_pair, read_csv_table)
 from vprkit.tables.load import load_table
 from vprkit.retrieval.predictions import draw_retrievals, frame_rows, predictions_frame
 from vprkit.cli.settings import config_parser, parse_config
+from vprkit.routes.frames import ordered_frames
+from vprkit.routes.matching import SeqMatchConfig, sequence_match
+from vprkit.routes.order import Route, route_of
+from vprkit.routes.windows import causal_windows
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
 
@@ -56,30 +76,43 @@ def parse_args(argv: Sequence[str] | None) -> vpr.LocalizeConfig:
 # ============================================================================================
 # Inputs
 # ============================================================================================
-def query_table(query: str) -> PlaceTable:
-    """The query photos: every image file of a folder (sorted by name, not recursive), or the
-    image column of a CSV. No positions (coord_kind "none")."""
+def query_table(query: str, order: str = "name") -> PlaceTable:
+    """The query photos: every image file of a folder (not recursive) in route order (`order`:
+    file names, or EXIF capture times; vprkit.routes.frames), or the rows of a CSV with an image
+    column (its other columns kept: an order column makes it a route). No positions."""
     path = Path(query)
     if path.is_dir():
-        paths = sorted(str(p) for p in path.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+        paths = [str(p) for p in path.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES]
         if not paths:
             raise VPRError(f"--query {path}: no images in this folder ({', '.join(IMAGE_SUFFIXES)}); "
                            f"give a folder of photos or a CSV of image paths")
+        frame = ordered_frames(paths, order, f"--query {path}")
     elif path.is_file():
         frame = read_csv_table(path, "query CSV")
         column = find_column(frame.columns, IMAGE_COLUMNS)
         if column is None:
             raise VPRError(f"--query {path}: no image column; expected one of {', '.join(IMAGE_COLUMNS)}")
-        paths = [p if Path(p).is_absolute() else str(path.parent / p) for p in frame[column].astype(str)]
-        if not paths:
+        if frame.empty:
             raise VPRError(f"--query {path}: no rows; list the photos to localize")
+        frame = frame.drop(columns=column).assign(image_path=[
+            p if Path(p).is_absolute() else str(path.parent / p) for p in frame[column].astype(str)])
     else:
         raise VPRError(f"--query {path}: no such folder or file; give a folder of photos or a CSV of image paths")
+    paths = list(frame["image_path"])
     missing = [p for p in paths if not Path(p).is_file()]
     if missing:
         raise VPRError(f"--query {path}: image {missing[0]} not found ({len(missing)} missing); fix the path")
-    return PlaceTable(source=str(path), paths=paths, xyz=None, coord_kind="none",
-                      frame=pd.DataFrame({"image_path": paths}))
+    frame = frame.reset_index(drop=True)
+    cameras = frame["camera_id"].astype(str).to_numpy() if "camera_id" in frame.columns else None
+    return PlaceTable(source=str(path), paths=paths, xyz=None, coord_kind="none", frame=frame, cameras=cameras)
+
+
+def table_route(table: PlaceTable, flag: str, max_gap: float | None) -> Route:
+    """The route order of a table (vprkit.routes.order.route_of), its errors naming the flag."""
+    try:
+        return route_of(table, max_gap)
+    except VPRError as error:
+        raise VPRError(f"{flag} {error}") from None
 
 
 # ============================================================================================
@@ -125,38 +158,123 @@ def matches_frame(database: PlaceTable, queries: PlaceTable, top: np.ndarray, sc
     return frame
 
 
+@dataclass
+class Search:
+    """What was searched (the tables, less unreadable images under --on_bad_image skip) and what
+    it found: top [Q, k] database rows, best first, and their scores."""
+
+    database: PlaceTable
+    queries: PlaceTable
+    top: np.ndarray
+    scores: np.ndarray
+
+
+def search_frames(model: PlaceDescriptor, database: PlaceTable, queries: PlaceTable, args: vpr.LocalizeConfig,
+                  options: ExtractionSettings) -> Search:
+    """Single-frame descriptors; with --seq_len > 1 sequence matching over them (each query by its
+    window)."""
+    database, db_desc = describe_table(model, database, options, "database", args.on_bad_image)
+    queries, q_desc = describe_table(model, queries, options, "queries", args.on_bad_image)
+    if not args.sequences:
+        return Search(database, queries, *exact_search(db_desc, q_desc, args.top_k))
+    return match_windows(q_desc, table_route(queries, "--query", args.seq_max_gap), db_desc,
+                         table_route(database, "--db_csv", args.seq_max_gap), queries, database,
+                         args.seq_match_config(), args.top_k)
+
+
+def match_windows(q_desc: np.ndarray, q_route: Route, db_desc: np.ndarray, db_route: Route, queries: PlaceTable,
+                  database: PlaceTable, config: SeqMatchConfig, top_k: int) -> Search:
+    """Sequence matching's top_k end rows of every query (vprkit.routes.matching)."""
+    matches = sequence_match(q_desc, q_route, db_desc, db_route, config, k=min(top_k, len(database)))
+    return Search(database, queries, matches.index, matches.score)
+
+
+def search_windows(model: SequenceDescriptor, database: PlaceTable, queries: PlaceTable, args: vpr.LocalizeConfig,
+                   options: ExtractionSettings) -> Search:
+    """A sequence checkpoint: each query's window descriptor shortlists database windows, fused with
+    sequence matching over the frame descriptors by the weight val chose (trainable_vpr.fusion);
+    without a trained head, sequence matching alone with the checkpoint's settings."""
+    found = {}
+    for name, table in (("database", database), ("queries", queries)):
+        table, features = extract_table(model.frame.frozen, table, options, name, args.on_bad_image)
+        route = table_route(table, "--db_csv" if name == "database" else "--query", max_gap(args, model))
+        found[name] = (table, route, model.frames_from_features(features), features)
+    (database, db_route, db_frames, db_features), (queries, q_route, q_frames, q_features) = found.values()
+    matches = model.search(q_features, q_route, db_features, db_route, min(args.top_k, len(database)))
+    return Search(database, queries, matches.index, matches.score)
+
+
+def max_gap(args: vpr.LocalizeConfig, model: nn.Module) -> float | None:
+    """--seq_max_gap, else a sequence checkpoint's, else the order column's default (route_of)."""
+    if args.seq_max_gap is not None or not isinstance(model, SequenceDescriptor):
+        return args.seq_max_gap
+    return model.max_gap
+
+
+def with_windows(frame: pd.DataFrame, queries: PlaceTable, windows: np.ndarray) -> pd.DataFrame:
+    """The matches with the window each query was localised with: its first and last frame (the
+    query itself) and how many frames it really has (fewer at the start of a drive)."""
+    q_index = frame["query_index"].to_numpy()
+    paths = np.asarray(queries.paths)
+    lengths = np.array([len(np.unique(w)) for w in windows])
+    at = frame.columns.get_loc("query_image") + 1
+    frame.insert(at, "window_frames", lengths[q_index])
+    frame.insert(at, "window_last", paths[windows[q_index, -1]])
+    frame.insert(at, "window_first", paths[windows[q_index, 0]])
+    return frame
+
+
 # ============================================================================================
 # main
 # ============================================================================================
 def main(argv: Sequence[str] | None = None) -> pd.DataFrame:
     args = parse_args(argv)
-    queries = query_table(args.query)
+    queries = query_table(args.query, args.order)
     database = load_table(args.db_csv, args.image_root, on_bad_image=args.on_bad_image)
+    if args.sequences:  # both must be routes: checked before any extraction
+        table_route(database, "--db_csv", args.seq_max_gap)
+        table_route(queries, "--query", args.seq_max_gap)
     if args.pairs:  # a name hloc cannot read: refused before any extraction or file
         check_pair_names(image_folder_and_names([*database.paths, *queries.paths])[1])
-    checkpoint = vpr.load_checkpoint(args.model_path) if args.model_path else None
     options = extraction_settings(args)
-    # baseline vlad: fitted on the database
-    model = load_model(args.model_path, args.model, options, database.paths, checkpoint)
+    # a sequence checkpoint with --seq_len L, else a single-frame one or the baseline (vlad: fitted on the database)
+    model, checkpoint = load_route_model(args.model_path, args.model, options, args.seq_len, database.paths)
     threshold = pos_threshold_of(args.pos_threshold_m, checkpoint)
-    database, db_features = describe_table(model, database, options, "database", args.on_bad_image)
-    queries, q_features = describe_table(model, queries, options, "queries", args.on_bad_image)
-    top, scores = exact_search(db_features, q_features, args.top_k)
-    frame = matches_frame(database, queries, top, scores, threshold)
+    if isinstance(model, SequenceDescriptor):
+        found = search_windows(model, database, queries, args, options)
+    else:
+        found = search_frames(model, database, queries, args, options)
+    database, queries, top = found.database, found.queries, found.top
+    frame = matches_frame(database, queries, top, found.scores, threshold)
+    if args.sequences:
+        windows = causal_windows(table_route(queries, "--query", max_gap(args, model)), args.seq_len)
+        frame = with_windows(frame, queries, windows)
     atomic_write(args.output, lambda p: frame.to_csv(p, index=False))
     if args.pairs:
         image_dir, names = image_folder_and_names([*database.paths, *queries.paths])
         write_retrieval_pairs(args.pairs, names[len(database):], names[:len(database)], top)
         print(f"wrote {args.pairs} (hloc retrieval pairs, names relative to {image_dir})")
     estimated = "with position estimates" if any(c.startswith("est_") for c in frame.columns) else "(no positions)"
-    print(f"{len(queries)} queries x top-{top.shape[1]} of {len(database)} database images {estimated}: "
+    how = ""
+    if args.sequences:
+        how = f", each by its window of {args.seq_len} frames ({search_name(model)})"
+    print(f"{len(queries)} queries x top-{top.shape[1]} of {len(database)} database images{how} {estimated}: "
           f"wrote {args.output}")
     if args.picture:
-        model = Path(args.model_path).name if args.model_path else f"raw {args.model}"
-        title = (f"{model}: photos of {Path(args.query).name} and their top-{top.shape[1]} matches in "
+        name = Path(args.model_path).name if args.model_path else f"raw {args.model}"
+        title = (f"{name}: photos of {Path(args.query).name} and their top-{top.shape[1]} matches in "
                  f"{Path(args.db_csv).name}")
         print(f"wrote {draw_retrievals(frame_rows(frame, args.picture_queries), Path(args.picture), title)}")
     return frame
+
+
+def search_name(model: nn.Module) -> str:
+    """How the windows were matched, for the summary line."""
+    if not isinstance(model, SequenceDescriptor) or model.head is None:
+        return "sequence matching"
+    if model.fusion_weight is None:
+        return "the learned sequence descriptor"
+    return f"the learned sequence descriptor fused with sequence matching, weight {model.fusion_weight:g}"
 
 
 if __name__ == "__main__":

@@ -3,6 +3,7 @@
 
     nice -n 10 .venv/bin/python bench/recall_route.py               # effnet_lite0, L 1 5 10 20, seeds 1 2 3
     nice -n 10 .venv/bin/python bench/recall_route.py --choices     # + the head's design choices at L 10, 20
+    nice -n 10 .venv/bin/python bench/recall_route.py --speed       # + matching vs single-frame search, 10k x 100k
 
 On ../shared/data/nordland_route (winter queries against the summer map; train.csv both seasons,
 val.csv against val_db.csv, the development test queries.csv against database.csv), frame
@@ -39,18 +40,19 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "bench"))
 
 import trainable_vpr as vpr  # noqa: E402
 from trainable_vpr.seqnet import SeqHeadConfig, fit_frame_whitenings, start_sequence_head  # noqa: E402
 from trainable_vpr.sequence_training import (RouteFrames, SeqTrainConfig, SequenceResult,  # noqa: E402
                                              choose_sequence_start, train_sequence_head, window_recall)
-from trainable_vpr.fusion import choose_fusion_weight, fuse_scores, rerank  # noqa: E402
+from trainable_vpr.fusion import choose_fusion_weight, shortlist_scores  # noqa: E402
 from vprkit.cli import atomic_write  # noqa: E402
-from vprkit.retrieval.evaluation import evaluate_retrieval, l2_normalise, recall_at_n  # noqa: E402
+from vprkit.retrieval.evaluation import evaluate_retrieval, l2_normalise  # noqa: E402
 from vprkit.cli.extraction_settings import ExtractionSettings  # noqa: E402
 from vprkit.extraction.features import extract_features  # noqa: E402
 from vprkit.tables.places import load_poses  # noqa: E402
-from vprkit.routes.matching import SeqMatchConfig, match_scores, matches_recall, sequence_match  # noqa: E402
+from vprkit.routes.matching import SeqMatchConfig, matches_recall, sequence_match  # noqa: E402
 from vprkit.routes.order import route_of  # noqa: E402
 from vprkit.retrieval.whitening import SHRINKAGE_GRID, Whitening  # noqa: E402
 from vprkit.routes.windows import causal_windows  # noqa: E402
@@ -65,7 +67,7 @@ CHOICES: dict[str, tuple[dict, dict]] = {
     "default": ({}, {}),
     "lr 3e-4": ({}, {"lr": 3e-4}),
     "lr 1e-4": ({}, {"lr": 1e-4}),
-    "kernel 0 (no temporal conv)": ({"kernel": 0}, {}),
+    "kernel 3 (temporal conv)": ({"kernel": 3}, {}),
     "d 64": ({"proj_dim": 64}, {}),
     "d 256": ({"proj_dim": 256}, {}),
     "frame dropout 0.2": ({"frame_dropout": 0.2}, {}),
@@ -83,10 +85,12 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
     parser.add_argument("--epochs", type=int, default=10)
     parser.add_argument("--proj_dim", type=int, default=128)
-    parser.add_argument("--kernel", type=int, default=3)
+    parser.add_argument("--kernel", type=int, default=0, help="temporal conv width (0: none; best on val at L=10)")
     parser.add_argument("--shortlist", type=int, default=50, help="windows the head shortlists for fusion")
     parser.add_argument("--max_gap", type=float, default=10.0, help="frames: a larger gap cuts a drive")
     parser.add_argument("--choices", action="store_true", help="also the design-choice table (see above)")
+    parser.add_argument("--speed", action="store_true",
+                        help="also time sequence matching against single-frame search at 10k x 100k (synthetic)")
     parser.add_argument("--choice_lens", type=int, nargs="+", default=[10, 20])
     parser.add_argument("--cache_dir", default=str(REPO / ".cache" / "features"))
     parser.add_argument("--out_dir", type=Path, default=REPO / "bench" / "results")
@@ -162,18 +166,13 @@ def seq_match_row(data: dict[str, RouteFrames], frames: dict[str, dict[str, np.n
 def fused_row(seq_len: int, seed: int, head, data: dict[str, RouteFrames], match: MatchChoice,
               shortlist: int) -> dict:
     """seq_trained: the head's top-`shortlist` windows re-scored with seq_match, w chosen on val."""
-    parts = {}
-    for split, (queries, database) in EVALS.items():
-        found = window_recall(head, data[queries], data[database], THRESHOLD_M, (1, 5, shortlist))
-        matching = match_scores(match.desc[queries], data[queries].route, match.desc[database],
-                                data[database].route, found.top_indices, match.config)
-        parts[split] = (found.top_scores, matching, found.correct)
-    choice = choose_fusion_weight(*parts["val"])
+    lists = {split: shortlist_scores(head, data[queries], data[database], match.desc[queries], match.desc[database],
+                                     match.config, THRESHOLD_M, shortlist)
+             for split, (queries, database) in EVALS.items()}
+    choice = choose_fusion_weight(*lists["val"].choice_inputs())
     row = {"L": seq_len, "method": "seq_trained", "seed": seed, "fusion_w": choice.weight}
-    for split, (descriptor, matching, correct) in parts.items():
-        order = rerank(np.arange(correct.shape[1])[None].repeat(len(correct), 0),
-                       fuse_scores(descriptor, matching, choice.weight))[0]
-        r = recall_at_n(np.take_along_axis(correct, order, axis=1), (1, 5))
+    for split, found in lists.items():
+        r = found.recalls(choice.weight, (1, 5))
         row.update({f"{split}_r1": r[1], f"{split}_r5": r[5]})
     return row
 
@@ -228,7 +227,9 @@ def choice_rows(args: argparse.Namespace, data: dict[str, RouteFrames], seq_len:
         for seed, result in zip(args.seeds, train_seeds(config, train_config, data, args.seeds, whitening)):
             rows.append(head_row(name, seq_len, seed, result.head, data, best_epoch=result.best_epoch,
                                  epoch_s=result.epoch_seconds, start_val_r1=result.start_val_r1))
-        print(f"L={seq_len} {name}: {time.perf_counter() - tick:.0f} s", flush=True)
+        done = pd.DataFrame([r for r in rows if r["method"] == name])
+        print(f"L={seq_len} {name}: val R@1 {done['val_r1'].mean():.3f}, test R@1 {done['test_r1'].mean():.3f}, "
+              f"{time.perf_counter() - tick:.0f} s", flush=True)
     return rows
 
 
@@ -270,6 +271,10 @@ def main() -> None:
     if choices:
         write_csv(pd.DataFrame(choices), args.out_dir / "recall_route_choices.csv")
         print(summary(choices).to_string())
+    if args.speed:
+        from seq_matching_speed import speed_report  # the speed bench beside this file
+
+        print(speed_report(10_000, 100_000, 256, SeqMatchConfig(10)))
 
 
 if __name__ == "__main__":

@@ -123,17 +123,22 @@ def main() -> None:
     parser.add_argument("--shortlist", type=int, default=50)
     args = parser.parse_args()
     config = SeqMatchConfig(args.seq_len, shortlist=args.shortlist)
-    r = time_matching(args.n_queries, args.n_db, args.dim, args.seq_len, config)
-    print(f"{args.n_queries:,} queries x {args.n_db:,} database frames, {args.dim}-d synthetic route; "
-          f"seq_len {args.seq_len}, {config.n_velocities} velocities {config.v_min}-{config.v_max}, "
-          f"shortlist {config.shortlist}, query chunk {config.query_chunk}")
-    print(f"  single-frame faiss search (top-1): {r.single_s:.2f} s, peak {r.single_peak_mb:.0f} MB traced, "
-          f"R@1 (within one frame) {r.single_r1:.3f}")
-    print(f"  sequence matching (top-1):         {r.sequence_s:.2f} s, peak {r.sequence_peak_mb:.0f} MB traced, "
-          f"R@1 (within one frame) {r.sequence_r1:.3f}")
-    print(f"  ratio {r.ratio:.2f}x (goal <= 3x); process peak RSS {r.max_rss_mb:.0f} MB; a full query x database "
-          f"float32 matrix would be {r.full_matrix_mb:,.0f} MB")
+    print(speed_report(args.n_queries, args.n_db, args.dim, config))
 
+
+def speed_report(n_queries: int, n_db: int, dim: int, config: SeqMatchConfig) -> str:
+    """time_matching at these sizes, as the lines this bench (and bench/recall_route.py --speed) prints."""
+    r = time_matching(n_queries, n_db, dim, config.seq_len, config)
+    return "\n".join([
+        f"{n_queries:,} queries x {n_db:,} database frames, {dim}-d synthetic route; "
+        f"seq_len {config.seq_len}, {config.n_velocities} velocities {config.v_min}-{config.v_max}, "
+        f"shortlist {config.shortlist}, query chunk {config.query_chunk}",
+        f"  single-frame faiss search (top-1): {r.single_s:.2f} s, peak {r.single_peak_mb:.0f} MB traced, "
+        f"R@1 (within one frame) {r.single_r1:.3f}",
+        f"  sequence matching (top-1):         {r.sequence_s:.2f} s, peak {r.sequence_peak_mb:.0f} MB traced, "
+        f"R@1 (within one frame) {r.sequence_r1:.3f}",
+        f"  ratio {r.ratio:.2f}x (goal <= 3x); process peak RSS {r.max_rss_mb:.0f} MB; a full query x database "
+        f"float32 matrix would be {r.full_matrix_mb:,.0f} MB"])
 
 if __name__ == "__main__":
     main()

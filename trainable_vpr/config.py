@@ -22,7 +22,7 @@ from vprkit.cli.configs import (
     PlotDir,
     PosThreshold,
     RecallAt,
-    RouteFigure,
+    RouteFigure, RouteFolder,  # eval's similarity figure; localize's folder of frames
     RouteSettings,
     SequenceHeadSettings,
     StudyName,
@@ -335,11 +335,11 @@ class EvalConfig(ExtractionSettings, ModelSource, HeadName, DatabaseTable, TestT
 
 @registered
 @dataclass
-class LocalizeConfig(ExtractionSettings, ModelSource, DatabaseTable, PosThreshold, Overwrite, RouteSettings):
+class LocalizeConfig(ExtractionSettings, ModelSource, DatabaseTable, PosThreshold, Overwrite, RouteFolder):
     """localize.py: top-k matches and a position estimate for new photos."""
 
-    query: str | None = _flag(None, "a folder of photos, or a CSV with an image column (no positions needed)", "data",
-                              required=True, metavar="PHOTOS_OR_CSV")
+    query: str | None = _flag(None, "a folder of photos (in --order), or a CSV with an image column (no positions "
+                              "needed; --seq_len > 1: an order column)", "data", required=True, metavar="PHOTOS_OR_CSV")
     top_k: int = _flag(5, "database matches per query (those within --pos_threshold_m of the top-1 share in the "
                        "position estimate)", "data")
     output: str | None = _flag(None, "the matches, one row per query and rank", "outputs", required=True, metavar="CSV")

@@ -5,7 +5,10 @@ matching scores the same K candidates; both scores are z-scored per query over i
 combined: fused = z(descriptor) + w x z(matching). w = 0 is the descriptor alone (its ranking is
 unchanged), w = inf matching alone on the shortlist (a re-ranking). `choose_fusion_weight` picks w
 from a small grid on validation queries (never on test): the best R@1, a tie going to the smaller
-w (the descriptor the head was trained for).
+w (the descriptor the head was trained for). `shortlist_scores` gives both scores of a head's
+shortlist; `choose_fusion_weight(*shortlist.choice_inputs())` on val, `shortlist.recalls(w)` on test.
+`fused_search` does the whole search with a chosen w (SequenceDescriptor.search: localize.py,
+eval_trained.py).
 """
 from __future__ import annotations
 
@@ -13,6 +16,12 @@ from dataclasses import dataclass
 from typing import Sequence
 
 import numpy as np
+from vprkit.retrieval.evaluation import exact_search, recall_at_n
+from vprkit.routes.matching import SeqMatchConfig, match_scores
+from vprkit.routes.order import Route
+
+from trainable_vpr.seqnet import SeqNetHead
+from trainable_vpr.sequence_training import RouteFrames, window_recall
 
 FUSION_WEIGHTS = (0.0, 0.25, 0.5, 1.0, 2.0, 4.0, float("inf"))
 
@@ -60,3 +69,48 @@ def choose_fusion_weight(descriptor: np.ndarray, matching: np.ndarray, correct: 
         scores[weight] = float(correct[np.arange(len(correct)), top].mean()) if len(correct) else float("nan")
     best = max(scores, key=lambda w: (scores[w], -w))
     return FusionChoice(best, scores)
+
+
+@dataclass
+class Shortlist:
+    """A sequence head's top-K database windows per query with both scores: candidates [Q, K]
+    (database rows, i.e. window ends), descriptor and matching scores [Q, K], correct [Q, K]."""
+
+    candidates: np.ndarray
+    descriptor: np.ndarray
+    matching: np.ndarray
+    correct: np.ndarray
+
+    def choice_inputs(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(descriptor, matching, correct): choose_fusion_weight's arguments."""
+        return self.descriptor, self.matching, self.correct
+
+    def recalls(self, weight: float, recall_at: Sequence[int] = (1, 5, 10)) -> dict[int, float]:
+        """Recall@N of the shortlist re-ranked by the fused score at `weight`."""
+        return recall_at_n(rerank(self.correct, fuse_scores(self.descriptor, self.matching, weight))[0], recall_at)
+
+
+def shortlist_scores(head: SeqNetHead, queries: RouteFrames, database: RouteFrames, match_queries: np.ndarray,
+                     match_database: np.ndarray, match_config: SeqMatchConfig, pos_threshold_m: float,
+                     shortlist: int = 50) -> Shortlist:
+    """The head's top-`shortlist` windows of every query (faiss) and their sequence-matching
+    scores (vprkit.routes.matching.match_scores over the frame descriptors `match_queries` /
+    `match_database`, the ones seq_match uses); correct by the end frames' positions."""
+    found = window_recall(head, queries, database, pos_threshold_m, (1, shortlist))
+    matching = match_scores(match_queries, queries.route, match_database, database.route, found.top_indices,
+                            match_config)
+    return Shortlist(found.top_indices, found.top_scores, matching, found.correct)
+def fused_search(q_windows: np.ndarray, db_windows: np.ndarray, q_frames: np.ndarray, q_route: Route,
+                 db_frames: np.ndarray, db_route: Route, config: SeqMatchConfig, weight: float | None,
+                 k: int) -> tuple[np.ndarray, np.ndarray]:
+    """(top [Q, k] database end rows, their scores [Q, k]) of a learned sequence descriptor fused
+    with sequence matching: the window descriptors' top-`config.shortlist` (at least k; exact
+    inner product), re-scored by matching over the frame descriptors on the same candidates and
+    fused with `weight` (module docstring; None: the descriptor's ranking and cosines alone)."""
+    k = min(k, len(db_windows))
+    if weight is None:
+        return exact_search(db_windows, q_windows, k)
+    candidates, descriptor = exact_search(db_windows, q_windows, min(max(config.shortlist, k), len(db_windows)))
+    matching = match_scores(q_frames, q_route, db_frames, db_route, candidates, config)
+    top, scores = rerank(candidates, fuse_scores(descriptor, matching, weight))
+    return top[:, :k], scores[:, :k].astype(np.float32)

@@ -7,8 +7,10 @@ training-free sequence method:
    linear map started as a whitening of the frame descriptors (raw, PCA- or learned whitening,
    the single-frame starts of trainable_vpr.starts) plus a zero-initialised residual MLP; its
    output is L2-normalised per frame;
-2. a temporal convolution over the window (kernel `kernel`, 'same' padding) added as a residual,
-   zero-initialised: at the start it adds nothing;
+2. optionally (`kernel` > 0) a temporal convolution over the window ('same' padding) added as a
+   residual, zero-initialised: at the start it adds nothing. Default none: on the railway route's
+   val windows (L=10, 3 seeds) kernel 3 scored R@1 0.866, no temporal conv 0.899
+   (docs/benchmarks.md, Routes);
 3. the window's L frames are concatenated and L2-normalised (divided by sqrt(L)).
 
 So the untrained head's cosine between two windows is the mean over the L aligned frame pairs of
@@ -62,7 +64,7 @@ class SeqHeadConfig:
     proj_dim: int = 128
     hidden_dim: int = 256
     dropout: float = 0.1
-    kernel: int = 3
+    kernel: int = 0
     frame_dropout: float = 0.0
     frame_start: str = "learned_whitened"
     shrinkage: float | None = None
@@ -154,7 +156,7 @@ class SeqNetHead(nn.Module):
 
 def fit_frame_whitenings(train_frames: np.ndarray, train_xyz: np.ndarray, pos_threshold_m: float, dim: int,
                          shrinkages: Sequence[float], seed: int = 0) -> dict[float, Whitening]:
-    """Learned whitenings of the frames (vprkit.whitening), one per shrinkage, from the training
+    """Learned whitenings of the frames (vprkit.retrieval.whitening), one per shrinkage, from the training
     frames' positive pairs (which cross drives: the same place in another season)."""
     pairs = positive_pairs(train_xyz, None, pos_threshold_m, seed=seed)
     return {float(s): fit_learned_whitening(train_frames, pairs, dim, float(s), seed=seed) for s in shrinkages}
@@ -164,7 +166,7 @@ def fit_frame_whitenings(train_frames: np.ndarray, train_xyz: np.ndarray, pos_th
 def start_sequence_head(config: SeqHeadConfig, train_frames: np.ndarray, train_xyz: np.ndarray,
                         pos_threshold_m: float, seed: int = 0, whitening: Whitening | None = None) -> SeqNetHead:
     """The untrained head: arch shared's per-frame linear map set to `config.frame_start` fitted on
-    the training frames (raw: identity; pca_whitened: vprkit.evaluation.pca_whitening_matrix;
+    the training frames (raw: identity; pca_whitened: vprkit.retrieval.evaluation.pca_whitening_matrix;
     learned_whitened: `whitening` if given, else fitted at `config.shrinkage`); arch full: a seeded
     random init."""
     torch.manual_seed(seed)

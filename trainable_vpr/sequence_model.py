@@ -19,7 +19,7 @@ same frames (cosine >= 0.9999, tests/unit/trainable_vpr/test_sequence_model.py).
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
 import torch
@@ -29,25 +29,26 @@ from vprkit.cli import VPRError
 from vprkit.cli.extraction_settings import ExtractionSettings
 from vprkit.extraction.features import extract_table
 from vprkit.extraction.pooling import PoolingConfig
-from vprkit.retrieval.evaluation import exact_search
 from vprkit.retrieval.whitening import Whitening
-from vprkit.routes.matching import SeqMatchConfig, SeqMatches, match_scores, sequence_match
+from vprkit.routes.matching import SeqMatchConfig, SeqMatches, sequence_match
 from vprkit.routes.order import Route, route_of
 from vprkit.routes.windows import causal_windows
 from vprkit.tables.places import PlaceTable
 
 from trainable_vpr.checkpoints import (
     EMBEDDINGS_ARCH,
+    FRAME,
     SEQUENCE,
     SEQUENCE_SETTINGS,
+    checkpoint_kind,
     check_checkpoint_matches,
     checkpoint_backbone,
     load_checkpoint,
     sequence_heads_from_checkpoint,
 )
-from trainable_vpr.fusion import fuse_scores, rerank
+from trainable_vpr.fusion import fused_search
 from trainable_vpr.heads import HeadConfig, ResidualHead, build_head
-from trainable_vpr.model import PlaceDescriptor
+from trainable_vpr.model import PlaceDescriptor, load_model
 from trainable_vpr.seqnet import SeqNetHead
 from trainable_vpr.sequence_training import describe_windows as head_windows
 
@@ -180,16 +181,10 @@ class SequenceDescriptor(nn.Module):
         q_frames, db_frames = self.frames_from_features(q_features), self.frames_from_features(db_features)
         if self.head is None:
             return sequence_match(q_frames, q_route, db_frames, db_route, self.match, k=k)
-        top, scores = exact_search(self.windows_from_features(db_features, db_route),
-                                   self.windows_from_features(q_features, q_route), max(k, self.match.shortlist))
-        if self.fusion_weight:
-            matching = match_scores(q_frames, q_route, db_frames, db_route, top, self.match)
-            top, scores = rerank(top, fuse_scores(scores, matching, self.fusion_weight))
-        index = np.full((len(top), k), -1, dtype=np.int64)
-        score = np.full((len(top), k), -np.inf, dtype=np.float32)
-        index[:, :min(k, top.shape[1])] = top[:, :k]
-        score[:, :min(k, top.shape[1])] = scores[:, :k]
-        return SeqMatches(index=index, score=score)
+        top, scores = fused_search(self.windows_from_features(q_features, q_route),
+                                   self.windows_from_features(db_features, db_route), q_frames, q_route, db_frames,
+                                   db_route, self.match, self.fusion_weight or None, k)
+        return SeqMatches(index=top, score=scores)
 
 
 def load_sequence_model(model_path: str, settings: ExtractionSettings, model: str | None = None,
@@ -204,3 +199,23 @@ def load_sequence_model(model_path: str, settings: ExtractionSettings, model: st
     check_checkpoint_matches(checkpoint, model_path, model)
     return SequenceDescriptor.from_checkpoint(model_path, checkpoint, settings.weights, settings.image_size,
                                               pooling_config(settings))
+
+
+def load_route_model(model_path: str | None, model: str | None, settings: ExtractionSettings, seq_len: int | None,
+                     fit_on: Sequence[str] = ()) -> tuple[nn.Module, dict[str, Any] | None]:
+    """(the model, its checkpoint or None) of a script that applies a model to routes (localize,
+    export_model, hubconf), by what `seq_len` (--seq_len) asks:
+    1: a single-frame checkpoint or the --baseline (a PlaceDescriptor; a sequence checkpoint is one
+    VPRError line); L > 1: a sequence checkpoint of windows of L (a SequenceDescriptor; another L is
+    one line), or a single-frame checkpoint / baseline whose frames sequence matching compares;
+    None: whatever the checkpoint holds. A baseline's VLAD vocabulary is fitted on `fit_on`."""
+    if not model_path:
+        return load_model(None, model, settings, fit_on), None
+    checkpoint = load_checkpoint(model_path, FRAME if seq_len == 1 else None)
+    if checkpoint_kind(checkpoint) != SEQUENCE:
+        return load_model(model_path, model, settings, fit_on, checkpoint), checkpoint
+    sequence = load_sequence_model(model_path, settings, model, checkpoint)
+    if seq_len is not None and seq_len != sequence.seq_len:
+        raise VPRError(f"--seq_len {seq_len}: checkpoint {model_path} takes windows of {sequence.seq_len} frames; "
+                       f"give --seq_len {sequence.seq_len}")
+    return sequence, checkpoint

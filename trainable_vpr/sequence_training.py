@@ -121,7 +121,7 @@ def describe_windows(head: SeqNetHead, features: np.ndarray, windows: np.ndarray
 def window_recall(head: SeqNetHead, queries: RouteFrames, database: RouteFrames, pos_threshold_m: float,
                   recall_at: Sequence[int] = (1, 5, 10)) -> RecallResult:
     """Every query row's window against every database row's window (causal, the head's seq_len),
-    correct by the end frames' positions (vprkit.evaluation.evaluate_retrieval)."""
+    correct by the end frames' positions (vprkit.retrieval.evaluation.evaluate_retrieval)."""
     seq_len = head.config.seq_len
     q = describe_windows(head, queries.features, causal_windows(queries.route, seq_len))
     db = describe_windows(head, database.features, causal_windows(database.route, seq_len))

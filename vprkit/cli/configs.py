@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, ClassVar
 
 from vprkit.cli import VPRError
 from vprkit.cli.settings import check_choices, flag
+from vprkit.routes.frames import FRAME_ORDERS
 from vprkit.routes.order import DEFAULT_MAX_GAP
 
 if TYPE_CHECKING:
@@ -109,16 +110,25 @@ class RouteFigure:
 
 
 @dataclass
+class RouteFolder(RouteSettings):
+    """The route flags and the order of a folder of frames (localize.py's --query FOLDER)."""
+
+    order: str = flag("name", "the order of a folder of frames (its route with --seq_len > 1): name (file names, "
+                      "numbers compared as numbers) or exif_time (EXIF capture time)", "data", choices=FRAME_ORDERS)
+
+
+@dataclass
 class SequenceHeadSettings:
     """train_vpr.py --head seqnet: the sequence head's own flags (trainable_vpr/seqnet.py SeqHeadConfig,
     trainable_vpr/sequence_training.py SeqTrainConfig); defaults = bench/recall_route.py's choice."""
 
     seq_arch: str = flag("shared", "--head seqnet: shared (one per-frame head started at the frame descriptor "
-                         "chosen on val + a zero-initialised temporal convolution: epoch 0 is a training-free "
+                         "chosen on val, optionally a zero-initialised temporal convolution: epoch 0 is a training-free "
                          "sequence match) or full (SeqNet's Conv1d over the whole window, random start)", "routes",
                          choices=SEQ_ARCHS)
     seq_proj_dim: int = flag(128, "--head seqnet: the per-frame projection's dimension (whitened starts)", "routes")
-    seq_kernel: int = flag(3, "--head seqnet: the temporal convolution's width in frames (0: none)", "routes")
+    seq_kernel: int = flag(0, "--head seqnet: the temporal convolution's width in frames (0: none, the default: "
+                           "kernel 3 scored below on val at 10 frames and overfits after an epoch)", "routes")
     seq_frame_dropout: float = flag(0.0, "--head seqnet: the share of a training window's frames (never its last) "
                                     "left out", "routes")
     seq_steps: list[int] = flag(  # noqa: RUF009 (flag() gives a list default a default_factory)

@@ -9,7 +9,6 @@ pair rule, so a sequence row and a single-frame row count the same queries.
 """
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
@@ -25,13 +24,10 @@ from vprkit.tables.places import PlaceTable
 
 def sequence_matches(descriptors: Descriptors, db_route: Route, q_route: Route, config: SeqMatchConfig,
                      k: int) -> SeqMatches:
-    """The top-k database end rows of every query window (k at most the database's rows). The
-    shortlist is raised to k when smaller, so every query gets k candidates (its last frame's
-    shortlisted rows are candidates at every velocity)."""
-    k = max(1, min(k, len(descriptors.database)))
-    config = dataclasses.replace(config, shortlist=max(config.shortlist, k))
+    """The top-k database end rows of every query window (k at most the database's rows; the
+    matching's shortlist is at least k, so every query gets k)."""
     return sequence_match(l2_normalise(descriptors.queries), q_route, l2_normalise(descriptors.database), db_route,
-                          config, k=k)
+                          config, k=max(1, min(k, len(descriptors.database))))
 
 
 def evaluate_sequence(name: str, descriptors: Descriptors, database: PlaceTable, queries: PlaceTable,

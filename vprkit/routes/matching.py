@@ -236,7 +236,9 @@ def sequence_match(q_desc: np.ndarray, q_route: Route, db_desc: np.ndarray, db_r
                    config: SeqMatchConfig, k: int = 10, candidates: np.ndarray | None = None) -> SeqMatches:
     """The top-k database end rows of every query by sequence score. Without `candidates`, the
     shortlist of each query frame (faiss) votes along the lines (see the module doc); with
-    `candidates` (int [Nq, C], e.g. a sequence descriptor's top-C) those are scored exactly."""
+    `candidates` (int [Nq, C], e.g. a sequence descriptor's top-C) those are scored exactly. The
+    shortlist is at least k frames, so every query gets k end rows (its own frame's shortlist alone
+    votes for that many at step 0)."""
     _check(q_desc, q_route, db_desc, db_route)
     if candidates is not None:
         scores = match_scores(q_desc, q_route, db_desc, db_route, candidates, config)
@@ -245,7 +247,7 @@ def sequence_match(q_desc: np.ndarray, q_route: Route, db_desc: np.ndarray, db_r
         order = order[ends[order] >= 0]
         return _top_k_sorted(rows[order], ends[order], scores.ravel()[order], len(candidates), k)
     n_db, n_vel = len(db_desc), config.offsets().shape[0]
-    hits, sims = exact_search(db_desc, q_desc, min(config.shortlist, n_db))
+    hits, sims = exact_search(db_desc, q_desc, min(max(config.shortlist, k), n_db))
     mean, std = RowContrast.of(db_desc).stats(q_desc)
     z = (sims - mean[:, None]) / std[:, None]
     fill = np.minimum(0.0, z[:, -1])             # a frame outside the shortlist: at most the last hit

@@ -7,7 +7,8 @@ EXIF Orientation tag; a decoder that ignores it feeds the network a sideways or 
 `DECODE_TAG` names this decoding, for cache keys: features decoded before it are never served.
 
 `read_photo_exif` reads the GPS position, the capture time and the camera from EXIF with Pillow
-(no other dependency), for `make_poses.py`.
+(no other dependency), for `make_poses.py`; `read_capture_time` the capture time alone, to order
+a folder of route frames (vprkit.routes.frames).
 """
 from __future__ import annotations
 
@@ -69,18 +70,37 @@ class PhotoExif:
     camera_id: str | None
 
 
+def _read_exif(path: str | Path) -> tuple[Image.Exif, Mapping[int, Any], Mapping[int, Any]]:
+    """(IFD0, GPS IFD, Exif IFD) of a photo; VPRError naming the file when it is not a readable image."""
+    try:
+        with Image.open(path) as image:
+            exif = image.getexif()
+            return exif, exif.get_ifd(ExifTags.IFD.GPSInfo), exif.get_ifd(ExifTags.IFD.Exif)
+    except (OSError, ValueError, SyntaxError) as exc:  # Pillow's errors for a broken or non-image file
+        raise VPRError(f"{path}: not a readable image "
+                       f"({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})") from None
+
+
+def read_capture_time(path: str | Path) -> dt.datetime | None:
+    """When a photo was taken (local time, as the camera recorded it): DateTimeOriginal with its
+    SubSecTimeOriginal fraction (frames a fraction of a second apart), else DateTime with SubSecTime;
+    None when neither is recorded. Raises VPRError naming the file when it is not a readable image."""
+    exif, _, details = _read_exif(path)
+    for value, subsec in ((details.get(ExifTags.Base.DateTimeOriginal), details.get(ExifTags.Base.SubsecTimeOriginal)),
+                          (exif.get(ExifTags.Base.DateTime), details.get(ExifTags.Base.SubsecTime))):
+        stamp = exif_timestamp(value)
+        if stamp is not None:
+            digits = "".join(c for c in (_text(subsec) or "") if c.isdigit())
+            fraction = float(f"0.{digits}") if digits else 0.0
+            return dt.datetime.fromisoformat(stamp) + dt.timedelta(seconds=fraction)
+    return None
+
+
 def read_photo_exif(path: str | Path) -> PhotoExif | None:
     """The GPS position, capture time and camera of a photo, or None when it has no usable GPS
     position (no GPS tags, a missing hemisphere reference, a zero denominator, 0/0, out of range).
     Raises VPRError naming the file when it is not a readable image."""
-    try:
-        with Image.open(path) as image:
-            exif = image.getexif()
-            gps = exif.get_ifd(ExifTags.IFD.GPSInfo)
-            details = exif.get_ifd(ExifTags.IFD.Exif)
-    except (OSError, ValueError, SyntaxError) as exc:  # Pillow's errors for a broken or non-image file
-        raise VPRError(f"{path}: not a readable image "
-                       f"({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})") from None
+    exif, gps, details = _read_exif(path)
     position = gps_position(gps)
     if position is None:
         return None

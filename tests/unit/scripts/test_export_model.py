@@ -236,3 +236,91 @@ def test_effnet_lite0_export_equals_eval_trained_on_photos_of_several_sizes(tmp_
     print(f"{suffix}: min cosine export vs eval_trained {cosines.min():.6f} over {len(table)} photos")
     assert cosines.min() >= 0.9999, cosines
     assert _cosines(exported, np.roll(exported, 1, axis=0)).max() < 0.99  # the photos are told apart
+
+
+# ---------------------------------------------------------------------------------------------
+# Sequence checkpoints: windows of frames [B, L, 3, H, W] in, the window descriptor out
+# ---------------------------------------------------------------------------------------------
+SEQ_LEN = 3
+
+
+@pytest.fixture(scope="module")
+def sequence_scene(scene):
+    """scene's 8 images as a route (frame_index), and a sequence checkpoint over the tiny backbone
+    (backbone pooling): a learned-whitening-like per-frame map (random, not the identity), a
+    SeqNetHead with a random temporal kernel and residual, fusion weight 0.5."""
+    from trainable_vpr.checkpoints import sequence_checkpoint_payload
+    from trainable_vpr.seqnet import SeqHeadConfig, SeqNetHead
+
+    frame = pd.read_csv(scene / "poses.csv").assign(frame_index=np.arange(8))
+    frame.to_csv(scene / "route.csv", index=False)
+    frozen = PlaceDescriptor.baseline(TINY_MODEL, "random", SIZE).frozen
+    torch.manual_seed(1)
+    head = SeqNetHead(SeqHeadConfig(seq_len=SEQ_LEN, frame_dim=frozen.info.feature_dim, proj_dim=8, hidden_dim=8,
+                                    kernel=3, frame_start="pca_whitened"))
+    for p in head.parameters():
+        torch.nn.init.normal_(p, std=0.3)
+    sequence = {"seq_len": SEQ_LEN, "v_min": 0.8, "v_max": 1.25, "n_velocities": 5, "shortlist": 50, "max_gap": None,
+                "fusion_weight": 0.5}
+    config = {"model": TINY_MODEL, "weights": "random", "image_size": SIZE, "pos_threshold_m": 25.0}
+    save_checkpoint(scene / "seq.pth", sequence_checkpoint_payload(None, None, head, frozen.info.as_dict(), config,
+                                                                   sequence, {"fusion_weight": 0.5}, "seq"))
+    return scene
+
+
+@pytest.mark.parametrize("suffix", [".pt2", ".onnx"])
+def test_exported_sequence_model_equals_its_windows_through_the_cache(sequence_scene, tmp_path, suffix, capsys):
+    """The file, run on the route's windows of decoded frames, gives what localize / eval_trained
+    compute through the cache (SequenceDescriptor.describe_windows), and SequenceDescriptor.forward
+    on another batch and frame size."""
+    from trainable_vpr.sequence_model import SequenceDescriptor
+    from vprkit.routes.windows import causal_windows
+
+    output = tmp_path / f"route{suffix}"
+    export_model.main(["--model_path", str(sequence_scene / "seq.pth"), "--output", str(output)])
+    printed = capsys.readouterr().out
+    assert f"[B, {SEQ_LEN}, 3, H, W]" in printed and "min cosine" in printed
+    model = SequenceDescriptor.from_checkpoint(sequence_scene / "seq.pth")
+    table = load_poses(sequence_scene / "route.csv")
+    route = model.route(table)
+    suite = model.describe_windows(table, route, _options(sequence_scene))
+    windows = _tensors(table.paths)[torch.from_numpy(causal_windows(route, SEQ_LEN))]  # 8 x 3 x 3 x 56 x 72
+    exported = _run(output, windows) if suffix == ".pt2" else _run_onnx(output, windows, "frames")
+    assert exported.shape == suite.shape == (8, model.output_dim)
+    assert _cosines(exported, suite).min() >= 0.9999
+    assert _cosines(exported, np.roll(exported, 1, axis=0)).max() < 0.999  # not a constant output
+    other = torch.nn.functional.interpolate(windows[:2].flatten(0, 1), size=(90, 61), mode="bilinear")
+    other = other.reshape(2, SEQ_LEN, 3, 90, 61)
+    with torch.no_grad():
+        expected = model(other).numpy()
+    got = _run(output, other) if suffix == ".pt2" else _run_onnx(output, other, "frames")
+    np.testing.assert_allclose(got, expected, atol=1e-4)
+
+
+def _run_onnx(path: Path, inputs: torch.Tensor, name: str) -> np.ndarray:
+    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    return session.run(None, {name: inputs.numpy()})[0]
+
+
+def test_torch_hub_load_gives_the_sequence_model(sequence_scene):
+    from trainable_vpr.sequence_model import SequenceDescriptor
+
+    model = torch.hub.load(str(REPO), "get_trained_model", checkpoint_path=str(sequence_scene / "seq.pth"),
+                           source="local", trust_repo=True)
+    assert isinstance(model, SequenceDescriptor) and not model.training and model.seq_len == SEQ_LEN
+    assert model.fusion_weight == 0.5
+
+
+@pytest.mark.parametrize("case, words", [
+    ("single-frame checkpoint, --seq_len", ("run.pth", "single-frame checkpoint", "not a sequence one")),
+    ("other --seq_len", ("--seq_len 4", "windows of 3 frames")),
+    ("baseline, --seq_len", ("--seq_len 3", "--baseline", "single-frame")),
+])
+def test_sequence_kind_mismatches_are_one_line_errors(sequence_scene, tmp_path, capsys, case, words):
+    output = tmp_path / "m.pt2"
+    argv = {"single-frame checkpoint, --seq_len": ["--model_path", str(sequence_scene / "run.pth"), "--seq_len", "3"],
+            "other --seq_len": ["--model_path", str(sequence_scene / "seq.pth"), "--seq_len", "4"],
+            "baseline, --seq_len": ["--baseline", "--model", TINY_MODEL, "--weights", "random", "--seq_len", "3"]}[case]
+    code, err = run_main(capsys, export_model.main, [*argv, "--output", str(output)])
+    assert_one_line_error(code, err, *words)
+    assert not output.exists()

@@ -8,12 +8,13 @@ import numpy as np
 import pytest
 import torch
 
-from trainable_vpr.fusion import choose_fusion_weight, fuse_scores, rerank
+from trainable_vpr.fusion import choose_fusion_weight, fuse_scores, rerank, shortlist_scores
 from trainable_vpr.seqnet import SeqHeadConfig, SeqNetHead, start_sequence_head
 from trainable_vpr.sequence_training import (RouteFrames, SeqTrainConfig, choose_sequence_start, describe_windows,
                                              train_sequence_head, window_recall)
 from vprkit.cli import VPRError
 from vprkit.retrieval.evaluation import evaluate_retrieval, l2_normalise, pca_whitening_matrix
+from vprkit.routes.matching import SeqMatchConfig, exact_sequence_scores
 from vprkit.routes.order import Route
 from vprkit.routes.windows import causal_windows
 
@@ -73,11 +74,13 @@ def test_a_window_of_the_wrong_length_is_one_line_naming_the_head_s_length():
         head(torch.zeros(2, 3, 24))
 
 
-def test_training_lowers_the_loss_and_lifts_val_recall_on_a_separable_route():
+@pytest.mark.parametrize("train_projection", [False, True])
+def test_training_lowers_the_loss_and_lifts_val_recall_on_a_separable_route(train_projection):
     train, val, val_db = toy_route(noise=1.5)
     config = SeqHeadConfig(seq_len=3, frame_dim=24, proj_dim=16, hidden_dim=32, kernel=3, frame_start="raw")
     head = start_sequence_head(config, train.features, train.xyz, 25.0)
-    result = train_sequence_head(train, val, val_db, head, SeqTrainConfig(epochs=6, batch_size=32), seed=1)
+    result = train_sequence_head(train, val, val_db, head,
+                                 SeqTrainConfig(epochs=6, batch_size=32, train_projection=train_projection), seed=1)
     assert result.train_loss[-1] < 0.8 * result.train_loss[0]
     assert result.best_val_r1 > result.start_val_r1
     # the head handed over is the best epoch's: its val R@1 recomputed is the best
@@ -134,3 +137,17 @@ def test_fused_rerank_at_weight_zero_keeps_the_descriptor_order():
     descriptor, matching = np.array([[0.9, 0.5, 0.1]]), np.array([[0.0, 0.1, 1.0]])
     assert rerank(candidates, fuse_scores(descriptor, matching, 0.0))[0].tolist() == [[7, 3, 5]]
     assert rerank(candidates, fuse_scores(descriptor, matching, float("inf")))[0].tolist() == [[5, 3, 7]]
+
+
+def test_a_head_s_shortlist_carries_its_own_ranking_at_weight_0_and_matching_s_at_inf():
+    train, val, val_db = toy_route(noise=1.2)
+    head = start_sequence_head(SeqHeadConfig(seq_len=3, frame_dim=24, frame_start="raw"), train.features,
+                               train.xyz, 25.0)
+    q, db = l2_normalise(val.features), l2_normalise(val_db.features)
+    config = SeqMatchConfig(3, 1.0, 1.0)
+    found = shortlist_scores(head, val, val_db, q, db, config, 25.0, shortlist=40)  # 40 = the whole database
+    assert found.recalls(0.0, (1,))[1] == pytest.approx(window_recall(head, val, val_db, 25.0, (1,)).recalls[1])
+    # weight inf ranks by the matching score alone: the full-matrix reference's argmax
+    best = exact_sequence_scores(q, val.route, db, val_db.route, config).argmax(axis=1)
+    top = rerank(found.candidates, fuse_scores(found.descriptor, found.matching, float("inf")))[0][:, 0]
+    np.testing.assert_array_equal(top, best)
