@@ -123,9 +123,9 @@ class SequenceHeadSettings:
     trainable_vpr/sequence_training.py SeqTrainConfig); defaults = bench/recall_route.py's choice."""
 
     seq_arch: str = flag("shared", "--head seqnet: shared (one per-frame head started at the frame descriptor "
-                         "chosen on val, optionally a zero-initialised temporal convolution: epoch 0 is a training-free "
-                         "sequence match) or full (SeqNet's Conv1d over the whole window, random start)", "routes",
-                         choices=SEQ_ARCHS)
+                         "chosen on val, optionally a zero-initialised temporal convolution: epoch 0 is a "
+                         "training-free sequence match) or full (SeqNet's Conv1d over the whole window, random "
+                         "start)", "routes", choices=SEQ_ARCHS)
     seq_proj_dim: int = flag(128, "--head seqnet: the per-frame projection's dimension (whitened starts)", "routes")
     seq_kernel: int = flag(0, "--head seqnet: the temporal convolution's width in frames (0: none, the default: "
                            "kernel 3 scored below on val at 10 frames and overfits after an epoch)", "routes")
