@@ -52,28 +52,3 @@ def write_tiny_dataset(root: Path) -> dict[str, Path]:
     paths["empty"].write_text("image_path,easting,northing,condition\n")
     return paths
 
-
-def write_tiny_route(root: Path, n_places: int = 12, spacing_m: float = 50.0) -> dict[str, Path]:
-    """A tiny route: n_places places spacing_m apart driven in summer and (darker) in winter, each
-    split its own images, with frame_index and traversal columns: train.csv (both drives),
-    val.csv (winter) against val_db.csv (summer), test.csv (winter) against db.csv (summer)."""
-    rng = np.random.default_rng(1)
-    colours = rng.uniform(40, 215, size=(n_places, 3))
-
-    def drive(split: str, name: str, brightness: float) -> list[dict]:
-        rows = []
-        for i, colour in enumerate(colours):
-            rel = f"images/{split}_{name}_{i}.jpg"
-            write_image(root / rel, colour, rng, brightness)
-            rows.append({"image_path": rel, "easting": 500_000.0 + spacing_m * i + rng.uniform(-2, 2),
-                         "northing": 4_000_000.0, "frame_index": i, "traversal": name, "condition": name})
-        return rows
-
-    splits = {"train": drive("train", "summer", 1.0) + drive("train", "winter", 0.6),
-              "val": drive("val", "winter", 0.6), "val_db": drive("val_db", "summer", 1.0),
-              "test": drive("test", "winter", 0.6), "db": drive("db", "summer", 1.0)}
-    paths = {}
-    for name, rows in splits.items():
-        paths[name] = root / f"{name}.csv"
-        pd.DataFrame(rows).to_csv(paths[name], index=False)
-    return paths

@@ -12,15 +12,20 @@ import pytest
 import analyze_metrics
 import run_experiment
 from helpers import TINY_MODEL, TINY_OPTIONS, assert_one_line_error, run_main
-from helpers.tiny_dataset import write_tiny_dataset, write_tiny_route
+from helpers.routes import write_route_images
+from helpers.tiny_dataset import write_tiny_dataset
 from vprkit.logs.run_summary import recall_by_seq_len
 from vprkit.logs.runlog import EXPERIMENT_VARIANTS
 
 
 @pytest.fixture(scope="module")
 def route(tmp_path_factory) -> dict[str, Path]:
+    """Training places 0-11 (both drives), val 12-23 (winter against the summer map), test 24-35."""
     root = tmp_path_factory.mktemp("tiny_route_experiment")
-    return {**write_tiny_route(root), "root": root, "cache": root / "cache"}
+    splits = {"train": (0, ("summer", "winter")), "val": (12, ("winter",)), "val_db": (12, ("summer",)),
+              "test": (24, ("winter",)), "db": (24, ("summer",))}
+    paths = {name: write_route_images(root, name, first, 12, drives) for name, (first, drives) in splits.items()}
+    return {**paths, "root": root, "cache": root / "cache"}
 
 
 def route_argv(route, out: Path, *extra: str) -> list[str]:
@@ -28,7 +33,7 @@ def route_argv(route, out: Path, *extra: str) -> list[str]:
             "--test_csv", str(route["test"]), "--db_csv", str(route["db"]), "--models", TINY_MODEL, *TINY_OPTIONS,
             "--cache_dir", str(route["cache"]), "--log_dir", str(out / "logs"), "--checkpoint_dir",
             str(out / "models"), "--epochs", "1", "--batch_size", "8", "--images_per_place", "2",
-            "--projection_dim", "8", "--vlad_clusters", "4", "--pos_threshold_m", "30", *extra]
+            "--projection_dim", "8", "--vlad_clusters", "4", *extra]
 
 
 @pytest.fixture(scope="module")
