@@ -24,7 +24,6 @@ A model that fails after others were measured does not lose their rows.
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import os
@@ -50,7 +49,7 @@ from trainable_vpr.sequence_run import train_sequence
 from vprkit.cli.configs import SEQ_TRAINING_DEFAULTS
 from vprkit.cli import CliParser, VPRError, atomic_write, check_writable_dir, run_cli
 from vprkit.logs.runlog import EXPERIMENT_VARIANTS, SEQUENCE_VARIANTS
-from vprkit.cli.settings import config_parser, parse_config
+from vprkit.cli.settings import config_parser, given_settings, parse_config
 from vprkit.retrieval.evaluation import (Descriptors, EvalReport, evaluate_variant, format_report, load_eval_tables,
                                          pca_whitened)
 from vprkit.cli.extraction_settings import extraction_settings, pooling_config
@@ -77,18 +76,20 @@ def build_parser() -> CliParser:
 def parse_args(argv: Sequence[str] | None) -> vpr.ExperimentConfig:
     parser = build_parser()
     return parse_config(parser, vpr.ExperimentConfig, argv,
-                        then=lambda args, config: demo_config(config, parser) if config.demo else config)
+                        then=lambda args, config: demo_config(config, given_settings(parser, argv))
+                        if config.demo else config)
 
 
-def demo_config(config: vpr.ExperimentConfig, parser: argparse.ArgumentParser) -> vpr.ExperimentConfig:
-    """Point the experiment at the generated demo route (generated once, then reused)."""
+def demo_config(config: vpr.ExperimentConfig, given: set[str]) -> vpr.ExperimentConfig:
+    """Point the experiment at the generated demo route (generated once, then reused); the demo's
+    settings apply where no layer (flag, VPR_* variable, --config key) gives one (`given`)."""
     dataset = generate_demo_dataset(DEMO_DIR)
     changes: dict[str, Any] = {"train_csv": str(dataset.train_csv), "val_csv": str(dataset.val_csv),
                                "test_csv": str(dataset.test_csv),
                                "db_csv": config.db_csv or str(dataset.db_csv)}  # the day drive of the whole route
     applied = []
     for name, value in DEMO_SETTINGS.items():
-        if getattr(config, name) == parser.get_default(name):
+        if name not in given:
             changes[name] = value
             applied.append(f"--{name} {' '.join(map(str, value)) if isinstance(value, list) else value}")
     if applied:  # the demo's recipe differs from the documented defaults: say so, in one line

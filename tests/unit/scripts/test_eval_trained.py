@@ -371,3 +371,19 @@ def test_run_experiment_demo_end_to_end(tmp_path, monkeypatch, capsys):
     assert summary["lr_schedule"].tolist() == ["cosine"]
     assert (tmp_path / "trained_models" / f"trained_{safe_name(TINY_MODEL)}_seed42.pth").is_file()  # latest run's copy
     assert Path(summary["checkpoint"].iloc[0]).name == f"{summary['run_id'].iloc[0]}.pth"
+
+
+def test_demo_settings_apply_only_where_no_flag_is_given(tmp_path, monkeypatch, capsys):
+    """The demo's --lr applies when --lr is left out (its default is filled per head, so comparing
+    with the parser's default missed it), and a given --lr wins even when it equals the default."""
+    import functools
+
+    from vprkit.tables import demo_route
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(run_experiment, "generate_demo_dataset",
+                        functools.partial(demo_route.generate_demo_dataset, num_places=16))
+    assert run_experiment.parse_args(["--demo"]).lr == run_experiment.DEMO_SETTINGS["lr"]
+    assert "--lr 0.001" in capsys.readouterr().out
+    assert run_experiment.parse_args(["--demo", "--lr", "1e-4"]).lr == 1e-4
+    assert "--lr " not in capsys.readouterr().out  # (--lr_schedule still applies)
