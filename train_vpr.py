@@ -25,7 +25,6 @@ from __future__ import annotations
 from typing import Sequence
 
 import trainable_vpr as vpr
-from trainable_vpr.checkpoints import latest_alias_path
 from trainable_vpr.runs import resumed_config
 from trainable_vpr.sequence_run import train_head
 from trainable_vpr.training import NO_GAIN, TrainResult
@@ -59,7 +58,7 @@ def main(argv: Sequence[str] | None = None) -> TrainResult:
     result = train_head(config)
     print(f"best val R@1 {result.best_recall[1]:.3f} R@5 {result.best_recall[5]:.3f} R@10 {result.best_recall[10]:.3f} "
           f"at epoch {result.best_epoch}{NO_GAIN if result.best_epoch == 0 else ''}; checkpoint {result.checkpoint} "
-          f"(copied to {latest_alias_path(config.checkpoint_dir, config.model, config.seed)}); log {result.log_file}; "
+          f"(copied to {result.latest_alias}); log {result.log_file}; "
           f"{result.wall_time_s:.1f} s")
     return result
 

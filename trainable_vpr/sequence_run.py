@@ -156,10 +156,12 @@ def train_sequence(config: vpr.TrainConfig, on_validation: ValidationCallback | 
         logger.close()
     model, frame_config, chosen = sequence_model(config, frames, whitenings, result, start)
     checkpoint = save_sequence_checkpoint(config, data, model, frame_config, result, chosen, run_id, logger.path)
-    refresh_latest_alias(checkpoint, latest_alias_path(config.checkpoint_dir, config.model, config.seed))
+    alias = latest_alias_path(config.checkpoint_dir, config.model, config.seed)
+    refresh_latest_alias(checkpoint, alias)
     best = window_recall(result.head, frames["val"], frames["val_db"], config.pos_threshold_m, RECALL_AT).recalls
     outcome = TrainResult(run_id, best, result.best_epoch, config.epochs, time.perf_counter() - started, checkpoint,
-                          logger.path, None, False, data.skipped_images, result.start_val_r1, start)
+                          logger.path, None, False, data.skipped_images, result.start_val_r1, start,
+                          latest_alias=alias)
     append_summary_row(log_dir / TRAINING_SUMMARY_NAME, summary_row(config, outcome))
     return outcome
 

@@ -50,6 +50,7 @@ class TrainResult:
     start_head: torch.nn.Module | None = None  # the untrained head itself (run_experiment's `start` row)
     # every untrained start compared (--head_start auto), by name: run_experiment's rows reuse them
     start_candidates: dict[str, torch.nn.Module] = dataclasses.field(default_factory=dict)
+    latest_alias: Path | None = None  # trained_models/trained_{model}_seed{seed}.pth, the copy of the best checkpoint
 
 
 # Called after each validation with (epoch, result); it may raise to stop the run (tune_vpr.py prunes so).
@@ -322,10 +323,11 @@ def train(config: vpr.TrainConfig, on_validation: ValidationCallback | None = No
     if state.best_epoch == 0:
         print(f"no epoch beat the untrained head (val R@1 {state.best_recall[1]:.3f} at epoch 0): "
               f"{best_path} holds the untrained head", flush=True)
-    refresh_latest_alias(best_path, latest_alias_path(config.checkpoint_dir, config.model, config.seed))
+    alias = latest_alias_path(config.checkpoint_dir, config.model, config.seed)
+    refresh_latest_alias(best_path, alias)
     result = TrainResult(run.run_id, state.best_recall, state.best_epoch, state.epoch, time.perf_counter() - started,
                          best_path, run.log_file, final_path, state.early_stopped, data.skipped_images,
-                         state.untrained_r1, run.start, run.start_head, run.start_candidates)
+                         state.untrained_r1, run.start, run.start_head, run.start_candidates, alias)
     append_summary_row(log_dir / TRAINING_SUMMARY_NAME, summary_row(config, result))
     return result
 

@@ -226,3 +226,19 @@ def test_run_experiment_on_parquets(tmp_path, no_images, capsys):
                                  (1, 5, 10), load_table(train).labels, load_table(test).labels)
     assert table.loc[0, "recall@1"] == pytest.approx(raw.recalls[1], abs=1e-4)
     assert "correct by place label" in capsys.readouterr().out
+
+
+def test_a_parquet_run_names_its_latest_copy_after_the_parquet_backbone(tmp_path, no_images, capsys):
+    """Without --model, a run on parquets is named after their `backbone` column, and so is the
+    latest-run copy it prints (it printed the default model's name, trained_dinov2_b_...)."""
+    train, val = _parquets(tmp_path)
+    for path in (train, val):
+        frame = pd.read_parquet(path)
+        frame["backbone"] = "campus_net"
+        frame.to_parquet(path, index=False)
+    argv = _train_argv(tmp_path, train, val, "--epochs", "1")
+    argv = argv[:argv.index("--model")] + argv[argv.index("--model") + 2:]
+    result = train_vpr.main(argv)
+    alias = tmp_path / "models" / "trained_campus_net_seed3.pth"
+    assert result.latest_alias == alias and alias.is_file()
+    assert f"(copied to {alias})" in capsys.readouterr().out
