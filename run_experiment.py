@@ -359,7 +359,8 @@ def training_gain_lines(model: str, gain: dict[str, Any]) -> list[str]:
                  f"{gain['best_frozen_r1']:.4f}): {gain['trained_minus_best_frozen']:+.4f}")
     words = {"seq_start_minus_seq_match": "routes: the untrained sequence head over sequence matching",
              "seq_trained_minus_seq_start": "routes: the trained sequence model over that start",
-             "seq_trained_minus_best_free": f"routes: seq_trained against {gain.get('best_free_sequence')}"}
+             "seq_trained_minus_best_free": "routes: seq_trained against the best training-free sequence row "
+                                            f"({gain.get('best_free_sequence')})"}
     lines += [f"  {text}: {gain[key]:+.4f}" for key, text in words.items() if key in gain]
     return lines
 
