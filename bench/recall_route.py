@@ -47,6 +47,7 @@ from trainable_vpr.seqnet import SeqHeadConfig, fit_frame_whitenings, start_sequ
 from trainable_vpr.sequence_training import (RouteFrames, SeqTrainConfig, SequenceResult,  # noqa: E402
                                              choose_sequence_start, train_sequence_head, window_recall)
 from trainable_vpr.fusion import choose_fusion_weight, shortlist_scores  # noqa: E402
+from trainable_vpr.sequence_run import choose_matching, frame_candidates  # noqa: E402
 from vprkit.cli import atomic_write  # noqa: E402
 from vprkit.retrieval.evaluation import evaluate_retrieval, l2_normalise  # noqa: E402
 from vprkit.cli.extraction_settings import ExtractionSettings  # noqa: E402
@@ -128,12 +129,11 @@ def frozen_rows(data: dict[str, RouteFrames], seq_len: int) -> list[dict]:
 
 def frame_descriptors(data: dict[str, RouteFrames],
                       whitenings: dict[float, Whitening]) -> dict[str, dict[str, np.ndarray]]:
-    """seq_match's frame descriptor candidates: raw and learned-whitened (fitted on train.csv's
-    cross-season pairs, --proj_dim dims, each shrinkage of the grid), every split."""
-    out = {"raw": {s: l2_normalise(d.features) for s, d in data.items()}}
-    for shrinkage, whitening in whitenings.items():
-        out[f"learned_whitened s={shrinkage:g}"] = {s: whitening.apply(d.features) for s, d in data.items()}
-    return out
+    """seq_match's frame descriptor candidates (trainable_vpr.sequence_run.frame_candidates: raw and
+    learned-whitened, fitted on train.csv's cross-season pairs, --proj_dim dims, each shrinkage of
+    the grid), every split."""
+    return {name: {s: (l2_normalise(d.features) if w is None else w.apply(d.features)) for s, d in data.items()}
+            for name, w in frame_candidates(whitenings).items()}
 
 
 @dataclass
@@ -146,19 +146,16 @@ class MatchChoice:
 
 
 def seq_match_row(data: dict[str, RouteFrames], frames: dict[str, dict[str, np.ndarray]],
-                  seq_len: int) -> tuple[dict, MatchChoice]:
-    """The frame descriptor and velocity range with the best val R@1 (a tie: the earlier), its row."""
-    def run(desc: dict[str, np.ndarray], config: SeqMatchConfig, split: str) -> dict[int, float]:
-        queries, database = EVALS[split]
-        matches = sequence_match(desc[queries], data[queries].route, desc[database], data[database].route, config,
-                                 k=5)
-        return matches_recall(matches, data[database].xyz, data[queries].xyz, THRESHOLD_M, (1, 5))
-
-    scores = {(name, velocity): run(desc, SeqMatchConfig(seq_len, *VELOCITIES[velocity]), "val")[1]
-              for name, desc in frames.items() for velocity in VELOCITIES}
-    name, velocity = max(scores, key=lambda key: scores[key])
-    choice = MatchChoice(name, frames[name], SeqMatchConfig(seq_len, *VELOCITIES[velocity]))
-    test = run(choice.desc, choice.config, "test")
+                  whitenings: dict[float, Whitening], seq_len: int) -> tuple[dict, MatchChoice]:
+    """The frame descriptor and velocity range with the best val R@1 (sequence_run.choose_matching;
+    a tie: the earlier), its row."""
+    configs = {velocity: SeqMatchConfig(seq_len, *VELOCITIES[velocity]) for velocity in VELOCITIES}
+    name, velocity, scores = choose_matching(data["val"], data["val_db"], frame_candidates(whitenings), configs,
+                                             THRESHOLD_M)
+    choice = MatchChoice(name, frames[name], configs[velocity])
+    matches = sequence_match(choice.desc["queries"], data["queries"].route, choice.desc["database"],
+                             data["database"].route, choice.config, k=5)
+    test = matches_recall(matches, data["database"].xyz, data["queries"].xyz, THRESHOLD_M, (1, 5))
     return ({"L": seq_len, "method": "seq_match", "seed": None, "val_r1": scores[(name, velocity)],
              "test_r1": test[1], "test_r5": test[5], "start": f"{name}, {velocity}"}, choice)
 
@@ -259,7 +256,7 @@ def main() -> None:
     rows, choices = [], []
     for seq_len in args.seq_lens:
         rows += frozen_rows(data, seq_len)
-        match_row, match = seq_match_row(data, frames, seq_len)
+        match_row, match = seq_match_row(data, frames, whitenings, seq_len)
         print(f"L={seq_len}: seq_match chosen on val: {match_row['start']}", flush=True)
         rows.append(match_row)
         seq, chosen = sequence_rows(args, data, seq_len, match, whitenings)

@@ -95,8 +95,9 @@ def shortlist_scores(head: SeqNetHead, queries: RouteFrames, database: RouteFram
                      shortlist: int = 50) -> Shortlist:
     """The head's top-`shortlist` windows of every query (faiss) and their sequence-matching
     scores (vprkit.routes.matching.match_scores over the frame descriptors `match_queries` /
-    `match_database`, the ones seq_match uses); correct by the end frames' positions."""
-    found = window_recall(head, queries, database, pos_threshold_m, (1, shortlist))
+    `match_database`, the ones seq_match uses); correct by the end frames' positions. The shortlist
+    is at most the database."""
+    found = window_recall(head, queries, database, pos_threshold_m, (1, min(shortlist, len(database.features))))
     matching = match_scores(match_queries, queries.route, match_database, database.route, found.top_indices,
                             match_config)
     return Shortlist(found.top_indices, found.top_scores, matching, found.correct)

@@ -24,7 +24,7 @@ import trainable_vpr as vpr
 from trainable_vpr.checkpoints import (checkpoint_path, latest_alias_path, refresh_latest_alias, save_checkpoint,
                                        sequence_checkpoint_payload)
 from trainable_vpr.data import TrainingData, extract_training_data, load_splits
-from trainable_vpr.fusion import choose_fusion_weight
+from trainable_vpr.fusion import choose_fusion_weight, shortlist_scores
 from trainable_vpr.heads import HeadConfig
 from trainable_vpr.model import PlaceDescriptor
 from trainable_vpr.runs import start_text
@@ -38,7 +38,7 @@ from vprkit.logs.runlog import (CsvLogger, LOG_COLUMNS, LOG_EXTRA_COLUMNS, TRAIN
                                 new_run_id)
 from vprkit.retrieval.evaluation import l2_normalise
 from vprkit.retrieval.whitening import SHRINKAGE_GRID, Whitening
-from vprkit.routes.matching import SeqMatchConfig, match_scores, matches_recall, sequence_match
+from vprkit.routes.matching import SeqMatchConfig, matches_recall, sequence_match
 from vprkit.routes.order import route_of
 
 RECALL_AT = (1, 5, 10)
@@ -74,20 +74,36 @@ def train_config_of(config: vpr.TrainConfig) -> SeqTrainConfig:
                           steps=tuple(config.seq_steps), train_projection=config.seq_train_projection)
 
 
-def match_frames(frames: dict[str, RouteFrames], whitenings: dict[float, Whitening],
-                 match: SeqMatchConfig, pos_threshold_m: float) -> tuple[str, Whitening | None, dict[str, float]]:
-    """The matching's frame descriptor best on val (sequence matching R@1, val against val_db): raw
-    or learned-whitened at each shrinkage; a tie goes to the earlier. (label, whitening or None, scores)."""
-    candidates: dict[str, Whitening | None] = {"raw": None}
-    candidates.update({f"learned_whitened s={s:g}": w for s, w in sorted(whitenings.items())})
-    val, val_db = frames["val"], frames["val_db"]
+def frame_candidates(whitenings: dict[float, Whitening]) -> dict[str, Whitening | None]:
+    """The matching's frame descriptor candidates, in tie order: raw (None), then learned whitening
+    at each shrinkage."""
+    return {"raw": None, **{f"learned_whitened s={s:g}": w for s, w in sorted(whitenings.items())}}
+
+
+def choose_matching(val: RouteFrames, val_db: RouteFrames, candidates: dict[str, Whitening | None],
+                    configs: dict[str, SeqMatchConfig], pos_threshold_m: float
+                    ) -> tuple[str, str, dict[tuple[str, str], float]]:
+    """The frame descriptor (of `candidates`) and matching config (of `configs`, e.g. velocity
+    ranges) with the best sequence-matching R@1 of val against val_db; a tie goes to the earlier
+    candidate, then the earlier config. (candidate name, config name, every (candidate, config) R@1)."""
     scores = {}
     for name, whitening in candidates.items():
         describe = l2_normalise if whitening is None else whitening.apply
-        found = sequence_match(describe(val.features), val.route, describe(val_db.features), val_db.route, match, k=1)
-        scores[name] = matches_recall(found, val_db.xyz, val.xyz, pos_threshold_m, (1,))[1]
-    best = max(scores, key=lambda name: scores[name])  # the first of the best
-    return best, candidates[best], scores
+        queries, database = describe(val.features), describe(val_db.features)
+        for label, config in configs.items():
+            found = sequence_match(queries, val.route, database, val_db.route, config, k=1)
+            scores[(name, label)] = matches_recall(found, val_db.xyz, val.xyz, pos_threshold_m, (1,))[1]
+    name, label = max(scores, key=lambda key: scores[key])  # the first of the best
+    return name, label, scores
+
+
+def match_frames(frames: dict[str, RouteFrames], whitenings: dict[float, Whitening],
+                 match: SeqMatchConfig, pos_threshold_m: float) -> tuple[str, Whitening | None, dict[str, float]]:
+    """The matching's frame descriptor best on val at the run's --seq_velocity (choose_matching):
+    (label, whitening or None for raw, each candidate's val R@1)."""
+    candidates = frame_candidates(whitenings)
+    best, _, scores = choose_matching(frames["val"], frames["val_db"], candidates, {"": match}, pos_threshold_m)
+    return best, candidates[best], {name: r1 for (name, _), r1 in scores.items()}
 
 
 def fusion_on_val(model: SequenceDescriptor, frames: dict[str, RouteFrames], pos_threshold_m: float,
@@ -95,11 +111,10 @@ def fusion_on_val(model: SequenceDescriptor, frames: dict[str, RouteFrames], pos
     """The fusion weight of the head with the matching, chosen on val: the head shortlists
     --seq_shortlist val_db windows per val window, matching scores them (trainable_vpr.fusion)."""
     val, val_db = frames["val"], frames["val_db"]
-    shortlist = min(model.match.shortlist, len(val_db.features))
-    found = window_recall(model.head, val, val_db, pos_threshold_m, (1, shortlist))
-    matching = match_scores(model.frames_from_features(val.features), val.route,
-                            model.frames_from_features(val_db.features), val_db.route, found.top_indices, model.match)
-    choice = choose_fusion_weight(found.top_scores, matching, found.correct)
+    shortlist = shortlist_scores(model.head, val, val_db, model.frames_from_features(val.features),
+                                 model.frames_from_features(val_db.features), model.match, pos_threshold_m,
+                                 model.match.shortlist)
+    choice = choose_fusion_weight(*shortlist.choice_inputs())
     return choice.weight, choice.val_r1
 
 
